@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Idempotent install of everything nnsam2_assets needs, into ./.venv (Python 3.11, CPU torch here).
+#   .ci/bootstrap.sh            python environment only
+#   .ci/bootstrap.sh --system   also Debian's chromium and postgresql (browser and Postgres tests)
+# A second run with unchanged lock files does nothing. GPU machines: NNSAM2_TORCH="torch==2.14.1".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${NNSAM2_PYTHON:-python3.11}"
+TORCH="${NNSAM2_TORCH:-torch==2.13.0}"
+STAMP=.venv/.nnsam2-bootstrap
+want="$(cat docker/requirements-cpu.lock pyproject.toml | sha256sum | cut -c1-16) $TORCH"
+
+if [[ "${1:-}" == "--system" ]]; then
+  need=()
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  [[ -x "$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1)/initdb" ]] || need+=(postgresql)
+  if ((${#need[@]})); then
+    echo "bootstrap: installing system packages: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+fi
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
+  exit 0
+fi
+echo "bootstrap: building .venv (about 2 minutes)"
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+pip_q() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored" || true; }
+pip_q "$TORCH"
+# --no-deps: the lock is a complete, solved set. Resolving afresh would pull torchvision (required by sam2's
+# metadata), which breaks beside the CPU torch wheel, and an ANTLR runtime that breaks Dagster's selections.
+pip_q --no-deps -r docker/requirements-cpu.lock
+# sam2 ships only an sdist whose build requires torch; build against the installed torch, without CUDA ops
+SAM2_BUILD_CUDA=0 pip_q --no-build-isolation --no-deps sam2==1.1.0
+pip_q --no-deps -e .
+.venv/bin/python -c "import dagster, nnunetv2, sam2, SimpleITK, duckdb, torch; import nnsam2_assets.definitions" \
+  || { echo "bootstrap: import check failed" >&2; exit 1; }
+echo "$want" > "$STAMP"
+echo "bootstrap: ready"

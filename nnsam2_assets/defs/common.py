@@ -1,0 +1,57 @@
+"""Small helpers shared by the asset modules (no domain logic here)."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pandas as pd
+
+from nnsam2_assets.defs.resources import NnsamStorage
+from nnsam2_assets.lib.layout import DatasetLayout
+
+# Derived assets follow their inputs and their own code: eager() alone ignores code-version bumps.
+EAGER = dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed()
+
+# GPU steps: one at a time per instance (pool limit in dagster.yaml), and a k8s GPU request when the
+# k8s_job_executor runs one pod per step.
+GPU_TAGS = {
+    "dagster-k8s/config": {
+        "container_config": {
+            "resources": {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
+        }
+    }
+}
+
+
+def dataset_layout(storage: NnsamStorage, dataset: str) -> DatasetLayout:
+    return DatasetLayout(storage.root, dataset)
+
+
+def read_manifest(layout: DatasetLayout) -> pd.DataFrame:
+    if not layout.manifest.exists():
+        return pd.DataFrame(columns=["status"]).rename_axis("scan")
+    return pd.read_parquet(layout.manifest).set_index("scan")
+
+
+def ok_scans(layout: DatasetLayout) -> list[str]:
+    manifest = read_manifest(layout)
+    return sorted(manifest.index[manifest.status == "ok"].tolist())
+
+
+def read_json(path) -> dict:
+    return json.loads(path.read_text())
+
+
+def md_table(df: pd.DataFrame, columns: list[str], max_rows: int = 40) -> str:
+    cols = [c for c in columns if c in df.columns]
+    if df.empty or not cols:
+        return "_none_"
+    shown = df[cols].head(max_rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in shown.itertuples(index=False):
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "/")[:120] for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(df) > max_rows:
+        lines.append(f"\n… {len(df) - max_rows} more rows")
+    return "\n".join(lines)

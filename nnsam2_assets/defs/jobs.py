@@ -1,0 +1,17 @@
+"""Jobs: the per-dataset chain, and the pooled refinement (trains each stage once, predicts everything)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+PER_DATASET_GROUPS = ["ingest", "propagation"]
+
+dataset_job = dg.define_asset_job(
+    "dataset_job",
+    selection=dg.AssetSelection.groups(*PER_DATASET_GROUPS),
+    description="Ingest, frames, propagation and pseudo-labels for one dataset partition.",
+)
+
+
+def all_jobs() -> list:
+    return [dataset_job]

@@ -1,0 +1,3 @@
+import dagster as dg
+
+datasets_partitions = dg.DynamicPartitionsDefinition(name="datasets")

@@ -1,0 +1,42 @@
+"""Per-scan result cache.
+
+Each per-dataset asset stores one output per scan. A scan's cache key combines everything its output
+depends on (scan content hash, annotation hash, code version, backend/model identity). A rematerialization
+recomputes only scans whose key changed, so a new scan costs one scan while Dagster still sees a partition.
+The key file is written *after* the outputs, so a crash in between only causes a recompute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nnsam2_assets.lib.storage import atomic_write_text, sha256_strings
+
+
+def cache_key(*parts: object) -> str:
+    return sha256_strings(str(p) for p in parts)[:32]
+
+
+class ScanCache:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder) / "_keys"
+
+    def _key_path(self, scan_id: str) -> Path:
+        return self.folder / f"{scan_id}.key"
+
+    def is_fresh(self, scan_id: str, key: str, outputs: list[Path]) -> bool:
+        p = self._key_path(scan_id)
+        return p.is_file() and p.read_text().strip() == key and all(Path(o).exists() for o in outputs)
+
+    def record(self, scan_id: str, key: str) -> None:
+        atomic_write_text(key, self._key_path(scan_id))
+
+    def forget_others(self, keep: set[str]) -> list[str]:
+        """Drop keys of scans that left the dataset, so their stale outputs are not mistaken for fresh."""
+        removed = []
+        if self.folder.is_dir():
+            for p in self.folder.glob("*.key"):
+                if p.stem not in keep:
+                    p.unlink(missing_ok=True)
+                    removed.append(p.stem)
+        return removed

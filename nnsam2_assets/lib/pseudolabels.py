@@ -1,0 +1,202 @@
+"""Pseudo-label selection (nnsam2 step 5) and the agreement filters between nnU-Net stages (step 7).
+
+Slices are kept by confidence and plausibility; every slice not kept becomes nnU-Net's ``ignore`` label in
+a full-size volume, never a shortened stack (the reference's shortened stacks lost slice positions).
+
+Confidence falls with distance from the annotated slice, so a dataset-wide top-10 % cut keeps slices
+bunched around the seed level. ``mode="banded"`` ranks within bands of relative slice level instead, so the
+kept slices cover the whole region; ``mode="global"`` is nnsam2's rule (top fraction dataset-wide plus the
+best slice of every level), kept for comparison.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    top_fraction: float = 0.10
+    mode: str = "banded"  # "banded" | "global"
+    n_bands: int = 5
+    min_per_band: int = 1
+    area_ratio: float = 1.5
+    smooth_direction: str = "both"  # "both" | "superior" | "inferior"
+    min_confidence: float = 0.0
+
+
+def ignore_label(n_classes: int) -> int:
+    return n_classes + 1
+
+
+def class_areas(masks: np.ndarray, n_classes: int) -> np.ndarray:
+    """Pixel area per slice and class, shape [z, K]."""
+    flat = masks.reshape(masks.shape[0], -1)
+    return np.stack([(flat == c).sum(1) for c in range(1, n_classes + 1)], axis=1)
+
+
+def area_smooth(areas: np.ndarray, ratio: float, direction: str = "both") -> np.ndarray:
+    """Per slice: does its area change plausibly relative to its neighbour(s), for every class?
+
+    ``areas`` is [z, K] on canonical slices (z increases superiorly). ``direction="superior"`` compares each
+    slice with the next superior one and limits growth towards superior (the reference's rule, now with a
+    defined anatomical direction); ``"inferior"`` mirrors it; ``"both"`` requires the ratio in either
+    direction to stay within ``ratio`` for both neighbours. An empty slice next to a non-empty one fails.
+    """
+    areas = np.asarray(areas, dtype=float)
+    if areas.ndim == 1:
+        areas = areas[:, None]
+    n = areas.shape[0]
+    ok = np.ones(n, dtype=bool)
+    eps = 1e-8
+
+    def jump(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # growth from a to b beyond the ratio, any class
+        return ((b / (a + eps)) > ratio).any(axis=-1)
+
+    for z in range(n):
+        if direction in ("superior", "both") and z + 1 < n:
+            ok[z] &= not jump(areas[z], areas[z + 1])
+            if direction == "both":
+                ok[z] &= not jump(areas[z + 1], areas[z])
+        if direction in ("inferior", "both") and z > 0:
+            ok[z] &= not jump(areas[z], areas[z - 1])
+            if direction == "both":
+                ok[z] &= not jump(areas[z - 1], areas[z])
+    return ok
+
+
+def slice_table(
+    dataset: str, scan: str, masks: np.ndarray, confidence: pd.DataFrame, n_classes: int, cfg: SelectionConfig
+) -> pd.DataFrame:
+    """One row per slice of one scan: confidence (mean over classes), presence, relative level, smoothness."""
+    n = masks.shape[0]
+    conf = confidence.pivot_table(index="slice", columns="class_id", values="confidence", aggfunc="mean")
+    present = confidence.pivot_table(index="slice", columns="class_id", values="present", aggfunc="all")
+    conf = conf.reindex(index=range(n), columns=range(1, n_classes + 1)).fillna(0.0)
+    present = present.reindex(index=range(n), columns=range(1, n_classes + 1)).fillna(False).astype(bool)
+    areas = class_areas(masks, n_classes)
+    rel = np.arange(n) / max(n - 1, 1)
+    table = pd.DataFrame(
+        {
+            "dataset": dataset,
+            "scan": scan,
+            "slice": np.arange(n),
+            "rel_level": rel,
+            "band": np.minimum((rel * cfg.n_bands).astype(int), cfg.n_bands - 1),
+            "confidence": conf.mean(axis=1).to_numpy(),
+            "all_present": present.all(axis=1).to_numpy() & (areas > 0).all(axis=1),
+            "smooth_ok": area_smooth(areas, cfg.area_ratio, cfg.smooth_direction),
+            "area_px": areas.sum(axis=1),
+        }
+    )
+    if "distance" in confidence.columns:
+        dist = confidence.groupby("slice")["distance"].first().reindex(range(n))
+        table["distance"] = dist.to_numpy()
+    return table
+
+
+def select_slices(table: pd.DataFrame, cfg: SelectionConfig) -> pd.DataFrame:
+    """Mark kept slices across all scans of a dataset. Adds ``eligible`` and ``kept`` columns."""
+    out = table.copy()
+    out["eligible"] = out.all_present & out.smooth_ok & (out.confidence > cfg.min_confidence)
+    out["kept"] = False
+    eligible = out[out.eligible]
+    if eligible.empty:
+        return out
+    keep_idx: set[int] = set()
+    if cfg.mode == "global":
+        cut = eligible.confidence.quantile(1.0 - cfg.top_fraction)
+        keep_idx |= set(eligible.index[eligible.confidence >= cut])
+        # nnsam2's "at least one per slice position": the best slice of every relative level
+        level = (eligible.rel_level * (eligible.groupby("scan").slice.transform("max").max())).round()
+        keep_idx |= set(eligible.groupby(level).confidence.idxmax())
+    elif cfg.mode == "banded":
+        for _, band in eligible.groupby("band"):
+            k = max(cfg.min_per_band, math.ceil(cfg.top_fraction * len(out[out.band == band.band.iloc[0]])))
+            keep_idx |= set(band.nlargest(k, "confidence").index)
+    else:
+        raise ValueError(f"unknown selection mode {cfg.mode!r}: use 'banded' or 'global'")
+    out.loc[sorted(keep_idx), "kept"] = True
+    return out
+
+
+def pseudo_label_volume(masks: np.ndarray, kept_slices: list[int] | np.ndarray, n_classes: int) -> np.ndarray:
+    """Full-size label volume: kept slices carry the mask, every other voxel is the ignore label."""
+    out = np.full(masks.shape, ignore_label(n_classes), dtype=np.uint8)
+    kept = np.asarray(kept_slices, dtype=int)
+    if kept.size:
+        out[kept] = masks[kept]
+    return out
+
+
+# --- agreement between stages -------------------------------------------------------------------------
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    sa, sb = int(a.sum()), int(b.sum())
+    if sa + sb == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(a, b).sum()) / (sa + sb)
+
+
+def dice_per_class(a: np.ndarray, b: np.ndarray, n_classes: int) -> list[float]:
+    return [dice(a == c, b == c) for c in range(1, n_classes + 1)]
+
+
+def volume_smooth(masks: np.ndarray, n_classes: int, ratio: float, direction: str = "both") -> bool:
+    """Whole-volume smoothness: every non-empty slice run changes area within ``ratio``."""
+    areas = class_areas(masks, n_classes).astype(float)
+    nonempty = (areas > 0).all(axis=1)
+    if not nonempty.any():
+        return False
+    z = np.flatnonzero(nonempty)
+    inner = areas[z.min() : z.max() + 1]  # the empty caps outside the muscles' extent are not a jump
+    return bool(area_smooth(inner, ratio, direction).all())
+
+
+@dataclass(frozen=True)
+class StageRule:
+    """Which predictions of the previous stage train the next one (nnsam2 step 7)."""
+
+    min_mean_dice: float
+    area_ratio: float
+    top_fraction: float | None = None  # per dataset, after filtering (stage 3: 0.2)
+    min_per_dataset: int = 2
+
+
+STAGE_RULES = {
+    "stage2": StageRule(min_mean_dice=0.90, area_ratio=1.5),
+    "stage3": StageRule(min_mean_dice=0.95, area_ratio=1.25, top_fraction=0.20),
+}
+
+
+def select_stage_cases(agreement: pd.DataFrame, rule: StageRule) -> pd.DataFrame:
+    """Pick training cases from per-scan agreement rows (columns dataset, scan, mean_dice, smooth_ok).
+
+    When fewer than ``min_per_dataset`` pass, the best by agreement are taken instead and ``relaxed`` is set:
+    a stage never silently trains on nothing (on CPU, registration pseudo-labels at ~0.85-0.90 Dice can make
+    a fixed 0.90/0.95 threshold select no scan at all).
+    """
+    out = agreement.copy()
+    out["passes"] = (out.mean_dice > rule.min_mean_dice) & out.smooth_ok
+    out["selected"] = False
+    out["relaxed"] = False
+    for _, group in out.groupby("dataset"):
+        passing = group[group.passes].sort_values("mean_dice", ascending=False)
+        n_target = len(passing)
+        if rule.top_fraction is not None:
+            n_target = max(rule.min_per_dataset, int(rule.top_fraction * len(group)))
+            n_target = min(n_target, len(passing)) if len(passing) >= rule.min_per_dataset else n_target
+        if len(passing) >= rule.min_per_dataset:
+            chosen = passing.head(max(n_target, rule.min_per_dataset))
+        else:
+            chosen = group.sort_values(["passes", "mean_dice"], ascending=False).head(
+                min(rule.min_per_dataset, len(group))
+            )
+            out.loc[group.index, "relaxed"] = True
+        out.loc[chosen.index, "selected"] = True
+    return out

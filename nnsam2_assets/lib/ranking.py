@@ -1,0 +1,55 @@
+"""Advisory choice of the reference scan: the medoid of weight-free image features.
+
+nnsam2 picks the scan whose DINOv2 embedding (mean of the top, middle and bottom slice) is closest on
+average to all others. DINOv2 weights cannot be downloaded here, so each slice is described instead by a
+normalised low-resolution thumbnail plus a gradient-orientation histogram; both are weight-free and capture
+the size, position and shape of the muscles, which is what makes a reference easy to propagate from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+THUMB = 24
+
+
+def _normalise(vol: np.ndarray, modality: str) -> np.ndarray:
+    if modality == "ct":
+        return np.clip((vol + 30.0) / 180.0, 0, 1)
+    lo, hi = np.percentile(vol, [0.5, 99.5])
+    return np.clip((vol - lo) / max(hi - lo, 1e-6), 0, 1)
+
+
+def slice_features(slice2d: np.ndarray) -> np.ndarray:
+    zoom = (THUMB / slice2d.shape[0], THUMB / slice2d.shape[1])
+    thumb = ndimage.zoom(slice2d, zoom, order=1)
+    gy, gx = np.gradient(ndimage.gaussian_filter(slice2d, 1.0))
+    mag = np.hypot(gx, gy)
+    angle = np.mod(np.arctan2(gy, gx), np.pi)
+    hist, _ = np.histogram(angle, bins=9, range=(0, np.pi), weights=mag)
+    hist = hist / (hist.sum() + 1e-9)
+    thumb = (thumb - thumb.mean()) / (thumb.std() + 1e-6)
+    return np.concatenate([thumb.ravel() / np.sqrt(thumb.size), hist])
+
+
+def scan_features(volume: np.ndarray, modality: str) -> np.ndarray:
+    vol = _normalise(volume.astype(np.float32), modality)
+    n = vol.shape[0]
+    return np.mean([slice_features(vol[z]) for z in (0, n // 2, n - 1)], axis=0)
+
+
+def rank_references(volumes: dict[str, np.ndarray], modality: str) -> pd.DataFrame:
+    """Rank scans by mean cosine distance to all others (rank 1 = the medoid = the suggested reference)."""
+    ids = list(volumes)
+    if not ids:
+        return pd.DataFrame(columns=["scan", "rank", "mean_distance"])
+    feats = np.stack([scan_features(volumes[s], modality) for s in ids])
+    unit = feats / (np.linalg.norm(feats, axis=1, keepdims=True) + 1e-12)
+    dist = 1.0 - unit @ unit.T
+    mean = dist.sum(1) / max(len(ids) - 1, 1)
+    order = np.argsort(mean, kind="stable")
+    return pd.DataFrame(
+        {"scan": [ids[i] for i in order], "rank": np.arange(1, len(ids) + 1), "mean_distance": mean[order]}
+    )

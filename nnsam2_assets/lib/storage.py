@@ -1,0 +1,112 @@
+"""Atomic file writes and content hashing.
+
+Readers must never see a half-written artefact: every writer here writes a temporary file in the
+destination folder, fsyncs it, then renames it over the target (rename is atomic on POSIX within one
+filesystem). A crash leaves at most a ``.tmp-*`` file, which no reader globs for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import SimpleITK as sitk
+
+TMP_PREFIX = ".tmp-"
+
+
+class StorageError(RuntimeError):
+    """A write failed; the message names the destination file."""
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # keep the real suffix so writers that infer the format from the name (SimpleITK, pandas) still work
+    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="".join(path.suffixes), dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise StorageError(f"could not write {path}: {exc.strerror or exc}") from exc
+        raise
+    return path
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> Path:
+    return _atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(text: str, path: Path) -> Path:
+    return atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def atomic_write_json(obj: Any, path: Path) -> Path:
+    return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), path)
+
+
+def atomic_write_image(img: sitk.Image, path: Path) -> Path:
+    """Write a SimpleITK image (NIfTI by suffix) atomically, compressed."""
+    return _atomic_write(Path(path), lambda tmp: sitk.WriteImage(img, str(tmp), useCompression=True))
+
+
+def atomic_write_dataframe(df: pd.DataFrame, path: Path) -> Path:
+    """Write a DataFrame as parquet or csv, chosen by the file suffix."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        return atomic_write_bytes(buf.getvalue(), path)
+    if path.suffix == ".csv":
+        return atomic_write_text(df.to_csv(index=False), path)
+    raise ValueError(f"unsupported table suffix for {path}: use .parquet or .csv")
+
+
+def write_if_changed(data: bytes, path: Path) -> bool:
+    """Write only when content differs, so unchanged outputs keep their mtime and hash. Returns True if written."""
+    path = Path(path)
+    if path.exists() and path.read_bytes() == data:
+        return False
+    atomic_write_bytes(data, path)
+    return True
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_path(path: Path) -> str:
+    """Hash a file, or a folder (e.g. a DICOM series) by its sorted relative names and contents."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def sha256_strings(parts: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()

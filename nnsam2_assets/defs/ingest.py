@@ -17,7 +17,7 @@ from nnsam2_assets.defs.common import (
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.resources import NnsamStorage
 from nnsam2_assets.lib.cache import ScanCache, cache_key
-from nnsam2_assets.lib.dataset import validate_annotation
+from nnsam2_assets.lib.dataset import folder_fingerprint, validate_annotation
 from nnsam2_assets.lib.imaging import ScanError, read_image
 from nnsam2_assets.lib.ingest import prepare_scan, source_hash
 from nnsam2_assets.lib.overlays import markdown_image, montage_png, overlay_png
@@ -37,7 +37,6 @@ INGEST_VERSION = "ingest-v1"
     group_name="ingest",
     kinds={"nifti"},
     code_version=INGEST_VERSION,
-    automation_condition=EAGER,
     check_specs=[dg.AssetCheckSpec("all_scans_readable", asset="scans")],
 )
 def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.MaterializeResult:
@@ -98,6 +97,7 @@ def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.Materi
         "n_ok": len(good),
         "n_failed": len(failed),
         "n_recomputed": computed,
+        "input_fingerprint": folder_fingerprint(spec.folder),
         "modality": spec.modality,
         "sequence": spec.sequence,
         "classes": ", ".join(spec.class_names),

@@ -14,4 +14,6 @@ dataset_job = dg.define_asset_job(
 
 
 def all_jobs() -> list:
-    return [dataset_job]
+    from nnsam2_assets.defs.sensors import refinement_job
+
+    return [dataset_job, refinement_job]

@@ -51,6 +51,15 @@ class PropagationSettings(dg.ConfigurableResource):
             return "sam2" if self.sam2_checkpoint else "registration"
         return self.backend
 
+    def identity(self) -> str:
+        """What the propagated masks depend on besides data: backend, config, weights (by size and mtime)."""
+        backend = self.resolved_backend()
+        if backend != "sam2":
+            return backend
+        ckpt = Path(self.sam2_checkpoint)
+        stamp = f"{ckpt.stat().st_size}:{int(ckpt.stat().st_mtime)}" if ckpt.is_file() else "missing"
+        return f"sam2|{self.sam2_config}|{ckpt.name}|{stamp}|{self.sam2_image_size}"
+
     def build(self):
         from nnsam2_assets.lib.propagation.base import build_propagator
 

@@ -331,3 +331,20 @@ def validate_annotation(
         names = [spec.class_names[m - 1] for m in missing]
         raise ScanError(annotation_path, f"annotation lacks class(es) {names} on its annotated slice")
     return Annotation(sitk.Cast(canonical, sitk.sitkUInt8), seed, present)
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Cheap change detector for a dataset folder: names, sizes and mtimes of every file (DICOM folders too).
+
+    Content hashes are computed later, per scan, by ingest; this only decides whether to look at all.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    folder = Path(folder)
+    for p in sorted(folder.rglob("*")):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        st = p.stat()
+        h.update(f"{p.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]

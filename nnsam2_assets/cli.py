@@ -1,0 +1,181 @@
+"""``nnsam2``: demo, register, sql, export.
+
+nnsam2 demo                  write the demo cohort, register it, materialize everything, print results
+nnsam2 register [NAME ...]   add dataset folders of the data root as Dagster partitions
+nnsam2 sql "SELECT ..."      query the metrics (read-only; waits for a writer to let go)
+nnsam2 export TABLE OUT      export a table or query to .csv / .parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from nnsam2_assets import settings
+
+INSTANCE_YAML = """\
+# Local Dagster instance for nnsam2 (sqlite storage under this folder).
+telemetry:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 1   # one GPU step (propagation, training, prediction) and one DuckDB writer at a time
+run_queue:
+  max_concurrent_runs: 2
+"""
+
+
+def ensure_dagster_home() -> Path:
+    home = settings.dagster_home()
+    os.environ["DAGSTER_HOME"] = str(home)
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = home / "dagster.yaml"
+    if not cfg.exists():
+        cfg.write_text(INSTANCE_YAML)
+    return home
+
+
+def _instance():
+    import dagster as dg
+
+    ensure_dagster_home()
+    return dg.DagsterInstance.get()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nnsam2_assets.lib.metrics_db import query
+    from nnsam2_assets.lib.phantom import write_demo_cohort
+    from nnsam2_assets.runner import materialize_cohort, register_datasets
+
+    t0 = time.perf_counter()
+    data_root = settings.data_root()
+    print(f"nnsam2 demo: home {settings.home()}")
+    if args.fresh or not any(data_root.glob("demo-*/dataset.yaml")):
+        folders = write_demo_cohort(data_root, seed=args.seed, scans_per_dataset=args.scans)
+        print(f"wrote demo cohort: {', '.join(p.name for p in folders)} under {data_root}")
+    instance = _instance()
+    added, rejected = register_datasets(instance, data_root)
+    for name, reason in rejected.items():
+        print(f"skipped dataset folder {name}: {reason}", file=sys.stderr)
+    names = sorted(p.name for p in data_root.glob("demo-*") if p.is_dir())
+    print(f"partitions: {', '.join(names)} ({len(added)} newly registered)")
+    run = materialize_cohort(instance, names)
+    elapsed = time.perf_counter() - t0
+    print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in run.timings.items()))
+    if run.failed:
+        for what, why in run.failed.items():
+            print(f"FAILED {what}: {why}", file=sys.stderr)
+        return 1
+    db = settings.duckdb_path()
+    summary = query(
+        db,
+        "SELECT dataset, label, count(*) AS scans, round(avg(volume_ml), 1) AS mean_volume_ml, "
+        "round(avg(fat_ratio), 3) AS mean_fat_ratio, round(avg(hu_mean), 1) AS mean_hu, "
+        "round(avg(dice_vs_expert), 3) AS mean_dice FROM metrics.scan_metrics GROUP BY ALL ORDER BY ALL",
+    )
+    print("\n" + summary.to_string(index=False))
+    print(f"\nfinal masks:   {settings.storage_root() / 'datasets' / '<dataset>' / 'final_masks'}")
+    print(f'metrics:       {db}  (try: nnsam2 sql "SELECT * FROM metrics.qc_flags")')
+    print(
+        f"web UI:        DAGSTER_HOME={settings.dagster_home()} dagster dev -w workspace.yaml  (127.0.0.1:3000)"
+    )
+    print(f"demo finished in {elapsed:.0f} s")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from nnsam2_assets.lib.dataset import DatasetError, load_dataset, validate_dataset_key
+    from nnsam2_assets.runner import register_datasets
+
+    instance = _instance()
+    if args.names:
+        bad = 0
+        for name in args.names:
+            try:
+                validate_dataset_key(name)
+                load_dataset(settings.data_root(), name)
+            except (DatasetError, ValueError) as exc:
+                print(f"refused {name}: {exc}", file=sys.stderr)
+                bad += 1
+                continue
+            instance.add_dynamic_partitions("datasets", [name])
+            print(f"registered {name}")
+        return 1 if bad else 0
+    added, rejected = register_datasets(instance, settings.data_root())
+    for name in added:
+        print(f"registered {name}")
+    for name, reason in rejected.items():
+        print(f"refused {name}: {reason}", file=sys.stderr)
+    return 1 if rejected else 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from nnsam2_assets.lib.metrics_db import MetricsDBError, query
+
+    try:
+        df = query(Path(args.db) if args.db else settings.duckdb_path(), args.query, wait_s=args.wait)
+    except MetricsDBError as exc:
+        print(f"nnsam2 sql: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a SQL error: show DuckDB's message, not a traceback
+        print(f"nnsam2 sql: query failed: {exc}", file=sys.stderr)
+        return 1
+    if args.csv:
+        df.to_csv(sys.stdout, index=False)
+    else:
+        print(df.to_string(index=False) if len(df) else "(no rows)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from nnsam2_assets.lib.metrics_db import MetricsDBError, export
+
+    try:
+        out = export(
+            Path(args.db) if args.db else settings.duckdb_path(), args.what, Path(args.out), args.wait
+        )
+    except MetricsDBError as exc:
+        print(f"nnsam2 export: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnsam2", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the whole pipeline on a synthetic demo cohort")
+    demo.add_argument("--fresh", action="store_true", help="rewrite the demo data even if present")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--scans", type=int, default=4, help="scans per demo dataset")
+    demo.set_defaults(func=cmd_demo)
+    reg = sub.add_parser("register", help="register dataset folders as partitions")
+    reg.add_argument("names", nargs="*")
+    reg.set_defaults(func=cmd_register)
+    sql = sub.add_parser("sql", help="query the metrics read-only")
+    sql.add_argument("query")
+    sql.add_argument("--db", default="")
+    sql.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a writer's lock")
+    sql.add_argument("--csv", action="store_true")
+    sql.set_defaults(func=cmd_sql)
+    exp = sub.add_parser("export", help="export a table or query to CSV/Parquet")
+    exp.add_argument("what", help="table name (e.g. scan_metrics) or a SELECT statement")
+    exp.add_argument("out")
+    exp.add_argument("--db", default="")
+    exp.add_argument("--wait", type=float, default=30.0)
+    exp.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Refinement: three sequential nnU-Net v2 models trained on pseudo-labels pooled across all datasets.
+
+Each model asset trains once on the pooled, filtered cases of every registered dataset, then predicts every
+scan with one predictor load, so a model is never retrained per dataset. Models live under
+``<root>/models/<stage>/<version>/`` where the version hashes the training inputs and the profile: an
+unchanged rematerialization reuses the model, and a changed input makes a new folder (never overwritten).
+Training is on demand (or the weekly schedule), not eager: a new scan gets final masks from the current
+stage-3 model without retraining.
+"""
+
+import dagster as dg
+
+from nnsam2_assets.defs.common import GPU_TAGS, md_table, ok_scans
+from nnsam2_assets.defs.partitions import datasets_partitions
+from nnsam2_assets.defs.propagation import propagated_masks, pseudo_labels
+from nnsam2_assets.defs.resources import NnsamStorage, RefinementSettings
+from nnsam2_assets.lib import refinement as refine
+from nnsam2_assets.lib.cache import cache_key
+from nnsam2_assets.lib.layout import DatasetLayout
+from nnsam2_assets.lib.pseudolabels import STAGE_RULES, StageRule
+
+REFINEMENT_VERSION = "refinement-v1"
+
+
+class StageSelectionConfig(dg.Config):
+    """Agreement filter for the stage's training cases (nnsam2 step 7); see ``STAGE_RULES`` for defaults."""
+
+    min_mean_dice: float = -1.0  # < 0: the stage's default (0.90 for stage 2, 0.95 for stage 3)
+    area_ratio: float = -1.0
+    top_fraction: float = -1.0
+    min_per_dataset: int = 2
+
+    def rule(self, stage: str) -> StageRule:
+        base = STAGE_RULES[stage]
+        return StageRule(
+            min_mean_dice=self.min_mean_dice if self.min_mean_dice >= 0 else base.min_mean_dice,
+            area_ratio=self.area_ratio if self.area_ratio > 0 else base.area_ratio,
+            top_fraction=(self.top_fraction if self.top_fraction > 0 else base.top_fraction),
+            min_per_dataset=self.min_per_dataset,
+        )
+
+
+def _datasets(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dict[str, DatasetLayout]:
+    keys = context.instance.get_dynamic_partitions(datasets_partitions.name)
+    return {
+        k: DatasetLayout(storage.root, k)
+        for k in sorted(keys)
+        if DatasetLayout(storage.root, k).manifest.exists()
+    }
+
+
+def _pool(context, storage) -> refine.Pool:
+    layouts = _datasets(context, storage)
+    specs = {}
+    for name in layouts:
+        try:
+            specs[name] = storage.dataset(name).n_classes
+        except Exception as exc:  # a dataset folder removed or broken since ingest: leave it out, say so
+            context.log.warning(f"dataset {name} left out of the pool: {exc}")
+    return refine.Pool(
+        layouts={k: v for k, v in layouts.items() if k in specs},
+        n_classes=specs,
+        scans={k: ok_scans(layouts[k]) for k in specs},
+    )
+
+
+def _result(stage: str, info: refine.StageResult, extra_checks: list | None = None) -> dg.MaterializeResult:
+    sel = info.selection
+    metadata = {
+        "model_version": info.version,
+        "model_dir": dg.MetadataValue.path(str(info.model_dir)),
+        "trained_now": info.trained_now,
+        "n_training_cases": int(sel.selected.sum()) if "selected" in sel else len(sel),
+        "pooled_classes": info.n_classes,
+        "profile": info.profile,
+        "training_seconds": info.training_seconds,
+        "seconds_per_iteration": info.seconds_per_iteration,
+        "n_predicted_scans": info.n_predicted,
+        "selection": dg.MetadataValue.md(
+            md_table(sel, ["dataset", "scan", "mean_dice", "smooth_ok", "selected", "relaxed", "n_kept"])
+        ),
+    }
+    checks = [
+        dg.AssetCheckResult(
+            check_name="selection_not_relaxed",
+            passed=not info.relaxed,
+            severity=dg.AssetCheckSeverity.WARN,
+            description="fewer than the minimum passed the agreement filter; took the best by agreement"
+            if info.relaxed
+            else "threshold met",
+            metadata={"relaxed_datasets": ", ".join(info.relaxed_datasets) or "none"},
+        )
+    ]
+    return dg.MaterializeResult(
+        metadata=metadata,
+        check_results=checks + (extra_checks or []),
+        data_version=dg.DataVersion(info.version),
+    )
+
+
+def _stage_asset_kwargs(stage: str, deps: list) -> dict:
+    return {
+        "name": f"nnunet_{stage}",
+        "group_name": "refinement",
+        "kinds": {"pytorch"},
+        "code_version": REFINEMENT_VERSION,
+        "deps": deps,
+        "pool": "gpu",
+        "op_tags": GPU_TAGS,
+        "check_specs": [dg.AssetCheckSpec("selection_not_relaxed", asset=f"nnunet_{stage}")],
+    }
+
+
+@dg.asset(**_stage_asset_kwargs("stage1", [pseudo_labels]))
+def nnunet_stage1(
+    context: dg.AssetExecutionContext, storage: NnsamStorage, refinement: RefinementSettings
+) -> dg.MaterializeResult:
+    """Stage 1: nnU-Net trained on the pseudo-labels of every dataset (ignore label on dropped slices),
+    then its predictions for every scan."""
+    pool = _pool(context, storage)
+    info = refine.run_stage1(pool, storage.root, refinement.profile_obj(), log=context.log.info)
+    return _result("stage1", info)
+
+
+@dg.asset(**_stage_asset_kwargs("stage2", [nnunet_stage1, propagated_masks]))
+def nnunet_stage2(
+    context: dg.AssetExecutionContext,
+    storage: NnsamStorage,
+    refinement: RefinementSettings,
+    config: StageSelectionConfig,
+) -> dg.MaterializeResult:
+    """Stage 2: trained on stage-1 predictions that agree with the propagated masks and change area smoothly."""
+    pool = _pool(context, storage)
+    info = refine.run_next_stage(
+        "stage2", pool, storage.root, refinement.profile_obj(), config.rule("stage2"), log=context.log.info
+    )
+    return _result("stage2", info)
+
+
+@dg.asset(**_stage_asset_kwargs("stage3", [nnunet_stage2]))
+def nnunet_stage3(
+    context: dg.AssetExecutionContext,
+    storage: NnsamStorage,
+    refinement: RefinementSettings,
+    config: StageSelectionConfig,
+) -> dg.MaterializeResult:
+    """Stage 3: trained on stage-2 predictions that agree with stage 1 (top 20 % per dataset, at least 2)."""
+    pool = _pool(context, storage)
+    info = refine.run_next_stage(
+        "stage3", pool, storage.root, refinement.profile_obj(), config.rule("stage3"), log=context.log.info
+    )
+    return _result("stage3", info)
+
+
+@dg.asset(
+    partitions_def=datasets_partitions,
+    group_name="refinement",
+    kinds={"nifti"},
+    code_version=REFINEMENT_VERSION,
+    automation_condition=dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed(),
+    deps=[nnunet_stage3, pseudo_labels],
+    pool="gpu",
+    op_tags=GPU_TAGS,
+    check_specs=[dg.AssetCheckSpec("final_masks_complete", asset="final_masks")],
+)
+def final_masks(
+    context: dg.AssetExecutionContext, storage: NnsamStorage, refinement: RefinementSettings
+) -> dg.MaterializeResult:
+    """Stage-3 predictions, largest component per class, on each scan's ORIGINAL grid (opens over the
+    original scan in ITK-SNAP or Slicer); plus the stage-to-stage Dice per scan. Models load once per run."""
+    name = context.partition_key
+    layout = DatasetLayout(storage.root, name)
+    spec = storage.dataset(name)
+    out = refine.make_final_masks(
+        spec, layout, ok_scans(layout), storage.root, refinement.device, log=context.log.info
+    )
+    table = out.table
+    metadata = {
+        "n_scans": len(table),
+        "n_recomputed": out.n_computed,
+        "classes": ", ".join(out.class_names),
+        "models": dg.MetadataValue.json(out.models),
+        "stage_dice": dg.MetadataValue.md(
+            md_table(
+                table,
+                ["scan", "stage1_vs_propagation", "stage2_vs_stage1", "stage3_vs_stage2", "expert_dice"],
+            )
+        ),
+        "path": dg.MetadataValue.path(str(layout.dir("final_masks"))),
+    }
+    if table.expert_dice.notna().any():
+        metadata["mean_expert_dice"] = float(table.expert_dice.mean())
+    if out.overlay_png:
+        from nnsam2_assets.lib.overlays import markdown_image
+
+        metadata["overlay"] = dg.MetadataValue.md(markdown_image(out.overlay_png, "final mask"))
+    missing = sorted(set(ok_scans(layout)) - set(table.scan))
+    check = dg.AssetCheckResult(
+        check_name="final_masks_complete",
+        passed=not missing and bool((table.n_voxels > 0).all()),
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "missing_or_empty": ", ".join(missing + table.scan[table.n_voxels == 0].tolist()) or "none"
+        },
+    )
+    version = cache_key(*sorted(table.mask_sha256)) if len(table) else "empty"
+    return dg.MaterializeResult(
+        metadata=metadata, check_results=[check], data_version=dg.DataVersion(version)
+    )

@@ -1,0 +1,110 @@
+"""QC flags: which scans need a human look, and why.
+
+Severity ``WARN`` marks review items (the numbers may be right but look unusual); ``ERROR`` marks broken
+outputs (an empty mask, a missing class). Flags are rows (dataset, scan, flag, severity, detail) so they can
+be queried in DuckDB and shown as asset-check metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class QCConfig:
+    min_confidence: float = 0.5
+    min_stage_dice: float = 0.85
+    max_asymmetry: float = 1.5  # larger side volume / smaller side volume
+    robust_z: float = 3.5
+    max_fragment_fraction: float = 0.10
+    hu_range: tuple[float, float] = (-50.0, 100.0)
+
+
+WARN, ERROR = "WARN", "ERROR"
+
+
+def robust_z(values: pd.Series) -> pd.Series:
+    """Modified z-score (Iglewicz-Hoaglin): 0.6745 (x - median) / MAD; 0 where the MAD is 0."""
+    med = values.median()
+    mad = (values - med).abs().median()
+    if not np.isfinite(mad) or mad == 0:
+        return pd.Series(0.0, index=values.index)
+    return 0.6745 * (values - med) / mad
+
+
+def qc_flags(scans: pd.DataFrame, labels: pd.DataFrame, cfg: QCConfig = QCConfig()) -> pd.DataFrame:
+    """Flags from per-scan rows and per-scan x label rows.
+
+    ``scans`` columns: dataset, scan, mean_confidence, stage_dice_min, fragment_fraction.
+    ``labels`` columns: dataset, scan, label, side ('right'/'left'), volume_ml, and optionally fat_ratio, hu_mean.
+    """
+    flags: list[dict] = []
+
+    def add(row, flag: str, severity: str, detail: str) -> None:
+        flags.append(
+            {"dataset": row.dataset, "scan": row.scan, "flag": flag, "severity": severity, "detail": detail}
+        )
+
+    for row in scans.itertuples():
+        if pd.notna(row.mean_confidence) and row.mean_confidence < cfg.min_confidence:
+            add(
+                row,
+                "low_confidence",
+                WARN,
+                f"mean propagation confidence {row.mean_confidence:.2f} < {cfg.min_confidence}",
+            )
+        if pd.notna(row.stage_dice_min) and row.stage_dice_min < cfg.min_stage_dice:
+            add(
+                row,
+                "stage_disagreement",
+                WARN,
+                f"lowest stage-to-stage Dice {row.stage_dice_min:.3f} < {cfg.min_stage_dice}",
+            )
+        if pd.notna(row.fragment_fraction) and row.fragment_fraction > cfg.max_fragment_fraction:
+            add(
+                row,
+                "fragmented_mask",
+                WARN,
+                f"{row.fragment_fraction:.0%} of the stage-3 mask outside its largest component",
+            )
+
+    for (dataset, scan), group in labels.groupby(["dataset", "scan"]):
+        empty = group[group.volume_ml <= 0]
+        for row in empty.itertuples():
+            add(row, "empty_mask", ERROR, f"label {row.label} has no voxels")
+        sides = group.groupby("side").volume_ml.sum()
+        if {"right", "left"} <= set(sides.index) and min(sides) > 0:
+            ratio = max(sides) / min(sides)
+            if ratio > cfg.max_asymmetry:
+                row = group.iloc[0]
+                add(row, "asymmetry", WARN, f"left/right volume ratio {ratio:.2f} > {cfg.max_asymmetry}")
+        if "hu_mean" in group:
+            for row in group.dropna(subset=["hu_mean"]).itertuples():
+                lo, hi = cfg.hu_range
+                if not lo <= row.hu_mean <= hi:
+                    add(
+                        row,
+                        "implausible_hu",
+                        WARN,
+                        f"label {row.label} mean {row.hu_mean:.1f} HU outside {lo:g}..{hi:g}",
+                    )
+
+    for measure in ("volume_ml", "fat_ratio"):
+        if measure not in labels or labels[measure].isna().all():
+            continue
+        for (_, _label), group in labels.groupby(["dataset", "label"]):
+            if len(group) < 5:  # too few scans for a robust spread
+                continue
+            z = robust_z(group[measure].astype(float))
+            for row, zv in zip(group.itertuples(), z, strict=True):
+                if abs(zv) > cfg.robust_z:
+                    add(
+                        row,
+                        f"{measure}_outlier",
+                        WARN,
+                        f"label {row.label} {measure} {getattr(row, measure):.3g} (robust z {zv:.1f})",
+                    )
+    return pd.DataFrame(flags, columns=["dataset", "scan", "flag", "severity", "detail"])

@@ -71,7 +71,7 @@ def qc_flags(scans: pd.DataFrame, labels: pd.DataFrame, cfg: QCConfig = QCConfig
                 f"{row.fragment_fraction:.0%} of the stage-3 mask outside its largest component",
             )
 
-    for (dataset, scan), group in labels.groupby(["dataset", "scan"]):
+    for _key, group in labels.groupby(["dataset", "scan"]):
         empty = group[group.volume_ml <= 0]
         for row in empty.itertuples():
             add(row, "empty_mask", ERROR, f"label {row.label} has no voxels")

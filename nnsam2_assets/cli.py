@@ -72,9 +72,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     db = settings.duckdb_path()
     summary = query(
         db,
-        "SELECT dataset, label, count(*) AS scans, round(avg(volume_ml), 1) AS mean_volume_ml, "
-        "round(avg(fat_ratio), 3) AS mean_fat_ratio, round(avg(hu_mean), 1) AS mean_hu, "
-        "round(avg(dice_vs_expert), 3) AS mean_dice FROM metrics.scan_metrics GROUP BY ALL ORDER BY ALL",
+        "SELECT dataset, scheme, class_name, count(*) AS scans, round(avg(volume_ml), 1) AS volume_ml, "
+        "round(avg(fat_ratio), 3) AS fat_ratio, round(avg(ct_mean_hu), 1) AS hu, round(avg(dice), 3) AS dice "
+        "FROM metrics.scan_metrics GROUP BY ALL ORDER BY ALL",
     )
     print("\n" + summary.to_string(index=False))
     print(f"\nfinal masks:   {settings.storage_root() / 'datasets' / '<dataset>' / 'final_masks'}")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dagster as dg
+from dagster_duckdb import DuckDBResource
 
-from nnsam2_assets.defs import ingest, jobs, sensors
+from nnsam2_assets import settings
+from nnsam2_assets.defs import ingest, jobs, metrics, propagation, refinement, sensors
 from nnsam2_assets.defs.resources import NnsamStorage, PropagationSettings, RefinementSettings
 
-ASSET_MODULES = [ingest]
+ASSET_MODULES = [ingest, propagation, refinement, metrics]
 
 
 def all_assets() -> list:
-    return [a for m in ASSET_MODULES for a in dg.load_assets_from_modules([m])]
+    return list(dg.load_assets_from_modules(ASSET_MODULES))
 
 
 def default_resources() -> dict:
@@ -19,6 +21,7 @@ def default_resources() -> dict:
         "storage": NnsamStorage(),
         "propagation": PropagationSettings(),
         "refinement": RefinementSettings(),
+        "metrics_db": DuckDBResource(database=str(settings.duckdb_path())),
     }
 
 
@@ -26,7 +29,7 @@ def default_resources() -> dict:
 def defs() -> dg.Definitions:
     return dg.Definitions(
         assets=all_assets(),
-        asset_checks=[c for m in ASSET_MODULES for c in dg.load_asset_checks_from_modules([m])],
+        asset_checks=list(dg.load_asset_checks_from_modules(ASSET_MODULES)),
         jobs=jobs.all_jobs(),
         sensors=sensors.all_sensors(),
         schedules=sensors.all_schedules(),

@@ -55,3 +55,14 @@ def md_table(df: pd.DataFrame, columns: list[str], max_rows: int = 40) -> str:
     if len(df) > max_rows:
         lines.append(f"\n… {len(df) - max_rows} more rows")
     return "\n".join(lines)
+
+
+def latest_metadata(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> dict:
+    """Metadata of the latest materialization of an asset (partition), or {} if there is none."""
+    flt = dg.AssetRecordsFilter(
+        asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None
+    )
+    records = instance.fetch_materializations(flt, limit=1).records
+    if not records or records[0].asset_materialization is None:
+        return {}
+    return {k: getattr(v, "value", v) for k, v in records[0].asset_materialization.metadata.items()}

@@ -15,6 +15,7 @@ class NnsamStorage(dg.ConfigurableResource):
 
     data_root: str = ""
     storage_root: str = ""
+    duckdb_file: str = ""  # default: <storage_root>/nnsam2.duckdb (never named like its schema)
 
     @property
     def data(self) -> Path:
@@ -23,6 +24,12 @@ class NnsamStorage(dg.ConfigurableResource):
     @property
     def root(self) -> Path:
         return Path(self.storage_root).resolve() if self.storage_root else settings.storage_root()
+
+    @property
+    def duckdb(self) -> Path:
+        if self.duckdb_file:
+            return Path(self.duckdb_file).resolve()
+        return self.root / "nnsam2.duckdb" if self.storage_root else settings.duckdb_path()
 
     def dataset(self, name: str) -> DatasetSpec:
         return load_dataset(self.data, name)
@@ -82,3 +89,13 @@ class RefinementSettings(dg.ConfigurableResource):
     num_epochs: int = 0  # 0 = profile default
     iterations_per_epoch: int = 0
     device: str = "auto"
+
+    def profile_obj(self):
+        from nnsam2_assets.lib.nnunet import get_profile
+
+        overrides: dict = {"device": self.device}
+        if self.num_epochs:
+            overrides["num_epochs"] = self.num_epochs
+        if self.iterations_per_epoch:
+            overrides["iterations_per_epoch"] = self.iterations_per_epoch
+        return get_profile(self.profile, **overrides)

@@ -11,6 +11,7 @@ import json
 
 import dagster as dg
 
+from nnsam2_assets.defs.common import latest_metadata
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.resources import NnsamStorage
 from nnsam2_assets.lib.dataset import DatasetError, folder_fingerprint, list_dataset_folders, load_dataset
@@ -88,10 +89,8 @@ def nightly_sweep_schedule(context: dg.ScheduleEvaluationContext, storage: Nnsam
     known = set(context.instance.get_dynamic_partitions(datasets_partitions.name))
     requests = []
     for name in sorted(set(current) & known):
-        event = context.instance.get_latest_materialization_event(dg.AssetKey("scans"), partition=name)
-        meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
-        last = meta.get("input_fingerprint")
-        if last is None or last.value != current[name]:
+        last = latest_metadata(context.instance, "scans", name).get("input_fingerprint")
+        if last != current[name]:
             requests.append(
                 dg.RunRequest(
                     partition_key=name,

@@ -70,43 +70,49 @@ def _ensure_table(con, table: str, df: pd.DataFrame) -> None:
     con.unregister("_incoming")
 
 
-def replace_dataset(
-    path: Path, dataset: str, tables: Mapping[str, pd.DataFrame], wait_s: float = 120.0
-) -> dict:
-    """Replace every row of ``dataset`` in the given tables in ONE transaction. Returns rows written per table."""
+def replace_dataset_rows(con, dataset: str, tables: Mapping[str, pd.DataFrame]) -> dict:
+    """Replace every row of ``dataset`` in the given tables in ONE transaction on an open connection."""
     unknown = set(tables) - set(TABLES)
     if unknown:
         raise ValueError(f"unknown metrics tables {sorted(unknown)}; known: {TABLES}")
+    for table, df in tables.items():
+        if not df.empty and set(df.dataset.unique()) != {dataset}:
+            raise ValueError(f"rows for table {table} must all belong to dataset {dataset!r}")
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+    for table, df in tables.items():
+        if not df.empty:
+            _ensure_table(con, table, df)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        written = {}
+        for table, df in tables.items():
+            exists = con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+                [SCHEMA, table],
+            ).fetchone()[0]
+            if exists:
+                con.execute(f"DELETE FROM {SCHEMA}.{table} WHERE dataset = ?", [dataset])
+            if not df.empty:
+                con.register("_incoming", df)
+                con.execute(f"INSERT INTO {SCHEMA}.{table} BY NAME SELECT * FROM _incoming")
+                con.unregister("_incoming")
+            written[table] = len(df)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return written
+
+
+def replace_dataset(
+    path: Path, dataset: str, tables: Mapping[str, pd.DataFrame], wait_s: float = 120.0
+) -> dict:
+    """Open the file (waiting for another writer's lock) and replace ``dataset``'s rows in one transaction."""
     con = connect(path, read_only=False, wait_s=wait_s)
     try:
-        con.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
-        for table, df in tables.items():
-            if not df.empty:
-                _ensure_table(con, table, df)
-        con.execute("BEGIN TRANSACTION")
-        try:
-            written = {}
-            for table, df in tables.items():
-                exists = con.execute(
-                    "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
-                    [SCHEMA, table],
-                ).fetchone()[0]
-                if exists:
-                    con.execute(f"DELETE FROM {SCHEMA}.{table} WHERE dataset = ?", [dataset])
-                if not df.empty:
-                    if set(df.dataset.unique()) != {dataset}:
-                        raise ValueError(f"rows for table {table} must all belong to dataset {dataset!r}")
-                    con.register("_incoming", df)
-                    con.execute(f"INSERT INTO {SCHEMA}.{table} BY NAME SELECT * FROM _incoming")
-                    con.unregister("_incoming")
-                written[table] = len(df)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+        return replace_dataset_rows(con, dataset, tables)
     finally:
         con.close()
-    return written
 
 
 def query(path: Path, sql: str, wait_s: float = 30.0) -> pd.DataFrame:

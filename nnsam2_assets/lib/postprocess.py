@@ -37,3 +37,14 @@ def to_class_space(
         raise ValueError(f"cannot convert {from_classes}-class labels to {to_classes} classes")
     lut = np.array([0, 1, 1, 2, 2, 3 if ignore else 0] + [0] * 250, dtype=np.uint8)
     return lut[labels.astype(np.uint8)]
+
+
+def fragment_fraction(labels: np.ndarray, n_classes: int) -> float:
+    """Worst class's share of voxels outside its largest component (0 = one piece per class)."""
+    worst = 0.0
+    for c in range(1, n_classes + 1):
+        mask = labels == c
+        total = int(mask.sum())
+        if total:
+            worst = max(worst, 1.0 - int(largest_component(mask).sum()) / total)
+    return worst

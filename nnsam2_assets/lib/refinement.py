@@ -1,0 +1,336 @@
+"""The three nnU-Net stages over a pool of datasets, and the final masks (Dagster-free orchestration).
+
+Pooling: datasets may differ in modality and class count, so the pool trains on the classes every dataset
+has: 4-class only when every dataset is 4-class, otherwise the 2-class side merge. MRI and CT share one
+input channel normalised per case (the wrapper's channel name is not "CT").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from nnsam2_assets.lib import nnunet
+from nnsam2_assets.lib.cache import ScanCache, cache_key
+from nnsam2_assets.lib.dataset import DatasetSpec, class_names
+from nnsam2_assets.lib.imaging import read_image, to_original_grid
+from nnsam2_assets.lib.layout import DatasetLayout, model_root, stage_prediction
+from nnsam2_assets.lib.overlays import montage_png
+from nnsam2_assets.lib.postprocess import clean_labels, to_class_space
+from nnsam2_assets.lib.pseudolabels import (
+    StageRule,
+    dice_per_class,
+    select_stage_cases,
+    volume_smooth,
+)
+from nnsam2_assets.lib.storage import atomic_write_image, atomic_write_json, sha256_file
+
+STAGES = ("stage1", "stage2", "stage3")
+STAGE_IDS = {"stage1": 901, "stage2": 902, "stage3": 903}
+PREVIOUS = {"stage2": ("stage1", None), "stage3": ("stage2", "stage1")}
+
+Log = Callable[[str], None]
+
+
+class RefinementError(RuntimeError):
+    pass
+
+
+@dataclass
+class Pool:
+    layouts: dict[str, DatasetLayout]
+    n_classes: dict[str, int]
+    scans: dict[str, list[str]]
+
+    @property
+    def classes(self) -> int:
+        return 4 if self.n_classes and all(k == 4 for k in self.n_classes.values()) else 2
+
+    def items(self) -> Iterator[tuple[str, str, DatasetLayout]]:
+        for dataset, scans in self.scans.items():
+            for scan in scans:
+                yield dataset, scan, self.layouts[dataset]
+
+    def to_pool(self, dataset: str, labels: np.ndarray, ignore: bool = False) -> np.ndarray:
+        return to_class_space(labels, self.n_classes[dataset], self.classes, ignore=ignore)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    version: str
+    model_dir: Path
+    trained_now: bool
+    selection: pd.DataFrame
+    n_classes: int
+    profile: str
+    training_seconds: float
+    seconds_per_iteration: float
+    n_predicted: int
+    relaxed_datasets: list[str] = field(default_factory=list)
+
+    @property
+    def relaxed(self) -> bool:
+        return bool(self.relaxed_datasets)
+
+
+def current_model(root: Path, stage: str) -> dict:
+    pointer = model_root(root, stage) / "current.json"
+    if not pointer.exists():
+        raise RefinementError(f"{pointer}: no {stage} model yet; materialize nnunet_{stage} first")
+    return json.loads(pointer.read_text())
+
+
+def _read(path: Path) -> tuple[sitk.Image, np.ndarray]:
+    img = sitk.ReadImage(str(path))
+    return img, sitk.GetArrayFromImage(img)
+
+
+def _scan_key(layout: DatasetLayout, scan: str) -> str:
+    return sha256_file(layout.scan_image(scan))[:24]
+
+
+def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) -> tuple[pd.DataFrame, dict]:
+    """Selection table and {(dataset, scan): label array in pool space} for the stage's training set."""
+    labels: dict[tuple[str, str], np.ndarray] = {}
+    if stage == "stage1":
+        rows = []
+        for dataset, scan, layout in pool.items():
+            if not layout.pseudo_label(scan).exists():
+                continue
+            _, arr = _read(layout.pseudo_label(scan))
+            ignore_value = pool.n_classes[dataset] + 1
+            n_kept = int((arr != ignore_value).reshape(arr.shape[0], -1).all(axis=1).sum())
+            rows.append({"dataset": dataset, "scan": scan, "n_kept": n_kept, "selected": n_kept > 0})
+            if n_kept > 0:
+                labels[(dataset, scan)] = pool.to_pool(dataset, arr, ignore=True)
+        return pd.DataFrame(rows), labels
+
+    previous, compare_to = PREVIOUS[stage]
+    prev = current_model(root, previous)
+    other = current_model(root, compare_to) if compare_to else None
+    rows, preds = [], {}
+    for dataset, scan, layout in pool.items():
+        pred_path = stage_prediction(Path(prev["model_dir"]), dataset, scan)
+        if not pred_path.exists():
+            continue
+        _, pred = _read(pred_path)
+        if other is None:  # stage 2 compares stage-1 predictions with the propagated masks
+            _, ref = _read(layout.masks(scan))
+            ref = pool.to_pool(dataset, ref)
+        else:
+            ref_path = stage_prediction(Path(other["model_dir"]), dataset, scan)
+            if not ref_path.exists():
+                continue
+            _, ref = _read(ref_path)
+        score = float(np.mean(dice_per_class(pred, ref, pool.classes)))
+        rows.append(
+            {
+                "dataset": dataset,
+                "scan": scan,
+                "mean_dice": score,
+                "smooth_ok": volume_smooth(pred, pool.classes, rule.area_ratio),
+            }
+        )
+        preds[(dataset, scan)] = pred
+    if not rows:
+        raise RefinementError(
+            f"{stage}: no {previous} predictions to learn from; rematerialize nnunet_{previous}"
+        )
+    selection = select_stage_cases(pd.DataFrame(rows), rule)
+    for row in selection[selection.selected].itertuples():
+        labels[(row.dataset, row.scan)] = preds[(row.dataset, row.scan)]
+    return selection, labels
+
+
+def _train_and_predict(
+    stage: str,
+    pool: Pool,
+    root: Path,
+    profile: nnunet.Profile,
+    selection: pd.DataFrame,
+    labels: dict,
+    use_ignore: bool,
+    log: Log,
+) -> StageResult:
+    if not labels:
+        raise RefinementError(
+            f"{stage}: no usable training case in {len(pool.layouts)} dataset(s) "
+            f"({', '.join(pool.layouts) or 'none registered'}); every pseudo-label was dropped or missing"
+        )
+    staging = model_root(root, stage) / "staging"
+    cases, parts = [], [stage, REFINEMENT_CODE, repr(profile), pool.classes, use_ignore]
+    for (dataset, scan), arr in sorted(labels.items()):
+        layout = pool.layouts[dataset]
+        img = sitk.ReadImage(str(layout.scan_image(scan)))
+        label = sitk.GetImageFromArray(arr.astype(np.uint8))
+        label.CopyInformation(img)
+        label_path = staging / dataset / f"{scan}.nii.gz"
+        atomic_write_image(label, label_path)
+        cases.append(nnunet.TrainingCase(f"{dataset}__{scan}", layout.scan_image(scan), label_path))
+        parts += [dataset, scan, _scan_key(layout, scan), sha256_file(label_path)[:16]]
+    version = cache_key(*parts)[:16]
+    model_dir = model_root(root, stage) / version
+    trained_now, t_train, per_iter = False, 0.0, float("nan")
+    if not (model_dir / nnunet.MODEL_INFO_FILE).exists():
+        log(f"{stage}: training on {len(cases)} cases ({profile.name} profile) into {model_dir}")
+        t0 = time.perf_counter()
+        info = nnunet.train_model(
+            cases=cases,
+            class_names=list(class_names(pool.classes)),
+            use_ignore=use_ignore,
+            work_root=Path(root) / "nnunet",
+            model_dir=model_dir,
+            profile=profile,
+            dataset_id=STAGE_IDS[stage],
+        )
+        t_train, trained_now = time.perf_counter() - t0, True
+        per_iter = float(getattr(info, "seconds_per_iteration", float("nan")))
+    else:
+        log(f"{stage}: model {version} already trained on these inputs; reusing it")
+    n_pred = predict_pool(model_dir, pool, profile.device, log)
+    atomic_write_json(
+        {"version": version, "model_dir": str(model_dir), "n_classes": pool.classes, "stage": stage},
+        model_root(root, stage) / "current.json",
+    )
+    relaxed = sorted(selection.dataset[selection.relaxed].unique()) if "relaxed" in selection else []
+    return StageResult(
+        stage,
+        version,
+        model_dir,
+        trained_now,
+        selection,
+        pool.classes,
+        profile.name,
+        t_train,
+        per_iter,
+        n_pred,
+        relaxed,
+    )
+
+
+REFINEMENT_CODE = "refine-v1"
+
+
+def predict_pool(model_dir: Path, pool: Pool, device: str, log: Log) -> int:
+    """Predict every scan of the pool with one predictor load; cached per scan content."""
+    predictor, n = None, 0
+    for dataset, scan, layout in pool.items():
+        out = stage_prediction(model_dir, dataset, scan)
+        cache = ScanCache(out.parent)
+        key = _scan_key(layout, scan)
+        if cache.is_fresh(scan, key, [out]):
+            continue
+        if predictor is None:
+            predictor = nnunet.Predictor.load(model_dir, device=device)
+        img = sitk.ReadImage(str(layout.scan_image(scan)))
+        pred = sitk.GetImageFromArray(predictor.predict(img).astype(np.uint8))
+        pred.CopyInformation(img)
+        atomic_write_image(pred, out)
+        cache.record(scan, key)
+        n += 1
+    log(f"predicted {n} scan(s) with {model_dir.name}")
+    return n
+
+
+def run_stage1(pool: Pool, root: Path, profile: nnunet.Profile, log: Log = print) -> StageResult:
+    selection, labels = _stage_labels("stage1", pool, root, None)
+    return _train_and_predict("stage1", pool, root, profile, selection, labels, True, log)
+
+
+def run_next_stage(
+    stage: str, pool: Pool, root: Path, profile: nnunet.Profile, rule: StageRule, log: Log = print
+) -> StageResult:
+    selection, labels = _stage_labels(stage, pool, root, rule)
+    return _train_and_predict(stage, pool, root, profile, selection, labels, False, log)
+
+
+@dataclass
+class FinalMasks:
+    table: pd.DataFrame
+    n_computed: int
+    class_names: tuple[str, ...]
+    models: dict
+    overlay_png: bytes | None
+
+
+def make_final_masks(
+    spec: DatasetSpec, layout: DatasetLayout, scans: list[str], root: Path, device: str, log: Log = print
+) -> FinalMasks:
+    """Final masks for one dataset from the current stage-3 model, with the stage-to-stage agreement table.
+
+    Scans the models have not seen (new scans) are predicted here; each stage's predictor loads at most once
+    per run. Output: the cleaned stage-3 mask on the canonical crop and on the original scan's grid.
+    """
+    models = {stage: current_model(root, stage) for stage in STAGES}
+    k = int(models["stage3"]["n_classes"])
+    predictors: dict[str, nnunet.Predictor] = {}
+    cache = ScanCache(layout.dir("final_masks"))
+    rows, computed, overlay = [], 0, None
+
+    def prediction(stage: str, scan: str, img: sitk.Image) -> np.ndarray:
+        model_dir = Path(models[stage]["model_dir"])
+        path = stage_prediction(model_dir, spec.name, scan)
+        pcache = ScanCache(path.parent)
+        key = _scan_key(layout, scan)
+        if not pcache.is_fresh(scan, key, [path]):
+            if stage not in predictors:
+                predictors[stage] = nnunet.Predictor.load(model_dir, device=device)
+            pred = sitk.GetImageFromArray(predictors[stage].predict(img).astype(np.uint8))
+            pred.CopyInformation(img)
+            atomic_write_image(pred, path)
+            pcache.record(scan, key)
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+    for scan in scans:
+        img = sitk.ReadImage(str(layout.scan_image(scan)))
+        key = cache_key(_scan_key(layout, scan), models["stage3"]["version"], "final-v1")
+        outputs = [layout.final_mask(scan), layout.final_mask_canonical(scan)]
+        p1, p2, p3 = (prediction(s, scan, img) for s in STAGES)
+        if not cache.is_fresh(scan, key, outputs):
+            final = clean_labels(p3, k)
+            canonical = sitk.GetImageFromArray(final)
+            canonical.CopyInformation(img)
+            atomic_write_image(canonical, layout.final_mask_canonical(scan))
+            original = read_image(spec.scans[scan].image)
+            atomic_write_image(to_original_grid(canonical, original), layout.final_mask(scan))
+            cache.record(scan, key)
+            computed += 1
+        final = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.final_mask_canonical(scan))))
+        propagated = to_class_space(
+            sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks(scan)))), spec.n_classes, k
+        )
+        row = {
+            "scan": scan,
+            "stage1_vs_propagation": float(np.mean(dice_per_class(p1, propagated, k))),
+            "stage2_vs_stage1": float(np.mean(dice_per_class(p2, p1, k))),
+            "stage3_vs_stage2": float(np.mean(dice_per_class(p3, p2, k))),
+            "n_voxels": int((final > 0).sum()),
+            "mask_sha256": sha256_file(layout.final_mask_canonical(scan))[:16],
+            "expert_dice": np.nan,
+        }
+        if layout.scan_expert(scan).exists():
+            truth = to_class_space(
+                sitk.GetArrayFromImage(sitk.ReadImage(str(layout.scan_expert(scan)))), spec.n_classes, k
+            )
+            row["expert_dice"] = float(np.mean(dice_per_class(final, truth, k)))
+            row["propagation_expert_dice"] = float(np.mean(dice_per_class(propagated, truth, k)))
+        rows.append(row)
+        if overlay is None:
+            overlay = montage_png(sitk.GetArrayFromImage(img), final)
+    cache.forget_others(set(scans))
+    log(f"final masks: {computed} recomputed of {len(scans)}; predictors loaded: {sorted(predictors)}")
+    return FinalMasks(
+        table=pd.DataFrame(rows),
+        n_computed=computed,
+        class_names=class_names(k),
+        models={s: m["version"] for s, m in models.items()},
+        overlay_png=overlay,
+    )

@@ -1,0 +1,70 @@
+"""Shared fixtures. The demo cohort is materialized ONCE per session (the slow part of the suite) and reused
+by the end-to-end, metrics, browser and Postgres tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster_duckdb import DuckDBResource
+
+from nnsam2_assets.defs.resources import NnsamStorage, PropagationSettings, RefinementSettings
+
+
+@dataclass
+class DemoCohort:
+    root: Path
+    data_root: Path
+    storage_root: Path
+    instance: dg.DagsterInstance
+    resources: dict
+    datasets: list[str]
+    seconds: float
+    timings: dict
+    failed: dict
+
+    @property
+    def duckdb(self) -> Path:
+        return self.storage_root / "nnsam2.duckdb"
+
+
+def make_resources(data_root: Path, storage_root: Path) -> dict:
+    return {
+        "storage": NnsamStorage(data_root=str(data_root), storage_root=str(storage_root)),
+        "propagation": PropagationSettings(),
+        "refinement": RefinementSettings(),
+        "metrics_db": DuckDBResource(database=str(storage_root / "nnsam2.duckdb")),
+    }
+
+
+@pytest.fixture(scope="session")
+def demo_cohort(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoCohort]:
+    from nnsam2_assets.lib.phantom import write_demo_cohort
+    from nnsam2_assets.runner import materialize_cohort, register_datasets
+
+    root = tmp_path_factory.mktemp("demo")
+    data_root, storage_root = root / "data", root / "storage"
+    write_demo_cohort(data_root)
+    with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
+        added, rejected = register_datasets(instance, data_root)
+        assert not rejected, rejected
+        resources = make_resources(data_root, storage_root)
+        t0 = time.perf_counter()
+        run = materialize_cohort(instance, sorted(added), resources=resources)
+        seconds = time.perf_counter() - t0
+        print(f"\ndemo cohort materialized in {seconds:.0f} s: {run.timings}")
+        yield DemoCohort(
+            root,
+            data_root,
+            storage_root,
+            instance,
+            resources,
+            sorted(added),
+            seconds,
+            run.timings,
+            run.failed,
+        )

@@ -11,7 +11,9 @@ from nnsam2_assets.defs.resources import NnsamStorage
 from nnsam2_assets.lib.layout import DatasetLayout
 
 # Derived assets follow their inputs and their own code: eager() alone ignores code-version bumps.
-EAGER = dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed()
+EAGER = (dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed()).with_label(
+    "eager_or_code_version_changed"
+)
 
 # GPU steps: one at a time per instance (pool limit in dagster.yaml), and a k8s GPU request when the
 # k8s_job_executor runs one pod per step.

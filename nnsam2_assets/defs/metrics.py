@@ -13,7 +13,7 @@ import pandas as pd
 import SimpleITK as sitk
 from dagster_duckdb import DuckDBResource
 
-from nnsam2_assets.defs.common import md_table, ok_scans
+from nnsam2_assets.defs.common import EAGER, md_table, ok_scans
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.refinement import final_masks
 from nnsam2_assets.defs.resources import NnsamStorage
@@ -28,7 +28,6 @@ from nnsam2_assets.lib.refinement import current_model
 
 METRICS_VERSION = "metrics-v1"
 AGREEMENT_VERSION = "agreement-v1"
-EAGER = dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed()
 
 
 def _side(name: str) -> str:

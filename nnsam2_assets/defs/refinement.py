@@ -10,7 +10,7 @@ stage-3 model without retraining.
 
 import dagster as dg
 
-from nnsam2_assets.defs.common import GPU_TAGS, md_table, ok_scans
+from nnsam2_assets.defs.common import EAGER, GPU_TAGS, md_table, ok_scans
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.propagation import propagated_masks, pseudo_labels
 from nnsam2_assets.defs.resources import NnsamStorage, RefinementSettings
@@ -158,7 +158,7 @@ def nnunet_stage3(
     group_name="refinement",
     kinds={"nifti"},
     code_version=REFINEMENT_VERSION,
-    automation_condition=dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed(),
+    automation_condition=EAGER,
     deps=[nnunet_stage3, pseudo_labels],
     pool="gpu",
     op_tags=GPU_TAGS,

@@ -1,0 +1,204 @@
+"""SAM2 backend overhead benchmark (random weights, CPU).
+
+1. Frames/s of ``SAM2Propagator.propagate`` versus BARE sam2 (``init_state`` + ``add_new_mask`` +
+   ``propagate_in_video`` on the very same JPEG frames), measured side by side in one process, alternating,
+   after one warm-up each. The propagator's time includes everything it does (normalisation, interleaving,
+   JPEG writing, IoU capture, mask collection, confidence table); the bare run's frames are written beforehand
+   and not timed, so the ratio is a conservative measure of our overhead. Target: ratio >= 0.9.
+2. Model builds for N targets with one propagator (target: 1).
+
+Usage: ``.venv/bin/python bench/sam2_bench.py [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+import nnsam2_assets.lib.propagation.sam2 as sam2_backend  # also installs the Hydra shim before sam2 imports
+from nnsam2_assets.lib.frames import build_frame_sequence, normalise_for_frames, write_frame_stack
+from nnsam2_assets.lib.propagation.sam2 import SAM2Propagator, build_sam2_video_predictor, target_seed_slice
+
+THREADS = 2
+RATIO_TARGET = 0.9
+
+
+def _phantom(n: int, hw: int, seed: int, shift: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    vol = rng.normal(100, 10, size=(n, hw, hw)).astype(np.float32)
+    for z in range(n):
+        top = hw // 4 + z // 2 + shift
+        vol[z, top : top + hw // 3, hw // 8 : hw // 8 + hw // 4] += 200
+        vol[z, top : top + hw // 3, hw - hw // 8 - hw // 4 : hw - hw // 8] += 200
+    return vol
+
+
+def _annotation(ref: np.ndarray, seed_slice: int) -> np.ndarray:
+    ann = np.zeros(ref.shape, dtype=np.uint8)
+    bright = ref[seed_slice] > 200
+    half = ref.shape[2] // 2
+    ann[seed_slice][:, :half][bright[:, :half]] = 1
+    ann[seed_slice][:, half:][bright[:, half:]] = 2
+    return ann
+
+
+def _bare_predictor(image_size: int):
+    """Stock SAM2VideoPredictor with the same size overrides and post-processing as the propagator."""
+    feat = image_size // 16
+    pred = build_sam2_video_predictor(
+        sam2_backend.DEFAULT_CONFIG,
+        ckpt_path=None,
+        device="cpu",
+        hydra_overrides_extra=[
+            f"++model.image_size={image_size}",
+            f"++model.memory_attention.layer.self_attention.feat_sizes=[{feat},{feat}]",
+            f"++model.memory_attention.layer.cross_attention.feat_sizes=[{feat},{feat}]",
+        ],
+    )
+    pred.fill_hole_area = 0
+    return pred
+
+
+def _run_bare(pred, folders: list[Path], seed_mask: np.ndarray, class_ids: list[int]) -> int:
+    frames = 0
+    with torch.inference_mode():
+        for folder in folders:
+            state = pred.init_state(str(folder))
+            for cid in class_ids:
+                pred.add_new_mask(state, 0, cid, torch.from_numpy(seed_mask == cid))
+            for _, _, masks in pred.propagate_in_video(state):
+                (masks > 0).cpu()  # a consumer has to look at the masks too
+                frames += 1
+            pred.reset_state(state)
+    return frames
+
+
+def run_sam2_bench(quick: bool) -> list[dict]:
+    image_size, hw, n_ref, n_tgt, reps = (256, 64, 6, 6, 2) if quick else (512, 256, 10, 10, 3)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    rows: list[dict] = []
+    try:
+        ref = _phantom(n_ref, hw, seed=0)
+        tgt = _phantom(n_tgt, hw, seed=1, shift=2)
+        seed = n_ref // 2
+        ann = _annotation(ref, seed)
+        class_ids = [1, 2]
+        ref_img, ann_img, tgt_img = (sitk.GetImageFromArray(a) for a in (ref, ann, tgt))
+
+        torch.manual_seed(0)
+        prop = SAM2Propagator(image_size=image_size, allow_random_weights=True, device="cpu", threads=THREADS)
+        torch.manual_seed(0)  # same random weights -> same presence decisions -> same work
+        bare = _bare_predictor(image_size)
+
+        with tempfile.TemporaryDirectory(prefix="sam2bench-") as tmp:
+            seqs = build_frame_sequence(
+                normalise_for_frames(ref, "mri"),
+                normalise_for_frames(tgt, "mri"),
+                seed,
+                target_seed=target_seed_slice(seed, n_ref, n_tgt),
+            )
+            folders = []
+            for direction, seq in seqs.items():
+                write_frame_stack(seq, Path(tmp) / direction)
+                folders.append(Path(tmp) / direction)
+            n_frames = sum(len(s) for s in seqs.values())
+
+            times: dict[str, list[float]] = {"propagator": [], "bare": []}
+            for rep in range(reps + 1):  # rep 0 = warm-up, not recorded
+                t0 = time.perf_counter()
+                prop.propagate(ref_img, ann_img, seed, tgt_img, "mri")
+                t_prop = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                bare_frames = _run_bare(bare, folders, ann[seed], class_ids)
+                t_bare = time.perf_counter() - t0
+                assert bare_frames == n_frames, (bare_frames, n_frames)
+                if rep:
+                    times["propagator"].append(t_prop)
+                    times["bare"].append(t_bare)
+
+        fps = {}
+        for impl, ts in times.items():
+            med = statistics.median(ts)
+            fps[impl] = n_frames / med
+            rows.append(
+                {
+                    "bench": "sam2_fps",
+                    "impl": impl,
+                    "image_size": image_size,
+                    "slice_hw": hw,
+                    "frames": n_frames,
+                    "reps": reps,
+                    "median_s": round(med, 3),
+                    "min_s": round(min(ts), 3),
+                    "fps": round(fps[impl], 3),
+                    "s_per_frame": round(med / n_frames, 4),
+                }
+            )
+        ratio = fps["propagator"] / fps["bare"]
+        rows.append(
+            {
+                "bench": "sam2_fps_ratio",
+                "ratio": round(ratio, 3),
+                # best-of-reps ratio: less sensitive to other processes competing for the 2 cores
+                "ratio_best": round(min(times["bare"]) / min(times["propagator"]), 3),
+                "target": f">={RATIO_TARGET}",
+                "ok": ratio >= RATIO_TARGET,
+            }
+        )
+
+        # model builds for N targets with one propagator (tiny frames: only the count matters here)
+        n_targets = 3 if quick else 5
+        before = sam2_backend.MODEL_BUILDS
+        small = SAM2Propagator(image_size=64, allow_random_weights=True, device="cpu", threads=THREADS)
+        small_ref = _phantom(4, 64, seed=10)
+        small_ann = sitk.GetImageFromArray(_annotation(small_ref, 1))
+        for i in range(n_targets):
+            target = sitk.GetImageFromArray(_phantom(3 + i, 64, seed=20 + i))
+            small.propagate(sitk.GetImageFromArray(small_ref), small_ann, 1, target, "mri")
+        builds = sam2_backend.MODEL_BUILDS - before
+        rows.append(
+            {
+                "bench": "sam2_model_builds",
+                "targets": n_targets,
+                "builds": builds,
+                "target": 1,
+                "ok": builds == 1,
+            }
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="image_size 256, 64x64 slices, 2 reps")
+    args = parser.parse_args()
+    rows = run_sam2_bench(quick=args.quick)
+    for row in rows:
+        print("  ".join(f"{k}={v}" for k, v in row.items()))
+    by = {(r["bench"], r.get("impl")): r for r in rows}
+    prop, bare = by[("sam2_fps", "propagator")], by[("sam2_fps", "bare")]
+    ratio = by[("sam2_fps_ratio", None)]
+    print(
+        f"\nSAM2 frames/s (CPU, {THREADS} threads, image_size={prop['image_size']}, {prop['frames']} frames): "
+        f"propagator {prop['fps']:.3f} f/s ({prop['s_per_frame']:.3f} s/frame) vs bare sam2 {bare['fps']:.3f} f/s "
+        f"({bare['s_per_frame']:.3f} s/frame) -> ratio {ratio['ratio']:.3f} (target >= {RATIO_TARGET}: "
+        f"{'OK' if ratio['ok'] else 'MISSED'}; best-of-reps ratio {ratio['ratio_best']:.3f})"
+    )
+    builds = by[("sam2_model_builds", None)]
+    print(
+        f"model builds for {builds['targets']} targets: {builds['builds']} (target 1: {'OK' if builds['ok'] else 'MISSED'})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Ingest assets materialized through dagster.materialize on a real (temporary) instance."""
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import yaml
+
+from nnsam2_assets.definitions import all_assets
+from nnsam2_assets.lib.layout import DatasetLayout
+from nnsam2_assets.lib.phantom import write_demo_dataset
+from nnsam2_assets_tests.conftest import make_resources
+
+INGEST = ["scans", "reference_annotation", "reference_ranking"]
+
+
+@pytest.fixture
+def tiny(tmp_path: Path):
+    data, storage = tmp_path / "data", tmp_path / "storage"
+    write_demo_dataset(data, "tiny", "dixon", 3, seed=3, shape_yx=(64, 64), spacing=(3.2, 3.2, 4.0))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("datasets", ["tiny"])
+        yield instance, data, storage, make_resources(data, storage)
+
+
+def _materialize(instance, resources, selection=INGEST, raise_on_error=True):
+    return dg.materialize(
+        all_assets(),
+        selection=selection,
+        partition_key="tiny",
+        instance=instance,
+        resources=resources,
+        raise_on_error=raise_on_error,
+    )
+
+
+def _metadata(result, asset):
+    return {k: v.value for k, v in result.asset_materializations_for_node(asset)[0].metadata.items()}
+
+
+def test_ingest_writes_canonical_crops_with_metadata(tiny):
+    instance, data, storage, resources = tiny
+    result = _materialize(instance, resources)
+    assert result.success
+    meta = _metadata(result, "scans")
+    assert meta["n_ok"] == 3 and meta["n_failed"] == 0
+    assert "data:image/png;base64," in meta["preview"]
+    layout = DatasetLayout(storage, "tiny")
+    manifest = pd.read_parquet(layout.manifest)
+    regions = pd.read_csv(data / "tiny" / "regions.csv")
+    for row in manifest.itertuples():
+        img = sitk.ReadImage(str(layout.scan_image(row.scan)))
+        assert np.allclose(img.GetDirection(), np.eye(3).ravel())  # canonical LPS
+        region = regions[regions.scan == row.scan].iloc[0]
+        assert img.GetSize()[2] == abs(region.last_slice - region.first_slice) + 1
+        assert layout.scan_fat(row.scan).exists() and layout.scan_expert(row.scan).exists()
+    ann = _metadata(result, "reference_annotation")
+    assert "data:image/png;base64," in ann["overlay"]
+    assert ann["class_areas_px"] and min(ann["class_areas_px"].values()) > 0
+    checks = result.get_asset_check_evaluations()
+    assert [c.passed for c in checks if c.check_name == "all_scans_readable"] == [True]
+
+
+def test_rerun_recomputes_only_new_scans(tiny):
+    instance, data, storage, resources = tiny
+    _materialize(instance, resources, ["scans"])
+    again = _metadata(_materialize(instance, resources, ["scans"]), "scans")
+    assert again["n_recomputed"] == 0 and again["n_ok"] == 3
+    scans = data / "tiny" / "scans"
+    for part in ("water", "fat"):
+        shutil.copy(scans / f"subj01_{part}.nii.gz", scans / f"subj09_{part}.nii.gz")
+    shutil.copy(data / "tiny" / "experts" / "subj01.nii.gz", data / "tiny" / "experts" / "subj09.nii.gz")
+    with open(data / "tiny" / "regions.csv", "a") as fh:
+        row = pd.read_csv(data / "tiny" / "regions.csv").query("scan == 'subj01'").iloc[0]
+        fh.write(f"subj09,{row.first_slice},{row.last_slice}\n")
+    meta = _metadata(_materialize(instance, resources, ["scans"]), "scans")
+    assert meta["n_ok"] == 4 and meta["n_recomputed"] == 1
+
+
+def test_corrupt_scan_is_reported_and_the_others_finish(tiny):
+    instance, data, storage, resources = tiny
+    reference = yaml.safe_load((data / "tiny" / "dataset.yaml").read_text())["reference"]
+    victim = next(s for s in ("subj00", "subj01", "subj02") if s != reference)
+    bad = data / "tiny" / "scans" / f"{victim}_water.nii.gz"
+    bad.write_bytes(b"\x1f\x8b garbage, not a NIfTI")
+    result = _materialize(instance, resources)
+    assert result.success  # one bad scan never sinks the dataset
+    meta = _metadata(result, "scans")
+    assert meta["n_ok"] == 2 and meta["n_failed"] == 1
+    manifest = pd.read_parquet(DatasetLayout(storage, "tiny").manifest).set_index("scan")
+    assert manifest.loc[victim, "status"] == "error"
+    assert manifest.loc[victim, "error"].startswith(f"{bad}: unreadable or corrupt image")
+    check = [c for c in result.get_asset_check_evaluations() if c.check_name == "all_scans_readable"][0]
+    assert not check.passed and f"{victim}_water.nii.gz: unreadable or corrupt image" in check.description
+    assert DatasetLayout(storage, "tiny").scan_image(reference).exists()
+    assert _metadata(result, "reference_annotation")["reference"] == reference
+
+
+def test_annotation_on_two_slices_fails_with_the_file_and_reason(tiny):
+    instance, data, storage, resources = tiny
+    path = data / "tiny" / "annotation.nii.gz"
+    img = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(img)
+    z = int(np.flatnonzero(arr.reshape(arr.shape[0], -1).any(1))[0])
+    arr[z + 1] = arr[z]
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(img)
+    sitk.WriteImage(out, str(path))
+    result = _materialize(instance, resources, raise_on_error=False)
+    assert not result.success
+    failure = [e for e in result.all_events if e.is_step_failure][0]
+    assert failure.step_key == "reference_annotation"
+    message = failure.step_failure_data.error.cause.message
+    assert f"{path}: annotation covers 2 axial slices" in message
+    assert _metadata(result, "scans")["n_ok"] == 3  # ingest of the scans itself still succeeded
+
+
+def test_invalid_partition_folder_is_refused_by_register(tmp_path):
+    from nnsam2_assets.runner import register_datasets
+
+    write_demo_dataset(tmp_path, "good", "t2", 2, seed=1, shape_yx=(48, 48), spacing=(4.0, 4.0, 4.0))
+    shutil.copytree(tmp_path / "good", tmp_path / "Bad Name")
+    with dg.instance_for_test() as instance:
+        added, rejected = register_datasets(instance, tmp_path)
+        assert added == ["good"]
+        assert "invalid dataset name 'Bad Name'" in rejected["Bad Name"]
+        assert instance.get_dynamic_partitions("datasets") == ["good"]

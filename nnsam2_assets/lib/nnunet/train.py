@@ -1,0 +1,356 @@
+"""Plan/preprocess, the no-mirroring trainer, and ``train_model`` with atomic publishing."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._common import (
+    MODEL_INFO_FILE,
+    PLANS_NAME,
+    TRAINER_NAME,
+    Profile,
+    _env_override,
+    _in_process_pools,
+    _quiet,
+    get_profile,
+    log,
+    nnunet_env,
+    resolve_device,
+)
+from .raw import RawDataset, TrainingCase, write_raw_dataset
+
+
+def _quick_2d_plan(planner: Any, plans: dict, profile: Profile) -> dict:
+    """Re-plan the 2d configuration at a coarse in-plane spacing with capped patch and batch size."""
+    fp = planner.dataset_fingerprint
+    tf = plans["transpose_forward"]
+    spacings = np.asarray(fp["spacings"], dtype=float)[:, tf]  # [n, 3] in transposed order
+    shapes = np.asarray(fp["shapes_after_crop"], dtype=float)[:, tf]
+    median_inplane = np.median(spacings[:, 1:], 0)
+    # never resample finer than the data: small/coarse volumes keep their native spacing
+    target = np.maximum(median_inplane, profile.target_inplane_spacing_mm or 0.0)
+    new_shapes = shapes[:, 1:] * spacings[:, 1:] / target
+    median_shape = np.median(new_shapes, 0)
+    n_vox = float(np.prod(median_shape) * np.median(shapes[:, 0]) * len(shapes))
+    cap = profile.max_patch or 10**6
+    limit = cap
+    for _ in range(16):
+        capped = np.minimum(median_shape, limit)
+        plan = planner.get_plans_for_configuration(
+            target, capped, planner.generate_data_identifier("2d"), n_vox, {}
+        )
+        if max(plan["patch_size"]) <= cap:
+            break
+        limit -= 8  # the planner pads the patch to a multiple of 2**n_pool; shrink until it fits
+    plan["batch_dice"] = True
+    if profile.max_batch:
+        plan["batch_size"] = int(min(plan["batch_size"], profile.max_batch))
+    return plan
+
+
+def plan_and_preprocess(raw: RawDataset, preprocessed_root: Path, profile: Profile) -> dict:
+    """Fingerprint, plan (rewritten for the quick profile) and preprocess one configuration in-process.
+
+    Must run inside ``nnunet_env`` with nnUNet_raw = ``raw.folder.parent``. Returns the plans dict.
+    """
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints,
+        plan_experiment_dataset,
+        preprocess,
+    )
+    from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+
+    # the planner calls torch.set_num_threads(nnUNet_n_proc_DA) while sizing networks; 0 is rejected there
+    with _quiet(), _in_process_pools(), _env_override({"nnUNet_n_proc_DA": "1"}):
+        extract_fingerprints([raw.dataset_id], num_processes=1, check_dataset_integrity=False,
+                             clean=True, verbose=False, show_progress_bar=False)  # fmt: skip
+        from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import (
+            ExperimentPlanner,
+        )
+
+        plans, _ = plan_experiment_dataset(raw.dataset_id, ExperimentPlanner)
+        if profile.target_inplane_spacing_mm or profile.max_patch or profile.max_batch:
+            if profile.configuration != "2d":
+                raise ValueError("plan rewriting (spacing/patch/batch caps) is implemented for 2d only")
+            planner = ExperimentPlanner(raw.dataset_id)
+            planner.dataset_fingerprint = json.loads(
+                (Path(preprocessed_root) / raw.name / "dataset_fingerprint.json").read_text()
+            )
+            plans["configurations"]["2d"] = _quick_2d_plan(planner, plans, profile)
+            recursive_fix_for_json_export(plans)
+            (Path(preprocessed_root) / raw.name / f"{PLANS_NAME}.json").write_text(
+                json.dumps(plans, indent=1)
+            )
+        if profile.configuration not in plans["configurations"]:
+            raise ValueError(f"nnU-Net planned no {profile.configuration!r} configuration for {raw.name}")
+        preprocess([raw.dataset_id], PLANS_NAME, [profile.configuration], [1], verbose=False,
+                   show_progress_bar=False)  # fmt: skip
+    return plans
+
+
+# ------------------------------------------------------------------------------------------- trainer
+_TRAINER_CLS: type | None = None
+
+
+def trainer_class() -> type:
+    """``nnUNetTrainer`` subclass: no mirroring, quiet console, timing. Built lazily (imports torch)."""
+    global _TRAINER_CLS
+    if _TRAINER_CLS is not None:
+        return _TRAINER_CLS
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    class _NoMirrorTrainer(nnUNetTrainer):
+        # nnU-Net records __init__'s named parameters via locals(): the signature must match exactly
+        def __init__(self, plans: dict, configuration: str, fold: int | str, dataset_json: dict,
+                     device: Any = None) -> None:  # fmt: skip
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.train_seconds = 0.0
+            self.train_iterations = 0
+            self._epoch_t0 = 0.0
+            # progress.png is redrawn by matplotlib every epoch (~0.3 s); draw it once at the end instead
+            self._plot_progress = self.logger.plot_progress_png
+            self.logger.plot_progress_png = lambda *a, **k: None
+
+        def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):  # noqa: N802 (nnU-Net name)
+            rot, dummy_2d, initial_patch, _mirror = (
+                super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+            )
+            self.inference_allowed_mirroring_axes = None  # saved in the checkpoint
+            return rot, dummy_2d, initial_patch, None
+
+        def print_to_log_file(
+            self, *args: Any, also_print_to_console: bool = True, add_timestamp: bool = True
+        ):
+            super().print_to_log_file(*args, also_print_to_console=False, add_timestamp=add_timestamp)
+            log.debug("nnunet: %s", " ".join(str(a) for a in args))
+
+        def plot_network_architecture(self) -> None:  # needs hiddenlayer; only produces log noise
+            return None
+
+        def on_train_epoch_start(self) -> None:
+            super().on_train_epoch_start()
+            self._epoch_t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+            self.train_seconds += time.perf_counter() - self._epoch_t0
+            self.train_iterations += len(train_outputs)
+            super().on_train_epoch_end(train_outputs)
+
+        def on_epoch_end(self) -> None:
+            get = self.logger.get_value
+            log.info(
+                "nnU-Net epoch %d/%d: train_loss %.4f val_loss %.4f pseudo_dice %s",
+                self.current_epoch + 1,
+                self.num_epochs,
+                get("train_losses", step=-1),
+                get("val_losses", step=-1),
+                np.round(get("dice_per_class_or_region", step=-1), 3).tolist(),
+            )
+            super().on_epoch_end()
+
+        def on_train_end(self) -> None:
+            super().on_train_end()
+            with contextlib.suppress(Exception):  # plotting is cosmetic
+                self._plot_progress(self.output_folder)
+
+    _NoMirrorTrainer.__name__ = _NoMirrorTrainer.__qualname__ = TRAINER_NAME
+    _TRAINER_CLS = _NoMirrorTrainer
+    return _TRAINER_CLS
+
+
+# ------------------------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class ModelInfo:
+    model_dir: Path
+    configuration: str
+    fold: str
+    trainer_name: str
+    profile: str
+    class_names: list[str]
+    use_ignore: bool
+    num_training_cases: int
+    num_epochs: int
+    iterations_per_epoch: int
+    seed: int
+    device: str
+    patch_size: list[int]
+    batch_size: int
+    spacing: list[float]
+    train_seconds: float  # training loop only (incl. per-epoch validation)
+    total_seconds: float  # dataset writing + plan/preprocess + training + publishing
+    seconds_per_iteration: float  # training iteration incl. data loading/augmentation
+    final_train_loss: float | None = None
+    final_val_loss: float | None = None
+    pseudo_dice: list[float] = field(default_factory=list)  # per class, last epoch (train cases, fold "all")
+    case_ids: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["model_dir"] = str(self.model_dir)
+        return json.dumps(d, indent=2)
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> ModelInfo:
+        d = json.loads((Path(model_dir) / MODEL_INFO_FILE).read_text())
+        d["model_dir"] = Path(model_dir)
+        return cls(**d)
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)  # nnU-Net's data loader and augmentations draw from numpy's global RNG
+    torch.manual_seed(seed)
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return v if np.isfinite(v) else None
+
+
+def _publish(staged: Path, model_dir: Path) -> None:
+    """Atomically replace ``model_dir`` with ``staged`` (same filesystem)."""
+    old = None
+    if model_dir.exists():
+        old = model_dir.with_name(f".old-{model_dir.name}-{os.getpid()}-{time.time_ns()}")
+        os.replace(model_dir, old)
+    os.replace(staged, model_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def train_model(
+    cases: Sequence[TrainingCase],
+    class_names: Sequence[str],
+    use_ignore: bool,
+    work_root: Path,
+    model_dir: Path,
+    profile: Profile | str = "quick",
+    dataset_id: int = 501,
+    seed: int = 0,
+    fold: int | str = "all",
+) -> ModelInfo:
+    """Write the raw dataset, plan, preprocess and train one nnU-Net; publish it atomically at ``model_dir``.
+
+    ``work_root`` holds nnU-Net's raw/preprocessed/results trees for this call (reused/overwritten).
+    ``fold`` defaults to "all" (pseudo-label stages train on every case); an integer fold with fewer than
+    5 cases falls back to "all". ``model_dir`` only ever appears complete, with ``nnsam2_model.json``.
+    """
+    import torch
+
+    t_start = time.perf_counter()
+    prof = get_profile(profile) if isinstance(profile, str) else profile
+    work_root, model_dir = Path(work_root), Path(model_dir)
+    if fold != "all" and len(cases) < 5:
+        log.warning("fold %s needs >= 5 cases (got %d); training fold 'all'", fold, len(cases))
+        fold = "all"
+    raw_root, pre_root = work_root / "nnUNet_raw", work_root / "nnUNet_preprocessed"
+    res_root = work_root / "nnUNet_results"
+    for p in (raw_root, pre_root, res_root):
+        p.mkdir(parents=True, exist_ok=True)
+    raw = write_raw_dataset(raw_root, dataset_id, "nnsam2", cases, class_names, use_ignore)
+    device = resolve_device(prof.device)
+    old_threads = torch.get_num_threads()
+    if prof.num_threads:
+        torch.set_num_threads(prof.num_threads)
+    try:
+        workers = prof.data_workers
+        if workers is None:
+            workers = 0 if device.type != "cuda" else max(1, min(8, (os.cpu_count() or 2) - 2))
+        with nnunet_env(raw_root, pre_root, res_root), _env_override({"nnUNet_n_proc_DA": str(workers)}):
+            # a previous run in this work_root must not leak files (logs, checkpoints) into this model
+            shutil.rmtree(pre_root / raw.name, ignore_errors=True)
+            shutil.rmtree(res_root / raw.name, ignore_errors=True)
+            plan_and_preprocess(raw, pre_root, prof)
+            plans = json.loads((pre_root / raw.name / f"{PLANS_NAME}.json").read_text())
+            plans["continue_training"] = False  # 2.8.x __init__ pops this key (KeyError otherwise)
+            dataset_json = json.loads((pre_root / raw.name / "dataset.json").read_text())
+            _seed_everything(seed)
+            cls = trainer_class()
+            with _quiet():
+                trainer = cls(plans=plans, configuration=prof.configuration, fold=fold,
+                              dataset_json=dataset_json, device=device)  # fmt: skip
+            out_base = Path(trainer.output_folder_base)
+            trainer.num_epochs = prof.num_epochs
+            trainer.num_iterations_per_epoch = prof.iterations_per_epoch
+            trainer.num_val_iterations_per_epoch = prof.val_iterations_per_epoch
+            trainer.initial_lr = prof.initial_lr
+            # no mid-run checkpoints: a partial run is discarded anyway (never published)
+            trainer.save_every = max(prof.num_epochs + 1, 50)
+            log.info(
+                "nnU-Net %s training: %d cases, %d x %d iterations, %s, patch %s, batch %d",
+                prof.name, len(cases), prof.num_epochs, prof.iterations_per_epoch, device,
+                trainer.configuration_manager.patch_size, trainer.configuration_manager.batch_size,
+            )  # fmt: skip
+            t_train = time.perf_counter()
+            with _quiet():
+                trainer.run_training()
+                if prof.final_validation:
+                    trainer.perform_actual_validation(save_probabilities=False)
+            train_seconds = time.perf_counter() - t_train
+            lg = trainer.logger
+            info_kwargs = dict(
+                configuration=prof.configuration,
+                fold=str(fold),
+                trainer_name=TRAINER_NAME,
+                profile=prof.name,
+                class_names=list(class_names),
+                use_ignore=use_ignore,
+                num_training_cases=len(cases),
+                num_epochs=prof.num_epochs,
+                iterations_per_epoch=prof.iterations_per_epoch,
+                seed=seed,
+                device=str(device),
+                patch_size=[int(i) for i in trainer.configuration_manager.patch_size],
+                batch_size=int(trainer.configuration_manager.batch_size),
+                spacing=[float(s) for s in trainer.configuration_manager.spacing],
+                train_seconds=round(train_seconds, 3),
+                seconds_per_iteration=round(trainer.train_seconds / max(trainer.train_iterations, 1), 4),
+                final_train_loss=_finite(lg.get_value("train_losses", step=-1)),
+                final_val_loss=_finite(lg.get_value("val_losses", step=-1)),
+                pseudo_dice=[float(x) for x in lg.get_value("dice_per_class_or_region", step=-1)],
+                case_ids=dict(raw.case_ids),
+            )
+        # stage next to model_dir (same filesystem) so the final rename is atomic
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=f".tmp-{model_dir.name}-", dir=model_dir.parent))
+        try:
+            for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+                if (out_base / name).exists():
+                    shutil.copy2(out_base / name, staged / name)
+            fold_src, fold_dst = out_base / f"fold_{fold}", staged / f"fold_{fold}"
+            fold_dst.mkdir()
+            for f in fold_src.iterdir():  # final checkpoint, logs, progress plot; not best/latest ckpts
+                if f.is_file() and f.name not in ("checkpoint_best.pth", "checkpoint_latest.pth"):
+                    shutil.copy2(f, fold_dst / f.name)
+            info = ModelInfo(model_dir=model_dir, total_seconds=round(time.perf_counter() - t_start, 3),
+                             **info_kwargs)  # fmt: skip
+            (staged / MODEL_INFO_FILE).write_text(info.to_json())  # written last: marks a complete model
+            _publish(staged, model_dir)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+    finally:
+        torch.set_num_threads(old_threads)
+    log.info(
+        "nnU-Net trained in %.1f s (%.3f s/iteration), published %s", info.train_seconds,
+        info.seconds_per_iteration, model_dir,
+    )  # fmt: skip
+    return info

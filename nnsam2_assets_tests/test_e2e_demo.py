@@ -1,0 +1,130 @@
+"""End to end on the demo cohort (materialized once per session by the ``demo_cohort`` fixture)."""
+
+import json
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from nnsam2_assets.definitions import all_assets
+from nnsam2_assets.lib.dataset import load_dataset
+from nnsam2_assets.lib.imaging import read_image
+from nnsam2_assets.lib.layout import DatasetLayout, model_root
+from nnsam2_assets.lib.metrics_db import TABLES, query
+from nnsam2_assets.lib.postprocess import to_class_space
+from nnsam2_assets.lib.pseudolabels import dice_per_class
+from nnsam2_assets.runner import OUTPUTS
+
+pytestmark = pytest.mark.slow
+
+
+def _mean_slice_dice(pred: np.ndarray, truth: np.ndarray, k: int) -> float:
+    scores = [np.mean(dice_per_class(pred[z], truth[z], k)) for z in range(truth.shape[0]) if truth[z].any()]
+    return float(np.mean(scores))
+
+
+def test_demo_runs_every_stage(demo_cohort):
+    assert demo_cohort.failed == {}, demo_cohort.failed
+    for stage in ("stage1", "stage2", "stage3"):
+        pointer = json.loads((model_root(demo_cohort.storage_root, stage) / "current.json").read_text())
+        assert (model_root(demo_cohort.storage_root, stage) / pointer["version"] / "nnsam2_model.json").exists()
+    for name in demo_cohort.datasets:
+        layout = DatasetLayout(demo_cohort.storage_root, name)
+        spec = load_dataset(demo_cohort.data_root, name)
+        for scan in spec.scans:
+            assert layout.final_mask(scan).exists(), (name, scan)
+    print(f"demo cohort wall time: {demo_cohort.seconds:.0f} s; stages: {demo_cohort.timings}")
+
+
+def test_final_masks_beat_the_copy_slice_floor(demo_cohort):
+    """Final masks score >= the phantom's copy-slice floor + 0.10 (2-class mean slice Dice vs ground truth),
+    and the floor itself is <= 0.75 so the phantom is not too easy."""
+    floors, finals, propagated = [], [], []
+    for name in demo_cohort.datasets:
+        layout = DatasetLayout(demo_cohort.storage_root, name)
+        spec = load_dataset(demo_cohort.data_root, name)
+        seed = json.loads(layout.annotation_meta.read_text())["seed_slice"]
+        n_ref = sitk.ReadImage(str(layout.scan_image(spec.reference))).GetSize()[2]
+        for scan in spec.scans:
+            truth = to_class_space(sitk.GetArrayFromImage(sitk.ReadImage(str(layout.scan_expert(scan)))), spec.n_classes, 2)
+            final_arr = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.final_mask_canonical(scan))))
+            final = to_class_space(final_arr, final_classes(demo_cohort), 2)
+            prop = to_class_space(sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks(scan)))), spec.n_classes, 2)
+            level = round(seed * (truth.shape[0] - 1) / max(n_ref - 1, 1))
+            copy = np.repeat(truth[level][None], truth.shape[0], axis=0)
+            floors.append(_mean_slice_dice(copy, truth, 2))
+            finals.append(_mean_slice_dice(final, truth, 2))
+            propagated.append(_mean_slice_dice(prop, truth, 2))
+    floor, final, prop = float(np.mean(floors)), float(np.mean(finals)), float(np.mean(propagated))
+    print(f"copy-slice floor {floor:.3f}; propagation {prop:.3f}; final {final:.3f}")
+    assert floor <= 0.75
+    assert final >= floor + 0.10
+
+
+def final_classes(demo_cohort) -> int:
+    return int(json.loads((model_root(demo_cohort.storage_root, "stage3") / "current.json").read_text())["n_classes"])
+
+
+def test_final_masks_reload_over_the_original_scans(demo_cohort):
+    for name in demo_cohort.datasets:
+        layout = DatasetLayout(demo_cohort.storage_root, name)
+        spec = load_dataset(demo_cohort.data_root, name)
+        for scan, source in spec.scans.items():
+            original = read_image(source.image)
+            mask = sitk.ReadImage(str(layout.final_mask(scan)))
+            assert mask.GetSize() == original.GetSize()
+            assert np.allclose(mask.GetSpacing(), original.GetSpacing())
+            assert np.allclose(mask.GetOrigin(), original.GetOrigin())
+            assert np.allclose(mask.GetDirection(), original.GetDirection())
+            # the mask sits on the muscles of the original file, whatever its orientation
+            expert = sitk.GetArrayFromImage(read_image(source.expert)) > 0
+            overlap = (sitk.GetArrayFromImage(mask) > 0) & expert
+            assert overlap.sum() > 0.7 * (sitk.GetArrayFromImage(mask) > 0).sum()
+
+
+def test_every_metrics_table_is_filled_and_documented_queries_run(demo_cohort):
+    for table in TABLES:
+        counts = query(demo_cohort.duckdb, f"SELECT dataset, count(*) AS n FROM metrics.{table} GROUP BY ALL")
+        if table == "qc_flags":
+            continue  # a clean cohort may legitimately raise no flag
+        assert set(counts.dataset) == set(demo_cohort.datasets), table
+    by_side = query(
+        demo_cohort.duckdb,
+        "SELECT dataset, side, avg(fat_ratio) AS fat_ratio FROM metrics.scan_metrics GROUP BY ALL ORDER BY ALL",
+    )
+    dixon = by_side[by_side.dataset == "demo-dixon"]
+    assert dixon.fat_ratio.between(0.02, 0.5).all()
+    flagged = query(demo_cohort.duckdb, "SELECT dataset, scan, flag, severity, detail FROM metrics.qc_flags")
+    assert set(flagged.columns) == {"dataset", "scan", "flag", "severity", "detail"}
+    ct = query(demo_cohort.duckdb, "SELECT avg(ct_mean_hu) AS hu FROM metrics.scan_metrics WHERE dataset = 'demo-ct'")
+    assert -30 < ct.hu.iloc[0] < 100
+    agreement = query(demo_cohort.duckdb, "SELECT * FROM metrics.agreement WHERE measure = 'volume_ml'")
+    assert set(agreement.tost_margin) == {0.05, 0.10}
+    assert agreement.n.min() >= 3
+
+
+def _counts(db) -> pd.DataFrame:
+    return query(db, "SELECT dataset, count(*) AS n FROM metrics.scan_metrics GROUP BY ALL ORDER BY ALL")
+
+
+def test_rematerializing_metrics_replaces_rows_exactly(demo_cohort):
+    before = _counts(demo_cohort.duckdb)
+    for name in (demo_cohort.datasets[0], demo_cohort.datasets[0], demo_cohort.datasets[1]):
+        result = dg.materialize(
+            all_assets(),
+            selection=["scan_metrics"],
+            partition_key=name,
+            instance=demo_cohort.instance,
+            resources=demo_cohort.resources,
+        )
+        assert result.success
+    after = _counts(demo_cohort.duckdb)
+    pd.testing.assert_frame_equal(before, after)
+    per_scan = query(
+        demo_cohort.duckdb,
+        "SELECT dataset, scan, scheme, class_name, count(*) AS n FROM metrics.scan_metrics GROUP BY ALL HAVING n > 1",
+    )
+    assert per_scan.empty  # never a duplicate row
+    assert set(OUTPUTS) >= {"scan_metrics", "agreement"}

@@ -47,6 +47,9 @@ class Profile:
     # augmentation worker processes: None -> 0 (in-process) on CPU, up to 8 on CUDA so the GPU is fed
     data_workers: int | None = None
     initial_lr: float = 1e-2
+    # share of training samples forced to contain foreground. Pseudo-labels keep only confident slices (the rest
+    # is "ignore"), so a 2d loader drawing slices uniformly mostly sees all-ignore slices with zero loss
+    oversample_foreground: float = 0.33
     final_validation: bool = False  # nnU-Net's full-volume validation (meaningless with fold "all")
 
     def replace(self, **changes: Any) -> Profile:
@@ -64,9 +67,10 @@ PROFILES: dict[str, Profile] = {
     "quick": Profile(
         "quick",
         "2d",
-        num_epochs=6,
-        iterations_per_epoch=25,
+        num_epochs=8,
+        iterations_per_epoch=30,
         val_iterations_per_epoch=3,
+        oversample_foreground=0.9,
         target_inplane_spacing_mm=2.0,
         max_patch=128,
         max_batch=4,
@@ -160,14 +164,20 @@ def _in_process_pools() -> Iterator[None]:
 
     from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
     from nnunetv2.preprocessing.preprocessors import default_preprocessor
+    from nnunetv2.utilities import utils as nnunet_utils
 
     ctx = SimpleNamespace(Pool=lambda n=1, *a, **k: ThreadPool(1))
     shim = SimpleNamespace(get_context=lambda method=None: ctx)
     modules = (fingerprint_extractor, default_preprocessor)
+    # utils lists the raw dataset with a *fork* Pool; its workers die by SIGTERM at pool exit, which inside a
+    # Dagster step prints a DagsterExecutionInterruptedError traceback per worker
+    fork_pool = nnunet_utils.Pool
     try:
         for mod in modules:
             mod.multiprocessing = shim
+        nnunet_utils.Pool = lambda processes=1, *a, **k: ThreadPool(1)
         yield
     finally:
         for mod in modules:
             mod.multiprocessing = multiprocessing
+        nnunet_utils.Pool = fork_pool

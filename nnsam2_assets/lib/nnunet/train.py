@@ -292,6 +292,7 @@ def train_model(
             trainer.num_iterations_per_epoch = prof.iterations_per_epoch
             trainer.num_val_iterations_per_epoch = prof.val_iterations_per_epoch
             trainer.initial_lr = prof.initial_lr
+            trainer.oversample_foreground_percent = prof.oversample_foreground
             # no mid-run checkpoints: a partial run is discarded anyway (never published)
             trainer.save_every = max(prof.num_epochs + 1, 50)
             log.info(

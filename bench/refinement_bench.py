@@ -1,0 +1,123 @@
+"""Whole nnsam2 pipeline on the real MyoSegmenTUM Dixon pair, from ONE annotated slice.
+
+    .venv/bin/python bench/refinement_bench.py [--seed middle|top] [--json out.json]
+
+Weight-free registration backend, ``quick`` nnU-Net profile. Prints the 2-class (and 4-class) Dice against
+the expert labels after propagation, on the kept pseudo-label slices, after each nnU-Net stage and for the
+final masks, plus the wall time of each stage. Reads ../shared/data (never copies it into the project).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from nnsam2_assets.lib.layout import DatasetLayout, model_root, stage_prediction  # noqa: E402
+from nnsam2_assets.lib.postprocess import to_class_space  # noqa: E402
+from nnsam2_assets.lib.pseudolabels import dice_per_class  # noqa: E402
+
+
+def _arr(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray, k: int, slices=None) -> float:
+    if slices is not None:
+        pred, truth = pred[slices], truth[slices]
+    return float(np.mean(dice_per_class(pred, truth, k)))
+
+
+def run_refinement_bench(seed: str = "middle", workdir: Path | None = None) -> list[dict]:
+    import dagster as dg
+
+    from nnsam2_assets.runner import materialize_cohort
+    from nnsam2_assets_tests.conftest import make_resources
+    from nnsam2_assets_tests.realdata import TUM, tum_dataset
+
+    root = Path(workdir or tempfile.mkdtemp(prefix="nnsam2-tum-"))
+    data, storage = root / "data", root / "storage"
+    seed_z = (
+        None if seed == "middle" else int(sitk.ReadImage(str(TUM / "TUM01_water.nii.gz")).GetSize()[2] - 1)
+    )
+    tum_dataset(data, "tum", reference="TUM01", seed_z=seed_z)
+    resources = make_resources(data, storage)
+    timings: dict[str, float] = {}
+    with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
+        instance.add_dynamic_partitions("datasets", ["tum"])
+        t0 = time.perf_counter()
+        run = materialize_cohort(
+            instance, ["tum"], resources=resources, progress=lambda m: print(m, flush=True)
+        )
+        total = time.perf_counter() - t0
+        if run.failed:
+            raise RuntimeError(f"pipeline failed: {run.failed}")
+        timings.update({k: round(v, 1) for k, v in run.timings.items()})
+        for record in instance.get_records_for_run(run.run_ids[1]).records if len(run.run_ids) > 1 else []:
+            event = record.event_log_entry.dagster_event
+            if event and event.is_step_success:
+                timings[event.step_key] = round(event.event_specific_data.duration_ms / 1000, 1)
+    layout = DatasetLayout(storage, "tum")
+    selection = __import__("pandas").read_parquet(layout.pseudo_selection)
+    rows = []
+    for scan in ("TUM01", "TUM02"):
+        truth4 = _arr(layout.scan_expert(scan))
+        truth2 = to_class_space(truth4, 4, 2)
+        prop4 = _arr(layout.masks(scan))
+        kept = selection[(selection.scan == scan) & selection.kept].slice.to_numpy()
+        row = {
+            "scan": scan,
+            "role": "reference" if scan == "TUM01" else "target",
+            "seed": seed,
+            "propagation_2c": _dice(to_class_space(prop4, 4, 2), truth2, 2),
+            "propagation_4c": _dice(prop4, truth4, 4),
+            "kept_slices": int(len(kept)),
+            "pseudo_label_kept_2c": _dice(to_class_space(prop4, 4, 2), truth2, 2, kept)
+            if len(kept)
+            else np.nan,
+        }
+        for stage in ("stage1", "stage2", "stage3"):
+            cur = json.loads((model_root(storage, stage) / "current.json").read_text())
+            pred = _arr(stage_prediction(Path(cur["model_dir"]), "tum", scan))
+            k = int(cur["n_classes"])
+            row[f"{stage}_2c"] = _dice(to_class_space(pred, k, 2), truth2, 2)
+            if k == 4:
+                row[f"{stage}_4c"] = _dice(pred, truth4, 4)
+        final = _arr(layout.final_mask_canonical(scan))
+        k = 4 if final.max() > 2 else 2
+        row["final_2c"] = _dice(to_class_space(final, k, 2), truth2, 2)
+        if k == 4:
+            row["final_4c"] = _dice(final, truth4, 4)
+        rows.append(row)
+    rows.append({"scan": "timings_s", "total": round(total, 1), **timings})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--seed", choices=["middle", "top"], default="middle")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    rows = run_refinement_bench(args.seed)
+    import pandas as pd
+
+    scans = pd.DataFrame([r for r in rows if r["scan"] != "timings_s"]).set_index("scan")
+    print("\n2-class / 4-class volume Dice vs expert labels (TUM01 annotated, one slice)")
+    print(scans.round(3).T.to_string())
+    print("\nwall time (s):", json.dumps(rows[-1]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

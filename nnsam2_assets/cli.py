@@ -21,10 +21,10 @@ INSTANCE_YAML = """\
 telemetry:
   enabled: false
 concurrency:
+  runs:
+    max_concurrent_runs: 2
   pools:
     default_limit: 1   # one GPU step (propagation, training, prediction) and one DuckDB writer at a time
-run_queue:
-  max_concurrent_runs: 2
 """
 
 

@@ -30,6 +30,7 @@ class StageSelectionConfig(dg.Config):
     area_ratio: float = -1.0
     top_fraction: float = -1.0
     min_per_dataset: int = 2
+    min_slice_dice: float = 0.85
 
     def rule(self, stage: str) -> StageRule:
         base = STAGE_RULES[stage]
@@ -38,6 +39,7 @@ class StageSelectionConfig(dg.Config):
             area_ratio=self.area_ratio if self.area_ratio > 0 else base.area_ratio,
             top_fraction=(self.top_fraction if self.top_fraction > 0 else base.top_fraction),
             min_per_dataset=self.min_per_dataset,
+            min_slice_dice=self.min_slice_dice,
         )
 
 

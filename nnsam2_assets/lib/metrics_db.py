@@ -23,6 +23,8 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from nnsam2_assets.lib.storage import atomic_write_dataframe
+
 SCHEMA = "metrics"
 TABLES = ("scan_metrics", "slice_confidence", "slice_metrics", "stage_agreement", "agreement", "qc_flags")
 
@@ -127,13 +129,7 @@ def query(path: Path, sql: str, wait_s: float = 30.0) -> pd.DataFrame:
 def export(path: Path, sql_or_table: str, out: Path, wait_s: float = 30.0) -> Path:
     """Export a table or query result to CSV or Parquet (by the output suffix)."""
     sql = sql_or_table if " " in sql_or_table.strip() else f"SELECT * FROM {SCHEMA}.{sql_or_table}"
-    df = query(path, sql, wait_s)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".parquet":
-        df.to_parquet(out, index=False)
-    elif out.suffix == ".csv":
-        df.to_csv(out, index=False)
-    else:
+    if out.suffix not in (".csv", ".parquet"):
         raise ValueError(f"{out}: export to .csv or .parquet")
-    return out
+    return atomic_write_dataframe(query(path, sql, wait_s), out)

@@ -166,6 +166,7 @@ class StageRule:
     area_ratio: float
     top_fraction: float | None = None  # per dataset, after filtering (stage 3: 0.2)
     min_per_dataset: int = 2
+    min_slice_dice: float = 0.85  # within selected scans, slices below this agreement are "ignore"
 
 
 STAGE_RULES = {

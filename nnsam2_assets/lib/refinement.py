@@ -131,23 +131,38 @@ def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) ->
                 continue
             _, ref = _read(ref_path)
         score = float(np.mean(dice_per_class(pred, ref, pool.classes)))
+        agree = agreeing_slices(pred, ref, pool.classes, rule.min_slice_dice)
         rows.append(
             {
                 "dataset": dataset,
                 "scan": scan,
                 "mean_dice": score,
                 "smooth_ok": volume_smooth(pred, pool.classes, rule.area_ratio),
+                "n_kept": int(agree.sum()),
             }
         )
-        preds[(dataset, scan)] = pred
+        # slices where the two models disagree become "ignore": their errors (e.g. false positives on a
+        # neighbouring muscle) would otherwise be learned and reinforced stage after stage
+        label = pred.copy()
+        label[~agree] = pool.classes + 1
+        preds[(dataset, scan)] = label
     if not rows:
         raise RefinementError(
             f"{stage}: no {previous} predictions to learn from; rematerialize nnunet_{previous}"
         )
     selection = select_stage_cases(pd.DataFrame(rows), rule)
-    for row in selection[selection.selected].itertuples():
+    for row in selection[selection.selected & (selection.n_kept > 0)].itertuples():
         labels[(row.dataset, row.scan)] = preds[(row.dataset, row.scan)]
     return selection, labels
+
+
+def agreeing_slices(pred: np.ndarray, ref: np.ndarray, n_classes: int, min_dice: float) -> np.ndarray:
+    """Per slice: do two label volumes agree (mean class Dice >= min_dice, both non-empty)?"""
+    out = np.zeros(pred.shape[0], dtype=bool)
+    for z in range(pred.shape[0]):
+        if pred[z].any() and ref[z].any():
+            out[z] = float(np.mean(dice_per_class(pred[z], ref[z], n_classes))) >= min_dice
+    return out
 
 
 def _train_and_predict(
@@ -249,7 +264,7 @@ def run_next_stage(
     stage: str, pool: Pool, root: Path, profile: nnunet.Profile, rule: StageRule, log: Log = print
 ) -> StageResult:
     selection, labels = _stage_labels(stage, pool, root, rule)
-    return _train_and_predict(stage, pool, root, profile, selection, labels, False, log)
+    return _train_and_predict(stage, pool, root, profile, selection, labels, True, log)
 
 
 @dataclass

@@ -7,11 +7,15 @@ filesystem). A crash leaves at most a ``.tmp-*`` file, which no reader globs for
 
 from __future__ import annotations
 
+import errno
+import gzip
 import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -26,11 +30,13 @@ class StorageError(RuntimeError):
     """A write failed; the message names the destination file."""
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+def _atomic_write(path: Path, write: Callable[[Path], None], keep_suffix: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # keep the real suffix so writers that infer the format from the name (SimpleITK, pandas) still work
-    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="".join(path.suffixes), dir=path.parent)
+    # SimpleITK infers the format from the name, so image temps keep the real suffix; other temps end in
+    # ".part" so that globbing readers (SAM2 loads every *.jpg of a folder) never pick up a half-written file
+    suffix = "".join(path.suffixes) if keep_suffix else ".part"
+    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -58,9 +64,23 @@ def atomic_write_json(obj: Any, path: Path) -> Path:
     return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), path)
 
 
+def _write_image_checked(img: sitk.Image, tmp: Path) -> None:
+    sitk.WriteImage(img, str(tmp), useCompression=True)
+    # NIfTI's writer only PRINTS a short write (e.g. a full disk) and the truncated .gz may still read as a
+    # valid, zero-padded image: verify the whole compressed stream before publishing it
+    if tmp.name.endswith(".gz"):
+        try:
+            with gzip.open(tmp, "rb") as fh:
+                while fh.read(1 << 20):
+                    pass
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            code = errno.ENOSPC if shutil.disk_usage(tmp.parent).free < (1 << 20) else errno.EIO
+            raise OSError(code, f"{os.strerror(code)} (short NIfTI write: {exc})") from exc
+
+
 def atomic_write_image(img: sitk.Image, path: Path) -> Path:
-    """Write a SimpleITK image (NIfTI by suffix) atomically, compressed."""
-    return _atomic_write(Path(path), lambda tmp: sitk.WriteImage(img, str(tmp), useCompression=True))
+    """Write a SimpleITK image (NIfTI by suffix) atomically, compressed, verified before it is published."""
+    return _atomic_write(Path(path), lambda tmp: _write_image_checked(img, tmp), keep_suffix=True)
 
 
 def atomic_write_dataframe(df: pd.DataFrame, path: Path) -> Path:

@@ -181,8 +181,10 @@ def test_trainer_has_no_mirroring(trained, tmp_path):
     with nn.nnunet_env(results=tmp_path / "res"):
         tr = nn.trainer_class()(plans, "2d", "all", json.loads((model_dir / "dataset.json").read_text()),
                                 torch.device("cpu"))  # fmt: skip
-        *_, mirror_axes = tr.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        rotation, _, _, mirror_axes = tr.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     assert mirror_axes is None and tr.inference_allowed_mirroring_axes is None
+    # nnU-Net's default 2d augmentation rotates up to +-180 degrees, which swaps left and right like a mirror
+    assert max(abs(r) for r in rotation) <= np.deg2rad(nn.train.MAX_ROTATION_DEG) + 1e-9 < np.pi / 2
 
 
 def test_predict_round_trip_loads_once(trained):

@@ -72,7 +72,7 @@ PROFILES: dict[str, Profile] = {
         val_iterations_per_epoch=3,
         oversample_foreground=0.9,
         target_inplane_spacing_mm=2.0,
-        max_patch=128,
+        max_patch=96,
         max_batch=4,
         # 2 intra-op threads on 2 shared cores ran 6x slower (4.0 vs 0.63 s/iteration) when anything else ran
         num_threads=1,

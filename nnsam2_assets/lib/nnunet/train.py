@@ -103,6 +103,8 @@ def plan_and_preprocess(raw: RawDataset, preprocessed_root: Path, profile: Profi
 
 # ------------------------------------------------------------------------------------------- trainer
 _TRAINER_CLS: type | None = None
+# in-plane rotation augmentation limit: beyond ~90 degrees a rotation swaps the sides (see trainer_class)
+MAX_ROTATION_DEG = 15.0
 
 
 def trainer_class() -> type:
@@ -128,7 +130,21 @@ def trainer_class() -> type:
             rot, dummy_2d, initial_patch, _mirror = (
                 super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
             )
+            # nnU-Net rotates 2d patches (and anisotropic 3d ones, via dummy-2d augmentation) by up to
+            # +-180 degrees in plane. A 180-degree rotation maps the patient's right onto the image's left
+            # exactly like a mirror, so side-specific labels become unlearnable (class "right" collapsed to
+            # Dice 0 in our runs). Cap in-plane rotation at MAX_ROTATION_DEG; recompute the initial patch.
+            if max(abs(r) for r in rot) > np.deg2rad(MAX_ROTATION_DEG) + 1e-6:
+                from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+
+                rot = (-np.deg2rad(MAX_ROTATION_DEG), np.deg2rad(MAX_ROTATION_DEG))
+                patch = self.configuration_manager.patch_size
+                dim = len(patch)
+                initial_patch = get_patch_size(patch[-dim:], rot, rot, rot, (0.85, 1.25))
+                if dummy_2d:
+                    initial_patch[0] = patch[0]
             self.inference_allowed_mirroring_axes = None  # saved in the checkpoint
+            self.rotation_for_DA_used = rot
             return rot, dummy_2d, initial_patch, None
 
         def print_to_log_file(

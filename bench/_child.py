@@ -1,0 +1,46 @@
+"""Fresh-process worker of ``bench/run.py``: materialize one partition's per-dataset chain in-process and
+print one JSON line with its wall time and this process's peak RSS (so runs of different sizes compare)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str]) -> int:
+    import dagster as dg
+
+    from bench._common import PER_DATASET, peak_rss_mb, register, resources, run_selection
+
+    data_root, storage_root, name = Path(argv[0]), Path(argv[1]), argv[2]
+    base_rss = peak_rss_mb()  # after imports
+    with (
+        tempfile.TemporaryDirectory(prefix="nnsam2-bench-home-") as home,
+        dg.instance_for_test(temp_dir=home) as instance,
+    ):
+        register(instance, [name])
+        t0 = time.perf_counter()
+        run = run_selection(instance, resources(data_root, storage_root), name, PER_DATASET)
+        seconds = time.perf_counter() - t0
+    print(
+        json.dumps(
+            {
+                "success": run.result.success,
+                "seconds": seconds,
+                "peak_rss_mb": peak_rss_mb(),
+                "rss_after_imports_mb": base_rss,
+            }
+        )
+    )
+    return 0 if run.result.success else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

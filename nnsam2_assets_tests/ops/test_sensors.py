@@ -1,0 +1,144 @@
+"""new_data_sensor and nightly_sweep_schedule, evaluated against a real (temporary) instance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from nnsam2_assets.definitions import all_assets
+from nnsam2_assets.defs.resources import NnsamStorage
+from nnsam2_assets.defs.sensors import OUTPUTS, PER_DATASET, new_data_sensor, nightly_sweep_schedule
+from nnsam2_assets.lib.dataset import folder_fingerprint
+from nnsam2_assets.lib.layout import model_root
+from nnsam2_assets_tests.conftest import make_resources
+from nnsam2_assets_tests.ops import write_tiny
+
+PER_DATASET_KEYS = [dg.AssetKey(n) for n in PER_DATASET]
+
+
+@pytest.fixture
+def env(tmp_path: Path):
+    data, storage_root = tmp_path / "data", tmp_path / "storage"
+    data.mkdir()
+    storage = NnsamStorage(data_root=str(data), storage_root=str(storage_root))
+    with dg.instance_for_test() as instance:
+        yield instance, data, storage
+
+
+def _tick(instance, storage, cursor=None) -> dg.SensorResult:
+    ctx = dg.build_sensor_context(instance=instance, resources={"storage": storage}, cursor=cursor)
+    result = new_data_sensor(ctx)
+    assert isinstance(result, dg.SensorResult)
+    # what the daemon does with the result: add the partitions first, then keep the cursor
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return result
+
+
+def _add_scan(folder: Path, new_id: str = "subj09") -> None:
+    scans = folder / "scans"
+    for part in ("water", "fat"):
+        shutil.copy(scans / f"subj01_{part}.nii.gz", scans / f"{new_id}_{part}.nii.gz")
+    row = pd.read_csv(folder / "regions.csv").query("scan == 'subj01'").iloc[0]
+    with open(folder / "regions.csv", "a") as fh:
+        fh.write(f"{new_id},{row.first_slice},{row.last_slice}\n")
+
+
+def test_new_dataset_is_registered_and_run_once(env):
+    instance, data, storage = env
+    empty = _tick(instance, storage)
+    assert not empty.run_requests and not empty.dynamic_partitions_requests
+
+    folder = write_tiny(data, n_scans=2)
+    first = _tick(instance, storage, empty.cursor)
+    (add,) = first.dynamic_partitions_requests
+    assert add.partitions_def_name == "datasets" and list(add.partition_keys) == ["tiny"]
+    (run,) = first.run_requests
+    assert run.partition_key == "tiny"
+    assert run.run_key == f"tiny:{folder_fingerprint(folder)}"
+    # no stage-3 model yet: the per-dataset chain only, never final masks or metrics
+    assert list(run.asset_selection) == PER_DATASET_KEYS
+    assert instance.get_dynamic_partitions("datasets") == ["tiny"]
+    assert json.loads(first.cursor) == {"tiny": folder_fingerprint(folder)}
+
+    again = _tick(instance, storage, first.cursor)
+    assert not again.run_requests and not again.dynamic_partitions_requests
+
+
+def test_new_scan_in_known_dataset_requests_only_that_dataset(env):
+    instance, data, storage = env
+    tiny = write_tiny(data, "tiny", n_scans=2)
+    write_tiny(data, "other", n_scans=2, seed=5)
+    first = _tick(instance, storage)
+    assert sorted(r.partition_key for r in first.run_requests) == ["other", "tiny"]
+    assert list(first.dynamic_partitions_requests[0].partition_keys) == ["other", "tiny"]
+
+    _add_scan(tiny)
+    second = _tick(instance, storage, first.cursor)
+    assert not second.dynamic_partitions_requests  # already a partition
+    (run,) = second.run_requests
+    assert run.partition_key == "tiny" and run.run_key == f"tiny:{folder_fingerprint(tiny)}"
+    assert run.run_key not in {r.run_key for r in first.run_requests}  # a new key: the daemon runs it
+
+    # once a stage-3 model exists, new data also gets final masks and metrics (inference only)
+    current = model_root(storage.root, "stage3") / "current.json"
+    current.parent.mkdir(parents=True, exist_ok=True)
+    current.write_text("{}")
+    _add_scan(tiny, "subj08")
+    third = _tick(instance, storage, second.cursor)
+    (run,) = third.run_requests
+    assert run.partition_key == "tiny"
+    assert list(run.asset_selection) == PER_DATASET_KEYS + [dg.AssetKey(n) for n in OUTPUTS]
+    assert not _tick(instance, storage, third.cursor).run_requests
+
+
+def test_invalid_folder_name_is_refused_and_logged(env, capfd):
+    instance, data, storage = env
+    write_tiny(data, "good", n_scans=2)
+    shutil.copytree(data / "good", data / "Bad Name")
+    result = _tick(instance, storage)
+    logged = capfd.readouterr().err
+    assert [r.partition_key for r in result.run_requests] == ["good"]
+    assert list(result.dynamic_partitions_requests[0].partition_keys) == ["good"]
+    assert instance.get_dynamic_partitions("datasets") == ["good"]
+    assert "Bad Name" not in json.loads(result.cursor)
+    assert "dataset folder Bad Name refused: invalid dataset name 'Bad Name'" in logged
+    assert "WARNING" in logged
+
+
+def test_nightly_sweep_requests_only_changed_datasets(env, tmp_path):
+    instance, data, storage = env
+    tiny = write_tiny(data, "tiny", n_scans=2)
+    write_tiny(data, "other", n_scans=2, seed=5)
+    instance.add_dynamic_partitions("datasets", ["other", "tiny"])
+    resources = make_resources(data, Path(storage.storage_root))
+    for name in ("other", "tiny"):
+        result = dg.materialize(
+            all_assets(), selection=["scans"], partition_key=name, instance=instance, resources=resources
+        )
+        assert result.success
+
+    def sweep():
+        with dg.build_schedule_context(instance=instance, resources={"storage": storage}) as ctx:
+            return nightly_sweep_schedule(ctx)
+
+    skipped = sweep()
+    assert isinstance(skipped, dg.SkipReason), skipped
+    assert "up to date" in skipped.skip_message
+
+    _add_scan(tiny)  # a change the sensor missed (e.g. daemon down)
+    (run,) = sweep()
+    assert run.partition_key == "tiny"
+    assert run.run_key == f"sweep:tiny:{folder_fingerprint(tiny)}"
+    assert list(run.asset_selection) == PER_DATASET_KEYS
+
+    # once ingest has seen the change, the sweep is quiet again
+    assert dg.materialize(
+        all_assets(), selection=["scans"], partition_key="tiny", instance=instance, resources=resources
+    ).success
+    assert isinstance(sweep(), dg.SkipReason)

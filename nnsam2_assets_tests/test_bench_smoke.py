@@ -1,0 +1,51 @@
+"""Smoke test: ``bench/run.py --quick`` runs end to end, prints its table and writes its JSON (numbers are
+not asserted: the machine running CI is shared)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_runs_and_reports(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        # every section but "demo": the session's demo_cohort fixture already runs that pipeline end to end,
+        # and the demo section trains three more nnU-Nets (minutes on 2 cores); the full bench runs it
+        [
+            sys.executable,
+            str(ROOT / "bench" / "run.py"),
+            "--quick",
+            "--json",
+            str(out),
+            "--only",
+            "sam2",
+            "overhead",
+            "new_scan",
+            "rss",
+            "propagation",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "nnsam2 bench: `bench/run.py --quick`" in proc.stdout and "cores" in proc.stdout
+    payload = json.loads(out.read_text())
+    assert payload["quick"] and not payload["errors"]
+    names = " ".join(r["row"] for r in payload["rows"])
+    for row in (
+        "model_loads",
+        "sam2_fps",
+        "dagster_inproc",
+        "new_scan",
+        "peak_rss",
+        "propagation_tum",
+    ):
+        assert row in names, f"row {row} missing from the table"
+        assert row in proc.stdout

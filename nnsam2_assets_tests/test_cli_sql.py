@@ -1,0 +1,125 @@
+"""``nnsam2 sql`` / ``nnsam2 export`` as a user runs them (subprocesses), with a writer holding the lock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from nnsam2_assets.lib.metrics_db import replace_dataset
+
+HOLD = """
+import sys, time, duckdb
+con = duckdb.connect(sys.argv[1])   # a write connection: DuckDB's file lock, as a materialization holds it
+con.execute("INSERT INTO metrics.scan_metrics SELECT * FROM metrics.scan_metrics WHERE false")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+con.close()
+print("released", flush=True)
+time.sleep(30)
+"""
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nnsam2_assets.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "nnsam2.duckdb"
+    rows = pd.DataFrame(
+        {
+            "dataset": "demo",
+            "scan": ["s0", "s1", "s2"],
+            "class_name": ["right_es", "right_es", "left_es"],
+            "volume_ml": [10.5, 11.0, 9.25],
+            "run_id": "r1",
+            "computed_at": pd.Timestamp("2024-01-01", tz="UTC"),
+        }
+    )
+    replace_dataset(path, "demo", {"scan_metrics": rows})
+    return path
+
+
+@pytest.fixture
+def holder(db: Path):
+    procs = []
+
+    def start(seconds: float) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(db), str(seconds)], stdout=subprocess.PIPE, text=True
+        )
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_sql_waits_for_the_writer_to_let_go(db, holder):
+    proc = holder(2.0)
+    t0 = time.perf_counter()
+    out = _cli(
+        "sql",
+        "SELECT scan, volume_ml FROM metrics.scan_metrics ORDER BY scan",
+        "--db",
+        str(db),
+        "--wait",
+        "20",
+    )
+    waited = time.perf_counter() - t0
+    assert out.returncode == 0, out.stderr
+    assert proc.poll() is None and proc.stdout.readline().strip() == "released"
+    lines = out.stdout.split()
+    assert lines[:2] == ["scan", "volume_ml"] and "s0" in lines and "9.25" in lines
+    assert waited >= 1.0, f"returned after {waited:.1f} s although the writer held the lock for 2 s"
+
+
+def test_sql_fails_clearly_when_the_writer_holds_past_wait(db, holder):
+    holder(60.0)
+    out = _cli("sql", "SELECT count(*) FROM metrics.scan_metrics", "--db", str(db), "--wait", "1")
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    assert str(db) in out.stderr and "still locked by another process" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_sql_error_and_missing_database(db, tmp_path):
+    bad = _cli("sql", "SELECT nope FROM metrics.scan_metrics", "--db", str(db), "--wait", "1")
+    assert bad.returncode == 1 and "query failed" in bad.stderr and "nope" in bad.stderr
+    missing = tmp_path / "none.duckdb"
+    out = _cli("sql", "SELECT 1", "--db", str(missing), "--wait", "1")
+    assert out.returncode == 2 and str(missing) in out.stderr and "no metrics database yet" in out.stderr
+    with pytest.raises(Exception):  # noqa: B017 - read-only: a user query cannot modify the file
+        from nnsam2_assets.lib.metrics_db import query
+
+        query(db, "DELETE FROM metrics.scan_metrics", wait_s=1)
+    assert len(pd.read_csv(_export(db, "scan_metrics", tmp_path / "after.csv"))) == 3
+
+
+def _export(db: Path, what: str, out: Path) -> Path:
+    res = _cli("export", what, str(out), "--db", str(db), "--wait", "5")
+    assert res.returncode == 0, res.stderr
+    assert str(out) in res.stdout
+    return out
+
+
+def test_export_csv_and_parquet(db, tmp_path):
+    want = pd.DataFrame({"scan": ["s0", "s1", "s2"], "volume_ml": [10.5, 11.0, 9.25]})
+    csv = pd.read_csv(_export(db, "scan_metrics", tmp_path / "out" / "m.csv"))
+    assert csv[["scan", "volume_ml"]].sort_values("scan").reset_index(drop=True).equals(want)
+    assert {"dataset", "class_name", "run_id", "computed_at"} <= set(csv.columns)
+    pq = pd.read_parquet(
+        _export(db, "SELECT scan, volume_ml FROM metrics.scan_metrics ORDER BY scan", tmp_path / "q.parquet")
+    )
+    pd.testing.assert_frame_equal(pq, want)
+    res = _cli("export", "scan_metrics", str(tmp_path / "m.xlsx"), "--db", str(db))
+    assert res.returncode != 0 and "m.xlsx" in res.stderr

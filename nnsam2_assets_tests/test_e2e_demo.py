@@ -29,7 +29,9 @@ def test_demo_runs_every_stage(demo_cohort):
     assert demo_cohort.failed == {}, demo_cohort.failed
     for stage in ("stage1", "stage2", "stage3"):
         pointer = json.loads((model_root(demo_cohort.storage_root, stage) / "current.json").read_text())
-        assert (model_root(demo_cohort.storage_root, stage) / pointer["version"] / "nnsam2_model.json").exists()
+        assert (
+            model_root(demo_cohort.storage_root, stage) / pointer["version"] / "nnsam2_model.json"
+        ).exists()
     for name in demo_cohort.datasets:
         layout = DatasetLayout(demo_cohort.storage_root, name)
         spec = load_dataset(demo_cohort.data_root, name)
@@ -48,10 +50,14 @@ def test_final_masks_beat_the_copy_slice_floor(demo_cohort):
         seed = json.loads(layout.annotation_meta.read_text())["seed_slice"]
         n_ref = sitk.ReadImage(str(layout.scan_image(spec.reference))).GetSize()[2]
         for scan in spec.scans:
-            truth = to_class_space(sitk.GetArrayFromImage(sitk.ReadImage(str(layout.scan_expert(scan)))), spec.n_classes, 2)
+            truth = to_class_space(
+                sitk.GetArrayFromImage(sitk.ReadImage(str(layout.scan_expert(scan)))), spec.n_classes, 2
+            )
             final_arr = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.final_mask_canonical(scan))))
             final = to_class_space(final_arr, final_classes(demo_cohort), 2)
-            prop = to_class_space(sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks(scan)))), spec.n_classes, 2)
+            prop = to_class_space(
+                sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks(scan)))), spec.n_classes, 2
+            )
             level = round(seed * (truth.shape[0] - 1) / max(n_ref - 1, 1))
             copy = np.repeat(truth[level][None], truth.shape[0], axis=0)
             floors.append(_mean_slice_dice(copy, truth, 2))
@@ -64,7 +70,9 @@ def test_final_masks_beat_the_copy_slice_floor(demo_cohort):
 
 
 def final_classes(demo_cohort) -> int:
-    return int(json.loads((model_root(demo_cohort.storage_root, "stage3") / "current.json").read_text())["n_classes"])
+    return int(
+        json.loads((model_root(demo_cohort.storage_root, "stage3") / "current.json").read_text())["n_classes"]
+    )
 
 
 def test_final_masks_reload_over_the_original_scans(demo_cohort):
@@ -98,7 +106,9 @@ def test_every_metrics_table_is_filled_and_documented_queries_run(demo_cohort):
     assert dixon.fat_ratio.between(0.02, 0.5).all()
     flagged = query(demo_cohort.duckdb, "SELECT dataset, scan, flag, severity, detail FROM metrics.qc_flags")
     assert set(flagged.columns) == {"dataset", "scan", "flag", "severity", "detail"}
-    ct = query(demo_cohort.duckdb, "SELECT avg(ct_mean_hu) AS hu FROM metrics.scan_metrics WHERE dataset = 'demo-ct'")
+    ct = query(
+        demo_cohort.duckdb, "SELECT avg(ct_mean_hu) AS hu FROM metrics.scan_metrics WHERE dataset = 'demo-ct'"
+    )
     assert -30 < ct.hu.iloc[0] < 100
     agreement = query(demo_cohort.duckdb, "SELECT * FROM metrics.agreement WHERE measure = 'volume_ml'")
     assert set(agreement.tost_margin) == {0.05, 0.10}

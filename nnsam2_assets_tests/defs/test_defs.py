@@ -26,8 +26,9 @@ def _graph_snapshot() -> dict:
             "code_version": node.code_version,
             "pools": sorted(node.pools or []),
             "kinds": sorted(spec.kinds) if spec else [],
-            "automation": None if node.automation_condition is None else node.automation_condition.get_label()
-            or type(node.automation_condition).__name__,
+            "automation": None
+            if node.automation_condition is None
+            else node.automation_condition.get_label() or type(node.automation_condition).__name__,
             "checks": sorted(c.name for c in graph.get_check_keys_for_assets({key})),
         }
     return out

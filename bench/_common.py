@@ -17,14 +17,7 @@ import SimpleITK as sitk
 from nnsam2_assets.defs.resources import NnsamStorage, PropagationSettings, RefinementSettings
 
 SMALL = {"shape_yx": (64, 64), "spacing": (3.2, 3.2, 4.0)}
-PER_DATASET = [
-    "scans",
-    "reference_annotation",
-    "reference_ranking",
-    "frame_stacks",
-    "propagated_masks",
-    "pseudo_labels",
-]
+from nnsam2_assets.defs.selections import PER_DATASET  # noqa: E402,F401
 
 
 def write_tiny_dataset(data_root: Path, name: str, n_scans: int, seed: int = 0, kind: str = "dixon") -> Path:

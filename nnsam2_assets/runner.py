@@ -15,18 +15,8 @@ from pathlib import Path
 import dagster as dg
 
 from nnsam2_assets.defs.partitions import datasets_partitions
+from nnsam2_assets.defs.selections import MODELS, OUTPUTS, PER_DATASET  # noqa: F401 (re-exported)
 from nnsam2_assets.lib.dataset import DatasetError, list_dataset_folders, load_dataset, validate_dataset_key
-
-PER_DATASET = [
-    "scans",
-    "reference_annotation",
-    "reference_ranking",
-    "frame_stacks",
-    "propagated_masks",
-    "pseudo_labels",
-]
-MODELS = ["nnunet_stage1", "nnunet_stage2", "nnunet_stage3"]
-OUTPUTS = ["final_masks", "scan_metrics", "agreement"]
 
 
 @dataclass

@@ -14,18 +14,10 @@ import dagster as dg
 from nnsam2_assets.defs.common import latest_metadata
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.resources import NnsamStorage
+from nnsam2_assets.defs.selections import OUTPUTS, PER_DATASET
 from nnsam2_assets.lib.dataset import DatasetError, folder_fingerprint, list_dataset_folders, load_dataset
 from nnsam2_assets.lib.layout import model_root
 
-PER_DATASET = [
-    "scans",
-    "reference_annotation",
-    "reference_ranking",
-    "frame_stacks",
-    "propagated_masks",
-    "pseudo_labels",
-]
-OUTPUTS = ["final_masks", "scan_metrics", "agreement"]
 NEW_DATA_SELECTION = dg.AssetSelection.assets(*PER_DATASET, *OUTPUTS)
 
 

@@ -39,14 +39,8 @@ from nnsam2_assets.lib.phantom import write_demo_dataset
 from nnsam2_assets_tests.conftest import make_resources
 
 SMALL = {"shape_yx": (64, 64), "spacing": (3.2, 3.2, 4.0)}
-PER_DATASET = [
-    "scans",
-    "reference_annotation",
-    "reference_ranking",
-    "frame_stacks",
-    "propagated_masks",
-    "pseudo_labels",
-]
+from nnsam2_assets.defs.selections import PER_DATASET  # noqa: E402
+
 LINEAGE = ["run_id", "computed_at"]
 NAME = "faulty"
 KILLED = -signal.SIGKILL

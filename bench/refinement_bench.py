@@ -52,6 +52,7 @@ def run_refinement_bench(seed: str = "middle", workdir: Path | None = None) -> l
     tum_dataset(data, "tum", reference="TUM01", seed_z=seed_z)
     resources = make_resources(data, storage)
     timings: dict[str, float] = {}
+    (root / "dagster").mkdir(parents=True, exist_ok=True)
     with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
         instance.add_dynamic_partitions("datasets", ["tum"])
         t0 = time.perf_counter()

@@ -49,6 +49,7 @@ def demo_cohort(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoCohort
     root = tmp_path_factory.mktemp("demo")
     data_root, storage_root = root / "data", root / "storage"
     write_demo_cohort(data_root)
+    (root / "dagster_home").mkdir()
     with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
         added, rejected = register_datasets(instance, data_root)
         assert not rejected, rejected

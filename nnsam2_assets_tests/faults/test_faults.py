@@ -84,13 +84,13 @@ def _install_kill_at_write(k: int, log: Path | None) -> None:
     real = storage._atomic_write
     count = {"n": 0}
 
-    def killing(path, write):
+    def killing(path, write, **kwargs):
         count["n"] += 1
         if log is not None:
             with open(log, "a") as fh:
                 fh.write(f"{path}\n")
         if count["n"] != k:
-            return real(path, write)
+            return real(path, write, **kwargs)
 
         def half_then_die(tmp: Path) -> None:
             write(tmp)
@@ -98,7 +98,7 @@ def _install_kill_at_write(k: int, log: Path | None) -> None:
             Path(tmp).write_bytes(data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
 
-        return real(path, half_then_die)
+        return real(path, half_then_die, **kwargs)
 
     storage._atomic_write = killing
 

@@ -260,8 +260,10 @@ class RegistrationPropagator:
     model_id = MODEL_ID
 
     def __init__(
-        self, threads: int | None = 2, fast: bool = False, settings: RegistrationSettings | None = None
+        self, threads: int | None = 1, fast: bool = False, settings: RegistrationSettings | None = None
     ):
+        # one thread by default: ITK's multithreaded metric reductions sum in a varying order, so two runs on
+        # identical inputs differed by hundreds of voxels; a rerun must reproduce its masks (data versions)
         self.threads = threads
         self.settings = settings or (FAST_SETTINGS if fast else RegistrationSettings())
 

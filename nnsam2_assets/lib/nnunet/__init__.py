@@ -19,17 +19,12 @@ module is imported, because nnU-Net reads them at ITS import time; nnunetv2 itse
 Fingerprinting and preprocessing run in-process (nnU-Net's spawn pool is swapped for a 1-thread pool while
 our call runs) so no interpreter is spawned: faster on 2 cores and safe without ``__main__`` guards.
 
-Quick profile, measured on this 2-core CPU machine (torch 2.13 CPU) with 8 synthetic 16x128x128 volumes at
-1 x 1 x 3 mm, WHILE OTHER JOBS LOADED THE MACHINE (load average 4-8), so treat these as upper-end numbers:
-resampled to 2 mm in-plane, the 2d plan is patch 64x64, batch 4 (5-stage U-Net). One training iteration
-(loading + augmentation + forward/backward) took 0.27 s (lighter load) to 0.63 s with 1 torch thread; with 2 threads it took
-1.6-4.0 s (oversubscribed cores), hence ``num_threads=1`` in the quick profile. The quick budget is
-6 epochs x 25 iterations (150 iterations) plus 3 validation iterations per epoch: measured 43 s of training
-and 59 s for the whole ``train_model`` (writing + fingerprint/plan/preprocess ~15 s), pseudo Dice 0.99; under
-heavy load expect up to ~2x. On the demo data the pseudo Dice was 0.6-0.7
-after 50 iterations and 0.99 after 240. A 128x128 patch (in-plane FOV >= 256 mm) has 4x the pixels, so
-expect roughly 4x per iteration (not measured); lower the budget there. ``Predictor`` (1 thread) predicted 8
-such volumes in 3.7 s (0.46 s each); the first load took 3.7 s including the torch/nnunetv2 imports.
+Quick profile (CPU), as shipped: 2d, in-plane resampled to >= 2 mm, patch <= 96x96, batch <= 4, 8 epochs x 30
+iterations (240), 1 torch thread, foreground oversampling 0.9 (pseudo-labels are sparse: most slices are
+"ignore"), in-plane rotation capped at +-15 degrees (see ``train.MAX_ROTATION_DEG``: larger rotations swap
+sides). Measured on this 2-core machine on the demo cohort (6-8 volumes of ~13x128x128 at 1.6 mm): about
+0.4-0.5 s per iteration, so one stage (plan, preprocess, train, predict 8 scans) takes ~2-2.5 minutes.
+2 torch threads on 2 shared cores were 3-6x slower per iteration than 1.
 """
 
 from __future__ import annotations

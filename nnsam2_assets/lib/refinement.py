@@ -132,6 +132,7 @@ def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) ->
             _, ref = _read(ref_path)
         score = float(np.mean(dice_per_class(pred, ref, pool.classes)))
         agree = agreeing_slices(pred, ref, pool.classes, rule.min_slice_dice)
+        slices_relaxed = bool(agree.any()) and not _any_slice_at(pred, ref, pool.classes, rule.min_slice_dice)
         rows.append(
             {
                 "dataset": dataset,
@@ -139,6 +140,7 @@ def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) ->
                 "mean_dice": score,
                 "smooth_ok": volume_smooth(pred, pool.classes, rule.area_ratio),
                 "n_kept": int(agree.sum()),
+                "slices_relaxed": slices_relaxed,
             }
         )
         # slices where the two models disagree become "ignore": their errors (e.g. false positives on a
@@ -151,18 +153,36 @@ def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) ->
             f"{stage}: no {previous} predictions to learn from; rematerialize nnunet_{previous}"
         )
     selection = select_stage_cases(pd.DataFrame(rows), rule)
+    selection["relaxed"] = selection.relaxed | (selection.selected & selection.slices_relaxed)
     for row in selection[selection.selected & (selection.n_kept > 0)].itertuples():
         labels[(row.dataset, row.scan)] = preds[(row.dataset, row.scan)]
     return selection, labels
 
 
 def agreeing_slices(pred: np.ndarray, ref: np.ndarray, n_classes: int, min_dice: float) -> np.ndarray:
-    """Per slice: do two label volumes agree (mean class Dice >= min_dice, both non-empty)?"""
-    out = np.zeros(pred.shape[0], dtype=bool)
+    """Per slice: do two label volumes agree (mean class Dice >= min_dice, both non-empty)?
+
+    If no slice reaches ``min_dice`` the better-agreeing half of the non-empty slices is kept instead, so a
+    selected scan never contributes an all-ignore label (the stage's WARN check records relaxed datasets).
+    """
+    scores = np.full(pred.shape[0], -1.0)
     for z in range(pred.shape[0]):
         if pred[z].any() and ref[z].any():
-            out[z] = float(np.mean(dice_per_class(pred[z], ref[z], n_classes))) >= min_dice
+            scores[z] = float(np.mean(dice_per_class(pred[z], ref[z], n_classes)))
+    out = scores >= min_dice
+    if not out.any() and (scores >= 0).any():
+        valid = scores[scores >= 0]
+        out = scores >= np.median(valid)
     return out
+
+
+def _any_slice_at(pred: np.ndarray, ref: np.ndarray, n_classes: int, min_dice: float) -> bool:
+    return any(
+        pred[z].any()
+        and ref[z].any()
+        and float(np.mean(dice_per_class(pred[z], ref[z], n_classes))) >= min_dice
+        for z in range(pred.shape[0])
+    )
 
 
 def _train_and_predict(

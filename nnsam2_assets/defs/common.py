@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import dagster as dg
 import pandas as pd
 
@@ -59,10 +57,6 @@ def read_manifest(layout: DatasetLayout) -> pd.DataFrame:
 def ok_scans(layout: DatasetLayout) -> list[str]:
     manifest = read_manifest(layout)
     return sorted(manifest.index[manifest.status == "ok"].tolist())
-
-
-def read_json(path) -> dict:
-    return json.loads(path.read_text())
 
 
 def md_table(df: pd.DataFrame, columns: list[str], max_rows: int = 40) -> str:

@@ -1,7 +1,5 @@
 """Ingest assets: scans, the one reference annotation, and the advisory reference ranking."""
 
-import json
-
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -202,7 +200,3 @@ def reference_ranking(context: dg.AssetExecutionContext, storage: NnsamStorage) 
             "ranking": dg.MetadataValue.md(md_table(ranking, ["scan", "rank", "mean_distance"])),
         }
     )
-
-
-def _annotation_meta(layout) -> dict:
-    return json.loads(layout.annotation_meta.read_text())

@@ -179,30 +179,8 @@ def scan_metrics(
     n_warn = int((flags.severity == WARN).sum()) if len(flags) else 0
     shown = label_df[label_df.scheme == f"{k}-class"] if len(label_df) else label_df
     checks = [
-        dg.AssetCheckResult(
-            check_name="no_broken_outputs",
-            passed=n_error == 0,
-            severity=dg.AssetCheckSeverity.ERROR,
-            metadata={
-                "flags": dg.MetadataValue.md(
-                    md_table(flags[flags.severity == ERROR], ["scan", "flag", "detail"])
-                )
-            }
-            if n_error
-            else {},
-        ),
-        dg.AssetCheckResult(
-            check_name="no_review_flags",
-            passed=n_warn == 0,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={
-                "flags": dg.MetadataValue.md(
-                    md_table(flags[flags.severity == WARN], ["scan", "flag", "detail"])
-                )
-            }
-            if n_warn
-            else {},
-        ),
+        _flag_check("no_broken_outputs", flags, ERROR, dg.AssetCheckSeverity.ERROR),
+        _flag_check("no_review_flags", flags, WARN, dg.AssetCheckSeverity.WARN),
     ]
     metadata = {
         "rows_written": dg.MetadataValue.json(written),
@@ -222,6 +200,13 @@ def scan_metrics(
     if len(shown):
         metadata["mean_volume_ml"] = float(shown.volume_ml.mean())
     return dg.MaterializeResult(metadata=metadata, check_results=checks)
+
+
+def _flag_check(name: str, flags: pd.DataFrame, level: str, severity) -> dg.AssetCheckResult:
+    """Passes when no QC flag of ``level`` was raised; lists the flagged scans otherwise."""
+    hits = flags[flags.severity == level] if len(flags) else flags
+    metadata = {"flags": dg.MetadataValue.md(md_table(hits, ["scan", "flag", "detail"]))} if len(hits) else {}
+    return dg.AssetCheckResult(check_name=name, passed=len(hits) == 0, severity=severity, metadata=metadata)
 
 
 MEASURES = {

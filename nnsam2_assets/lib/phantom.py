@@ -33,6 +33,7 @@ import SimpleITK as sitk
 import yaml
 from scipy import ndimage
 
+from nnsam2_assets.lib.dataset import merge_sides
 from nnsam2_assets.lib.storage import atomic_write_image, atomic_write_text
 
 CLASS_NAMES_4 = {1: "right_es", 2: "right_mf", 3: "left_mf", 4: "left_es"}
@@ -217,13 +218,6 @@ class Phantom:
     def seed_slice_top(self) -> int:
         """The L3/L4 (most superior) slice of the region, as the reference method annotates."""
         return self.region[1]
-
-
-def merge_sides(labels: np.ndarray) -> np.ndarray:
-    out = np.zeros(labels.shape, np.uint8)
-    out[(labels == 1) | (labels == 2)] = 1
-    out[(labels == 3) | (labels == 4)] = 2
-    return out
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple[float, ...]) -> np.ndarray:

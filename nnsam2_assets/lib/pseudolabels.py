@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from nnsam2_assets.lib.quant import dice
+
 
 @dataclass(frozen=True)
 class SelectionConfig:
@@ -134,13 +136,6 @@ def pseudo_label_volume(masks: np.ndarray, kept_slices: list[int] | np.ndarray, 
 
 
 # --- agreement between stages -------------------------------------------------------------------------
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    sa, sb = int(a.sum()), int(b.sum())
-    if sa + sb == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(a, b).sum()) / (sa + sb)
 
 
 def dice_per_class(a: np.ndarray, b: np.ndarray, n_classes: int) -> list[float]:

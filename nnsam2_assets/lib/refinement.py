@@ -131,8 +131,7 @@ def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) ->
                 continue
             _, ref = _read(ref_path)
         score = float(np.mean(dice_per_class(pred, ref, pool.classes)))
-        agree = agreeing_slices(pred, ref, pool.classes, rule.min_slice_dice)
-        slices_relaxed = bool(agree.any()) and not _any_slice_at(pred, ref, pool.classes, rule.min_slice_dice)
+        agree, slices_relaxed = slice_agreement(pred, ref, pool.classes, rule.min_slice_dice)
         rows.append(
             {
                 "dataset": dataset,
@@ -159,30 +158,26 @@ def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) ->
     return selection, labels
 
 
-def agreeing_slices(pred: np.ndarray, ref: np.ndarray, n_classes: int, min_dice: float) -> np.ndarray:
-    """Per slice: do two label volumes agree (mean class Dice >= min_dice, both non-empty)?
+def slice_agreement(
+    pred: np.ndarray, ref: np.ndarray, n_classes: int, min_dice: float
+) -> tuple[np.ndarray, bool]:
+    """Per slice: do two label volumes agree (mean class Dice >= min_dice, both non-empty)? And was that relaxed?
 
-    If no slice reaches ``min_dice`` the better-agreeing half of the non-empty slices is kept instead, so a
-    selected scan never contributes an all-ignore label (the stage's WARN check records relaxed datasets).
+    If no slice reaches ``min_dice`` the better-agreeing half of the non-empty slices is kept instead (relaxed),
+    so a selected scan never contributes an all-ignore label (the stage's WARN check records relaxed datasets).
     """
     scores = np.full(pred.shape[0], -1.0)
     for z in range(pred.shape[0]):
         if pred[z].any() and ref[z].any():
             scores[z] = float(np.mean(dice_per_class(pred[z], ref[z], n_classes)))
-    out = scores >= min_dice
-    if not out.any() and (scores >= 0).any():
-        valid = scores[scores >= 0]
-        out = scores >= np.median(valid)
-    return out
+    kept = scores >= min_dice
+    if kept.any() or not (scores >= 0).any():
+        return kept, False
+    return scores >= np.median(scores[scores >= 0]), True
 
 
-def _any_slice_at(pred: np.ndarray, ref: np.ndarray, n_classes: int, min_dice: float) -> bool:
-    return any(
-        pred[z].any()
-        and ref[z].any()
-        and float(np.mean(dice_per_class(pred[z], ref[z], n_classes))) >= min_dice
-        for z in range(pred.shape[0])
-    )
+def agreeing_slices(pred: np.ndarray, ref: np.ndarray, n_classes: int, min_dice: float) -> np.ndarray:
+    return slice_agreement(pred, ref, n_classes, min_dice)[0]
 
 
 def _train_and_predict(

@@ -10,9 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
-import pandas as pd
-import SimpleITK as sitk
 
 from nnsam2_assets.defs.resources import NnsamStorage, PropagationSettings, RefinementSettings
 
@@ -120,115 +117,24 @@ def step_durations(result) -> dict[str, float]:
 
 
 def direct_chain(data_root: Path, storage_root: Path, name: str) -> dict:
-    """The per-dataset chain (scans -> pseudo_labels) without Dagster: the same lib calls, the same files,
-    the same per-scan cache keys, in one process. UI-only metadata (overlay PNGs, markdown tables) is left
-    out, so the Dagster/direct ratio also charges the assets' preview rendering to Dagster (conservative)."""
-    from nnsam2_assets.defs.ingest import INGEST_VERSION
-    from nnsam2_assets.defs.propagation import FRAMES_VERSION, PROPAGATION_VERSION
-    from nnsam2_assets.lib import frames as frames_lib
-    from nnsam2_assets.lib.cache import ScanCache, cache_key
-    from nnsam2_assets.lib.dataset import load_dataset, validate_annotation
-    from nnsam2_assets.lib.imaging import ScanError, read_image
-    from nnsam2_assets.lib.ingest import prepare_scan, source_hash
+    """The per-dataset chain (scans -> pseudo_labels) without Dagster: the same lib.dataset_steps calls the
+    assets make, on the same files and per-scan caches, in one process. What the assets add on top (overlay
+    PNGs, markdown tables, asset checks) is charged to Dagster in the ratio, so it is conservative."""
+    from nnsam2_assets.lib import dataset_steps as steps
+    from nnsam2_assets.lib.dataset import load_dataset
     from nnsam2_assets.lib.layout import DatasetLayout
-    from nnsam2_assets.lib.propagation.base import build_propagator
-    from nnsam2_assets.lib.pseudolabels import (
-        SelectionConfig,
-        pseudo_label_volume,
-        select_slices,
-        slice_table,
-    )
-    from nnsam2_assets.lib.ranking import rank_references
-    from nnsam2_assets.lib.storage import (
-        atomic_write_dataframe,
-        atomic_write_image,
-        atomic_write_json,
-        sha256_file,
-    )
+    from nnsam2_assets.lib.pseudolabels import SelectionConfig
 
     spec = load_dataset(Path(data_root), name)
     layout = DatasetLayout(Path(storage_root), name)
-    # scans
-    cache = ScanCache(layout.dir("scans"))
-    rows = []
-    for scan_id, source in spec.scans.items():
-        try:
-            key = cache_key(INGEST_VERSION, source_hash(source, spec))
-            prepared = prepare_scan(spec, source)
-            atomic_write_image(prepared.image, layout.scan_image(scan_id))
-            if prepared.fat is not None:
-                atomic_write_image(prepared.fat, layout.scan_fat(scan_id))
-            if prepared.expert is not None:
-                atomic_write_image(prepared.expert, layout.scan_expert(scan_id))
-            cache.record(scan_id, key)
-            rows.append({"scan": scan_id, "status": "ok", "error": "", "source_hash": key})
-        except ScanError as exc:
-            rows.append({"scan": scan_id, "status": "error", "error": str(exc)})
-    manifest = pd.DataFrame(rows)
-    atomic_write_dataframe(manifest, layout.manifest)
-    ok = sorted(manifest.scan[manifest.status == "ok"])
-    hashes = dict(zip(manifest.scan, manifest.get("source_hash", pd.Series(dtype=str)), strict=False))
-    # reference_annotation
-    annotation = validate_annotation(
-        read_image(spec.annotation), read_image(spec.scans[spec.reference].image), spec, spec.annotation
-    )
-    atomic_write_image(annotation.labels, layout.annotation)
-    ann_hash = sha256_file(spec.annotation)
-    atomic_write_json(
-        {"reference": spec.reference, "seed_slice": annotation.seed_slice, "annotation_sha256": ann_hash},
-        layout.annotation_meta,
-    )
-    seed = annotation.seed_slice
-    # reference_ranking
-    volumes = {s: sitk.GetArrayFromImage(sitk.ReadImage(str(layout.scan_image(s)))) for s in ok}
-    atomic_write_dataframe(
-        rank_references(volumes, spec.modality), layout.dir("reference_ranking") / "ranking.csv"
-    )
-    # frame_stacks
-    fcache = ScanCache(layout.dir("frame_stacks"))
-    reference = frames_lib.normalise_for_frames(volumes[spec.reference], spec.modality)
-    for scan_id in ok:
-        folder = layout.frames(scan_id)
-        target = frames_lib.normalise_for_frames(volumes[scan_id], spec.modality)
-        seqs = frames_lib.build_frame_sequence(
-            reference, target, seed, ref_scan=spec.reference, tgt_scan=scan_id
-        )
-        maps = [frames_lib.write_frame_stack(seq, folder / d) for d, seq in seqs.items()]
-        atomic_write_dataframe(pd.concat(maps, ignore_index=True), folder / "frame_map.parquet")
-        fcache.record(scan_id, cache_key(FRAMES_VERSION, hashes[scan_id], ann_hash))
-    # propagated_masks
-    pcache = ScanCache(layout.dir("propagated_masks"))
-    propagator = build_propagator("registration")
-    ref_img = sitk.ReadImage(str(layout.scan_image(spec.reference)))
-    ann_img = sitk.ReadImage(str(layout.annotation))
-    for scan_id in ok:
-        target = sitk.ReadImage(str(layout.scan_image(scan_id)))
-        result = propagator.propagate(ref_img, ann_img, seed, target, spec.modality)
-        mask = sitk.GetImageFromArray(result.masks.astype(np.uint8))
-        mask.CopyInformation(target)
-        atomic_write_image(mask, layout.masks(scan_id))
-        table = result.confidence.assign(scan=scan_id, backend=result.backend, model_id=result.model_id)
-        atomic_write_dataframe(table, layout.confidence(scan_id))
-        pcache.record(scan_id, cache_key(PROPAGATION_VERSION, hashes[scan_id], ann_hash, "registration"))
-    # pseudo_labels
-    cfg = SelectionConfig()
-    tables = []
-    masks = {}
-    for scan_id in ok:
-        masks[scan_id] = sitk.ReadImage(str(layout.masks(scan_id)))
-        conf = pd.read_parquet(layout.confidence(scan_id))
-        arr = sitk.GetArrayFromImage(masks[scan_id])
-        tables.append(slice_table(name, scan_id, arr, conf, spec.n_classes, cfg))
-    table = select_slices(pd.concat(tables, ignore_index=True), cfg)
-    for scan_id, group in table.groupby("scan"):
-        volume = pseudo_label_volume(
-            sitk.GetArrayFromImage(masks[scan_id]), group.slice[group.kept].to_numpy(), spec.n_classes
-        )
-        out = sitk.GetImageFromArray(volume)
-        out.CopyInformation(masks[scan_id])
-        atomic_write_image(out, layout.pseudo_label(scan_id))
-    atomic_write_dataframe(table, layout.pseudo_selection)
-    return {"n_scans": len(ok)}
+    settings = PropagationSettings()
+    ingest = steps.ingest_scans(spec, layout)
+    steps.write_reference_annotation(spec, layout)
+    steps.rank_dataset(spec, layout)
+    steps.build_frame_stacks(spec, layout)
+    steps.propagate_masks(spec, layout, settings.build, settings.identity())
+    steps.select_pseudo_labels(spec, layout, SelectionConfig())
+    return {"n_scans": len(ingest.good)}
 
 
 def peak_rss_mb() -> float:

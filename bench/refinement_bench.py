@@ -37,9 +37,12 @@ def _dice(pred: np.ndarray, truth: np.ndarray, k: int, slices=None) -> float:
     return float(np.mean(dice_per_class(pred, truth, k)))
 
 
-def run_refinement_bench(seed: str = "middle", workdir: Path | None = None) -> list[dict]:
+def run_refinement_bench(
+    seed: str = "middle", workdir: Path | None = None, epochs: int = 0, iterations: int = 0
+) -> list[dict]:
     import dagster as dg
 
+    from nnsam2_assets.defs.resources import RefinementSettings
     from nnsam2_assets.runner import materialize_cohort
     from nnsam2_assets_tests.conftest import make_resources
     from nnsam2_assets_tests.realdata import TUM, tum_dataset
@@ -51,6 +54,8 @@ def run_refinement_bench(seed: str = "middle", workdir: Path | None = None) -> l
     )
     tum_dataset(data, "tum", reference="TUM01", seed_z=seed_z)
     resources = make_resources(data, storage)
+    if epochs or iterations:  # 0 keeps the quick profile's budget
+        resources["refinement"] = RefinementSettings(num_epochs=epochs, iterations_per_epoch=iterations)
     timings: dict[str, float] = {}
     (root / "dagster").mkdir(parents=True, exist_ok=True)
     with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
@@ -107,8 +112,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--seed", choices=["middle", "top"], default="middle")
     parser.add_argument("--json", default="")
+    parser.add_argument("--epochs", type=int, default=0, help="override the quick profile's epochs")
+    parser.add_argument("--iterations", type=int, default=0, help="override its iterations per epoch")
     args = parser.parse_args()
-    rows = run_refinement_bench(args.seed)
+    rows = run_refinement_bench(args.seed, epochs=args.epochs, iterations=args.iterations)
     import pandas as pd
 
     scans = pd.DataFrame([r for r in rows if r["scan"] != "timings_s"]).set_index("scan")

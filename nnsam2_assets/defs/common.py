@@ -48,17 +48,6 @@ def dataset_layout(storage: NnsamStorage, dataset: str) -> DatasetLayout:
     return DatasetLayout(storage.root, dataset)
 
 
-def read_manifest(layout: DatasetLayout) -> pd.DataFrame:
-    if not layout.manifest.exists():
-        return pd.DataFrame(columns=["status"]).rename_axis("scan")
-    return pd.read_parquet(layout.manifest).set_index("scan")
-
-
-def ok_scans(layout: DatasetLayout) -> list[str]:
-    manifest = read_manifest(layout)
-    return sorted(manifest.index[manifest.status == "ok"].tolist())
-
-
 def md_table(df: pd.DataFrame, columns: list[str], max_rows: int = 40) -> str:
     cols = [c for c in columns if c in df.columns]
     if df.empty or not cols:

@@ -13,12 +13,13 @@ import pandas as pd
 import SimpleITK as sitk
 from dagster_duckdb import DuckDBResource
 
-from nnsam2_assets.defs.common import EAGER, md_table, ok_scans
+from nnsam2_assets.defs.common import EAGER, md_table
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.refinement import final_masks
 from nnsam2_assets.defs.resources import NnsamStorage
 from nnsam2_assets.lib import quant, stats
 from nnsam2_assets.lib.dataset import class_names
+from nnsam2_assets.lib.dataset_steps import ok_scans
 from nnsam2_assets.lib.layout import DatasetLayout, stage_prediction
 from nnsam2_assets.lib.metrics_db import SCHEMA, replace_dataset_rows
 from nnsam2_assets.lib.overlays import markdown_image

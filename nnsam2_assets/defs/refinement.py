@@ -10,17 +10,18 @@ stage-3 model without retraining.
 
 import dagster as dg
 
-from nnsam2_assets.defs.common import EAGER, GPU_TAGS, md_table, ok_scans
+from nnsam2_assets.defs.common import EAGER, GPU_TAGS, md_table
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.propagation import propagated_masks, pseudo_labels
 from nnsam2_assets.defs.resources import NnsamStorage, RefinementSettings
 from nnsam2_assets.lib import refinement as refine
 from nnsam2_assets.lib.cache import cache_key
+from nnsam2_assets.lib.dataset_steps import ok_scans
 from nnsam2_assets.lib.layout import DatasetLayout
 from nnsam2_assets.lib.pseudolabels import STAGE_RULES, StageRule
 from nnsam2_assets.lib.storage import atomic_write_dataframe
 
-REFINEMENT_VERSION = "refinement-v1"
+REFINEMENT_VERSION = "refinement-v2"
 
 
 class StageSelectionConfig(dg.Config):

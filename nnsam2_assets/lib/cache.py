@@ -8,9 +8,11 @@ The key file is written *after* the outputs, so a crash in between only causes a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-from nnsam2_assets.lib.storage import atomic_write_text, sha256_strings
+from nnsam2_assets.lib.storage import atomic_write_json, atomic_write_text, sha256_strings
 
 
 def cache_key(*parts: object) -> str:
@@ -28,8 +30,20 @@ class ScanCache:
         p = self._key_path(scan_id)
         return p.is_file() and p.read_text().strip() == key and all(Path(o).exists() for o in outputs)
 
-    def record(self, scan_id: str, key: str) -> None:
+    def record(self, scan_id: str, key: str, info: dict[str, Any] | None = None) -> None:
+        """Mark the scan's outputs current. ``info`` is a small per-scan summary (JSON) kept with the key, so
+        later runs report on unchanged scans without reading their outputs again (new-scan cost stays O(1))."""
+        if info is not None:
+            atomic_write_json(info, self._info_path(scan_id))
         atomic_write_text(key, self._key_path(scan_id))
+
+    def _info_path(self, scan_id: str) -> Path:
+        return self.folder / f"{scan_id}.json"
+
+    def info(self, scan_id: str) -> dict[str, Any] | None:
+        """The summary recorded with the scan's current key, or None (older cache, or never recorded)."""
+        p = self._info_path(scan_id)
+        return json.loads(p.read_text()) if p.is_file() else None
 
     def forget_others(self, keep: set[str]) -> list[str]:
         """Drop keys of scans that left the dataset, so their stale outputs are not mistaken for fresh."""
@@ -38,5 +52,6 @@ class ScanCache:
             for p in self.folder.glob("*.key"):
                 if p.stem not in keep:
                     p.unlink(missing_ok=True)
+                    self._info_path(p.stem).unlink(missing_ok=True)
                     removed.append(p.stem)
         return removed

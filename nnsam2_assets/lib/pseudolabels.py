@@ -26,6 +26,9 @@ class SelectionConfig:
     mode: str = "banded"  # "banded" | "global"
     n_bands: int = 5
     min_per_band: int = 1
+    # every scan contributes at least this many eligible slices: in a small cohort the dataset-wide cut
+    # can take every slice from one scan (TUM pair: 9 from TUM01, none from TUM02)
+    min_per_scan: int = 3
     area_ratio: float = 1.5
     smooth_direction: str = "both"  # "both" | "superior" | "inferior"
     min_confidence: float = 0.0
@@ -122,8 +125,24 @@ def select_slices(table: pd.DataFrame, cfg: SelectionConfig) -> pd.DataFrame:
             keep_idx |= set(band.nlargest(k, "confidence").index)
     else:
         raise ValueError(f"unknown selection mode {cfg.mode!r}: use 'banded' or 'global'")
+    keep_idx |= _scan_minimum(eligible, keep_idx, cfg.min_per_scan)
     out.loc[sorted(keep_idx), "kept"] = True
     return out
+
+
+def _scan_minimum(eligible: pd.DataFrame, keep_idx: set[int], minimum: int) -> set[int]:
+    """Top up scans with fewer than ``minimum`` kept slices: the best slice of each band first, so the
+    extra slices spread over the region, then by confidence."""
+    extra: set[int] = set()
+    for _, scan_rows in eligible.groupby("scan"):
+        missing = minimum - len(keep_idx & set(scan_rows.index))
+        if missing <= 0:
+            continue
+        rest = scan_rows.drop(index=list(keep_idx & set(scan_rows.index)))
+        best_per_band = rest.loc[rest.groupby("band").confidence.idxmax()].sort_values("confidence")[::-1]
+        order = list(best_per_band.index) + list(rest.sort_values("confidence", ascending=False).index)
+        extra |= set(list(dict.fromkeys(order))[:missing])
+    return extra
 
 
 def pseudo_label_volume(masks: np.ndarray, kept_slices: list[int] | np.ndarray, n_classes: int) -> np.ndarray:

@@ -42,10 +42,15 @@ def scan_features(volume: np.ndarray, modality: str) -> np.ndarray:
 
 def rank_references(volumes: dict[str, np.ndarray], modality: str) -> pd.DataFrame:
     """Rank scans by mean cosine distance to all others (rank 1 = the medoid = the suggested reference)."""
-    ids = list(volumes)
+    return rank_features({s: scan_features(v, modality) for s, v in volumes.items()})
+
+
+def rank_features(features: dict[str, np.ndarray]) -> pd.DataFrame:
+    """``rank_references`` on precomputed per-scan features (lets callers cache them per scan)."""
+    ids = list(features)
     if not ids:
         return pd.DataFrame(columns=["scan", "rank", "mean_distance"])
-    feats = np.stack([scan_features(volumes[s], modality) for s in ids])
+    feats = np.stack([np.asarray(features[s], dtype=float) for s in ids])
     unit = feats / (np.linalg.norm(feats, axis=1, keepdims=True) + 1e-12)
     dist = 1.0 - unit @ unit.T
     mean = dist.sum(1) / max(len(ids) - 1, 1)

@@ -30,6 +30,7 @@ from nnsam2_assets.lib.pseudolabels import (
     select_stage_cases,
     volume_smooth,
 )
+from nnsam2_assets.lib.roi import Roi, roi_from_mask
 from nnsam2_assets.lib.storage import atomic_write_image, atomic_write_json, sha256_file
 
 STAGES = ("stage1", "stage2", "stage3")
@@ -95,6 +96,30 @@ def _read(path: Path) -> tuple[sitk.Image, np.ndarray]:
 
 def _scan_key(layout: DatasetLayout, scan: str) -> str:
     return sha256_file(layout.scan_image(scan))[:24]
+
+
+def scan_roi(layout: DatasetLayout, scan: str, margin_mm: float | None) -> Roi | None:
+    """The scan's muscle box from its propagated mask (None: whole slices, by profile or empty mask)."""
+    if margin_mm is None or not layout.masks(scan).exists():
+        return None
+    return roi_from_mask(sitk.ReadImage(str(layout.masks(scan))), margin_mm)
+
+
+def _input_key(layout: DatasetLayout, scan: str, roi: Roi | None) -> str:
+    """What a prediction depends on: the scan's content and the box it is cropped to."""
+    return _scan_key(layout, scan) + ("" if roi is None else f"-{roi.key()}")
+
+
+def predict_scan(predictor: nnunet.Predictor, img: sitk.Image, roi: Roi | None) -> sitk.Image:
+    """One scan's labels on its full canonical grid (predicted inside ``roi`` when given)."""
+    if roi is None:
+        arr = predictor.predict(img)
+    else:
+        size = img.GetSize()
+        arr = roi.paste(predictor.predict(roi.crop(img)), (size[2], size[1], size[0]))
+    out = sitk.GetImageFromArray(arr.astype(np.uint8))
+    out.CopyInformation(img)
+    return out
 
 
 def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) -> tuple[pd.DataFrame, dict]:
@@ -202,10 +227,15 @@ def _train_and_predict(
         img = sitk.ReadImage(str(layout.scan_image(scan)))
         label = sitk.GetImageFromArray(arr.astype(np.uint8))
         label.CopyInformation(img)
-        label_path = staging / dataset / f"{scan}.nii.gz"
+        image_path, label_path = layout.scan_image(scan), staging / dataset / f"{scan}.nii.gz"
+        roi = scan_roi(layout, scan, profile.roi_margin_mm)
+        if roi is not None:
+            image_path = staging / dataset / "images" / f"{scan}.nii.gz"
+            atomic_write_image(roi.crop(img), image_path)
+            label = roi.crop(label)
         atomic_write_image(label, label_path)
-        cases.append(nnunet.TrainingCase(f"{dataset}__{scan}", layout.scan_image(scan), label_path))
-        parts += [dataset, scan, _scan_key(layout, scan), sha256_file(label_path)[:16]]
+        cases.append(nnunet.TrainingCase(f"{dataset}__{scan}", image_path, label_path))
+        parts += [dataset, scan, _input_key(layout, scan, roi), sha256_file(label_path)[:16]]
     version = cache_key(*parts)[:16]
     model_dir = model_root(root, stage) / version
     trained_now, t_train, per_iter = False, 0.0, float("nan")
@@ -225,9 +255,15 @@ def _train_and_predict(
         per_iter = float(getattr(info, "seconds_per_iteration", float("nan")))
     else:
         log(f"{stage}: model {version} already trained on these inputs; reusing it")
-    n_pred = predict_pool(model_dir, pool, profile.device, log)
+    n_pred = predict_pool(model_dir, pool, profile.device, log, profile.roi_margin_mm)
     atomic_write_json(
-        {"version": version, "model_dir": str(model_dir), "n_classes": pool.classes, "stage": stage},
+        {
+            "version": version,
+            "model_dir": str(model_dir),
+            "n_classes": pool.classes,
+            "stage": stage,
+            "roi_margin_mm": profile.roi_margin_mm,
+        },
         model_root(root, stage) / "current.json",
     )
     relaxed = sorted(selection.dataset[selection.relaxed].unique()) if "relaxed" in selection else []
@@ -246,24 +282,25 @@ def _train_and_predict(
     )
 
 
-REFINEMENT_CODE = "refine-v1"
+REFINEMENT_CODE = "refine-v2"
 
 
-def predict_pool(model_dir: Path, pool: Pool, device: str, log: Log) -> int:
-    """Predict every scan of the pool with one predictor load; cached per scan content."""
+def predict_pool(
+    model_dir: Path, pool: Pool, device: str, log: Log, roi_margin_mm: float | None = None
+) -> int:
+    """Predict every scan of the pool with one predictor load; cached per scan content (and box)."""
     predictor, n = None, 0
     for dataset, scan, layout in pool.items():
         out = stage_prediction(model_dir, dataset, scan)
         cache = ScanCache(out.parent)
-        key = _scan_key(layout, scan)
+        roi = scan_roi(layout, scan, roi_margin_mm)
+        key = _input_key(layout, scan, roi)
         if cache.is_fresh(scan, key, [out]):
             continue
         if predictor is None:
             predictor = nnunet.Predictor.load(model_dir, device=device)
         img = sitk.ReadImage(str(layout.scan_image(scan)))
-        pred = sitk.GetImageFromArray(predictor.predict(img).astype(np.uint8))
-        pred.CopyInformation(img)
-        atomic_write_image(pred, out)
+        atomic_write_image(predict_scan(predictor, img, roi), out)
         cache.record(scan, key)
         n += 1
     log(f"predicted {n} scan(s) with {model_dir.name}")
@@ -309,13 +346,12 @@ def make_final_masks(
         model_dir = Path(models[stage]["model_dir"])
         path = stage_prediction(model_dir, spec.name, scan)
         pcache = ScanCache(path.parent)
-        key = _scan_key(layout, scan)
+        roi = scan_roi(layout, scan, models[stage].get("roi_margin_mm"))
+        key = _input_key(layout, scan, roi)
         if not pcache.is_fresh(scan, key, [path]):
             if stage not in predictors:
                 predictors[stage] = nnunet.Predictor.load(model_dir, device=device)
-            pred = sitk.GetImageFromArray(predictors[stage].predict(img).astype(np.uint8))
-            pred.CopyInformation(img)
-            atomic_write_image(pred, path)
+            atomic_write_image(predict_scan(predictors[stage], img, roi), path)
             pcache.record(scan, key)
         return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 

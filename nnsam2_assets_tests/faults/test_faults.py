@@ -56,9 +56,9 @@ def _ctx():
 def metrics_tables(data_root: Path, storage_root: Path, name: str) -> dict[str, pd.DataFrame]:
     """Realistic metrics frames from the chain's outputs: per-label volume/fat ratio of the propagated masks
     and the per-slice confidence, with lineage columns."""
-    from nnsam2_assets.defs.common import ok_scans
     from nnsam2_assets.lib import quant
     from nnsam2_assets.lib.dataset import class_names, load_dataset
+    from nnsam2_assets.lib.dataset_steps import ok_scans
     from nnsam2_assets.lib.layout import DatasetLayout
 
     spec = load_dataset(data_root, name)

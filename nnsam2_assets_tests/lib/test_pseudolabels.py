@@ -133,3 +133,24 @@ def test_stage_selection_thresholds_and_relaxation():
     s3 = select_stage_cases(rows, STAGE_RULES["stage3"])
     a3 = s3[s3.dataset == "a"]
     assert set(a3.scan[a3.selected]) == {"s0", "s1"}  # > 0.95, top 20 % but at least 2
+
+
+def test_every_scan_contributes_its_minimum_of_slices_spread_over_bands():
+    n = 20
+    strong = [1.0 - abs(z - 10) / 20 for z in range(n)]
+    weak = [0.5 * c for c in strong]  # a second scan whose slices all rank below the first scan's
+    cfg = SelectionConfig(top_fraction=0.1, mode="banded", n_bands=5, min_per_scan=3)
+    table = pd.concat(
+        [
+            slice_table("d", "strong", _masks(n), _confidence(n, strong), 2, cfg),
+            slice_table("d", "weak", _masks(n), _confidence(n, weak), 2, cfg),
+        ],
+        ignore_index=True,
+    )
+    without = select_slices(table, SelectionConfig(top_fraction=0.1, mode="banded", min_per_scan=0))
+    assert without[without.scan == "weak"].kept.sum() == 0  # the dataset-wide cut alone starves it
+    kept = select_slices(table, cfg)
+    weak_kept = kept[(kept.scan == "weak") & kept.kept]
+    assert len(weak_kept) == 3
+    assert weak_kept.band.nunique() == 3  # one per band before any band gets a second slice
+    assert kept[kept.scan == "strong"].kept.sum() == without[without.scan == "strong"].kept.sum()

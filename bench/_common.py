@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 
 from nnsam2_assets.defs.resources import NnsamStorage, PropagationSettings, RefinementSettings
 
@@ -135,6 +136,57 @@ def direct_chain(data_root: Path, storage_root: Path, name: str) -> dict:
     steps.propagate_masks(spec, layout, settings.build, settings.identity())
     steps.select_pseudo_labels(spec, layout, SelectionConfig())
     return {"n_scans": len(ingest.good)}
+
+
+def direct_cohort(
+    data_root: Path, storage_root: Path, names: list[str], refinement: RefinementSettings
+) -> dict[str, float]:
+    """The whole graph without Dagster: every dataset's chain, the three pooled nnU-Net stages, then final
+    masks, metrics and agreement per dataset written to DuckDB; the same lib calls the assets make.
+    Returns seconds per part (the keys of ``materialize_cohort``'s timings)."""
+    import duckdb
+
+    from nnsam2_assets.lib import refinement as refine
+    from nnsam2_assets.lib.dataset import load_dataset
+    from nnsam2_assets.lib.dataset_metrics import agreement_with_experts, dataset_metrics
+    from nnsam2_assets.lib.dataset_steps import ok_scans
+    from nnsam2_assets.lib.layout import DatasetLayout
+    from nnsam2_assets.lib.metrics_db import SCHEMA, replace_dataset_rows
+    from nnsam2_assets.lib.pseudolabels import STAGE_RULES
+    from nnsam2_assets.lib.qc import QCConfig
+
+    timings: dict[str, float] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        direct_chain(data_root, storage_root, name)
+        timings[f"datasets/{name}"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    specs = {n: load_dataset(Path(data_root), n) for n in names}
+    layouts = {n: DatasetLayout(Path(storage_root), n) for n in names}
+    pool = refine.Pool(
+        layouts=layouts,
+        n_classes={n: s.n_classes for n, s in specs.items()},
+        scans={n: ok_scans(layouts[n]) for n in names},
+    )
+    profile, quiet = refinement.profile_obj(), (lambda _m: None)
+    refine.run_stage1(pool, Path(storage_root), profile, log=quiet)
+    for stage in ("stage2", "stage3"):
+        refine.run_next_stage(stage, pool, Path(storage_root), profile, STAGE_RULES[stage], log=quiet)
+    timings["models"] = time.perf_counter() - t0
+    for name in names:
+        t0 = time.perf_counter()
+        layout = layouts[name]
+        refine.make_final_masks(specs[name], layout, ok_scans(layout), Path(storage_root), "auto", log=quiet)
+        result = dataset_metrics(specs[name], layout, Path(storage_root), QCConfig(), "direct")
+        with duckdb.connect(str(Path(storage_root) / "nnsam2.duckdb")) as con:
+            replace_dataset_rows(con, name, result.tables)
+            rows = con.execute(f"SELECT * FROM {SCHEMA}.scan_metrics WHERE dataset = ?", [name]).df()
+            table, _ = agreement_with_experts(rows, name, "direct")
+            replace_dataset_rows(
+                con, name, {"agreement": table if len(table) else pd.DataFrame(columns=["dataset"])}
+            )
+        timings[f"outputs/{name}"] = time.perf_counter() - t0
+    return timings
 
 
 def peak_rss_mb() -> float:

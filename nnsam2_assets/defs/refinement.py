@@ -19,7 +19,6 @@ from nnsam2_assets.lib.cache import cache_key
 from nnsam2_assets.lib.dataset_steps import ok_scans
 from nnsam2_assets.lib.layout import DatasetLayout
 from nnsam2_assets.lib.pseudolabels import STAGE_RULES, StageRule
-from nnsam2_assets.lib.storage import atomic_write_dataframe
 
 REFINEMENT_VERSION = "refinement-v2"
 
@@ -179,7 +178,6 @@ def final_masks(
         spec, layout, ok_scans(layout), storage.root, refinement.device, log=context.log.info
     )
     table = out.table
-    atomic_write_dataframe(table.assign(dataset=name), layout.dir("final_masks") / "stage_agreement.parquet")
     metadata = {
         "n_scans": len(table),
         "n_recomputed": out.n_computed,

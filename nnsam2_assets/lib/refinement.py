@@ -31,7 +31,12 @@ from nnsam2_assets.lib.pseudolabels import (
     volume_smooth,
 )
 from nnsam2_assets.lib.roi import Roi, roi_from_mask
-from nnsam2_assets.lib.storage import atomic_write_image, atomic_write_json, sha256_file
+from nnsam2_assets.lib.storage import (
+    atomic_write_dataframe,
+    atomic_write_image,
+    atomic_write_json,
+    sha256_file,
+)
 
 STAGES = ("stage1", "stage2", "stage3")
 STAGE_IDS = {"stage1": 901, "stage2": 902, "stage3": 903}
@@ -392,9 +397,13 @@ def make_final_masks(
         if overlay is None:
             overlay = montage_png(sitk.GetArrayFromImage(img), final)
     cache.forget_others(set(scans))
+    table = pd.DataFrame(rows)
+    atomic_write_dataframe(
+        table.assign(dataset=spec.name), layout.dir("final_masks") / "stage_agreement.parquet"
+    )
     log(f"final masks: {computed} recomputed of {len(scans)}; predictors loaded: {sorted(predictors)}")
     return FinalMasks(
-        table=pd.DataFrame(rows),
+        table=table,
         n_computed=computed,
         class_names=class_names(k),
         models={s: m["version"] for s, m in models.items()},

@@ -15,11 +15,16 @@ import pandas as pd
 from nnsam2_assets.defs.resources import NnsamStorage, PropagationSettings, RefinementSettings
 
 SMALL = {"shape_yx": (64, 64), "spacing": (3.2, 3.2, 4.0)}
+# the same field of view at 1.28 mm: big enough that holding 20 scans' arrays at once would show in RSS
+MEDIUM = {"shape_yx": (160, 160), "spacing": (1.28, 1.28, 4.0)}
 from nnsam2_assets.defs.selections import PER_DATASET  # noqa: E402,F401
 
 
-def write_tiny_dataset(data_root: Path, name: str, n_scans: int, seed: int = 0, kind: str = "dixon") -> Path:
-    """A small-grid phantom dataset (64x64 in-plane) whose reference is scan 0 (so scans can be held out)."""
+def write_tiny_dataset(
+    data_root: Path, name: str, n_scans: int, seed: int = 0, kind: str = "dixon", grid: dict | None = None
+) -> Path:
+    """A small-grid phantom dataset (64x64 in-plane unless ``grid``) whose reference is scan 0 (so scans can
+    be held out)."""
     from nnsam2_assets.lib.phantom import write_demo_dataset
 
     return write_demo_dataset(
@@ -30,7 +35,7 @@ def write_tiny_dataset(data_root: Path, name: str, n_scans: int, seed: int = 0, 
         seed,
         reference_index=0,
         annotate="top" if kind == "ct" else "middle",
-        **SMALL,
+        **(grid or SMALL),
     )
 
 
@@ -189,10 +194,38 @@ def direct_cohort(
     return timings
 
 
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
+    """Peak resident set size of this process since start or since ``reset_peak_rss`` (Linux VmHWM)."""
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_mb() -> float:
+    return _status_mb("VmRSS") or peak_rss_mb()
+
+
+def reset_peak_rss() -> bool:
+    """Start the peak-RSS high-water mark afresh (Linux >= 4.0: write 5 to /proc/self/clear_refs), so a run's
+    peak is not masked by a transient peak while importing torch/SAM2/nnU-Net."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def dump(obj, path: Path) -> None:

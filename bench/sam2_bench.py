@@ -80,8 +80,9 @@ def _run_bare(pred, folders: list[Path], seed_mask: np.ndarray, class_ids: list[
     return frames
 
 
-def run_sam2_bench(quick: bool) -> list[dict]:
-    image_size, hw, n_ref, n_tgt, reps = (256, 64, 6, 6, 2) if quick else (512, 256, 10, 10, 3)
+def run_sam2_bench(quick: bool, reps: int | None = None) -> list[dict]:
+    image_size, hw, n_ref, n_tgt, default_reps = (256, 64, 6, 6, 2) if quick else (512, 256, 10, 10, 3)
+    reps = reps or default_reps
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     rows: list[dict] = []
@@ -112,17 +113,21 @@ def run_sam2_bench(quick: bool) -> list[dict]:
             n_frames = sum(len(s) for s in seqs.values())
 
             times: dict[str, list[float]] = {"propagator": [], "bare": []}
-            for rep in range(reps + 1):  # rep 0 = warm-up, not recorded
-                t0 = time.perf_counter()
+
+            def run_prop() -> None:
                 prop.propagate(ref_img, ann_img, seed, tgt_img, "mri")
-                t_prop = time.perf_counter() - t0
-                t0 = time.perf_counter()
+
+            def run_bare() -> None:
                 bare_frames = _run_bare(bare, folders, ann[seed], class_ids)
-                t_bare = time.perf_counter() - t0
                 assert bare_frames == n_frames, (bare_frames, n_frames)
-                if rep:
-                    times["propagator"].append(t_prop)
-                    times["bare"].append(t_bare)
+
+            for rep in range(reps + 1):  # rep 0 = warm-up, not recorded; order alternates between reps
+                order = [("propagator", run_prop), ("bare", run_bare)]
+                for impl, fn in order if rep % 2 == 0 else order[::-1]:
+                    t0 = time.perf_counter()
+                    fn()
+                    if rep:
+                        times[impl].append(time.perf_counter() - t0)
 
         fps = {}
         for impl, ts in times.items():

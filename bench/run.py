@@ -264,15 +264,22 @@ def bench_new_scan(base: Path, quick: bool) -> list[dict]:
     from nnsam2_assets.definitions import all_assets
     from nnsam2_assets.defs.common import latest_metadata
 
-    sizes, reps = ((1, 3), 1) if quick else ((1, 5, 20), 3)
+    sizes, reps = ((1, 3), 1) if quick else ((1, 5, 20), 5)
     assets = all_assets()
     rows, first = [], None
     wd = Workdir(base, "newscan")
     try:
+        # one cohort for every N: dataset "new<N>" holds its first N scans plus the same new scan (the
+        # cohort's last), so every N adds the identical scan to a prefix of the same cohort
+        largest = max(sizes)
+        source = write_tiny_dataset(wd.path / "cohort", "cohort", largest + 1, seed=20)
+        new_id = f"subj{largest:02d}"
         for n in sizes:
             name = f"new{n}"
-            folder = write_tiny_dataset(wd.data, name, n + 1, seed=20 + n)
-            new_id = f"subj{n:02d}"
+            folder = wd.data / name
+            shutil.copytree(source, folder)
+            for i in range(n, largest):
+                hide_scan(folder, f"subj{i:02d}", wd.path / f"unused-{n}")
             aside = wd.path / f"aside-{n}"
             register(wd.instance, [name])
             res = resources(wd.data, wd.storage())

@@ -360,29 +360,41 @@ class PseudoLabelReport:
     rewritten: int
 
 
-def _scan_slice_table(
-    spec: DatasetSpec, layout: DatasetLayout, scan_id: str, cfg: SelectionConfig
-) -> pd.DataFrame:
-    """One scan's slice table (confidence, plausibility, expert Dice per slice), cached per mask content."""
+SLICE_COLUMNS_ADDED = ("eligible", "kept")  # select_slices' columns, not part of a scan's slice table
+
+
+def _slice_tables(spec: DatasetSpec, layout: DatasetLayout, cfg: SelectionConfig) -> list[pd.DataFrame]:
+    """Every scan's slice table (confidence, plausibility, expert Dice per slice). A scan whose mask and
+    table settings are unchanged takes its rows from the previous selection file (one read for all scans);
+    only new or changed scans read their mask."""
     cache = ScanCache(layout.dir("pseudo_labels") / "slice_tables")
-    path = layout.dir("pseudo_labels") / "slice_tables" / f"{scan_id}.parquet"
-    key = cache_key(
-        PSEUDO_VERSION, mask_digest(layout, scan_id), cfg.n_bands, cfg.area_ratio, cfg.smooth_direction
+    previous = (
+        pd.read_parquet(layout.pseudo_selection).drop(columns=list(SLICE_COLUMNS_ADDED), errors="ignore")
+        if layout.pseudo_selection.exists()
+        else pd.DataFrame(columns=["scan"])
     )
-    if cache.is_fresh(scan_id, key, [path]):
-        return pd.read_parquet(path)
-    masks = _array(layout.masks(scan_id))
-    conf = pd.read_parquet(layout.confidence(scan_id))
-    table = slice_table(spec.name, scan_id, masks, conf, spec.n_classes, cfg)
-    table["expert_dice"] = np.nan
-    if layout.scan_expert(scan_id).exists():
-        truth = _array(layout.scan_expert(scan_id))
-        table["expert_dice"] = [
-            float(np.mean(dice_per_class(masks[z], truth[z], spec.n_classes))) for z in range(masks.shape[0])
-        ]
-    atomic_write_dataframe(table, path)
-    cache.record(scan_id, key)
-    return table
+    by_scan = dict(tuple(previous.groupby("scan"))) if len(previous) else {}
+    tables = []
+    for scan_id in ok_scans(layout):
+        key = cache_key(
+            PSEUDO_VERSION, mask_digest(layout, scan_id), cfg.n_bands, cfg.area_ratio, cfg.smooth_direction
+        )
+        if scan_id in by_scan and cache.is_fresh(scan_id, key, []):
+            tables.append(by_scan[scan_id].reset_index(drop=True))
+            continue
+        masks = _array(layout.masks(scan_id))
+        conf = pd.read_parquet(layout.confidence(scan_id))
+        table = slice_table(spec.name, scan_id, masks, conf, spec.n_classes, cfg)
+        table["expert_dice"] = np.nan
+        if layout.scan_expert(scan_id).exists():
+            truth = _array(layout.scan_expert(scan_id))
+            table["expert_dice"] = [
+                float(np.mean(dice_per_class(masks[z], truth[z], spec.n_classes)))
+                for z in range(masks.shape[0])
+            ]
+        cache.record(scan_id, key)  # the rows themselves are published with the selection file
+        tables.append(table)
+    return tables
 
 
 def select_pseudo_labels(spec: DatasetSpec, layout: DatasetLayout, cfg: SelectionConfig) -> PseudoLabelReport:
@@ -390,7 +402,7 @@ def select_pseudo_labels(spec: DatasetSpec, layout: DatasetLayout, cfg: Selectio
 
     The selection is dataset-wide (a new scan can change which slices of the others are kept), but only scans
     whose kept slices or mask changed are rewritten."""
-    tables = [_scan_slice_table(spec, layout, s, cfg) for s in ok_scans(layout)]
+    tables = _slice_tables(spec, layout, cfg)
     if not tables:
         return PseudoLabelReport(pd.DataFrame(), pd.DataFrame(), 0)
     table = select_slices(pd.concat(tables, ignore_index=True), cfg)

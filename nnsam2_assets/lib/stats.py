@@ -325,6 +325,9 @@ def agreement_table(
         "ai_sd": float(a.std(ddof=1)) if n > 1 else np.nan,
     }
     row.update({k: np.nan for k in AGREEMENT_COLUMNS if k not in row})
+    # text columns stay text: a first dataset with < 3 pairs must not create a numeric column in DuckDB
+    # that a later "parametric"/"bootstrap" cannot be inserted into
+    row["tost_method"] = "not computed (n < 3)"
     if n < 3:
         return row
     ba = bland_altman(a, m, ddof=ba_ddof)

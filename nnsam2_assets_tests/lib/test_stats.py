@@ -175,3 +175,25 @@ def test_lmm_bland_altman_recovers_bias() -> None:
     assert out["n_outliers"] <= 6
     no_time = stats.lmm_bland_altman(df.drop(columns="time_point"), time=None)
     assert no_time["model"] == "diff ~ 1" and no_time["n_subjects"] == 20
+
+
+def test_agreement_rows_with_too_few_pairs_then_enough_share_one_duckdb_table():
+    """A dataset whose first agreement rows have < 3 pairs must not fix a numeric type on text columns."""
+    import duckdb
+
+    from nnsam2_assets.lib.metrics_db import SCHEMA, replace_dataset_rows
+    from nnsam2_assets.lib.stats import agreement_table
+
+    idx = [f"s{i}" for i in range(6)]
+    few = agreement_table(
+        pd.Series([1.0, 2.0], index=idx[:2]), pd.Series([1.1, 2.1], index=idx[:2]), "v", "l"
+    )
+    assert few["tost_method"] == "not computed (n < 3)" and np.isnan(few["tost_p"])
+    rng = np.random.default_rng(0)
+    manual = pd.Series(rng.normal(100, 10, 6), index=idx)
+    enough = agreement_table(manual + rng.normal(0, 1, 6), manual, "v", "l")
+    assert enough["tost_method"] in ("parametric", "bootstrap")
+    con = duckdb.connect()
+    replace_dataset_rows(con, "d", {"agreement": pd.DataFrame([{"dataset": "d", **few}])})
+    replace_dataset_rows(con, "d", {"agreement": pd.DataFrame([{"dataset": "d", **enough}])})
+    assert con.execute(f"SELECT tost_method FROM {SCHEMA}.agreement").fetchall() == [(enough["tost_method"],)]

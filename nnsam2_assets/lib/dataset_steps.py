@@ -104,12 +104,14 @@ def _file_stats(path: Path) -> list[str]:
     out = []
     for f in files:
         st = os.stat(f)
-        out.append(f"{f}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
+        # ctime as well: `cp -p` or `rsync -t` over an existing file keeps size, mtime and inode, but
+        # no user call can set ctime back
+        out.append(f"{f}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}")
     return out
 
 
 def stat_signature(source: ScanSource, spec: DatasetSpec) -> str:
-    """Size, mtime and inode of a scan's files plus its ingest settings. Like git's index: when it matches
+    """Size, mtime, ctime and inode of a scan's files plus its ingest settings. Like git's index: when it matches
     the recorded one, the content hash recorded with it is reused instead of re-reading every source file
     on every run (tens of MB per scan)."""
     parts: list[str] = []

@@ -276,22 +276,29 @@ def mae(ai: Sequence[float] | pd.Series, manual: Sequence[float] | pd.Series) ->
 
 
 def spearman(ai: Sequence[float] | pd.Series, manual: Sequence[float] | pd.Series) -> tuple[float, float]:
-    """Spearman ρ and its p-value."""
+    """Spearman ρ and its p-value; NaN for both when either side is constant (ρ is undefined there)."""
     a, m = _paired(ai, manual)
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(m) == 0:
+        return float("nan"), float("nan")
     res = sps.spearmanr(a, m)
     return float(res.statistic), float(res.pvalue)
 
 
 def ols_fit(ai: Sequence[float] | pd.Series, manual: Sequence[float] | pd.Series) -> dict:
-    """OLS ``ai = intercept + slope · manual`` (statsmodels); slope, intercept, their SEs and R²."""
+    """OLS ``ai = intercept + slope · manual`` (statsmodels); slope, intercept, their SEs and R².
+    All NaN when the reference is constant: there is no slope to fit."""
     a, m = _paired(ai, manual)
-    res = sm.OLS(a, sm.add_constant(m)).fit()
+    if a.size < 2 or np.ptp(m) == 0:
+        return dict.fromkeys(("slope", "intercept", "slope_se", "intercept_se", "r2"), float("nan"))
+    with np.errstate(divide="ignore", invalid="ignore"):  # R² of a constant reference is NaN, not a warning
+        res = sm.OLS(a, sm.add_constant(m)).fit()
+        r2 = float(res.rsquared)
     return {
         "slope": float(res.params[1]),
         "intercept": float(res.params[0]),
         "slope_se": float(res.bse[1]),
         "intercept_se": float(res.bse[0]),
-        "r2": float(res.rsquared),
+        "r2": r2,
     }
 
 

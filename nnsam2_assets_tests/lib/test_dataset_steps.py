@@ -96,3 +96,26 @@ def test_a_touched_but_unchanged_source_is_rehashed_not_reingested(tmp_path):
     out.CopyInformation(img)
     sitk.WriteImage(out, str(source))
     assert steps.ingest_scans(spec, layout).computed == 1
+
+
+def test_an_in_place_rewrite_that_keeps_size_mtime_and_inode_is_reingested(tmp_path):
+    """`cp -p` / `rsync -t` over an existing file keep size, mtime and inode; only ctime tells."""
+    import os
+
+    data, storage = tmp_path / "data", tmp_path / "storage"
+    folder = write_tiny_dataset(data, "ds", 2, seed=5)
+    _chain(data, storage, "ds")
+    source = next((folder / "scans").glob("subj01*.nii.gz"))
+    before = os.stat(source)
+    with open(source, "r+b") as fh:  # the gzip header's MTIME field: same size, different bytes
+        fh.seek(4)
+        fh.write(b"\x01\x02\x03\x04")
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(source)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+    spec, layout = load_dataset(data, "ds"), DatasetLayout(storage, "ds")
+    assert steps.ingest_scans(spec, layout).computed == 1

@@ -197,3 +197,22 @@ def test_agreement_rows_with_too_few_pairs_then_enough_share_one_duckdb_table():
     replace_dataset_rows(con, "d", {"agreement": pd.DataFrame([{"dataset": "d", **few}])})
     replace_dataset_rows(con, "d", {"agreement": pd.DataFrame([{"dataset": "d", **enough}])})
     assert con.execute(f"SELECT tost_method FROM {SCHEMA}.agreement").fetchall() == [(enough["tost_method"],)]
+
+
+def test_constant_measurements_give_nan_correlation_and_r2_without_warnings():
+    import warnings
+
+    from nnsam2_assets.lib.stats import ols_fit, spearman
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rho, p = spearman([1.0, 2.0, 3.0], [5.0, 5.0, 5.0])
+        fit = ols_fit([1.0, 2.0, 3.0], [5.0, 5.0, 5.0])
+    assert np.isnan(rho) and np.isnan(p) and np.isnan(fit["r2"])
+    assert spearman([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])[0] == pytest.approx(0.5)
+    # a constant reference used to crash agreement_table (add_constant skipped the intercept column)
+    idx = [f"s{i}" for i in range(4)]
+    row = stats.agreement_table(
+        pd.Series([1.0, 2.0, 3.0, 4.0], index=idx), pd.Series([5.0] * 4, index=idx), "v", "l", n_boot=200
+    )
+    assert row["bias"] == pytest.approx(-2.5) and np.isnan(row["spearman_rho"])

@@ -125,34 +125,35 @@ def nnunet_stage1(
     return _result("stage1", info)
 
 
-@dg.asset(**_stage_asset_kwargs("stage2", [nnunet_stage1, propagated_masks]))
-def nnunet_stage2(
-    context: dg.AssetExecutionContext,
-    storage: NnsamStorage,
-    refinement: RefinementSettings,
-    config: StageSelectionConfig,
-) -> dg.MaterializeResult:
-    """Stage 2: trained on stage-1 predictions that agree with the propagated masks and change area smoothly."""
-    pool = _pool(context, storage)
-    info = refine.run_next_stage(
-        "stage2", pool, storage.root, refinement.profile_obj(), config.rule("stage2"), log=context.log.info
-    )
-    return _result("stage2", info)
+def _next_stage_asset(stage: str, deps: list, description: str) -> dg.AssetsDefinition:
+    """Stages 2 and 3 differ only in their inputs and their selection rule (``StageSelectionConfig``)."""
+
+    @dg.asset(**_stage_asset_kwargs(stage, deps), description=description)
+    def _stage(
+        context: dg.AssetExecutionContext,
+        storage: NnsamStorage,
+        refinement: RefinementSettings,
+        config: StageSelectionConfig,
+    ) -> dg.MaterializeResult:
+        pool = _pool(context, storage)
+        info = refine.run_next_stage(
+            stage, pool, storage.root, refinement.profile_obj(), config.rule(stage), log=context.log.info
+        )
+        return _result(stage, info)
+
+    return _stage
 
 
-@dg.asset(**_stage_asset_kwargs("stage3", [nnunet_stage2]))
-def nnunet_stage3(
-    context: dg.AssetExecutionContext,
-    storage: NnsamStorage,
-    refinement: RefinementSettings,
-    config: StageSelectionConfig,
-) -> dg.MaterializeResult:
-    """Stage 3: trained on stage-2 predictions that agree with stage 1 (top 20 % per dataset, at least 2)."""
-    pool = _pool(context, storage)
-    info = refine.run_next_stage(
-        "stage3", pool, storage.root, refinement.profile_obj(), config.rule("stage3"), log=context.log.info
-    )
-    return _result("stage3", info)
+nnunet_stage2 = _next_stage_asset(
+    "stage2",
+    [nnunet_stage1, propagated_masks],
+    "Stage 2: trained on stage-1 predictions that agree with the propagated masks and change area smoothly.",
+)
+nnunet_stage3 = _next_stage_asset(
+    "stage3",
+    [nnunet_stage2],
+    "Stage 3: trained on stage-2 predictions that agree with stage 1 (top 20 % per dataset, at least 2).",
+)
 
 
 @dg.asset(

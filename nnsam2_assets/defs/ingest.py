@@ -1,7 +1,6 @@
 """Ingest assets: scans, the one reference annotation, and the advisory reference ranking."""
 
 import dagster as dg
-import numpy as np
 import SimpleITK as sitk
 
 from nnsam2_assets.defs.common import EAGER, dataset_layout, md_table
@@ -11,6 +10,7 @@ from nnsam2_assets.lib import dataset_steps as steps
 from nnsam2_assets.lib.dataset import folder_fingerprint
 from nnsam2_assets.lib.dataset_steps import INGEST_VERSION, RANKING_VERSION
 from nnsam2_assets.lib.overlays import markdown_image, montage_png, overlay_png
+from nnsam2_assets.lib.ranking import reference_standing
 
 
 @dg.asset(
@@ -99,6 +99,7 @@ def reference_annotation(context: dg.AssetExecutionContext, storage: NnsamStorag
     code_version=RANKING_VERSION,
     automation_condition=EAGER,
     deps=[scans],
+    check_specs=[dg.AssetCheckSpec("reference_is_representative", asset="reference_ranking")],
 )
 def reference_ranking(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.MaterializeResult:
     """Advisory: which scan is most representative (medoid of image features at the top, middle, bottom).
@@ -110,13 +111,25 @@ def reference_ranking(context: dg.AssetExecutionContext, storage: NnsamStorage) 
     spec = storage.dataset(context.partition_key)
     ranking = steps.rank_dataset(spec, layout)
     best = str(ranking.iloc[0]["scan"]) if len(ranking) else ""
+    rank, representative = reference_standing(ranking, spec.reference)
+    check = dg.AssetCheckResult(
+        check_name="reference_is_representative",
+        passed=representative,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"reference_rank": rank, "n_scans": len(ranking), "suggested_reference": best},
+        description=(
+            f"reference {spec.reference} ranks {rank} of {len(ranking)}"
+            if representative
+            else f"reference {spec.reference} ranks {rank} of {len(ranking)} (worse half; -1 = not ingested): "
+            f"propagation from an outlying scan degrades every target; consider annotating {best}"
+        ),
+    )
     return dg.MaterializeResult(
         metadata={
             "suggested_reference": best,
             "current_reference": spec.reference,
-            "reference_rank": int(np.flatnonzero(ranking.scan.values == spec.reference)[0] + 1)
-            if spec.reference in set(ranking.scan)
-            else -1,
+            "reference_rank": rank,
             "ranking": dg.MetadataValue.md(md_table(ranking, ["scan", "rank", "mean_distance"])),
-        }
+        },
+        check_results=[check],
     )

@@ -58,3 +58,14 @@ def rank_features(features: dict[str, np.ndarray]) -> pd.DataFrame:
     return pd.DataFrame(
         {"scan": [ids[i] for i in order], "rank": np.arange(1, len(ids) + 1), "mean_distance": mean[order]}
     )
+
+
+def reference_standing(ranking: pd.DataFrame, reference: str) -> tuple[int, bool]:
+    """The reference's rank (-1 when it is not among the ranked scans) and whether it is representative:
+    in the better half of its cohort. Propagation from an outlying scan degrades every target, so a
+    reference in the worse half is worth a second look (not an error: the annotation stays the user's)."""
+    hits = np.flatnonzero(ranking["scan"].to_numpy() == reference)
+    if not hits.size:
+        return -1, False
+    rank = int(hits[0]) + 1
+    return rank, rank <= max(1, int(np.ceil(len(ranking) / 2)))

@@ -63,6 +63,7 @@ def test_ingest_writes_canonical_crops_with_metadata(tiny):
     assert ann["class_areas_px"] and min(ann["class_areas_px"].values()) > 0
     checks = result.get_asset_check_evaluations()
     assert [c.passed for c in checks if c.check_name == "all_scans_readable"] == [True]
+    assert [c.passed for c in checks if c.check_name == "reference_is_representative"] == [True]
 
 
 def test_rerun_recomputes_only_new_scans(tiny):
@@ -129,3 +130,23 @@ def test_invalid_partition_folder_is_refused_by_register(tmp_path):
         assert added == ["good"]
         assert "invalid dataset name 'Bad Name'" in rejected["Bad Name"]
         assert instance.get_dynamic_partitions("datasets") == ["good"]
+
+
+def test_an_outlying_reference_raises_a_warning_check_not_a_failure(tiny):
+    instance, data, storage, resources = tiny
+    reference = yaml.safe_load((data / "tiny" / "dataset.yaml").read_text())["reference"]
+    path = data / "tiny" / "scans" / f"{reference}_water.nii.gz"
+    img = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(img)
+    out = sitk.GetImageFromArray(arr.max() - arr)  # inverted contrast: unlike every other scan
+    out.CopyInformation(img)
+    sitk.WriteImage(out, str(path))
+    result = _materialize(instance, resources)
+    assert result.success
+    check = [
+        c for c in result.get_asset_check_evaluations() if c.check_name == "reference_is_representative"
+    ][0]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    suggested = _metadata(result, "reference_ranking")["suggested_reference"]
+    assert suggested != reference and f"consider annotating {suggested}" in check.description
+    assert _metadata(result, "reference_ranking")["reference_rank"] == 3

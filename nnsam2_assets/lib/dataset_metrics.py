@@ -19,7 +19,7 @@ from nnsam2_assets.lib.postprocess import fragment_fraction, to_class_space
 from nnsam2_assets.lib.qc import QCConfig, qc_flags
 from nnsam2_assets.lib.refinement import current_model
 
-METRICS_VERSION = "metrics-v1"
+METRICS_VERSION = "metrics-v2"
 AGREEMENT_VERSION = "agreement-v1"
 MEASURES = {
     "volume_ml": "expert_volume_ml",

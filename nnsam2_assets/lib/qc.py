@@ -18,6 +18,9 @@ class QCConfig:
     min_confidence: float = 0.5
     min_stage_dice: float = 0.85
     max_asymmetry: float = 1.5  # larger side volume / smaller side volume
+    # |right - left| Dixon fat ratio; unilateral fatty infiltration of the multifidus tracks unilateral
+    # pathology (radiculopathy, post-surgical denervation), healthy sides differ by a few points at most
+    max_fat_asymmetry: float = 0.05
     robust_z: float = 3.5
     max_fragment_fraction: float = 0.10
     hu_range: tuple[float, float] = (-50.0, 100.0)
@@ -33,6 +36,19 @@ def robust_z(values: pd.Series) -> pd.Series:
     if not np.isfinite(mad) or mad == 0:
         return pd.Series(0.0, index=values.index)
     return 0.6745 * (values - med) / mad
+
+
+def _side_fat_ratio(group: pd.DataFrame) -> pd.Series:
+    """Per side, the volume-weighted mean of its labels' fat ratios (exact for 2-class rows; for 4-class
+    rows it weights by volume instead of by fat+water signal, a close approximation)."""
+    if "fat_ratio" not in group:
+        return pd.Series(dtype=float)
+    rows = group.dropna(subset=["fat_ratio"])
+    rows = rows[rows.volume_ml > 0]
+    if rows.empty:
+        return pd.Series(dtype=float)
+    weighted = (rows.fat_ratio * rows.volume_ml).groupby(rows.side).sum()
+    return weighted / rows.volume_ml.groupby(rows.side).sum()
 
 
 def qc_flags(scans: pd.DataFrame, labels: pd.DataFrame, cfg: QCConfig = QCConfig()) -> pd.DataFrame:
@@ -81,6 +97,17 @@ def qc_flags(scans: pd.DataFrame, labels: pd.DataFrame, cfg: QCConfig = QCConfig
             if ratio > cfg.max_asymmetry:
                 row = group.iloc[0]
                 add(row, "asymmetry", WARN, f"left/right volume ratio {ratio:.2f} > {cfg.max_asymmetry}")
+        side_fat = _side_fat_ratio(group)
+        if {"right", "left"} <= set(side_fat.index):
+            gap = abs(side_fat["right"] - side_fat["left"])
+            if gap > cfg.max_fat_asymmetry:
+                add(
+                    group.iloc[0],
+                    "fat_asymmetry",
+                    WARN,
+                    f"fat ratio right {side_fat['right']:.3f} vs left {side_fat['left']:.3f} "
+                    f"(|difference| {gap:.3f} > {cfg.max_fat_asymmetry})",
+                )
         if "hu_mean" in group:
             for row in group.dropna(subset=["hu_mean"]).itertuples():
                 lo, hi = cfg.hu_range

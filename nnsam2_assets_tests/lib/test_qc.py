@@ -53,6 +53,56 @@ def test_each_flag_fires_with_its_reason_and_severity():
     assert "ratio 2.50 > 1.5" in flags[flags.flag == "asymmetry"].detail.iloc[0]
 
 
+def test_fat_asymmetry_compares_volume_weighted_side_fat_ratios():
+    vols = {"s_sym": (100.0, 100.0), "s_asym": (100.0, 100.0)}
+    labels = _labels(vols)
+    labels["fat_ratio"] = 0.10
+    labels.loc[(labels.scan == "s_asym") & (labels.side == "left"), "fat_ratio"] = 0.20
+    flags = qc_flags(_scans(vols), labels, QCConfig())
+    assert list(flags.flag) == ["fat_asymmetry"] and list(flags.scan) == ["s_asym"]
+    assert "right 0.100 vs left 0.200 (|difference| 0.100 > 0.05)" in flags.detail.iloc[0]
+    # 4-class rows: a small fatty multifidus beside a large lean erector spinae is weighted by volume
+    four = pd.DataFrame(
+        [
+            {
+                "dataset": "d",
+                "scan": "s",
+                "label": "right_es",
+                "side": "right",
+                "volume_ml": 90.0,
+                "fat_ratio": 0.1,
+            },
+            {
+                "dataset": "d",
+                "scan": "s",
+                "label": "right_mf",
+                "side": "right",
+                "volume_ml": 10.0,
+                "fat_ratio": 0.1,
+            },
+            {
+                "dataset": "d",
+                "scan": "s",
+                "label": "left_es",
+                "side": "left",
+                "volume_ml": 90.0,
+                "fat_ratio": 0.1,
+            },
+            {
+                "dataset": "d",
+                "scan": "s",
+                "label": "left_mf",
+                "side": "left",
+                "volume_ml": 10.0,
+                "fat_ratio": 0.5,
+            },
+        ]
+    )
+    assert qc_flags(_scans(["s"]), four, QCConfig()).empty  # sides 0.10 vs 0.14: within 0.05
+    four.loc[3, "fat_ratio"] = 0.7  # left 0.16
+    assert list(qc_flags(_scans(["s"]), four, QCConfig()).flag) == ["fat_asymmetry"]
+
+
 def test_robust_z_handles_zero_spread():
     assert (robust_z(pd.Series([1.0, 1.0, 1.0])) == 0).all()
     z = robust_z(pd.Series([1.0, 2.0, 3.0, 4.0, 100.0]))

@@ -110,9 +110,9 @@ def scan_roi(layout: DatasetLayout, scan: str, margin_mm: float | None) -> Roi |
     return roi_from_mask(sitk.ReadImage(str(layout.masks(scan))), margin_mm)
 
 
-def _input_key(layout: DatasetLayout, scan: str, roi: Roi | None) -> str:
-    """What a prediction depends on: the scan's content and the box it is cropped to."""
-    return _scan_key(layout, scan) + ("" if roi is None else f"-{roi.key()}")
+def _input_key(scan_key: str, roi: Roi | None) -> str:
+    """What a prediction depends on: the scan's content (``_scan_key``) and the box it is cropped to."""
+    return scan_key + ("" if roi is None else f"-{roi.key()}")
 
 
 def predict_scan(predictor: nnunet.Predictor, img: sitk.Image, roi: Roi | None) -> sitk.Image:
@@ -240,7 +240,7 @@ def _train_and_predict(
             label = roi.crop(label)
         atomic_write_image(label, label_path)
         cases.append(nnunet.TrainingCase(f"{dataset}__{scan}", image_path, label_path))
-        parts += [dataset, scan, _input_key(layout, scan, roi), sha256_file(label_path)[:16]]
+        parts += [dataset, scan, _input_key(_scan_key(layout, scan), roi), sha256_file(label_path)[:16]]
     version = cache_key(*parts)[:16]
     model_dir = model_root(root, stage) / version
     trained_now, t_train, per_iter = False, 0.0, float("nan")
@@ -299,7 +299,7 @@ def predict_pool(
         out = stage_prediction(model_dir, dataset, scan)
         cache = ScanCache(out.parent)
         roi = scan_roi(layout, scan, roi_margin_mm)
-        key = _input_key(layout, scan, roi)
+        key = _input_key(_scan_key(layout, scan), roi)
         if cache.is_fresh(scan, key, [out]):
             continue
         if predictor is None:
@@ -346,25 +346,28 @@ def make_final_masks(
     predictors: dict[str, nnunet.Predictor] = {}
     cache = ScanCache(layout.dir("final_masks"))
     rows, computed, overlay = [], 0, None
+    margins = {stage: models[stage].get("roi_margin_mm") for stage in STAGES}
 
-    def prediction(stage: str, scan: str, img: sitk.Image) -> np.ndarray:
+    def prediction(stage: str, scan: str, img: sitk.Image, scan_key: str, roi: Roi | None) -> np.ndarray:
         model_dir = Path(models[stage]["model_dir"])
         path = stage_prediction(model_dir, spec.name, scan)
         pcache = ScanCache(path.parent)
-        roi = scan_roi(layout, scan, models[stage].get("roi_margin_mm"))
-        key = _input_key(layout, scan, roi)
-        if not pcache.is_fresh(scan, key, [path]):
+        input_key = _input_key(scan_key, roi)
+        if not pcache.is_fresh(scan, input_key, [path]):
             if stage not in predictors:
                 predictors[stage] = nnunet.Predictor.load(model_dir, device=device)
             atomic_write_image(predict_scan(predictors[stage], img, roi), path)
-            pcache.record(scan, key)
+            pcache.record(scan, input_key)
         return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
     for scan in scans:
         img = sitk.ReadImage(str(layout.scan_image(scan)))
-        key = cache_key(_scan_key(layout, scan), models["stage3"]["version"], "final-v1")
+        scan_key = _scan_key(layout, scan)
+        # the stages share one profile, hence one margin: the mask is read and the scan hashed once per scan
+        rois = {m: scan_roi(layout, scan, m) for m in set(margins.values())}
+        key = cache_key(scan_key, models["stage3"]["version"], "final-v1")
         outputs = [layout.final_mask(scan), layout.final_mask_canonical(scan)]
-        p1, p2, p3 = (prediction(s, scan, img) for s in STAGES)
+        p1, p2, p3 = (prediction(s, scan, img, scan_key, rois[margins[s]]) for s in STAGES)
         if not cache.is_fresh(scan, key, outputs):
             final = clean_labels(p3, k)
             canonical = sitk.GetImageFromArray(final)

@@ -71,8 +71,9 @@ def read_manifest(layout: DatasetLayout) -> pd.DataFrame:
     return pd.read_parquet(layout.manifest).set_index("scan")
 
 
-def ok_scans(layout: DatasetLayout) -> list[str]:
-    manifest = read_manifest(layout)
+def ok_scans(layout: DatasetLayout, manifest: pd.DataFrame | None = None) -> list[str]:
+    """Scans that passed ingest; pass the ``read_manifest`` result when the caller has it already."""
+    manifest = read_manifest(layout) if manifest is None else manifest
     return sorted(manifest.index[manifest.status == "ok"].tolist())
 
 
@@ -221,7 +222,7 @@ def rank_dataset(spec: DatasetSpec, layout: DatasetLayout) -> pd.DataFrame:
     cache = ScanCache(layout.dir("reference_ranking"))
     manifest = read_manifest(layout)
     features = {}
-    for scan_id in ok_scans(layout):
+    for scan_id in ok_scans(layout, manifest):
         key = cache_key(RANKING_VERSION, manifest.loc[scan_id, "source_hash"])
         info = cache.info(scan_id)
         if info is None or not cache.is_fresh(scan_id, key, []):
@@ -248,7 +249,7 @@ def build_frame_stacks(spec: DatasetSpec, layout: DatasetLayout) -> FramesReport
     manifest = read_manifest(layout)
     reference = None
     n_frames, computed = {}, 0
-    for scan_id in ok_scans(layout):
+    for scan_id in ok_scans(layout, manifest):
         folder = layout.frames(scan_id)
         key = cache_key(FRAMES_VERSION, manifest.loc[scan_id, "source_hash"], ann["annotation_sha256"])
         info = cache.info(scan_id)
@@ -319,7 +320,7 @@ def propagate_masks(
     cache = ScanCache(layout.dir("propagated_masks"))
     propagator, reference, annotation = None, None, None
     rows, computed, rewritten = [], 0, 0
-    for scan_id in ok_scans(layout):
+    for scan_id in ok_scans(layout, manifest):
         key = cache_key(
             PROPAGATION_VERSION, manifest.loc[scan_id, "source_hash"], ann["annotation_sha256"], backend_id
         )
@@ -365,7 +366,9 @@ class PseudoLabelReport:
 SLICE_COLUMNS_ADDED = ("eligible", "kept")  # select_slices' columns, not part of a scan's slice table
 
 
-def _slice_tables(spec: DatasetSpec, layout: DatasetLayout, cfg: SelectionConfig) -> list[pd.DataFrame]:
+def _slice_tables(
+    spec: DatasetSpec, layout: DatasetLayout, cfg: SelectionConfig, digests: dict[str, str]
+) -> list[pd.DataFrame]:
     """Every scan's slice table (confidence, plausibility, expert Dice per slice). A scan whose mask and
     table settings are unchanged takes its rows from the previous selection file (one read for all scans);
     only new or changed scans read their mask."""
@@ -377,10 +380,8 @@ def _slice_tables(spec: DatasetSpec, layout: DatasetLayout, cfg: SelectionConfig
     )
     by_scan = dict(tuple(previous.groupby("scan"))) if len(previous) else {}
     tables = []
-    for scan_id in ok_scans(layout):
-        key = cache_key(
-            PSEUDO_VERSION, mask_digest(layout, scan_id), cfg.n_bands, cfg.area_ratio, cfg.smooth_direction
-        )
+    for scan_id, digest in digests.items():
+        key = cache_key(PSEUDO_VERSION, digest, cfg.n_bands, cfg.area_ratio, cfg.smooth_direction)
         if scan_id in by_scan and cache.is_fresh(scan_id, key, []):
             tables.append(by_scan[scan_id].reset_index(drop=True))
             continue
@@ -404,7 +405,8 @@ def select_pseudo_labels(spec: DatasetSpec, layout: DatasetLayout, cfg: Selectio
 
     The selection is dataset-wide (a new scan can change which slices of the others are kept), but only scans
     whose kept slices or mask changed are rewritten."""
-    tables = _slice_tables(spec, layout, cfg)
+    digests = {scan_id: mask_digest(layout, scan_id) for scan_id in ok_scans(layout)}
+    tables = _slice_tables(spec, layout, cfg, digests)
     if not tables:
         return PseudoLabelReport(pd.DataFrame(), pd.DataFrame(), 0)
     table = select_slices(pd.concat(tables, ignore_index=True), cfg)
@@ -412,7 +414,7 @@ def select_pseudo_labels(spec: DatasetSpec, layout: DatasetLayout, cfg: Selectio
     rows, rewritten = [], 0
     for scan_id, group in table.groupby("scan"):
         kept = group.slice[group.kept].to_numpy()
-        key = cache_key(PSEUDO_VERSION, mask_digest(layout, scan_id), spec.n_classes, *kept.tolist())
+        key = cache_key(PSEUDO_VERSION, digests[scan_id], spec.n_classes, *kept.tolist())
         if not cache.is_fresh(scan_id, key, [layout.pseudo_label(scan_id)]):
             masks_img = _read(layout.masks(scan_id))
             out = sitk.GetImageFromArray(

@@ -197,7 +197,6 @@ def bench_demo_overhead(base: Path, quick: bool) -> list[dict]:
     fit the bench's time (the full budget only adds the same training time to both sides)."""
     from bench._common import direct_cohort
     from nnsam2_assets.defs.resources import RefinementSettings
-    from nnsam2_assets.lib.nnunet import train as _warm_train  # noqa: F401 (imports both paths share)
     from nnsam2_assets.lib.phantom import write_demo_cohort
     from nnsam2_assets.runner import materialize_cohort
 

@@ -51,10 +51,11 @@ def _scan_rows(
     expert = None
     if layout.scan_expert(scan).exists():
         expert = to_class_space(sitk.GetArrayFromImage(_read(layout.scan_expert(scan))), spec.n_classes, k)
-    schemes = [(f"{k}-class", sitk.GetArrayFromImage(mask), expert, k)]
+    mask_arr = sitk.GetArrayFromImage(mask)
+    schemes = [(f"{k}-class", mask_arr, expert, k)]
     if k == 4:
         merged_expert = None if expert is None else to_class_space(expert, 4, 2)
-        schemes.append(("2-class", to_class_space(sitk.GetArrayFromImage(mask), 4, 2), merged_expert, 2))
+        schemes.append(("2-class", to_class_space(mask_arr, 4, 2), merged_expert, 2))
     per_label, per_slice = [], []
     for scheme, arr, truth, n in schemes:
         names = {i + 1: c for i, c in enumerate(class_names(n))}
@@ -112,6 +113,9 @@ def dataset_metrics(
         "run_id": run_id,
         "computed_at": pd.Timestamp.now(tz="UTC"),
     }
+    stage_cols = [
+        c for c in ("stage1_vs_propagation", "stage2_vs_stage1", "stage3_vs_stage2") if c in stage_table
+    ]
     labels, slices, confidence, scan_rows = [], [], [], []
     for scan in ok_scans(layout):
         if not layout.final_mask_canonical(scan).exists():
@@ -126,9 +130,6 @@ def dataset_metrics(
             conf = conf.merge(kept, on="slice", how="left")
         confidence.append(conf.drop(columns=["scan"], errors="ignore").assign(scan=scan))
         raw3 = sitk.GetArrayFromImage(_read(stage_prediction(stage3["model_dir"], name, scan)))
-        stage_cols = [
-            c for c in ("stage1_vs_propagation", "stage2_vs_stage1", "stage3_vs_stage2") if c in stage_table
-        ]
         stage_row = stage_table[stage_table.scan == scan] if len(stage_table) else pd.DataFrame()
         scan_rows.append(
             {

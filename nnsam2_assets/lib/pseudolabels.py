@@ -133,12 +133,12 @@ def select_slices(table: pd.DataFrame, cfg: SelectionConfig) -> pd.DataFrame:
 def _scan_minimum(eligible: pd.DataFrame, keep_idx: set[int], minimum: int) -> set[int]:
     """Top up scans with fewer than ``minimum`` kept slices: the best slice of each band first, so the
     extra slices spread over the region, then by confidence."""
-    kept_per_scan = eligible.index.isin(list(keep_idx))
-    counts = pd.Series(kept_per_scan, index=eligible.index).groupby(eligible.scan).sum()
+    kept = eligible.index.isin(list(keep_idx))
+    counts = pd.Series(kept, index=eligible.index).groupby(eligible.scan).sum()
     short = counts[counts < minimum]
     extra: set[int] = set()
     for scan, n_kept in short.items():  # usually none: a loop over scans only where a top-up is needed
-        rest = eligible[(eligible.scan == scan) & ~kept_per_scan]
+        rest = eligible[(eligible.scan == scan) & ~kept]
         best_per_band = rest.loc[rest.groupby("band").confidence.idxmax()].sort_values("confidence")[::-1]
         order = list(best_per_band.index) + list(rest.sort_values("confidence", ascending=False).index)
         extra |= set(list(dict.fromkeys(order))[: minimum - int(n_kept)])

@@ -290,7 +290,7 @@ def ols_fit(ai: Sequence[float] | pd.Series, manual: Sequence[float] | pd.Series
     a, m = _paired(ai, manual)
     if a.size < 2 or np.ptp(m) == 0:
         return dict.fromkeys(("slope", "intercept", "slope_se", "intercept_se", "r2"), float("nan"))
-    with np.errstate(divide="ignore", invalid="ignore"):  # R² of a constant reference is NaN, not a warning
+    with np.errstate(divide="ignore", invalid="ignore"):  # R² of constant AI values is NaN, not a warning
         res = sm.OLS(a, sm.add_constant(m)).fit()
         r2 = float(res.rsquared)
     return {

@@ -35,7 +35,7 @@ pip_q --no-deps -r docker/requirements-cpu.lock
 # sam2 ships only an sdist whose build requires torch; build against the installed torch, without CUDA ops
 SAM2_BUILD_CUDA=0 pip_q --no-build-isolation --no-deps sam2==1.1.0
 pip_q --no-deps -e .
-.venv/bin/python -c "import dagster, nnunetv2, SimpleITK, duckdb, torch, nnsam2_assets.definitions, nnsam2_assets.lib.propagation.sam2" \
+.venv/bin/python -c "import dagster, nnunetv2, SimpleITK, duckdb, torch, nnsam2_assets.definitions, nnsam2_assets.propagation.sam2" \
   || { echo "bootstrap: import check failed" >&2; exit 1; }
 echo "$want" > "$STAMP"
 echo "bootstrap: ready"

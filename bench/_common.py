@@ -1,87 +1,53 @@
-"""Shared helpers of ``bench/run.py`` and the fault tests: tiny phantom datasets, scan hold-out, the Dagster
-per-dataset chain and a Dagster-free "direct" path that mirrors the assets with the same lib functions."""
+"""Shared helpers of the benchmark sections: result rows, scratch folders with their own Dagster instance,
+in-process runs of a selection, step timings, memory readings and the machine's description."""
 
 from __future__ import annotations
 
-import json
-import shutil
+import platform
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
-import pandas as pd
 
-from nnsam2_assets.defs.resources import NnsamStorage, PropagationSettings, RefinementSettings
+from nnsam2_assets.definitions import all_assets
+from nnsam2_assets.metrics.store import SCHEMA, query
 
-SMALL = {"shape_yx": (64, 64), "spacing": (3.2, 3.2, 4.0)}
-# the same field of view at 1.28 mm: big enough that holding 20 scans' arrays at once would show in RSS
-MEDIUM = {"shape_yx": (160, 160), "spacing": (1.28, 1.28, 4.0)}
-from nnsam2_assets.defs.selections import PER_DATASET  # noqa: E402,F401
+__all__ = ["all_assets"]
 
 
-def write_tiny_dataset(
-    data_root: Path, name: str, n_scans: int, seed: int = 0, kind: str = "dixon", grid: dict | None = None
-) -> Path:
-    """A small-grid phantom dataset (64x64 in-plane unless ``grid``) whose reference is scan 0 (so scans can
-    be held out)."""
-    from nnsam2_assets.lib.phantom import write_demo_dataset
-
-    return write_demo_dataset(
-        Path(data_root),
-        name,
-        kind,
-        n_scans,
-        seed,
-        reference_index=0,
-        annotate="top" if kind == "ct" else "middle",
-        **(grid or SMALL),
-    )
+def cpu_model() -> str:
+    """The CPU model as ``lscpu`` reports it (every timing is printed beside it)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        out = ""
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
-def _scan_files(folder: Path, scan_id: str) -> list[Path]:
-    out = []
-    for sub in ("scans", "experts"):
-        out += sorted((folder / sub).glob(f"{scan_id}.nii.gz")) + sorted((folder / sub).glob(f"{scan_id}_*"))
-    return out
+def row(name: str, ratio, target: str, ok, detail: str, **extra) -> dict:
+    return {"row": name, "ratio": ratio, "target": target, "ok": ok, "detail": detail, **extra}
 
 
-def hide_scan(folder: Path, scan_id: str, aside: Path) -> None:
-    """Take a scan out of a dataset folder (files and its regions.csv row) into ``aside``."""
-    aside.mkdir(parents=True, exist_ok=True)
-    for f in _scan_files(folder, scan_id):
-        dest = aside / f.relative_to(folder)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(f), str(dest))
-    regions = folder / "regions.csv"
-    lines = regions.read_text().splitlines()
-    keep = [ln for ln in lines if not ln.startswith(f"{scan_id},")]
-    (aside / f"{scan_id}.regions").write_text("\n".join(ln for ln in lines if ln not in keep))
-    regions.write_text("\n".join(keep) + "\n")
+class Workdir:
+    """A scratch folder with its own Dagster instance (sqlite) for one bench section."""
 
+    def __init__(self, base: Path, name: str):
+        self.path = base / name
+        self.data = self.path / "data"
+        (self.path / "home").mkdir(parents=True, exist_ok=True)
+        self._ctx = dg.instance_for_test(temp_dir=str(self.path / "home"))
+        self.instance = self._ctx.__enter__()
 
-def restore_scan(folder: Path, scan_id: str, aside: Path) -> None:
-    """Put a hidden scan back (the "new scan arrives" event)."""
-    for f in sorted(p for p in aside.rglob("*") if p.is_file() and not p.name.endswith(".regions")):
-        if f.name.startswith(f"{scan_id}.") or f.name.startswith(f"{scan_id}_"):
-            dest = folder / f.relative_to(aside)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(f), str(dest))
-    row = (aside / f"{scan_id}.regions").read_text().strip()
-    (aside / f"{scan_id}.regions").unlink()
-    regions = folder / "regions.csv"
-    regions.write_text(regions.read_text().rstrip("\n") + "\n" + row + "\n")
+    def storage(self, tag: str = "storage") -> Path:
+        return self.path / tag
 
-
-def resources(data_root: Path, storage_root: Path, refinement: RefinementSettings | None = None) -> dict:
-    from dagster_duckdb import DuckDBResource
-
-    return {
-        "storage": NnsamStorage(data_root=str(data_root), storage_root=str(storage_root)),
-        "propagation": PropagationSettings(),
-        "refinement": refinement or RefinementSettings(),
-        "metrics_db": DuckDBResource(database=str(Path(storage_root) / "nnsam2.duckdb")),
-    }
+    def close(self) -> None:
+        self._ctx.__exit__(None, None, None)
 
 
 def register(instance: dg.DagsterInstance, names: list[str]) -> None:
@@ -99,8 +65,6 @@ class ChainRun:
 
 def run_selection(instance, res: dict, name: str | None, selection: list[str], assets=None) -> ChainRun:
     """One in-process Dagster run (``dg.materialize``) of ``selection`` for partition ``name``."""
-    from nnsam2_assets.definitions import all_assets
-
     t0 = time.perf_counter()
     result = dg.materialize(
         assets if assets is not None else all_assets(),
@@ -122,76 +86,13 @@ def step_durations(result) -> dict[str, float]:
     return out
 
 
-def direct_chain(data_root: Path, storage_root: Path, name: str) -> dict:
-    """The per-dataset chain (scans -> pseudo_labels) without Dagster: the same lib.dataset_steps calls the
-    assets make, on the same files and per-scan caches, in one process. What the assets add on top (overlay
-    PNGs, markdown tables, asset checks) is charged to Dagster in the ratio, so it is conservative."""
-    from nnsam2_assets.lib import dataset_steps as steps
-    from nnsam2_assets.lib.dataset import load_dataset
-    from nnsam2_assets.lib.layout import DatasetLayout
-    from nnsam2_assets.lib.pseudolabels import SelectionConfig
-
-    spec = load_dataset(Path(data_root), name)
-    layout = DatasetLayout(Path(storage_root), name)
-    settings = PropagationSettings()
-    ingest = steps.ingest_scans(spec, layout)
-    steps.write_reference_annotation(spec, layout)
-    steps.rank_dataset(spec, layout)
-    steps.build_frame_stacks(spec, layout)
-    steps.propagate_masks(spec, layout, settings.build, settings.identity())
-    steps.select_pseudo_labels(spec, layout, SelectionConfig())
-    return {"n_scans": len(ingest.good)}
-
-
-def direct_cohort(
-    data_root: Path, storage_root: Path, names: list[str], refinement: RefinementSettings
-) -> dict[str, float]:
-    """The whole graph without Dagster: every dataset's chain, the three pooled nnU-Net stages, then final
-    masks, metrics and agreement per dataset written to DuckDB; the same lib calls the assets make.
-    Returns seconds per part (the keys of ``materialize_cohort``'s timings)."""
-    import duckdb
-
-    from nnsam2_assets.lib import refinement as refine
-    from nnsam2_assets.lib.dataset import load_dataset
-    from nnsam2_assets.lib.dataset_metrics import agreement_with_experts, dataset_metrics
-    from nnsam2_assets.lib.dataset_steps import ok_scans
-    from nnsam2_assets.lib.layout import DatasetLayout
-    from nnsam2_assets.lib.metrics_db import SCHEMA, replace_dataset_rows
-    from nnsam2_assets.lib.pseudolabels import STAGE_RULES
-    from nnsam2_assets.lib.qc import QCConfig
-
-    timings: dict[str, float] = {}
-    for name in names:
-        t0 = time.perf_counter()
-        direct_chain(data_root, storage_root, name)
-        timings[f"datasets/{name}"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    specs = {n: load_dataset(Path(data_root), n) for n in names}
-    layouts = {n: DatasetLayout(Path(storage_root), n) for n in names}
-    pool = refine.Pool(
-        layouts=layouts,
-        n_classes={n: s.n_classes for n, s in specs.items()},
-        scans={n: ok_scans(layouts[n]) for n in names},
-    )
-    profile, quiet = refinement.profile_obj(), (lambda _m: None)
-    refine.run_stage1(pool, Path(storage_root), profile, log=quiet)
-    for stage in ("stage2", "stage3"):
-        refine.run_next_stage(stage, pool, Path(storage_root), profile, STAGE_RULES[stage], log=quiet)
-    timings["models"] = time.perf_counter() - t0
-    for name in names:
-        t0 = time.perf_counter()
-        layout = layouts[name]
-        refine.make_final_masks(specs[name], layout, ok_scans(layout), Path(storage_root), "auto", log=quiet)
-        result = dataset_metrics(specs[name], layout, Path(storage_root), QCConfig(), "direct")
-        with duckdb.connect(str(Path(storage_root) / "nnsam2.duckdb")) as con:
-            replace_dataset_rows(con, name, result.tables)
-            rows = con.execute(f"SELECT * FROM {SCHEMA}.scan_metrics WHERE dataset = ?", [name]).df()
-            table, _ = agreement_with_experts(rows, name, "direct")
-            replace_dataset_rows(
-                con, name, {"agreement": table if len(table) else pd.DataFrame(columns=["dataset"])}
-            )
-        timings[f"outputs/{name}"] = time.perf_counter() - t0
-    return timings
+def row_counts(db: Path) -> dict[str, int]:
+    """Rows per table of the metrics schema."""
+    tables = query(db, f"SELECT table_name FROM information_schema.tables WHERE table_schema = '{SCHEMA}'")
+    return {
+        t: int(query(db, f"SELECT count(*) AS n FROM {SCHEMA}.{t}").n.iloc[0])
+        for t in sorted(tables.table_name)
+    }
 
 
 def _status_mb(field: str) -> float | None:
@@ -226,8 +127,3 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def dump(obj, path: Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=2, default=str))

@@ -1,6 +1,6 @@
 """Registration-propagation benchmark on the two manually labelled MyoSegmenTUM Dixon subjects.
 
-Usage: ``python bench/propagation_bench.py [--quick] [--json out.json] [--backend registration]``
+Usage: ``python -m bench.propagation_bench [--quick] [--json out.json] [--backend registration]``
 
 For each direction (TUM01→TUM02, TUM02→TUM01) and seed level (top = most superior slice, middle), ONE slice of
 the reference's expert labels is propagated to the other subject (water image, 4-class labels; 2-class
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -25,15 +23,9 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import stats
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from nnsam2_assets.lib.propagation.base import build_propagator  # noqa: E402
-
-SHARED_DATA = Path(os.environ.get("NNSAM2_SHARED_DATA", ROOT.parent / "shared" / "data"))
-TUM = SHARED_DATA / "myosegmentum"
-MERGE_4_TO_2 = np.array([0, 1, 1, 2, 2], dtype=np.uint8)
+from nnsam2_assets.core.labels import mean_dice, merge_sides, slice_dice
+from nnsam2_assets.propagation.backends import build_propagator
+from nnsam2_assets.testing.realdata import TUM
 
 
 def load_case(case: str) -> tuple[sitk.Image, np.ndarray]:
@@ -52,31 +44,6 @@ def one_slice(labels: np.ndarray, z: int, like: sitk.Image) -> sitk.Image:
     return img
 
 
-def slice_dice(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
-    """Per-slice Dice averaged over classes; class-slices empty in both are skipped (nan if all are)."""
-    out = np.full(pred.shape[0], np.nan)
-    for z in range(pred.shape[0]):
-        vals = []
-        for c in range(1, n_classes + 1):
-            p, t = pred[z] == c, truth[z] == c
-            denom = p.sum() + t.sum()
-            if denom:
-                vals.append(2.0 * (p & t).sum() / denom)
-        if vals:
-            out[z] = float(np.mean(vals))
-    return out
-
-
-def volume_dice(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> float:
-    """Volume Dice per class, averaged over classes."""
-    vals = []
-    for c in range(1, n_classes + 1):
-        p, t = pred == c, truth == c
-        denom = p.sum() + t.sum()
-        vals.append(1.0 if denom == 0 else 2.0 * (p & t).sum() / denom)
-    return float(np.mean(vals))
-
-
 def score(masks: np.ndarray, truth: np.ndarray, confidence: pd.DataFrame, n_classes: int) -> dict:
     """Mean slice Dice, Dice of the 10 % most confident slices and Spearman(confidence, slice Dice)."""
     sd = slice_dice(masks, truth, n_classes)
@@ -89,7 +56,7 @@ def score(masks: np.ndarray, truth: np.ndarray, confidence: pd.DataFrame, n_clas
         "dice": float(np.nanmean(sd)),
         "top10_dice": float(np.nanmean(sd[top])),
         "spearman": float(rho),
-        "volume_dice": volume_dice(masks, truth, n_classes),
+        "volume_dice": mean_dice(masks, truth, n_classes),
     }
 
 
@@ -102,8 +69,8 @@ def run_case(propagator, ref: str, tgt: str, seed_name: str, cases: dict) -> dic
     row: dict = {"direction": f"{ref}->{tgt}", "seed": seed_name, "seed_slice": seed}
     seconds = []
     for n_classes in (4, 2):
-        r_lab = ref_lab if n_classes == 4 else MERGE_4_TO_2[ref_lab]
-        t_lab = tgt_lab if n_classes == 4 else MERGE_4_TO_2[tgt_lab]
+        r_lab = ref_lab if n_classes == 4 else merge_sides(ref_lab)
+        t_lab = tgt_lab if n_classes == 4 else merge_sides(tgt_lab)
         t0 = time.perf_counter()
         res = propagator.propagate(ref_img, one_slice(r_lab, seed, ref_img), seed, tgt_img, "mri")
         seconds.append(time.perf_counter() - t0)

@@ -1,6 +1,6 @@
 """Whole nnsam2 pipeline on the real MyoSegmenTUM Dixon pair, from ONE annotated slice.
 
-    .venv/bin/python bench/refinement_bench.py [--seed middle|top] [--json out.json]
+    .venv/bin/python -m bench.refinement_bench [--seed middle|top] [--json out.json]
 
 Weight-free registration backend, ``quick`` nnU-Net profile. Prints the 2-class (and 4-class) Dice against
 the expert labels after propagation, on the kept pseudo-label slices, after each nnU-Net stage and for the
@@ -11,49 +11,38 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import dagster as dg
 import numpy as np
 import SimpleITK as sitk
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from nnsam2_assets.lib.layout import DatasetLayout, model_root, stage_prediction  # noqa: E402
-from nnsam2_assets.lib.postprocess import to_class_space  # noqa: E402
-from nnsam2_assets.lib.pseudolabels import dice_per_class  # noqa: E402
-
-
-def _arr(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+from nnsam2_assets.core.imaging import read_array
+from nnsam2_assets.core.labels import mean_dice, to_class_space
+from nnsam2_assets.core.layout import DatasetLayout, model_pointer, stage_prediction
+from nnsam2_assets.defs.resources import RefinementSettings, build_resources
+from nnsam2_assets.runner import materialize_cohort
+from nnsam2_assets.testing.realdata import TUM, tum_dataset
 
 
 def _dice(pred: np.ndarray, truth: np.ndarray, k: int, slices=None) -> float:
     if slices is not None:
         pred, truth = pred[slices], truth[slices]
-    return float(np.mean(dice_per_class(pred, truth, k)))
+    return mean_dice(pred, truth, k)
 
 
 def run_refinement_bench(
     seed: str = "middle", workdir: Path | None = None, epochs: int = 0, iterations: int = 0
 ) -> list[dict]:
-    import dagster as dg
-
-    from nnsam2_assets.defs.resources import RefinementSettings
-    from nnsam2_assets.runner import materialize_cohort
-    from nnsam2_assets_tests.conftest import make_resources
-    from nnsam2_assets_tests.realdata import TUM, tum_dataset
-
     root = Path(workdir or tempfile.mkdtemp(prefix="nnsam2-tum-"))
     data, storage = root / "data", root / "storage"
     seed_z = (
         None if seed == "middle" else int(sitk.ReadImage(str(TUM / "TUM01_water.nii.gz")).GetSize()[2] - 1)
     )
     tum_dataset(data, "tum", reference="TUM01", seed_z=seed_z)
-    resources = make_resources(data, storage)
+    resources = build_resources(data, storage)
     if epochs or iterations:  # 0 keeps the quick profile's budget
         resources["refinement"] = RefinementSettings(num_epochs=epochs, iterations_per_epoch=iterations)
     timings: dict[str, float] = {}
@@ -76,9 +65,9 @@ def run_refinement_bench(
     selection = __import__("pandas").read_parquet(layout.pseudo_selection)
     rows = []
     for scan in ("TUM01", "TUM02"):
-        truth4 = _arr(layout.scan_expert(scan))
+        truth4 = read_array(layout.scan_expert(scan))
         truth2 = to_class_space(truth4, 4, 2)
-        prop4 = _arr(layout.masks(scan))
+        prop4 = read_array(layout.masks(scan))
         kept = selection[(selection.scan == scan) & selection.kept].slice.to_numpy()
         row = {
             "scan": scan,
@@ -92,13 +81,13 @@ def run_refinement_bench(
             else np.nan,
         }
         for stage in ("stage1", "stage2", "stage3"):
-            cur = json.loads((model_root(storage, stage) / "current.json").read_text())
-            pred = _arr(stage_prediction(Path(cur["model_dir"]), "tum", scan))
+            cur = json.loads(model_pointer(storage, stage).read_text())
+            pred = read_array(stage_prediction(Path(cur["model_dir"]), "tum", scan))
             k = int(cur["n_classes"])
             row[f"{stage}_2c"] = _dice(to_class_space(pred, k, 2), truth2, 2)
             if k == 4:
                 row[f"{stage}_4c"] = _dice(pred, truth4, 4)
-        final = _arr(layout.final_mask_canonical(scan))
+        final = read_array(layout.final_mask_canonical(scan))
         k = 4 if final.max() > 2 else 2
         row["final_2c"] = _dice(to_class_space(final, k, 2), truth2, 2)
         if k == 4:
@@ -128,4 +117,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -22,31 +22,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-import nnsam2_assets.lib.propagation.sam2 as sam2_backend  # also installs the Hydra shim before sam2 imports
-from nnsam2_assets.lib.frames import build_frame_sequence, normalise_for_frames, write_frame_stack
-from nnsam2_assets.lib.propagation.sam2 import SAM2Propagator, build_sam2_video_predictor, target_seed_slice
+import nnsam2_assets.propagation.sam2 as sam2_backend  # also installs the Hydra shim before sam2 imports
+from nnsam2_assets.propagation.frames import build_frame_sequence, normalise_for_frames, write_frame_stack
+from nnsam2_assets.propagation.sam2 import SAM2Propagator, build_sam2_video_predictor, target_seed_slice
+from nnsam2_assets.testing.cohorts import two_blob_annotation, two_blob_volume
 
 THREADS = 2
 RATIO_TARGET = 0.9
-
-
-def _phantom(n: int, hw: int, seed: int, shift: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    vol = rng.normal(100, 10, size=(n, hw, hw)).astype(np.float32)
-    for z in range(n):
-        top = hw // 4 + z // 2 + shift
-        vol[z, top : top + hw // 3, hw // 8 : hw // 8 + hw // 4] += 200
-        vol[z, top : top + hw // 3, hw - hw // 8 - hw // 4 : hw - hw // 8] += 200
-    return vol
-
-
-def _annotation(ref: np.ndarray, seed_slice: int) -> np.ndarray:
-    ann = np.zeros(ref.shape, dtype=np.uint8)
-    bright = ref[seed_slice] > 200
-    half = ref.shape[2] // 2
-    ann[seed_slice][:, :half][bright[:, :half]] = 1
-    ann[seed_slice][:, half:][bright[:, half:]] = 2
-    return ann
 
 
 def _bare_predictor(image_size: int):
@@ -87,10 +69,10 @@ def run_sam2_bench(quick: bool, reps: int | None = None) -> list[dict]:
     torch.set_num_threads(THREADS)
     rows: list[dict] = []
     try:
-        ref = _phantom(n_ref, hw, seed=0)
-        tgt = _phantom(n_tgt, hw, seed=1, shift=2)
+        ref = two_blob_volume(n_ref, (hw, hw), seed=0)
+        tgt = two_blob_volume(n_tgt, (hw, hw), seed=1, shift=2)
         seed = n_ref // 2
-        ann = _annotation(ref, seed)
+        ann = two_blob_annotation(ref, seed)
         class_ids = [1, 2]
         ref_img, ann_img, tgt_img = (sitk.GetImageFromArray(a) for a in (ref, ann, tgt))
 
@@ -163,10 +145,10 @@ def run_sam2_bench(quick: bool, reps: int | None = None) -> list[dict]:
         n_targets = 3 if quick else 5
         before = sam2_backend.MODEL_BUILDS
         small = SAM2Propagator(image_size=64, allow_random_weights=True, device="cpu", threads=THREADS)
-        small_ref = _phantom(4, 64, seed=10)
-        small_ann = sitk.GetImageFromArray(_annotation(small_ref, 1))
+        small_ref = two_blob_volume(4, seed=10)
+        small_ann = sitk.GetImageFromArray(two_blob_annotation(small_ref, 1))
         for i in range(n_targets):
-            target = sitk.GetImageFromArray(_phantom(3 + i, 64, seed=20 + i))
+            target = sitk.GetImageFromArray(two_blob_volume(3 + i, seed=20 + i))
             small.propagate(sitk.GetImageFromArray(small_ref), small_ann, 1, target, "mri")
         builds = sam2_backend.MODEL_BUILDS - before
         rows.append(

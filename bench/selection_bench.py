@@ -1,6 +1,6 @@
 """Pseudo-label selection: banded (ours) vs global (nnsam2's) top-10 % cut, on the real TUM Dixon pair.
 
-    .venv/bin/python bench/selection_bench.py [--json out.json]
+    .venv/bin/python -m bench.selection_bench [--json out.json]
 
 Propagates TUM01's annotated slice (middle and top) to TUM01 and TUM02 with the registration backend, then
 selects slices both ways and prints, side by side: how many of the 5 level bands the kept slices cover, the
@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nnsam2_assets.lib.dataset import merge_sides  # noqa: E402
-from nnsam2_assets.lib.propagation.registration import RegistrationPropagator  # noqa: E402
-from nnsam2_assets.lib.pseudolabels import SelectionConfig, dice_per_class, select_slices, slice_table  # noqa: E402
-from nnsam2_assets_tests.realdata import TUM  # noqa: E402
+from nnsam2_assets.core.labels import mean_dice, merge_sides
+from nnsam2_assets.propagation.registration import RegistrationPropagator
+from nnsam2_assets.pseudolabels.selection import SelectionConfig, select_slices, slice_table
+from nnsam2_assets.testing.realdata import TUM
 
 
 def _load(case: str) -> tuple[sitk.Image, np.ndarray]:
@@ -56,12 +53,10 @@ def run_selection_bench() -> list[dict]:
             sel = select_slices(table, SelectionConfig(mode=mode, top_fraction=0.10))
             kept = sel[sel.kept]
             dice_kept = [
-                np.mean(dice_per_class(masks[r.scan][r.slice], truths[r.scan][r.slice], 2))
-                for r in kept.itertuples()
+                mean_dice(masks[r.scan][r.slice], truths[r.scan][r.slice], 2) for r in kept.itertuples()
             ]
             dice_all = [
-                np.mean(dice_per_class(masks[r.scan][r.slice], truths[r.scan][r.slice], 2))
-                for r in sel.itertuples()
+                mean_dice(masks[r.scan][r.slice], truths[r.scan][r.slice], 2) for r in sel.itertuples()
             ]
             rows.append(
                 {
@@ -91,4 +86,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

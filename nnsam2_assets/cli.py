@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from nnsam2_assets import settings
+from nnsam2_assets.core import layout
 
 INSTANCE_YAML = """\
 # Local Dagster instance for nnsam2 (sqlite storage under this folder).
@@ -29,7 +29,7 @@ concurrency:
 
 
 def ensure_dagster_home() -> Path:
-    home = settings.dagster_home()
+    home = layout.dagster_home()
     os.environ["DAGSTER_HOME"] = str(home)
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
@@ -46,13 +46,13 @@ def _instance():
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from nnsam2_assets.lib.metrics_db import query
-    from nnsam2_assets.lib.phantom import write_demo_cohort
+    from nnsam2_assets.demo.datasets import write_demo_cohort
+    from nnsam2_assets.metrics.store import query
     from nnsam2_assets.runner import materialize_cohort, register_datasets
 
     t0 = time.perf_counter()
-    data_root = settings.data_root()
-    print(f"nnsam2 demo: home {settings.home()}")
+    data_root = layout.data_root()
+    print(f"nnsam2 demo: home {layout.home()}")
     if args.fresh or not any(data_root.glob("demo-*/dataset.yaml")):
         folders = write_demo_cohort(data_root, seed=args.seed, scans_per_dataset=args.scans)
         print(f"wrote demo cohort: {', '.join(p.name for p in folders)} under {data_root}")
@@ -69,7 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for what, why in run.failed.items():
             print(f"FAILED {what}: {why}", file=sys.stderr)
         return 1
-    db = settings.duckdb_path()
+    db = layout.duckdb_path()
     summary = query(
         db,
         "SELECT dataset, scheme, class_name, count(*) AS scans, round(avg(volume_ml), 1) AS volume_ml, "
@@ -77,17 +77,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "FROM metrics.scan_metrics GROUP BY ALL ORDER BY ALL",
     )
     print("\n" + summary.to_string(index=False))
-    print(f"\nfinal masks:   {settings.storage_root() / 'datasets' / '<dataset>' / 'final_masks'}")
+    print(f"\nfinal masks:   {layout.storage_root() / 'datasets' / '<dataset>' / 'final_masks'}")
     print(f'metrics:       {db}  (try: nnsam2 sql "SELECT * FROM metrics.qc_flags")')
     print(
-        f"web UI:        DAGSTER_HOME={settings.dagster_home()} dagster dev -w workspace.yaml  (127.0.0.1:3000)"
+        f"web UI:        DAGSTER_HOME={layout.dagster_home()} dagster dev -w workspace.yaml  (127.0.0.1:3000)"
     )
     print(f"demo finished in {elapsed:.0f} s")
     return 0
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from nnsam2_assets.lib.dataset import DatasetError, load_dataset, validate_dataset_key
+    from nnsam2_assets.ingest.convention import DatasetError, load_dataset, validate_dataset_key
     from nnsam2_assets.runner import register_datasets
 
     instance = _instance()
@@ -96,7 +96,7 @@ def cmd_register(args: argparse.Namespace) -> int:
         for name in args.names:
             try:
                 validate_dataset_key(name)
-                load_dataset(settings.data_root(), name)
+                load_dataset(layout.data_root(), name)
             except (DatasetError, ValueError) as exc:
                 print(f"refused {name}: {exc}", file=sys.stderr)
                 bad += 1
@@ -104,7 +104,7 @@ def cmd_register(args: argparse.Namespace) -> int:
             instance.add_dynamic_partitions("datasets", [name])
             print(f"registered {name}")
         return 1 if bad else 0
-    added, rejected = register_datasets(instance, settings.data_root())
+    added, rejected = register_datasets(instance, layout.data_root())
     for name in added:
         print(f"registered {name}")
     for name, reason in rejected.items():
@@ -113,10 +113,10 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from nnsam2_assets.lib.metrics_db import MetricsDBError, query
+    from nnsam2_assets.metrics.store import MetricsDBError, query
 
     try:
-        df = query(Path(args.db) if args.db else settings.duckdb_path(), args.query, wait_s=args.wait)
+        df = query(Path(args.db) if args.db else layout.duckdb_path(), args.query, wait_s=args.wait)
     except MetricsDBError as exc:
         print(f"nnsam2 sql: {exc}", file=sys.stderr)
         return 2
@@ -131,12 +131,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nnsam2_assets.lib.metrics_db import MetricsDBError, export
+    from nnsam2_assets.metrics.store import MetricsDBError, export
 
     try:
-        out = export(
-            Path(args.db) if args.db else settings.duckdb_path(), args.what, Path(args.out), args.wait
-        )
+        out = export(Path(args.db) if args.db else layout.duckdb_path(), args.what, Path(args.out), args.wait)
     except MetricsDBError as exc:
         print(f"nnsam2 export: {exc}", file=sys.stderr)
         return 2

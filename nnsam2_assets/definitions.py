@@ -1,39 +1,22 @@
-"""The nnsam2 code location: assets, checks, automation, sensors, schedules, jobs, resources, executor."""
+"""The nnsam2 code location: everything under ``defs/`` (assets, checks, sensors, schedules, jobs, resources),
+run on the multiprocess executor."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
-from dagster_duckdb import DuckDBResource
-
-from nnsam2_assets import settings
-from nnsam2_assets.defs import ingest, jobs, metrics, propagation, refinement, sensors
-from nnsam2_assets.defs.resources import NnsamStorage, PropagationSettings, RefinementSettings
-
-ASSET_MODULES = [ingest, propagation, refinement, metrics]
-
-
-def all_assets() -> list:
-    return list(dg.load_assets_from_modules(ASSET_MODULES))
-
-
-def default_resources() -> dict:
-    return {
-        "storage": NnsamStorage(),
-        "propagation": PropagationSettings(),
-        "refinement": RefinementSettings(),
-        "metrics_db": DuckDBResource(database=str(settings.duckdb_path())),
-    }
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    return dg.Definitions(
-        assets=all_assets(),
-        asset_checks=list(dg.load_asset_checks_from_modules(ASSET_MODULES)),
-        jobs=jobs.all_jobs(),
-        sensors=sensors.all_sensors(),
-        schedules=sensors.all_schedules(),
-        resources=default_resources(),
+    return dg.Definitions.merge(
+        dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
         # spawn-based: each step is a fresh process, which also frees GPU memory between steps
-        executor=dg.multiprocess_executor.configured({"max_concurrent": 2}),
+        dg.Definitions(executor=dg.multiprocess_executor.configured({"max_concurrent": 2})),
     )
+
+
+def all_assets() -> list:
+    """Every asset of the code location (for in-process ``dg.materialize`` runs)."""
+    return list(defs().assets or [])

@@ -1,8 +1,7 @@
 """Materialize a cohort through Dagster in the right order (used by ``nnsam2 demo``, tests and benchmarks).
 
-Per dataset: ingest -> frames -> propagation -> pseudo-labels (one run per partition, so one bad dataset
-never sinks the others). Then the pooled models, each trained once (one run). Then per dataset: final masks
-and metrics with the current stage-3 model.
+The order and the phases are ``pipeline.PHASES``; each phase is one in-process Dagster run per dataset
+(or one run for the pooled models).
 """
 
 from __future__ import annotations
@@ -14,9 +13,15 @@ from pathlib import Path
 
 import dagster as dg
 
+from nnsam2_assets.definitions import defs
 from nnsam2_assets.defs.partitions import datasets_partitions
-from nnsam2_assets.defs.selections import MODELS, OUTPUTS, PER_DATASET  # noqa: F401 (re-exported)
-from nnsam2_assets.lib.dataset import DatasetError, list_dataset_folders, load_dataset, validate_dataset_key
+from nnsam2_assets.ingest.convention import (
+    DatasetError,
+    list_dataset_folders,
+    load_dataset,
+    validate_dataset_key,
+)
+from nnsam2_assets.pipeline import PHASES
 
 
 @dataclass
@@ -63,54 +68,49 @@ def materialize_cohort(
     assets: list | None = None,
     resources: dict | None = None,
     run_config: dict | None = None,
-    stages: tuple[str, ...] = ("datasets", "models", "outputs"),
+    stages: tuple[str, ...] = tuple(phase.name for phase in PHASES),
     progress: Callable[[str], None] = print,
 ) -> CohortRun:
-    from nnsam2_assets.definitions import all_assets, default_resources
-
-    assets = assets if assets is not None else all_assets()
-    resources = resources if resources is not None else default_resources()
-    datasets = list(datasets)
+    """Run the ``stages`` (names of ``pipeline.PHASES``) in pipeline order: a per-dataset phase runs once per
+    dataset that has not failed so far, a pooled phase once; a failed pooled phase ends the cohort run."""
+    if assets is None or resources is None:
+        loaded = defs()
+        assets = assets if assets is not None else list(loaded.assets or [])
+        resources = resources if resources is not None else dict(loaded.resources or {})
+    ok = list(datasets)
     out = CohortRun()
-    ok = []
-    if "datasets" in stages:
-        for name in datasets:
+    for phase in PHASES:
+        if phase.name not in stages:
+            continue
+        if not phase.per_dataset:
+            if not ok:
+                continue
             t0 = time.perf_counter()
-            progress(f"[{name}] ingest, frames, propagation, pseudo-labels")
-            res = _run(assets, PER_DATASET, instance, resources, name, run_config)
-            out.timings[f"datasets/{name}"] = time.perf_counter() - t0
-            out.run_ids.append(res.run_id)
-            if res.success:
-                ok.append(name)
-            else:
-                out.failed[name] = _failure(res)
-                progress(f"[{name}] FAILED: {out.failed[name]}")
-    else:
-        ok = datasets
-    if "models" in stages and ok:
-        t0 = time.perf_counter()
-        progress(f"training nnU-Net stages 1-3 on pseudo-labels pooled from {', '.join(ok)}")
-        res = _run(assets, MODELS, instance, resources, None, run_config)
-        out.timings["models"] = time.perf_counter() - t0
-        out.run_ids.append(res.run_id)
-        if not res.success:
-            out.failed["models"] = _failure(res)
-            progress(f"[models] FAILED: {out.failed['models']}")
-            return out
-    if "outputs" in stages:
-        for name in ok:
-            t0 = time.perf_counter()
-            progress(f"[{name}] final masks and metrics")
-            res = _run(assets, OUTPUTS, instance, resources, name, run_config)
-            out.timings[f"outputs/{name}"] = time.perf_counter() - t0
+            progress(f"[{phase.name}] {', '.join(phase.assets)} pooled from {', '.join(ok)}")
+            res = _run(assets, phase.assets, instance, resources, None, run_config)
+            out.timings[phase.name] = time.perf_counter() - t0
             out.run_ids.append(res.run_id)
             if not res.success:
-                out.failed[f"outputs/{name}"] = _failure(res)
-                progress(f"[{name}] outputs FAILED: {out.failed[f'outputs/{name}']}")
+                out.failed[phase.name] = failure_message(res)
+                progress(f"[{phase.name}] FAILED: {out.failed[phase.name]}")
+                return out
+            continue
+        for name in list(ok):
+            t0 = time.perf_counter()
+            progress(f"[{name}] {', '.join(phase.assets)}")
+            res = _run(assets, phase.assets, instance, resources, name, run_config)
+            out.timings[f"{phase.name}/{name}"] = time.perf_counter() - t0
+            out.run_ids.append(res.run_id)
+            if not res.success:
+                # the first phase's failures are keyed by dataset (a dataset that never got going)
+                key = name if phase is PHASES[0] else f"{phase.name}/{name}"
+                out.failed[key] = failure_message(res)
+                progress(f"[{name}] {phase.name} FAILED: {out.failed[key]}")
+                ok.remove(name)
     return out
 
 
-def _failure(result: dg.ExecuteInProcessResult) -> str:
+def failure_message(result: dg.ExecuteInProcessResult) -> str:
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
             err = event.step_failure_data.error

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from dagster_duckdb import DuckDBResource
 
-from nnsam2_assets.defs.resources import NnsamStorage, PropagationSettings, RefinementSettings
+from nnsam2_assets.core.layout import duckdb_path
+from nnsam2_assets.defs.resources import build_resources
 
 
 @dataclass
@@ -29,21 +29,12 @@ class DemoCohort:
 
     @property
     def duckdb(self) -> Path:
-        return self.storage_root / "nnsam2.duckdb"
-
-
-def make_resources(data_root: Path, storage_root: Path) -> dict:
-    return {
-        "storage": NnsamStorage(data_root=str(data_root), storage_root=str(storage_root)),
-        "propagation": PropagationSettings(),
-        "refinement": RefinementSettings(),
-        "metrics_db": DuckDBResource(database=str(storage_root / "nnsam2.duckdb")),
-    }
+        return duckdb_path(self.storage_root)
 
 
 @pytest.fixture(scope="session")
 def demo_cohort(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoCohort]:
-    from nnsam2_assets.lib.phantom import write_demo_cohort
+    from nnsam2_assets.demo.datasets import write_demo_cohort
     from nnsam2_assets.runner import materialize_cohort, register_datasets
 
     root = tmp_path_factory.mktemp("demo")
@@ -53,7 +44,7 @@ def demo_cohort(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoCohort
     with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
         added, rejected = register_datasets(instance, data_root)
         assert not rejected, rejected
-        resources = make_resources(data_root, storage_root)
+        resources = build_resources(data_root, storage_root)
         t0 = time.perf_counter()
         run = materialize_cohort(instance, sorted(added), resources=resources)
         seconds = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""Smoke test: ``bench/run.py --quick`` runs end to end, prints its table and writes its JSON (numbers are
+"""Smoke test: ``python -m bench.run --quick`` runs end to end, prints its table and writes its JSON (numbers are
 not asserted: the machine running CI is shared)."""
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ def test_bench_quick_runs_and_reports(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         # every section, at --quick sizes (tiny phantoms, a few nnU-Net iterations)
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--json", str(out)],
+        [sys.executable, "-m", "bench.run", "--quick", "--json", str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "nnsam2 bench: `bench/run.py --quick`" in proc.stdout and "cores" in proc.stdout
+    assert "nnsam2 bench: `python -m bench.run --quick`" in proc.stdout and "cores" in proc.stdout
     payload = json.loads(out.read_text())
     assert payload["quick"] and not payload["errors"]
     names = " ".join(r["row"] for r in payload["rows"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from nnsam2_assets.lib.metrics_db import replace_dataset
+from nnsam2_assets.metrics.store import replace_dataset
 
 HOLD = """
 import sys, time, duckdb
@@ -99,7 +99,7 @@ def test_sql_error_and_missing_database(db, tmp_path):
     out = _cli("sql", "SELECT 1", "--db", str(missing), "--wait", "1")
     assert out.returncode == 2 and str(missing) in out.stderr and "no metrics database yet" in out.stderr
     with pytest.raises(Exception):  # noqa: B017 - read-only: a user query cannot modify the file
-        from nnsam2_assets.lib.metrics_db import query
+        from nnsam2_assets.metrics.store import query
 
         query(db, "DELETE FROM metrics.scan_metrics", wait_s=1)
     assert len(pd.read_csv(_export(db, "scan_metrics", tmp_path / "after.csv"))) == 3

@@ -1,0 +1,1 @@
+"""The thin Dagster layer: one module per pipeline stage, read by ``definitions.py``."""

@@ -1,24 +1,32 @@
 """Ingest assets: scans, the one reference annotation, and the advisory reference ranking."""
 
 import dagster as dg
-import SimpleITK as sitk
 
-from nnsam2_assets.defs.common import EAGER, dataset_layout, md_table
+from nnsam2_assets.core.imaging import read_array
+from nnsam2_assets.core.overlays import markdown_image, montage_png, overlay_png
+from nnsam2_assets.defs.automation import EAGER
+from nnsam2_assets.defs.metadata import table
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.resources import NnsamStorage
-from nnsam2_assets.lib import dataset_steps as steps
-from nnsam2_assets.lib.dataset import folder_fingerprint
-from nnsam2_assets.lib.dataset_steps import INGEST_VERSION, RANKING_VERSION
-from nnsam2_assets.lib.overlays import markdown_image, montage_png, overlay_png
-from nnsam2_assets.lib.ranking import reference_standing
+from nnsam2_assets.ingest import annotation, ranking
+from nnsam2_assets.ingest import scans as ingest
+from nnsam2_assets.ingest.convention import folder_fingerprint
 
 
 @dg.asset(
     partitions_def=datasets_partitions,
     group_name="ingest",
     kinds={"nifti"},
-    code_version=INGEST_VERSION,
-    check_specs=[dg.AssetCheckSpec("all_scans_readable", asset="scans")],
+    code_version=ingest.VERSION,
+    check_specs=[
+        dg.AssetCheckSpec("all_scans_readable", asset="scans"),
+        dg.AssetCheckSpec(
+            "any_scan_readable",
+            asset="scans",
+            blocking=True,
+            description="at least one scan was ingested (otherwise nothing downstream can run)",
+        ),
+    ],
 )
 def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.MaterializeResult:
     """Every scan of the dataset, reoriented to LPS, cropped to its region (L3/L4 to L5/S1), in original units.
@@ -27,8 +35,8 @@ def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.Materi
     is reported (a failed check and a row in the manifest) and excluded; the other scans go on.
     """
     spec = storage.dataset(context.partition_key)
-    layout = dataset_layout(storage, context.partition_key)
-    report = steps.ingest_scans(spec, layout, log=context.log.error)
+    layout = storage.layout(context.partition_key)
+    report = ingest.ingest_scans(spec, layout, log=context.log.error)
     manifest, failed, good = report.manifest, report.failed, report.good
     metadata: dict[str, object] = {
         "n_scans": len(manifest),
@@ -39,26 +47,30 @@ def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.Materi
         "modality": spec.modality,
         "sequence": spec.sequence,
         "classes": ", ".join(spec.class_names),
-        "scans": dg.MetadataValue.md(
-            md_table(manifest, ["scan", "status", "shape_zyx", "spacing_mm", "error"])
-        ),
+        "scans": table(manifest, ["scan", "status", "shape_zyx", "spacing_mm", "error"]),
         "path": dg.MetadataValue.path(str(layout.dir("scans"))),
     }
     if len(good):
         first = good.iloc[0]["scan"]
-        img = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.scan_image(first))))
-        metadata["preview"] = dg.MetadataValue.md(markdown_image(montage_png(img, None), f"{first}"))
-    check = dg.AssetCheckResult(
-        check_name="all_scans_readable",
-        passed=len(failed) == 0,
-        severity=dg.AssetCheckSeverity.ERROR,
-        metadata={
-            "failed": dg.MetadataValue.md(md_table(failed, ["scan", "error"])) if len(failed) else "none"
-        },
-        description="; ".join(failed.error.tolist())[:1000] or "all scans ingested",
-    )
+        image = read_array(layout.scan_image(first))
+        metadata["preview"] = dg.MetadataValue.md(markdown_image(montage_png(image, None), f"{first}"))
+    checks = [
+        dg.AssetCheckResult(
+            check_name="all_scans_readable",
+            passed=len(failed) == 0,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"failed": table(failed, ["scan", "error"])},
+            description="; ".join(failed.error.tolist())[:1000] or "all scans ingested",
+        ),
+        dg.AssetCheckResult(
+            check_name="any_scan_readable",
+            passed=len(good) > 0,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=f"{len(good)} of {len(manifest)} scans ingested",
+        ),
+    ]
     return dg.MaterializeResult(
-        metadata=metadata, check_results=[check], data_version=dg.DataVersion(report.data_version)
+        metadata=metadata, check_results=checks, data_version=dg.DataVersion(report.data_version)
     )
 
 
@@ -66,17 +78,17 @@ def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.Materi
     partitions_def=datasets_partitions,
     group_name="ingest",
     kinds={"nifti"},
-    code_version=INGEST_VERSION,
+    code_version=ingest.VERSION,
     automation_condition=EAGER,
     deps=[scans],
 )
 def reference_annotation(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.MaterializeResult:
     """The one annotated axial slice, validated against the reference scan and put on its canonical crop."""
     spec = storage.dataset(context.partition_key)
-    layout = dataset_layout(storage, context.partition_key)
-    report = steps.write_reference_annotation(spec, layout)
+    layout = storage.layout(context.partition_key)
+    report = annotation.write_reference_annotation(spec, layout)
     labels = report.label_slice
-    areas = {spec.class_names[c - 1]: int((labels == c).sum()) for c in range(1, spec.n_classes + 1)}
+    areas = {name: int((labels == c).sum()) for c, name in enumerate(spec.class_names, start=1)}
     return dg.MaterializeResult(
         metadata={
             "reference": spec.reference,
@@ -96,7 +108,7 @@ def reference_annotation(context: dg.AssetExecutionContext, storage: NnsamStorag
     partitions_def=datasets_partitions,
     group_name="ingest",
     kinds={"pandas"},
-    code_version=RANKING_VERSION,
+    code_version=ranking.VERSION,
     automation_condition=EAGER,
     deps=[scans],
     check_specs=[dg.AssetCheckSpec("reference_is_representative", asset="reference_ranking")],
@@ -107,20 +119,20 @@ def reference_ranking(context: dg.AssetExecutionContext, storage: NnsamStorage) 
     The reference code used DINOv2 features, whose weights cannot be had offline; these are weight-free.
     The user's annotation decides; this only suggests which scan to annotate for a new dataset.
     """
-    layout = dataset_layout(storage, context.partition_key)
+    layout = storage.layout(context.partition_key)
     spec = storage.dataset(context.partition_key)
-    ranking = steps.rank_dataset(spec, layout)
-    best = str(ranking.iloc[0]["scan"]) if len(ranking) else ""
-    rank, representative = reference_standing(ranking, spec.reference)
+    ranked = ranking.rank_dataset(spec, layout)
+    best = str(ranked.iloc[0]["scan"]) if len(ranked) else ""
+    rank, representative = ranking.reference_standing(ranked, spec.reference)
     check = dg.AssetCheckResult(
         check_name="reference_is_representative",
         passed=representative,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"reference_rank": rank, "n_scans": len(ranking), "suggested_reference": best},
+        metadata={"reference_rank": rank, "n_scans": len(ranked), "suggested_reference": best},
         description=(
-            f"reference {spec.reference} ranks {rank} of {len(ranking)}"
+            f"reference {spec.reference} ranks {rank} of {len(ranked)}"
             if representative
-            else f"reference {spec.reference} ranks {rank} of {len(ranking)} (worse half; -1 = not ingested): "
+            else f"reference {spec.reference} ranks {rank} of {len(ranked)} (worse half; -1 = not ingested): "
             f"propagation from an outlying scan degrades every target; consider annotating {best}"
         ),
     )
@@ -129,7 +141,7 @@ def reference_ranking(context: dg.AssetExecutionContext, storage: NnsamStorage) 
             "suggested_reference": best,
             "current_reference": spec.reference,
             "reference_rank": rank,
-            "ranking": dg.MetadataValue.md(md_table(ranking, ["scan", "rank", "mean_distance"])),
+            "ranking": table(ranked, ["scan", "rank", "mean_distance"]),
         },
         check_results=[check],
     )

@@ -11,24 +11,22 @@ import dagster as dg
 import pandas as pd
 from dagster_duckdb import DuckDBResource
 
-from nnsam2_assets.defs.common import EAGER, md_table
+from nnsam2_assets.core.overlays import markdown_image
+from nnsam2_assets.defs.automation import EAGER
+from nnsam2_assets.defs.ingest import scans
+from nnsam2_assets.defs.metadata import table
 from nnsam2_assets.defs.partitions import datasets_partitions
+from nnsam2_assets.defs.propagation import propagated_masks
+from nnsam2_assets.defs.pseudolabels import pseudo_labels
 from nnsam2_assets.defs.refinement import final_masks
 from nnsam2_assets.defs.resources import NnsamStorage
-from nnsam2_assets.lib.dataset_metrics import (
-    AGREEMENT_VERSION,
-    METRICS_VERSION,
-    agreement_with_experts,
-    dataset_metrics,
-)
-from nnsam2_assets.lib.layout import DatasetLayout
-from nnsam2_assets.lib.metrics_db import SCHEMA, replace_dataset_rows
-from nnsam2_assets.lib.overlays import markdown_image
-from nnsam2_assets.lib.qc import ERROR, WARN, QCConfig
+from nnsam2_assets.metrics import steps as metrics
+from nnsam2_assets.metrics.qc import ERROR, WARN, QCConfig
+from nnsam2_assets.metrics.store import SCHEMA, replace_dataset_rows
 
 
 class QCSettings(dg.Config):
-    """Thresholds of the QC flags (see lib/qc.py)."""
+    """Thresholds of the QC flags (``metrics.qc``)."""
 
     min_confidence: float = 0.5
     min_stage_dice: float = 0.85
@@ -41,9 +39,10 @@ class QCSettings(dg.Config):
     partitions_def=datasets_partitions,
     group_name="metrics",
     kinds={"duckdb"},
-    code_version=METRICS_VERSION,
+    code_version=metrics.VERSION,
     automation_condition=EAGER,
-    deps=[final_masks],
+    # scans: images and expert labels; propagated_masks: slice confidence; pseudo_labels: kept slices
+    deps=[scans, propagated_masks, pseudo_labels, final_masks],
     pool="duckdb",
     check_specs=[
         dg.AssetCheckSpec("no_broken_outputs", asset="scan_metrics", description="no ERROR-level QC flag"),
@@ -56,9 +55,8 @@ def scan_metrics(
     """Volume (mL), CT attenuation (HU, unclipped), Dixon fat ratio Σfat/(Σfat+Σwater), Dice vs experts,
     per-slice areas, propagation confidence, stage agreement and QC flags, with lineage, in DuckDB."""
     name = context.partition_key
-    layout = DatasetLayout(storage.root, name)
-    result = dataset_metrics(
-        storage.dataset(name), layout, storage.root, QCConfig(**config.model_dump()), context.run.run_id
+    result = metrics.dataset_metrics(
+        storage.dataset(name), storage.layout(name), QCConfig(**config.model_dump()), context.run.run_id
     )
     label_df, flags, k = result.labels, result.flags, result.n_classes
     t0 = time.perf_counter()
@@ -78,10 +76,8 @@ def scan_metrics(
         "n_flags_warn": n_warn,
         "write_seconds": time.perf_counter() - t0,
         "database": dg.MetadataValue.path(str(metrics_db.database)),
-        "metrics": dg.MetadataValue.md(
-            md_table(
-                shown, ["scan", "class_name", "volume_ml", "fat_ratio", "ct_mean_hu", "dice", "qc_flags"]
-            )
+        "metrics": table(
+            shown, ["scan", "class_name", "volume_ml", "fat_ratio", "ct_mean_hu", "dice", "qc_flags"]
         ),
     }
     if len(shown) and shown.dice.notna().any():
@@ -94,7 +90,7 @@ def scan_metrics(
 def _flag_check(name: str, flags: pd.DataFrame, level: str, severity) -> dg.AssetCheckResult:
     """Passes when no QC flag of ``level`` was raised; lists the flagged scans otherwise."""
     hits = flags[flags.severity == level] if len(flags) else flags
-    metadata = {"flags": dg.MetadataValue.md(md_table(hits, ["scan", "flag", "detail"]))} if len(hits) else {}
+    metadata = {"flags": table(hits, ["scan", "flag", "detail"])} if len(hits) else {}
     return dg.AssetCheckResult(check_name=name, passed=len(hits) == 0, severity=severity, metadata=metadata)
 
 
@@ -102,7 +98,7 @@ def _flag_check(name: str, flags: pd.DataFrame, level: str, severity) -> dg.Asse
     partitions_def=datasets_partitions,
     group_name="metrics",
     kinds={"duckdb"},
-    code_version=AGREEMENT_VERSION,
+    code_version=metrics.AGREEMENT_VERSION,
     automation_condition=EAGER,
     deps=[scan_metrics],
     pool="duckdb",
@@ -114,30 +110,28 @@ def agreement(context: dg.AssetExecutionContext, metrics_db: DuckDBResource) -> 
     name = context.partition_key
     with metrics_db.get_connection() as con:
         rows = con.execute(f"SELECT * FROM {SCHEMA}.scan_metrics WHERE dataset = ?", [name]).df()
-    table, plot = agreement_with_experts(rows, name, context.run.run_id)
+    summary, plot = metrics.agreement_with_experts(rows, name, context.run.run_id)
     with metrics_db.get_connection() as con:
         written = replace_dataset_rows(
-            con, name, {"agreement": table if len(table) else pd.DataFrame(columns=["dataset"])}
+            con, name, {"agreement": summary if len(summary) else pd.DataFrame(columns=["dataset"])}
         )
     metadata = {
         "rows_written": written["agreement"],
         "n_scans_with_experts": int(rows.dice.notna().groupby(rows.scan).any().sum()) if len(rows) else 0,
-        "summary": dg.MetadataValue.md(
-            md_table(
-                table[table.tost_margin == 0.05] if len(table) else table,
-                [
-                    "scheme",
-                    "label",
-                    "measure",
-                    "n",
-                    "bias",
-                    "loa_lower",
-                    "loa_upper",
-                    "icc3_1",
-                    "icc2_1",
-                    "tost_p",
-                ],
-            )
+        "summary": table(
+            summary[summary.tost_margin == 0.05] if len(summary) else summary,
+            [
+                "scheme",
+                "label",
+                "measure",
+                "n",
+                "bias",
+                "loa_lower",
+                "loa_upper",
+                "icc3_1",
+                "icc2_1",
+                "tost_p",
+            ],
         ),
     }
     if plot:

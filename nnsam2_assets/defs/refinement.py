@@ -10,17 +10,19 @@ stage-3 model without retraining.
 
 import dagster as dg
 
-from nnsam2_assets.defs.common import EAGER, GPU_TAGS, md_table
+from nnsam2_assets.core.cache import cache_key
+from nnsam2_assets.core.overlays import markdown_image
+from nnsam2_assets.defs.automation import EAGER, GPU_TAGS
+from nnsam2_assets.defs.ingest import scans
+from nnsam2_assets.defs.metadata import table
 from nnsam2_assets.defs.partitions import datasets_partitions
-from nnsam2_assets.defs.propagation import propagated_masks, pseudo_labels
+from nnsam2_assets.defs.propagation import propagated_masks
+from nnsam2_assets.defs.pseudolabels import pseudo_labels
 from nnsam2_assets.defs.resources import NnsamStorage, RefinementSettings
-from nnsam2_assets.lib import refinement as refine
-from nnsam2_assets.lib.cache import cache_key
-from nnsam2_assets.lib.dataset_steps import ok_scans
-from nnsam2_assets.lib.layout import DatasetLayout
-from nnsam2_assets.lib.pseudolabels import STAGE_RULES, StageRule
-
-REFINEMENT_VERSION = "refinement-v2"
+from nnsam2_assets.ingest.scans import ok_scans
+from nnsam2_assets.refinement import stages as refine
+from nnsam2_assets.refinement.final_masks import make_final_masks
+from nnsam2_assets.refinement.rules import STAGE_RULES, StageRule
 
 
 class StageSelectionConfig(dg.Config):
@@ -43,31 +45,14 @@ class StageSelectionConfig(dg.Config):
         )
 
 
-def _datasets(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dict[str, DatasetLayout]:
-    keys = context.instance.get_dynamic_partitions(datasets_partitions.name)
-    return {
-        k: DatasetLayout(storage.root, k)
-        for k in sorted(keys)
-        if DatasetLayout(storage.root, k).manifest.exists()
-    }
-
-
-def _pool(context, storage) -> refine.Pool:
-    layouts = _datasets(context, storage)
-    specs = {}
-    for name in layouts:
-        try:
-            specs[name] = storage.dataset(name).n_classes
-        except Exception as exc:  # a dataset folder removed or broken since ingest: leave it out, say so
-            context.log.warning(f"dataset {name} left out of the pool: {exc}")
-    return refine.Pool(
-        layouts={k: v for k, v in layouts.items() if k in specs},
-        n_classes=specs,
-        scans={k: ok_scans(layouts[k]) for k in specs},
+def _pool(context: dg.AssetExecutionContext, storage: NnsamStorage) -> refine.Pool:
+    names = context.instance.get_dynamic_partitions(datasets_partitions.name)
+    return refine.build_pool(
+        storage.root, names, lambda name: storage.dataset(name).n_classes, log=context.log.warning
     )
 
 
-def _result(stage: str, info: refine.StageResult, extra_checks: list | None = None) -> dg.MaterializeResult:
+def _result(info: refine.StageResult) -> dg.MaterializeResult:
     sel = info.selection
     metadata = {
         "model_version": info.version,
@@ -79,8 +64,8 @@ def _result(stage: str, info: refine.StageResult, extra_checks: list | None = No
         "training_seconds": info.training_seconds,
         "seconds_per_iteration": info.seconds_per_iteration,
         "n_predicted_scans": info.n_predicted,
-        "selection": dg.MetadataValue.md(
-            md_table(sel, ["dataset", "scan", "mean_dice", "smooth_ok", "selected", "relaxed", "n_kept"])
+        "selection": table(
+            sel, ["dataset", "scan", "mean_dice", "smooth_ok", "selected", "relaxed", "n_kept"]
         ),
     }
     checks = [
@@ -96,7 +81,7 @@ def _result(stage: str, info: refine.StageResult, extra_checks: list | None = No
     ]
     return dg.MaterializeResult(
         metadata=metadata,
-        check_results=checks + (extra_checks or []),
+        check_results=checks,
         data_version=dg.DataVersion(info.version),
     )
 
@@ -106,7 +91,7 @@ def _stage_asset_kwargs(stage: str, deps: list) -> dict:
         "name": f"nnunet_{stage}",
         "group_name": "refinement",
         "kinds": {"pytorch"},
-        "code_version": REFINEMENT_VERSION,
+        "code_version": refine.VERSION,
         "deps": deps,
         "pool": "gpu",
         "op_tags": GPU_TAGS,
@@ -114,7 +99,7 @@ def _stage_asset_kwargs(stage: str, deps: list) -> dict:
     }
 
 
-@dg.asset(**_stage_asset_kwargs("stage1", [pseudo_labels]))
+@dg.asset(**_stage_asset_kwargs("stage1", [scans, propagated_masks, pseudo_labels]))
 def nnunet_stage1(
     context: dg.AssetExecutionContext, storage: NnsamStorage, refinement: RefinementSettings
 ) -> dg.MaterializeResult:
@@ -122,7 +107,7 @@ def nnunet_stage1(
     then its predictions for every scan."""
     pool = _pool(context, storage)
     info = refine.run_stage1(pool, storage.root, refinement.profile_obj(), log=context.log.info)
-    return _result("stage1", info)
+    return _result(info)
 
 
 def _next_stage_asset(stage: str, deps: list, description: str) -> dg.AssetsDefinition:
@@ -139,19 +124,19 @@ def _next_stage_asset(stage: str, deps: list, description: str) -> dg.AssetsDefi
         info = refine.run_next_stage(
             stage, pool, storage.root, refinement.profile_obj(), config.rule(stage), log=context.log.info
         )
-        return _result(stage, info)
+        return _result(info)
 
     return _stage
 
 
 nnunet_stage2 = _next_stage_asset(
     "stage2",
-    [nnunet_stage1, propagated_masks],
+    [scans, propagated_masks, nnunet_stage1],
     "Stage 2: trained on stage-1 predictions that agree with the propagated masks and change area smoothly.",
 )
 nnunet_stage3 = _next_stage_asset(
     "stage3",
-    [nnunet_stage2],
+    [scans, propagated_masks, nnunet_stage1, nnunet_stage2],
     "Stage 3: trained on stage-2 predictions that agree with stage 1 (top 20 % per dataset, at least 2).",
 )
 
@@ -160,12 +145,21 @@ nnunet_stage3 = _next_stage_asset(
     partitions_def=datasets_partitions,
     group_name="refinement",
     kinds={"nifti"},
-    code_version=REFINEMENT_VERSION,
+    code_version=refine.VERSION,
     automation_condition=EAGER,
-    deps=[nnunet_stage3, pseudo_labels],
+    # scans and propagated masks: the images predicted and the muscle box they are cropped to
+    deps=[scans, propagated_masks, nnunet_stage1, nnunet_stage2, nnunet_stage3],
     pool="gpu",
     op_tags=GPU_TAGS,
-    check_specs=[dg.AssetCheckSpec("final_masks_complete", asset="final_masks")],
+    check_specs=[
+        dg.AssetCheckSpec("final_masks_complete", asset="final_masks"),
+        dg.AssetCheckSpec(
+            "any_final_mask",
+            asset="final_masks",
+            blocking=True,
+            description="at least one scan has a non-empty final mask (otherwise there is nothing to measure)",
+        ),
+    ],
 )
 def final_masks(
     context: dg.AssetExecutionContext, storage: NnsamStorage, refinement: RefinementSettings
@@ -173,41 +167,42 @@ def final_masks(
     """Stage-3 predictions, largest component per class, on each scan's ORIGINAL grid (opens over the
     original scan in ITK-SNAP or Slicer); plus the stage-to-stage Dice per scan. Models load once per run."""
     name = context.partition_key
-    layout = DatasetLayout(storage.root, name)
-    spec = storage.dataset(name)
-    out = refine.make_final_masks(
-        spec, layout, ok_scans(layout), storage.root, refinement.device, log=context.log.info
+    layout = storage.layout(name)
+    scan_ids = ok_scans(layout)
+    out = make_final_masks(
+        storage.dataset(name), layout, scan_ids, storage.root, refinement.device, log=context.log.info
     )
-    table = out.table
+    stage_dice = out.table
     metadata = {
-        "n_scans": len(table),
+        "n_scans": len(stage_dice),
         "n_recomputed": out.n_computed,
         "classes": ", ".join(out.class_names),
         "models": dg.MetadataValue.json(out.models),
-        "stage_dice": dg.MetadataValue.md(
-            md_table(
-                table,
-                ["scan", "stage1_vs_propagation", "stage2_vs_stage1", "stage3_vs_stage2", "expert_dice"],
-            )
+        "stage_dice": table(
+            stage_dice,
+            ["scan", "stage1_vs_propagation", "stage2_vs_stage1", "stage3_vs_stage2", "expert_dice"],
         ),
         "path": dg.MetadataValue.path(str(layout.dir("final_masks"))),
     }
-    if table.expert_dice.notna().any():
-        metadata["mean_expert_dice"] = float(table.expert_dice.mean())
+    if stage_dice.expert_dice.notna().any():
+        metadata["mean_expert_dice"] = float(stage_dice.expert_dice.mean())
     if out.overlay_png:
-        from nnsam2_assets.lib.overlays import markdown_image
-
         metadata["overlay"] = dg.MetadataValue.md(markdown_image(out.overlay_png, "final mask"))
-    missing = sorted(set(ok_scans(layout)) - set(table.scan))
-    check = dg.AssetCheckResult(
-        check_name="final_masks_complete",
-        passed=not missing and bool((table.n_voxels > 0).all()),
-        severity=dg.AssetCheckSeverity.ERROR,
-        metadata={
-            "missing_or_empty": ", ".join(missing + table.scan[table.n_voxels == 0].tolist()) or "none"
-        },
-    )
-    version = cache_key(*sorted(table.mask_sha256)) if len(table) else "empty"
-    return dg.MaterializeResult(
-        metadata=metadata, check_results=[check], data_version=dg.DataVersion(version)
-    )
+    empty = stage_dice.scan[stage_dice.n_voxels == 0].tolist()
+    missing = sorted(set(scan_ids) - set(stage_dice.scan))
+    checks = [
+        dg.AssetCheckResult(
+            check_name="final_masks_complete",
+            passed=not missing and not empty,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"missing_or_empty": ", ".join(missing + empty) or "none"},
+        ),
+        dg.AssetCheckResult(
+            check_name="any_final_mask",
+            passed=bool((stage_dice.n_voxels > 0).any()),
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=f"{int((stage_dice.n_voxels > 0).sum())} of {len(scan_ids)} scans have a final mask",
+        ),
+    ]
+    version = cache_key(*sorted(stage_dice.mask_sha256)) if len(stage_dice) else "empty"
+    return dg.MaterializeResult(metadata=metadata, check_results=checks, data_version=dg.DataVersion(version))

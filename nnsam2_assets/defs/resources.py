@@ -1,44 +1,51 @@
-"""Dagster resources: where data and artefacts live, which propagation backend and nnU-Net profile to use."""
+"""Dagster resources: where data and artefacts live, which propagation backend and nnU-Net profile to use.
+
+Values come from environment variables through ``dg.EnvVar`` (the UI shows which variable set a value);
+an unset variable falls back to the default path of ``core.layout``, so the code location loads with none
+set. ``build_resources`` is the one way to make the resource set: definitions, tests and benchmarks call it.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dagster as dg
+from dagster_duckdb import DuckDBResource
 
-from nnsam2_assets import settings
-from nnsam2_assets.lib.dataset import DatasetSpec, load_dataset
+from nnsam2_assets.core import layout
+from nnsam2_assets.ingest.convention import DatasetSpec, load_dataset
+from nnsam2_assets.propagation.backends import build_propagator
+from nnsam2_assets.propagation.base import Propagator
+from nnsam2_assets.refinement.nnunet import Profile, get_profile
+
+SAM2_CHECKPOINT_ENV = "NNSAM2_SAM2_CHECKPOINT"
+
+
+def env_or(name: str, default: str) -> str:
+    """``dg.EnvVar(name)`` when the variable is set, else ``default``."""
+    return dg.EnvVar(name) if os.environ.get(name) else default
 
 
 class NnsamStorage(dg.ConfigurableResource):
     """The data root (one folder per dataset) and the storage root for artefacts (atomic files)."""
 
-    data_root: str = ""
-    storage_root: str = ""
-    duckdb_file: str = ""  # default: <storage_root>/nnsam2.duckdb (never named like its schema)
+    data_root: str
+    storage_root: str
 
     @property
     def data(self) -> Path:
-        return Path(self.data_root).resolve() if self.data_root else settings.data_root()
+        return Path(self.data_root).resolve()
 
     @property
     def root(self) -> Path:
-        return Path(self.storage_root).resolve() if self.storage_root else settings.storage_root()
-
-    @property
-    def duckdb(self) -> Path:
-        if self.duckdb_file:
-            return Path(self.duckdb_file).resolve()
-        return self.root / "nnsam2.duckdb" if self.storage_root else settings.duckdb_path()
+        return Path(self.storage_root).resolve()
 
     def dataset(self, name: str) -> DatasetSpec:
         return load_dataset(self.data, name)
 
-    def asset_dir(self, dataset: str, asset: str) -> Path:
-        return self.root / "datasets" / dataset / asset
-
-    def model_dir(self, stage: str) -> Path:
-        return self.root / "models" / stage
+    def layout(self, dataset: str) -> layout.DatasetLayout:
+        return layout.DatasetLayout(self.root, dataset)
 
 
 class PropagationSettings(dg.ConfigurableResource):
@@ -67,9 +74,7 @@ class PropagationSettings(dg.ConfigurableResource):
         stamp = f"{ckpt.stat().st_size}:{int(ckpt.stat().st_mtime)}" if ckpt.is_file() else "missing"
         return f"sam2|{self.sam2_config}|{ckpt.name}|{stamp}|{self.sam2_image_size}"
 
-    def build(self):
-        from nnsam2_assets.lib.propagation.base import build_propagator
-
+    def build(self) -> Propagator:
         backend = self.resolved_backend()
         if backend == "sam2":
             return build_propagator(
@@ -90,12 +95,37 @@ class RefinementSettings(dg.ConfigurableResource):
     iterations_per_epoch: int = 0
     device: str = "auto"
 
-    def profile_obj(self):
-        from nnsam2_assets.lib.nnunet import get_profile
-
+    def profile_obj(self) -> Profile:
         overrides: dict = {"device": self.device}
         if self.num_epochs:
             overrides["num_epochs"] = self.num_epochs
         if self.iterations_per_epoch:
             overrides["iterations_per_epoch"] = self.iterations_per_epoch
         return get_profile(self.profile, **overrides)
+
+
+def build_resources(
+    data_root: Path | None = None,
+    storage_root: Path | None = None,
+    refinement: RefinementSettings | None = None,
+    propagation: PropagationSettings | None = None,
+) -> dict[str, dg.ConfigurableResource]:
+    """The platform's resources. Explicit roots (tests, benchmarks) win; otherwise the environment
+    variables of ``core.layout``, else its default paths."""
+    if storage_root is not None:
+        storage, database = str(storage_root), str(layout.duckdb_path(Path(storage_root)))
+    else:
+        storage = env_or(layout.STORAGE_ROOT_ENV, str(layout.storage_root()))
+        database = env_or(layout.DUCKDB_ENV, str(layout.duckdb_path()))
+    data = str(data_root) if data_root is not None else env_or(layout.DATA_ROOT_ENV, str(layout.data_root()))
+    return {
+        "storage": NnsamStorage(data_root=data, storage_root=storage),
+        "propagation": propagation or PropagationSettings(sam2_checkpoint=env_or(SAM2_CHECKPOINT_ENV, "")),
+        "refinement": refinement or RefinementSettings(),
+        "metrics_db": DuckDBResource(database=database),
+    }
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(resources=build_resources())

@@ -10,12 +10,11 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
+from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.definitions import all_assets
-from nnsam2_assets.lib.layout import DatasetLayout
-from nnsam2_assets.lib.phantom import write_demo_dataset
-from nnsam2_assets_tests.conftest import make_resources
-
-INGEST = ["scans", "reference_annotation", "reference_ranking"]
+from nnsam2_assets.defs.resources import build_resources
+from nnsam2_assets.demo.datasets import write_demo_dataset
+from nnsam2_assets.pipeline import INGEST  # noqa: E402,F401
 
 
 @pytest.fixture
@@ -24,7 +23,7 @@ def tiny(tmp_path: Path):
     write_demo_dataset(data, "tiny", "dixon", 3, seed=3, shape_yx=(64, 64), spacing=(3.2, 3.2, 4.0))
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("datasets", ["tiny"])
-        yield instance, data, storage, make_resources(data, storage)
+        yield instance, data, storage, build_resources(data, storage)
 
 
 def _materialize(instance, resources, selection=INGEST, raise_on_error=True):

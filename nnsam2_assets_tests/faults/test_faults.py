@@ -34,12 +34,13 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from nnsam2_assets.lib import metrics_db, storage
-from nnsam2_assets.lib.phantom import write_demo_dataset
-from nnsam2_assets_tests.conftest import make_resources
+from nnsam2_assets.core import storage
+from nnsam2_assets.defs.resources import build_resources
+from nnsam2_assets.demo.datasets import write_demo_dataset
+from nnsam2_assets.metrics import store as metrics_db
 
 SMALL = {"shape_yx": (64, 64), "spacing": (3.2, 3.2, 4.0)}
-from nnsam2_assets.defs.selections import PER_DATASET  # noqa: E402
+from nnsam2_assets.pipeline import PER_DATASET  # noqa: E402
 
 LINEAGE = ["run_id", "computed_at"]
 NAME = "faulty"
@@ -56,10 +57,10 @@ def _ctx():
 def metrics_tables(data_root: Path, storage_root: Path, name: str) -> dict[str, pd.DataFrame]:
     """Realistic metrics frames from the chain's outputs: per-label volume/fat ratio of the propagated masks
     and the per-slice confidence, with lineage columns."""
-    from nnsam2_assets.lib import quant
-    from nnsam2_assets.lib.dataset import class_names, load_dataset
-    from nnsam2_assets.lib.dataset_steps import ok_scans
-    from nnsam2_assets.lib.layout import DatasetLayout
+    from nnsam2_assets.core.layout import DatasetLayout
+    from nnsam2_assets.ingest.convention import class_names, load_dataset
+    from nnsam2_assets.ingest.scans import ok_scans
+    from nnsam2_assets.metrics import quant
 
     spec = load_dataset(data_root, name)
     layout = DatasetLayout(storage_root, name)
@@ -151,7 +152,7 @@ def materialize_and_write(
                 selection=PER_DATASET,
                 partition_key=NAME,
                 instance=instance,
-                resources=make_resources(data, store),
+                resources=build_resources(data, store),
                 raise_on_error=False,
             )
         if not res.success:
@@ -208,7 +209,6 @@ def assert_storage_consistent(root: Path) -> None:
         asset_dir, scan = key.parent.parent, key.stem
         partners = {
             "scans": [asset_dir / f"{scan}.nii.gz"],
-            "frame_stacks": [asset_dir / scan / "frame_map.parquet"],
             "propagated_masks": [asset_dir / f"{scan}.nii.gz", asset_dir / f"{scan}_confidence.parquet"],
         }.get(asset_dir.name, [])
         problems += [f"{key.relative_to(root)} without {p.name}" for p in partners if not p.is_file()]
@@ -356,7 +356,7 @@ def test_full_disk_during_a_partition_run(tmp_path):
     write_demo_dataset(data, NAME, "dixon", 2, seed=5, reference_index=0, **SMALL)
     store = tmp_path / "store"
     with _small_filesystem(store, "300k") as mounted:
-        resources = make_resources(data, store)
+        resources = build_resources(data, store)
         if not mounted:
             calls = {"n": 0}
             real = storage.os.replace

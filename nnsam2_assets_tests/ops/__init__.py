@@ -8,17 +8,11 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+from nnsam2_assets.pipeline import INGEST
+from nnsam2_assets.testing.cohorts import write_tiny
+
 REPO = Path(__file__).resolve().parents[2]
-INGEST = ["scans", "reference_annotation", "reference_ranking"]
-
-
-def write_tiny(data_root: Path, name: str = "tiny", n_scans: int = 3, seed: int = 3) -> Path:
-    """A tiny phantom Dixon dataset (64x64 in-plane): ingest runs in a couple of seconds."""
-    from nnsam2_assets.lib.phantom import write_demo_dataset
-
-    return write_demo_dataset(
-        data_root, name, "dixon", n_scans, seed=seed, shape_yx=(64, 64), spacing=(3.2, 3.2, 4.0)
-    )
+__all__ = ["INGEST", "REPO", "free_port", "write_tiny"]
 
 
 def free_port() -> int:

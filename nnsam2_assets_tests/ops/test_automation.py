@@ -14,15 +14,15 @@ import pytest
 import SimpleITK as sitk
 
 from nnsam2_assets.definitions import all_assets
-from nnsam2_assets.defs.common import EAGER
-from nnsam2_assets_tests.conftest import make_resources
+from nnsam2_assets.defs.automation import EAGER
+from nnsam2_assets.defs.resources import build_resources
 from nnsam2_assets_tests.ops import INGEST, write_tiny
 
-FRAMES = dg.AssetKey("frame_stacks")
+PROPAGATED = dg.AssetKey("propagated_masks")
 MODELS = [dg.AssetKey(f"nnunet_stage{i}") for i in (1, 2, 3)]
-# frame_stacks and the eager per-dataset assets below it (will_be_requested: one run per partition).
+# propagated_masks and the eager per-dataset asset below it (will_be_requested: one run per partition).
 # final_masks waits for the pooled stage-3 model (missing here), which is never requested automatically.
-CHAIN = {FRAMES: {"tiny"}, dg.AssetKey("propagated_masks"): {"tiny"}, dg.AssetKey("pseudo_labels"): {"tiny"}}
+CHAIN = {PROPAGATED: {"tiny"}, dg.AssetKey("pseudo_labels"): {"tiny"}}
 
 
 class Ticker:
@@ -52,7 +52,7 @@ def pipeline(tmp_path: Path):
     data, storage = tmp_path / "data", tmp_path / "storage"
     write_tiny(data, n_scans=2)
     assets = all_assets()
-    resources = make_resources(data, storage)
+    resources = build_resources(data, storage)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("datasets", ["tiny"])
 
@@ -98,12 +98,12 @@ def _settle(ticker) -> None:
     assert ticker.tick() == {}  # handled: not requested again
 
 
-def test_upstream_change_requests_frame_stacks_and_unchanged_rerun_does_not_cascade(pipeline):
+def test_upstream_change_requests_downstream_and_unchanged_rerun_does_not_cascade(pipeline):
     ticker, materialize, *_ = pipeline
     _settle(ticker)
-    materialize(["frame_stacks"])  # as the chain's run would (propagation itself is not run here)
-    # transition: frame_stacks updated -> its eager downstream follows, frame_stacks itself is not re-requested
-    assert ticker.tick() == {k: v for k, v in CHAIN.items() if k != FRAMES}
+    materialize(["propagated_masks"])  # as the chain's run would (pseudo-labels are not run here)
+    # transition: propagated_masks updated -> its eager downstream follows, it is not re-requested itself
+    assert ticker.tick() == {k: v for k, v in CHAIN.items() if k != PROPAGATED}
     assert ticker.tick() == {}
     # (d) a rerun with the same inputs yields the same data versions -> nothing downstream is requested
     versions = {a: _data_version(ticker.instance, a) for a in ("scans", "reference_annotation")}
@@ -113,7 +113,7 @@ def test_upstream_change_requests_frame_stacks_and_unchanged_rerun_does_not_casc
     assert ticker.tick() == {}
 
 
-def test_edited_annotation_requests_frame_stacks_not_models(pipeline):
+def test_edited_annotation_requests_propagation_not_models(pipeline):
     ticker, materialize, data, storage, _ = pipeline
     _settle(ticker)
     before = _data_version(ticker.instance, "reference_annotation")
@@ -126,7 +126,7 @@ def test_edited_annotation_requests_frame_stacks_not_models(pipeline):
     assert ticker.tick() == {}
 
 
-def test_rescanned_data_requests_frame_stacks(pipeline):
+def test_rescanned_data_requests_everything_downstream_in_the_partition(pipeline):
     ticker, materialize, data, storage, _ = pipeline
     _settle(ticker)
     before = _data_version(ticker.instance, "scans")
@@ -146,13 +146,15 @@ def test_rescanned_data_requests_frame_stacks(pipeline):
 def test_code_version_bump_requests_the_asset(pipeline):
     ticker, materialize, _, _, assets = pipeline
     _settle(ticker)
-    frames = next(a for a in assets if FRAMES in a.keys)
-    bumped = frames.map_asset_specs(lambda spec: spec.replace_attributes(code_version="frames-v2-test"))
-    assert bumped.code_versions_by_key[FRAMES] == "frames-v2-test"
-    assert bumped.automation_conditions_by_key[FRAMES] == EAGER
-    new_defs = dg.Definitions(
-        assets=[bumped if a is frames else a for a in assets], resources=ticker.defs.resources
+    propagation = next(a for a in assets if PROPAGATED in a.keys)
+    bumped = propagation.map_asset_specs(
+        lambda spec: spec.replace_attributes(code_version="propagation-test")
     )
-    # transition: the code version changed -> frame_stacks (and its eager chain, same run) requested
+    assert bumped.code_versions_by_key[PROPAGATED] == "propagation-test"
+    assert bumped.automation_conditions_by_key[PROPAGATED] == EAGER
+    new_defs = dg.Definitions(
+        assets=[bumped if a is propagation else a for a in assets], resources=ticker.defs.resources
+    )
+    # transition: the code version changed -> propagated_masks (and its eager chain, same run) requested
     assert ticker.tick(new_defs) == CHAIN
     assert ticker.tick(new_defs) == {}

@@ -20,9 +20,8 @@ import pytest
 import yaml
 
 from nnsam2_assets.definitions import all_assets
-from nnsam2_assets.defs.resources import NnsamStorage
+from nnsam2_assets.defs.resources import NnsamStorage, build_resources
 from nnsam2_assets.defs.sensors import new_data_sensor
-from nnsam2_assets_tests.conftest import make_resources
 from nnsam2_assets_tests.ops import INGEST, REPO, free_port, write_tiny
 
 DB, USER, PASSWORD = "nnsam2_test", "dagster", "throwaway-test-only"
@@ -149,7 +148,7 @@ def test_sensor_tick_and_ingest_are_stored_in_postgres(pg_cluster, pg_instance, 
         selection=INGEST,
         partition_key=request.partition_key,
         instance=pg_instance,
-        resources=make_resources(data, storage_root),
+        resources=build_resources(data, storage_root),
         tags={"dagster/run_key": request.run_key},
     )
     assert result.success

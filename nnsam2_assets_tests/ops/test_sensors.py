@@ -10,12 +10,13 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from nnsam2_assets.core.layout import model_root
 from nnsam2_assets.definitions import all_assets
-from nnsam2_assets.defs.resources import NnsamStorage
-from nnsam2_assets.defs.sensors import OUTPUTS, PER_DATASET, new_data_sensor, nightly_sweep_schedule
-from nnsam2_assets.lib.dataset import folder_fingerprint
-from nnsam2_assets.lib.layout import model_root
-from nnsam2_assets_tests.conftest import make_resources
+from nnsam2_assets.defs.resources import NnsamStorage, build_resources
+from nnsam2_assets.defs.schedules import nightly_sweep_schedule
+from nnsam2_assets.defs.sensors import new_data_sensor
+from nnsam2_assets.ingest.convention import folder_fingerprint
+from nnsam2_assets.pipeline import OUTPUTS, PER_DATASET
 from nnsam2_assets_tests.ops import write_tiny
 
 PER_DATASET_KEYS = [dg.AssetKey(n) for n in PER_DATASET]
@@ -116,7 +117,7 @@ def test_nightly_sweep_requests_only_changed_datasets(env, tmp_path):
     tiny = write_tiny(data, "tiny", n_scans=2)
     write_tiny(data, "other", n_scans=2, seed=5)
     instance.add_dynamic_partitions("datasets", ["other", "tiny"])
-    resources = make_resources(data, Path(storage.storage_root))
+    resources = build_resources(data, Path(storage.storage_root))
     for name in ("other", "tiny"):
         result = dg.materialize(
             all_assets(), selection=["scans"], partition_key=name, instance=instance, resources=resources

@@ -210,7 +210,7 @@ def test_sensor_registers_dataset_graphql_run_and_ui_renders(stack: Stack, tmp_p
     assert _graphql(stack, "{ shouldShowNux }")["shouldShowNux"] is False
     ARTIFACTS.mkdir(exist_ok=True)
     dom = _chromium(f"{stack.url}/assets", ARTIFACTS / "assets.png", tmp_path / "chrome1")
-    for name in ("scans", "reference_annotation", "frame_stacks", "nnunet_stage3"):
+    for name in ("scans", "reference_annotation", "propagated_masks", "nnunet_stage3"):
         assert name in dom, f"{name} not rendered on /assets"
     dom = _chromium(f"{stack.url}/assets/scans", ARTIFACTS / "asset_scans.png", tmp_path / "chrome2")
     # the latest materialization's metadata for the new partition, and the sensor that feeds it

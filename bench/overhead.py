@@ -1,0 +1,182 @@
+"""What Dagster adds: the per-dataset chain and the whole demo cohort through Dagster against the same domain
+calls without it (``nnsam2_assets.testing.direct``), measured side by side in alternating order."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from bench._common import Workdir, all_assets, register, row, row_counts, run_selection, step_durations
+from nnsam2_assets.core.layout import duckdb_path
+from nnsam2_assets.defs.partitions import datasets_partitions
+from nnsam2_assets.defs.resources import RefinementSettings, build_resources
+from nnsam2_assets.demo.datasets import write_demo_cohort
+from nnsam2_assets.pipeline import PER_DATASET
+from nnsam2_assets.runner import materialize_cohort
+from nnsam2_assets.testing.cohorts import write_tiny_dataset
+from nnsam2_assets.testing.direct import DirectRun, run_direct
+
+# the multiprocess run's step processes rebuild the job from this module and read the roots from here
+DATA_ENV, STORAGE_ENV = "NNSAM2_BENCH_DATA_ROOT", "NNSAM2_BENCH_STORAGE_ROOT"
+
+
+def per_dataset_job() -> dg.JobDefinition:
+    """The per-dataset chain as a reconstructable job on the multiprocess executor (a process per step)."""
+    job = dg.define_asset_job(
+        "bench_per_dataset",
+        selection=PER_DATASET,
+        partitions_def=datasets_partitions,
+        executor_def=dg.multiprocess_executor.configured({"max_concurrent": 2}),
+    )
+    roots = build_resources(Path(os.environ[DATA_ENV]), Path(os.environ[STORAGE_ENV]))
+    return dg.Definitions(assets=all_assets(), jobs=[job], resources=roots).resolve_job_def(
+        "bench_per_dataset"
+    )
+
+
+def bench_dagster_overhead(base: Path, quick: bool) -> list[dict]:
+    n_scans, reps = (2, 1) if quick else (8, 3)
+    wd = Workdir(base, "overhead")
+    try:
+        write_tiny_dataset(wd.data, "ovh", n_scans, seed=11)
+        register(wd.instance, ["ovh"])
+        assets = all_assets()
+        times: dict[str, list[float]] = {"dagster": [], "direct": []}
+        bodies: list[float] = []
+        for rep in range(reps + 1):  # rep 0 warms both paths (imports, numba/ITK init), not recorded
+            for impl in ("direct", "dagster") if rep % 2 else ("dagster", "direct"):
+                storage = wd.storage(f"s-{impl}-{rep}")
+                if impl == "dagster":
+                    res = build_resources(wd.data, storage)
+                    run = run_selection(wd.instance, res, "ovh", PER_DATASET, assets)
+                    assert run.result.success, "per-dataset chain failed"
+                    seconds = run.seconds
+                    if rep:
+                        bodies.append(sum(step_durations(run.result).values()))
+                else:
+                    t0 = time.perf_counter()
+                    run_direct(DirectRun(wd.data, storage, ["ovh"]), phases=("datasets",))
+                    seconds = time.perf_counter() - t0
+                shutil.rmtree(storage)
+                if rep:
+                    times[impl].append(seconds)
+        d, x = statistics.median(times["dagster"]), statistics.median(times["direct"])
+        steps = len(PER_DATASET)
+        rows = [
+            row(
+                "dagster_inproc: chain on tiny scans / direct",
+                round(d / x, 3),
+                "(info)",
+                None,
+                f"{d:.2f} s vs {x:.2f} s for {n_scans} scans (median of {reps}, alternating; best-of "
+                f"{min(times['dagster']) / min(times['direct']):.3f}); step bodies {statistics.median(bodies):.2f} s "
+                f"(incl. previews), so the framework costs {d - statistics.median(bodies):.2f} s outside steps; "
+                f"{(d - x) / steps:.2f} s per step in all",
+            )
+        ]
+        if quick:
+            rows.append(
+                row(
+                    "dagster_multi: multiprocess / direct",
+                    None,
+                    "(info)",
+                    None,
+                    "skipped in --quick (a fresh interpreter per step costs ~40 s here); run without --quick",
+                )
+            )
+            return rows
+        # multiprocess executor: one run, a fresh interpreter per step
+        storage = wd.storage("s-multi")
+        os.environ[DATA_ENV], os.environ[STORAGE_ENV] = str(wd.data), str(storage)
+        t0 = time.perf_counter()
+        with dg.execute_job(
+            dg.reconstructable(per_dataset_job), instance=wd.instance, tags={"dagster/partition": "ovh"}
+        ) as result:
+            ok = result.success
+            steps = step_durations(result)
+        m = time.perf_counter() - t0
+        assert ok, "multiprocess run failed"
+        in_steps = sum(steps.values())
+        rows.append(
+            row(
+                "dagster_multi: multiprocess / direct",
+                round(m / x, 3),
+                "(info)",
+                None,
+                f"{m:.2f} s vs {x:.2f} s; step bodies {in_steps:.2f} s, so ~{(m - in_steps) / len(steps):.1f} s "
+                f"per step is process spawn + re-importing dagster/SimpleITK/torch/nnunetv2 ({len(steps)} steps)",
+            )
+        )
+        return rows
+    finally:
+        wd.close()
+
+
+def bench_demo_overhead(base: Path, quick: bool) -> list[dict]:
+    """The whole graph on the demo cohort through Dagster vs without it, nnU-Net at a small budget so both
+    fit the bench's time (the full budget only adds the same training time to both sides)."""
+    refinement = RefinementSettings(num_epochs=1, iterations_per_epoch=3 if quick else 20)
+    wd = Workdir(base, "demo-overhead")
+    try:
+        if quick:
+            names = ["tiny-dixon", "tiny-ct"]
+            write_tiny_dataset(wd.data, names[0], 2, seed=5)
+            write_tiny_dataset(wd.data, names[1], 2, seed=6, kind="ct")
+        else:
+            names = [p.name for p in write_demo_cohort(wd.data)]
+        register(wd.instance, names)
+        # warm-up, not timed: the first nnU-Net plan/train/predict in a process pays one-off imports and
+        # initialisation (~5 s here), which would otherwise be charged to whichever path runs first
+        warm = wd.path / "warm-data"
+        write_tiny_dataset(warm, "warm", 2, seed=7)
+        run_direct(
+            DirectRun(
+                warm, wd.storage("s-warm"), ["warm"], RefinementSettings(num_epochs=1, iterations_per_epoch=2)
+            )
+        )
+        # ABBA order cancels a linear drift (thermal, page cache); nnU-Net training time varies by a few
+        # per cent between runs, as much as Dagster's own cost, so one pair is not enough
+        order = ["dagster", "direct"] if quick else ["dagster", "direct", "direct", "dagster"]
+        totals: dict[str, list[float]] = {"dagster": [], "direct": []}
+        stages: dict[str, list[float]] = {"dagster": [], "direct": []}
+        counts: dict[str, dict] = {}
+        for i, impl in enumerate(order):
+            storage = wd.storage(f"s-{impl}-{i}")
+            t0 = time.perf_counter()
+            if impl == "dagster":
+                run = materialize_cohort(
+                    wd.instance,
+                    names,
+                    resources=build_resources(wd.data, storage, refinement),
+                    progress=lambda m: None,
+                )
+                assert not run.failed, f"demo through Dagster failed: {run.failed}"
+                parts = run.timings
+            else:
+                parts = run_direct(DirectRun(wd.data, storage, names, refinement))
+            totals[impl].append(time.perf_counter() - t0)
+            stages[impl].append(parts["models"])
+            counts.setdefault(impl, row_counts(duckdb_path(storage)))
+            shutil.rmtree(storage)
+        assert counts["dagster"] == counts["direct"], f"the two paths wrote different rows: {counts}"
+    finally:
+        wd.close()
+    d, x = statistics.mean(totals["dagster"]), statistics.mean(totals["direct"])
+    md, mx = statistics.mean(stages["dagster"]), statistics.mean(stages["direct"])
+    return [
+        row(
+            "dagster_demo: demo cohort materialize / direct",
+            round(d / x, 3),
+            "<= 1.10",
+            d / x <= 1.10,
+            f"{d:.1f} s vs {x:.1f} s, mean of {len(totals['direct'])} each in {'-'.join(o[:3] for o in order)} "
+            f"order ({'2 tiny datasets' if quick else 'demo cohort, 2 x 4 scans'}, all 12 assets, nnU-Net "
+            f"{refinement.num_epochs} x {refinement.iterations_per_epoch} it; the three stages {md:.1f} vs "
+            f"{mx:.1f} s); same DuckDB row counts ({sum(counts['direct'].values())} rows); untimed warm-up first",
+        )
+    ]

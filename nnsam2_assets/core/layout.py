@@ -1,0 +1,143 @@
+"""Every path of the platform: the roots (from the environment, with defaults) and each artefact under them.
+
+Everything lives under one home folder (``NNSAM2_HOME``, default ``./.nnsam2`` in the working directory):
+the data root users drop datasets into, the storage root for artefacts, and the DuckDB file::
+
+    <data root>/<dataset>/...                        the user's dataset folders (``ingest.convention``)
+    <storage root>/datasets/<dataset>/<asset>/...    per-dataset, per-scan artefacts
+    <storage root>/models/<stage>/<version>/         nnU-Net models, never overwritten in place
+    <storage root>/nnunet/                           nnU-Net raw/preprocessed working dirs
+    <storage root>/nnsam2.duckdb                     metrics
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+HOME_ENV = "NNSAM2_HOME"
+DATA_ROOT_ENV = "NNSAM2_DATA_ROOT"
+STORAGE_ROOT_ENV = "NNSAM2_STORAGE_ROOT"
+DUCKDB_ENV = "NNSAM2_DUCKDB"
+# never name the file like its schema ("metrics"): DuckDB then reports an ambiguous catalog
+DUCKDB_FILE = "nnsam2.duckdb"
+
+
+def home() -> Path:
+    return Path(os.environ.get(HOME_ENV, Path.cwd() / ".nnsam2")).resolve()
+
+
+def data_root() -> Path:
+    return Path(os.environ.get(DATA_ROOT_ENV, home() / "data")).resolve()
+
+
+def storage_root() -> Path:
+    return Path(os.environ.get(STORAGE_ROOT_ENV, home() / "storage")).resolve()
+
+
+def duckdb_path(storage: Path | None = None) -> Path:
+    """The metrics database: ``NNSAM2_DUCKDB``, else ``nnsam2.duckdb`` in the (given) storage root."""
+    if storage is not None:
+        return Path(storage) / DUCKDB_FILE
+    return Path(os.environ.get(DUCKDB_ENV, storage_root() / DUCKDB_FILE)).resolve()
+
+
+def dagster_home() -> Path:
+    return Path(os.environ.get("DAGSTER_HOME", home() / "dagster_home")).resolve()
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    root: Path
+    dataset: str
+
+    @property
+    def base(self) -> Path:
+        return Path(self.root) / "datasets" / self.dataset
+
+    def dir(self, asset: str) -> Path:
+        return self.base / asset
+
+    # ingest
+    @property
+    def manifest(self) -> Path:
+        return self.dir("scans") / "manifest.parquet"
+
+    def scan_image(self, scan: str) -> Path:
+        return self.dir("scans") / f"{scan}.nii.gz"
+
+    def scan_fat(self, scan: str) -> Path:
+        return self.dir("scans") / f"{scan}_fat.nii.gz"
+
+    def scan_expert(self, scan: str) -> Path:
+        return self.dir("scans") / "experts" / f"{scan}.nii.gz"
+
+    @property
+    def annotation(self) -> Path:
+        return self.dir("reference_annotation") / "annotation.nii.gz"
+
+    @property
+    def annotation_meta(self) -> Path:
+        return self.dir("reference_annotation") / "annotation.json"
+
+    @property
+    def ranking(self) -> Path:
+        return self.dir("reference_ranking") / "ranking.csv"
+
+    # propagation
+    def frames(self, scan: str) -> Path:
+        """SAM2's input frames of one target scan (written by the SAM2 backend only)."""
+        return self.dir("propagated_masks") / "frames" / scan
+
+    def masks(self, scan: str) -> Path:
+        return self.dir("propagated_masks") / f"{scan}.nii.gz"
+
+    def confidence(self, scan: str) -> Path:
+        return self.dir("propagated_masks") / f"{scan}_confidence.parquet"
+
+    def pseudo_label(self, scan: str) -> Path:
+        return self.dir("pseudo_labels") / f"{scan}.nii.gz"
+
+    @property
+    def pseudo_selection(self) -> Path:
+        return self.dir("pseudo_labels") / "selection.parquet"
+
+    # refinement
+    def final_mask(self, scan: str) -> Path:
+        return self.dir("final_masks") / f"{scan}.nii.gz"
+
+    def final_mask_canonical(self, scan: str) -> Path:
+        return self.dir("final_masks") / "canonical" / f"{scan}.nii.gz"
+
+    @property
+    def stage_agreement(self) -> Path:
+        return self.dir("final_masks") / "stage_agreement.parquet"
+
+    @property
+    def final_summary(self) -> Path:
+        """The models the final masks came from, their class count and per-scan fragmentation."""
+        return self.dir("final_masks") / "summary.json"
+
+
+def model_root(root: Path, stage: str) -> Path:
+    return Path(root) / "models" / stage
+
+
+def model_pointer(root: Path, stage: str) -> Path:
+    """The stage's ``current.json``: which trained model folder is current."""
+    return model_root(root, stage) / "current.json"
+
+
+def model_staging(root: Path, stage: str) -> Path:
+    """Where a stage's training labels (and cropped images) are written before nnU-Net reads them."""
+    return model_root(root, stage) / "staging"
+
+
+def nnunet_work_root(root: Path) -> Path:
+    """nnU-Net's raw and preprocessed working folders."""
+    return Path(root) / "nnunet"
+
+
+def stage_prediction(model_dir: Path, dataset: str, scan: str) -> Path:
+    return Path(model_dir) / "predictions" / dataset / f"{scan}.nii.gz"

@@ -1,0 +1,40 @@
+"""Execution policy shared by the asset modules: when derived assets rerun, and what a GPU step asks for."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+# Derived assets follow their inputs and their own code. Label "eager_or_code_version_changed":
+#   * eager, but on a dependency's DATA VERSION change, not on any new materialization: an unchanged result
+#     (same content hash, e.g. a manual or nightly rerun with the same inputs) does not cascade downstream.
+#     Built-in eager() uses any_deps_updated(), which fires on every new materialization even when its data
+#     version is the same (the automation tests show it). Otherwise the same as
+#     eager(): newly missing partitions run, deps requested on this tick pull this asset into the same run
+#     (will_be_requested), never while a dep is missing or in progress, once per change (since_last_handled);
+#   * OR its own code version changed (eager() alone ignores code-version bumps).
+_ANY_DEPS_DATA_CHANGED = dg.AutomationCondition.any_deps_match(
+    (
+        dg.AutomationCondition.data_version_changed() & ~dg.AutomationCondition.executed_with_root_target()
+    ).with_label("data_version_changed_without_root")
+    | dg.AutomationCondition.will_be_requested()
+).with_label("any_deps_data_version_changed")
+EAGER = (
+    (
+        dg.AutomationCondition.in_latest_time_window()
+        & (dg.AutomationCondition.newly_missing() | _ANY_DEPS_DATA_CHANGED).since_last_handled()
+        & ~dg.AutomationCondition.any_deps_missing()
+        & ~dg.AutomationCondition.any_deps_in_progress()
+        & ~dg.AutomationCondition.in_progress()
+    ).with_label("eager_on_data_version_change")
+    | dg.AutomationCondition.code_version_changed()
+).with_label("eager_or_code_version_changed")
+
+# GPU steps: one at a time per instance (pool limit in dagster.yaml), and a k8s GPU request when the
+# k8s_job_executor runs one pod per step.
+GPU_TAGS = {
+    "dagster-k8s/config": {
+        "container_config": {
+            "resources": {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
+        }
+    }
+}

@@ -1,0 +1,45 @@
+"""Schedules: the nightly sweep of changed datasets, and the optional weekly retraining."""
+
+import dagster as dg
+
+from nnsam2_assets.defs.jobs import NEW_DATA_SELECTION, refinement_job
+from nnsam2_assets.defs.metadata import latest_metadata
+from nnsam2_assets.defs.partitions import datasets_partitions
+from nnsam2_assets.defs.resources import NnsamStorage
+from nnsam2_assets.defs.sensors import scan_data_root, selection_for
+
+
+@dg.schedule(
+    name="nightly_sweep_schedule",
+    cron_schedule="0 2 * * *",
+    target=NEW_DATA_SELECTION,
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Nightly: reruns any registered dataset whose files changed since its last ingest (missed by "
+    "the sensor, e.g. while the daemon was down). Unchanged scans are cached, so a sweep costs only changes.",
+)
+def nightly_sweep_schedule(context: dg.ScheduleEvaluationContext, storage: NnsamStorage):
+    current, _ = scan_data_root(storage)
+    known = set(context.instance.get_dynamic_partitions(datasets_partitions.name))
+    requests = []
+    for name in sorted(set(current) & known):
+        last = latest_metadata(context.instance, "scans", name).get("input_fingerprint")
+        if last != current[name]:
+            requests.append(
+                dg.RunRequest(
+                    partition_key=name,
+                    run_key=f"sweep:{name}:{current[name]}",
+                    asset_selection=selection_for(storage),
+                )
+            )
+    return requests or dg.SkipReason("every registered dataset is up to date")
+
+
+@dg.schedule(
+    name="weekly_refinement_schedule",
+    cron_schedule="0 3 * * 0",
+    job=refinement_job,
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="Optional weekly retraining (off by default: models train on demand, never per new scan).",
+)
+def weekly_refinement_schedule(context: dg.ScheduleEvaluationContext):
+    return dg.RunRequest(run_key=f"refine:{context.scheduled_execution_time:%Y-%m-%d}")

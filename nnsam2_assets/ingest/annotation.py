@@ -1,0 +1,127 @@
+"""The one reference annotation: validated against the reference scan, cropped to its region and put on its
+canonical grid (the ``reference_annotation`` asset's step), and the reader of what it recorded."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnsam2_assets.core.cache import cache_key
+from nnsam2_assets.core.imaging import (
+    ScanError,
+    axial_axis,
+    crop_region,
+    read_array,
+    read_image,
+    same_grid,
+    to_canonical,
+)
+from nnsam2_assets.core.layout import DatasetLayout
+from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
+from nnsam2_assets.ingest.convention import DatasetSpec, map_labels
+from nnsam2_assets.ingest.scans import ok_scans
+
+
+@dataclass(frozen=True)
+class Annotation:
+    labels: sitk.Image  # canonical, our class ids, uint8
+    seed_slice: int  # canonical z index of the annotated slice
+    classes_present: tuple[int, ...]
+
+
+def validate_annotation(
+    annotation: sitk.Image,
+    reference_original: sitk.Image,
+    spec: DatasetSpec,
+    annotation_path: Path,
+) -> Annotation:
+    """Check the one annotation against the reference scan, crop it to the region and canonicalise it.
+
+    Rules: same voxel grid as the reference scan file; exactly one non-empty axial slice; that slice inside
+    the reference's region; every class present; no label values outside the map.
+    """
+    if not same_grid(annotation, reference_original):
+        raise ScanError(
+            annotation_path,
+            f"annotation is not on the reference scan's grid (annotation size {annotation.GetSize()}, spacing "
+            f"{tuple(round(s, 3) for s in annotation.GetSpacing())}; reference {spec.reference!r} size "
+            f"{reference_original.GetSize()}, spacing {tuple(round(s, 3) for s in reference_original.GetSpacing())})",
+        )
+    mapped_full = map_labels(sitk.GetArrayFromImage(annotation), spec.label_map, annotation_path)
+    axis_np = 2 - axial_axis(annotation)  # numpy axis of the axial index axis
+    per_slice = np.moveaxis(mapped_full, axis_np, 0).reshape(mapped_full.shape[axis_np], -1).any(axis=1)
+    nonempty = np.flatnonzero(per_slice)
+    if len(nonempty) == 0:
+        raise ScanError(annotation_path, "annotation is empty: draw the muscles on exactly one axial slice")
+    if len(nonempty) > 1:
+        raise ScanError(
+            annotation_path,
+            f"annotation covers {len(nonempty)} axial slices (indices {nonempty.tolist()[:10]}); "
+            "exactly one annotated slice is expected",
+        )
+    mapped_img = sitk.GetImageFromArray(mapped_full)
+    mapped_img.CopyInformation(annotation)
+    if spec.reference in spec.regions:
+        first, last = spec.regions[spec.reference]
+        lo, hi = sorted((first, last))
+        if not lo <= int(nonempty[0]) <= hi:
+            raise ScanError(
+                annotation_path,
+                f"annotated slice {int(nonempty[0])} lies outside the reference's region {lo}..{hi} (regions.csv)",
+            )
+        mapped_img = crop_region(mapped_img, first, last, annotation_path)
+    canonical = to_canonical(mapped_img)
+    arr = sitk.GetArrayFromImage(canonical)
+    seed = int(np.flatnonzero(arr.reshape(arr.shape[0], -1).any(axis=1))[0])
+    present = tuple(int(v) for v in np.unique(arr[seed]) if v)
+    missing = sorted(set(range(1, spec.n_classes + 1)) - set(present))
+    if missing:
+        names = [spec.class_names[m - 1] for m in missing]
+        raise ScanError(annotation_path, f"annotation lacks class(es) {names} on its annotated slice")
+    return Annotation(sitk.Cast(canonical, sitk.sitkUInt8), seed, present)
+
+
+def read_annotation_meta(layout: DatasetLayout) -> dict:
+    return json.loads(layout.annotation_meta.read_text())
+
+
+@dataclass
+class AnnotationReport:
+    meta: dict
+    reference_slice: np.ndarray  # the annotated slice of the reference (canonical crop)
+    label_slice: np.ndarray
+    n_slices: int
+    data_version: str
+
+
+def write_reference_annotation(spec: DatasetSpec, layout: DatasetLayout) -> AnnotationReport:
+    """The one annotated axial slice, validated against the reference scan and put on its canonical crop."""
+    if spec.reference not in set(ok_scans(layout)):
+        raise ScanError(
+            spec.scans[spec.reference].image, "the reference scan failed ingest (see the scans asset)"
+        )
+    reference_original = read_image(spec.scans[spec.reference].image)
+    annotation = validate_annotation(read_image(spec.annotation), reference_original, spec, spec.annotation)
+    atomic_write_image(annotation.labels, layout.annotation)
+    ann_hash = sha256_file(spec.annotation)
+    meta = {
+        "reference": spec.reference,
+        "seed_slice": annotation.seed_slice,
+        "n_classes": spec.n_classes,
+        "annotation_sha256": ann_hash,
+        "source": str(spec.annotation),
+    }
+    atomic_write_json(meta, layout.annotation_meta)
+    ref = read_array(layout.scan_image(spec.reference))
+    z = annotation.seed_slice
+    return AnnotationReport(
+        meta,
+        ref[z],
+        sitk.GetArrayFromImage(annotation.labels)[z],
+        int(ref.shape[0]),
+        cache_key(ann_hash, spec.reference, spec.regions.get(spec.reference)),
+    )

@@ -1,0 +1,276 @@
+"""The on-disk dataset convention, its validation, and label mapping.
+
+One folder per dataset under a data root; the folder name is the Dagster partition key::
+
+    <data_root>/<dataset>/
+      dataset.yaml            modality, sequence, reference scan, label map
+      scans/<id>.nii.gz       one scan (or scans/<id>/ = a DICOM series, or <id>_water/<id>_fat for Dixon)
+      annotation.nii.gz       one annotated axial slice on the reference scan's grid
+      experts/<id>.nii.gz     optional expert labels
+      regions.csv             optional scan,first_slice,last_slice (L3/L4 to L5/S1, inclusive, either order)
+
+Every problem raises :class:`DatasetError` (dataset-level) or :class:`~nnsam2_assets.core.imaging.ScanError`
+(file-level) with the offending file and the reason in the message.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from nnsam2_assets.core.imaging import ScanError
+from nnsam2_assets.core.labels import CLASSES_2, CLASSES_4, class_names
+
+MODALITIES = ("mri", "ct")
+SEQUENCES = ("dixon", "t1", "t2", "ct", "other")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_SCAN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class DatasetError(ValueError):
+    """A dataset folder or its description is invalid; the message names the file and the reason."""
+
+
+def validate_dataset_key(name: str) -> str:
+    """Partition keys are slugs: Dagster keys with ``,`` or ``|`` break backfills; ``/`` or ``..`` escape the root."""
+    if not _SLUG.match(name or ""):
+        raise DatasetError(
+            f"invalid dataset name {name!r}: use 1-64 characters of lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit (no '/', '..', ',', '|' or spaces)"
+        )
+    return name
+
+
+def validate_scan_id(scan_id: str, path: Path) -> str:
+    if not _SCAN_ID.match(scan_id) or ".." in scan_id:
+        raise ScanError(path, f"invalid scan id {scan_id!r}: use letters, digits, '.', '-' or '_'")
+    return scan_id
+
+
+@dataclass(frozen=True)
+class ScanSource:
+    scan_id: str
+    image: Path  # the segmented image (water for Dixon); a file or a DICOM folder
+    fat: Path | None = None
+    expert: Path | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    folder: Path
+    modality: str
+    sequence: str
+    reference: str
+    label_map: dict[int, int]  # user's label id -> our class id
+    n_classes: int
+    annotation: Path
+    scans: dict[str, ScanSource]
+    regions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return class_names(self.n_classes)
+
+    @property
+    def is_dixon(self) -> bool:
+        return self.sequence == "dixon"
+
+
+def list_dataset_folders(data_root: Path) -> list[Path]:
+    """Folders under the data root that carry a dataset.yaml (valid names or not: the caller reports)."""
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        return []
+    return sorted(p for p in data_root.iterdir() if p.is_dir() and (p / "dataset.yaml").is_file())
+
+
+def dataset_folder(data_root: Path, name: str) -> Path:
+    validate_dataset_key(name)
+    folder = (Path(data_root) / name).resolve()
+    if folder.parent != Path(data_root).resolve():
+        raise DatasetError(f"dataset {name!r} resolves outside the data root {data_root}")
+    return folder
+
+
+def load_dataset(data_root: Path, name: str) -> DatasetSpec:
+    folder = dataset_folder(data_root, name)
+    cfg_path = folder / "dataset.yaml"
+    if not cfg_path.is_file():
+        raise DatasetError(f"{cfg_path}: missing dataset description")
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"{cfg_path}: not valid YAML ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise DatasetError(f"{cfg_path}: expected a mapping of keys")
+
+    modality = str(cfg.get("modality", "")).lower()
+    if modality not in MODALITIES:
+        raise DatasetError(f"{cfg_path}: modality must be one of {MODALITIES}, got {cfg.get('modality')!r}")
+    sequence = str(cfg.get("sequence", "ct" if modality == "ct" else "other")).lower()
+    if sequence not in SEQUENCES:
+        raise DatasetError(f"{cfg_path}: sequence must be one of {SEQUENCES}, got {sequence!r}")
+    if (sequence == "ct") != (modality == "ct"):
+        raise DatasetError(f"{cfg_path}: sequence {sequence!r} does not fit modality {modality!r}")
+
+    label_map, n_classes = parse_label_map(cfg.get("label_map"), cfg_path)
+    scans = discover_scans(folder, is_dixon=sequence == "dixon")
+    reference = str(cfg.get("reference", ""))
+    if reference not in scans:
+        raise DatasetError(f"{cfg_path}: reference scan {reference!r} not found among scans {sorted(scans)}")
+    annotation = folder / str(cfg.get("annotation", "annotation.nii.gz"))
+    if not annotation.exists():
+        raise DatasetError(f"{annotation}: missing the reference annotation (one annotated axial slice)")
+    regions = read_regions(folder / "regions.csv", scans) if (folder / "regions.csv").exists() else {}
+    return DatasetSpec(
+        name=name,
+        folder=folder,
+        modality=modality,
+        sequence=sequence,
+        reference=reference,
+        label_map=label_map,
+        n_classes=n_classes,
+        annotation=annotation,
+        scans=scans,
+        regions=regions,
+        description=str(cfg.get("description", "")),
+    )
+
+
+def parse_label_map(raw: object, cfg_path: Path) -> tuple[dict[int, int], int]:
+    if not isinstance(raw, dict) or not raw:
+        raise DatasetError(f"{cfg_path}: label_map must map label ids in your files to class names")
+    names = {str(v) for v in raw.values()}
+    if names <= set(CLASSES_4):
+        classes = CLASSES_4
+    elif names <= set(CLASSES_2):
+        classes = CLASSES_2
+    else:
+        raise DatasetError(
+            f"{cfg_path}: label_map names {sorted(names)} must all be 2-class {CLASSES_2} or all 4-class {CLASSES_4}"
+        )
+    if set(names) != set(classes):
+        raise DatasetError(f"{cfg_path}: label_map lacks classes {sorted(set(classes) - names)}")
+    mapping: dict[int, int] = {}
+    for key, value in raw.items():
+        try:
+            user_id = int(key)
+        except (TypeError, ValueError) as exc:
+            raise DatasetError(f"{cfg_path}: label id {key!r} is not an integer") from exc
+        if user_id <= 0:
+            raise DatasetError(f"{cfg_path}: label id {user_id} must be positive (0 is background)")
+        mapping[user_id] = classes.index(str(value)) + 1
+    return mapping, len(classes)
+
+
+def discover_scans(folder: Path, is_dixon: bool) -> dict[str, ScanSource]:
+    scan_dir = folder / "scans"
+    if not scan_dir.is_dir():
+        raise DatasetError(f"{scan_dir}: missing scans folder")
+    experts = folder / "experts"
+    found: dict[str, Path] = {}
+    fats: dict[str, Path] = {}
+    for entry in sorted(scan_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            stem = entry.name
+        elif entry.name.endswith(NIFTI_SUFFIXES):
+            stem = _strip_nifti(entry.name)
+        else:
+            continue
+        if is_dixon:
+            if stem.endswith("_water"):
+                found[validate_scan_id(stem[: -len("_water")], entry)] = entry
+            elif stem.endswith("_fat"):
+                fats[stem[: -len("_fat")]] = entry
+            else:
+                raise ScanError(entry, "Dixon scans must be named <id>_water / <id>_fat")
+        else:
+            found[validate_scan_id(stem, entry)] = entry
+    if not found:
+        raise DatasetError(f"{scan_dir}: no scans found")
+    sources: dict[str, ScanSource] = {}
+    for scan_id, image in found.items():
+        expert = _find_nifti(experts, scan_id)
+        sources[scan_id] = ScanSource(scan_id, image, fats.get(scan_id), expert)
+    return sources
+
+
+def _strip_nifti(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _find_nifti(folder: Path, stem: str) -> Path | None:
+    for suffix in NIFTI_SUFFIXES:
+        p = folder / f"{stem}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def read_regions(path: Path, scans: dict[str, ScanSource]) -> dict[str, tuple[int, int]]:
+    try:
+        table = pd.read_csv(path)
+    except Exception as exc:  # pandas raises several types for malformed CSV
+        raise DatasetError(f"{path}: unreadable region table ({exc})") from exc
+    missing = {"scan", "first_slice", "last_slice"} - set(table.columns)
+    if missing:
+        raise DatasetError(f"{path}: missing columns {sorted(missing)} (need scan,first_slice,last_slice)")
+    regions: dict[str, tuple[int, int]] = {}
+    for row in table.itertuples(index=False):
+        if str(row.scan) not in scans:
+            raise DatasetError(f"{path}: region for unknown scan {row.scan!r}")
+        regions[str(row.scan)] = (int(row.first_slice), int(row.last_slice))
+    return regions
+
+
+def map_labels(arr: np.ndarray, label_map: dict[int, int], path: Path | str) -> np.ndarray:
+    """User label ids -> our class ids. Unmapped non-zero values are an error, never silently dropped."""
+    values = np.unique(arr)
+    unknown = sorted(int(v) for v in values if v != 0 and int(v) not in label_map)
+    if unknown:
+        raise ScanError(
+            path, f"label values {unknown[:10]} are not in the dataset's label_map {sorted(label_map)}"
+        )
+    out = np.zeros(arr.shape, dtype=np.uint8)
+    for src, dst in label_map.items():
+        out[arr == src] = dst
+    return out
+
+
+def map_labels_keep(arr: np.ndarray, label_map: dict[int, int]) -> np.ndarray:
+    """Like :func:`map_labels` but ignores ids outside the map (multi-structure files such as TotalSegmentator's)."""
+    out = np.zeros(arr.shape, dtype=np.uint8)
+    for src, dst in label_map.items():
+        out[arr == src] = dst
+    return out
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Cheap change detector for a dataset folder: names, sizes and mtimes of every file (DICOM folders too).
+
+    Content hashes are computed later, per scan, by ingest; this only decides whether to look at all.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    folder = Path(folder)
+    for p in sorted(folder.rglob("*")):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        st = p.stat()
+        h.update(f"{p.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]

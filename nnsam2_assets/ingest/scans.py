@@ -1,0 +1,200 @@
+"""Scan ingest: read, validate, crop to the region, canonicalise, pair Dixon, align expert labels; the
+``scans`` asset's per-dataset step (``ingest_scans``) and the readers of its manifest."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from nnsam2_assets.core import Log, silent
+from nnsam2_assets.core.cache import ScanCache, cache_key
+from nnsam2_assets.core.imaging import (
+    Geometry,
+    ScanError,
+    align_labels,
+    as_float32,
+    crop_region,
+    pair_dixon,
+    read_image,
+    to_canonical,
+)
+from nnsam2_assets.core.layout import DatasetLayout
+from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_image, sha256_path, sha256_strings
+from nnsam2_assets.ingest.convention import DatasetSpec, ScanSource, map_labels_keep
+
+VERSION = "ingest-v1"
+
+
+@dataclass
+class PreparedScan:
+    scan_id: str
+    image: sitk.Image  # canonical region crop, float32, original units (water image for Dixon)
+    fat: sitk.Image | None
+    expert: sitk.Image | None  # canonical crop in our class ids
+    original: Geometry  # geometry of the uncropped source scan, to undo the crop later
+    region: tuple[int, int] | None
+    notes: list[str] = field(default_factory=list)
+
+
+def source_hash(source: ScanSource, spec: DatasetSpec) -> str:
+    """Content hash of everything a scan's ingest depends on (files, region, label map, modality)."""
+    parts = [sha256_path(source.image)]
+    if source.fat:
+        parts.append(sha256_path(source.fat))
+    if source.expert:
+        parts.append(sha256_path(source.expert))
+    parts += [str(spec.regions.get(source.scan_id)), str(sorted(spec.label_map.items())), spec.modality]
+    return sha256_strings(parts)
+
+
+def prepare_scan(spec: DatasetSpec, source: ScanSource) -> PreparedScan:
+    original = read_image(source.image)
+    notes: list[str] = []
+    region = spec.regions.get(source.scan_id)
+
+    def crop(img: sitk.Image, path: object) -> sitk.Image:
+        return crop_region(img, *region, path=str(path)) if region else img
+
+    fat = None
+    if spec.is_dixon:
+        if source.fat is None:
+            raise ScanError(source.image, "Dixon scan has no matching <id>_fat image")
+        fat_img = read_image(source.fat)
+        fat_paired = pair_dixon(original, fat_img, source.image, source.fat)
+        if not np.allclose(fat_img.GetOrigin(), original.GetOrigin(), atol=1e-2):
+            notes.append("water and fat origins differ; paired by array index (shape and spacing match)")
+        fat = to_canonical(crop(fat_paired, source.fat))
+    if spec.modality == "mri" and original.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8):
+        notes.append("8-bit MRI: intensity resolution is low")
+    image = as_float32(to_canonical(crop(original, source.image)))
+    _check_finite(image, source.image)
+
+    expert = None
+    if source.expert is not None:
+        raw = read_image(source.expert)
+        aligned = align_labels(sitk.Cast(raw, sitk.sitkInt32), original, source.expert)
+        arr = map_labels_keep(sitk.GetArrayFromImage(aligned), spec.label_map)
+        mapped = sitk.GetImageFromArray(arr)
+        mapped.CopyInformation(original)
+        expert = sitk.Cast(to_canonical(crop(mapped, source.expert)), sitk.sitkUInt8)
+    return PreparedScan(source.scan_id, image, fat, expert, Geometry.of(original), region, notes)
+
+
+def _check_finite(img: sitk.Image, path: object) -> None:
+    arr = sitk.GetArrayViewFromImage(img)
+    if not np.isfinite(arr).all():
+        raise ScanError(str(path), "image holds NaN or infinite values")
+    if float(arr.max()) == float(arr.min()):
+        raise ScanError(str(path), "image is constant (no contrast)")
+
+
+def read_manifest(layout: DatasetLayout) -> pd.DataFrame:
+    if not layout.manifest.exists():
+        return pd.DataFrame(columns=["status"]).rename_axis("scan")
+    return pd.read_parquet(layout.manifest).set_index("scan")
+
+
+def ok_scans(layout: DatasetLayout, manifest: pd.DataFrame | None = None) -> list[str]:
+    """Scans that passed ingest; pass the ``read_manifest`` result when the caller has it already."""
+    manifest = read_manifest(layout) if manifest is None else manifest
+    return sorted(manifest.index[manifest.status == "ok"].tolist())
+
+
+@dataclass
+class IngestReport:
+    manifest: pd.DataFrame
+    computed: int
+
+    @property
+    def good(self) -> pd.DataFrame:
+        return self.manifest[self.manifest.status == "ok"]
+
+    @property
+    def failed(self) -> pd.DataFrame:
+        return self.manifest[self.manifest.status != "ok"]
+
+    @property
+    def data_version(self) -> str:
+        return cache_key(*sorted(f"{r.scan}:{r.source_hash}" for r in self.good.itertuples()))
+
+
+def _file_stats(path: Path) -> list[str]:
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    out = []
+    for f in files:
+        st = os.stat(f)
+        # ctime as well: `cp -p` or `rsync -t` over an existing file keeps size, mtime and inode, but
+        # no user call can set ctime back
+        out.append(f"{f}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}")
+    return out
+
+
+def stat_signature(source: ScanSource, spec: DatasetSpec) -> str:
+    """Size, mtime, ctime and inode of a scan's files plus its ingest settings. Like git's index: when it matches
+    the recorded one, the content hash recorded with it is reused instead of re-reading every source file
+    on every run (tens of MB per scan)."""
+    parts: list[str] = []
+    for path in (source.image, source.fat, source.expert):
+        if path is not None:
+            parts += _file_stats(path)
+    parts += [str(spec.regions.get(source.scan_id)), str(sorted(spec.label_map.items())), spec.modality]
+    return sha256_strings(parts)
+
+
+def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) -> IngestReport:
+    """Every scan reoriented to LPS and cropped to its region; a bad scan becomes an error row, not a failure."""
+    cache = ScanCache(layout.dir("scans"))
+    rows, computed = [], 0
+    for scan_id, source in spec.scans.items():
+        outputs = [layout.scan_image(scan_id)]
+        try:
+            signature = stat_signature(source, spec)
+            info = cache.info(scan_id)
+            if (
+                info
+                and info.get("stat") == signature
+                and cache.is_fresh(scan_id, info["row"]["source_hash"], outputs)
+            ):
+                rows.append(info["row"])
+                continue
+            key = cache_key(VERSION, source_hash(source, spec))
+            if info and cache.is_fresh(scan_id, key, outputs):  # touched, same content
+                cache.record(scan_id, key, {"stat": signature, "row": info["row"]})
+                rows.append(info["row"])
+                continue
+            prepared = prepare_scan(spec, source)
+            atomic_write_image(prepared.image, layout.scan_image(scan_id))
+            if prepared.fat is not None:
+                atomic_write_image(prepared.fat, layout.scan_fat(scan_id))
+            if prepared.expert is not None:
+                atomic_write_image(prepared.expert, layout.scan_expert(scan_id))
+            size = prepared.image.GetSize()
+            row = {
+                "scan": scan_id,
+                "status": "ok",
+                "error": "",
+                "source": str(source.image),
+                "source_hash": key,
+                "shape_zyx": f"{size[2]}x{size[1]}x{size[0]}",
+                "spacing_mm": ",".join(f"{s:.3f}" for s in prepared.image.GetSpacing()),
+                "original_orientation": prepared.original.orientation(),
+                "region": "" if prepared.region is None else f"{prepared.region[0]}-{prepared.region[1]}",
+                "has_fat": prepared.fat is not None,
+                "has_expert": prepared.expert is not None,
+                "notes": "; ".join(prepared.notes),
+            }
+            cache.record(scan_id, key, {"stat": signature, "row": row})
+            computed += 1
+            rows.append(row)
+        except ScanError as exc:
+            log(f"scan {scan_id} excluded: {exc}")
+            rows.append({"scan": scan_id, "status": "error", "error": str(exc), "source": str(source.image)})
+    cache.forget_others(set(spec.scans))
+    manifest = pd.DataFrame(rows).fillna({"error": "", "notes": ""})
+    atomic_write_dataframe(manifest, layout.manifest)
+    return IngestReport(manifest, computed)

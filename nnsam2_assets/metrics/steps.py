@@ -1,0 +1,180 @@
+"""Per-dataset metrics (nnsam2 steps 7-8) as plain functions: per-scan quantification of the final masks with
+QC flags, and agreement with the experts. The Dagster assets (defs/metrics.py) write the returned tables to
+DuckDB and render metadata; bench/ calls the same functions without Dagster."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from nnsam2_assets.core.imaging import read_array, read_image
+from nnsam2_assets.core.labels import class_map, side_of, to_class_space
+from nnsam2_assets.core.layout import DatasetLayout
+from nnsam2_assets.ingest.convention import DatasetSpec
+from nnsam2_assets.ingest.scans import ok_scans
+from nnsam2_assets.metrics import quant, stats
+from nnsam2_assets.metrics.qc import QCConfig, qc_flags
+
+VERSION = "metrics-v2"
+AGREEMENT_VERSION = "agreement-v1"
+MEASURES = {
+    "volume_ml": "expert_volume_ml",
+    "fat_ratio": "expert_fat_ratio",
+    "ct_mean_hu": "expert_ct_mean_hu",
+}
+UNITS = {"volume_ml": "mL", "fat_ratio": "", "ct_mean_hu": "HU"}
+
+
+def _scan_rows(
+    spec: DatasetSpec, layout: DatasetLayout, scan: str, k: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-label and per-slice metrics of one scan (pooled class space, plus the 2-class merge for 4-class)."""
+    mask = read_image(layout.final_mask_canonical(scan))
+    image = read_image(layout.scan_image(scan))
+    inputs: dict = {}
+    if spec.modality == "ct":
+        inputs["ct"] = image
+    elif spec.is_dixon and layout.scan_fat(scan).exists():
+        inputs["water"], inputs["fat"] = image, read_image(layout.scan_fat(scan))
+    expert = None
+    if layout.scan_expert(scan).exists():
+        expert = to_class_space(read_array(layout.scan_expert(scan)), spec.n_classes, k)
+    mask_arr = sitk.GetArrayFromImage(mask)
+    schemes = [(f"{k}-class", mask_arr, expert, k)]
+    if k == 4:
+        merged_expert = None if expert is None else to_class_space(expert, 4, 2)
+        schemes.append(("2-class", to_class_space(mask_arr, 4, 2), merged_expert, 2))
+    per_label, per_slice = [], []
+    for scheme, arr, truth, n in schemes:
+        names = class_map(n)
+        spacing = mask.GetSpacing()
+        rows = quant.quantify(arr, names, scan, expert=truth, spacing=spacing, **inputs)
+        if truth is not None:
+            ref = quant.quantify(truth, names, scan, spacing=spacing, **inputs)
+            rows["expert_volume_ml"] = ref.volume_ml.to_numpy()
+            rows["expert_fat_ratio"] = ref.fat_ratio.to_numpy()
+            rows["expert_ct_mean_hu"] = ref.ct_mean_hu.to_numpy()
+        per_label.append(rows.assign(scheme=scheme))
+        if scheme == f"{k}-class":
+            sl = quant.quantify_per_slice(arr, names, scan, expert=truth, spacing=spacing, **inputs)
+            per_slice.append(sl.assign(scheme=scheme))
+    labels = pd.concat(per_label, ignore_index=True)
+    labels["side"] = labels.class_name.map(side_of)
+    return labels, pd.concat(per_slice, ignore_index=True)
+
+
+@dataclass
+class DatasetMetrics:
+    """The dataset's rows for every table ``scan_metrics`` owns, plus what its metadata shows."""
+
+    tables: dict[str, pd.DataFrame]
+    n_scans: int
+    n_classes: int
+
+    @property
+    def labels(self) -> pd.DataFrame:
+        return self.tables["scan_metrics"]
+
+    @property
+    def flags(self) -> pd.DataFrame:
+        return self.tables["qc_flags"]
+
+
+def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_id: str) -> DatasetMetrics:
+    """Volume, HU, fat ratio, Dice vs experts, per-slice areas, confidence, stage agreement and QC flags of
+    every scan with a final mask, each row carrying its lineage (model version, code version, run id)."""
+    name = spec.name
+    final = json.loads(layout.final_summary.read_text())
+    k = int(final["n_classes"])
+    stage_table = (
+        pd.read_parquet(layout.stage_agreement) if layout.stage_agreement.exists() else pd.DataFrame()
+    )
+    selection = (
+        pd.read_parquet(layout.pseudo_selection) if layout.pseudo_selection.exists() else pd.DataFrame()
+    )
+    lineage = {
+        "dataset": name,
+        "model_stage": "stage3",
+        "model_version": final["models"]["stage3"],
+        "code_version": VERSION,
+        "run_id": run_id,
+        "computed_at": pd.Timestamp.now(tz="UTC"),
+    }
+    stage_cols = [
+        c for c in ("stage1_vs_propagation", "stage2_vs_stage1", "stage3_vs_stage2") if c in stage_table
+    ]
+    labels, slices, confidence, scan_rows = [], [], [], []
+    for scan in ok_scans(layout):
+        if not layout.final_mask_canonical(scan).exists():
+            continue
+        per_label, per_slice = _scan_rows(spec, layout, scan, k)
+        conf = pd.read_parquet(layout.confidence(scan))
+        backend, model_id = str(conf.backend.iloc[0]), str(conf.model_id.iloc[0])
+        labels.append(per_label.assign(backend=backend, propagation_model=model_id))
+        slices.append(per_slice)
+        if len(selection):
+            kept = selection[selection.scan == scan][["slice", "kept"]]
+            conf = conf.merge(kept, on="slice", how="left")
+        confidence.append(conf.drop(columns=["scan"], errors="ignore").assign(scan=scan))
+        stage_row = stage_table[stage_table.scan == scan] if len(stage_table) else pd.DataFrame()
+        scan_rows.append(
+            {
+                "dataset": name,
+                "scan": scan,
+                "mean_confidence": float(conf.groupby("slice").confidence.mean().mean()),
+                "stage_dice_min": float(stage_row[stage_cols].min(axis=1).iloc[0])
+                if len(stage_row)
+                else np.nan,
+                "fragment_fraction": final["fragment_fraction"][scan],
+            }
+        )
+    label_df = pd.concat(labels, ignore_index=True).assign(**lineage) if labels else pd.DataFrame()
+    slice_df = pd.concat(slices, ignore_index=True).assign(**lineage) if slices else pd.DataFrame()
+    conf_df = pd.concat(confidence, ignore_index=True).assign(**lineage) if confidence else pd.DataFrame()
+    stage_df = stage_table.assign(**lineage) if len(stage_table) else pd.DataFrame()
+    qc_input = label_df[label_df.scheme == f"{k}-class"].rename(columns={"ct_mean_hu": "hu_mean"})
+    qc_input = qc_input.assign(label=qc_input.class_name)
+    flags = qc_flags(pd.DataFrame(scan_rows), qc_input, qc) if len(qc_input) else pd.DataFrame()
+    if len(flags):
+        flags = flags.assign(**{k_: v for k_, v in lineage.items() if k_ != "dataset"})
+        per_scan_flags = flags.groupby("scan").flag.apply(lambda f: ",".join(sorted(set(f))))
+        label_df["qc_flags"] = label_df.scan.map(per_scan_flags).fillna("")
+    elif len(label_df):
+        label_df["qc_flags"] = ""
+    tables = {
+        "scan_metrics": label_df,
+        "slice_metrics": slice_df,
+        "slice_confidence": conf_df,
+        "stage_agreement": stage_df,
+        "qc_flags": flags if len(flags) else pd.DataFrame(columns=["dataset"]),
+    }
+    return DatasetMetrics(tables, len(scan_rows), k)
+
+
+def agreement_with_experts(rows: pd.DataFrame, name: str, run_id: str) -> tuple[pd.DataFrame, bytes | None]:
+    """Per scheme, label and measure: paired TOST at +-5 % and +-10 % of the manual mean, ICC(3,1) and
+    ICC(2,1), Bland-Altman, MAE and Spearman, from the dataset's ``scan_metrics`` rows; plus one
+    Bland-Altman PNG (volume) when at least 3 scans have experts."""
+    out, plot = [], None
+    for (scheme, label), group in rows.groupby(["scheme", "class_name"]) if len(rows) else []:
+        group = group.set_index("scan")
+        for measure, expert_col in MEASURES.items():
+            if expert_col not in group or group[expert_col].isna().all() or group[measure].isna().all():
+                continue
+            for margin in (0.05, 0.10):
+                row = stats.agreement_table(group[measure], group[expert_col], measure, label, margin=margin)
+                out.append({"dataset": name, "scheme": scheme, **row})
+            if plot is None and measure == "volume_ml" and group[expert_col].notna().sum() >= 3:
+                plot = stats.bland_altman_png(
+                    group[measure], group[expert_col], f"{name} {label} volume", units=UNITS[measure]
+                )
+    table = pd.DataFrame(out)
+    if len(table):
+        table = table.assign(
+            code_version=AGREEMENT_VERSION, run_id=run_id, computed_at=pd.Timestamp.now(tz="UTC")
+        )
+    return table, plot

@@ -1,0 +1,112 @@
+"""The ``propagated_masks`` asset's per-dataset step: every ingested scan's masks from the one annotated slice,
+with a per-slice confidence table. Incremental per scan (``core.cache``): a scan whose content, annotation
+and backend are unchanged is neither propagated nor read again."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from nnsam2_assets.core.cache import ScanCache, cache_key
+from nnsam2_assets.core.imaging import read_array, read_image
+from nnsam2_assets.core.labels import mean_dice, to_class_space
+from nnsam2_assets.core.layout import DatasetLayout
+from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_image, sha256_file
+from nnsam2_assets.ingest.annotation import read_annotation_meta
+from nnsam2_assets.ingest.convention import DatasetSpec
+from nnsam2_assets.ingest.scans import ok_scans, read_manifest
+from nnsam2_assets.propagation.base import Propagator
+
+VERSION = "propagation-v1"
+
+
+@dataclass
+class PropagationReport:
+    summary: pd.DataFrame  # one row per scan: confidence, empty slices, expert Dice, backend, mask digest
+    computed: int
+    rewritten: int
+
+    @property
+    def data_version(self) -> str:
+        return cache_key(*self.summary.mask_sha256) if len(self.summary) else "empty"
+
+
+def _mask_summary(
+    scan_id: str, conf: pd.DataFrame, masks: np.ndarray, layout: DatasetLayout, n_classes: int
+) -> dict:
+    per_slice = conf.groupby("slice").agg(confidence=("confidence", "mean"), present=("present", "all"))
+    expert_dice = float("nan")
+    if layout.scan_expert(scan_id).exists():
+        truth = to_class_space(read_array(layout.scan_expert(scan_id)), n_classes, 2)
+        expert_dice = mean_dice(to_class_space(masks, n_classes, 2), truth, 2)
+    return {
+        "scan": scan_id,
+        "mean_confidence": float(per_slice.confidence.mean()),
+        "empty_slices": int((~per_slice.present).sum()),
+        "expert_dice": expert_dice,
+        "backend": str(conf.backend.iloc[0]),
+        "model_id": str(conf.model_id.iloc[0]),
+        "mask_sha256": sha256_file(layout.masks(scan_id)),
+    }
+
+
+def _differs(path: Path, arr: np.ndarray) -> bool:
+    return not path.exists() or not np.array_equal(read_array(path), arr)
+
+
+def propagate_masks(
+    spec: DatasetSpec, layout: DatasetLayout, build: Callable[[], Propagator], backend_id: str
+) -> PropagationReport:
+    """Masks per scan from the one annotated slice, with per-slice confidence; the propagator is built once,
+    and only when some scan needs it. A backend that works on frames (SAM2) keeps them under
+    ``layout.frames(scan)``, so the frames it tracked are the frames a user finds."""
+    ann = read_annotation_meta(layout)
+    manifest = read_manifest(layout)
+    cache = ScanCache(layout.dir("propagated_masks"))
+    inputs: dict = {}
+    rewritten = 0
+
+    def propagate(scan_id: str) -> dict:
+        nonlocal rewritten
+        if not inputs:
+            inputs["propagator"] = build()
+            inputs["reference"] = read_image(layout.scan_image(spec.reference))
+            inputs["annotation"] = read_image(layout.annotation)
+        target = read_image(layout.scan_image(scan_id))
+        result = inputs["propagator"].propagate(
+            inputs["reference"],
+            inputs["annotation"],
+            ann["seed_slice"],
+            target,
+            spec.modality,
+            frames_dir=layout.frames(scan_id),
+        )
+        masks = result.masks.astype(np.uint8)
+        if _differs(layout.masks(scan_id), masks):  # an identical result keeps its file (and digest)
+            mask = sitk.GetImageFromArray(masks)
+            mask.CopyInformation(target)
+            atomic_write_image(mask, layout.masks(scan_id))
+            rewritten += 1
+        table = result.confidence.assign(scan=scan_id, backend=result.backend, model_id=result.model_id)
+        atomic_write_dataframe(table, layout.confidence(scan_id))
+        return _mask_summary(scan_id, table, masks, layout, spec.n_classes)
+
+    rows, computed = [], 0
+    for scan_id in ok_scans(layout, manifest):
+        key = cache_key(VERSION, manifest.loc[scan_id, "source_hash"], ann["annotation_sha256"], backend_id)
+        outputs = [layout.masks(scan_id), layout.confidence(scan_id)]
+        info, was_computed = cache.get_or_compute(scan_id, key, outputs, lambda s=scan_id: propagate(s))
+        rows.append(info)
+        computed += was_computed
+    cache.forget_unseen()
+    return PropagationReport(pd.DataFrame(rows), computed, rewritten)
+
+
+def mask_digest(layout: DatasetLayout, scan_id: str) -> str:
+    info = ScanCache(layout.dir("propagated_masks")).info(scan_id)
+    return info["mask_sha256"] if info else sha256_file(layout.masks(scan_id))

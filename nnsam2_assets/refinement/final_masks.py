@@ -1,0 +1,127 @@
+"""The ``final_masks`` asset's per-dataset step: stage-3 predictions, cleaned, on each scan's original grid,
+with the stage-to-stage agreement per scan. Scans the models have not seen are predicted here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from nnsam2_assets.core import Log
+from nnsam2_assets.core.cache import ScanCache, cache_key
+from nnsam2_assets.core.imaging import read_array, read_image, to_original_grid
+from nnsam2_assets.core.labels import class_names, mean_dice, to_class_space
+from nnsam2_assets.core.layout import DatasetLayout, stage_prediction
+from nnsam2_assets.core.masks import clean_labels, fragment_fraction
+from nnsam2_assets.core.overlays import montage_png
+from nnsam2_assets.core.storage import (
+    atomic_write_dataframe,
+    atomic_write_image,
+    atomic_write_json,
+    sha256_file,
+)
+from nnsam2_assets.ingest.convention import DatasetSpec
+from nnsam2_assets.refinement import nnunet
+from nnsam2_assets.refinement.roi import Roi
+from nnsam2_assets.refinement.stages import (
+    STAGES,
+    VERSION,
+    current_model,
+    input_key,
+    predict_scan,
+    scan_key,
+    scan_roi,
+)
+
+
+@dataclass
+class FinalMasks:
+    table: pd.DataFrame
+    n_computed: int
+    class_names: tuple[str, ...]
+    models: dict
+    overlay_png: bytes | None
+
+
+def make_final_masks(
+    spec: DatasetSpec, layout: DatasetLayout, scans: list[str], root: Path, device: str, log: Log = print
+) -> FinalMasks:
+    """Final masks for one dataset from the current stage-3 model, with the stage-to-stage agreement table.
+
+    Scans the models have not seen (new scans) are predicted here; each stage's predictor loads at most once
+    per run. Output: the cleaned stage-3 mask on the canonical crop and on the original scan's grid.
+    """
+    models = {stage: current_model(root, stage) for stage in STAGES}
+    k = int(models["stage3"]["n_classes"])
+    predictors: dict[str, nnunet.Predictor] = {}
+    cache = ScanCache(layout.dir("final_masks"))
+    rows, computed, overlay = [], 0, None
+    fragments: dict[str, float] = {}
+    margins = {stage: models[stage].get("roi_margin_mm") for stage in STAGES}
+
+    def prediction(stage: str, scan: str, img: sitk.Image, content_key: str, roi: Roi | None) -> np.ndarray:
+        model_dir = Path(models[stage]["model_dir"])
+        path = stage_prediction(model_dir, spec.name, scan)
+        pcache = ScanCache(path.parent)
+        key = input_key(content_key, roi)
+        if not pcache.is_fresh(scan, key, [path]):
+            if stage not in predictors:
+                predictors[stage] = nnunet.Predictor.load(model_dir, device=device)
+            atomic_write_image(predict_scan(predictors[stage], img, roi), path)
+            pcache.record(scan, key)
+        return read_array(path)
+
+    for scan in scans:
+        img = read_image(layout.scan_image(scan))
+        content_key = scan_key(layout, scan)
+        # the stages share one profile, hence one margin: the mask is read and the scan hashed once per scan
+        rois = {m: scan_roi(layout, scan, m) for m in set(margins.values())}
+        key = cache_key(content_key, models["stage3"]["version"], VERSION)
+        outputs = [layout.final_mask(scan), layout.final_mask_canonical(scan)]
+        p1, p2, p3 = (prediction(s, scan, img, content_key, rois[margins[s]]) for s in STAGES)
+        if not cache.is_fresh(scan, key, outputs):
+            final = clean_labels(p3, k)
+            canonical = sitk.GetImageFromArray(final)
+            canonical.CopyInformation(img)
+            atomic_write_image(canonical, layout.final_mask_canonical(scan))
+            original = read_image(spec.scans[scan].image)
+            atomic_write_image(to_original_grid(canonical, original), layout.final_mask(scan))
+            cache.record(scan, key)
+            computed += 1
+        final = read_array(layout.final_mask_canonical(scan))
+        propagated = to_class_space(read_array(layout.masks(scan)), spec.n_classes, k)
+        fragments[scan] = fragment_fraction(p3, k)
+        row = {
+            "scan": scan,
+            "stage1_vs_propagation": mean_dice(p1, propagated, k),
+            "stage2_vs_stage1": mean_dice(p2, p1, k),
+            "stage3_vs_stage2": mean_dice(p3, p2, k),
+            "n_voxels": int((final > 0).sum()),
+            "mask_sha256": sha256_file(layout.final_mask_canonical(scan))[:16],
+            "expert_dice": np.nan,
+        }
+        if layout.scan_expert(scan).exists():
+            truth = to_class_space(read_array(layout.scan_expert(scan)), spec.n_classes, k)
+            row["expert_dice"] = mean_dice(final, truth, k)
+            row["propagation_expert_dice"] = mean_dice(propagated, truth, k)
+        rows.append(row)
+        if overlay is None:
+            overlay = montage_png(sitk.GetArrayFromImage(img), final)
+    cache.forget_others(set(scans))
+    table = pd.DataFrame(rows)
+    atomic_write_dataframe(table.assign(dataset=spec.name), layout.stage_agreement)
+    versions = {s: m["version"] for s, m in models.items()}
+    atomic_write_json(
+        {"models": versions, "n_classes": k, "fragment_fraction": fragments}, layout.final_summary
+    )
+    log(f"final masks: {computed} recomputed of {len(scans)}; predictors loaded: {sorted(predictors)}")
+    return FinalMasks(
+        table=table,
+        n_computed=computed,
+        class_names=class_names(k),
+        models=versions,
+        overlay_png=overlay,
+    )

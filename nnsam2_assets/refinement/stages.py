@@ -1,0 +1,313 @@
+"""The three pooled nnU-Net stages: what each trains on, training into a versioned model folder, and
+prediction of every scan of the pool with one predictor load.
+
+Pooling: datasets may differ in modality and class count, so the pool trains on the classes every dataset
+has: 4-class only when every dataset is 4-class, otherwise the 2-class side merge. MRI and CT share one
+input channel normalised per case (the wrapper's channel name is not "CT").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from nnsam2_assets.core import Log
+from nnsam2_assets.core.cache import ScanCache, cache_key
+from nnsam2_assets.core.imaging import read_array, read_image
+from nnsam2_assets.core.labels import class_names, ignore_label, mean_dice, to_class_space
+from nnsam2_assets.core.layout import (
+    DatasetLayout,
+    model_pointer,
+    model_root,
+    model_staging,
+    nnunet_work_root,
+    stage_prediction,
+)
+from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
+from nnsam2_assets.ingest.scans import ok_scans
+from nnsam2_assets.refinement import nnunet
+from nnsam2_assets.refinement.roi import Roi, roi_from_mask
+from nnsam2_assets.refinement.rules import StageRule, select_stage_cases, slice_agreement, volume_smooth
+
+VERSION = "refinement-v2"
+STAGES = ("stage1", "stage2", "stage3")
+STAGE_IDS = {"stage1": 901, "stage2": 902, "stage3": 903}
+PREVIOUS = {"stage2": ("stage1", None), "stage3": ("stage2", "stage1")}
+
+
+class RefinementError(RuntimeError):
+    pass
+
+
+@dataclass
+class Pool:
+    layouts: dict[str, DatasetLayout]
+    n_classes: dict[str, int]
+    scans: dict[str, list[str]]
+
+    @property
+    def classes(self) -> int:
+        return 4 if self.n_classes and all(k == 4 for k in self.n_classes.values()) else 2
+
+    def items(self) -> Iterator[tuple[str, str, DatasetLayout]]:
+        for dataset, scans in self.scans.items():
+            for scan in scans:
+                yield dataset, scan, self.layouts[dataset]
+
+    def to_pool(self, dataset: str, labels: np.ndarray, ignore: bool = False) -> np.ndarray:
+        return to_class_space(labels, self.n_classes[dataset], self.classes, ignore=ignore)
+
+
+def build_pool(root: Path, datasets: list[str], n_classes_of: Callable[[str], int], log: Log) -> Pool:
+    """The pool of every ingested dataset among ``datasets`` (its scans that passed ingest).
+
+    ``n_classes_of`` reads a dataset's class count from its description; a dataset whose folder was removed
+    or broke since ingest is left out, and ``log`` says so.
+    """
+    layouts = {
+        k: DatasetLayout(root, k) for k in sorted(datasets) if DatasetLayout(root, k).manifest.exists()
+    }
+    n_classes = {}
+    for name in layouts:
+        try:
+            n_classes[name] = n_classes_of(name)
+        except Exception as exc:  # any failure to read the description leaves only this dataset out
+            log(f"dataset {name} left out of the pool: {exc}")
+    return Pool(
+        layouts={k: v for k, v in layouts.items() if k in n_classes},
+        n_classes=n_classes,
+        scans={k: ok_scans(layouts[k]) for k in n_classes},
+    )
+
+
+@dataclass
+class StageResult:
+    stage: str
+    version: str
+    model_dir: Path
+    trained_now: bool
+    selection: pd.DataFrame
+    n_classes: int
+    profile: str
+    training_seconds: float
+    seconds_per_iteration: float
+    n_predicted: int
+    relaxed_datasets: list[str] = field(default_factory=list)
+
+    @property
+    def relaxed(self) -> bool:
+        return bool(self.relaxed_datasets)
+
+
+def current_model(root: Path, stage: str) -> dict:
+    pointer = model_pointer(root, stage)
+    if not pointer.exists():
+        raise RefinementError(f"{pointer}: no {stage} model yet; materialize nnunet_{stage} first")
+    return json.loads(pointer.read_text())
+
+
+def scan_key(layout: DatasetLayout, scan: str) -> str:
+    return sha256_file(layout.scan_image(scan))[:24]
+
+
+def scan_roi(layout: DatasetLayout, scan: str, margin_mm: float | None) -> Roi | None:
+    """The scan's muscle box from its propagated mask (None: whole slices, by profile or empty mask)."""
+    if margin_mm is None or not layout.masks(scan).exists():
+        return None
+    return roi_from_mask(read_image(layout.masks(scan)), margin_mm)
+
+
+def input_key(content_key: str, roi: Roi | None) -> str:
+    """What a prediction depends on: the scan's content (``scan_key``) and the box it is cropped to."""
+    return content_key + ("" if roi is None else f"-{roi.key()}")
+
+
+def predict_scan(predictor: nnunet.Predictor, img: sitk.Image, roi: Roi | None) -> sitk.Image:
+    """One scan's labels on its full canonical grid (predicted inside ``roi`` when given)."""
+    if roi is None:
+        arr = predictor.predict(img)
+    else:
+        size = img.GetSize()
+        arr = roi.paste(predictor.predict(roi.crop(img)), (size[2], size[1], size[0]))
+    out = sitk.GetImageFromArray(arr.astype(np.uint8))
+    out.CopyInformation(img)
+    return out
+
+
+def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) -> tuple[pd.DataFrame, dict]:
+    """Selection table and {(dataset, scan): label array in pool space} for the stage's training set."""
+    labels: dict[tuple[str, str], np.ndarray] = {}
+    if stage == "stage1":
+        rows = []
+        for dataset, scan, layout in pool.items():
+            if not layout.pseudo_label(scan).exists():
+                continue
+            arr = read_array(layout.pseudo_label(scan))
+            ignore_value = ignore_label(pool.n_classes[dataset])
+            n_kept = int((arr != ignore_value).reshape(arr.shape[0], -1).all(axis=1).sum())
+            rows.append({"dataset": dataset, "scan": scan, "n_kept": n_kept, "selected": n_kept > 0})
+            if n_kept > 0:
+                labels[(dataset, scan)] = pool.to_pool(dataset, arr, ignore=True)
+        return pd.DataFrame(rows), labels
+
+    previous, compare_to = PREVIOUS[stage]
+    prev = current_model(root, previous)
+    other = current_model(root, compare_to) if compare_to else None
+    rows, preds = [], {}
+    for dataset, scan, layout in pool.items():
+        pred_path = stage_prediction(Path(prev["model_dir"]), dataset, scan)
+        if not pred_path.exists():
+            continue
+        pred = read_array(pred_path)
+        if other is None:  # stage 2 compares stage-1 predictions with the propagated masks
+            ref = read_array(layout.masks(scan))
+            ref = pool.to_pool(dataset, ref)
+        else:
+            ref_path = stage_prediction(Path(other["model_dir"]), dataset, scan)
+            if not ref_path.exists():
+                continue
+            ref = read_array(ref_path)
+        score = mean_dice(pred, ref, pool.classes)
+        agree, slices_relaxed = slice_agreement(pred, ref, pool.classes, rule.min_slice_dice)
+        rows.append(
+            {
+                "dataset": dataset,
+                "scan": scan,
+                "mean_dice": score,
+                "smooth_ok": volume_smooth(pred, pool.classes, rule.area_ratio),
+                "n_kept": int(agree.sum()),
+                "slices_relaxed": slices_relaxed,
+            }
+        )
+        # slices where the two models disagree become "ignore": their errors (e.g. false positives on a
+        # neighbouring muscle) would otherwise be learned and reinforced stage after stage
+        label = pred.copy()
+        label[~agree] = ignore_label(pool.classes)
+        preds[(dataset, scan)] = label
+    if not rows:
+        raise RefinementError(
+            f"{stage}: no {previous} predictions to learn from; rematerialize nnunet_{previous}"
+        )
+    selection = select_stage_cases(pd.DataFrame(rows), rule)
+    selection["relaxed"] = selection.relaxed | (selection.selected & selection.slices_relaxed)
+    for row in selection[selection.selected & (selection.n_kept > 0)].itertuples():
+        labels[(row.dataset, row.scan)] = preds[(row.dataset, row.scan)]
+    return selection, labels
+
+
+def _train_and_predict(
+    stage: str,
+    pool: Pool,
+    root: Path,
+    profile: nnunet.Profile,
+    selection: pd.DataFrame,
+    labels: dict,
+    use_ignore: bool,
+    log: Log,
+) -> StageResult:
+    if not labels:
+        raise RefinementError(
+            f"{stage}: no usable training case in {len(pool.layouts)} dataset(s) "
+            f"({', '.join(pool.layouts) or 'none registered'}); every pseudo-label was dropped or missing"
+        )
+    staging = model_staging(root, stage)
+    cases, parts = [], [stage, VERSION, repr(profile), pool.classes, use_ignore]
+    for (dataset, scan), arr in sorted(labels.items()):
+        layout = pool.layouts[dataset]
+        img = read_image(layout.scan_image(scan))
+        label = sitk.GetImageFromArray(arr.astype(np.uint8))
+        label.CopyInformation(img)
+        image_path, label_path = layout.scan_image(scan), staging / dataset / f"{scan}.nii.gz"
+        roi = scan_roi(layout, scan, profile.roi_margin_mm)
+        if roi is not None:
+            image_path = staging / dataset / "images" / f"{scan}.nii.gz"
+            atomic_write_image(roi.crop(img), image_path)
+            label = roi.crop(label)
+        atomic_write_image(label, label_path)
+        cases.append(nnunet.TrainingCase(f"{dataset}__{scan}", image_path, label_path))
+        parts += [dataset, scan, input_key(scan_key(layout, scan), roi), sha256_file(label_path)[:16]]
+    version = cache_key(*parts)[:16]
+    model_dir = model_root(root, stage) / version
+    trained_now, t_train, per_iter = False, 0.0, float("nan")
+    if not (model_dir / nnunet.MODEL_INFO_FILE).exists():
+        log(f"{stage}: training on {len(cases)} cases ({profile.name} profile) into {model_dir}")
+        t0 = time.perf_counter()
+        info = nnunet.train_model(
+            cases=cases,
+            class_names=list(class_names(pool.classes)),
+            use_ignore=use_ignore,
+            work_root=nnunet_work_root(root),
+            model_dir=model_dir,
+            profile=profile,
+            dataset_id=STAGE_IDS[stage],
+        )
+        t_train, trained_now = time.perf_counter() - t0, True
+        per_iter = float(getattr(info, "seconds_per_iteration", float("nan")))
+    else:
+        log(f"{stage}: model {version} already trained on these inputs; reusing it")
+    n_pred = predict_pool(model_dir, pool, profile.device, log, profile.roi_margin_mm)
+    atomic_write_json(
+        {
+            "version": version,
+            "model_dir": str(model_dir),
+            "n_classes": pool.classes,
+            "stage": stage,
+            "roi_margin_mm": profile.roi_margin_mm,
+        },
+        model_pointer(root, stage),
+    )
+    relaxed = sorted(selection.dataset[selection.relaxed].unique()) if "relaxed" in selection else []
+    return StageResult(
+        stage,
+        version,
+        model_dir,
+        trained_now,
+        selection,
+        pool.classes,
+        profile.name,
+        t_train,
+        per_iter,
+        n_pred,
+        relaxed,
+    )
+
+
+def predict_pool(
+    model_dir: Path, pool: Pool, device: str, log: Log, roi_margin_mm: float | None = None
+) -> int:
+    """Predict every scan of the pool with one predictor load; cached per scan content (and box)."""
+    predictor, n = None, 0
+    for dataset, scan, layout in pool.items():
+        out = stage_prediction(model_dir, dataset, scan)
+        cache = ScanCache(out.parent)
+        roi = scan_roi(layout, scan, roi_margin_mm)
+        key = input_key(scan_key(layout, scan), roi)
+        if cache.is_fresh(scan, key, [out]):
+            continue
+        if predictor is None:
+            predictor = nnunet.Predictor.load(model_dir, device=device)
+        img = read_image(layout.scan_image(scan))
+        atomic_write_image(predict_scan(predictor, img, roi), out)
+        cache.record(scan, key)
+        n += 1
+    log(f"predicted {n} scan(s) with {model_dir.name}")
+    return n
+
+
+def run_stage1(pool: Pool, root: Path, profile: nnunet.Profile, log: Log = print) -> StageResult:
+    selection, labels = _stage_labels("stage1", pool, root, None)
+    return _train_and_predict("stage1", pool, root, profile, selection, labels, True, log)
+
+
+def run_next_stage(
+    stage: str, pool: Pool, root: Path, profile: nnunet.Profile, rule: StageRule, log: Log = print
+) -> StageResult:
+    selection, labels = _stage_labels(stage, pool, root, rule)
+    return _train_and_predict(stage, pool, root, profile, selection, labels, True, log)

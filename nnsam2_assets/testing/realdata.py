@@ -1,0 +1,86 @@
+"""The real data the tests and benchmarks read (``NNSAM2_SHARED_DATA``, default ``../shared/data`` beside
+the checkout), and builders of dataset folders over it: files are symlinked, never copied."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import yaml
+
+from nnsam2_assets.core.labels import TOTALSEG_LPM_IDS, class_map
+
+SHARED_DATA = Path(
+    os.environ.get("NNSAM2_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
+)
+TUM = SHARED_DATA / "myosegmentum"
+TS = SHARED_DATA / "totalsegmentator"
+CHAOS = SHARED_DATA / "chaos_unlabeled"
+TUM_LABEL_MAP = class_map(4)  # MyoSegmenTUM ids are ours (checked by position and size)
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.symlink_to(src)
+
+
+def one_slice_annotation(labels: sitk.Image, z: int) -> sitk.Image:
+    """Keep only array slice ``z`` (numpy axis 0 = the file's k axis) of a label volume."""
+    arr = sitk.GetArrayFromImage(labels)
+    out = np.zeros_like(arr)
+    out[z] = arr[z]
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(labels)
+    return img
+
+
+def write_yaml(path: Path, cfg: dict) -> None:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def tum_dataset(root: Path, name: str = "tum", reference: str = "TUM01", seed_z: int | None = None) -> Path:
+    """Both MyoSegmenTUM Dixon subjects with their manual 4-class labels; annotation = one slice of ``reference``."""
+    folder = root / name
+    for case in ("TUM01", "TUM02"):
+        _link(TUM / f"{case}_water.nii.gz", folder / "scans" / f"{case}_water.nii.gz")
+        _link(TUM / f"{case}_fat.nii.gz", folder / "scans" / f"{case}_fat.nii.gz")
+        _link(TUM / f"{case}_label_watergrid.nii.gz", folder / "experts" / f"{case}.nii.gz")
+    labels = sitk.ReadImage(str(TUM / f"{reference}_label_watergrid.nii.gz"))
+    z = labels.GetSize()[2] // 2 if seed_z is None else seed_z
+    sitk.WriteImage(one_slice_annotation(labels, z), str(folder / "annotation.nii.gz"))
+    write_yaml(
+        folder / "dataset.yaml",
+        {"modality": "mri", "sequence": "dixon", "reference": reference, "label_map": TUM_LABEL_MAP},
+    )
+    return folder
+
+
+def ct_dataset(root: Path, name: str = "ts-ct") -> Path:
+    """The TotalSegmentator CT volume and the DICOM series; label files use ids 87/86 (autochthon R/L)."""
+    folder = root / name
+    _link(TS / "example_ct_sm.nii.gz", folder / "scans" / "ctsm.nii.gz")
+    _link(TS / "example_ct_sm_seg_total.nii.gz", folder / "experts" / "ctsm.nii.gz")
+    _link(TS / "example_ct_dicom", folder / "scans" / "ctdicom")
+    _link(TS / "example_ct_dicom_seg_total_fast.nii.gz", folder / "experts" / "ctdicom.nii.gz")
+    seg = sitk.ReadImage(str(TS / "example_ct_sm_seg_total.nii.gz"))
+    arr = sitk.GetArrayFromImage(seg)
+    both = [z for z in range(arr.shape[0]) if all((arr[z] == i).any() for i in TOTALSEG_LPM_IDS.values())]
+    z = both[len(both) // 2]
+    ann = one_slice_annotation(seg, z)
+    a = sitk.GetArrayFromImage(ann)
+    a[~np.isin(a, list(TOTALSEG_LPM_IDS.values()))] = 0
+    clean = sitk.GetImageFromArray(a)
+    clean.CopyInformation(seg)
+    sitk.WriteImage(clean, str(folder / "annotation.nii.gz"))
+    write_yaml(
+        folder / "dataset.yaml",
+        {
+            "modality": "ct",
+            "sequence": "ct",
+            "reference": "ctsm",
+            "label_map": {TOTALSEG_LPM_IDS[c]: name for c, name in class_map(2).items()},
+        },
+    )
+    return folder

@@ -1,0 +1,115 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnsam2_assets.core.imaging import (
+    Geometry,
+    ScanError,
+    align_labels,
+    crop_region,
+    pair_dixon,
+    read_image,
+    to_canonical,
+    to_original_grid,
+)
+
+
+def _volume(direction: str = "LPS", shape=(6, 5, 4)) -> sitk.Image:
+    arr = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((1.0, 2.0, 3.0))
+    img.SetOrigin((10.0, -5.0, 7.0))
+    return sitk.DICOMOrient(img, direction) if direction != "LPS" else img
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LAS", "RPI", "LPI", "SLP"])
+def test_canonical_orientation_preserves_physical_positions(orientation):
+    original = _volume(orientation)
+    canonical = to_canonical(original)
+    assert Geometry.of(canonical).orientation() == "LPS"
+    assert np.allclose(canonical.GetDirection(), np.eye(3).ravel())
+    # the same physical point carries the same value before and after
+    for idx in [(0, 0, 0), (1, 2, 3)]:
+        point = canonical.TransformIndexToPhysicalPoint(idx)
+        back = original.TransformPhysicalPointToIndex(point)
+        assert canonical[idx] == original[back]
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "LPI"])  # z feet-to-head and head-to-feet
+def test_region_crop_accepts_either_index_order_and_shifts_origin(orientation):
+    img = _volume(orientation)
+    a = crop_region(img, 1, 3)
+    b = crop_region(img, 3, 1)  # the reference's arr[L3_L4:L5_S1] was empty when z ran the other way
+    assert a.GetSize()[2] == b.GetSize()[2] == 3
+    assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+    # the crop's first voxel sits where slice 1 sat in the full volume (reference bug: origin not shifted)
+    assert np.allclose(a.GetOrigin(), img.TransformIndexToPhysicalPoint((0, 0, 1)))
+
+
+def test_region_outside_volume_is_a_clear_error():
+    with pytest.raises(ScanError, match=r"region slices 2\.\.9 outside the volume's 6 axial slices"):
+        crop_region(_volume(), 2, 9, path="scan.nii.gz")
+
+
+def test_mask_round_trip_to_original_grid():
+    original = _volume("RAS")
+    canonical = to_canonical(crop_region(original, 1, 4))
+    mask = sitk.Cast(canonical > 50, sitk.sitkUInt8)
+    back = to_original_grid(mask, original)
+    assert back.GetSize() == original.GetSize()
+    assert np.allclose(back.GetDirection(), original.GetDirection())
+    assert np.allclose(back.GetOrigin(), original.GetOrigin())
+    expected = np.zeros(sitk.GetArrayFromImage(original).shape, bool)
+    arr = sitk.GetArrayFromImage(original)
+    # axial axis of RAS is k; slices 1..4 of the original hold the crop
+    expected[1:5] = arr[1:5] > 50
+    assert np.array_equal(sitk.GetArrayFromImage(back).astype(bool), expected)
+
+
+def test_dixon_pairing_by_array_index():
+    water = _volume()
+    fat = _volume()
+    fat.SetOrigin((200.0, 150.0, 190.0))  # the real TUM fat image carries a different origin
+    paired = pair_dixon(water, fat, "w.nii.gz", "f.nii.gz")
+    assert paired.GetOrigin() == water.GetOrigin()
+    wrong = sitk.Image([4, 5, 5], sitk.sitkFloat32)
+    with pytest.raises(
+        ScanError, match=r"f\.nii\.gz: Dixon fat shape \(4, 5, 5\) differs from water \(4, 5, 6\)"
+    ):
+        pair_dixon(water, wrong, "w.nii.gz", "f.nii.gz")
+    wrong_spacing = _volume()
+    wrong_spacing.SetSpacing((1.0, 2.0, 4.0))
+    with pytest.raises(ScanError, match="spacing"):
+        pair_dixon(water, wrong_spacing, "w.nii.gz", "f.nii.gz")
+
+
+def test_unreadable_and_not_3d_files(tmp_path: Path):
+    bad = tmp_path / "corrupt.nii.gz"
+    bad.write_bytes(b"not a nifti at all")
+    with pytest.raises(ScanError, match=r"corrupt\.nii\.gz: unreadable or corrupt image"):
+        read_image(bad)
+    flat = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.Image([8, 8], sitk.sitkFloat32), str(flat))
+    with pytest.raises(ScanError, match=r"flat\.nii\.gz: expected a 3-D volume, got 2-D"):
+        read_image(flat)
+    with pytest.raises(ScanError, match="file not found"):
+        read_image(tmp_path / "missing.nii.gz")
+    empty_dir = tmp_path / "dicom"
+    empty_dir.mkdir()
+    with pytest.raises(ScanError, match="folder holds no DICOM series"):
+        read_image(empty_dir)
+
+
+def test_flipped_label_is_aligned_in_physical_space():
+    image = _volume("LPS")
+    label = sitk.Cast(image > 60, sitk.sitkUInt8)
+    flipped = sitk.DICOMOrient(label, "LAS")  # y flipped, same physical content
+    assert not np.array_equal(sitk.GetArrayFromImage(flipped), sitk.GetArrayFromImage(label))
+    aligned = align_labels(flipped, image, "label.nii.gz")
+    assert np.array_equal(sitk.GetArrayFromImage(aligned), sitk.GetArrayFromImage(label))
+    far = sitk.Image(label)
+    far.SetOrigin((1000.0, 1000.0, 1000.0))
+    with pytest.raises(ScanError, match="does not overlap the scan in physical space"):
+        align_labels(far, image, "label.nii.gz")

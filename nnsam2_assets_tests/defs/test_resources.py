@@ -1,0 +1,77 @@
+"""Resources come from environment variables through ``dg.EnvVar``, and load with none set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from nnsam2_assets.core import layout
+from nnsam2_assets.defs.resources import SAM2_CHECKPOINT_ENV, build_resources
+
+ENV = (
+    layout.HOME_ENV,
+    layout.DATA_ROOT_ENV,
+    layout.STORAGE_ROOT_ENV,
+    layout.DUCKDB_ENV,
+    SAM2_CHECKPOINT_ENV,
+    "DAGSTER_HOME",
+)
+
+
+@pytest.fixture
+def bare_env(monkeypatch, tmp_path):
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _resolved(resources: dict) -> dict:
+    """The resources as a run sees them (EnvVars resolved), built by Dagster itself."""
+
+    @dg.asset(required_resource_keys={"storage", "metrics_db", "propagation"})
+    def probe(context) -> dict:
+        r = context.resources
+        return {
+            "data": r.storage.data,
+            "root": r.storage.root,
+            "duckdb": Path(r.metrics_db.database),
+            "checkpoint": r.propagation.sam2_checkpoint,
+            "backend": r.propagation.resolved_backend(),
+        }
+
+    result = dg.materialize([probe], resources=resources)
+    assert result.success
+    return result.output_for_node("probe")
+
+
+def test_resources_load_with_no_environment_variable_set(bare_env):
+    seen = _resolved(build_resources())
+    home = (bare_env / ".nnsam2").resolve()
+    assert seen["data"] == home / "data" and seen["root"] == home / "storage"
+    assert seen["duckdb"] == home / "storage" / "nnsam2.duckdb"
+    assert seen["checkpoint"] == "" and seen["backend"] == "registration"
+
+
+def test_resources_read_their_environment_variables(bare_env, monkeypatch):
+    ckpt = bare_env / "sam2.pt"
+    ckpt.write_bytes(b"")
+    monkeypatch.setenv(layout.DATA_ROOT_ENV, str(bare_env / "d"))
+    monkeypatch.setenv(layout.STORAGE_ROOT_ENV, str(bare_env / "s"))
+    monkeypatch.setenv(SAM2_CHECKPOINT_ENV, str(ckpt))
+    resources = build_resources()
+    # the UI shows which variable a value came from
+    assert isinstance(resources["storage"].data_root, dg.EnvVar)
+    assert resources["storage"].data_root.env_var_name == layout.DATA_ROOT_ENV
+    seen = _resolved(resources)
+    assert seen["data"] == bare_env / "d" and seen["root"] == bare_env / "s"
+    assert seen["duckdb"] == bare_env / "s" / "nnsam2.duckdb"
+    assert seen["checkpoint"] == str(ckpt)
+
+
+def test_explicit_roots_win_over_the_environment(bare_env, monkeypatch):
+    monkeypatch.setenv(layout.STORAGE_ROOT_ENV, str(bare_env / "elsewhere"))
+    seen = _resolved(build_resources(bare_env / "d", bare_env / "s"))
+    assert seen["root"] == (bare_env / "s").resolve() and seen["duckdb"] == bare_env / "s" / "nnsam2.duckdb"

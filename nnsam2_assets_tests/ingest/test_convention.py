@@ -1,0 +1,130 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnsam2_assets.core.imaging import ScanError, read_image
+from nnsam2_assets.core.labels import merge_sides
+from nnsam2_assets.ingest.annotation import validate_annotation
+from nnsam2_assets.ingest.convention import DatasetError, load_dataset, map_labels, validate_dataset_key
+from nnsam2_assets.testing.realdata import write_yaml
+
+
+def _write(img_arr: np.ndarray, path: Path, spacing=(1.0, 1.0, 3.0)) -> sitk.Image:
+    img = sitk.GetImageFromArray(img_arr)
+    img.SetSpacing(spacing)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+    return img
+
+
+def _tiny_dataset(root: Path, annotation: np.ndarray | None = None, **cfg) -> Path:
+    folder = root / "tiny"
+    rng = np.random.default_rng(0)
+    for scan in ("a", "b"):
+        _write(rng.normal(size=(6, 16, 16)).astype(np.float32), folder / "scans" / f"{scan}.nii.gz")
+    if annotation is None:
+        annotation = np.zeros((6, 16, 16), np.uint8)
+        annotation[3, 4:8, 2:6] = 1
+        annotation[3, 4:8, 10:14] = 2
+    _write(annotation, folder / "annotation.nii.gz")
+    base = {
+        "modality": "mri",
+        "sequence": "t2",
+        "reference": "a",
+        "label_map": {1: "right_lpm", 2: "left_lpm"},
+    }
+    base.update(cfg)
+    write_yaml(folder / "dataset.yaml", base)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "x,y", "p|q", "Upper", "", "-lead", "with space"])
+def test_partition_keys_must_be_slugs(name):
+    with pytest.raises(DatasetError, match="invalid dataset name"):
+        validate_dataset_key(name)
+
+
+@pytest.mark.parametrize("name", ["tum", "demo-ct", "cohort_2025", "a1"])
+def test_valid_partition_keys(name):
+    assert validate_dataset_key(name) == name
+
+
+def test_label_maps_and_side_merge():
+    arr = np.array([0, 87, 86, 87])
+    assert map_labels(arr, {87: 1, 86: 2}, "x").tolist() == [0, 1, 2, 1]
+    with pytest.raises(
+        ScanError, match=r"lab\.nii\.gz: label values \[5\] are not in the dataset's label_map"
+    ):
+        map_labels(np.array([0, 1, 5]), {1: 1, 2: 2}, "lab.nii.gz")
+    assert merge_sides(np.array([0, 1, 2, 3, 4])).tolist() == [0, 1, 1, 2, 2]
+
+
+def test_loads_a_valid_dataset(tmp_path):
+    _tiny_dataset(tmp_path)
+    spec = load_dataset(tmp_path, "tiny")
+    assert spec.n_classes == 2 and spec.reference == "a" and sorted(spec.scans) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"modality": "pet"}, "modality must be one of"),
+        ({"reference": "zzz"}, "reference scan 'zzz' not found"),
+        ({"label_map": {1: "right_lpm", 2: "left_es"}}, "must all be 2-class"),
+        ({"label_map": {1: "right_lpm"}}, r"label_map lacks classes \['left_lpm'\]"),
+        ({"sequence": "ct"}, "does not fit modality"),
+    ],
+)
+def test_invalid_dataset_descriptions(tmp_path, cfg, message):
+    _tiny_dataset(tmp_path, **cfg)
+    with pytest.raises(DatasetError, match=message) as info:
+        load_dataset(tmp_path, "tiny")
+    assert "dataset.yaml" in str(info.value)
+
+
+def _check(tmp_path, annotation: np.ndarray, spacing=(1.0, 1.0, 3.0)):
+    folder = _tiny_dataset(tmp_path)
+    _write(annotation, folder / "annotation.nii.gz", spacing)
+    spec = load_dataset(tmp_path, "tiny")
+    return validate_annotation(
+        read_image(spec.annotation), read_image(spec.scans["a"].image), spec, spec.annotation
+    )
+
+
+def test_annotation_rules(tmp_path):
+    ok = np.zeros((6, 16, 16), np.uint8)
+    ok[3, 4:8, 2:6], ok[3, 4:8, 10:14] = 1, 2
+    result = _check(tmp_path, ok)
+    assert result.seed_slice == 3 and result.classes_present == (1, 2)
+
+    with pytest.raises(ScanError, match=r"annotation\.nii\.gz: annotation is empty"):
+        _check(tmp_path, np.zeros_like(ok))
+    several = ok.copy()
+    several[4] = ok[3]
+    with pytest.raises(ScanError, match=r"annotation covers 2 axial slices \(indices \[3, 4\]\)"):
+        _check(tmp_path, several)
+    one_side = ok.copy()
+    one_side[one_side == 2] = 0
+    with pytest.raises(ScanError, match=r"annotation lacks class\(es\) \['left_lpm'\]"):
+        _check(tmp_path, one_side)
+    foreign = ok.copy()
+    foreign[3, 0, 0] = 9
+    with pytest.raises(ScanError, match=r"label values \[9\] are not in the dataset's label_map"):
+        _check(tmp_path, foreign)
+    with pytest.raises(ScanError, match="annotation is not on the reference scan's grid"):
+        _check(tmp_path, ok, spacing=(2.0, 1.0, 3.0))
+    with pytest.raises(ScanError, match="annotation is not on the reference scan's grid"):
+        _check(tmp_path, ok[:, :10])
+
+
+def test_annotation_outside_region(tmp_path):
+    folder = _tiny_dataset(tmp_path)
+    (folder / "regions.csv").write_text("scan,first_slice,last_slice\na,0,2\nb,5,1\n")
+    spec = load_dataset(tmp_path, "tiny")
+    assert spec.regions == {"a": (0, 2), "b": (5, 1)}
+    with pytest.raises(ScanError, match=r"annotated slice 3 lies outside the reference's region 0\.\.2"):
+        validate_annotation(
+            read_image(spec.annotation), read_image(spec.scans["a"].image), spec, spec.annotation
+        )

@@ -1,0 +1,109 @@
+import pandas as pd
+
+from nnsam2_assets.metrics.qc import QCConfig, qc_flags, robust_z
+
+
+def _labels(volumes: dict[str, tuple[float, float]], hu: float | None = None) -> pd.DataFrame:
+    rows = []
+    for scan, (right, left) in volumes.items():
+        for label, side, vol in (("right_lpm", "right", right), ("left_lpm", "left", left)):
+            rows.append(
+                {"dataset": "d", "scan": scan, "label": label, "side": side, "volume_ml": vol, "hu_mean": hu}
+            )
+    return pd.DataFrame(rows)
+
+
+def _scans(names, conf=0.9, dice=0.95, frag=0.0) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "dataset": "d",
+            "scan": list(names),
+            "mean_confidence": conf,
+            "stage_dice_min": dice,
+            "fragment_fraction": frag,
+        }
+    )
+
+
+def test_clean_cohort_has_no_flags():
+    vols = {f"s{i}": (100.0 + i, 98.0 + i) for i in range(6)}
+    assert qc_flags(_scans(vols), _labels(vols, hu=40.0)).empty
+
+
+def test_each_flag_fires_with_its_reason_and_severity():
+    vols = {f"s{i}": (100.0 + i, 99.0) for i in range(6)}
+    vols["s_asym"] = (100.0, 40.0)
+    vols["s_big"] = (400.0, 390.0)
+    vols["s_empty"] = (0.0, 100.0)
+    scans = _scans(vols)
+    scans.loc[scans.scan == "s0", "mean_confidence"] = 0.2
+    scans.loc[scans.scan == "s1", "stage_dice_min"] = 0.7
+    scans.loc[scans.scan == "s2", "fragment_fraction"] = 0.3
+    labels = _labels(vols, hu=40.0)
+    labels.loc[labels.scan == "s3", "hu_mean"] = 180.0
+    flags = qc_flags(scans, labels, QCConfig())
+    got = {(r.scan, r.flag, r.severity) for r in flags.itertuples()}
+    assert ("s0", "low_confidence", "WARN") in got
+    assert ("s1", "stage_disagreement", "WARN") in got
+    assert ("s2", "fragmented_mask", "WARN") in got
+    assert ("s3", "implausible_hu", "WARN") in got
+    assert ("s_asym", "asymmetry", "WARN") in got
+    assert ("s_big", "volume_ml_outlier", "WARN") in got
+    assert ("s_empty", "empty_mask", "ERROR") in got
+    assert "ratio 2.50 > 1.5" in flags[flags.flag == "asymmetry"].detail.iloc[0]
+
+
+def test_fat_asymmetry_compares_volume_weighted_side_fat_ratios():
+    vols = {"s_sym": (100.0, 100.0), "s_asym": (100.0, 100.0)}
+    labels = _labels(vols)
+    labels["fat_ratio"] = 0.10
+    labels.loc[(labels.scan == "s_asym") & (labels.side == "left"), "fat_ratio"] = 0.20
+    flags = qc_flags(_scans(vols), labels, QCConfig())
+    assert list(flags.flag) == ["fat_asymmetry"] and list(flags.scan) == ["s_asym"]
+    assert "right 0.100 vs left 0.200 (|difference| 0.100 > 0.05)" in flags.detail.iloc[0]
+    # 4-class rows: a small fatty multifidus beside a large lean erector spinae is weighted by volume
+    four = pd.DataFrame(
+        [
+            {
+                "dataset": "d",
+                "scan": "s",
+                "label": "right_es",
+                "side": "right",
+                "volume_ml": 90.0,
+                "fat_ratio": 0.1,
+            },
+            {
+                "dataset": "d",
+                "scan": "s",
+                "label": "right_mf",
+                "side": "right",
+                "volume_ml": 10.0,
+                "fat_ratio": 0.1,
+            },
+            {
+                "dataset": "d",
+                "scan": "s",
+                "label": "left_es",
+                "side": "left",
+                "volume_ml": 90.0,
+                "fat_ratio": 0.1,
+            },
+            {
+                "dataset": "d",
+                "scan": "s",
+                "label": "left_mf",
+                "side": "left",
+                "volume_ml": 10.0,
+                "fat_ratio": 0.5,
+            },
+        ]
+    )
+    assert qc_flags(_scans(["s"]), four, QCConfig()).empty  # sides 0.10 vs 0.14: within 0.05
+    four.loc[3, "fat_ratio"] = 0.7  # left 0.16
+    assert list(qc_flags(_scans(["s"]), four, QCConfig()).flag) == ["fat_asymmetry"]
+
+
+def test_robust_z_handles_zero_spread():
+    assert (robust_z(pd.Series([1.0, 1.0, 1.0])) == 0).all()
+    z = robust_z(pd.Series([1.0, 2.0, 3.0, 4.0, 100.0]))
+    assert z.iloc[-1] > 3.5 > abs(z.iloc[0])

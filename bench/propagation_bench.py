@@ -23,7 +23,7 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import stats
 
-from nnsam2_assets.core.labels import mean_dice, merge_sides, slice_dice
+from nnsam2_assets.core.labels import mean_dice, mean_slice_dice, merge_sides, slice_dice
 from nnsam2_assets.propagation.backends import build_propagator
 from nnsam2_assets.testing.realdata import TUM
 
@@ -53,7 +53,7 @@ def score(masks: np.ndarray, truth: np.ndarray, confidence: pd.DataFrame, n_clas
     top = np.argsort(-np.where(ok, conf, -np.inf))[:k]
     rho = stats.spearmanr(conf[ok], sd[ok]).statistic if ok.sum() > 2 else float("nan")
     return {
-        "dice": float(np.nanmean(sd)),
+        "dice": mean_slice_dice(masks, truth, n_classes),
         "top10_dice": float(np.nanmean(sd[top])),
         "spearman": float(rho),
         "volume_dice": mean_dice(masks, truth, n_classes),

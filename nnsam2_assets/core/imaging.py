@@ -110,11 +110,6 @@ def same_grid(a: sitk.Image, b: sitk.Image, tol: float = GRID_TOLERANCE) -> bool
     )
 
 
-def same_array_grid(a: sitk.Image, b: sitk.Image, tol: float = GRID_TOLERANCE) -> bool:
-    """Same voxel grid by array: shape and spacing (origin and direction may differ)."""
-    return a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
-
-
 def resample_labels_to(label: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """Nearest-neighbour resample of a label image onto ``reference``'s grid through physical space."""
     out = sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
@@ -209,14 +204,6 @@ class Geometry:
 
     def orientation(self) -> str:
         return sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(self.direction)
-
-
-def image_from_array(arr: np.ndarray, like: sitk.Image, pixel_type: int | None = None) -> sitk.Image:
-    img = sitk.GetImageFromArray(arr)
-    if pixel_type is not None:
-        img = sitk.Cast(img, pixel_type)
-    img.CopyInformation(like)
-    return img
 
 
 def as_float32(img: sitk.Image) -> sitk.Image:

@@ -95,15 +95,6 @@ def atomic_write_dataframe(df: pd.DataFrame, path: Path) -> Path:
     raise ValueError(f"unsupported table suffix for {path}: use .parquet or .csv")
 
 
-def write_if_changed(data: bytes, path: Path) -> bool:
-    """Write only when content differs, so unchanged outputs keep their mtime and hash. Returns True if written."""
-    path = Path(path)
-    if path.exists() and path.read_bytes() == data:
-        return False
-    atomic_write_bytes(data, path)
-    return True
-
-
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

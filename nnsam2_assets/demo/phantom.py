@@ -153,10 +153,6 @@ def params_from_z(z: np.ndarray, variation: float = 1.0) -> PhantomParams:
     return PhantomParams(**values)
 
 
-def sample_params(rng: np.random.Generator, variation: float = 1.0) -> PhantomParams:
-    return params_from_z(rng.standard_normal(len(PARAM_SPECS)), variation)
-
-
 # --------------------------------------------------------------------------------------------------
 # The phantom
 # --------------------------------------------------------------------------------------------------

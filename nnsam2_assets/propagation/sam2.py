@@ -1,7 +1,7 @@
 """SAM2 video-predictor propagation backend (``backend="sam2"``); see docs/method.md, "SAM2 confidence".
 
 One annotated reference slice is the ONLY prompt (``add_new_mask`` on frame 0, one object id per class id).
-The reference and target volumes are interleaved into two "videos" (see ``lib/frames.py``): a superior one and
+The reference and target volumes are interleaved into two "videos" (see ``propagation/frames.py``): a superior one and
 an inferior one, each starting with the prompted reference seed frame and tracked FORWARD from frame 0.
 Two forward sequences (rather than one sequence with ``reverse=True``) keep each direction's memory bank free
 of frames from the other direction and let both directions see the target seed-level slice right after the

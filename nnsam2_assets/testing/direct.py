@@ -21,7 +21,7 @@ from nnsam2_assets.ingest.convention import DatasetSpec, load_dataset
 from nnsam2_assets.ingest.scans import ingest_scans, ok_scans
 from nnsam2_assets.metrics.qc import QCConfig
 from nnsam2_assets.metrics.steps import agreement_with_experts, dataset_metrics
-from nnsam2_assets.metrics.store import SCHEMA, replace_dataset_rows
+from nnsam2_assets.metrics.store import SCHEMA, replace_dataset
 from nnsam2_assets.pipeline import PHASES
 from nnsam2_assets.propagation.steps import propagate_masks
 from nnsam2_assets.pseudolabels.selection import SelectionConfig
@@ -52,8 +52,7 @@ class DirectRun:
         )
 
     def write_rows(self, name: str, tables: dict[str, pd.DataFrame]) -> None:
-        with duckdb.connect(str(duckdb_path(self.storage_root))) as con:
-            replace_dataset_rows(con, name, tables)
+        replace_dataset(duckdb_path(self.storage_root), name, tables)
 
 
 def _scan_metrics(run: DirectRun, name: str) -> None:

@@ -14,7 +14,7 @@ from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.definitions import all_assets
 from nnsam2_assets.defs.resources import build_resources
 from nnsam2_assets.demo.datasets import write_demo_dataset
-from nnsam2_assets.pipeline import INGEST  # noqa: E402,F401
+from nnsam2_assets.pipeline import INGEST
 
 
 @pytest.fixture
@@ -149,3 +149,30 @@ def test_an_outlying_reference_raises_a_warning_check_not_a_failure(tiny):
     suggested = _metadata(result, "reference_ranking")["suggested_reference"]
     assert suggested != reference and f"consider annotating {suggested}" in check.description
     assert _metadata(result, "reference_ranking")["reference_rank"] == 3
+
+
+def test_one_bad_scan_does_not_block_but_no_readable_scan_does(tiny):
+    """``all_scans_readable`` reports a bad scan and lets the others go on; the blocking
+    ``any_scan_readable`` stops the downstream assets only when no scan is left."""
+    instance, data, storage, resources = tiny
+    scans = sorted((data / "tiny" / "scans").glob("*_water.nii.gz"))
+    reference = yaml.safe_load((data / "tiny" / "dataset.yaml").read_text())["reference"]
+    next(p for p in scans if not p.name.startswith(reference)).write_bytes(b"not a nifti")
+    result = _materialize(instance, resources, selection=["scans", "reference_annotation"])
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"all_scans_readable": False, "any_scan_readable": True}
+    assert result.success and result.asset_materializations_for_node("reference_annotation")
+
+    for path in scans:
+        path.write_bytes(b"not a nifti")
+    result = _materialize(
+        instance, resources, selection=["scans", "reference_annotation"], raise_on_error=False
+    )
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"all_scans_readable": False, "any_scan_readable": False}
+    assert not result.asset_materializations_for_node("reference_annotation")  # blocked, not attempted
+    started = {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
+    failed = [e for e in result.all_events if e.is_step_failure]
+    assert started == {"scans"}  # reference_annotation was never attempted
+    assert [e.step_key for e in failed] == ["scans"]
+    assert "blocking asset check failed" in str(failed[0].step_failure_data.error.message)

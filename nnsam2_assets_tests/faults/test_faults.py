@@ -370,7 +370,7 @@ def test_full_disk_during_a_partition_run(tmp_path):
             storage.os.replace = replace
         try:
             from nnsam2_assets.definitions import all_assets
-            from nnsam2_assets.runner import _failure
+            from nnsam2_assets.runner import failure_message
 
             with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
                 instance.add_dynamic_partitions("datasets", [NAME])
@@ -386,7 +386,7 @@ def test_full_disk_during_a_partition_run(tmp_path):
             if not mounted:
                 storage.os.replace = real
         assert not res.success
-        why = _failure(res)
+        why = failure_message(res)
         assert "No space left on device" in why and str(store) in why, why
         assert_storage_consistent(store)
         assert not [p for p in store.rglob("*") if p.is_file() and _is_tmp(p)]

@@ -51,7 +51,7 @@ class Profile:
     # is "ignore"), so a 2d loader drawing slices uniformly mostly sees all-ignore slices with zero loss
     oversample_foreground: float = 0.33
     final_validation: bool = False  # nnU-Net's full-volume validation (meaningless with fold "all")
-    # train and predict on the in-plane box of the propagated mask plus this margin (lib/roi.py); None = whole
+    # train and predict on the in-plane box of the propagated mask plus this margin (refinement/roi.py); None = whole
     # slice. The quick profile's small patches cannot see both sides of a full slice, which swaps sides
     roi_margin_mm: float | None = None
 

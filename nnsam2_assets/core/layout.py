@@ -100,6 +100,11 @@ class DatasetLayout:
         return self.dir("pseudo_labels") / f"{scan}.nii.gz"
 
     @property
+    def slice_tables(self) -> Path:
+        """Cache folder of the per-scan slice tables the selection is made from."""
+        return self.dir("pseudo_labels") / "slice_tables"
+
+    @property
     def pseudo_selection(self) -> Path:
         return self.dir("pseudo_labels") / "selection.parquet"
 
@@ -124,6 +129,11 @@ def model_root(root: Path, stage: str) -> Path:
     return Path(root) / "models" / stage
 
 
+def model_version_dir(root: Path, stage: str, version: str) -> Path:
+    """One trained model of a stage; a new training-input hash is a new folder, never an overwrite."""
+    return model_root(root, stage) / version
+
+
 def model_pointer(root: Path, stage: str) -> Path:
     """The stage's ``current.json``: which trained model folder is current."""
     return model_root(root, stage) / "current.json"
@@ -132,6 +142,15 @@ def model_pointer(root: Path, stage: str) -> Path:
 def model_staging(root: Path, stage: str) -> Path:
     """Where a stage's training labels (and cropped images) are written before nnU-Net reads them."""
     return model_root(root, stage) / "staging"
+
+
+def staged_label(root: Path, stage: str, dataset: str, scan: str) -> Path:
+    return model_staging(root, stage) / dataset / f"{scan}.nii.gz"
+
+
+def staged_image(root: Path, stage: str, dataset: str, scan: str) -> Path:
+    """A training image cropped to its muscle box."""
+    return model_staging(root, stage) / dataset / "images" / f"{scan}.nii.gz"
 
 
 def nnunet_work_root(root: Path) -> Path:

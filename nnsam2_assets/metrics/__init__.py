@@ -1,1 +1,2 @@
-
+"""Step 7: volume, CT attenuation, Dixon fat ratio, Dice, QC flags, agreement with experts, and the DuckDB
+store."""

@@ -43,7 +43,7 @@ def _slice_tables(
     """Every scan's slice table (confidence, plausibility, expert Dice per slice). A scan whose mask and
     table settings are unchanged takes its rows from the previous selection file (one read for all scans);
     only new or changed scans read their mask."""
-    cache = ScanCache(layout.dir("pseudo_labels") / "slice_tables")
+    cache = ScanCache(layout.slice_tables)
     previous = (
         pd.read_parquet(layout.pseudo_selection).drop(columns=list(SLICE_COLUMNS_ADDED), errors="ignore")
         if layout.pseudo_selection.exists()
@@ -102,6 +102,6 @@ def select_pseudo_labels(spec: DatasetSpec, layout: DatasetLayout, cfg: Selectio
             row["all_slice_dice"] = float(group.expert_dice.mean())
         rows.append(row)
     cache.forget_others(set(table.scan))
-    ScanCache(layout.dir("pseudo_labels") / "slice_tables").forget_others(set(table.scan))
+    ScanCache(layout.slice_tables).forget_others(set(table.scan))
     atomic_write_dataframe(table, layout.pseudo_selection)
     return PseudoLabelReport(table, pd.DataFrame(rows), rewritten)

@@ -25,10 +25,11 @@ from nnsam2_assets.core.labels import class_names, ignore_label, mean_dice, to_c
 from nnsam2_assets.core.layout import (
     DatasetLayout,
     model_pointer,
-    model_root,
-    model_staging,
+    model_version_dir,
     nnunet_work_root,
     stage_prediction,
+    staged_image,
+    staged_label,
 )
 from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
 from nnsam2_assets.ingest.scans import ok_scans
@@ -217,24 +218,23 @@ def _train_and_predict(
             f"{stage}: no usable training case in {len(pool.layouts)} dataset(s) "
             f"({', '.join(pool.layouts) or 'none registered'}); every pseudo-label was dropped or missing"
         )
-    staging = model_staging(root, stage)
     cases, parts = [], [stage, VERSION, repr(profile), pool.classes, use_ignore]
     for (dataset, scan), arr in sorted(labels.items()):
         layout = pool.layouts[dataset]
         img = read_image(layout.scan_image(scan))
         label = sitk.GetImageFromArray(arr.astype(np.uint8))
         label.CopyInformation(img)
-        image_path, label_path = layout.scan_image(scan), staging / dataset / f"{scan}.nii.gz"
+        image_path, label_path = layout.scan_image(scan), staged_label(root, stage, dataset, scan)
         roi = scan_roi(layout, scan, profile.roi_margin_mm)
         if roi is not None:
-            image_path = staging / dataset / "images" / f"{scan}.nii.gz"
+            image_path = staged_image(root, stage, dataset, scan)
             atomic_write_image(roi.crop(img), image_path)
             label = roi.crop(label)
         atomic_write_image(label, label_path)
         cases.append(nnunet.TrainingCase(f"{dataset}__{scan}", image_path, label_path))
         parts += [dataset, scan, input_key(scan_key(layout, scan), roi), sha256_file(label_path)[:16]]
     version = cache_key(*parts)[:16]
-    model_dir = model_root(root, stage) / version
+    model_dir = model_version_dir(root, stage, version)
     trained_now, t_train, per_iter = False, 0.0, float("nan")
     if not (model_dir / nnunet.MODEL_INFO_FILE).exists():
         log(f"{stage}: training on {len(cases)} cases ({profile.name} profile) into {model_dir}")

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 import torch
@@ -141,6 +142,39 @@ def test_only_reference_seed_frame_is_prompted(propagator, case, monkeypatch, tm
         assert (folder / FRAME_MAP_FILE).is_file()
 
 
+def test_the_asset_keeps_the_frames_sam2_tracked_and_registration_writes_none(propagator, tmp_path):
+    """``propagated_masks`` passes each scan's frame folder: the frames a user finds are the ones SAM2 read."""
+    from nnsam2_assets.core.layout import DatasetLayout
+    from nnsam2_assets.ingest.annotation import write_reference_annotation
+    from nnsam2_assets.ingest.convention import load_dataset
+    from nnsam2_assets.ingest.scans import ingest_scans, ok_scans
+    from nnsam2_assets.propagation.backends import build_propagator
+    from nnsam2_assets.propagation.steps import propagate_masks
+    from nnsam2_assets.testing.cohorts import write_tiny_dataset
+
+    write_tiny_dataset(tmp_path / "data", "ds", 2, seed=2)
+    spec = load_dataset(tmp_path / "data", "ds")
+    for backend in ("sam2", "registration"):
+        layout = DatasetLayout(tmp_path / backend, "ds")
+        ingest_scans(spec, layout)
+        write_reference_annotation(spec, layout)
+        build = (lambda: propagator) if backend == "sam2" else (lambda: build_propagator("registration"))
+        propagate_masks(spec, layout, build, backend)
+        for scan in ok_scans(layout):
+            maps = sorted(layout.frames(scan).glob(f"*/{FRAME_MAP_FILE}"))
+            if backend == "registration":
+                assert maps == []
+                continue
+            assert [m.parent.name for m in maps] == ["inferior", "superior"]
+            n_slices = sitk.ReadImage(str(layout.masks(scan))).GetSize()[2]
+            targets = set()
+            for m in maps:
+                frame_map = pd.read_parquet(m)
+                assert len(list(m.parent.glob("*.jpg"))) == len(frame_map)
+                targets |= set(frame_map.slice[frame_map.role == "target"])
+            assert targets == set(range(n_slices))  # every target slice was tracked from these frames
+
+
 def test_sam2_loader_reads_written_frames(propagator, case, tmp_path, monkeypatch):
     from sam2.utils.misc import load_video_frames
 
@@ -236,7 +270,7 @@ def test_ct_modality_runs(propagator):
     reason="needs real SAM2 weights: set NNSAM2_SAM2_CHECKPOINT=/path/to/sam2.1_hiera_tiny.pt "
     "(and NNSAM2_SAM2_CONFIG for another model size); none ship with the repo",
 )
-def test_real_checkpoint_trackstwo_blob_volume():
+def test_real_checkpoint_tracks_the_blobs():
     prop = SAM2Propagator(
         config=os.environ.get("NNSAM2_SAM2_CONFIG", sam2_backend.DEFAULT_CONFIG),
         checkpoint=os.environ["NNSAM2_SAM2_CHECKPOINT"],

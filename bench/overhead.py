@@ -175,7 +175,7 @@ def bench_demo_overhead(base: Path, quick: bool) -> list[dict]:
             "<= 1.10",
             d / x <= 1.10,
             f"{d:.1f} s vs {x:.1f} s, mean of {len(totals['direct'])} each in {'-'.join(o[:3] for o in order)} "
-            f"order ({'2 tiny datasets' if quick else 'demo cohort, 2 x 4 scans'}, all 12 assets, nnU-Net "
+            f"order ({'2 tiny datasets' if quick else 'demo cohort, 2 x 4 scans'}, all {len(all_assets())} assets, nnU-Net "
             f"{refinement.num_epochs} x {refinement.iterations_per_epoch} it; the three stages {md:.1f} vs "
             f"{mx:.1f} s); same DuckDB row counts ({sum(counts['direct'].values())} rows); untimed warm-up first",
         )

@@ -6,7 +6,7 @@ Rows (ratio first, the absolute numbers beside it):
   model_loads      SAM2 model builds for N targets (one propagator, random weights, tiny frames) and nnU-Net
                    predictor loads while final_masks handles N new scans (``refinement.nnunet`` PREDICTOR_LOADS). Target 1.
   sam2_fps         SAM2Propagator frames/s vs bare ``propagate_in_video`` on the same frames (``bench.sam2_bench``).
-  dagster_demo     the demo cohort (``nnsam2 demo``'s data; all 12 assets, nnU-Net at a small iteration budget)
+  dagster_demo     the demo cohort (``nnsam2 demo``'s data; every asset, nnU-Net at a small iteration budget)
                    through Dagster's in-process executor vs the same domain calls without Dagster
                    (``nnsam2_assets.testing.direct``). <= 1.10.
   dagster_inproc   the per-dataset chain (scans -> pseudo_labels) on tiny scans, the same comparison: the

@@ -22,7 +22,7 @@ from nnsam2_assets.defs.refinement import final_masks
 from nnsam2_assets.defs.resources import NnsamStorage
 from nnsam2_assets.metrics import steps as metrics
 from nnsam2_assets.metrics.qc import ERROR, WARN, QCConfig
-from nnsam2_assets.metrics.store import SCHEMA, replace_dataset_rows
+from nnsam2_assets.metrics.store import replace_dataset_rows
 
 
 class QCSettings(dg.Config):
@@ -107,16 +107,10 @@ def agreement(context: dg.AssetExecutionContext, metrics_db: DuckDBResource) -> 
     """Agreement of the pipeline's measurements with the experts' (scans with expert labels): paired TOST at
     ±5 % and ±10 % of the manual mean, ICC(3,1) consistency and ICC(2,1) absolute agreement, Bland–Altman
     (SD with ddof=1), MAE and Spearman ρ, per measure and label."""
-    name = context.partition_key
-    with metrics_db.get_connection() as con:
-        rows = con.execute(f"SELECT * FROM {SCHEMA}.scan_metrics WHERE dataset = ?", [name]).df()
-    summary, plot = metrics.agreement_with_experts(rows, name, context.run.run_id)
-    with metrics_db.get_connection() as con:
-        written = replace_dataset_rows(
-            con, name, {"agreement": summary if len(summary) else pd.DataFrame(columns=["dataset"])}
-        )
+    result = metrics.write_agreement(metrics_db.get_connection, context.partition_key, context.run.run_id)
+    rows, summary = result.rows, result.table
     metadata = {
-        "rows_written": written["agreement"],
+        "rows_written": result.written,
         "n_scans_with_experts": int(rows.dice.notna().groupby(rows.scan).any().sum()) if len(rows) else 0,
         "summary": table(
             summary[summary.tost_margin == 0.05] if len(summary) else summary,
@@ -134,6 +128,6 @@ def agreement(context: dg.AssetExecutionContext, metrics_db: DuckDBResource) -> 
             ],
         ),
     }
-    if plot:
-        metadata["bland_altman"] = dg.MetadataValue.md(markdown_image(plot, "Bland-Altman"))
+    if result.plot:
+        metadata["bland_altman"] = dg.MetadataValue.md(markdown_image(result.plot, "Bland-Altman"))
     return dg.MaterializeResult(metadata=metadata)

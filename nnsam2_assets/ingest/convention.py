@@ -245,10 +245,7 @@ def map_labels(arr: np.ndarray, label_map: dict[int, int], path: Path | str) -> 
         raise ScanError(
             path, f"label values {unknown[:10]} are not in the dataset's label_map {sorted(label_map)}"
         )
-    out = np.zeros(arr.shape, dtype=np.uint8)
-    for src, dst in label_map.items():
-        out[arr == src] = dst
-    return out
+    return map_labels_keep(arr, label_map)
 
 
 def map_labels_keep(arr: np.ndarray, label_map: dict[int, int]) -> np.ndarray:

@@ -5,6 +5,8 @@ DuckDB and render metadata; bench/ calls the same functions without Dagster."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,7 @@ from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.metrics import quant, stats
 from nnsam2_assets.metrics.qc import QCConfig, qc_flags
+from nnsam2_assets.metrics.store import SCHEMA, replace_dataset_rows
 
 VERSION = "metrics-v2"
 AGREEMENT_VERSION = "agreement-v1"
@@ -178,3 +181,27 @@ def agreement_with_experts(rows: pd.DataFrame, name: str, run_id: str) -> tuple[
             code_version=AGREEMENT_VERSION, run_id=run_id, computed_at=pd.Timestamp.now(tz="UTC")
         )
     return table, plot
+
+
+@dataclass
+class DatasetAgreement:
+    rows: pd.DataFrame  # the dataset's scan_metrics rows the agreement was computed from
+    table: pd.DataFrame
+    plot: bytes | None
+    written: int
+
+
+def write_agreement(
+    connect: Callable[[], AbstractContextManager], name: str, run_id: str
+) -> DatasetAgreement:
+    """The ``agreement`` asset's step: read the dataset's ``scan_metrics`` rows, compute the agreement with
+    the experts, and replace the dataset's ``agreement`` rows. ``connect`` opens a DuckDB connection; one is
+    opened to read and another to write, so no lock is held while the statistics run."""
+    with connect() as con:
+        rows = con.execute(f"SELECT * FROM {SCHEMA}.scan_metrics WHERE dataset = ?", [name]).df()
+    table, plot = agreement_with_experts(rows, name, run_id)
+    with connect() as con:
+        written = replace_dataset_rows(
+            con, name, {"agreement": table if len(table) else pd.DataFrame(columns=["dataset"])}
+        )
+    return DatasetAgreement(rows, table, plot, written["agreement"])

@@ -4,6 +4,7 @@ and backend are unchanged is neither propagated nor read again."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,19 +69,20 @@ def propagate_masks(
     ann = read_annotation_meta(layout)
     manifest = read_manifest(layout)
     cache = ScanCache(layout.dir("propagated_masks"))
-    inputs: dict = {}
     rewritten = 0
+
+    @functools.cache
+    def shared() -> tuple[Propagator, sitk.Image, sitk.Image]:
+        """Built on the first scan that needs propagating, then reused for every other."""
+        return build(), read_image(layout.scan_image(spec.reference)), read_image(layout.annotation)
 
     def propagate(scan_id: str) -> dict:
         nonlocal rewritten
-        if not inputs:
-            inputs["propagator"] = build()
-            inputs["reference"] = read_image(layout.scan_image(spec.reference))
-            inputs["annotation"] = read_image(layout.annotation)
+        propagator, reference, annotation = shared()
         target = read_image(layout.scan_image(scan_id))
-        result = inputs["propagator"].propagate(
-            inputs["reference"],
-            inputs["annotation"],
+        result = propagator.propagate(
+            reference,
+            annotation,
             ann["seed_slice"],
             target,
             spec.modality,

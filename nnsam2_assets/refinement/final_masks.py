@@ -14,7 +14,7 @@ from nnsam2_assets.core import Log
 from nnsam2_assets.core.cache import ScanCache, cache_key
 from nnsam2_assets.core.imaging import read_array, read_image, to_original_grid
 from nnsam2_assets.core.labels import class_names, mean_dice, to_class_space
-from nnsam2_assets.core.layout import DatasetLayout, stage_prediction
+from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.masks import clean_labels, fragment_fraction
 from nnsam2_assets.core.overlays import montage_png
 from nnsam2_assets.core.storage import (
@@ -24,14 +24,11 @@ from nnsam2_assets.core.storage import (
     sha256_file,
 )
 from nnsam2_assets.ingest.convention import DatasetSpec
-from nnsam2_assets.refinement import nnunet
-from nnsam2_assets.refinement.roi import Roi
 from nnsam2_assets.refinement.stages import (
     STAGES,
     VERSION,
+    StagePredictions,
     current_model,
-    input_key,
-    predict_scan,
     scan_key,
     scan_roi,
 )
@@ -56,23 +53,11 @@ def make_final_masks(
     """
     models = {stage: current_model(root, stage) for stage in STAGES}
     k = int(models["stage3"]["n_classes"])
-    predictors: dict[str, nnunet.Predictor] = {}
+    predictions = {s: StagePredictions(Path(models[s]["model_dir"]), device) for s in STAGES}
     cache = ScanCache(layout.dir("final_masks"))
     rows, computed, overlay = [], 0, None
     fragments: dict[str, float] = {}
     margins = {stage: models[stage].get("roi_margin_mm") for stage in STAGES}
-
-    def prediction(stage: str, scan: str, img: sitk.Image, content_key: str, roi: Roi | None) -> np.ndarray:
-        model_dir = Path(models[stage]["model_dir"])
-        path = stage_prediction(model_dir, spec.name, scan)
-        pcache = ScanCache(path.parent)
-        key = input_key(content_key, roi)
-        if not pcache.is_fresh(scan, key, [path]):
-            if stage not in predictors:
-                predictors[stage] = nnunet.Predictor.load(model_dir, device=device)
-            atomic_write_image(predict_scan(predictors[stage], img, roi), path)
-            pcache.record(scan, key)
-        return read_array(path)
 
     for scan in scans:
         img = read_image(layout.scan_image(scan))
@@ -81,7 +66,11 @@ def make_final_masks(
         rois = {m: scan_roi(layout, scan, m) for m in set(margins.values())}
         key = cache_key(content_key, models["stage3"]["version"], VERSION)
         outputs = [layout.final_mask(scan), layout.final_mask_canonical(scan)]
-        p1, p2, p3 = (prediction(s, scan, img, content_key, rois[margins[s]]) for s in STAGES)
+        paths = [
+            predictions[s].ensure(spec.name, scan, lambda img=img: img, content_key, rois[margins[s]])[0]
+            for s in STAGES
+        ]
+        p1, p2, p3 = (read_array(path) for path in paths)
         if not cache.is_fresh(scan, key, outputs):
             final = clean_labels(p3, k)
             canonical = sitk.GetImageFromArray(final)
@@ -117,7 +106,9 @@ def make_final_masks(
     atomic_write_json(
         {"models": versions, "n_classes": k, "fragment_fraction": fragments}, layout.final_summary
     )
-    log(f"final masks: {computed} recomputed of {len(scans)}; predictors loaded: {sorted(predictors)}")
+    log(
+        f"final masks: {computed} recomputed of {len(scans)}; predictors loaded: {sorted(s for s, p in predictions.items() if p.loaded)}"
+    )
     return FinalMasks(
         table=table,
         n_computed=computed,

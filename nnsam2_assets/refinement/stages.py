@@ -72,9 +72,8 @@ def build_pool(root: Path, datasets: list[str], n_classes_of: Callable[[str], in
     ``n_classes_of`` reads a dataset's class count from its description; a dataset whose folder was removed
     or broke since ingest is left out, and ``log`` says so.
     """
-    layouts = {
-        k: DatasetLayout(root, k) for k in sorted(datasets) if DatasetLayout(root, k).manifest.exists()
-    }
+    layouts = {k: DatasetLayout(root, k) for k in sorted(datasets)}
+    layouts = {k: v for k, v in layouts.items() if v.manifest.exists()}
     n_classes = {}
     for name in layouts:
         try:
@@ -279,24 +278,50 @@ def _train_and_predict(
     )
 
 
+class StagePredictions:
+    """One stage's per-scan predictions, cached by scan content and box; its nnU-Net predictor loads at most
+    once, and only when some scan needs predicting."""
+
+    def __init__(self, model_dir: Path, device: str):
+        self.model_dir, self.device = Path(model_dir), device
+        self._predictor: nnunet.Predictor | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._predictor is not None
+
+    def ensure(
+        self, dataset: str, scan: str, image: Callable[[], sitk.Image], content_key: str, roi: Roi | None
+    ) -> tuple[Path, bool]:
+        """The scan's prediction file, predicted now (``image()`` read only then) unless it is current.
+        Returns (path, predicted now)."""
+        path = stage_prediction(self.model_dir, dataset, scan)
+        cache = ScanCache(path.parent)
+        key = input_key(content_key, roi)
+        if cache.is_fresh(scan, key, [path]):
+            return path, False
+        if self._predictor is None:
+            self._predictor = nnunet.Predictor.load(self.model_dir, device=self.device)
+        atomic_write_image(predict_scan(self._predictor, image(), roi), path)
+        cache.record(scan, key)
+        return path, True
+
+
 def predict_pool(
     model_dir: Path, pool: Pool, device: str, log: Log, roi_margin_mm: float | None = None
 ) -> int:
     """Predict every scan of the pool with one predictor load; cached per scan content (and box)."""
-    predictor, n = None, 0
+    predictions, n = StagePredictions(model_dir, device), 0
     for dataset, scan, layout in pool.items():
-        out = stage_prediction(model_dir, dataset, scan)
-        cache = ScanCache(out.parent)
         roi = scan_roi(layout, scan, roi_margin_mm)
-        key = input_key(scan_key(layout, scan), roi)
-        if cache.is_fresh(scan, key, [out]):
-            continue
-        if predictor is None:
-            predictor = nnunet.Predictor.load(model_dir, device=device)
-        img = read_image(layout.scan_image(scan))
-        atomic_write_image(predict_scan(predictor, img, roi), out)
-        cache.record(scan, key)
-        n += 1
+        _, predicted = predictions.ensure(
+            dataset,
+            scan,
+            lambda layout=layout, scan=scan: read_image(layout.scan_image(scan)),
+            scan_key(layout, scan),
+            roi,
+        )
+        n += predicted
     log(f"predicted {n} scan(s) with {model_dir.name}")
     return n
 

@@ -20,8 +20,8 @@ from nnsam2_assets.ingest import annotation, ranking
 from nnsam2_assets.ingest.convention import DatasetSpec, load_dataset
 from nnsam2_assets.ingest.scans import ingest_scans, ok_scans
 from nnsam2_assets.metrics.qc import QCConfig
-from nnsam2_assets.metrics.steps import agreement_with_experts, dataset_metrics
-from nnsam2_assets.metrics.store import SCHEMA, replace_dataset
+from nnsam2_assets.metrics.steps import dataset_metrics, write_agreement
+from nnsam2_assets.metrics.store import replace_dataset
 from nnsam2_assets.pipeline import PHASES
 from nnsam2_assets.propagation.steps import propagate_masks
 from nnsam2_assets.pseudolabels.selection import SelectionConfig
@@ -60,10 +60,7 @@ def _scan_metrics(run: DirectRun, name: str) -> None:
 
 
 def _agreement(run: DirectRun, name: str) -> None:
-    with duckdb.connect(str(duckdb_path(run.storage_root))) as con:
-        rows = con.execute(f"SELECT * FROM {SCHEMA}.scan_metrics WHERE dataset = ?", [name]).df()
-    summary, _ = agreement_with_experts(rows, name, run.run_id)
-    run.write_rows(name, {"agreement": summary if len(summary) else pd.DataFrame(columns=["dataset"])})
+    write_agreement(lambda: duckdb.connect(str(duckdb_path(run.storage_root))), name, run.run_id)
 
 
 def _next_stage(stage: str) -> Callable[[DirectRun, None], None]:

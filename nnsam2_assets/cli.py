@@ -112,17 +112,24 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 1 if rejected else 0
 
 
+def _report_failure(command: str, exc: Exception) -> int:
+    """Exit 2 for a refused statement or an unusable database, 1 for a query that DuckDB rejected."""
+    from nnsam2_assets.metrics.store import MetricsDBError, one_line
+
+    if isinstance(exc, MetricsDBError):
+        print(f"{command}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{command}: query failed: {one_line(exc) or type(exc).__name__}", file=sys.stderr)
+    return 1
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
-    from nnsam2_assets.metrics.store import MetricsDBError, query
+    from nnsam2_assets.metrics.store import query
 
     try:
         df = query(Path(args.db) if args.db else layout.duckdb_path(), args.query, wait_s=args.wait)
-    except MetricsDBError as exc:
-        print(f"nnsam2 sql: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a SQL error: show DuckDB's message, not a traceback
-        print(f"nnsam2 sql: query failed: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # noqa: BLE001 - a user-facing command prints the reason, never a traceback
+        return _report_failure("nnsam2 sql", exc)
     if args.csv:
         df.to_csv(sys.stdout, index=False)
     else:
@@ -131,13 +138,12 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nnsam2_assets.metrics.store import MetricsDBError, export
+    from nnsam2_assets.metrics.store import export
 
     try:
         out = export(Path(args.db) if args.db else layout.duckdb_path(), args.what, Path(args.out), args.wait)
-    except MetricsDBError as exc:
-        print(f"nnsam2 export: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # noqa: BLE001 - a user-facing command prints the reason, never a traceback
+        return _report_failure("nnsam2 export", exc)
     print(f"wrote {out}")
     return 0
 

@@ -24,10 +24,8 @@ time.sleep(30)
 """
 
 
-def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "nnsam2_assets.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nnsam2_assets.cli", *args], capture_output=True, text=True)
 
 
 @pytest.fixture

@@ -5,6 +5,12 @@ a kill in between loses rows. Here the delete and the insert of every table of a
 not at all. DuckDB allows one writing process per file: writers retry on the lock, and readers open the
 file read-only, retrying for a bounded time before failing with a message that names the file.
 
+User SQL (``nnsam2 sql``, ``nnsam2 export``) must not reach the disk beyond this file: a read-only
+connection alone still lets ``COPY ... TO`` overwrite files, ``ATTACH`` write other databases and
+``read_text`` read any file. So user connections also set ``enable_external_access = false`` and lock the
+configuration, so DuckDB itself refuses file access, and only one SELECT statement is accepted, as DuckDB's
+own parser classifies it (never by keyword matching).
+
 Tables (all carry ``dataset`` and lineage columns ``run_id``, ``computed_at``):
   metrics.scan_metrics      per scan x label: volume, HU, fat ratio, Dice vs expert, QC flags, lineage
   metrics.slice_confidence  per scan x slice x class: propagation confidence, presence, kept as pseudo-label
@@ -16,6 +22,7 @@ Tables (all carry ``dataset`` and lineage columns ``run_id``, ``computed_at``):
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,8 +36,42 @@ SCHEMA = "metrics"
 TABLES = ("scan_metrics", "slice_confidence", "slice_metrics", "stage_agreement", "agreement", "qc_flags")
 
 
+# DuckDB settings of every connection that runs user SQL; lock_configuration keeps a SET from undoing them.
+USER_SQL_CONFIG = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "lock_configuration": True,
+}
+_TABLE_NAME = re.compile(r"(?:(?P<schema>[A-Za-z_]\w*)\.)?(?P<table>[A-Za-z_]\w*)")
+
+
 class MetricsDBError(RuntimeError):
     pass
+
+
+class RefusedSQLError(MetricsDBError):
+    """User SQL that would do more than read the metrics; the message is one line."""
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).strip().splitlines()[0].split()) if str(text).strip() else ""
+
+
+def check_one_select(sql: str) -> str:
+    """Return ``sql`` if DuckDB's parser sees exactly one SELECT statement in it; refuse anything else."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise RefusedSQLError(f"refused: the SQL does not parse ({one_line(exc)})") from exc
+    if len(statements) != 1:
+        raise RefusedSQLError(
+            f"refused: exactly one SELECT statement per call, got {len(statements)} statements"
+        )
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise RefusedSQLError(f"refused: only SELECT statements are allowed, got {kind.name}")
+    return sql
 
 
 def _is_lock_error(exc: Exception) -> bool:
@@ -38,7 +79,9 @@ def _is_lock_error(exc: Exception) -> bool:
     return "lock" in text or "conflicting" in text or "being used" in text
 
 
-def connect(path: Path, read_only: bool = False, wait_s: float = 30.0, poll_s: float = 0.2):
+def connect(
+    path: Path, read_only: bool = False, wait_s: float = 30.0, poll_s: float = 0.2, config: dict | None = None
+):
     """Open the file, retrying while another process holds its lock; clear error after ``wait_s``."""
     path = Path(path)
     if read_only and not path.exists():
@@ -47,7 +90,7 @@ def connect(path: Path, read_only: bool = False, wait_s: float = 30.0, poll_s: f
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            return duckdb.connect(str(path), read_only=read_only, config=dict(config or {}))
         except duckdb.Error as exc:
             if not _is_lock_error(exc):
                 raise MetricsDBError(f"{path}: cannot open the metrics database ({exc})") from exc
@@ -118,18 +161,36 @@ def replace_dataset(
 
 
 def query(path: Path, sql: str, wait_s: float = 30.0) -> pd.DataFrame:
-    """Run a read-only query (the file is opened read_only, so a user query can never modify it)."""
-    con = connect(path, read_only=True, wait_s=wait_s)
+    """Run one user SELECT on a read-only connection that DuckDB keeps off every other file."""
+    check_one_select(sql)
+    con = connect(path, read_only=True, wait_s=wait_s, config=USER_SQL_CONFIG)
     try:
         return con.execute(sql).df()
+    except duckdb.PermissionException as exc:
+        raise RefusedSQLError(f"refused by DuckDB: {one_line(exc)}") from exc
     finally:
         con.close()
 
 
+EXPORT_SUFFIXES = (".csv", ".parquet")
+
+
+def export_query(sql_or_table: str) -> str:
+    """A bare table name exports that metrics table; anything else must be one SELECT (checked in ``query``)."""
+    text = sql_or_table.strip()
+    name = _TABLE_NAME.fullmatch(text)
+    if name is None:
+        return text
+    if name["schema"] not in (None, SCHEMA) or name["table"] not in TABLES:
+        raise MetricsDBError(
+            f"unknown table {text!r}; export one of {', '.join(TABLES)} or a SELECT statement"
+        )
+    return f"SELECT * FROM {SCHEMA}.{name['table']}"
+
+
 def export(path: Path, sql_or_table: str, out: Path, wait_s: float = 30.0) -> Path:
-    """Export a table or query result to CSV or Parquet (by the output suffix)."""
-    sql = sql_or_table if " " in sql_or_table.strip() else f"SELECT * FROM {SCHEMA}.{sql_or_table}"
+    """Export a metrics table or one SELECT's result to CSV or Parquet (by the output suffix), atomically."""
     out = Path(out)
-    if out.suffix not in (".csv", ".parquet"):
-        raise ValueError(f"{out}: export to .csv or .parquet")
-    return atomic_write_dataframe(query(path, sql, wait_s), out)
+    if out.suffix not in EXPORT_SUFFIXES:
+        raise MetricsDBError(f"{out}: unknown output suffix {out.suffix or '(none)'!r}; use .csv or .parquet")
+    return atomic_write_dataframe(query(path, export_query(sql_or_table), wait_s), out)

@@ -13,6 +13,9 @@ import pytest
 
 from nnsam2_assets.core.layout import duckdb_path
 from nnsam2_assets.defs.resources import build_resources
+from nnsam2_assets.testing.realdata import allow_shared_data
+
+allow_shared_data()  # the real-data datasets link their files into ../shared/data
 
 
 @dataclass

@@ -13,8 +13,17 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from nnsam2_assets.core.storage import GZIP_ERRORS, verify_gzip_stream
+
 CANONICAL = "LPS"
 GRID_TOLERANCE = 1e-3
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Acquisition rules: the pipeline segments axial slices, so a scan must have been acquired close to axial
+# (an oblique slab is resampled nowhere) and, after reorientation, show a whole axial cross-section.
+MAX_OBLIQUE_DEG = 30.0
+NOTE_OBLIQUE_DEG = 10.0
+MIN_INPLANE_VOXELS = 64
+MIN_INPLANE_MM = 100.0
 
 
 class ScanError(ValueError):
@@ -53,6 +62,87 @@ def read_image(path: Path | str) -> sitk.Image:
     if min(img.GetSize()) < 1:
         raise ScanError(path, f"empty volume of size {img.GetSize()}")
     return img
+
+
+def read_source_image(path: Path | str) -> sitk.Image:
+    """``read_image`` for a file from outside the pipeline (a user's scan, fat image or label file).
+
+    Adds what the reader hides: a truncated gzip stream (read as zero-padded slices) and NaN or infinite
+    voxels (read as 0). Both refuse the file rather than repair it, because a silently zeroed slice becomes
+    an empty mask and a wrong volume; only the user knows what the missing values were.
+    """
+    path = Path(path)
+    if path.is_file() and path.name.endswith(".gz"):
+        try:
+            verify_gzip_stream(path)
+        except GZIP_ERRORS as exc:
+            raise ScanError(
+                path, f"truncated or corrupt gzip stream ({exc}); the file is incomplete"
+            ) from exc
+    img = read_image(path)
+    if path.is_file() and path.name.endswith(NIFTI_SUFFIXES):
+        bad = nonfinite_voxels_in_nifti(path)
+        if bad:
+            raise ScanError(
+                path, f"{bad} NaN or infinite voxels in the file's data (the reader would turn them into 0)"
+            )
+    arr = sitk.GetArrayViewFromImage(img)
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise ScanError(path, "image holds NaN or infinite values")
+    return img
+
+
+def nonfinite_voxels_in_nifti(path: Path) -> int:
+    """NaN/inf count in a NIfTI file's own stored data, plus a non-finite scale counted as every voxel."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        proxy = img.dataobj
+        slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+        if not (np.isfinite(slope) and np.isfinite(inter)):
+            return int(np.prod(img.shape))
+        if not np.issubdtype(img.get_data_dtype(), np.floating):
+            return 0  # integer storage cannot hold NaN
+        raw = np.asanyarray(proxy.get_unscaled())
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for files SimpleITK accepted
+        raise ScanError(path, f"unreadable NIfTI data ({exc})") from exc
+    return int(raw.size - np.count_nonzero(np.isfinite(raw)))
+
+
+def check_acquisition(img: sitk.Image, path: Path | str) -> list[str]:
+    """Refuse scans that are not axial enough to segment slice by slice; note moderately oblique ones.
+
+    Reorientation to LPS makes every scan *look* axial, so the rule reads the acquisition geometry: the
+    angle between the patient's S axis and the index axis that becomes z, and the in-plane extent that
+    remains (a 2-D sagittal stack becomes a few voxels wide)."""
+    direction = np.array(img.GetDirection()).reshape(3, 3)
+    axis = axial_axis(img)
+    angle = float(np.degrees(np.arccos(np.clip(abs(direction[2, axis]), 0.0, 1.0))))
+    orientation = Geometry.of(img).orientation()
+    if angle > MAX_OBLIQUE_DEG:
+        raise ScanError(
+            path,
+            f"slice normal is {angle:.0f} degrees from the patient's S axis (direction {orientation}, "
+            f"cosines {tuple(round(d, 3) for d in img.GetDirection())}); axial slices within "
+            f"{MAX_OBLIQUE_DEG:.0f} degrees are required",
+        )
+    in_plane = [i for i in range(3) if i != axis]
+    sizes = [img.GetSize()[i] for i in in_plane]
+    extents = [img.GetSize()[i] * img.GetSpacing()[i] for i in in_plane]
+    if min(sizes) < MIN_INPLANE_VOXELS or min(extents) < MIN_INPLANE_MM:
+        raise ScanError(
+            path,
+            f"the axial plane is only {sizes[0]}x{sizes[1]} voxels ({extents[0]:.0f}x{extents[1]:.0f} mm) "
+            f"after reorientation (direction {orientation}); at least {MIN_INPLANE_VOXELS} voxels and "
+            f"{MIN_INPLANE_MM:.0f} mm per in-plane axis are required (a 2-D sagittal or coronal stack "
+            "cannot be segmented axially)",
+        )
+    if angle > NOTE_OBLIQUE_DEG:
+        return [
+            f"oblique acquisition: slice normal {angle:.0f} degrees from the S axis (direction {orientation})"
+        ]
+    return []
 
 
 def read_array(path: Path | str) -> np.ndarray:

@@ -20,6 +20,8 @@ HOME_ENV = "NNSAM2_HOME"
 DATA_ROOT_ENV = "NNSAM2_DATA_ROOT"
 STORAGE_ROOT_ENV = "NNSAM2_STORAGE_ROOT"
 DUCKDB_ENV = "NNSAM2_DUCKDB"
+# folders outside the data root that dataset files may point into (symlinks), os.pathsep-separated
+ALLOWED_ROOTS_ENV = "NNSAM2_ALLOWED_ROOTS"
 # never name the file like its schema ("metrics"): DuckDB then reports an ambiguous catalog
 DUCKDB_FILE = "nnsam2.duckdb"
 
@@ -34,6 +36,12 @@ def data_root() -> Path:
 
 def storage_root() -> Path:
     return Path(os.environ.get(STORAGE_ROOT_ENV, home() / "storage")).resolve()
+
+
+def allowed_roots() -> tuple[Path, ...]:
+    """Extra roots a dataset's files may resolve into besides the data root (``NNSAM2_ALLOWED_ROOTS``)."""
+    raw = os.environ.get(ALLOWED_ROOTS_ENV, "")
+    return tuple(Path(part).resolve() for part in raw.split(os.pathsep) if part.strip())
 
 
 def duckdb_path(storage: Path | None = None) -> Path:
@@ -72,6 +80,23 @@ class DatasetLayout:
 
     def scan_expert(self, scan: str) -> Path:
         return self.dir("scans") / "experts" / f"{scan}.nii.gz"
+
+    def scan_outputs(self, scan: str) -> list[Path]:
+        """Every per-scan artefact of every stage, cache entries included (to remove a scan's results)."""
+        outputs = [
+            self.scan_image(scan),
+            self.scan_fat(scan),
+            self.scan_expert(scan),
+            self.frames(scan),
+            self.masks(scan),
+            self.confidence(scan),
+            self.pseudo_label(scan),
+            self.final_mask(scan),
+            self.final_mask_canonical(scan),
+        ]
+        for folder in ("scans", "propagated_masks", "pseudo_labels", "final_masks", "reference_ranking"):
+            outputs += [self.dir(folder) / "_keys" / f"{scan}{suffix}" for suffix in (".key", ".json")]
+        return outputs + [self.slice_tables / "_keys" / f"{scan}{suffix}" for suffix in (".key", ".json")]
 
     @property
     def annotation(self) -> Path:

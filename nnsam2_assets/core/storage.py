@@ -64,16 +64,27 @@ def atomic_write_json(obj: Any, path: Path) -> Path:
     return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), path)
 
 
+GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def verify_gzip_stream(path: Path) -> None:
+    """Decompress the whole file, raising one of ``GZIP_ERRORS`` if the stream is cut short or corrupt.
+
+    SimpleITK's NIfTI reader pads a truncated ``.nii.gz`` with zeros instead of failing, so neither a short
+    write nor a truncated download would otherwise show."""
+    with gzip.open(path, "rb") as fh:
+        while fh.read(1 << 20):
+            pass
+
+
 def _write_image_checked(img: sitk.Image, tmp: Path) -> None:
     sitk.WriteImage(img, str(tmp), useCompression=True)
     # NIfTI's writer only PRINTS a short write (e.g. a full disk) and the truncated .gz may still read as a
     # valid, zero-padded image: verify the whole compressed stream before publishing it
     if tmp.name.endswith(".gz"):
         try:
-            with gzip.open(tmp, "rb") as fh:
-                while fh.read(1 << 20):
-                    pass
-        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            verify_gzip_stream(tmp)
+        except GZIP_ERRORS as exc:
             code = errno.ENOSPC if shutil.disk_usage(tmp.parent).free < (1 << 20) else errno.EIO
             raise OSError(code, f"{os.strerror(code)} (short NIfTI write: {exc})") from exc
 

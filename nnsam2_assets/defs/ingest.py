@@ -26,6 +26,12 @@ from nnsam2_assets.ingest.convention import folder_fingerprint
             blocking=True,
             description="at least one scan was ingested (otherwise nothing downstream can run)",
         ),
+        dg.AssetCheckSpec(
+            "no_ingest_warnings",
+            asset="scans",
+            description="no scan was accepted with a warning (oblique, expert labels ignored) and no "
+            "regions.csv row was ignored",
+        ),
     ],
 )
 def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.MaterializeResult:
@@ -38,6 +44,7 @@ def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.Materi
     layout = storage.layout(context.partition_key)
     report = ingest.ingest_scans(spec, layout, log=context.log.error)
     manifest, failed, good = report.manifest, report.failed, report.good
+    warnings = list(spec.warnings) + [f"{r.scan}: {r.warnings}" for r in good.itertuples() if r.warnings]
     metadata: dict[str, object] = {
         "n_scans": len(manifest),
         "n_ok": len(good),
@@ -47,7 +54,9 @@ def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.Materi
         "modality": spec.modality,
         "sequence": spec.sequence,
         "classes": ", ".join(spec.class_names),
-        "scans": table(manifest, ["scan", "status", "shape_zyx", "spacing_mm", "error"]),
+        "scans": table(
+            manifest, ["scan", "status", "shape_zyx", "spacing_mm", "region", "error", "warnings", "notes"]
+        ),
         "path": dg.MetadataValue.path(str(layout.dir("scans"))),
     }
     if len(good):
@@ -61,6 +70,12 @@ def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.Materi
             severity=dg.AssetCheckSeverity.ERROR,
             metadata={"failed": table(failed, ["scan", "error"])},
             description="; ".join(failed.error.tolist())[:1000] or "all scans ingested",
+        ),
+        dg.AssetCheckResult(
+            check_name="no_ingest_warnings",
+            passed=not warnings,
+            severity=dg.AssetCheckSeverity.WARN,
+            description="; ".join(warnings)[:1000] or "no warnings",
         ),
         dg.AssetCheckResult(
             check_name="any_scan_readable",

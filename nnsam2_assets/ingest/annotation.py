@@ -17,6 +17,7 @@ from nnsam2_assets.core.imaging import (
     crop_region,
     read_array,
     read_image,
+    read_source_image,
     same_grid,
     to_canonical,
 )
@@ -105,7 +106,9 @@ def write_reference_annotation(spec: DatasetSpec, layout: DatasetLayout) -> Anno
             spec.scans[spec.reference].image, "the reference scan failed ingest (see the scans asset)"
         )
     reference_original = read_image(spec.scans[spec.reference].image)
-    annotation = validate_annotation(read_image(spec.annotation), reference_original, spec, spec.annotation)
+    annotation = validate_annotation(
+        read_source_image(spec.annotation), reference_original, spec, spec.annotation
+    )
     atomic_write_image(annotation.labels, layout.annotation)
     ann_hash = sha256_file(spec.annotation)
     meta = {

@@ -9,8 +9,13 @@ One folder per dataset under a data root; the folder name is the Dagster partiti
       experts/<id>.nii.gz     optional expert labels
       regions.csv             optional scan,first_slice,last_slice (L3/L4 to L5/S1, inclusive, either order)
 
-Every problem raises :class:`DatasetError` (dataset-level) or :class:`~nnsam2_assets.core.imaging.ScanError`
-(file-level) with the offending file and the reason in the message.
+A problem with the dataset as a whole (its description, annotation or region table) raises
+:class:`DatasetError`; a problem with one scan's files excludes that scan only (``DatasetSpec.excluded``,
+reported in the manifest), so one bad file never refuses the cohort. Every message names the file.
+
+Every file is read through its resolved path, which must lie under the data root or under one of the
+``NNSAM2_ALLOWED_ROOTS`` (``core.layout.allowed_roots``). Symlinks are followed and allowed as long as their
+target stays inside those roots; a link to ``/etc/passwd`` or another user's folder is refused.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from nnsam2_assets.core.imaging import ScanError
+from nnsam2_assets.core.imaging import NIFTI_SUFFIXES, ScanError
 from nnsam2_assets.core.labels import CLASSES_2, CLASSES_4, class_names
+from nnsam2_assets.core.layout import allowed_roots
 
 MODALITIES = ("mri", "ct")
 SEQUENCES = ("dixon", "t1", "t2", "ct", "other")
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+REGION_COLUMNS = ("scan", "first_slice", "last_slice")
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _SCAN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -48,8 +54,12 @@ def validate_dataset_key(name: str) -> str:
     return name
 
 
+def is_valid_scan_id(scan_id: str) -> bool:
+    return bool(_SCAN_ID.match(scan_id)) and ".." not in scan_id
+
+
 def validate_scan_id(scan_id: str, path: Path) -> str:
-    if not _SCAN_ID.match(scan_id) or ".." in scan_id:
+    if not is_valid_scan_id(scan_id):
         raise ScanError(path, f"invalid scan id {scan_id!r}: use letters, digits, '.', '-' or '_'")
     return scan_id
 
@@ -75,6 +85,11 @@ class DatasetSpec:
     scans: dict[str, ScanSource]
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
     description: str = ""
+    # scans that cannot be ingested (bad name, bad region row, file outside the roots): name -> reason
+    excluded: dict[str, str] = field(default_factory=dict)
+    # dataset-level problems that exclude nothing (e.g. a regions.csv row for a scan that does not exist)
+    warnings: tuple[str, ...] = ()
+    region_rows: dict[str, int] = field(default_factory=dict)  # scan -> its regions.csv line
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -123,14 +138,31 @@ def load_dataset(data_root: Path, name: str) -> DatasetSpec:
         raise DatasetError(f"{cfg_path}: sequence {sequence!r} does not fit modality {modality!r}")
 
     label_map, n_classes = parse_label_map(cfg.get("label_map"), cfg_path)
-    scans = discover_scans(folder, is_dixon=sequence == "dixon")
+    roots = readable_roots(data_root)
+    scans, excluded = discover_scans(folder, is_dixon=sequence == "dixon", roots=roots)
+    regions_path = folder / "regions.csv"
+    regions, warnings, table = {}, [], RegionTable({}, {}, {})
+    if regions_path.exists():
+        confine_dataset_file(regions_path, roots)
+        table = read_regions(regions_path)
+        regions = {scan: region for scan, region in table.regions.items() if scan in scans}
+        excluded.update({scan: why for scan, why in table.errors.items() if scan in scans})
+        warnings += [why for scan, why in table.errors.items() if scan not in scans and scan not in excluded]
+        warnings += [
+            f"{regions_path} row {table.rows[scan]}: no scan named {scan!r} in {folder / 'scans'}; row ignored"
+            for scan in table.regions
+            if scan not in scans and scan not in excluded
+        ]
+    scans = {scan_id: source for scan_id, source in scans.items() if scan_id not in excluded}
     reference = str(cfg.get("reference", ""))
+    if reference in excluded:
+        raise DatasetError(f"{cfg_path}: reference scan {reference!r} is excluded: {excluded[reference]}")
     if reference not in scans:
         raise DatasetError(f"{cfg_path}: reference scan {reference!r} not found among scans {sorted(scans)}")
     annotation = folder / str(cfg.get("annotation", "annotation.nii.gz"))
     if not annotation.exists():
         raise DatasetError(f"{annotation}: missing the reference annotation (one annotated axial slice)")
-    regions = read_regions(folder / "regions.csv", scans) if (folder / "regions.csv").exists() else {}
+    confine_dataset_file(annotation, roots)
     return DatasetSpec(
         name=name,
         folder=folder,
@@ -143,6 +175,9 @@ def load_dataset(data_root: Path, name: str) -> DatasetSpec:
         scans=scans,
         regions=regions,
         description=str(cfg.get("description", "")),
+        excluded=excluded,
+        warnings=tuple(warnings),
+        region_rows={scan: table.rows[scan] for scan in regions},
     )
 
 
@@ -172,13 +207,50 @@ def parse_label_map(raw: object, cfg_path: Path) -> tuple[dict[int, int], int]:
     return mapping, len(classes)
 
 
-def discover_scans(folder: Path, is_dixon: bool) -> dict[str, ScanSource]:
+def readable_roots(data_root: Path) -> tuple[Path, ...]:
+    """The folders files may resolve into: the data root and the configured allowed roots."""
+    return (Path(data_root).resolve(), *allowed_roots())
+
+
+def confine(path: Path, roots: tuple[Path, ...]) -> Path:
+    """The resolved path of ``path`` (every file inside, for a DICOM folder), if it lies under ``roots``."""
+    path = Path(path)
+    targets = (
+        [path, *(p for p in path.rglob("*") if p.is_file() or p.is_symlink())] if path.is_dir() else [path]
+    )
+    for target in targets:
+        resolved = target.resolve()
+        if not any(resolved.is_relative_to(root) for root in roots):
+            raise ScanError(
+                target,
+                f"resolves to {resolved}, outside the data root {roots[0]}"
+                + (f" and the allowed roots {', '.join(map(str, roots[1:]))}" if len(roots) > 1 else "")
+                + "; copy the file in, or list its folder in NNSAM2_ALLOWED_ROOTS",
+            )
+    return path.resolve()
+
+
+def confine_dataset_file(path: Path, roots: tuple[Path, ...]) -> Path:
+    try:
+        return confine(path, roots)
+    except ScanError as exc:
+        raise DatasetError(str(exc)) from exc
+
+
+def discover_scans(
+    folder: Path, is_dixon: bool, roots: tuple[Path, ...] | None = None
+) -> tuple[dict[str, ScanSource], dict[str, str]]:
+    """The dataset's scans, and the entries of ``scans/`` that cannot be scans (name -> reason).
+
+    A badly named or escaping file excludes itself only; the dataset fails only when no scan is left."""
+    roots = roots or readable_roots(folder.parent)
     scan_dir = folder / "scans"
     if not scan_dir.is_dir():
         raise DatasetError(f"{scan_dir}: missing scans folder")
     experts = folder / "experts"
     found: dict[str, Path] = {}
     fats: dict[str, Path] = {}
+    excluded: dict[str, str] = {}
     for entry in sorted(scan_dir.iterdir()):
         if entry.name.startswith("."):
             continue
@@ -186,24 +258,36 @@ def discover_scans(folder: Path, is_dixon: bool) -> dict[str, ScanSource]:
             stem = entry.name
         elif entry.name.endswith(NIFTI_SUFFIXES):
             stem = _strip_nifti(entry.name)
+        elif entry.is_symlink() and not entry.exists():
+            excluded[entry.name] = f"{entry}: broken symbolic link"
+            continue
         else:
             continue
-        if is_dixon:
-            if stem.endswith("_water"):
+        try:
+            confine(entry, roots)
+            if not is_dixon:
+                found[validate_scan_id(stem, entry)] = entry
+            elif stem.endswith("_water"):
                 found[validate_scan_id(stem[: -len("_water")], entry)] = entry
             elif stem.endswith("_fat"):
-                fats[stem[: -len("_fat")]] = entry
+                fats[validate_scan_id(stem[: -len("_fat")], entry)] = entry
             else:
                 raise ScanError(entry, "Dixon scans must be named <id>_water / <id>_fat")
-        else:
-            found[validate_scan_id(stem, entry)] = entry
+        except ScanError as exc:
+            name = stem.removesuffix("_water").removesuffix("_fat") if is_dixon else stem
+            excluded[name] = str(exc)
+    for scan_id in sorted(set(fats) - set(found) - set(excluded)):
+        excluded[scan_id] = f"{fats[scan_id]}: fat image without a matching {scan_id}_water image"
+    for scan_id in set(found) & set(excluded):
+        del found[scan_id]  # its fat image is bad: the pair is excluded together
     if not found:
-        raise DatasetError(f"{scan_dir}: no scans found")
+        detail = f" ({'; '.join(excluded.values())})" if excluded else ""
+        raise DatasetError(f"{scan_dir}: no usable scans found{detail}")
     sources: dict[str, ScanSource] = {}
     for scan_id, image in found.items():
         expert = _find_nifti(experts, scan_id)
         sources[scan_id] = ScanSource(scan_id, image, fats.get(scan_id), expert)
-    return sources
+    return sources, excluded
 
 
 def _strip_nifti(name: str) -> str:
@@ -221,20 +305,58 @@ def _find_nifti(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def read_regions(path: Path, scans: dict[str, ScanSource]) -> dict[str, tuple[int, int]]:
+@dataclass(frozen=True)
+class RegionTable:
+    """regions.csv, parsed: valid rows by scan, per-scan errors, and each scan's row number (1 = header)."""
+
+    regions: dict[str, tuple[int, int]]
+    errors: dict[str, str]
+    rows: dict[str, int]
+
+
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def read_regions(path: Path) -> RegionTable:
+    """Strict regions.csv: integer slice indices only, one row per scan.
+
+    A malformed table (unreadable, missing columns) refuses the dataset; a bad row only excludes its scan.
+    Every message names the file, the row (line number, header = 1) and the column."""
     try:
-        table = pd.read_csv(path)
-    except Exception as exc:  # pandas raises several types for malformed CSV
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except Exception as exc:  # noqa: BLE001 - pandas raises several types for malformed CSV
         raise DatasetError(f"{path}: unreadable region table ({exc})") from exc
-    missing = {"scan", "first_slice", "last_slice"} - set(table.columns)
+    missing = set(REGION_COLUMNS) - set(table.columns)
     if missing:
-        raise DatasetError(f"{path}: missing columns {sorted(missing)} (need scan,first_slice,last_slice)")
+        raise DatasetError(f"{path}: missing columns {sorted(missing)} (need {','.join(REGION_COLUMNS)})")
     regions: dict[str, tuple[int, int]] = {}
-    for row in table.itertuples(index=False):
-        if str(row.scan) not in scans:
-            raise DatasetError(f"{path}: region for unknown scan {row.scan!r}")
-        regions[str(row.scan)] = (int(row.first_slice), int(row.last_slice))
-    return regions
+    errors: dict[str, str] = {}
+    rows: dict[str, int] = {}
+    for line, record in enumerate(table.to_dict("records"), start=2):
+        scan = str(record["scan"]).strip()
+        if not scan:
+            raise DatasetError(f"{path} row {line}, column scan: empty scan name")
+        if scan in rows:
+            errors[scan] = f"{path} rows {rows[scan]} and {line}: two regions for scan {scan!r}; keep one row"
+            regions.pop(scan, None)
+            continue
+        rows[scan] = line
+        try:
+            regions[scan] = tuple(_slice_index(record[c], path, line, c) for c in REGION_COLUMNS[1:])
+        except DatasetError as exc:
+            errors[scan] = str(exc)
+    return RegionTable(regions, errors, rows)
+
+
+def _slice_index(value: object, path: Path, line: int, column: str) -> int:
+    text = str(value).strip()
+    if not _INTEGER.fullmatch(text):
+        shown = "empty" if not text else f"{text!r} is not an integer slice index"
+        raise DatasetError(f"{path} row {line}, column {column}: {shown}")
+    index = int(text)
+    if index < 0:
+        raise DatasetError(f"{path} row {line}, column {column}: slice index {index} is negative")
+    return index
 
 
 def map_labels(arr: np.ndarray, label_map: dict[int, int], path: Path | str) -> np.ndarray:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,16 +19,18 @@ from nnsam2_assets.core.imaging import (
     ScanError,
     align_labels,
     as_float32,
+    axial_axis,
+    check_acquisition,
     crop_region,
     pair_dixon,
-    read_image,
+    read_source_image,
     to_canonical,
 )
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_image, sha256_path, sha256_strings
-from nnsam2_assets.ingest.convention import DatasetSpec, ScanSource, map_labels_keep
+from nnsam2_assets.ingest.convention import DatasetSpec, ScanSource, is_valid_scan_id, map_labels_keep
 
-VERSION = "ingest-v1"
+VERSION = "ingest-v2"
 
 
 @dataclass
@@ -39,6 +42,9 @@ class PreparedScan:
     original: Geometry  # geometry of the uncropped source scan, to undo the crop later
     region: tuple[int, int] | None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(
+        default_factory=list
+    )  # things the user should look at (oblique, expert ignored)
 
 
 def source_hash(source: ScanSource, spec: DatasetSpec) -> str:
@@ -53,9 +59,13 @@ def source_hash(source: ScanSource, spec: DatasetSpec) -> str:
 
 
 def prepare_scan(spec: DatasetSpec, source: ScanSource) -> PreparedScan:
-    original = read_image(source.image)
+    original = read_source_image(source.image)
+    warnings = check_acquisition(original, source.image)
+    _check_contrast(original, source.image)
     notes: list[str] = []
     region = spec.regions.get(source.scan_id)
+    if region:
+        _check_region(spec, source, original)
 
     def crop(img: sitk.Image, path: object) -> sitk.Image:
         return crop_region(img, *region, path=str(path)) if region else img
@@ -64,7 +74,8 @@ def prepare_scan(spec: DatasetSpec, source: ScanSource) -> PreparedScan:
     if spec.is_dixon:
         if source.fat is None:
             raise ScanError(source.image, "Dixon scan has no matching <id>_fat image")
-        fat_img = read_image(source.fat)
+        fat_img = read_source_image(source.fat)
+        _check_contrast(fat_img, source.fat)
         fat_paired = pair_dixon(original, fat_img, source.image, source.fat)
         if not np.allclose(fat_img.GetOrigin(), original.GetOrigin(), atol=1e-2):
             notes.append("water and fat origins differ; paired by array index (shape and spacing match)")
@@ -72,25 +83,57 @@ def prepare_scan(spec: DatasetSpec, source: ScanSource) -> PreparedScan:
     if spec.modality == "mri" and original.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8):
         notes.append("8-bit MRI: intensity resolution is low")
     image = as_float32(to_canonical(crop(original, source.image)))
-    _check_finite(image, source.image)
+    _check_contrast(image, source.image)
 
     expert = None
     if source.expert is not None:
-        raw = read_image(source.expert)
-        aligned = align_labels(sitk.Cast(raw, sitk.sitkInt32), original, source.expert)
-        arr = map_labels_keep(sitk.GetArrayFromImage(aligned), spec.label_map)
-        mapped = sitk.GetImageFromArray(arr)
-        mapped.CopyInformation(original)
-        expert = sitk.Cast(to_canonical(crop(mapped, source.expert)), sitk.sitkUInt8)
-    return PreparedScan(source.scan_id, image, fat, expert, Geometry.of(original), region, notes)
+        try:
+            expert = _prepare_expert(spec, source, original, crop)
+        except ScanError as exc:  # optional: a bad expert file drops the comparison, never the scan
+            warnings.append(f"expert labels ignored: {exc}")
+    return PreparedScan(source.scan_id, image, fat, expert, Geometry.of(original), region, notes, warnings)
 
 
-def _check_finite(img: sitk.Image, path: object) -> None:
+def _prepare_expert(spec: DatasetSpec, source: ScanSource, original: sitk.Image, crop) -> sitk.Image:
+    raw = read_source_image(source.expert)
+    aligned = align_labels(sitk.Cast(raw, sitk.sitkInt32), original, source.expert)
+    arr = map_labels_keep(sitk.GetArrayFromImage(aligned), spec.label_map)
+    mapped = sitk.GetImageFromArray(arr)
+    mapped.CopyInformation(original)
+    return sitk.Cast(to_canonical(crop(mapped, source.expert)), sitk.sitkUInt8)
+
+
+def _check_region(spec: DatasetSpec, source: ScanSource, original: sitk.Image) -> None:
+    """A region must lie inside the scan; the error names regions.csv and the row, not the image."""
+    first, last = spec.regions[source.scan_id]
+    n = original.GetSize()[axial_axis(original)]
+    if max(first, last) >= n:
+        row = spec.region_rows.get(source.scan_id, "?")
+        raise ScanError(
+            spec.folder / "regions.csv",
+            f"row {row}, columns first_slice/last_slice: slices {first}..{last} lie outside the "
+            f"{n} axial slices (0..{n - 1}) of {source.image}",
+        )
+
+
+def _check_contrast(img: sitk.Image, path: object) -> None:
     arr = sitk.GetArrayViewFromImage(img)
-    if not np.isfinite(arr).all():
-        raise ScanError(str(path), "image holds NaN or infinite values")
     if float(arr.max()) == float(arr.min()):
-        raise ScanError(str(path), "image is constant (no contrast)")
+        raise ScanError(str(path), f"image is constant ({float(arr.max()):g} everywhere: no contrast)")
+
+
+def remove_scan_outputs(layout: DatasetLayout, scan_id: str) -> list[Path]:
+    """Delete every artefact and cache entry of a scan that no longer ingests, so nothing downstream
+    reads a result of the scan's earlier, now unreadable, content."""
+    removed = []
+    for path in layout.scan_outputs(scan_id):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        elif path.exists():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def read_manifest(layout: DatasetLayout) -> pd.DataFrame:
@@ -187,6 +230,7 @@ def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) ->
                 "has_fat": prepared.fat is not None,
                 "has_expert": prepared.expert is not None,
                 "notes": "; ".join(prepared.notes),
+                "warnings": "; ".join(prepared.warnings),
             }
             cache.record(scan_id, key, {"stat": signature, "row": row})
             computed += 1
@@ -194,7 +238,13 @@ def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) ->
         except ScanError as exc:
             log(f"scan {scan_id} excluded: {exc}")
             rows.append({"scan": scan_id, "status": "error", "error": str(exc), "source": str(source.image)})
-    cache.forget_others(set(spec.scans))
-    manifest = pd.DataFrame(rows).fillna({"error": "", "notes": ""})
+            remove_scan_outputs(layout, scan_id)
+    for name, reason in spec.excluded.items():
+        log(f"scan {name} excluded: {reason}")
+        rows.append({"scan": name, "status": "error", "error": reason, "source": ""})
+        if is_valid_scan_id(name):  # an invalid name never had outputs (and may not even be a file name)
+            remove_scan_outputs(layout, name)
+    cache.forget_others({row["scan"] for row in rows if row["status"] == "ok"})
+    manifest = pd.DataFrame(rows).fillna({"error": "", "notes": "", "warnings": ""})
     atomic_write_dataframe(manifest, layout.manifest)
     return IngestReport(manifest, computed)

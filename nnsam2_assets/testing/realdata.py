@@ -11,6 +11,7 @@ import SimpleITK as sitk
 import yaml
 
 from nnsam2_assets.core.labels import TOTALSEG_LPM_IDS, class_map
+from nnsam2_assets.core.layout import ALLOWED_ROOTS_ENV
 
 SHARED_DATA = Path(
     os.environ.get("NNSAM2_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
@@ -21,7 +22,16 @@ CHAOS = SHARED_DATA / "chaos_unlabeled"
 TUM_LABEL_MAP = class_map(4)  # MyoSegmenTUM ids are ours (checked by position and size)
 
 
+def allow_shared_data() -> None:
+    """Let datasets built here read through their symlinks into the shared data (``NNSAM2_ALLOWED_ROOTS``);
+    child processes inherit it."""
+    roots = [r for r in os.environ.get(ALLOWED_ROOTS_ENV, "").split(os.pathsep) if r]
+    if str(SHARED_DATA.resolve()) not in roots:
+        os.environ[ALLOWED_ROOTS_ENV] = os.pathsep.join([*roots, str(SHARED_DATA.resolve())])
+
+
 def _link(src: Path, dst: Path) -> None:
+    allow_shared_data()
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.symlink_to(src)
 

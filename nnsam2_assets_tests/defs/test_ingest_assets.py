@@ -93,9 +93,11 @@ def test_corrupt_scan_is_reported_and_the_others_finish(tiny):
     assert meta["n_ok"] == 2 and meta["n_failed"] == 1
     manifest = pd.read_parquet(DatasetLayout(storage, "tiny").manifest).set_index("scan")
     assert manifest.loc[victim, "status"] == "error"
-    assert manifest.loc[victim, "error"].startswith(f"{bad}: unreadable or corrupt image")
+    assert manifest.loc[victim, "error"].startswith(f"{bad}: truncated or corrupt gzip stream")
     check = [c for c in result.get_asset_check_evaluations() if c.check_name == "all_scans_readable"][0]
-    assert not check.passed and f"{victim}_water.nii.gz: unreadable or corrupt image" in check.description
+    assert (
+        not check.passed and f"{victim}_water.nii.gz: truncated or corrupt gzip stream" in check.description
+    )
     assert DatasetLayout(storage, "tiny").scan_image(reference).exists()
     assert _metadata(result, "reference_annotation")["reference"] == reference
 
@@ -160,7 +162,7 @@ def test_one_bad_scan_does_not_block_but_no_readable_scan_does(tiny):
     next(p for p in scans if not p.name.startswith(reference)).write_bytes(b"not a nifti")
     result = _materialize(instance, resources, selection=["scans", "reference_annotation"])
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"all_scans_readable": False, "any_scan_readable": True}
+    assert checks == {"all_scans_readable": False, "any_scan_readable": True, "no_ingest_warnings": True}
     assert result.success and result.asset_materializations_for_node("reference_annotation")
 
     for path in scans:
@@ -169,7 +171,7 @@ def test_one_bad_scan_does_not_block_but_no_readable_scan_does(tiny):
         instance, resources, selection=["scans", "reference_annotation"], raise_on_error=False
     )
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"all_scans_readable": False, "any_scan_readable": False}
+    assert checks == {"all_scans_readable": False, "any_scan_readable": False, "no_ingest_warnings": True}
     assert not result.asset_materializations_for_node("reference_annotation")  # blocked, not attempted
     started = {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
     failed = [e for e in result.all_events if e.is_step_failure]

@@ -25,6 +25,12 @@ concurrency:
     max_concurrent_runs: 2
   pools:
     default_limit: 1   # one GPU step (propagation, training, prediction) and one DuckDB writer at a time
+run_monitoring:        # the daemon fails runs that never start, hang while cancelling or outlive a limit
+  enabled: true
+  start_timeout_seconds: 300
+  cancel_timeout_seconds: 300
+  max_resume_run_attempts: 0
+  poll_interval_seconds: 30
 """
 
 

@@ -14,6 +14,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from nnsam2_assets.core import layout
+from nnsam2_assets.core.lifecycle import exit_with_parent
 from nnsam2_assets.ingest.convention import DatasetSpec, load_dataset
 from nnsam2_assets.propagation.backends import build_propagator
 from nnsam2_assets.propagation.base import Propagator
@@ -25,6 +26,15 @@ SAM2_CHECKPOINT_ENV = "NNSAM2_SAM2_CHECKPOINT"
 def env_or(name: str, default: str) -> str:
     """``dg.EnvVar(name)`` when the variable is set, else ``default``."""
     return dg.EnvVar(name) if os.environ.get(name) else default
+
+
+def mark_run_orphaned(instance: dg.DagsterInstance, run_id: str) -> None:
+    """Fail a run whose launcher died, and give back its pool slots: without a daemon nobody else frees
+    them, and every later run would wait for the GPU pool forever."""
+    run = instance.get_run_by_id(run_id)
+    if run is not None and not run.is_finished:
+        instance.report_run_failed(run, "the process that launched this run died; its step workers stopped")
+    instance.event_log_storage.free_concurrency_slots_for_run(run_id)
 
 
 class NnsamStorage(dg.ConfigurableResource):
@@ -43,6 +53,13 @@ class NnsamStorage(dg.ConfigurableResource):
 
     def dataset(self, name: str) -> DatasetSpec:
         return load_dataset(self.data, name)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # DefaultRunLauncher reports no worker health to run monitoring, so a step worker whose run process
+        # was killed marks the run failed itself and exits instead of hanging as an orphan
+        run, instance = context.dagster_run, context.instance
+        if run is not None and instance is not None and run.run_id:
+            exit_with_parent(lambda: mark_run_orphaned(instance, run.run_id))
 
     def layout(self, dataset: str) -> layout.DatasetLayout:
         return layout.DatasetLayout(self.root, dataset)

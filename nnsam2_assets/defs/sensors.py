@@ -5,9 +5,13 @@ One mechanism launches runs for new data: ``new_data_sensor``. It registers a ne
 annotation), keyed by the folder fingerprint so a change is run exactly once. ``scans`` has no automation
 condition of its own, so the automation sensor never launches a second run for the same data; it only
 reacts to code-version bumps and to upstream materializations (e.g. a retrained stage-3 model).
+
+A tick requests at most ``NNSAM2_MAX_RUNS_PER_TICK`` runs (default 2), whatever the instance's run limit:
+on a fresh instance with many dataset folders, the rest follow on later ticks instead of a storm of runs.
 """
 
 import json
+import os
 
 import dagster as dg
 
@@ -22,6 +26,14 @@ from nnsam2_assets.ingest.convention import (
     load_dataset,
 )
 from nnsam2_assets.pipeline import OUTPUTS, PER_DATASET
+
+MAX_RUNS_PER_TICK_ENV = "NNSAM2_MAX_RUNS_PER_TICK"
+DEFAULT_MAX_RUNS_PER_TICK = 2
+
+
+def max_runs_per_tick() -> int:
+    raw = os.environ.get(MAX_RUNS_PER_TICK_ENV, "")
+    return max(1, int(raw)) if raw.strip().isdigit() else DEFAULT_MAX_RUNS_PER_TICK
 
 
 def selection_for(storage: NnsamStorage) -> list[dg.AssetKey]:
@@ -58,6 +70,12 @@ def new_data_sensor(context: dg.SensorEvaluationContext, storage: NnsamStorage) 
     known = set(context.instance.get_dynamic_partitions(datasets_partitions.name))
     new_partitions = sorted(set(current) - known)
     changed = sorted(name for name, fp in current.items() if seen.get(name) != fp)
+    requested = changed[: max_runs_per_tick()]
+    if len(changed) > len(requested):
+        context.log.info(f"{len(changed) - len(requested)} changed datasets wait for the next tick")
+    # the cursor records only what was requested, so the datasets left over are requested on later ticks
+    cursor = {name: fp for name, fp in seen.items() if name in current}
+    cursor.update({name: current[name] for name in requested})
     selection = selection_for(storage)
     return dg.SensorResult(
         dynamic_partitions_requests=[datasets_partitions.build_add_request(new_partitions)]
@@ -65,9 +83,9 @@ def new_data_sensor(context: dg.SensorEvaluationContext, storage: NnsamStorage) 
         else [],
         run_requests=[
             dg.RunRequest(partition_key=name, run_key=f"{name}:{current[name]}", asset_selection=selection)
-            for name in changed
+            for name in requested
         ],
-        cursor=json.dumps(current, sort_keys=True),
+        cursor=json.dumps(cursor, sort_keys=True),
     )
 
 

@@ -203,3 +203,12 @@ def test_gpu_and_duckdb_pools_cover_exactly_their_assets():
         "final_masks",
     }
     assert {k for k, v in pools.items() if v == {"duckdb"}} == {"scan_metrics", "agreement"}
+
+
+def test_both_instance_files_enable_run_monitoring():
+    from nnsam2_assets.cli import INSTANCE_YAML
+
+    for name, cfg in (("docker/dagster.yaml", _yaml("dagster.yaml")), ("cli", yaml.safe_load(INSTANCE_YAML))):
+        monitoring = cfg["run_monitoring"]
+        assert monitoring["enabled"] is True, name
+        assert monitoring["start_timeout_seconds"] > 0 and monitoring["poll_interval_seconds"] > 0, name

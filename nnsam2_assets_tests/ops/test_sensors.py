@@ -143,3 +143,20 @@ def test_nightly_sweep_requests_only_changed_datasets(env, tmp_path):
         all_assets(), selection=["scans"], partition_key="tiny", instance=instance, resources=resources
     ).success
     assert isinstance(sweep(), dg.SkipReason)
+
+
+def test_a_tick_requests_at_most_two_runs_and_the_rest_follow(env):
+    """Thirty-odd folders at start-up on an instance without a run limit must not become a storm of runs."""
+    instance, data, storage = env
+    template = write_tiny(data, "ds0", n_scans=2)
+    for i in range(1, 5):
+        shutil.copytree(template, data / f"ds{i}")
+    requested, cursor = [], None
+    for _ in range(3):
+        result = _tick(instance, storage, cursor)
+        assert len(result.run_requests) <= 2
+        requested.append(sorted(r.partition_key for r in result.run_requests))
+        cursor = result.cursor
+    assert requested == [["ds0", "ds1"], ["ds2", "ds3"], ["ds4"]]
+    assert instance.get_dynamic_partitions("datasets") == [f"ds{i}" for i in range(5)]
+    assert not _tick(instance, storage, cursor).run_requests

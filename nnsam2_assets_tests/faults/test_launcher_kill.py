@@ -1,0 +1,144 @@
+"""kill -9 of the process that launched a run (``dagster job execute``) while its steps are in flight.
+
+Every process it started must end, the run must end FAILED in the instance rather than stay STARTED, and
+a rerun must complete with the same outputs as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from nnsam2_assets.cli import INSTANCE_YAML
+from nnsam2_assets.core import layout
+from nnsam2_assets.core.storage import sha256_file
+from nnsam2_assets.ingest.scans import read_manifest
+from nnsam2_assets.pipeline import PER_DATASET
+from nnsam2_assets.testing.cohorts import write_tiny
+from nnsam2_assets.testing.direct import STEPS, DirectRun
+
+NAME = "tiny"
+# a bound for processes that poll their parent every 0.5 s, not a speed target: it only turns a hang into
+# a failure with a message
+ORPHAN_BOUND_S = 600
+IN_FLIGHT = "propagated_masks"  # a step that runs for seconds, after its resources were set up
+
+
+def _children() -> dict[int, int]:
+    """pid -> parent pid of every process on the machine."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                out[int(entry.name)] = int(fields[1])
+    return out
+
+
+def _descendants(root: int) -> set[int]:
+    parents = _children()
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _step_started(instance: dg.DagsterInstance, step: str) -> bool:
+    runs = instance.get_runs()
+    if not runs:
+        return False
+    events = instance.all_logs(runs[0].run_id, of_type=dg.DagsterEventType.STEP_START)
+    return any(e.step_key == step for e in events)
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return pids & set(_children())
+
+
+def _execute(env: dict) -> subprocess.Popen:
+    tags = json.dumps({"dagster/partition": NAME})
+    cmd = [sys.executable, "-m", "dagster", "job", "execute", "-m", "nnsam2_assets.definitions"]
+    return subprocess.Popen(
+        [*cmd, "-j", "dataset_job", "--tags", tags],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _outputs(data: Path, store: Path) -> dict:
+    lay = layout.DatasetLayout(store, NAME)
+    manifest = read_manifest(lay).drop(columns=["source"])
+    ok = sorted(manifest.index[manifest.status == "ok"])
+    return {
+        "manifest": manifest.sort_index().sort_index(axis=1),
+        "selection": pd.read_parquet(lay.pseudo_selection)
+        .sort_values(["scan", "slice"])
+        .reset_index(drop=True),
+        "masks": {s: sha256_file(lay.masks(s)) for s in ok},
+        "pseudo": {s: sha256_file(lay.pseudo_label(s)) for s in ok},
+    }
+
+
+def test_kill9_of_the_launcher_leaves_no_process_and_a_failed_run(tmp_path):
+    data, store, home = tmp_path / "data", tmp_path / "store", tmp_path / "dagster_home"
+    write_tiny(data, NAME, n_scans=3)
+    home.mkdir()
+    (home / "dagster.yaml").write_text(INSTANCE_YAML)
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        layout.DATA_ROOT_ENV: str(data),
+        layout.STORAGE_ROOT_ENV: str(store),
+        layout.HOME_ENV: str(tmp_path),
+    }
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions("datasets", [NAME])
+
+    launcher = _execute(env)
+    seen: set[int] = set()
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        while not _step_started(instance, IN_FLIGHT):
+            assert launcher.poll() is None, f"the run ended before {IN_FLIGHT} was in flight"
+            seen |= _descendants(launcher.pid)
+            time.sleep(0.2)
+    seen |= _descendants(launcher.pid)
+    assert seen, "no step worker was running"
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + ORPHAN_BOUND_S
+    while _alive(seen) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(seen), f"processes of the killed run still alive: {sorted(_alive(seen))}"
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        (run,) = instance.get_runs()
+        assert run.status == dg.DagsterRunStatus.FAILURE, run.status
+        failure = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+        assert any("the process that launched this run died" in (e.message or "") for e in failure)
+
+    rerun = _execute(env)
+    assert rerun.wait() == 0
+    reference = tmp_path / "reference"
+    direct = DirectRun(data, reference, [NAME])
+    for asset in PER_DATASET:
+        STEPS[asset](direct, NAME)
+    got, want = _outputs(data, store), _outputs(data, reference)
+    pd.testing.assert_frame_equal(
+        got["manifest"].drop(columns=["source_hash"]), want["manifest"].drop(columns=["source_hash"])
+    )
+    pd.testing.assert_frame_equal(got["selection"], want["selection"])
+    assert got["masks"] == want["masks"] and got["pseudo"] == want["pseudo"]

@@ -1,6 +1,7 @@
 """``nnsam2``: demo, register, sql, export.
 
 nnsam2 demo                  write the demo cohort, register it, materialize everything, print results
+nnsam2 ui                    the web UI with its daemon (dagster dev); Ctrl-C stops every process it started
 nnsam2 register [NAME ...]   add dataset folders of the data root as Dagster partitions
 nnsam2 sql "SELECT ..."      query the metrics (read-only; waits for a writer to let go)
 nnsam2 export TABLE OUT      export a table or query to .csv / .parquet
@@ -92,6 +93,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """``dagster dev`` in its own session; Ctrl-C, SIGINT or SIGTERM stop it and every process it started."""
+    import signal
+    import subprocess
+    import threading
+
+    from nnsam2_assets.core.lifecycle import stop_session
+
+    ensure_dagster_home()
+    cmd = [
+        sys.executable,
+        "-m",
+        "dagster",
+        "dev",
+        "-w",
+        args.workspace,
+        "-h",
+        args.host,
+        "-p",
+        str(args.port),
+    ]
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+
+    def default_signals() -> None:  # a backgrounded shell job starts with SIGINT ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    leader = subprocess.Popen(cmd, start_new_session=True, preexec_fn=default_signals)
+    print(
+        f"nnsam2 ui: dagster dev on http://{args.host}:{args.port} (pid {leader.pid}); Ctrl-C stops everything"
+    )
+    while leader.poll() is None and not stopping.wait(0.5):
+        pass
+    code = stop_session(leader, grace_s=args.grace)
+    print(f"nnsam2 ui: stopped (dagster dev exit code {code})")
+    return 0 if stopping.is_set() else code
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     from nnsam2_assets.ingest.convention import DatasetError, load_dataset, validate_dataset_key
     from nnsam2_assets.runner import register_datasets
@@ -164,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--scans", type=int, default=4, help="scans per demo dataset")
     demo.set_defaults(func=cmd_demo)
+    ui = sub.add_parser("ui", help="run the web UI, daemon and code server (dagster dev); Ctrl-C stops all")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.add_argument("--workspace", default="workspace.yaml")
+    ui.add_argument("--grace", type=float, default=30.0, help="seconds for an orderly stop before SIGKILL")
+    ui.set_defaults(func=cmd_ui)
     reg = sub.add_parser("register", help="register dataset folders as partitions")
     reg.add_argument("names", nargs="*")
     reg.set_defaults(func=cmd_register)

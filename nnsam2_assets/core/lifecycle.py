@@ -5,14 +5,22 @@ are reparented to PID 1. Some finish their step and then hang, holding files and
 the broken pipe to their parent and exit. ``exit_with_parent`` covers both: a thread notices the new parent
 within a second, and an exit hook catches a worker that is already on its way out. Either runs the
 callback once (the Dagster layer marks the run failed); the thread then exits the process at once.
+
+``stop_session`` is the other half: stopping ``dagster dev`` must stop everything it started, including
+code servers and run workers that its own shutdown leaves behind.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import signal
+import subprocess
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 ORPHAN_EXIT_CODE = 70
 _lock = threading.Lock()
@@ -46,3 +54,44 @@ def exit_with_parent(on_orphaned: Callable[[], None] = lambda: None, poll_s: flo
     atexit.register(report_once)
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
     return True
+
+
+def session_processes(session_id: int) -> set[int]:
+    """Live processes of a session (Linux ``/proc``): everything a session leader started, reparented or not,
+    unless it called ``setsid`` itself (no Dagster process does)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == session_id:
+            found.add(int(entry.name))
+    return found
+
+
+def stop_session(leader: subprocess.Popen, grace_s: float = 30.0, poll_s: float = 0.2) -> int:
+    """Stop a process started with ``start_new_session=True`` and everything in its session.
+
+    SIGINT to the leader first, which ``dagster dev`` turns into an orderly shutdown of its webserver,
+    daemon and code server. Whatever outlives ``grace_s`` (a code server busy in a run, the run's step
+    workers) gets SIGTERM, which Dagster turns into a failed step and run, and after another ``grace_s``
+    SIGKILL. Returns the leader's exit code."""
+    if leader.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(leader.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            leader.wait(timeout=grace_s)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        members = session_processes(leader.pid)
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while session_processes(leader.pid) and time.monotonic() < deadline:
+            time.sleep(poll_s)
+    while session_processes(leader.pid):  # only SIGKILLed processes remain: they are going
+        time.sleep(poll_s)
+    return leader.wait()

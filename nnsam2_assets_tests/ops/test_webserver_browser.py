@@ -1,7 +1,10 @@
-"""End to end through the real processes: dagster-webserver + dagster-daemon, the GraphQL API, headless chromium.
+"""End to end through the real processes: ``nnsam2 ui`` (dagster dev: webserver, daemon, code server), the
+GraphQL API, headless chromium.
 
 A tiny dataset dropped into the data root is registered by new_data_sensor (daemon), its ingest is launched
-through GraphQL, and the UI renders the assets. Screenshots land in test-artifacts/ (gitignored).
+through GraphQL, and the UI renders the assets. Screenshots land in test-artifacts/ (gitignored). Last, the
+UI is stopped the README's way (Ctrl-C, i.e. SIGINT) while a run is in flight, and no process it started
+may survive.
 """
 
 from __future__ import annotations
@@ -36,17 +39,40 @@ class Stack:
     home: Path
     data_root: Path
     logs: Path
+    ui: subprocess.Popen
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 15) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=timeout)
-    with contextlib.suppress(ProcessLookupError):  # the group: code servers and run workers it started
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+def _stop(ui: subprocess.Popen) -> None:
+    """The README's stop: SIGINT (Ctrl-C) to ``nnsam2 ui``, which stops everything it started."""
+    if ui.poll() is None:
+        ui.send_signal(signal.SIGINT)
+    ui.wait()
+
+
+def _descendants(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if fields[0] != "Z":
+                    parents[int(entry.name)] = int(fields[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"}
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
 
 
 def _wait(predicate, timeout: float, what: str, interval: float = 1.0):
@@ -79,46 +105,30 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # create the sqlite storages once, here: webserver and daemon migrating a fresh home at the same moment
     # can race (alembic "more than one head")
     dg.DagsterInstance.from_config(str(home)).dispose()
-    commands = {
-        "webserver": [
-            str(BIN / "dagster-webserver"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-w",
-            "workspace.yaml",
-        ],
-        "daemon": [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-    }
-    procs: list[subprocess.Popen] = []
+    out = open(logs / "ui.log", "w")  # noqa: SIM115 - closed with the process
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "nnsam2_assets.cli", "ui", "--port", str(port), "--grace", "20"],
+        cwd=REPO,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
     try:
-        for name, cmd in commands.items():
-            out = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-            procs.append(
-                subprocess.Popen(
-                    cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-                )
-            )
         url = f"http://127.0.0.1:{port}"
 
         def up():
-            for p in procs:
-                assert p.poll() is None, f"{p.args[0]} exited early: see {logs}"
+            assert ui.poll() is None, f"nnsam2 ui exited early: see {logs}"
             try:
                 return requests.get(f"{url}/server_info", timeout=2).ok
             except requests.ConnectionError:
                 return False
 
-        _wait(up, 90, "dagster-webserver /server_info")
-        yield Stack(url, port, home, root / "nnsam2" / "data", logs)
+        _wait(up, 180, "dagster-webserver /server_info")
+        yield Stack(url, port, home, root / "nnsam2" / "data", logs, ui)
     finally:
-        for p in reversed(procs):
-            _stop(p)
-        if ARTIFACTS.exists():
-            for name in ("webserver", "daemon"):
-                if (logs / f"{name}.log").exists():
-                    shutil.copy(logs / f"{name}.log", ARTIFACTS / f"{name}.log")
+        _stop(ui)
+        if ARTIFACTS.exists() and (logs / "ui.log").exists():
+            shutil.copy(logs / "ui.log", ARTIFACTS / "ui.log")
 
 
 def _graphql(stack: Stack, query: str, variables: dict | None = None) -> dict:
@@ -216,3 +226,46 @@ def test_sensor_registers_dataset_graphql_run_and_ui_renders(stack: Stack, tmp_p
     # the latest materialization's metadata for the new partition, and the sensor that feeds it
     for text in ("input_fingerprint", "n_ok", "webtiny", "new_data_sensor", "dataset_job"):
         assert text in dom, f"{text} not rendered on /assets/scans"
+
+
+def test_ctrl_c_stops_every_process_while_a_run_is_in_flight(stack: Stack):
+    """Runs last in this module: it stops the stack."""
+    write_tiny(stack.data_root, "stoptiny", n_scans=3)
+    instance = dg.DagsterInstance.from_config(str(stack.home))
+    try:
+        _wait(
+            lambda: "stoptiny" in instance.get_dynamic_partitions("datasets"),
+            120,
+            "new_data_sensor to register stoptiny",
+            interval=2,
+        )
+        client = DagsterGraphQLClient("127.0.0.1", port_number=stack.port)
+        run_id = client.submit_job_execution(
+            "dataset_job", repository_location_name="nnsam2", tags={"dagster/partition": "stoptiny"}
+        )
+
+        def in_flight() -> bool:
+            steps = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START)
+            return any(e.step_key == "propagated_masks" for e in steps)
+
+        recorded: set[int] = set()
+
+        def record_until_in_flight() -> bool:
+            recorded.update(_descendants(stack.ui.pid))
+            return in_flight()
+
+        _wait(record_until_in_flight, 300, f"run {run_id} to reach propagated_masks", interval=0.5)
+        recorded |= _descendants(stack.ui.pid)
+    finally:
+        instance.dispose()
+    workers = [pid for pid in recorded if "multiprocessing" in _cmdline(pid) or "api" in _cmdline(pid)]
+    assert workers, f"no run or step worker among {len(recorded)} processes"
+    _stop(stack.ui)
+    assert not _alive(recorded), {pid: _cmdline(pid) for pid in _alive(recorded)}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -1,4 +1,4 @@
-"""``nnsam2``: demo, register, sql, export.
+"""``nnsam2``: demo, ui, register, sql, export.
 
 nnsam2 demo                  write the demo cohort, register it, materialize everything, print results
 nnsam2 ui                    the web UI with its daemon (dagster dev); Ctrl-C stops every process it started
@@ -86,9 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\n" + summary.to_string(index=False))
     print(f"\nfinal masks:   {layout.storage_root() / 'datasets' / '<dataset>' / 'final_masks'}")
     print(f'metrics:       {db}  (try: nnsam2 sql "SELECT * FROM metrics.qc_flags")')
-    print(
-        f"web UI:        DAGSTER_HOME={layout.dagster_home()} dagster dev -w workspace.yaml  (127.0.0.1:3000)"
-    )
+    print("web UI:        nnsam2 ui  (127.0.0.1:3000; Ctrl-C stops it and every process it started)")
     print(f"demo finished in {elapsed:.0f} s")
     return 0
 

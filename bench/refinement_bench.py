@@ -1,10 +1,13 @@
-"""Whole nnsam2 pipeline on the real MyoSegmenTUM Dixon pair, from ONE annotated slice.
+"""Accuracy benchmark: the whole nnsam2 pipeline on the real MyoSegmenTUM Dixon pair, from ONE annotated
+slice, in both directions (TUM01 annotated -> scored on TUM02, and TUM02 annotated -> scored on TUM01).
 
-    .venv/bin/python -m bench.refinement_bench [--seed middle|top] [--json out.json]
+    .venv/bin/python -m bench.refinement_bench [--direction both|TUM01|TUM02] [--seed middle|top] [--json out.json]
 
-Weight-free registration backend, ``quick`` nnU-Net profile. Prints the 2-class (and 4-class) Dice against
-the expert labels after propagation, on the kept pseudo-label slices, after each nnU-Net stage and for the
-final masks, plus the wall time of each stage. Reads ../shared/data (never copies it into the project).
+Weight-free registration backend, the default (``quick``) nnU-Net profile. For the propagation, each nnU-Net
+stage and the final masks it prints, on the target scan: 2-class and 4-class volume Dice, the signed volume
+error per class (%, against the expert's volume), the Dixon fat-ratio error per side (absolute), which masks
+the final ones are (refined by the models, with the ES/MF interface from the model or from propagation),
+and the wall time of each stage. Reads ../shared/data (never copies it into the project).
 """
 
 from __future__ import annotations
@@ -17,14 +20,19 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import pandas as pd
 import SimpleITK as sitk
 
+from bench._common import cpu_model
 from nnsam2_assets.core.imaging import read_array
-from nnsam2_assets.core.labels import mean_dice, to_class_space
+from nnsam2_assets.core.labels import class_names, mean_dice, to_class_space
 from nnsam2_assets.core.layout import DatasetLayout, model_pointer, stage_prediction
 from nnsam2_assets.defs.resources import RefinementSettings, build_resources
+from nnsam2_assets.metrics.quant import fat_ratio
 from nnsam2_assets.runner import materialize_cohort
 from nnsam2_assets.testing.realdata import TUM, tum_dataset
+
+CASES = ("TUM01", "TUM02")
 
 
 def _dice(pred: np.ndarray, truth: np.ndarray, k: int, slices=None) -> float:
@@ -33,15 +41,37 @@ def _dice(pred: np.ndarray, truth: np.ndarray, k: int, slices=None) -> float:
     return mean_dice(pred, truth, k)
 
 
+def score(pred: np.ndarray, truth4: np.ndarray, k: int, water: np.ndarray, fat: np.ndarray) -> dict:
+    """Dice, signed volume error per class (%) and fat-ratio error per side of one mask against the expert."""
+    truth2 = to_class_space(truth4, 4, 2)
+    pred2 = to_class_space(pred, k, 2)
+    row = {"dice_2c": mean_dice(pred2, truth2, 2)}
+    for c, name in enumerate(class_names(2), start=1):
+        row[f"vol_err_%_{name}"] = 100.0 * ((pred2 == c).sum() / (truth2 == c).sum() - 1.0)
+        row[f"fat_err_{name}"] = fat_ratio(fat, water, pred2 == c) - fat_ratio(fat, water, truth2 == c)
+    if k == 4:
+        row["dice_4c"] = mean_dice(pred, truth4, 4)
+        for c, name in enumerate(class_names(4), start=1):
+            row[f"vol_err_%_{name}"] = 100.0 * ((pred == c).sum() / (truth4 == c).sum() - 1.0)
+    return row
+
+
 def run_refinement_bench(
-    seed: str = "middle", workdir: Path | None = None, epochs: int = 0, iterations: int = 0
+    seed: str = "middle",
+    workdir: Path | None = None,
+    epochs: int = 0,
+    iterations: int = 0,
+    reference: str = "TUM01",
 ) -> list[dict]:
-    root = Path(workdir or tempfile.mkdtemp(prefix="nnsam2-tum-"))
+    """One direction: ``reference`` annotated on one slice, the whole pipeline, scored on the other scan."""
+    root = Path(workdir or tempfile.mkdtemp(prefix=f"nnsam2-{reference.lower()}-"))
     data, storage = root / "data", root / "storage"
     seed_z = (
-        None if seed == "middle" else int(sitk.ReadImage(str(TUM / "TUM01_water.nii.gz")).GetSize()[2] - 1)
+        None
+        if seed == "middle"
+        else int(sitk.ReadImage(str(TUM / f"{reference}_water.nii.gz")).GetSize()[2] - 1)
     )
-    tum_dataset(data, "tum", reference="TUM01", seed_z=seed_z)
+    tum_dataset(data, "tum", reference=reference, seed_z=seed_z)
     resources = build_resources(data, storage)
     if epochs or iterations:  # 0 keeps the quick profile's budget
         resources["refinement"] = RefinementSettings(num_epochs=epochs, iterations_per_epoch=iterations)
@@ -62,55 +92,67 @@ def run_refinement_bench(
             if event and event.is_step_success:
                 timings[event.step_key] = round(event.event_specific_data.duration_ms / 1000, 1)
     layout = DatasetLayout(storage, "tum")
-    selection = __import__("pandas").read_parquet(layout.pseudo_selection)
+    target = next(c for c in CASES if c != reference)
+    truth4 = read_array(layout.scan_expert(target))
+    water, fat = read_array(layout.scan_image(target)), read_array(layout.scan_fat(target))
+    selection = pd.read_parquet(layout.pseudo_selection)
+    kept = selection[(selection.scan == target) & selection.kept].slice.to_numpy()
+    summary = json.loads(layout.final_summary.read_text())
+    masks = {"propagation": (read_array(layout.masks(target)), 4)}
+    for stage in ("stage1", "stage2", "stage3"):
+        cur = json.loads(model_pointer(storage, stage).read_text())
+        masks[stage] = (
+            read_array(stage_prediction(Path(cur["model_dir"]), "tum", target)),
+            int(cur["n_classes"]),
+        )
+    masks["final"] = (read_array(layout.final_mask_canonical(target)), int(summary["n_classes"]))
     rows = []
-    for scan in ("TUM01", "TUM02"):
-        truth4 = read_array(layout.scan_expert(scan))
-        truth2 = to_class_space(truth4, 4, 2)
-        prop4 = read_array(layout.masks(scan))
-        kept = selection[(selection.scan == scan) & selection.kept].slice.to_numpy()
+    for name, (pred, k) in masks.items():
         row = {
-            "scan": scan,
-            "role": "reference" if scan == "TUM01" else "target",
+            "direction": f"{reference}->{target}",
             "seed": seed,
-            "propagation_2c": _dice(to_class_space(prop4, 4, 2), truth2, 2),
-            "propagation_4c": _dice(prop4, truth4, 4),
-            "kept_slices": int(len(kept)),
-            "pseudo_label_kept_2c": _dice(to_class_space(prop4, 4, 2), truth2, 2, kept)
-            if len(kept)
-            else np.nan,
+            "masks": name,
+            **score(pred, truth4, k, water, fat),
         }
-        for stage in ("stage1", "stage2", "stage3"):
-            cur = json.loads(model_pointer(storage, stage).read_text())
-            pred = read_array(stage_prediction(Path(cur["model_dir"]), "tum", scan))
-            k = int(cur["n_classes"])
-            row[f"{stage}_2c"] = _dice(to_class_space(pred, k, 2), truth2, 2)
-            if k == 4:
-                row[f"{stage}_4c"] = _dice(pred, truth4, 4)
-        final = read_array(layout.final_mask_canonical(scan))
-        k = 4 if final.max() > 2 else 2
-        row["final_2c"] = _dice(to_class_space(final, k, 2), truth2, 2)
-        if k == 4:
-            row["final_4c"] = _dice(final, truth4, 4)
+        if name == "propagation" and len(kept):
+            row["kept_slices"] = int(len(kept))
+            row["kept_dice_2c"] = _dice(to_class_space(pred, 4, 2), to_class_space(truth4, 4, 2), 2, kept)
+        if name == "final":
+            row["final_masks_are"] = f"refined ({summary.get('es_mf_interface', 'model')} ES/MF interface)"
         rows.append(row)
-    rows.append({"scan": "timings_s", "total": round(total, 1), **timings})
+    rows.append(
+        {"direction": f"{reference}->{target}", "masks": "timings_s", "total": round(total, 1), **timings}
+    )
     return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--direction", choices=["both", *CASES], default="both", help="the annotated scan")
     parser.add_argument("--seed", choices=["middle", "top"], default="middle")
     parser.add_argument("--json", default="")
     parser.add_argument("--epochs", type=int, default=0, help="override the quick profile's epochs")
     parser.add_argument("--iterations", type=int, default=0, help="override its iterations per epoch")
     args = parser.parse_args()
-    rows = run_refinement_bench(args.seed, epochs=args.epochs, iterations=args.iterations)
-    import pandas as pd
-
-    scans = pd.DataFrame([r for r in rows if r["scan"] != "timings_s"]).set_index("scan")
-    print("\n2-class / 4-class volume Dice vs expert labels (TUM01 annotated, one slice)")
-    print(scans.round(3).T.to_string())
-    print("\nwall time (s):", json.dumps(rows[-1]))
+    references = CASES if args.direction == "both" else (args.direction,)
+    rows = []
+    for reference in references:
+        rows += run_refinement_bench(
+            args.seed, epochs=args.epochs, iterations=args.iterations, reference=reference
+        )
+    table = pd.DataFrame([r for r in rows if r["masks"] != "timings_s"])
+    print(f"\nCPU: {cpu_model()}")
+    for direction, part in table.groupby("direction", sort=False):
+        print(
+            f"\n{direction}: Dice, signed volume error (%) and fat-ratio error vs the expert labels of the target"
+        )
+        print(part.drop(columns=["direction"]).set_index("masks").round(3).T.to_string())
+    for r in rows:
+        if r["masks"] == "timings_s":
+            print(
+                f"\nwall time (s) {r['direction']}:",
+                json.dumps({k: v for k, v in r.items() if k not in ("masks", "direction")}),
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
     return 0

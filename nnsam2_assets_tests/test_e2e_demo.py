@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnsam2_assets.core.imaging import read_image
-from nnsam2_assets.core.labels import mean_slice_dice, to_class_space
+from nnsam2_assets.core.labels import class_names, mean_slice_dice, to_class_space
 from nnsam2_assets.core.layout import DatasetLayout, model_root
 from nnsam2_assets.definitions import all_assets
 from nnsam2_assets.ingest.convention import load_dataset
@@ -54,7 +54,7 @@ def test_final_masks_beat_the_copy_slice_floor(demo_cohort):
                 sitk.GetArrayFromImage(sitk.ReadImage(str(layout.scan_expert(scan)))), spec.n_classes, 2
             )
             final_arr = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.final_mask_canonical(scan))))
-            final = to_class_space(final_arr, final_classes(demo_cohort), 2)
+            final = to_class_space(final_arr, spec.n_classes, 2)
             prop = to_class_space(
                 sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks(scan)))), spec.n_classes, 2
             )
@@ -69,10 +69,32 @@ def test_final_masks_beat_the_copy_slice_floor(demo_cohort):
     assert final >= floor + 0.10
 
 
-def final_classes(demo_cohort) -> int:
-    return int(
-        json.loads((model_root(demo_cohort.storage_root, "stage3") / "current.json").read_text())["n_classes"]
+def test_a_4_class_dataset_keeps_4_classes_in_a_mixed_pool(demo_cohort):
+    """demo-dixon (4-class) is pooled with demo-ct (2-class): the pooled models are 2-class, yet demo-dixon's
+    final masks and metrics are per muscle, and demo-ct's stay per side."""
+    pointer = json.loads((model_root(demo_cohort.storage_root, "stage3") / "current.json").read_text())
+    assert pointer["n_classes"] == 2
+    for name, k in (("demo-dixon", 4), ("demo-ct", 2)):
+        layout = DatasetLayout(demo_cohort.storage_root, name)
+        summary = json.loads(layout.final_summary.read_text())
+        assert (summary["n_classes"], summary["model_classes"]) == (k, 2)
+        assert summary["es_mf_interface"] == ("propagation" if k == 4 else "model")
+        spec = load_dataset(demo_cohort.data_root, name)
+        for scan in spec.scans:
+            final = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.final_mask_canonical(scan))))
+            assert set(np.unique(final)) == set(range(k + 1)), (name, scan)
+        rows = query(
+            demo_cohort.duckdb,
+            f"SELECT DISTINCT scheme, class_name FROM metrics.scan_metrics WHERE dataset = '{name}'",
+        )
+        per_scheme = rows.groupby("scheme").class_name.apply(set).to_dict()
+        assert per_scheme[f"{k}-class"] == set(class_names(k)), per_scheme
+    dixon = query(
+        demo_cohort.duckdb,
+        "SELECT class_name, avg(dice) AS dice FROM metrics.scan_metrics "
+        "WHERE dataset = 'demo-dixon' AND scheme = '4-class' GROUP BY ALL",
     )
+    assert (dixon.dice > 0.5).all(), dixon  # real per-muscle masks, not a relabelled side
 
 
 def test_final_masks_reload_over_the_original_scans(demo_cohort):

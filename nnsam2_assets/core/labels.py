@@ -61,6 +61,11 @@ def to_class_space(
     return lut[labels.astype(np.uint8)]
 
 
+def side_ids(n_classes: int, side: str) -> tuple[int, ...]:
+    """The class ids of one side ("right" or "left") in a scheme."""
+    return tuple(i for i, name in class_map(n_classes).items() if side_of(name) == side)
+
+
 def merge_sides(labels: np.ndarray) -> np.ndarray:
     """4-class ES/MF per side -> 2-class right/left LPM."""
     return to_class_space(labels, 4, 2)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from nnsam2_assets.core.labels import side_ids
+
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """Largest face-connected component of a binary mask, 2-D or 3-D (ties: the first in raster order)."""
@@ -36,3 +38,44 @@ def fragment_fraction(labels: np.ndarray, n_classes: int) -> float:
         if total:
             worst = max(worst, 1.0 - int(largest_component(mask).sum()) / total)
     return worst
+
+
+def split_sides(
+    sides: np.ndarray, muscles: np.ndarray, spacing_zyx: tuple[float, float, float]
+) -> np.ndarray:
+    """2-class side masks -> 4-class muscles, each side voxel taking the class of the nearest voxel of the
+    same side's muscles in ``muscles`` (a 4-class mask of the same scan, e.g. its propagation).
+
+    The side boundary comes from ``sides`` and only the ES/MF interface inside each side from ``muscles``, so
+    a 4-class dataset refined by a 2-class model keeps its per-muscle classes. A side that ``muscles`` lacks
+    entirely is labelled erector spinae, the larger muscle."""
+    out = np.zeros(sides.shape, dtype=np.uint8)
+    for side, members in ((1, (1, 2)), (2, (3, 4))):
+        region = sides == side
+        if not region.any():
+            continue
+        template = np.isin(muscles, members)
+        if not template.any():
+            out[region] = members[0] if side == 1 else members[1]  # ES: right_es = 1, left_es = 4
+            continue
+        _, nearest = ndimage.distance_transform_edt(~template, sampling=spacing_zyx, return_indices=True)
+        out[region] = muscles[tuple(index[region] for index in nearest)]
+    return out
+
+
+def laterality_gap_voxels(canonical_labels: np.ndarray, n_classes: int) -> float | None:
+    """Mean x index of the left-side classes minus that of the right-side classes, on a canonical (LPS)
+    array, where x grows towards the patient's left: positive when the sides lie where they belong, negative
+    when right and left are swapped. None when a side is empty.
+
+    A swap leaves propagation confident (the shapes match), so only patient coordinates can reveal it."""
+    x = np.arange(canonical_labels.shape[-1])
+    centres = {}
+    for side in ("right", "left"):
+        columns = np.isin(canonical_labels, side_ids(n_classes, side)).sum(
+            axis=tuple(range(canonical_labels.ndim - 1))
+        )
+        if not columns.any():
+            return None
+        centres[side] = float((columns * x).sum() / columns.sum())
+    return centres["left"] - centres["right"]

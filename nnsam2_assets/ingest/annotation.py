@@ -22,6 +22,7 @@ from nnsam2_assets.core.imaging import (
     to_canonical,
 )
 from nnsam2_assets.core.layout import DatasetLayout
+from nnsam2_assets.core.masks import laterality_gap_voxels
 from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
 from nnsam2_assets.ingest.convention import DatasetSpec, map_labels
 from nnsam2_assets.ingest.scans import ok_scans
@@ -83,6 +84,14 @@ def validate_annotation(
     if missing:
         names = [spec.class_names[m - 1] for m in missing]
         raise ScanError(annotation_path, f"annotation lacks class(es) {names} on its annotated slice")
+    gap = laterality_gap_voxels(arr[seed], spec.n_classes)
+    if gap is not None and gap < 0:
+        raise ScanError(
+            annotation_path,
+            "the right-side classes lie on the patient's left of the left-side classes (in the scan's own "
+            f"patient coordinates, by {-gap:.0f} voxels): right and left are swapped in the labels or in "
+            "dataset.yaml's label_map",
+        )
     return Annotation(sitk.Cast(canonical, sitk.sitkUInt8), seed, present)
 
 

@@ -54,7 +54,8 @@ def _side_fat_ratio(group: pd.DataFrame) -> pd.Series:
 def qc_flags(scans: pd.DataFrame, labels: pd.DataFrame, cfg: QCConfig = QCConfig()) -> pd.DataFrame:
     """Flags from per-scan rows and per-scan x label rows.
 
-    ``scans`` columns: dataset, scan, mean_confidence, stage_dice_min, fragment_fraction.
+    ``scans`` columns: dataset, scan, mean_confidence, stage_dice_min, fragment_fraction, and optionally
+    laterality_gap (``core.masks.laterality_gap_voxels`` of the final mask).
     ``labels`` columns: dataset, scan, label, side ('right'/'left'), volume_ml, and optionally fat_ratio, hu_mean.
     """
     flags: list[dict] = []
@@ -78,6 +79,14 @@ def qc_flags(scans: pd.DataFrame, labels: pd.DataFrame, cfg: QCConfig = QCConfig
                 "stage_disagreement",
                 WARN,
                 f"lowest stage-to-stage Dice {row.stage_dice_min:.3f} < {cfg.min_stage_dice}",
+            )
+        gap = getattr(row, "laterality_gap", np.nan)
+        if pd.notna(gap) and gap < 0:
+            add(
+                row,
+                "laterality_swapped",
+                ERROR,
+                f"the right-side labels lie {-gap:.0f} voxels to the patient's left of the left-side labels",
             )
         if pd.notna(row.fragment_fraction) and row.fragment_fraction > cfg.max_fragment_fraction:
             add(

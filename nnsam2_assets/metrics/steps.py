@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from nnsam2_assets.core.imaging import read_array, read_image
 from nnsam2_assets.core.labels import class_map, side_of, to_class_space
 from nnsam2_assets.core.layout import DatasetLayout
+from nnsam2_assets.core.masks import laterality_gap_voxels
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.metrics import quant, stats
@@ -87,6 +88,11 @@ class DatasetMetrics:
         return self.tables["qc_flags"]
 
 
+def laterality_gap(layout: DatasetLayout, scan: str, k: int) -> float:
+    gap = laterality_gap_voxels(read_array(layout.final_mask_canonical(scan)), k)
+    return np.nan if gap is None else gap
+
+
 def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_id: str) -> DatasetMetrics:
     """Volume, HU, fat ratio, Dice vs experts, per-slice areas, confidence, stage agreement and QC flags of
     every scan with a final mask, each row carrying its lineage (model version, code version, run id)."""
@@ -133,6 +139,7 @@ def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_
                 if len(stage_row)
                 else np.nan,
                 "fragment_fraction": final["fragment_fraction"][scan],
+                "laterality_gap": laterality_gap(layout, scan, k),
             }
         )
     label_df = pd.concat(labels, ignore_index=True).assign(**lineage) if labels else pd.DataFrame()

@@ -1,5 +1,9 @@
 """The ``final_masks`` asset's per-dataset step: stage-3 predictions, cleaned, on each scan's original grid,
-with the stage-to-stage agreement per scan. Scans the models have not seen are predicted here."""
+with the stage-to-stage agreement per scan. Scans the models have not seen are predicted here.
+
+A pool that mixes 4-class and 2-class datasets trains 2-class models. A 4-class dataset in it still gets
+4-class final masks: the refined side masks are split into erector spinae and multifidus along the
+interface of the scan's propagated 4-class mask (``core.masks.split_sides``), and the summary says so."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from nnsam2_assets.core.cache import ScanCache, cache_key
 from nnsam2_assets.core.imaging import read_array, read_image, to_original_grid
 from nnsam2_assets.core.labels import class_names, mean_dice, to_class_space
 from nnsam2_assets.core.layout import DatasetLayout
-from nnsam2_assets.core.masks import clean_labels, fragment_fraction
+from nnsam2_assets.core.masks import clean_labels, fragment_fraction, split_sides
 from nnsam2_assets.core.overlays import montage_png
 from nnsam2_assets.core.storage import (
     atomic_write_dataframe,
@@ -52,7 +56,10 @@ def make_final_masks(
     per run. Output: the cleaned stage-3 mask on the canonical crop and on the original scan's grid.
     """
     models = {stage: current_model(root, stage) for stage in STAGES}
-    k = int(models["stage3"]["n_classes"])
+    k = int(models["stage3"]["n_classes"])  # the pooled models' class space
+    k_out = spec.n_classes  # the dataset's own: a 2-class pool's sides are split for a 4-class dataset
+    if k_out < k:
+        raise ValueError(f"dataset {spec.name} has {k_out} classes but the stage-3 model predicts {k}")
     predictions = {s: StagePredictions(Path(models[s]["model_dir"]), device) for s in STAGES}
     cache = ScanCache(layout.dir("final_masks"))
     rows, computed, overlay = [], 0, None
@@ -64,7 +71,7 @@ def make_final_masks(
         content_key = scan_key(layout, scan)
         # the stages share one profile, hence one margin: the mask is read and the scan hashed once per scan
         rois = {m: scan_roi(layout, scan, m) for m in set(margins.values())}
-        key = cache_key(content_key, models["stage3"]["version"], VERSION)
+        key = cache_key(content_key, models["stage3"]["version"], VERSION, k_out)
         outputs = [layout.final_mask(scan), layout.final_mask_canonical(scan)]
         paths = [
             predictions[s].ensure(spec.name, scan, lambda img=img: img, content_key, rois[margins[s]])[0]
@@ -73,6 +80,9 @@ def make_final_masks(
         p1, p2, p3 = (read_array(path) for path in paths)
         if not cache.is_fresh(scan, key, outputs):
             final = clean_labels(p3, k)
+            if k_out > k:
+                spacing_zyx = tuple(reversed(img.GetSpacing()))
+                final = clean_labels(split_sides(final, read_array(layout.masks(scan)), spacing_zyx), k_out)
             canonical = sitk.GetImageFromArray(final)
             canonical.CopyInformation(img)
             atomic_write_image(canonical, layout.final_mask_canonical(scan))
@@ -81,8 +91,9 @@ def make_final_masks(
             cache.record(scan, key)
             computed += 1
         final = read_array(layout.final_mask_canonical(scan))
-        propagated = to_class_space(read_array(layout.masks(scan)), spec.n_classes, k)
-        fragments[scan] = fragment_fraction(p3, k)
+        propagated_own = read_array(layout.masks(scan))
+        propagated = to_class_space(propagated_own, spec.n_classes, k)
+        fragments[scan] = fragment_fraction(p3, k)  # of the raw prediction: cleaning hides it
         row = {
             "scan": scan,
             "stage1_vs_propagation": mean_dice(p1, propagated, k),
@@ -93,9 +104,9 @@ def make_final_masks(
             "expert_dice": np.nan,
         }
         if layout.scan_expert(scan).exists():
-            truth = to_class_space(read_array(layout.scan_expert(scan)), spec.n_classes, k)
-            row["expert_dice"] = mean_dice(final, truth, k)
-            row["propagation_expert_dice"] = mean_dice(propagated, truth, k)
+            truth = read_array(layout.scan_expert(scan))
+            row["expert_dice"] = mean_dice(final, truth, k_out)
+            row["propagation_expert_dice"] = mean_dice(propagated_own, truth, k_out)
         rows.append(row)
         if overlay is None:
             overlay = montage_png(sitk.GetArrayFromImage(img), final)
@@ -103,16 +114,21 @@ def make_final_masks(
     table = pd.DataFrame(rows)
     atomic_write_dataframe(table.assign(dataset=spec.name), layout.stage_agreement)
     versions = {s: m["version"] for s, m in models.items()}
-    atomic_write_json(
-        {"models": versions, "n_classes": k, "fragment_fraction": fragments}, layout.final_summary
-    )
+    summary = {
+        "models": versions,
+        "n_classes": k_out,
+        "model_classes": k,
+        "es_mf_interface": "propagation" if k_out > k else "model",
+        "fragment_fraction": fragments,
+    }
+    atomic_write_json(summary, layout.final_summary)
     log(
         f"final masks: {computed} recomputed of {len(scans)}; predictors loaded: {sorted(s for s, p in predictions.items() if p.loaded)}"
     )
     return FinalMasks(
         table=table,
         n_computed=computed,
-        class_names=class_names(k),
+        class_names=class_names(k_out),
         models=versions,
         overlay_png=overlay,
     )

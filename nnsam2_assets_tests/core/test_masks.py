@@ -1,7 +1,7 @@
 import numpy as np
 
 from nnsam2_assets.core.labels import to_class_space
-from nnsam2_assets.core.masks import clean_labels, fragment_fraction
+from nnsam2_assets.core.masks import clean_labels, fragment_fraction, laterality_gap_voxels, split_sides
 
 
 def _labels(n: int = 4) -> np.ndarray:
@@ -20,3 +20,44 @@ def test_class_space_and_cleanup():
     assert fragment_fraction(labels, 2) > 0
     cleaned = clean_labels(labels, 2)
     assert cleaned[0, 7, 7] == 0 and fragment_fraction(cleaned, 2) == 0
+
+
+def test_split_sides_takes_the_muscle_interface_from_the_template_and_keeps_sides_apart():
+    sides = np.zeros((3, 20, 40), np.uint8)
+    sides[:, 5:15, 2:18] = 1  # right side (image left, x < 20), refined a little wider than the template
+    sides[:, 5:15, 22:38] = 2
+    muscles = np.zeros_like(sides)
+    muscles[:, 6:14, 4:10], muscles[:, 6:14, 10:17] = 2, 1
+    muscles[:, 6:14, 23:30], muscles[:, 6:14, 30:36] = 3, 4
+    out = split_sides(sides, muscles, (4.0, 1.0, 1.0))
+    assert set(np.unique(out[sides == 1])) == {1, 2} and set(np.unique(out[sides == 2])) == {3, 4}
+    assert (out[:, 10, 2:10] == 2).all() and (out[:, 10, 10:18] == 1).all()  # nearest template voxel
+    assert (out[:, 10, 22:30] == 3).all() and (out[:, 10, 30:38] == 4).all()
+    assert ((out > 0) == (sides > 0)).all()  # the side masks' extent is kept exactly
+    no_left = muscles.copy()
+    no_left[no_left >= 3] = 0
+    assert set(np.unique(split_sides(sides, no_left, (4.0, 1.0, 1.0))[sides == 2])) == {4}  # left ES
+
+
+def test_laterality_is_positive_on_the_real_expert_labels_and_negative_when_swapped():
+    """Real labels in patient coordinates: the MyoSegmenTUM experts and the TotalSegmentator CT labels."""
+    import SimpleITK as sitk
+
+    from nnsam2_assets.core.labels import TOTALSEG_LPM_IDS, class_map
+    from nnsam2_assets.ingest.convention import map_labels_keep
+    from nnsam2_assets.testing.realdata import TS, TUM
+
+    cases = [
+        (TUM / f"{c}_label_watergrid.nii.gz", {i: i for i in class_map(4)}, 4) for c in ("TUM01", "TUM02")
+    ]
+    cases.append((TS / "example_ct_sm_seg_total.nii.gz", {v: k for k, v in TOTALSEG_LPM_IDS.items()}, 2))
+    for path, label_map, k in cases:
+        labels = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
+        arr = map_labels_keep(sitk.GetArrayFromImage(labels), label_map)
+        gap = laterality_gap_voxels(arr, k)
+        assert gap is not None and gap > 10, (path.name, gap)
+        swapped = np.zeros_like(arr)
+        for name_id, side_swapped in ((1, 4), (2, 3), (3, 2), (4, 1)) if k == 4 else ((1, 2), (2, 1)):
+            swapped[arr == name_id] = side_swapped
+        assert laterality_gap_voxels(swapped, k) < -10, path.name
+    assert laterality_gap_voxels(np.zeros((2, 4, 4), np.uint8), 2) is None

@@ -117,6 +117,12 @@ def test_annotation_rules(tmp_path):
         _check(tmp_path, ok, spacing=(2.0, 1.0, 3.0))
     with pytest.raises(ScanError, match="annotation is not on the reference scan's grid"):
         _check(tmp_path, ok[:, :10])
+    swapped = ok.copy()
+    swapped[ok == 1], swapped[ok == 2] = 2, 1
+    with pytest.raises(
+        ScanError, match=r"annotation\.nii\.gz: the right-side classes lie on the patient's left"
+    ):
+        _check(tmp_path, swapped)
 
 
 def test_annotation_outside_region(tmp_path):

@@ -107,3 +107,13 @@ def test_robust_z_handles_zero_spread():
     assert (robust_z(pd.Series([1.0, 1.0, 1.0])) == 0).all()
     z = robust_z(pd.Series([1.0, 2.0, 3.0, 4.0, 100.0]))
     assert z.iloc[-1] > 3.5 > abs(z.iloc[0])
+
+
+def test_swapped_sides_raise_an_error_flag_and_correct_sides_none():
+    vols = {"ok": (100.0, 99.0), "swapped": (100.0, 99.0)}
+    scans = _scans(vols).assign(laterality_gap=[40.0, -38.0])
+    flags = qc_flags(scans, _labels(vols, hu=40.0))
+    assert [(r.scan, r.flag, r.severity) for r in flags.itertuples()] == [
+        ("swapped", "laterality_swapped", "ERROR")
+    ]
+    assert "38 voxels to the patient's left" in flags.detail.iloc[0]

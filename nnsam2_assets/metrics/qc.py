@@ -7,15 +7,29 @@ be queried in DuckDB and shown as asset-check metadata.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+# A mask this good needs no review: the calibrated flags stay quiet above it.
+GOOD_DICE = 0.85
+# ``low_confidence`` thresholds per propagation backend, because the confidences live on different scales:
+# SAM2's is its predicted IoU; the registration backend's is NCC damped by the distance to the seed, about
+# 0.35 on good TUM masks. The registration threshold is fitted by ``bench/quality_calibration.py`` (it
+# prints the fit, its leave-one-out error and the cases); SAM2's cannot be fitted without a checkpoint.
+MIN_CONFIDENCE = {"sam2": 0.5, "registration": 0.156}
+
+
+def mean_confidence(confidence: pd.DataFrame) -> float:
+    """A scan's propagation confidence: the mean over slices of the per-slice mean over classes."""
+    return float(confidence.groupby("slice").confidence.mean().mean())
+
 
 @dataclass(frozen=True)
 class QCConfig:
-    min_confidence: float = 0.5
+    min_confidence: Mapping[str, float] = field(default_factory=lambda: dict(MIN_CONFIDENCE))
     min_stage_dice: float = 0.85
     max_asymmetry: float = 1.5  # larger side volume / smaller side volume
     # |right - left| Dixon fat ratio; unilateral fatty infiltration of the multifidus tracks unilateral
@@ -55,7 +69,7 @@ def qc_flags(scans: pd.DataFrame, labels: pd.DataFrame, cfg: QCConfig = QCConfig
     """Flags from per-scan rows and per-scan x label rows.
 
     ``scans`` columns: dataset, scan, mean_confidence, stage_dice_min, fragment_fraction, and optionally
-    laterality_gap (``core.masks.laterality_gap_voxels`` of the final mask).
+    backend (the propagation backend, for its confidence threshold) and laterality_gap (``core.masks.laterality_gap_voxels`` of the final mask).
     ``labels`` columns: dataset, scan, label, side ('right'/'left'), volume_ml, and optionally fat_ratio, hu_mean.
     """
     flags: list[dict] = []
@@ -66,12 +80,14 @@ def qc_flags(scans: pd.DataFrame, labels: pd.DataFrame, cfg: QCConfig = QCConfig
         )
 
     for row in scans.itertuples():
-        if pd.notna(row.mean_confidence) and row.mean_confidence < cfg.min_confidence:
+        backend = getattr(row, "backend", "sam2")
+        threshold = cfg.min_confidence.get(backend, MIN_CONFIDENCE["sam2"])
+        if pd.notna(row.mean_confidence) and row.mean_confidence < threshold:
             add(
                 row,
                 "low_confidence",
                 WARN,
-                f"mean propagation confidence {row.mean_confidence:.2f} < {cfg.min_confidence}",
+                f"mean propagation confidence {row.mean_confidence:.2f} < {threshold} ({backend} backend)",
             )
         if pd.notna(row.stage_dice_min) and row.stage_dice_min < cfg.min_stage_dice:
             add(

@@ -20,7 +20,7 @@ from nnsam2_assets.core.masks import laterality_gap_voxels
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.metrics import quant, stats
-from nnsam2_assets.metrics.qc import QCConfig, qc_flags
+from nnsam2_assets.metrics.qc import QCConfig, mean_confidence, qc_flags
 from nnsam2_assets.metrics.store import SCHEMA, replace_dataset_rows
 
 VERSION = "metrics-v2"
@@ -134,7 +134,8 @@ def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_
             {
                 "dataset": name,
                 "scan": scan,
-                "mean_confidence": float(conf.groupby("slice").confidence.mean().mean()),
+                "mean_confidence": mean_confidence(conf),
+                "backend": backend,
                 "stage_dice_min": float(stage_row[stage_cols].min(axis=1).iloc[0])
                 if len(stage_row)
                 else np.nan,

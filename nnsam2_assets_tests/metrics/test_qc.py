@@ -117,3 +117,43 @@ def test_swapped_sides_raise_an_error_flag_and_correct_sides_none():
         ("swapped", "laterality_swapped", "ERROR")
     ]
     assert "38 voxels to the patient's left" in flags.detail.iloc[0]
+
+
+def test_registration_confidence_flag_is_quiet_on_good_masks_and_fires_on_a_target_without_anatomy():
+    """The per-backend threshold on real propagations: phantoms propagated from their reference, and a
+    target of smooth noise (no anatomy at all)."""
+    import numpy as np
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from nnsam2_assets.core.labels import mean_dice, merge_sides
+    from nnsam2_assets.demo.phantom import generate_cohort
+    from nnsam2_assets.metrics.qc import GOOD_DICE, mean_confidence
+    from nnsam2_assets.propagation.backends import build_propagator
+
+    propagator = build_propagator("registration")
+    cohort = generate_cohort(3, seed=100, shape_yx=(96, 96), spacing=(2.0, 2.0, 4.0))
+    ref = cohort.members[cohort.typical_index]
+    z = (ref.region[0] + ref.region[1]) // 2
+    seed_labels = np.zeros_like(ref.labels)
+    seed_labels[z] = ref.labels[z]
+    annotation = sitk.GetImageFromArray(seed_labels)
+    annotation.CopyInformation(ref.images["water"])
+    rows, dice = [], {}
+    targets = {f"p{i}": m.images["water"] for i, m in enumerate(cohort.members) if i != cohort.typical_index}
+    noise = ndimage.gaussian_filter(np.random.default_rng(0).normal(size=ref.labels.shape), (0, 6, 6))
+    blank = sitk.GetImageFromArray((500 + 300 * noise).astype(np.float32))
+    blank.CopyInformation(ref.images["water"])
+    targets["no_anatomy"] = blank
+    for name, target in targets.items():
+        res = propagator.propagate(ref.images["water"], annotation, z, target, "mri")
+        if name != "no_anatomy":
+            member = cohort.members[int(name[1:])]
+            dice[name] = mean_dice(merge_sides(res.masks), merge_sides(member.labels), 2)
+        rows.append({"dataset": "d", "scan": name, "mean_confidence": mean_confidence(res.confidence)})
+    scans = pd.DataFrame(rows).assign(stage_dice_min=0.95, fragment_fraction=0.0, backend="registration")
+    flagged = set(qc_flags(scans, _labels({r["scan"]: (100.0, 99.0) for r in rows}, hu=40.0)).scan)
+    good = {name for name, d in dice.items() if d >= GOOD_DICE}
+    assert good, dice  # the check is about good masks: there must be some
+    assert not good & flagged, (dice, scans)
+    assert "no_anatomy" in flagged

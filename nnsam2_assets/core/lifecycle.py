@@ -56,10 +56,9 @@ def exit_with_parent(on_orphaned: Callable[[], None] = lambda: None, poll_s: flo
     return True
 
 
-def session_processes(session_id: int) -> set[int]:
-    """Live processes of a session (Linux ``/proc``): everything a session leader started, reparented or not,
-    unless it called ``setsid`` itself (no Dagster process does)."""
-    found = set()
+def process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id) of every live (non-zombie) process, from Linux ``/proc``."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -67,9 +66,29 @@ def session_processes(session_id: int) -> set[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[3]) == session_id:
-            found.add(int(entry.name))
+        if fields[0] != "Z":
+            table[int(entry.name)] = (int(fields[1]), int(fields[3]))
+    return table
+
+
+def descendants(root: int) -> set[int]:
+    """Live processes below ``root`` in the process tree (children, their children, ...)."""
+    parents = {pid: ppid for pid, (ppid, _) in process_table().items()}
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
     return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    return pids & set(process_table())
+
+
+def session_processes(session_id: int) -> set[int]:
+    """Live processes of a session: everything a session leader started, reparented or not, unless it called
+    ``setsid`` itself (no Dagster process does)."""
+    return {pid for pid, (_, sid) in process_table().items() if sid == session_id}
 
 
 def stop_session(leader: subprocess.Popen, grace_s: float = 30.0, poll_s: float = 0.2) -> int:

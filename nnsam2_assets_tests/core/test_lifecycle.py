@@ -7,7 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from nnsam2_assets.core.lifecycle import alive
 
 CHILD = """
 import sys, time
@@ -28,23 +29,15 @@ child.wait()
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
 def test_a_child_exits_when_its_parent_is_killed(tmp_path):
     marker = tmp_path / "marker"
     parent = subprocess.Popen(
         [sys.executable, "-c", PARENT, CHILD, str(marker)], stdout=subprocess.PIPE, text=True
     )
     child_pid = int(parent.stdout.readline())
-    assert _alive(child_pid)
+    assert alive({child_pid})
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
-    while _alive(child_pid):  # no deadline: it must exit, however slow the machine
+    while alive({child_pid}):  # no deadline: it must exit, however slow the machine
         time.sleep(0.2)
     assert marker.read_text() == "orphaned"

@@ -19,6 +19,7 @@ import pandas as pd
 
 from nnsam2_assets.cli import INSTANCE_YAML
 from nnsam2_assets.core import layout
+from nnsam2_assets.core.lifecycle import alive, descendants
 from nnsam2_assets.core.storage import sha256_file
 from nnsam2_assets.ingest.scans import read_manifest
 from nnsam2_assets.pipeline import PER_DATASET
@@ -32,40 +33,12 @@ ORPHAN_BOUND_S = 600
 IN_FLIGHT = "propagated_masks"  # a step that runs for seconds, after its resources were set up
 
 
-def _children() -> dict[int, int]:
-    """pid -> parent pid of every process on the machine."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if fields[0] != "Z":
-                out[int(entry.name)] = int(fields[1])
-    return out
-
-
-def _descendants(root: int) -> set[int]:
-    parents = _children()
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
-
-
 def _step_started(instance: dg.DagsterInstance, step: str) -> bool:
     runs = instance.get_runs()
     if not runs:
         return False
     events = instance.all_logs(runs[0].run_id, of_type=dg.DagsterEventType.STEP_START)
     return any(e.step_key == step for e in events)
-
-
-def _alive(pids: set[int]) -> set[int]:
-    return pids & set(_children())
 
 
 def _execute(env: dict) -> subprocess.Popen:
@@ -113,16 +86,16 @@ def test_kill9_of_the_launcher_leaves_no_process_and_a_failed_run(tmp_path):
     with dg.DagsterInstance.from_config(str(home)) as instance:
         while not _step_started(instance, IN_FLIGHT):
             assert launcher.poll() is None, f"the run ended before {IN_FLIGHT} was in flight"
-            seen |= _descendants(launcher.pid)
+            seen |= descendants(launcher.pid)
             time.sleep(0.2)
-    seen |= _descendants(launcher.pid)
+    seen |= descendants(launcher.pid)
     assert seen, "no step worker was running"
     os.kill(launcher.pid, signal.SIGKILL)
     launcher.wait()
     deadline = time.monotonic() + ORPHAN_BOUND_S
-    while _alive(seen) and time.monotonic() < deadline:
+    while alive(seen) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _alive(seen), f"processes of the killed run still alive: {sorted(_alive(seen))}"
+    assert not alive(seen), f"processes of the killed run still alive: {sorted(alive(seen))}"
 
     with dg.DagsterInstance.from_config(str(home)) as instance:
         (run,) = instance.get_runs()

@@ -9,7 +9,6 @@ may survive.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -25,6 +24,7 @@ import pytest
 import requests
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
+from nnsam2_assets.core.lifecycle import alive, descendants
 from nnsam2_assets_tests.ops import INGEST, REPO, free_port, write_tiny
 
 ARTIFACTS = REPO / "test-artifacts"
@@ -47,32 +47,6 @@ def _stop(ui: subprocess.Popen) -> None:
     if ui.poll() is None:
         ui.send_signal(signal.SIGINT)
     ui.wait()
-
-
-def _descendants(root: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if fields[0] != "Z":
-                    parents[int(entry.name)] = int(fields[1])
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    return {pid for pid in pids if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"}
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
 
 
 def _wait(predicate, timeout: float, what: str, interval: float = 1.0):
@@ -251,17 +225,17 @@ def test_ctrl_c_stops_every_process_while_a_run_is_in_flight(stack: Stack):
         recorded: set[int] = set()
 
         def record_until_in_flight() -> bool:
-            recorded.update(_descendants(stack.ui.pid))
+            recorded.update(descendants(stack.ui.pid))
             return in_flight()
 
         _wait(record_until_in_flight, 300, f"run {run_id} to reach propagated_masks", interval=0.5)
-        recorded |= _descendants(stack.ui.pid)
+        recorded |= descendants(stack.ui.pid)
     finally:
         instance.dispose()
     workers = [pid for pid in recorded if "multiprocessing" in _cmdline(pid) or "api" in _cmdline(pid)]
     assert workers, f"no run or step worker among {len(recorded)} processes"
     _stop(stack.ui)
-    assert not _alive(recorded), {pid: _cmdline(pid) for pid in _alive(recorded)}
+    assert not alive(recorded), {pid: _cmdline(pid) for pid in alive(recorded)}
 
 
 def _cmdline(pid: int) -> str:

@@ -91,6 +91,11 @@ def run_refinement_bench(
             event = record.event_log_entry.dagster_event
             if event and event.is_step_success:
                 timings[event.step_key] = round(event.event_specific_data.duration_ms / 1000, 1)
+    return score_direction(storage, reference, seed, timings, total)
+
+
+def score_direction(storage: Path, reference: str, seed: str, timings: dict, total: float) -> list[dict]:
+    """The rows of one finished direction, read from its storage root."""
     layout = DatasetLayout(storage, "tum")
     target = next(c for c in CASES if c != reference)
     truth4 = read_array(layout.scan_expert(target))
@@ -133,9 +138,15 @@ def main() -> int:
     parser.add_argument("--json", default="")
     parser.add_argument("--epochs", type=int, default=0, help="override the quick profile's epochs")
     parser.add_argument("--iterations", type=int, default=0, help="override its iterations per epoch")
+    parser.add_argument(
+        "--rescore", default="", help="score a finished run's storage root instead of running"
+    )
     args = parser.parse_args()
     references = CASES if args.direction == "both" else (args.direction,)
     rows = []
+    if args.rescore:
+        rows = score_direction(Path(args.rescore), references[0], args.seed, {}, float("nan"))
+        references = ()
     for reference in references:
         rows += run_refinement_bench(
             args.seed, epochs=args.epochs, iterations=args.iterations, reference=reference

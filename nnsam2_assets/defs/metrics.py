@@ -21,18 +21,27 @@ from nnsam2_assets.defs.pseudolabels import pseudo_labels
 from nnsam2_assets.defs.refinement import final_masks
 from nnsam2_assets.defs.resources import NnsamStorage
 from nnsam2_assets.metrics import steps as metrics
-from nnsam2_assets.metrics.qc import ERROR, WARN, QCConfig
+from nnsam2_assets.metrics.qc import ERROR, MIN_CONFIDENCE, WARN, QCConfig
 from nnsam2_assets.metrics.store import replace_dataset_rows
 
 
 class QCSettings(dg.Config):
-    """Thresholds of the QC flags (``metrics.qc``)."""
+    """Thresholds of the QC flags, defaulting to ``metrics.qc``'s (the confidence one per backend)."""
 
-    min_confidence: float = 0.5
-    min_stage_dice: float = 0.85
-    max_asymmetry: float = 1.5
-    robust_z: float = 3.5
-    max_fragment_fraction: float = 0.10
+    min_confidence_sam2: float = MIN_CONFIDENCE["sam2"]
+    min_confidence_registration: float = MIN_CONFIDENCE["registration"]
+    min_stage_dice: float = QCConfig.min_stage_dice
+    max_asymmetry: float = QCConfig.max_asymmetry
+    robust_z: float = QCConfig.robust_z
+    max_fragment_fraction: float = QCConfig.max_fragment_fraction
+
+    def qc_config(self) -> QCConfig:
+        fields = self.model_dump()
+        confidence = {
+            "sam2": fields.pop("min_confidence_sam2"),
+            "registration": fields.pop("min_confidence_registration"),
+        }
+        return QCConfig(min_confidence=confidence, **fields)
 
 
 @dg.asset(
@@ -56,7 +65,7 @@ def scan_metrics(
     per-slice areas, propagation confidence, stage agreement and QC flags, with lineage, in DuckDB."""
     name = context.partition_key
     result = metrics.dataset_metrics(
-        storage.dataset(name), storage.layout(name), QCConfig(**config.model_dump()), context.run.run_id
+        storage.dataset(name), storage.layout(name), config.qc_config(), context.run.run_id
     )
     label_df, flags, k = result.labels, result.flags, result.n_classes
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from nnsam2_assets.core.labels import side_ids
+from nnsam2_assets.core.labels import CLASSES_4, side_ids
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -50,13 +50,15 @@ def split_sides(
     a 4-class dataset refined by a 2-class model keeps its per-muscle classes. A side that ``muscles`` lacks
     entirely is labelled erector spinae, the larger muscle."""
     out = np.zeros(sides.shape, dtype=np.uint8)
-    for side, members in ((1, (1, 2)), (2, (3, 4))):
-        region = sides == side
+    for side in ("right", "left"):
+        (side_id,) = side_ids(2, side)
+        region = sides == side_id
         if not region.any():
             continue
+        members = side_ids(4, side)
         template = np.isin(muscles, members)
         if not template.any():
-            out[region] = members[0] if side == 1 else members[1]  # ES: right_es = 1, left_es = 4
+            out[region] = CLASSES_4.index(f"{side}_es") + 1
             continue
         _, nearest = ndimage.distance_transform_edt(~template, sampling=spacing_zyx, return_indices=True)
         out[region] = muscles[tuple(index[region] for index in nearest)]

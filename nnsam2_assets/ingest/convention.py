@@ -238,12 +238,11 @@ def confine_dataset_file(path: Path, roots: tuple[Path, ...]) -> Path:
 
 
 def discover_scans(
-    folder: Path, is_dixon: bool, roots: tuple[Path, ...] | None = None
+    folder: Path, is_dixon: bool, roots: tuple[Path, ...]
 ) -> tuple[dict[str, ScanSource], dict[str, str]]:
     """The dataset's scans, and the entries of ``scans/`` that cannot be scans (name -> reason).
 
     A badly named or escaping file excludes itself only; the dataset fails only when no scan is left."""
-    roots = roots or readable_roots(folder.parent)
     scan_dir = folder / "scans"
     if not scan_dir.is_dir():
         raise DatasetError(f"{scan_dir}: missing scans folder")

@@ -42,9 +42,8 @@ class PreparedScan:
     original: Geometry  # geometry of the uncropped source scan, to undo the crop later
     region: tuple[int, int] | None
     notes: list[str] = field(default_factory=list)
-    warnings: list[str] = field(
-        default_factory=list
-    )  # things the user should look at (oblique, expert ignored)
+    # things the user should look at (oblique, expert labels ignored)
+    warnings: list[str] = field(default_factory=list)
 
 
 def source_hash(source: ScanSource, spec: DatasetSpec) -> str:
@@ -61,7 +60,6 @@ def source_hash(source: ScanSource, spec: DatasetSpec) -> str:
 def prepare_scan(spec: DatasetSpec, source: ScanSource) -> PreparedScan:
     original = read_source_image(source.image)
     warnings = check_acquisition(original, source.image)
-    _check_contrast(original, source.image)
     notes: list[str] = []
     region = spec.regions.get(source.scan_id)
     if region:

@@ -34,10 +34,10 @@ UNITS = {"volume_ml": "mL", "fat_ratio": "", "ct_mean_hu": "HU"}
 
 
 def _scan_rows(
-    spec: DatasetSpec, layout: DatasetLayout, scan: str, k: int
+    spec: DatasetSpec, layout: DatasetLayout, scan: str, k: int, mask: sitk.Image
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-label and per-slice metrics of one scan (pooled class space, plus the 2-class merge for 4-class)."""
-    mask = read_image(layout.final_mask_canonical(scan))
+    """Per-label and per-slice metrics of one scan's final ``mask`` (its class space, plus the 2-class merge
+    for 4-class)."""
     image = read_image(layout.scan_image(scan))
     inputs: dict = {}
     if spec.modality == "ct":
@@ -88,11 +88,6 @@ class DatasetMetrics:
         return self.tables["qc_flags"]
 
 
-def laterality_gap(layout: DatasetLayout, scan: str, k: int) -> float:
-    gap = laterality_gap_voxels(read_array(layout.final_mask_canonical(scan)), k)
-    return np.nan if gap is None else gap
-
-
 def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_id: str) -> DatasetMetrics:
     """Volume, HU, fat ratio, Dice vs experts, per-slice areas, confidence, stage agreement and QC flags of
     every scan with a final mask, each row carrying its lineage (model version, code version, run id)."""
@@ -120,7 +115,9 @@ def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_
     for scan in ok_scans(layout):
         if not layout.final_mask_canonical(scan).exists():
             continue
-        per_label, per_slice = _scan_rows(spec, layout, scan, k)
+        mask = read_image(layout.final_mask_canonical(scan))
+        per_label, per_slice = _scan_rows(spec, layout, scan, k, mask)
+        gap = laterality_gap_voxels(sitk.GetArrayViewFromImage(mask), k)
         conf = pd.read_parquet(layout.confidence(scan))
         backend, model_id = str(conf.backend.iloc[0]), str(conf.model_id.iloc[0])
         labels.append(per_label.assign(backend=backend, propagation_model=model_id))
@@ -140,7 +137,7 @@ def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_
                 if len(stage_row)
                 else np.nan,
                 "fragment_fraction": final["fragment_fraction"][scan],
-                "laterality_gap": laterality_gap(layout, scan, k),
+                "laterality_gap": np.nan if gap is None else gap,
             }
         )
     label_df = pd.concat(labels, ignore_index=True).assign(**lineage) if labels else pd.DataFrame()

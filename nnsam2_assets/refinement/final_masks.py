@@ -78,11 +78,12 @@ def make_final_masks(
             for s in STAGES
         ]
         p1, p2, p3 = (read_array(path) for path in paths)
+        propagated_own = read_array(layout.masks(scan))  # in the dataset's classes
         if not cache.is_fresh(scan, key, outputs):
             final = clean_labels(p3, k)
             if k_out > k:
                 spacing_zyx = tuple(reversed(img.GetSpacing()))
-                final = clean_labels(split_sides(final, read_array(layout.masks(scan)), spacing_zyx), k_out)
+                final = clean_labels(split_sides(final, propagated_own, spacing_zyx), k_out)
             canonical = sitk.GetImageFromArray(final)
             canonical.CopyInformation(img)
             atomic_write_image(canonical, layout.final_mask_canonical(scan))
@@ -91,7 +92,6 @@ def make_final_masks(
             cache.record(scan, key)
             computed += 1
         final = read_array(layout.final_mask_canonical(scan))
-        propagated_own = read_array(layout.masks(scan))
         propagated = to_class_space(propagated_own, spec.n_classes, k)
         fragments[scan] = fragment_fraction(p3, k)  # of the raw prediction: cleaning hides it
         row = {

@@ -123,7 +123,11 @@ def score_direction(storage: Path, reference: str, seed: str, timings: dict, tot
             row["kept_slices"] = int(len(kept))
             row["kept_dice_2c"] = _dice(to_class_space(pred, 4, 2), to_class_space(truth4, 4, 2), 2, kept)
         if name == "final":
-            row["final_masks_are"] = f"refined ({summary.get('es_mf_interface', 'model')} ES/MF interface)"
+            decision = summary["refinement_decision"]
+            row["final_masks_are"] = (
+                f"{decision['source']} (held-out slice Dice {decision['heldout_dice']:.3f}; "
+                f"{summary['es_mf_interface']} ES/MF interface)"
+            )
         rows.append(row)
     rows.append(
         {"direction": f"{reference}->{target}", "masks": "timings_s", "total": round(total, 1), **timings}

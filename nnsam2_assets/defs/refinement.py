@@ -13,7 +13,7 @@ import dagster as dg
 from nnsam2_assets.core.cache import cache_key
 from nnsam2_assets.core.overlays import markdown_image
 from nnsam2_assets.defs.automation import EAGER, GPU_TAGS
-from nnsam2_assets.defs.ingest import scans
+from nnsam2_assets.defs.ingest import reference_annotation, scans
 from nnsam2_assets.defs.metadata import table
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.propagation import propagated_masks
@@ -99,7 +99,7 @@ def _stage_asset_kwargs(stage: str, deps: list) -> dict:
     }
 
 
-@dg.asset(**_stage_asset_kwargs("stage1", [scans, propagated_masks, pseudo_labels]))
+@dg.asset(**_stage_asset_kwargs("stage1", [scans, reference_annotation, propagated_masks, pseudo_labels]))
 def nnunet_stage1(
     context: dg.AssetExecutionContext, storage: NnsamStorage, refinement: RefinementSettings
 ) -> dg.MaterializeResult:
@@ -131,12 +131,12 @@ def _next_stage_asset(stage: str, deps: list, description: str) -> dg.AssetsDefi
 
 nnunet_stage2 = _next_stage_asset(
     "stage2",
-    [scans, propagated_masks, nnunet_stage1],
+    [scans, reference_annotation, propagated_masks, nnunet_stage1],
     "Stage 2: trained on stage-1 predictions that agree with the propagated masks and change area smoothly.",
 )
 nnunet_stage3 = _next_stage_asset(
     "stage3",
-    [scans, propagated_masks, nnunet_stage1, nnunet_stage2],
+    [scans, reference_annotation, propagated_masks, nnunet_stage1, nnunet_stage2],
     "Stage 3: trained on stage-2 predictions that agree with stage 1 (top 20 % per dataset, at least 2).",
 )
 
@@ -147,12 +147,18 @@ nnunet_stage3 = _next_stage_asset(
     kinds={"nifti"},
     code_version=refine.VERSION,
     automation_condition=EAGER,
-    # scans and propagated masks: the images predicted and the muscle box they are cropped to
-    deps=[scans, propagated_masks, nnunet_stage1, nnunet_stage2, nnunet_stage3],
+    # scans and propagated masks: the images predicted and the muscle box they are cropped to, and the
+    # propagated masks again when the held-out annotated slice (reference_annotation) keeps them
+    deps=[scans, reference_annotation, propagated_masks, nnunet_stage1, nnunet_stage2, nnunet_stage3],
     pool="gpu",
     op_tags=GPU_TAGS,
     check_specs=[
         dg.AssetCheckSpec("final_masks_complete", asset="final_masks"),
+        dg.AssetCheckSpec(
+            "refined_masks_used",
+            asset="final_masks",
+            description="the stage-3 model passed the held-out annotated slice, so its masks replace propagation",
+        ),
         dg.AssetCheckSpec(
             "any_final_mask",
             asset="final_masks",
@@ -165,7 +171,8 @@ def final_masks(
     context: dg.AssetExecutionContext, storage: NnsamStorage, refinement: RefinementSettings
 ) -> dg.MaterializeResult:
     """Stage-3 predictions, largest component per class, on each scan's ORIGINAL grid (opens over the
-    original scan in ITK-SNAP or Slicer); plus the stage-to-stage Dice per scan. Models load once per run."""
+    original scan in ITK-SNAP or Slicer); plus the stage-to-stage Dice per scan. Models load once per run.
+    The propagated masks stand instead when the stage-3 model fails the held-out annotated slice."""
     name = context.partition_key
     layout = storage.layout(name)
     scan_ids = ok_scans(layout)
@@ -177,6 +184,9 @@ def final_masks(
         "n_scans": len(stage_dice),
         "n_recomputed": out.n_computed,
         "classes": ", ".join(out.class_names),
+        "final_masks_source": out.decision.source,
+        "heldout_slice_dice": out.decision.heldout_dice,
+        "min_heldout_slice_dice": out.decision.min_heldout_dice,
         "models": dg.MetadataValue.json(out.models),
         "stage_dice": table(
             stage_dice,
@@ -196,6 +206,13 @@ def final_masks(
             passed=not missing and not empty,
             severity=dg.AssetCheckSeverity.ERROR,
             metadata={"missing_or_empty": ", ".join(missing + empty) or "none"},
+        ),
+        dg.AssetCheckResult(
+            check_name="refined_masks_used",
+            passed=out.decision.use_refined,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=f"final masks are the {out.decision.source} masks: held-out slice Dice "
+            f"{out.decision.heldout_dice:.3f} (refined masks need {out.decision.min_heldout_dice:.2f})",
         ),
         dg.AssetCheckResult(
             check_name="any_final_mask",

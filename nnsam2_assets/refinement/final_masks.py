@@ -1,6 +1,9 @@
 """The ``final_masks`` asset's per-dataset step: stage-3 predictions, cleaned, on each scan's original grid,
 with the stage-to-stage agreement per scan. Scans the models have not seen are predicted here.
 
+Per dataset, the held-out check of ``refinement.holdout`` decides whether the refined masks replace the
+propagated ones; when it does not, the final masks are the propagated masks and the summary says so.
+
 A pool that mixes 4-class and 2-class datasets trains 2-class models. A 4-class dataset in it still gets
 4-class final masks: the refined side masks are split into erector spinae and multifidus along the
 interface of the scan's propagated 4-class mask (``core.masks.split_sides``), and the summary says so."""
@@ -28,6 +31,7 @@ from nnsam2_assets.core.storage import (
     sha256_file,
 )
 from nnsam2_assets.ingest.convention import DatasetSpec
+from nnsam2_assets.refinement.holdout import RefinementDecision, decide
 from nnsam2_assets.refinement.stages import (
     STAGES,
     VERSION,
@@ -45,6 +49,7 @@ class FinalMasks:
     class_names: tuple[str, ...]
     models: dict
     overlay_png: bytes | None
+    decision: RefinementDecision
 
 
 def make_final_masks(
@@ -66,22 +71,28 @@ def make_final_masks(
     fragments: dict[str, float] = {}
     margins = {stage: models[stage].get("roi_margin_mm") for stage in STAGES}
 
-    for scan in scans:
-        img = read_image(layout.scan_image(scan))
+    def stage_paths(scan: str, img: sitk.Image) -> list[Path]:
         content_key = scan_key(layout, scan)
         # the stages share one profile, hence one margin: the mask is read and the scan hashed once per scan
         rois = {m: scan_roi(layout, scan, m) for m in set(margins.values())}
-        key = cache_key(content_key, models["stage3"]["version"], VERSION, k_out)
-        outputs = [layout.final_mask(scan), layout.final_mask_canonical(scan)]
-        paths = [
+        return [
             predictions[s].ensure(spec.name, scan, lambda img=img: img, content_key, rois[margins[s]])[0]
             for s in STAGES
         ]
-        p1, p2, p3 = (read_array(path) for path in paths)
+
+    reference_img = read_image(layout.scan_image(spec.reference))
+    decision = decide(read_array(stage_paths(spec.reference, reference_img)[-1]), k, layout, spec.n_classes)
+    log(f"final masks of {spec.name}: {decision.source} (held-out slice Dice {decision.heldout_dice:.3f})")
+
+    for scan in scans:
+        img = reference_img if scan == spec.reference else read_image(layout.scan_image(scan))
+        key = cache_key(scan_key(layout, scan), models["stage3"]["version"], VERSION, k_out, decision.source)
+        outputs = [layout.final_mask(scan), layout.final_mask_canonical(scan)]
+        p1, p2, p3 = (read_array(path) for path in stage_paths(scan, img))
         propagated_own = read_array(layout.masks(scan))  # in the dataset's classes
         if not cache.is_fresh(scan, key, outputs):
-            final = clean_labels(p3, k)
-            if k_out > k:
+            final = clean_labels(p3, k) if decision.use_refined else clean_labels(propagated_own, k_out)
+            if decision.use_refined and k_out > k:
                 spacing_zyx = tuple(reversed(img.GetSpacing()))
                 final = clean_labels(split_sides(final, propagated_own, spacing_zyx), k_out)
             canonical = sitk.GetImageFromArray(final)
@@ -99,6 +110,7 @@ def make_final_masks(
             "stage1_vs_propagation": mean_dice(p1, propagated, k),
             "stage2_vs_stage1": mean_dice(p2, p1, k),
             "stage3_vs_stage2": mean_dice(p3, p2, k),
+            "final_source": decision.source,
             "n_voxels": int((final > 0).sum()),
             "mask_sha256": sha256_file(layout.final_mask_canonical(scan))[:16],
             "expert_dice": np.nan,
@@ -118,8 +130,9 @@ def make_final_masks(
         "models": versions,
         "n_classes": k_out,
         "model_classes": k,
-        "es_mf_interface": "propagation" if k_out > k else "model",
+        "es_mf_interface": "propagation" if k_out > k or not decision.use_refined else "model",
         "fragment_fraction": fragments,
+        "refinement_decision": decision.as_dict(),
     }
     atomic_write_json(summary, layout.final_summary)
     log(
@@ -131,4 +144,5 @@ def make_final_masks(
         class_names=class_names(k_out),
         models=versions,
         overlay_png=overlay,
+        decision=decision,
     )

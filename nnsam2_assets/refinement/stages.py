@@ -34,10 +34,11 @@ from nnsam2_assets.core.layout import (
 from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.refinement import nnunet
+from nnsam2_assets.refinement.holdout import held_out_slab
 from nnsam2_assets.refinement.roi import Roi, roi_from_mask
 from nnsam2_assets.refinement.rules import StageRule, select_stage_cases, slice_agreement, volume_smooth
 
-VERSION = "refinement-v2"
+VERSION = "refinement-v3"  # v3: the annotated slab is held out of training
 STAGES = ("stage1", "stage2", "stage3")
 STAGE_IDS = {"stage1": 901, "stage2": 902, "stage3": 903}
 PREVIOUS = {"stage2": ("stage1", None), "stage3": ("stage2", "stage1")}
@@ -141,8 +142,26 @@ def predict_scan(predictor: nnunet.Predictor, img: sitk.Image, roi: Roi | None) 
     return out
 
 
+def _hold_out(labels: dict[tuple[str, str], np.ndarray], pool: Pool) -> dict[tuple[str, str], np.ndarray]:
+    """Each reference's annotated slab becomes "ignore" (``refinement.holdout``); a label left with nothing
+    but ignore is dropped (nnU-Net cannot sample from it)."""
+    ignore_value = ignore_label(pool.classes)
+    out = dict(labels)
+    for dataset, layout in pool.layouts.items():
+        slab = held_out_slab(layout)
+        if slab is None or (dataset, slab.scan) not in out:
+            continue
+        hidden = slab.hide(out[(dataset, slab.scan)], ignore_value)
+        if (hidden != ignore_value).any():
+            out[(dataset, slab.scan)] = hidden
+        else:
+            del out[(dataset, slab.scan)]
+    return out
+
+
 def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) -> tuple[pd.DataFrame, dict]:
-    """Selection table and {(dataset, scan): label array in pool space} for the stage's training set."""
+    """Selection table and {(dataset, scan): label array in pool space} for the stage's training set, with
+    every reference's annotated slab held out."""
     labels: dict[tuple[str, str], np.ndarray] = {}
     if stage == "stage1":
         rows = []
@@ -155,7 +174,7 @@ def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) ->
             rows.append({"dataset": dataset, "scan": scan, "n_kept": n_kept, "selected": n_kept > 0})
             if n_kept > 0:
                 labels[(dataset, scan)] = pool.to_pool(dataset, arr, ignore=True)
-        return pd.DataFrame(rows), labels
+        return pd.DataFrame(rows), _hold_out(labels, pool)
 
     previous, compare_to = PREVIOUS[stage]
     prev = current_model(root, previous)
@@ -199,7 +218,7 @@ def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) ->
     selection["relaxed"] = selection.relaxed | (selection.selected & selection.slices_relaxed)
     for row in selection[selection.selected & (selection.n_kept > 0)].itertuples():
         labels[(row.dataset, row.scan)] = preds[(row.dataset, row.scan)]
-    return selection, labels
+    return selection, _hold_out(labels, pool)
 
 
 def _train_and_predict(

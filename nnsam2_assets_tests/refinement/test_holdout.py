@@ -1,0 +1,77 @@
+"""The held-out annotated slab: hidden from every stage's training, and the replace-or-keep decision on it."""
+
+import json
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnsam2_assets.core.labels import ignore_label
+from nnsam2_assets.core.layout import DatasetLayout
+from nnsam2_assets.refinement.holdout import MIN_HELDOUT_DICE, decide, held_out_slab
+from nnsam2_assets.refinement.stages import Pool, _hold_out
+
+
+def _write(arr: np.ndarray, path, spacing=(1.0, 1.0, 2.0)) -> None:
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+
+
+def _annotated_dataset(tmp_path, seed: int = 5, n: int = 11, spacing_z: float = 2.0) -> DatasetLayout:
+    layout = DatasetLayout(tmp_path, "ds")
+    _write(np.zeros((n, 40, 40), np.float32), layout.scan_image("ref"), (1.0, 1.0, spacing_z))
+    annotation = np.zeros((n, 40, 40), np.uint8)
+    annotation[seed, 10:30, 5:15] = 1  # right LPM
+    annotation[seed, 10:30, 25:35] = 2  # left LPM
+    _write(annotation, layout.annotation, (1.0, 1.0, spacing_z))
+    layout.annotation_meta.write_text(json.dumps({"reference": "ref", "seed_slice": seed, "n_classes": 2}))
+    return layout
+
+
+def test_the_slab_reaches_the_neighbours_within_its_half_width(tmp_path):
+    slab = held_out_slab(_annotated_dataset(tmp_path, seed=5, spacing_z=2.0))
+    assert (slab.scan, slab.seed_slice, slab.first, slab.last) == ("ref", 5, 3, 7)  # 4 mm at 2 mm slices
+    edge = held_out_slab(_annotated_dataset(tmp_path / "edge", seed=0, spacing_z=5.0))
+    assert (edge.first, edge.last) == (0, 0)  # slices thicker than the half-width: the seed alone
+
+
+def test_every_stage_trains_without_the_reference_slab(tmp_path):
+    layout = _annotated_dataset(tmp_path)
+    pool = Pool(layouts={"ds": layout}, n_classes={"ds": 2}, scans={"ds": ["ref", "other"]})
+    ignore = ignore_label(2)
+    full = np.ones((11, 40, 40), np.uint8)
+    labels = _hold_out({("ds", "ref"): full, ("ds", "other"): full}, pool)
+    assert (labels[("ds", "ref")][3:8] == ignore).all()
+    assert (labels[("ds", "ref")][:3] == 1).all() and (labels[("ds", "ref")][8:] == 1).all()
+    assert (labels[("ds", "other")] == 1).all()  # only the reference's annotated slab is held out
+    assert (full == 1).all()  # the caller's arrays are not modified
+
+    only_slab = np.full((11, 40, 40), ignore, np.uint8)
+    only_slab[5] = 1
+    assert ("ds", "ref") not in _hold_out({("ds", "ref"): only_slab}, pool)  # nothing left to learn from
+
+
+def test_refined_masks_replace_propagation_only_when_they_reproduce_the_held_out_slice(tmp_path):
+    layout = _annotated_dataset(tmp_path)
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.annotation)))
+    good = decide(truth, 2, layout, 2)
+    assert good.use_refined and good.heldout_dice == 1.0 and good.source == "refined"
+
+    shifted = np.roll(truth, 4, axis=2)  # both sides 4 of 10 columns off: Dice 0.6
+    poor = decide(shifted, 2, layout, 2)
+    assert not poor.use_refined and poor.source == "propagated"
+    assert abs(poor.heldout_dice - 0.6) < 1e-6 and poor.min_heldout_dice == MIN_HELDOUT_DICE
+
+    swapped = np.where(truth == 1, 2, np.where(truth == 2, 1, 0)).astype(np.uint8)
+    assert decide(swapped, 2, layout, 2).heldout_dice == 0.0  # left and right are distinct labels
+
+
+def test_a_4_class_model_is_judged_on_its_side_masks(tmp_path):
+    layout = _annotated_dataset(tmp_path)
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.annotation)))
+    four = np.zeros_like(truth)
+    four[truth == 1] = 1  # right ES
+    four[:, 20:30][truth[:, 20:30] == 1] = 2  # right MF: the same right side
+    four[truth == 2] = 4  # left ES
+    assert decide(four, 4, layout, 2).heldout_dice == 1.0

@@ -62,8 +62,16 @@ def _run_bare(pred, folders: list[Path], seed_mask: np.ndarray, class_ids: list[
     return frames
 
 
-def run_sam2_bench(quick: bool, reps: int | None = None) -> list[dict]:
-    image_size, hw, n_ref, n_tgt, default_reps = (256, 64, 6, 6, 2) if quick else (512, 256, 10, 10, 3)
+SETTINGS = {  # image_size, slice height/width, reference and target slices, repetitions
+    "smoke": (128, 64, 4, 4, 1),  # bench.run --quick: the plumbing, in seconds
+    "small": (256, 64, 6, 6, 2),
+    "full": (512, 256, 10, 10, 3),
+}
+
+
+def run_sam2_bench(quick: bool, reps: int | None = None, smoke: bool = False) -> list[dict]:
+    setting = "smoke" if smoke else "small" if quick else "full"
+    image_size, hw, n_ref, n_tgt, default_reps = SETTINGS[setting]
     reps = reps or default_reps
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)

@@ -17,7 +17,7 @@ def bench_demo(base: Path, quick: bool) -> list[dict]:
     """A small two-dataset demo run: per-step wall times, and nnU-Net predictor loads for N new scans."""
     n_scans, n_new = (2, 1) if quick else (5, 4)
     refinement = (
-        RefinementSettings(num_epochs=1, iterations_per_epoch=10)
+        RefinementSettings(num_epochs=1, iterations_per_epoch=2)
         if quick
         else RefinementSettings(num_epochs=2, iterations_per_epoch=25)
     )

@@ -1,6 +1,8 @@
 """End to end on the demo cohort (materialized once per session by the ``demo_cohort`` fixture)."""
 
 import json
+import shutil
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -9,12 +11,16 @@ import pytest
 import SimpleITK as sitk
 
 from nnsam2_assets.core.imaging import read_image
-from nnsam2_assets.core.labels import class_names, mean_slice_dice, to_class_space
-from nnsam2_assets.core.layout import DatasetLayout, model_root
+from nnsam2_assets.core.labels import class_names, ignore_label, mean_slice_dice, to_class_space
+from nnsam2_assets.core.layout import DatasetLayout, model_root, stage_prediction, staged_label
+from nnsam2_assets.core.masks import clean_labels
 from nnsam2_assets.definitions import all_assets
 from nnsam2_assets.ingest.convention import load_dataset
+from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.metrics.store import TABLES, query
 from nnsam2_assets.pipeline import OUTPUTS
+from nnsam2_assets.refinement.final_masks import make_final_masks
+from nnsam2_assets.refinement.holdout import decide, held_out_slab
 
 pytestmark = pytest.mark.slow
 
@@ -69,16 +75,38 @@ def test_final_masks_beat_the_copy_slice_floor(demo_cohort):
     assert final >= floor + 0.10
 
 
-def test_a_4_class_dataset_keeps_4_classes_in_a_mixed_pool(demo_cohort):
+def _refined_copy(demo_cohort, tmp_path, name: str) -> DatasetLayout:
+    """One dataset's final masks made again in a copy of its storage with the held-out bar at 0 (always the
+    refined masks), reading the session's trained models and their cached predictions."""
+    root = tmp_path / "storage"
+    shutil.copytree(DatasetLayout(demo_cohort.storage_root, name).base, DatasetLayout(root, name).base)
+    (root / "models").symlink_to(demo_cohort.storage_root / "models")
+    layout = DatasetLayout(root, name)
+    out = make_final_masks(
+        load_dataset(demo_cohort.data_root, name), layout, ok_scans(layout), root, "cpu", min_heldout_dice=0.0
+    )
+    assert out.decision.use_refined and out.n_computed == len(ok_scans(layout))
+    return layout
+
+
+def test_a_4_class_dataset_keeps_4_classes_in_a_mixed_pool(demo_cohort, tmp_path):
     """demo-dixon (4-class) is pooled with demo-ct (2-class): the pooled models are 2-class, yet demo-dixon's
-    final masks and metrics are per muscle, and demo-ct's stay per side."""
+    final masks and metrics are per muscle, and demo-ct's stay per side: in the session's run (whatever the
+    held-out check chose) and with the refined masks forced."""
     pointer = json.loads((model_root(demo_cohort.storage_root, "stage3") / "current.json").read_text())
     assert pointer["n_classes"] == 2
     for name, k in (("demo-dixon", 4), ("demo-ct", 2)):
+        refined = _refined_copy(demo_cohort, tmp_path / name, name)
+        summary = json.loads(refined.final_summary.read_text())
+        assert (summary["n_classes"], summary["model_classes"]) == (k, 2)
+        assert summary["es_mf_interface"] == ("propagation" if k == 4 else "model")
+        for scan in ok_scans(refined):
+            final = sitk.GetArrayFromImage(sitk.ReadImage(str(refined.final_mask_canonical(scan))))
+            assert set(np.unique(final)) == set(range(k + 1)), (name, scan)
+
         layout = DatasetLayout(demo_cohort.storage_root, name)
         summary = json.loads(layout.final_summary.read_text())
         assert (summary["n_classes"], summary["model_classes"]) == (k, 2)
-        assert summary["es_mf_interface"] == ("propagation" if k == 4 else "model")
         spec = load_dataset(demo_cohort.data_root, name)
         for scan in spec.scans:
             final = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.final_mask_canonical(scan))))
@@ -95,6 +123,38 @@ def test_a_4_class_dataset_keeps_4_classes_in_a_mixed_pool(demo_cohort):
         "WHERE dataset = 'demo-dixon' AND scheme = '4-class' GROUP BY ALL",
     )
     assert (dixon.dice > 0.5).all(), dixon  # real per-muscle masks, not a relabelled side
+
+
+def test_the_held_out_check_decides_without_expert_labels_and_the_final_masks_follow_it(demo_cohort):
+    """No stage trained on the reference's annotated slab; the decision is the stage-3 model's side Dice on
+    the annotated slice (recomputed here from the stored prediction and the annotation alone), and each
+    dataset's final masks are the masks it chose."""
+    for name in demo_cohort.datasets:
+        layout = DatasetLayout(demo_cohort.storage_root, name)
+        spec = load_dataset(demo_cohort.data_root, name)
+        slab = held_out_slab(layout)
+        for stage in ("stage1", "stage2", "stage3"):
+            staged = staged_label(demo_cohort.storage_root, stage, name, spec.reference)
+            assert staged.exists() or stage != "stage1", name  # stage 1 trains on every reference
+            if staged.exists():  # the reference trains this stage: its slab is all "ignore"
+                label = sitk.GetArrayFromImage(sitk.ReadImage(str(staged)))
+                assert (label[slab.first : slab.last + 1] == ignore_label(2)).all(), (name, stage)
+        decision = json.loads(layout.final_summary.read_text())["refinement_decision"]
+        pointer = json.loads((model_root(demo_cohort.storage_root, "stage3") / "current.json").read_text())
+        prediction = sitk.GetArrayFromImage(
+            sitk.ReadImage(str(stage_prediction(Path(pointer["model_dir"]), name, spec.reference)))
+        )
+        again = decide(prediction, 2, layout, spec.n_classes)
+        assert again.heldout_dice == pytest.approx(decision["heldout_dice"])
+        assert decision["source"] == again.source
+        for scan in spec.scans:
+            final = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.final_mask_canonical(scan))))
+            propagated = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks(scan))))
+            if decision["source"] == "propagated":
+                assert np.array_equal(final, clean_labels(propagated, spec.n_classes)), (name, scan)
+            else:
+                assert not np.array_equal(final, clean_labels(propagated, spec.n_classes)), (name, scan)
+        print(f"{name}: final masks {decision['source']}, held-out slice Dice {decision['heldout_dice']:.3f}")
 
 
 def test_final_masks_reload_over_the_original_scans(demo_cohort):

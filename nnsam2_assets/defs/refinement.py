@@ -22,6 +22,7 @@ from nnsam2_assets.defs.resources import NnsamStorage, RefinementSettings
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.refinement import stages as refine
 from nnsam2_assets.refinement.final_masks import make_final_masks
+from nnsam2_assets.refinement.holdout import MIN_HELDOUT_DICE
 from nnsam2_assets.refinement.rules import STAGE_RULES, StageRule
 
 
@@ -141,6 +142,13 @@ nnunet_stage3 = _next_stage_asset(
 )
 
 
+class FinalMasksConfig(dg.Config):
+    """The held-out check's bar (``refinement.holdout``): 0 always takes the refined masks, above 1 always
+    keeps the propagated ones."""
+
+    min_heldout_dice: float = MIN_HELDOUT_DICE
+
+
 @dg.asset(
     partitions_def=datasets_partitions,
     group_name="refinement",
@@ -168,7 +176,10 @@ nnunet_stage3 = _next_stage_asset(
     ],
 )
 def final_masks(
-    context: dg.AssetExecutionContext, storage: NnsamStorage, refinement: RefinementSettings
+    context: dg.AssetExecutionContext,
+    storage: NnsamStorage,
+    refinement: RefinementSettings,
+    config: FinalMasksConfig,
 ) -> dg.MaterializeResult:
     """Stage-3 predictions, largest component per class, on each scan's ORIGINAL grid (opens over the
     original scan in ITK-SNAP or Slicer); plus the stage-to-stage Dice per scan. Models load once per run.
@@ -177,7 +188,13 @@ def final_masks(
     layout = storage.layout(name)
     scan_ids = ok_scans(layout)
     out = make_final_masks(
-        storage.dataset(name), layout, scan_ids, storage.root, refinement.device, log=context.log.info
+        storage.dataset(name),
+        layout,
+        scan_ids,
+        storage.root,
+        refinement.device,
+        log=context.log.info,
+        min_heldout_dice=config.min_heldout_dice,
     )
     stage_dice = out.table
     metadata = {

@@ -31,7 +31,7 @@ from nnsam2_assets.core.storage import (
     sha256_file,
 )
 from nnsam2_assets.ingest.convention import DatasetSpec
-from nnsam2_assets.refinement.holdout import RefinementDecision, decide
+from nnsam2_assets.refinement.holdout import MIN_HELDOUT_DICE, RefinementDecision, decide
 from nnsam2_assets.refinement.stages import (
     STAGES,
     VERSION,
@@ -53,7 +53,13 @@ class FinalMasks:
 
 
 def make_final_masks(
-    spec: DatasetSpec, layout: DatasetLayout, scans: list[str], root: Path, device: str, log: Log = print
+    spec: DatasetSpec,
+    layout: DatasetLayout,
+    scans: list[str],
+    root: Path,
+    device: str,
+    log: Log = print,
+    min_heldout_dice: float = MIN_HELDOUT_DICE,
 ) -> FinalMasks:
     """Final masks for one dataset from the current stage-3 model, with the stage-to-stage agreement table.
 

@@ -71,13 +71,18 @@ class RefinementDecision:
 
 
 def decide(
-    reference_prediction: np.ndarray, model_classes: int, layout: DatasetLayout, annotation_classes: int
+    reference_prediction: np.ndarray,
+    model_classes: int,
+    layout: DatasetLayout,
+    annotation_classes: int,
+    min_dice: float = MIN_HELDOUT_DICE,
 ) -> RefinementDecision:
-    """Score the stage-3 prediction of the reference scan on the held-out annotated slice (side Dice)."""
+    """Score the stage-3 prediction of the reference scan on the held-out annotated slice (side Dice);
+    ``min_dice`` 0 always takes the refined masks, above 1 always the propagated ones."""
     z = int(read_annotation_meta(layout)["seed_slice"])
     refined = clean_labels(reference_prediction, model_classes)[z]
     truth = read_array(layout.annotation)[z]
     score = mean_dice(
         to_class_space(refined, model_classes, 2), to_class_space(truth, annotation_classes, 2), 2
     )
-    return RefinementDecision(float(score), MIN_HELDOUT_DICE, bool(score >= MIN_HELDOUT_DICE))
+    return RefinementDecision(float(score), min_dice, bool(score >= min_dice))

@@ -21,6 +21,14 @@ os.environ.setdefault("nnUNet_n_proc_DA", "0")
 
 log = logging.getLogger("nnsam2_assets.refinement.nnunet")
 
+# The nnunetv2 modules this wrapper imports lazily; the trainer alone takes ~10 s to import on a 2-core
+# machine, so a process that forks steps (the code location's forkserver executor) preloads them once.
+HEAVY_MODULES = (
+    "nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
+    "nnunetv2.inference.predict_from_raw_data",
+    "nnunetv2.experiment_planning.plan_and_preprocess_api",
+)
+
 TRAINER_NAME = "nnUNetTrainerNoMirroring"
 MODEL_INFO_FILE = "nnsam2_model.json"
 CHANNEL_NAME = "zscore_mixed"  # anything but "CT": per-case z-score, because MRI and CT are pooled

@@ -1,7 +1,7 @@
 """Process life: a worker whose parent died must not live on as an orphan, nor leave its run STARTED.
 
 When the process that launched a run is killed (``kill -9`` of ``dagster job execute``), its step workers
-are reparented to PID 1. Some finish their step and then hang, holding files and the GPU; others fail on
+lose their launcher (spawned ones are reparented to PID 1; forked ones keep the fork server as parent). Some finish their step and then hang, holding files and the GPU; others fail on
 the broken pipe to their parent and exit. ``exit_with_parent`` covers both: a thread notices the new parent
 within a second, and an exit hook catches a worker that is already on its way out. Either runs the
 callback once (the Dagster layer marks the run failed); the thread then exits the process at once.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -27,17 +28,30 @@ _lock = threading.Lock()
 _state = {"watched": False, "reported": False}
 
 
-def exit_with_parent(on_orphaned: Callable[[], None] = lambda: None, poll_s: float = 0.5) -> bool:
-    """Start (once per process) the watch on the current parent. False if already an orphan or watched."""
+def _launcher_alive() -> Callable[[], bool] | None:
+    """Whether the process that launched this one still lives; None when that is already PID 1.
+
+    A multiprocessing child asks its ``parent_process()``: the process that started it, which for a
+    forkserver child is the executor that asked for the fork, not the fork server that is its OS parent
+    (and that may outlive the executor). Anything else watches its OS parent."""
+    launcher = multiprocessing.parent_process()
+    if launcher is not None:
+        return launcher.is_alive
     parent = os.getppid()
+    return None if parent == 1 else lambda: os.getppid() == parent
+
+
+def exit_with_parent(on_orphaned: Callable[[], None] = lambda: None, poll_s: float = 0.5) -> bool:
+    """Start (once per process) the watch on the launching process. False if already an orphan or watched."""
+    alive = _launcher_alive()
     with _lock:
-        if _state["watched"] or parent == 1:
+        if _state["watched"] or alive is None:
             return False
         _state["watched"] = True
 
     def report_once() -> None:
         with _lock:
-            if _state["reported"] or os.getppid() == parent:
+            if _state["reported"] or alive():
                 return
             _state["reported"] = True
         on_orphaned()
@@ -45,7 +59,7 @@ def exit_with_parent(on_orphaned: Callable[[], None] = lambda: None, poll_s: flo
     def watch() -> None:
         stop = threading.Event()
         while not stop.wait(poll_s):
-            if os.getppid() != parent:
+            if not alive():
                 try:
                     report_once()
                 finally:

@@ -22,6 +22,7 @@ import yaml
 from nnsam2_assets.definitions import all_assets
 from nnsam2_assets.defs.resources import NnsamStorage, build_resources
 from nnsam2_assets.defs.sensors import new_data_sensor
+from nnsam2_assets.testing.waits import HANG_GUARD_S
 from nnsam2_assets_tests.ops import INGEST, REPO, free_port, write_tiny
 
 DB, USER, PASSWORD = "nnsam2_test", "dagster", "throwaway-test-only"
@@ -59,7 +60,9 @@ def pg_cluster() -> Iterator[Cluster]:
         shutil.chown(pwfile, "postgres", "postgres")
 
     def pg(*args, **kw):
-        return subprocess.run([*prefix, *args], check=True, capture_output=True, text=True, timeout=60, **kw)
+        return subprocess.run(
+            [*prefix, *args], check=True, capture_output=True, text=True, timeout=HANG_GUARD_S, **kw
+        )
 
     started = False
     try:

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import requests
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
 from nnsam2_assets.core.lifecycle import alive, descendants
+from nnsam2_assets.testing.waits import HANG_GUARD_S, wait_for
 from nnsam2_assets_tests.ops import INGEST, REPO, free_port, write_tiny
 
 ARTIFACTS = REPO / "test-artifacts"
@@ -47,16 +47,6 @@ def _stop(ui: subprocess.Popen) -> None:
     if ui.poll() is None:
         ui.send_signal(signal.SIGINT)
     ui.wait()
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +83,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         def up():
             assert ui.poll() is None, f"nnsam2 ui exited early: see {logs}"
             try:
-                return requests.get(f"{url}/server_info", timeout=2).ok
-            except requests.ConnectionError:
+                return requests.get(f"{url}/server_info", timeout=HANG_GUARD_S).ok
+            except requests.RequestException:
                 return False
 
-        _wait(up, 180, "dagster-webserver /server_info")
+        wait_for(up, "dagster-webserver /server_info")
         yield Stack(url, port, home, root / "nnsam2" / "data", logs, ui)
     finally:
         _stop(ui)
@@ -106,7 +96,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def _graphql(stack: Stack, query: str, variables: dict | None = None) -> dict:
-    r = requests.post(f"{stack.url}/graphql", json={"query": query, "variables": variables or {}}, timeout=30)
+    r = requests.post(
+        f"{stack.url}/graphql", json={"query": query, "variables": variables or {}}, timeout=HANG_GUARD_S
+    )
     r.raise_for_status()
     body = r.json()
     assert "errors" not in body, body
@@ -131,7 +123,7 @@ def _chromium(url: str, screenshot: Path, tmp: Path) -> str:
         f"--user-data-dir={tmp}",
         "--virtual-time-budget=20000",
     ]
-    kw = {"capture_output": True, "text": True, "timeout": 90, "start_new_session": True}
+    kw = {"capture_output": True, "text": True, "timeout": HANG_GUARD_S, "start_new_session": True}
     dom = subprocess.run([*base, "--dump-dom", url], **kw)
     assert dom.returncode == 0, dom.stderr[-2000:]
     shot = subprocess.run([*base, f"--screenshot={screenshot}", url], **kw)
@@ -146,9 +138,8 @@ def test_sensor_registers_dataset_graphql_run_and_ui_renders(stack: Stack, tmp_p
     try:
         # 1. drop a dataset: the daemon's new_data_sensor registers it as a partition and launches ONE run
         write_tiny(stack.data_root, "webtiny", n_scans=2)
-        _wait(
+        wait_for(
             lambda: "webtiny" in instance.get_dynamic_partitions("datasets"),
-            120,
             "new_data_sensor to register the partition",
             interval=2,
         )
@@ -158,7 +149,7 @@ def test_sensor_registers_dataset_graphql_run_and_ui_renders(stack: Stack, tmp_p
                 dg.RunsFilter(tags={"dagster/sensor_name": "new_data_sensor", "dagster/partition": "webtiny"})
             )
 
-        _wait(sensor_runs, 60, "the sensor's run for webtiny", interval=2)
+        wait_for(sensor_runs, "the sensor's run for webtiny", interval=2)
 
         # 2. launch ingest for that partition through the GraphQL API and wait for it
         client = DagsterGraphQLClient("127.0.0.1", port_number=stack.port)
@@ -176,7 +167,7 @@ def test_sensor_registers_dataset_graphql_run_and_ui_renders(stack: Stack, tmp_p
                 return None
             return status if status.value in ("SUCCESS", "FAILURE", "CANCELED") else None
 
-        status = _wait(finished, 180, f"run {run_id}", interval=2)
+        status = wait_for(finished, f"run {run_id}", interval=2)
         assert status.value == "SUCCESS", f"run {run_id} ended {status}: see {stack.logs}"
         mats = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey("scans"), asset_partitions=["webtiny"]), limit=5
@@ -207,9 +198,8 @@ def test_ctrl_c_stops_every_process_while_a_run_is_in_flight(stack: Stack):
     write_tiny(stack.data_root, "stoptiny", n_scans=3)
     instance = dg.DagsterInstance.from_config(str(stack.home))
     try:
-        _wait(
+        wait_for(
             lambda: "stoptiny" in instance.get_dynamic_partitions("datasets"),
-            120,
             "new_data_sensor to register stoptiny",
             interval=2,
         )
@@ -228,7 +218,7 @@ def test_ctrl_c_stops_every_process_while_a_run_is_in_flight(stack: Stack):
             recorded.update(descendants(stack.ui.pid))
             return in_flight()
 
-        _wait(record_until_in_flight, 300, f"run {run_id} to reach propagated_masks", interval=0.5)
+        wait_for(record_until_in_flight, f"run {run_id} to reach propagated_masks", interval=0.5)
         recorded |= descendants(stack.ui.pid)
     finally:
         instance.dispose()

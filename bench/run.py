@@ -18,6 +18,7 @@ Rows (ratio first, the absolute numbers beside it):
   peak_rss         peak RSS of a partition run (fresh subprocess) with many vs 2 scans. <= 1.2.
   stage:*          per-step wall time of a demo pipeline run (Dagster STEP_SUCCESS durations).
   propagation_tum  registration propagation on the real MyoSegmenTUM pair (``bench.propagation_bench``).
+  propagation_workers  a dataset's scans propagated by 2 worker processes vs 1 (``bench.workers``). >= 1.7.
 
 Synthetic phantom cohorts (64x64 in-plane) of controlled size; ``--quick`` scales everything down (smoke run).
 """
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import incremental, overhead, stages
+from bench import incremental, overhead, stages, workers
 from bench._common import cpu_model, row
 from bench.propagation_bench import TUM, run_propagation_bench
 from bench.sam2_bench import run_sam2_bench
@@ -96,6 +97,7 @@ SECTIONS: dict[str, Callable] = {
     "rss": incremental.bench_peak_rss,
     "demo": stages.bench_demo,
     "propagation": lambda base, quick: bench_propagation(quick),
+    "workers": workers.bench_workers,
 }
 
 

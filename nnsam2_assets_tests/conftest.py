@@ -3,6 +3,7 @@ by the end-to-end, metrics, browser and Postgres tests."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,16 +13,20 @@ import dagster as dg
 import pytest
 
 from nnsam2_assets.core.layout import duckdb_path
-from nnsam2_assets.defs.resources import RefinementSettings, build_resources
+from nnsam2_assets.defs.resources import PropagationSettings, RefinementSettings, build_resources
+from nnsam2_assets.propagation.parallel import WORKERS_ENV
 from nnsam2_assets.testing.realdata import allow_shared_data
 
 allow_shared_data()  # the real-data datasets link their files into ../shared/data
 
-# The suite's nnU-Net budget: the quick profile's recipe at 2 x 25 iterations per stage instead of 8 x 75, so
+# The suite's nnU-Net budget: the quick profile's recipe at 4 x 50 iterations per stage instead of 8 x 75, so
 # the session's one demo run fits the suite's time budget on a slow 2-core machine. What the tests check here
 # is the plumbing (every stage trains, predicts and hands on; the held-out check decides); the default
 # profile's accuracy is the accuracy bench's (bench/refinement_bench.py), not the suite's.
-SUITE_REFINEMENT = RefinementSettings(num_epochs=2, iterations_per_epoch=25)
+SUITE_REFINEMENT = RefinementSettings(num_epochs=4, iterations_per_epoch=50)
+# The tests' datasets are a few 64x64 scans, where starting worker processes costs more than it saves: one
+# process, except in the demo run (and test_parallel.py), which propagate in two like a user's default.
+os.environ.setdefault(WORKERS_ENV, "1")
 
 
 @dataclass
@@ -53,7 +58,9 @@ def demo_cohort(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoCohort
     with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
         added, rejected = register_datasets(instance, data_root)
         assert not rejected, rejected
-        resources = build_resources(data_root, storage_root, refinement=SUITE_REFINEMENT)
+        resources = build_resources(
+            data_root, storage_root, refinement=SUITE_REFINEMENT, propagation=PropagationSettings(workers=2)
+        )
         t0 = time.perf_counter()
         run = materialize_cohort(instance, sorted(added), resources=resources)
         seconds = time.perf_counter() - t0

@@ -34,6 +34,8 @@ def test_bench_quick_runs_and_reports(tmp_path):
         "new_scan",
         "peak_rss",
         "propagation_tum",
+        "propagation_workers",
+        "step_fixed_cost",
     ):
         assert row in names, f"row {row} missing from the table"
         assert row in proc.stdout

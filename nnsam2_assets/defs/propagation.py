@@ -34,7 +34,11 @@ def propagated_masks(
     ``frames/<scan>/`` of this asset's folder; the registration backend works on the volumes directly."""
     layout = storage.layout(context.partition_key)
     report = propagation_steps.propagate_masks(
-        storage.dataset(context.partition_key), layout, propagation.build, propagation.identity()
+        storage.dataset(context.partition_key),
+        layout,
+        propagation.build,
+        propagation.identity(),
+        workers=propagation.worker_count(),
     )
     summary = report.summary
     mean_conf = float(summary.mean_confidence.mean()) if len(summary) else 0.0
@@ -44,6 +48,7 @@ def propagated_masks(
         "n_scans": len(summary),
         "n_recomputed": report.computed,
         "n_files_rewritten": report.rewritten,
+        "workers": report.workers,
         "mean_confidence": mean_conf,
         "n_empty_slices": int(summary.empty_slices.sum()) if len(summary) else 0,
         "scans": table(summary, ["scan", "mean_confidence", "empty_slices", "expert_dice", "backend"]),

@@ -18,6 +18,7 @@ from nnsam2_assets.core.lifecycle import exit_with_parent
 from nnsam2_assets.ingest.convention import DatasetSpec, load_dataset
 from nnsam2_assets.propagation.backends import build_propagator
 from nnsam2_assets.propagation.base import Propagator
+from nnsam2_assets.propagation.parallel import default_workers
 from nnsam2_assets.refinement.nnunet import Profile, get_profile
 
 SAM2_CHECKPOINT_ENV = "NNSAM2_SAM2_CHECKPOINT"
@@ -76,6 +77,12 @@ class PropagationSettings(dg.ConfigurableResource):
     sam2_config: str = "configs/sam2.1/sam2.1_hiera_t.yaml"
     sam2_image_size: int = 512
     device: str = "auto"
+    # processes that propagate a dataset's scans at once (registration backend); 0: NNSAM2_PROPAGATION_WORKERS
+    # if set, else the core count
+    workers: int = 0
+
+    def worker_count(self) -> int:
+        return self.workers or default_workers()
 
     def resolved_backend(self) -> str:
         if self.backend == "auto":

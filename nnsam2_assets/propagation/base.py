@@ -47,10 +47,14 @@ class PropagationResult:
 
 @runtime_checkable
 class Propagator(Protocol):
-    """A backend, built once per run; ``propagate`` is called once per target scan."""
+    """A backend, built once per run; ``propagate`` is called once per target scan.
+
+    ``parallel_safe``: its results depend on the inputs alone and it pickles, so the scans of a dataset may
+    be propagated in worker processes (``propagation.parallel``)."""
 
     backend: str
     model_id: str
+    parallel_safe: bool
 
     def propagate(
         self,

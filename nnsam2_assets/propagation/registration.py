@@ -251,6 +251,7 @@ class RegistrationPropagator:
 
     backend = "registration"
     model_id = MODEL_ID
+    parallel_safe = True  # stateless and single-threaded: a worker's masks are the serial run's
 
     def __init__(
         self, threads: int | None = 1, fast: bool = False, settings: RegistrationSettings | None = None

@@ -140,6 +140,7 @@ class SAM2Propagator:
     """
 
     backend = "sam2"
+    parallel_safe = False  # one model build per run, in the process that owns the device
 
     def __init__(
         self,

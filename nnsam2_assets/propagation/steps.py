@@ -21,7 +21,8 @@ from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_imag
 from nnsam2_assets.ingest.annotation import read_annotation_meta
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans, read_manifest
-from nnsam2_assets.propagation.base import Propagator
+from nnsam2_assets.propagation.base import PropagationResult, Propagator
+from nnsam2_assets.propagation.parallel import propagate_in_workers
 
 VERSION = "propagation-v1"
 
@@ -31,6 +32,7 @@ class PropagationReport:
     summary: pd.DataFrame  # one row per scan: confidence, empty slices, expert Dice, backend, mask digest
     computed: int
     rewritten: int
+    workers: int = 1  # processes that propagated this run's scans
 
     @property
     def data_version(self) -> str:
@@ -61,11 +63,16 @@ def _differs(path: Path, arr: np.ndarray) -> bool:
 
 
 def propagate_masks(
-    spec: DatasetSpec, layout: DatasetLayout, build: Callable[[], Propagator], backend_id: str
+    spec: DatasetSpec,
+    layout: DatasetLayout,
+    build: Callable[[], Propagator],
+    backend_id: str,
+    workers: int = 1,
 ) -> PropagationReport:
     """Masks per scan from the one annotated slice, with per-slice confidence; the propagator is built once,
     and only when some scan needs it. A backend that works on frames (SAM2) keeps them under
-    ``layout.frames(scan)``, so the frames it tracked are the frames a user finds."""
+    ``layout.frames(scan)``, so the frames it tracked are the frames a user finds. With ``workers`` > 1 a
+    ``parallel_safe`` backend propagates the scans that need it in that many processes (same masks)."""
     ann = read_annotation_meta(layout)
     manifest = read_manifest(layout)
     cache = ScanCache(layout.dir("propagated_masks"))
@@ -78,16 +85,18 @@ def propagate_masks(
 
     def propagate(scan_id: str) -> dict:
         nonlocal rewritten
-        propagator, reference, annotation = shared()
         target = read_image(layout.scan_image(scan_id))
-        result = propagator.propagate(
-            reference,
-            annotation,
-            ann["seed_slice"],
-            target,
-            spec.modality,
-            frames_dir=layout.frames(scan_id),
-        )
+        result = done.pop(scan_id, None)
+        if result is None:
+            propagator, reference, annotation = shared()
+            result = propagator.propagate(
+                reference,
+                annotation,
+                ann["seed_slice"],
+                target,
+                spec.modality,
+                frames_dir=layout.frames(scan_id),
+            )
         masks = result.masks.astype(np.uint8)
         if _differs(layout.masks(scan_id), masks):  # an identical result keeps its file (and digest)
             mask = sitk.GetImageFromArray(masks)
@@ -98,15 +107,37 @@ def propagate_masks(
         atomic_write_dataframe(table, layout.confidence(scan_id))
         return _mask_summary(scan_id, table, masks, layout, spec.n_classes)
 
-    rows, computed = [], 0
-    for scan_id in ok_scans(layout, manifest):
+    def key_and_outputs(scan_id: str) -> tuple[str, list[Path]]:
         key = cache_key(VERSION, manifest.loc[scan_id, "source_hash"], ann["annotation_sha256"], backend_id)
-        outputs = [layout.masks(scan_id), layout.confidence(scan_id)]
+        return key, [layout.masks(scan_id), layout.confidence(scan_id)]
+
+    scans = ok_scans(layout, manifest)
+    stale = [s for s in scans if not cache.is_fresh(s, *key_and_outputs(s))]
+    done: dict[str, PropagationResult] = {}
+    done_in_workers = False
+    if workers > 1 and len(stale) > 1:
+        propagator = shared()[0]
+        if propagator.parallel_safe:
+            done = propagate_in_workers(
+                propagator,
+                layout.scan_image(spec.reference),
+                layout.annotation,
+                ann["seed_slice"],
+                spec.modality,
+                {s: layout.scan_image(s) for s in stale},
+                workers,
+            )
+            done_in_workers = True
+
+    rows, computed = [], 0
+    for scan_id in scans:
+        key, outputs = key_and_outputs(scan_id)
         info, was_computed = cache.get_or_compute(scan_id, key, outputs, lambda s=scan_id: propagate(s))
         rows.append(info)
         computed += was_computed
     cache.forget_unseen()
-    return PropagationReport(pd.DataFrame(rows), computed, rewritten)
+    n_workers = min(workers, len(stale)) if done_in_workers else 1
+    return PropagationReport(pd.DataFrame(rows), computed, rewritten, n_workers)
 
 
 def mask_digest(layout: DatasetLayout, scan_id: str) -> str:

@@ -77,7 +77,11 @@ STEPS: dict[str, Callable[[DirectRun, str | None], object]] = {
     "reference_annotation": lambda run, n: annotation.write_reference_annotation(run.spec(n), run.layout(n)),
     "reference_ranking": lambda run, n: ranking.rank_dataset(run.spec(n), run.layout(n)),
     "propagated_masks": lambda run, n: propagate_masks(
-        run.spec(n), run.layout(n), run.propagation.build, run.propagation.identity()
+        run.spec(n),
+        run.layout(n),
+        run.propagation.build,
+        run.propagation.identity(),
+        workers=run.propagation.worker_count(),
     ),
     "pseudo_labels": lambda run, n: select_pseudo_labels(run.spec(n), run.layout(n), SelectionConfig()),
     "nnunet_stage1": lambda run, _: stages.run_stage1(

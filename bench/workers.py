@@ -1,0 +1,55 @@
+"""Propagation with 2 worker processes against 1, on the same 8 scans, side by side (ABBA order): the
+speed-up, and that the masks are the same bytes."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from bench._common import row
+from nnsam2_assets.core.storage import sha256_file
+from nnsam2_assets.defs.resources import PropagationSettings
+from nnsam2_assets.propagation.steps import propagate_masks
+from nnsam2_assets.testing.cohorts import MEDIUM, write_tiny_dataset
+from nnsam2_assets.testing.direct import STEPS, DirectRun
+
+
+def _timed_propagation(data: Path, storage: Path, workers: int) -> tuple[float, dict[str, str]]:
+    run = DirectRun(data, storage, ["workers"], propagation=PropagationSettings(workers=workers))
+    for asset in ("scans", "reference_annotation"):
+        STEPS[asset](run, "workers")
+    layout = run.layout("workers")
+    t0 = time.perf_counter()
+    report = propagate_masks(
+        run.spec("workers"), layout, run.propagation.build, run.propagation.identity(), workers=workers
+    )
+    seconds = time.perf_counter() - t0
+    assert report.computed == len(report.summary) and report.workers == min(workers, report.computed)
+    digests = {s: sha256_file(layout.masks(s)) for s in report.summary.scan}
+    shutil.rmtree(storage)
+    return seconds, digests
+
+
+def bench_workers(base: Path, quick: bool) -> list[dict]:
+    n_scans = 4 if quick else 8
+    data = base / "workers-data"
+    write_tiny_dataset(data, "workers", n_scans, seed=61, grid=None if quick else MEDIUM)
+    times: dict[int, list[float]] = {1: [], 2: []}
+    digests: dict[int, dict[str, str]] = {}
+    for i, workers in enumerate((1, 2) if quick else (1, 2, 2, 1)):
+        seconds, digests[workers] = _timed_propagation(data, base / f"workers-storage-{i}", workers)
+        times[workers].append(seconds)
+    one, two = statistics.mean(times[1]), statistics.mean(times[2])
+    same = digests[1] == digests[2]
+    return [
+        row(
+            f"propagation_workers: 1 / 2 workers, {n_scans} scans",
+            round(one / two, 3),
+            ">= 1.7" if not quick else "(smoke)",
+            (one / two >= 1.7 and same) if not quick else same,
+            f"{one:.1f} s vs {two:.1f} s ({'64x64' if quick else '160x160'} scans, registration backend, one ITK "
+            f"thread per worker); masks identical: {same}",
+        )
+    ]

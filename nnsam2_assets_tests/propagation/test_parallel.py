@@ -1,0 +1,43 @@
+"""Propagation in worker processes: the same masks and confidence tables as one process, bit for bit."""
+
+import pandas as pd
+
+from nnsam2_assets.core.storage import sha256_file
+from nnsam2_assets.defs.resources import PropagationSettings
+from nnsam2_assets.propagation.steps import propagate_masks
+from nnsam2_assets.testing.cohorts import write_tiny_dataset
+from nnsam2_assets.testing.direct import STEPS, DirectRun
+
+
+def _propagated(tmp_path, data, workers: int):
+    run = DirectRun(
+        data, tmp_path / f"storage-{workers}", ["par"], propagation=PropagationSettings(workers=workers)
+    )
+    for asset in ("scans", "reference_annotation"):
+        STEPS[asset](run, "par")
+    report = propagate_masks(
+        run.spec("par"), run.layout("par"), run.propagation.build, run.propagation.identity(), workers=workers
+    )
+    return run.layout("par"), report
+
+
+def test_two_workers_write_the_masks_one_worker_writes(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_dataset(data, "par", 4, seed=21)
+    one_layout, one = _propagated(tmp_path, data, 1)
+    two_layout, two = _propagated(tmp_path, data, 2)
+    assert (one.workers, two.workers) == (1, 2) and one.computed == two.computed == 4
+    scans = list(one.summary.scan)
+    assert scans == list(two.summary.scan)
+    for scan in scans:
+        assert sha256_file(one_layout.masks(scan)) == sha256_file(two_layout.masks(scan)), scan
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(one_layout.confidence(scan)), pd.read_parquet(two_layout.confidence(scan))
+        )
+    pd.testing.assert_frame_equal(
+        one.summary.drop(columns="mask_sha256"), two.summary.drop(columns="mask_sha256")
+    )
+
+    # a rerun with nothing changed propagates nothing and starts no worker
+    _, again = _propagated(tmp_path, data, 2)
+    assert (again.computed, again.workers) == (0, 1)

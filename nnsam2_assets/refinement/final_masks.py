@@ -87,7 +87,8 @@ def make_final_masks(
         ]
 
     reference_img = read_image(layout.scan_image(spec.reference))
-    decision = decide(read_array(stage_paths(spec.reference, reference_img)[-1]), k, layout, spec.n_classes)
+    reference_prediction = read_array(stage_paths(spec.reference, reference_img)[-1])
+    decision = decide(reference_prediction, k, layout, spec.n_classes, min_heldout_dice)
     log(f"final masks of {spec.name}: {decision.source} (held-out slice Dice {decision.heldout_dice:.3f})")
 
     for scan in scans:

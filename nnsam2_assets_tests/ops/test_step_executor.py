@@ -1,10 +1,16 @@
 """The code location's step executor (forkserver, heavy modules preloaded): a step that kills its own process
-fails alone; the run's other steps still run, in processes forked from the preloaded server."""
+fails alone; the run's other steps still run, in processes forked from the preloaded server.
+
+The job runs in a fresh interpreter: a process has one fork server, started by the first executor that
+asks, so in the test process another test's run could already own it with other preloads."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import dagster as dg
 
@@ -30,21 +36,41 @@ def crash_job() -> dg.JobDefinition:
     ).resolve_job_def("crash_job")
 
 
+def run_crash_job(home: str, out: str) -> None:
+    """The child's side: run the job, write what happened as JSON."""
+    with (
+        dg.instance_for_test(temp_dir=home) as instance,
+        dg.execute_job(dg.reconstructable(crash_job), instance=instance, raise_on_error=False) as result,
+    ):
+        events = result.all_events
+        (materialization,) = result.asset_materializations_for_node("survives")
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "success": result.success,
+                    "failed": sorted(
+                        e.step_key for e in events if e.event_type == dg.DagsterEventType.STEP_FAILURE
+                    ),
+                    "succeeded": sorted(e.step_key for e in events if e.is_step_success),
+                    "orchestrator": os.getpid(),
+                    "step_pid": materialization.metadata["pid"].value,
+                    "preloaded": materialization.metadata["preloaded"].value,
+                }
+            )
+        )
+
+
 def test_the_code_location_runs_steps_on_the_forkserver_executor():
-    assert defs().resolve_job_def("dataset_job").executor_def.config_schema is not None
     assert defs().executor is STEP_EXECUTOR
 
 
 def test_a_step_calling_os_exit_fails_alone(tmp_path):
-    with (
-        dg.instance_for_test(temp_dir=str(tmp_path)) as instance,
-        dg.execute_job(dg.reconstructable(crash_job), instance=instance, raise_on_error=False) as result,
-    ):
-        assert not result.success
-        failed = {e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE}
-        succeeded = {e.step_key for e in result.all_events if e.is_step_success}
-        assert failed == {"crashes"} and succeeded == {"survives"}
-        (materialization,) = result.asset_materializations_for_node("survives")
-        meta = materialization.metadata
-        assert meta["pid"].value != os.getpid()  # a process of its own
-        assert meta["preloaded"].value == len(PRELOADED_MODULES)
+    out = tmp_path / "result.json"
+    code = f"from {__name__} import run_crash_job; run_crash_job({str(tmp_path)!r}, {str(out)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert not result["success"]
+    assert (result["failed"], result["succeeded"]) == (["crashes"], ["survives"])
+    assert result["step_pid"] != result["orchestrator"]  # a process of its own
+    assert result["preloaded"] == len(PRELOADED_MODULES)

@@ -1,7 +1,9 @@
 """Accuracy benchmark: the whole nnsam2 pipeline on the real MyoSegmenTUM Dixon pair, from ONE annotated
-slice, in both directions (TUM01 annotated -> scored on TUM02, and TUM02 annotated -> scored on TUM01).
+slice, in both directions (TUM01 annotated -> scored on TUM02, and TUM02 annotated -> scored on TUM01), and
+the demo cohort (phantoms with known labels, one Dixon and one CT dataset).
 
-    .venv/bin/python -m bench.refinement_bench [--direction both|TUM01|TUM02] [--seed middle|top] [--json out.json]
+    .venv/bin/python -m bench.refinement_bench [--direction both|TUM01|TUM02] [--seed middle|top]
+        [--cohorts all|tum|demo] [--json out.json]
 
 Weight-free registration backend, the default (``quick``) nnU-Net profile. For the propagation, each nnU-Net
 stage and the final masks it prints, on the target scan: 2-class and 4-class volume Dice, the signed volume
@@ -28,6 +30,8 @@ from nnsam2_assets.core.imaging import read_array
 from nnsam2_assets.core.labels import class_names, mean_dice, to_class_space
 from nnsam2_assets.core.layout import DatasetLayout, model_pointer, stage_prediction
 from nnsam2_assets.defs.resources import RefinementSettings, build_resources
+from nnsam2_assets.demo.datasets import write_demo_cohort
+from nnsam2_assets.ingest.convention import load_dataset
 from nnsam2_assets.metrics.quant import fat_ratio
 from nnsam2_assets.runner import materialize_cohort
 from nnsam2_assets.testing.realdata import TUM, tum_dataset
@@ -41,19 +45,78 @@ def _dice(pred: np.ndarray, truth: np.ndarray, k: int, slices=None) -> float:
     return mean_dice(pred, truth, k)
 
 
-def score(pred: np.ndarray, truth4: np.ndarray, k: int, water: np.ndarray, fat: np.ndarray) -> dict:
-    """Dice, signed volume error per class (%) and fat-ratio error per side of one mask against the expert."""
-    truth2 = to_class_space(truth4, 4, 2)
+def score(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    k: int,
+    water: np.ndarray | None = None,
+    fat: np.ndarray | None = None,
+    truth_classes: int = 4,
+) -> dict:
+    """Dice, signed volume error per class (%) and, with a Dixon pair, the fat-ratio error per side of one
+    mask against the expert (4-class rows too when both are 4-class)."""
+    truth2 = to_class_space(truth, truth_classes, 2)
     pred2 = to_class_space(pred, k, 2)
     row = {"dice_2c": mean_dice(pred2, truth2, 2)}
     for c, name in enumerate(class_names(2), start=1):
         row[f"vol_err_%_{name}"] = 100.0 * ((pred2 == c).sum() / (truth2 == c).sum() - 1.0)
-        row[f"fat_err_{name}"] = fat_ratio(fat, water, pred2 == c) - fat_ratio(fat, water, truth2 == c)
-    if k == 4:
-        row["dice_4c"] = mean_dice(pred, truth4, 4)
+        if fat is not None:
+            row[f"fat_err_{name}"] = fat_ratio(fat, water, pred2 == c) - fat_ratio(fat, water, truth2 == c)
+    if k == 4 and truth_classes == 4:
+        row["dice_4c"] = mean_dice(pred, truth, 4)
         for c, name in enumerate(class_names(4), start=1):
-            row[f"vol_err_%_{name}"] = 100.0 * ((pred == c).sum() / (truth4 == c).sum() - 1.0)
+            row[f"vol_err_%_{name}"] = 100.0 * ((pred == c).sum() / (truth == c).sum() - 1.0)
     return row
+
+
+def run_demo_cohort_bench(workdir: Path | None = None) -> list[dict]:
+    """The demo cohort (``nnsam2 demo``'s data: a Dixon and a CT dataset of phantoms, expert labels known),
+    the whole pipeline at the default profile; per dataset, propagation and final masks averaged over its
+    scans, which masks the final ones are, and how many scans the final masks score below propagation."""
+    root = Path(workdir or tempfile.mkdtemp(prefix="nnsam2-demo-accuracy-"))
+    data, storage = root / "data", root / "storage"
+    names = [p.name for p in write_demo_cohort(data)]
+    (root / "dagster").mkdir(parents=True, exist_ok=True)
+    with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
+        instance.add_dynamic_partitions("datasets", names)
+        t0 = time.perf_counter()
+        run = materialize_cohort(instance, names, resources=build_resources(data, storage))
+        total = time.perf_counter() - t0
+        if run.failed:
+            raise RuntimeError(f"pipeline failed: {run.failed}")
+    rows = []
+    for name in names:
+        spec, layout = load_dataset(data, name), DatasetLayout(storage, name)
+        summary = json.loads(layout.final_summary.read_text())
+        per_scan = {"propagation": [], "final": []}
+        for scan in spec.scans:
+            truth = read_array(layout.scan_expert(scan))
+            dixon = layout.scan_fat(scan).exists()
+            water = read_array(layout.scan_image(scan)) if dixon else None
+            fat = read_array(layout.scan_fat(scan)) if dixon else None
+            for masks, path in (
+                ("propagation", layout.masks(scan)),
+                ("final", layout.final_mask_canonical(scan)),
+            ):
+                per_scan[masks].append(
+                    score(read_array(path), truth, spec.n_classes, water, fat, spec.n_classes)
+                )
+        below = sum(
+            f["dice_2c"] < p["dice_2c"]
+            for p, f in zip(per_scan["propagation"], per_scan["final"], strict=True)
+        )
+        decision = summary["refinement_decision"]
+        for masks, scores in per_scan.items():
+            row = {"direction": f"demo cohort: {name}", "seed": "annotated", "masks": masks}
+            row.update(pd.DataFrame(scores).mean().to_dict())
+            if masks == "final":
+                row["final_masks_are"] = (
+                    f"{decision['source']} (held-out slice Dice {decision['heldout_dice']:.3f})"
+                )
+                row["scans_final_below_propagation"] = f"{below} of {len(spec.scans)}"
+            rows.append(row)
+    rows.append({"direction": "demo cohort", "masks": "timings_s", "total": round(total, 1), **run.timings})
+    return rows
 
 
 def run_refinement_bench(
@@ -138,6 +201,12 @@ def score_direction(storage: Path, reference: str, seed: str, timings: dict, tot
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--direction", choices=["both", *CASES], default="both", help="the annotated scan")
+    parser.add_argument(
+        "--cohorts",
+        choices=["all", "tum", "demo"],
+        default="all",
+        help="the TUM pair, the demo cohort or both",
+    )
     parser.add_argument("--seed", choices=["middle", "top"], default="middle")
     parser.add_argument("--json", default="")
     parser.add_argument("--epochs", type=int, default=0, help="override the quick profile's epochs")
@@ -147,6 +216,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     references = CASES if args.direction == "both" else (args.direction,)
+    if args.cohorts == "demo":
+        references = ()
     rows = []
     if args.rescore:
         rows = score_direction(Path(args.rescore), references[0], args.seed, {}, float("nan"))
@@ -155,6 +226,8 @@ def main() -> int:
         rows += run_refinement_bench(
             args.seed, epochs=args.epochs, iterations=args.iterations, reference=reference
         )
+    if args.cohorts in ("all", "demo") and not args.rescore:
+        rows += run_demo_cohort_bench()
     table = pd.DataFrame([r for r in rows if r["masks"] != "timings_s"])
     print(f"\nCPU: {cpu_model()}")
     for direction, part in table.groupby("direction", sort=False):

@@ -11,7 +11,6 @@ from pathlib import Path
 from bench._common import row
 from nnsam2_assets.core.storage import sha256_file
 from nnsam2_assets.defs.resources import PropagationSettings
-from nnsam2_assets.propagation.steps import propagate_masks
 from nnsam2_assets.testing.cohorts import MEDIUM, write_tiny_dataset
 from nnsam2_assets.testing.direct import STEPS, DirectRun
 
@@ -22,9 +21,7 @@ def _timed_propagation(data: Path, storage: Path, workers: int) -> tuple[float, 
         STEPS[asset](run, "workers")
     layout = run.layout("workers")
     t0 = time.perf_counter()
-    report = propagate_masks(
-        run.spec("workers"), layout, run.propagation.build, run.propagation.identity(), workers=workers
-    )
+    report = STEPS["propagated_masks"](run, "workers")
     seconds = time.perf_counter() - t0
     assert report.computed == len(report.summary) and report.workers == min(workers, report.computed)
     digests = {s: sha256_file(layout.masks(s)) for s in report.summary.scan}

@@ -1,10 +1,11 @@
 """Process life: a worker whose parent died must not live on as an orphan, nor leave its run STARTED.
 
 When the process that launched a run is killed (``kill -9`` of ``dagster job execute``), its step workers
-lose their launcher (spawned ones are reparented to PID 1; forked ones keep the fork server as parent). Some finish their step and then hang, holding files and the GPU; others fail on
-the broken pipe to their parent and exit. ``exit_with_parent`` covers both: a thread notices the new parent
-within a second, and an exit hook catches a worker that is already on its way out. Either runs the
-callback once (the Dagster layer marks the run failed); the thread then exits the process at once.
+lose their launcher (spawned ones are reparented to PID 1; forked ones keep the fork server as parent).
+Some finish their step and then hang, holding files and the GPU; others fail on the broken pipe to their
+parent and exit. ``exit_with_parent`` covers both: a thread notices the launcher is gone within a second,
+and an exit hook catches a worker that is already on its way out. Either runs the callback once (the
+Dagster layer marks the run failed); the thread then exits the process at once.
 
 ``stop_session`` is the other half: stopping ``dagster dev`` must stop everything it started, including
 code servers and run workers that its own shutdown leaves behind.

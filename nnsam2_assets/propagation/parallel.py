@@ -56,10 +56,9 @@ def propagate_in_workers(
     targets: dict[str, Path],
     workers: int,
 ) -> dict[str, PropagationResult]:
-    """{scan: result} for every target, computed by up to ``workers`` spawned processes."""
-    n = min(workers, len(targets))
+    """{scan: result} for every target, computed by ``workers`` processes (``START_METHOD``)."""
     with ProcessPoolExecutor(
-        n,
+        workers,
         mp_context=multiprocessing.get_context(START_METHOD),
         initializer=_start,
         initargs=(propagator, reference, annotation, seed_slice, modality),

@@ -114,10 +114,11 @@ def propagate_masks(
     scans = ok_scans(layout, manifest)
     stale = [s for s in scans if not cache.is_fresh(s, *key_and_outputs(s))]
     done: dict[str, PropagationResult] = {}
-    done_in_workers = False
+    n_workers = 1
     if workers > 1 and len(stale) > 1:
         propagator = shared()[0]
         if propagator.parallel_safe:
+            n_workers = min(workers, len(stale))
             done = propagate_in_workers(
                 propagator,
                 layout.scan_image(spec.reference),
@@ -125,9 +126,8 @@ def propagate_masks(
                 ann["seed_slice"],
                 spec.modality,
                 {s: layout.scan_image(s) for s in stale},
-                workers,
+                n_workers,
             )
-            done_in_workers = True
 
     rows, computed = [], 0
     for scan_id in scans:
@@ -136,7 +136,6 @@ def propagate_masks(
         rows.append(info)
         computed += was_computed
     cache.forget_unseen()
-    n_workers = min(workers, len(stale)) if done_in_workers else 1
     return PropagationReport(pd.DataFrame(rows), computed, rewritten, n_workers)
 
 

@@ -4,7 +4,6 @@ import pandas as pd
 
 from nnsam2_assets.core.storage import sha256_file
 from nnsam2_assets.defs.resources import PropagationSettings
-from nnsam2_assets.propagation.steps import propagate_masks
 from nnsam2_assets.testing.cohorts import write_tiny_dataset
 from nnsam2_assets.testing.direct import STEPS, DirectRun
 
@@ -15,10 +14,7 @@ def _propagated(tmp_path, data, workers: int):
     )
     for asset in ("scans", "reference_annotation"):
         STEPS[asset](run, "par")
-    report = propagate_masks(
-        run.spec("par"), run.layout("par"), run.propagation.build, run.propagation.identity(), workers=workers
-    )
-    return run.layout("par"), report
+    return run.layout("par"), STEPS["propagated_masks"](run, "par")
 
 
 def test_two_workers_write_the_masks_one_worker_writes(tmp_path):

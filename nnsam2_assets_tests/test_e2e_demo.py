@@ -221,3 +221,47 @@ def test_rematerializing_metrics_replaces_rows_exactly(demo_cohort):
     )
     assert per_scan.empty  # never a duplicate row
     assert set(OUTPUTS) >= {"scan_metrics", "agreement"}
+
+
+def test_every_demo_scan_and_label_has_two_level_segments_that_add_up_and_match_the_phantom(demo_cohort):
+    from nnsam2_assets.demo.phantom import generate_cohort
+    from nnsam2_assets.ingest.scans import read_manifest
+    from nnsam2_assets.metrics.quant import LEVEL_SEGMENTS
+
+    levels = query(demo_cohort.duckdb, "SELECT * FROM metrics.level_metrics")
+    labels = query(demo_cohort.duckdb, "SELECT * FROM metrics.scan_metrics")
+    per_label = levels.groupby(["dataset", "scheme", "scan", "class_name"])
+    assert (per_label.level.nunique() == 2).all() and (per_label.size() == 2).all()
+    assert set(levels.level) == set(LEVEL_SEGMENTS)
+    assert len(per_label) == len(labels)  # every scan x label of scan_metrics has its segments
+    summed = per_label.volume_ml.sum()
+    whole = labels.set_index(["dataset", "scheme", "scan", "class_name"]).volume_ml
+    np.testing.assert_allclose(
+        summed.sort_index().to_numpy(), whole.loc[summed.index].sort_index().to_numpy()
+    )
+    # the experts' per-level volumes against the generator's truth, where the region is given exactly
+    # (demo-dixon: regions.csv; demo-ct: its reference; the other demo-ct regions are found)
+    seeds = {"demo-dixon": 0, "demo-ct": 1}
+    checked = 0
+    for dataset, seed in seeds.items():
+        cohort = generate_cohort(4, seed)
+        manifest = read_manifest(DatasetLayout(demo_cohort.storage_root, dataset))
+        for i, phantom in enumerate(cohort.members):
+            scan = f"subj{i:02d}"
+            if manifest.loc[scan, "region_source"] == "found":
+                continue
+            lo, hi = phantom.region
+            t = phantom.level_t[lo : hi + 1]
+            truth = phantom.labels[lo : hi + 1]
+            k = 4 if dataset == "demo-dixon" else 2
+            truth = truth if k == 4 else to_class_space(truth, 4, 2)
+            voxel_ml = float(np.prod(phantom.spacing)) / 1000.0
+            rows = levels[
+                (levels.dataset == dataset) & (levels.scan == scan) & (levels.scheme == f"{k}-class")
+            ]
+            for row in rows.itertuples():
+                in_level = t >= 0.5 - 1e-9 if row.level == LEVEL_SEGMENTS[0] else t < 0.5 - 1e-9
+                expected = float((truth[in_level] == row.label).sum()) * voxel_ml
+                assert row.expert_volume_ml == pytest.approx(expected, rel=0.05), (dataset, scan, row.level)
+                checked += 1
+    assert checked == 4 * 4 * 2 + 2 * 2  # four Dixon scans x 4 labels x 2 levels, and the CT reference

@@ -75,6 +75,9 @@ class DatasetLayout:
     def scan_image(self, scan: str) -> Path:
         return self.dir("scans") / f"{scan}.nii.gz"
 
+    def scan_region_preview(self, scan: str) -> Path:
+        return self.dir("scans") / f"{scan}_region.png"
+
     def scan_fat(self, scan: str) -> Path:
         return self.dir("scans") / f"{scan}_fat.nii.gz"
 
@@ -85,6 +88,7 @@ class DatasetLayout:
         """Every per-scan artefact of every stage, cache entries included (to remove a scan's results)."""
         outputs = [
             self.scan_image(scan),
+            self.scan_region_preview(scan),
             self.scan_fat(scan),
             self.scan_expert(scan),
             self.frames(scan),

@@ -66,5 +66,25 @@ def montage_png(
     return png_bytes(np.concatenate(padded, axis=1), max_size=tile * len(tiles) + 8)
 
 
+_LINE_COLOURS = ((230, 60, 40), (250, 200, 40), (60, 200, 230))
+
+
+def sagittal_lines_png(
+    volume: np.ndarray, spacing_zyx: tuple[float, float, float], lines: list[int], height: int = 200
+) -> bytes:
+    """The mid-sagittal reformat of a canonical volume [z, y, x] (z up, so drawn flipped) with a horizontal
+    line at each of ``lines`` (canonical z indices), stretched to true proportions."""
+    sag = to_uint8(volume[:, :, volume.shape[2] // 2])
+    rgb = np.repeat(sag[:, :, None], 3, axis=2)
+    for colour, z in zip(_LINE_COLOURS * 3, lines, strict=False):
+        if 0 <= z < rgb.shape[0]:
+            rgb[z] = colour
+    rgb = rgb[::-1]
+    im = Image.fromarray(rgb)
+    rows, cols = rgb.shape[:2]
+    im = im.resize((max(int(round(cols * spacing_zyx[1] * height / (rows * spacing_zyx[0]))), 1), height))
+    return png_bytes(np.asarray(im), max_size=height)
+
+
 def markdown_image(png: bytes, alt: str = "overlay") -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"

@@ -27,6 +27,12 @@ from nnsam2_assets.ingest.convention import folder_fingerprint
             description="at least one scan was ingested (otherwise nothing downstream can run)",
         ),
         dg.AssetCheckSpec(
+            "regions_certain",
+            asset="scans",
+            description="every region found from the reference's is unique enough, of a plausible length "
+            "and inside its scan (a regions.csv row settles one that is not)",
+        ),
+        dg.AssetCheckSpec(
             "no_ingest_warnings",
             asset="scans",
             description="no scan was accepted with a warning (oblique, expert labels ignored) and no "
@@ -55,7 +61,20 @@ def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.Materi
         "sequence": spec.sequence,
         "classes": ", ".join(spec.class_names),
         "scans": table(
-            manifest, ["scan", "status", "shape_zyx", "spacing_mm", "region", "error", "warnings", "notes"]
+            manifest,
+            [
+                "scan",
+                "status",
+                "shape_zyx",
+                "spacing_mm",
+                "region",
+                "region_source",
+                "region_confidence",
+                "l4_l5",
+                "error",
+                "warnings",
+                "notes",
+            ],
         ),
         "path": dg.MetadataValue.path(str(layout.dir("scans"))),
     }
@@ -63,7 +82,21 @@ def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.Materi
         first = good.iloc[0]["scan"]
         image = read_array(layout.scan_image(first))
         metadata["preview"] = dg.MetadataValue.md(markdown_image(montage_png(image, None), f"{first}"))
+        metadata["regions"] = dg.MetadataValue.md(region_previews(layout, good))
+    uncertain = (
+        good[good["region_uncertain"].fillna(False).astype(bool)]
+        if "region_uncertain" in good
+        else good.iloc[:0]
+    )
     checks = [
+        dg.AssetCheckResult(
+            check_name="regions_certain",
+            passed=len(uncertain) == 0,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"uncertain": table(uncertain, ["scan", "region", "region_confidence", "warnings"])},
+            description="; ".join(uncertain.warnings.tolist())[:1000]
+            or f"{int((good['region_source'] == 'found').sum()) if len(good) else 0} regions found, none uncertain",
+        ),
         dg.AssetCheckResult(
             check_name="all_scans_readable",
             passed=len(failed) == 0,
@@ -87,6 +120,21 @@ def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.Materi
     return dg.MaterializeResult(
         metadata=metadata, check_results=checks, data_version=dg.DataVersion(report.data_version)
     )
+
+
+def region_previews(layout, good, limit: int = 8) -> str:
+    """Each scan's region on a sagittal reformat (discs: red and yellow bounds, cyan L4/L5)."""
+    rows = []
+    for row in list(good.itertuples())[:limit]:
+        png = layout.scan_region_preview(row.scan)
+        if png.exists():
+            source = getattr(row, "region_source", "")
+            rows.append(
+                f"**{row.scan}** {row.region or 'whole scan'} ({source}) "
+                + markdown_image(png.read_bytes(), row.scan)
+            )
+    more = f"\n\n(first {limit} of {len(good)} scans)" if len(good) > limit else ""
+    return "\n\n".join(rows) + more
 
 
 @dg.asset(

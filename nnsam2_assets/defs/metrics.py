@@ -88,6 +88,19 @@ def scan_metrics(
         "metrics": table(
             shown, ["scan", "class_name", "volume_ml", "fat_ratio", "ct_mean_hu", "dice", "qc_flags"]
         ),
+        "level_metrics": table(
+            result.levels[result.levels.scheme == f"{k}-class"] if len(result.levels) else result.levels,
+            [
+                "scan",
+                "level",
+                "class_name",
+                "n_slices",
+                "volume_ml",
+                "mean_csa_mm2",
+                "fat_ratio",
+                "ct_mean_hu",
+            ],
+        ),
     }
     if len(shown) and shown.dice.notna().any():
         metadata["mean_dice_vs_expert"] = float(shown.dice.mean())

@@ -45,14 +45,17 @@ def write_demo_dataset(
     variation: float = 1.0,
     shape_yx: tuple[int, int] = DEFAULT_SHAPE_YX,
     spacing: tuple[float, float, float] = DEFAULT_SPACING,
+    regions_csv: bool = True,
 ) -> Path:
     """Write a synthetic dataset folder ``root/name`` in the on-disk dataset convention (``ingest.convention``); return it.
 
     kind "dixon" writes <id>_water/<id>_fat pairs with 4-class labels (1..4); "t2" single MRI scans with
     4-class labels; "ct" CT in HU with TotalSegmentator-like 2-class ids {87: right_lpm, 86: left_lpm}.
     The reference defaults to the cohort's population-mean member; ``annotate`` picks its middle or top
-    (L3/L4) region slice. Volumes carry ``pad`` extra slices beyond the region listed in regions.csv
-    (indices in each file's own slice order; every other row lists them high-to-low).
+    (L3/L4) region slice. Volumes carry ``pad`` extra slices beyond the region. dataset.yaml marks the
+    reference's region with its L4/L5 disc; with ``regions_csv`` every scan's region is listed in regions.csv
+    too (indices in each file's own slice order; every other row lists them high-to-low), without it the
+    pipeline finds the other scans' regions.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -65,15 +68,19 @@ def write_demo_dataset(
     if not 0 <= ref_idx < n_scans:
         raise ValueError(f"reference_index {ref_idx} outside 0..{n_scans - 1}")
     ids = [f"subj{i:02d}" for i in range(n_scans)]
-    region_rows = ["scan,first_slice,last_slice"]
+    region_rows = ["scan,first_slice,last_slice,l4_l5"]
+    reference_region = {}
     for i, (scan_id, ph) in enumerate(zip(ids, cohort.members, strict=True)):
         code = _ORIENTATIONS[i % len(_ORIENTATIONS)] if orientation_variety else "LPS"
         nz = ph.labels.shape[0]
         lo, hi = ph.region
+        mid = ph.disc_slices["L4/L5"]
         if code.endswith("I"):  # z flipped in the file: canonical slice k is file slice nz-1-k
-            lo, hi = nz - 1 - hi, nz - 1 - lo
+            lo, hi, mid = nz - 1 - hi, nz - 1 - lo, nz - 1 - mid
         first, last = (hi, lo) if i % 2 else (lo, hi)
-        region_rows.append(f"{scan_id},{first},{last}")
+        region_rows.append(f"{scan_id},{first},{last},{mid}")
+        if i == ref_idx:
+            reference_region = {"first_slice": first, "last_slice": last, "l4_l5": mid}
         labels_img = ph._wrap(_mapped_labels(ph, kind))
         if kind == "dixon":
             water = _orient(ph.images["water"], code)
@@ -95,7 +102,8 @@ def write_demo_dataset(
             ann[np.arange(nz) != seed_slice] = 0
             ann_img = ph._wrap(ann)
             atomic_write_image(_orient(ann_img, code), folder / "annotation.nii.gz")
-    atomic_write_text("\n".join(region_rows) + "\n", folder / "regions.csv")
+    if regions_csv:
+        atomic_write_text("\n".join(region_rows) + "\n", folder / "regions.csv")
 
     if kind == "ct":
         label_map = {TOTALSEG_LPM_IDS[k]: v for k, v in class_map(2).items()}
@@ -107,6 +115,7 @@ def write_demo_dataset(
         "modality": modality,
         "sequence": sequence,
         "reference": ids[ref_idx],
+        "region": reference_region,
         "label_map": label_map,
         "description": (
             f"Synthetic lumbar phantom cohort ({kind}, {n_scans} scans, seed {seed}); reference {ids[ref_idx]} "
@@ -119,8 +128,11 @@ def write_demo_dataset(
 
 
 def write_demo_cohort(root: Path, seed: int = 0, scans_per_dataset: int = 4) -> list[Path]:
-    """The demo data root: "demo-dixon" (Dixon, 4-class) and "demo-ct" (CT, TotalSegmentator-like 2-class)."""
+    """The demo data root: "demo-dixon" (Dixon, 4-class, every region in regions.csv) and "demo-ct" (CT,
+    TotalSegmentator-like 2-class, the reference's region only: the others are found)."""
     return [
         write_demo_dataset(root, "demo-dixon", "dixon", scans_per_dataset, seed),
-        write_demo_dataset(root, "demo-ct", "ct", scans_per_dataset, seed + 1, annotate="top"),
+        write_demo_dataset(
+            root, "demo-ct", "ct", scans_per_dataset, seed + 1, annotate="top", regions_csv=False
+        ),
     ]

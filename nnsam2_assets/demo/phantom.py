@@ -62,6 +62,8 @@ FAT_T2 = 0.85  # T2 TSE brightness of fat (fat is bright without fat suppression
 
 DEFAULT_SHAPE_YX = (128, 128)
 DEFAULT_SPACING = (1.6, 1.6, 4.0)  # SimpleITK order (sx, sy, sz), mm
+# the discs from the region's lower end upwards, at t = 0, 0.5, 1, ... (the phantom's level coordinate)
+DISC_NAMES = ("L5/S1", "L4/L5", "L3/L4", "L2/L3", "L1/L2", "T12/L1", "T11/T12")
 DEFAULT_PAD = (2, 3)  # extra slices below / above the region; unequal so a z flip moves the region indices
 
 
@@ -204,6 +206,17 @@ class Phantom:
         return (lo + hi) // 2
 
     @property
+    def disc_slices(self) -> dict[str, int]:
+        """Every disc inside the stack, named, at its nearest slice (a disc sits at each half unit of t)."""
+        n_region = self.region[1] - self.region[0]
+        out = {}
+        for k, name in enumerate(DISC_NAMES):
+            z = int(round(self.region[0] + k * n_region / 2.0))
+            if 0 <= z < self.labels.shape[0]:
+                out[name] = z
+        return out
+
+    @property
     def seed_slice_top(self) -> int:
         """The L3/L4 (most superior) slice of the region, as the reference method annotates."""
         return self.region[1]
@@ -255,12 +268,14 @@ def _slice_anatomy(
     tissue = np.zeros(X.shape, np.uint8)
     labels = np.zeros(X.shape, np.uint8)
     tc = t - 0.5
+    # beyond a level of the region (long scans) the spine's course levels off instead of curving on
+    tl = min(max(tc, -1.0), 1.0)
 
     # lordosis: caudal slices cut the spine further posteriorly; a slight bow adds curvature
-    spine_dy = -p.tilt_mm * tc - 6.0 * tc * tc
-    spine_dx = p.lateral_curve * (4.0 * tc * tc - 1.0 / 3.0) + 1.5 * math.sin(2.0 * math.pi * t)
+    spine_dy = -p.tilt_mm * tl - 6.0 * tl * tl
+    spine_dx = p.lateral_curve * (4.0 * tl * tl - 1.0 / 3.0) + 1.5 * math.sin(2.0 * math.pi * t)
     # the body outline follows the spine partly; the pelvis widens caudally
-    body_a = p.body_a * (1.0 - 0.08 * tc)
+    body_a = p.body_a * (1.0 - 0.08 * tl)
     body_b = p.body_b
     bx, by = 0.35 * spine_dx, 0.6 * spine_dy
     body_r = np.power(np.abs((X - bx) / body_a) ** 2.3 + np.abs((Y - by) / body_b) ** 2.3, 1 / 2.3)
@@ -284,7 +299,7 @@ def _slice_anatomy(
     canal_cy = vb_cy + vb_ay + 8.0
     canal_r = 7.0
     phase = _level_phase(t)
-    near_disc = min(abs(t - d) for d in (0.0, 0.5, 1.0)) < disc_half_t
+    near_disc = abs(t - round(2.0 * t) / 2.0) < disc_half_t  # a disc at every half unit of t
 
     # retroperitoneal fat behind the viscera, around the spine
     f_retro = _blob(X, Y, sx, canal_cy + 8.0, 0.8 * body_a, 42.0)
@@ -293,7 +308,7 @@ def _slice_anatomy(
     # psoas (grows caudally) and quadratus lumborum (fades caudally towards the iliac crest)
     for side in (-1.0, 1.0):
         Xs = side * (X - sx)
-        psoas_s = 1.25 - 0.5 * t
+        psoas_s = max(1.25 - 0.5 * t, 0.35)  # small but present up to T12
         f_ps = _blob(Xs, Y, p.vb_radius + 9.0 * psoas_s, vb_cy - 2.0, 10.0 * psoas_s, 11.0 * psoas_s, -20.0)
         tissue[inner & (f_ps <= 1.0)] = OTHER_MUSCLE
         ql_s = float(np.clip(0.4 + 0.8 * t, 0.3, 1.2))
@@ -316,8 +331,8 @@ def _slice_anatomy(
         Xs = side * (X - sx)
         if kind == "es":
             s = es_size * side_gain
-            cx = p.es_x + 12.0 * tc + 4.0 * (s - 1.0)
-            f = _blob(Xs, Y, cx, muscle_cy - 1.0 - 5.0 * tc, 22.0 * s, 16.0 * s**0.8, p.es_rot, es_h)
+            cx = p.es_x + 12.0 * tl + 4.0 * (s - 1.0)
+            f = _blob(Xs, Y, cx, muscle_cy - 1.0 - 5.0 * tl, 22.0 * s, 16.0 * s**0.8, p.es_rot, es_h)
         else:
             s = mf_size * side_gain
             cx = p.mf_x + 3.0 * (s - 1.0)
@@ -398,18 +413,20 @@ def generate_phantom(
     shape_yx: tuple[int, int] = DEFAULT_SHAPE_YX,
     spacing: tuple[float, float, float] = DEFAULT_SPACING,
     pad: tuple[int, int] = DEFAULT_PAD,
+    levels_above: int = 0,
 ) -> Phantom:
     """Build one subject. ``seed`` drives only the nuisance (noise, bias field, fat patches, textures).
 
     The number of slices follows the subject's region length: round(region_mm / sz) + 1 region slices plus
-    ``pad`` (below, above) extra slices.
+    ``pad`` (below, above) extra slices, plus ``levels_above`` whole vertebral levels above L3/L4 (3 covers
+    the T12/L1 disc: a typical lumbar scan, longer than the region).
     """
     p = params or population_mean_params()
     rng = np.random.default_rng(seed)
     sx_mm, sy_mm, sz_mm = (float(s) for s in spacing)
     ny, nx = shape_yx
     n_region = max(int(round(p.region_mm / sz_mm)) + 1, 3)
-    nz = n_region + pad[0] + pad[1]
+    nz = n_region + pad[0] + pad[1] + int(math.ceil(levels_above * (n_region - 1) / 2.0))
     region = (pad[0], pad[0] + n_region - 1)
     # level coordinate per slice: 0 at the L5/S1 disc (first region slice), 1 at L3/L4 (last one)
     level_t = (np.arange(nz) - region[0]) / (n_region - 1)

@@ -68,14 +68,15 @@ def validate_annotation(
     mapped_img = sitk.GetImageFromArray(mapped_full)
     mapped_img.CopyInformation(annotation)
     if spec.reference in spec.regions:
-        first, last = spec.regions[spec.reference]
-        lo, hi = sorted((first, last))
+        region = spec.regions[spec.reference]
+        lo, hi = region.bounds
         if not lo <= int(nonempty[0]) <= hi:
             raise ScanError(
                 annotation_path,
-                f"annotated slice {int(nonempty[0])} lies outside the reference's region {lo}..{hi} (regions.csv)",
+                f"annotated slice {int(nonempty[0])} lies outside the reference's region {lo}..{hi} "
+                f"({spec.region_origin(spec.reference)})",
             )
-        mapped_img = crop_region(mapped_img, first, last, annotation_path)
+        mapped_img = crop_region(mapped_img, region.first, region.last, annotation_path)
     canonical = to_canonical(mapped_img)
     arr = sitk.GetArrayFromImage(canonical)
     seed = int(np.flatnonzero(arr.reshape(arr.shape[0], -1).any(axis=1))[0])

@@ -7,7 +7,14 @@ One folder per dataset under a data root; the folder name is the Dagster partiti
       scans/<id>.nii.gz       one scan (or scans/<id>/ = a DICOM series, or <id>_water/<id>_fat for Dixon)
       annotation.nii.gz       one annotated axial slice on the reference scan's grid
       experts/<id>.nii.gz     optional expert labels
-      regions.csv             optional scan,first_slice,last_slice (L3/L4 to L5/S1, inclusive, either order)
+      regions.csv             optional per-scan regions: scan,first_slice,last_slice[,l4_l5]
+
+The region is the L3/L4 to L5/S1 stretch: ``first_slice`` and ``last_slice`` are the axial slices of those
+two discs (inclusive, either order, indices in the file's own slice order) and the optional ``l4_l5`` the
+slice of the disc between them, which splits the region into two level segments. The user marks it once, on
+the reference, as dataset.yaml's ``region`` (the same three keys); every other scan's region is found from
+it (``ingest.region_finding``), unless regions.csv has a row for the scan, which wins. Without either, a
+scan is used whole.
 
 A problem with the dataset as a whole (its description, annotation or region table) raises
 :class:`DatasetError`; a problem with one scan's files excludes that scan only (``DatasetSpec.excluded``,
@@ -21,8 +28,10 @@ target stays inside those roots; a link to ``/etc/passwd`` or another user's fol
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -35,6 +44,7 @@ from nnsam2_assets.core.layout import allowed_roots
 MODALITIES = ("mri", "ct")
 SEQUENCES = ("dixon", "t1", "t2", "ct", "other")
 REGION_COLUMNS = ("scan", "first_slice", "last_slice")
+REGION_OPTIONAL_COLUMNS = ("l4_l5",)
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _SCAN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -64,6 +74,23 @@ def validate_scan_id(scan_id: str, path: Path) -> str:
     return scan_id
 
 
+class Region(NamedTuple):
+    """Axial slice indices, in the scan file's own slice order, of the discs bounding the region (either
+    order) and, optionally, of the L4/L5 disc strictly between them."""
+
+    first: int
+    last: int
+    l4_l5: int | None = None
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        return (min(self.first, self.last), max(self.first, self.last))
+
+    def describe(self) -> str:
+        lo, hi = self.bounds
+        return f"{lo}-{hi}" + (f" (L4/L5 {self.l4_l5})" if self.l4_l5 is not None else "")
+
+
 @dataclass(frozen=True)
 class ScanSource:
     scan_id: str
@@ -83,13 +110,20 @@ class DatasetSpec:
     n_classes: int
     annotation: Path
     scans: dict[str, ScanSource]
-    regions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    regions: dict[str, Region] = field(default_factory=dict)  # given regions: regions.csv, dataset.yaml
     description: str = ""
     # scans that cannot be ingested (bad name, bad region row, file outside the roots): name -> reason
     excluded: dict[str, str] = field(default_factory=dict)
     # dataset-level problems that exclude nothing (e.g. a regions.csv row for a scan that does not exist)
     warnings: tuple[str, ...] = ()
     region_rows: dict[str, int] = field(default_factory=dict)  # scan -> its regions.csv line
+    reference_region: Region | None = None  # dataset.yaml's region: the one other scans' are found from
+
+    def region_origin(self, scan: str) -> str:
+        """Where a given region comes from, for messages: the regions.csv row or dataset.yaml."""
+        if scan in self.region_rows:
+            return f"{self.folder / 'regions.csv'} row {self.region_rows[scan]}"
+        return f"{self.folder / 'dataset.yaml'} key region"
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -155,6 +189,14 @@ def load_dataset(data_root: Path, name: str) -> DatasetSpec:
         ]
     scans = {scan_id: source for scan_id, source in scans.items() if scan_id not in excluded}
     reference = str(cfg.get("reference", ""))
+    reference_region = None
+    if cfg.get("region") is not None:
+        if not isinstance(cfg["region"], dict):
+            raise DatasetError(
+                f"{cfg_path} key region: expected first_slice, last_slice and optionally l4_l5 (slice indices)"
+            )
+        reference_region = parse_region(cfg["region"], f"{cfg_path} key region")
+        regions.setdefault(reference, reference_region)  # a regions.csv row for the reference wins
     if reference in excluded:
         raise DatasetError(f"{cfg_path}: reference scan {reference!r} is excluded: {excluded[reference]}")
     if reference not in scans:
@@ -177,7 +219,8 @@ def load_dataset(data_root: Path, name: str) -> DatasetSpec:
         description=str(cfg.get("description", "")),
         excluded=excluded,
         warnings=tuple(warnings),
-        region_rows={scan: table.rows[scan] for scan in regions},
+        region_rows={scan: table.rows[scan] for scan in regions if scan in table.rows},
+        reference_region=reference_region,
     )
 
 
@@ -308,7 +351,7 @@ def _find_nifti(folder: Path, stem: str) -> Path | None:
 class RegionTable:
     """regions.csv, parsed: valid rows by scan, per-scan errors, and each scan's row number (1 = header)."""
 
-    regions: dict[str, tuple[int, int]]
+    regions: dict[str, Region]
     errors: dict[str, str]
     rows: dict[str, int]
 
@@ -317,7 +360,7 @@ _INTEGER = re.compile(r"[+-]?\d+")
 
 
 def read_regions(path: Path) -> RegionTable:
-    """Strict regions.csv: integer slice indices only, one row per scan.
+    """Strict regions.csv: integer slice indices only, one row per scan, ``l4_l5`` optional (may be empty).
 
     A malformed table (unreadable, missing columns) refuses the dataset; a bad row only excludes its scan.
     Every message names the file, the row (line number, header = 1) and the column."""
@@ -328,7 +371,12 @@ def read_regions(path: Path) -> RegionTable:
     missing = set(REGION_COLUMNS) - set(table.columns)
     if missing:
         raise DatasetError(f"{path}: missing columns {sorted(missing)} (need {','.join(REGION_COLUMNS)})")
-    regions: dict[str, tuple[int, int]] = {}
+    unknown = [c for c in table.columns if c not in REGION_COLUMNS + REGION_OPTIONAL_COLUMNS]
+    if unknown:
+        raise DatasetError(
+            f"{path}: unknown columns {unknown} (use {','.join(REGION_COLUMNS + REGION_OPTIONAL_COLUMNS)})"
+        )
+    regions: dict[str, Region] = {}
     errors: dict[str, str] = {}
     rows: dict[str, int] = {}
     for line, record in enumerate(table.to_dict("records"), start=2):
@@ -341,20 +389,39 @@ def read_regions(path: Path) -> RegionTable:
             continue
         rows[scan] = line
         try:
-            regions[scan] = tuple(_slice_index(record[c], path, line, c) for c in REGION_COLUMNS[1:])
+            regions[scan] = parse_region(record, f"{path} row {line}")
         except DatasetError as exc:
             errors[scan] = str(exc)
     return RegionTable(regions, errors, rows)
 
 
-def _slice_index(value: object, path: Path, line: int, column: str) -> int:
+def parse_region(record: Mapping[str, object], where: str) -> Region:
+    """One region, from a regions.csv row or dataset.yaml's ``region`` (the same keys, the same rules)."""
+    for key in record:
+        if key not in REGION_COLUMNS + REGION_OPTIONAL_COLUMNS:
+            raise DatasetError(
+                f"{where}: unknown key {key!r} (use {', '.join(REGION_COLUMNS[1:] + REGION_OPTIONAL_COLUMNS)})"
+            )
+    first, last = (_slice_index(record.get(c, ""), where, c) for c in REGION_COLUMNS[1:])
+    raw = record.get("l4_l5")
+    l4_l5 = None if raw is None or str(raw).strip() == "" else _slice_index(raw, where, "l4_l5")
+    lo, hi = sorted((first, last))
+    if l4_l5 is not None and not lo < l4_l5 < hi:
+        raise DatasetError(
+            f"{where}, column l4_l5: the L4/L5 disc slice {l4_l5} must lie strictly between the region's "
+            f"discs {lo} and {hi}"
+        )
+    return Region(first, last, l4_l5)
+
+
+def _slice_index(value: object, where: str, column: str) -> int:
     text = str(value).strip()
     if not _INTEGER.fullmatch(text):
         shown = "empty" if not text else f"{text!r} is not an integer slice index"
-        raise DatasetError(f"{path} row {line}, column {column}: {shown}")
+        raise DatasetError(f"{where}, column {column}: {shown}")
     index = int(text)
     if index < 0:
-        raise DatasetError(f"{path} row {line}, column {column}: slice index {index} is negative")
+        raise DatasetError(f"{where}, column {column}: slice index {index} is negative")
     return index
 
 

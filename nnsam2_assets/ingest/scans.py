@@ -1,5 +1,5 @@
-"""Scan ingest: read, validate, crop to the region, canonicalise, pair Dixon, align expert labels; the
-``scans`` asset's per-dataset step (``ingest_scans``) and the readers of its manifest."""
+"""Scan ingest: read, validate, find or take the region, crop to it, canonicalise, pair Dixon, align expert
+labels; the ``scans`` asset's per-dataset step (``ingest_scans``) and the readers of its manifest."""
 
 from __future__ import annotations
 
@@ -27,10 +27,24 @@ from nnsam2_assets.core.imaging import (
     to_canonical,
 )
 from nnsam2_assets.core.layout import DatasetLayout
-from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_image, sha256_path, sha256_strings
-from nnsam2_assets.ingest.convention import DatasetSpec, ScanSource, is_valid_scan_id, map_labels_keep
+from nnsam2_assets.core.overlays import sagittal_lines_png
+from nnsam2_assets.core.storage import (
+    atomic_write_bytes,
+    atomic_write_dataframe,
+    atomic_write_image,
+    sha256_path,
+    sha256_strings,
+)
+from nnsam2_assets.ingest import region_finding
+from nnsam2_assets.ingest.convention import (
+    DatasetSpec,
+    Region,
+    ScanSource,
+    is_valid_scan_id,
+    map_labels_keep,
+)
 
-VERSION = "ingest-v2"
+VERSION = "ingest-v3"
 
 
 @dataclass
@@ -40,10 +54,41 @@ class PreparedScan:
     fat: sitk.Image | None
     expert: sitk.Image | None  # canonical crop in our class ids
     original: Geometry  # geometry of the uncropped source scan, to undo the crop later
-    region: tuple[int, int] | None
+    region: Region | None
+    region_source: str  # "regions.csv", "dataset.yaml", "found" or "whole scan"
+    region_confidence: float | None = None  # of a found region
+    region_uncertain: bool = False  # a found region with low confidence, odd geometry, or off the scan
+    l4_l5_slice: int | None = None  # the L4/L5 disc's slice in the canonical crop (z up), if named
+    region_preview: bytes = b""  # PNG: the region on a sagittal reformat of the whole scan
     notes: list[str] = field(default_factory=list)
-    # things the user should look at (oblique, expert labels ignored)
+    # things the user should look at (oblique, expert labels ignored, an uncertain found region)
     warnings: list[str] = field(default_factory=list)
+
+
+class ReferenceForRegions:
+    """The reference scan as read from its file, loaded once per ingest, for finding the other scans' regions."""
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self.spec = spec
+        self._image: sitk.Image | None = None
+
+    @property
+    def image(self) -> sitk.Image:
+        if self._image is None:
+            self._image = read_source_image(self.spec.scans[self.spec.reference].image)
+        return self._image
+
+
+def region_inputs(spec: DatasetSpec, scan_id: str, content: bool) -> str:
+    """What a scan's region depends on: its given region, or the reference's region and the reference's files
+    (content hashes when ``content``, else file stats) when the region is found from them."""
+    if scan_id in spec.regions:
+        return f"given:{spec.regions[scan_id]}"
+    if spec.reference_region is None or spec.reference not in spec.scans:
+        return "whole scan"
+    ref = spec.scans[spec.reference].image
+    fingerprint = sha256_path(ref) if content else sha256_strings(_file_stats(ref))
+    return f"found:{region_finding.VERSION}:{spec.reference_region}:{fingerprint}"
 
 
 def source_hash(source: ScanSource, spec: DatasetSpec) -> str:
@@ -53,20 +98,41 @@ def source_hash(source: ScanSource, spec: DatasetSpec) -> str:
         parts.append(sha256_path(source.fat))
     if source.expert:
         parts.append(sha256_path(source.expert))
-    parts += [str(spec.regions.get(source.scan_id)), str(sorted(spec.label_map.items())), spec.modality]
+    parts += [
+        region_inputs(spec, source.scan_id, content=True),
+        str(sorted(spec.label_map.items())),
+        spec.modality,
+    ]
     return sha256_strings(parts)
 
 
-def prepare_scan(spec: DatasetSpec, source: ScanSource) -> PreparedScan:
+def prepare_scan(
+    spec: DatasetSpec, source: ScanSource, reference: ReferenceForRegions | None = None
+) -> PreparedScan:
     original = read_source_image(source.image)
     warnings = check_acquisition(original, source.image)
     notes: list[str] = []
     region = spec.regions.get(source.scan_id)
+    confidence, uncertain = None, False
     if region:
         _check_region(spec, source, original)
+        region_source = "regions.csv" if source.scan_id in spec.region_rows else "dataset.yaml"
+    elif spec.reference_region is not None:
+        reference = reference or ReferenceForRegions(spec)
+        found = region_finding.find_region(reference.image, spec.reference_region, original)
+        region, region_source, confidence = found.region, "found", found.confidence
+        uncertain = found.uncertain
+        notes.append(f"region found from the reference: {found.detail}")
+        if found.uncertain:
+            warnings.append(
+                f"found region {region.describe()} is uncertain (confidence {confidence:.2f}; {found.detail}); "
+                f"check it, or give the scan a row in {spec.folder / 'regions.csv'}"
+            )
+    else:
+        region_source = "whole scan"
 
     def crop(img: sitk.Image, path: object) -> sitk.Image:
-        return crop_region(img, *region, path=str(path)) if region else img
+        return crop_region(img, region.first, region.last, path=str(path)) if region else img
 
     fat = None
     if spec.is_dixon:
@@ -89,7 +155,46 @@ def prepare_scan(spec: DatasetSpec, source: ScanSource) -> PreparedScan:
             expert = _prepare_expert(spec, source, original, crop)
         except ScanError as exc:  # optional: a bad expert file drops the comparison, never the scan
             warnings.append(f"expert labels ignored: {exc}")
-    return PreparedScan(source.scan_id, image, fat, expert, Geometry.of(original), region, notes, warnings)
+    return PreparedScan(
+        source.scan_id,
+        image,
+        fat,
+        expert,
+        Geometry.of(original),
+        region,
+        region_source,
+        confidence,
+        uncertain,
+        _l4_l5_in_crop(original, region, image),
+        _region_preview(original, region),
+        notes,
+        warnings,
+    )
+
+
+def _region_preview(original: sitk.Image, region: Region | None) -> bytes:
+    """A mid-sagittal reformat of the whole scan with the region's discs drawn (red, yellow, cyan)."""
+    canonical = to_canonical(original)
+    lines = []
+    for index in [] if region is None else [i for i in (*region.bounds, region.l4_l5) if i is not None]:
+        centre = [(n - 1) / 2.0 for n in original.GetSize()]
+        centre[axial_axis(original)] = float(index)
+        point = original.TransformContinuousIndexToPhysicalPoint(centre)
+        lines.append(int(round(canonical.TransformPhysicalPointToContinuousIndex(point)[2])))
+    spacing = canonical.GetSpacing()
+    return sagittal_lines_png(
+        sitk.GetArrayViewFromImage(canonical), (spacing[2], spacing[1], spacing[0]), lines
+    )
+
+
+def _l4_l5_in_crop(original: sitk.Image, region: Region | None, crop: sitk.Image) -> int | None:
+    """The canonical crop's slice holding the L4/L5 disc slice of the source file."""
+    if region is None or region.l4_l5 is None:
+        return None
+    centre = [(n - 1) / 2.0 for n in original.GetSize()]
+    centre[axial_axis(original)] = float(region.l4_l5)
+    point = original.TransformContinuousIndexToPhysicalPoint(centre)
+    return int(round(crop.TransformPhysicalPointToContinuousIndex(point)[2]))
 
 
 def _prepare_expert(spec: DatasetSpec, source: ScanSource, original: sitk.Image, crop) -> sitk.Image:
@@ -102,14 +207,15 @@ def _prepare_expert(spec: DatasetSpec, source: ScanSource, original: sitk.Image,
 
 
 def _check_region(spec: DatasetSpec, source: ScanSource, original: sitk.Image) -> None:
-    """A region must lie inside the scan; the error names regions.csv and the row, not the image."""
-    first, last = spec.regions[source.scan_id]
+    """A given region must lie inside the scan; the error names regions.csv and the row (or dataset.yaml)."""
+    region = spec.regions[source.scan_id]
     n = original.GetSize()[axial_axis(original)]
-    if max(first, last) >= n:
-        row = spec.region_rows.get(source.scan_id, "?")
+    if max(region.bounds) >= n:
+        where, _, row = spec.region_origin(source.scan_id).partition(" row ")
         raise ScanError(
-            spec.folder / "regions.csv",
-            f"row {row}, columns first_slice/last_slice: slices {first}..{last} lie outside the "
+            where,
+            (f"row {row}, " if row else "")
+            + f"columns first_slice/last_slice: slices {region.first}..{region.last} lie outside the "
             f"{n} axial slices (0..{n - 1}) of {source.image}",
         )
 
@@ -183,16 +289,21 @@ def stat_signature(source: ScanSource, spec: DatasetSpec) -> str:
     for path in (source.image, source.fat, source.expert):
         if path is not None:
             parts += _file_stats(path)
-    parts += [str(spec.regions.get(source.scan_id)), str(sorted(spec.label_map.items())), spec.modality]
+    parts += [
+        region_inputs(spec, source.scan_id, content=False),
+        str(sorted(spec.label_map.items())),
+        spec.modality,
+    ]
     return sha256_strings(parts)
 
 
 def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) -> IngestReport:
     """Every scan reoriented to LPS and cropped to its region; a bad scan becomes an error row, not a failure."""
     cache = ScanCache(layout.dir("scans"))
+    reference = ReferenceForRegions(spec)
     rows, computed = [], 0
     for scan_id, source in spec.scans.items():
-        outputs = [layout.scan_image(scan_id)]
+        outputs = [layout.scan_image(scan_id), layout.scan_region_preview(scan_id)]
         try:
             signature = stat_signature(source, spec)
             info = cache.info(scan_id)
@@ -208,12 +319,13 @@ def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) ->
                 cache.record(scan_id, key, {"stat": signature, "row": info["row"]})
                 rows.append(info["row"])
                 continue
-            prepared = prepare_scan(spec, source)
+            prepared = prepare_scan(spec, source, reference)
             atomic_write_image(prepared.image, layout.scan_image(scan_id))
             if prepared.fat is not None:
                 atomic_write_image(prepared.fat, layout.scan_fat(scan_id))
             if prepared.expert is not None:
                 atomic_write_image(prepared.expert, layout.scan_expert(scan_id))
+            atomic_write_bytes(prepared.region_preview, layout.scan_region_preview(scan_id))
             size = prepared.image.GetSize()
             row = {
                 "scan": scan_id,
@@ -224,7 +336,12 @@ def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) ->
                 "shape_zyx": f"{size[2]}x{size[1]}x{size[0]}",
                 "spacing_mm": ",".join(f"{s:.3f}" for s in prepared.image.GetSpacing()),
                 "original_orientation": prepared.original.orientation(),
-                "region": "" if prepared.region is None else f"{prepared.region[0]}-{prepared.region[1]}",
+                "region": "" if prepared.region is None else "-".join(map(str, prepared.region.bounds)),
+                "region_source": prepared.region_source,
+                "region_confidence": prepared.region_confidence,
+                "region_uncertain": prepared.region_uncertain,
+                "l4_l5": prepared.region.l4_l5 if prepared.region else None,
+                "l4_l5_slice": prepared.l4_l5_slice,
                 "has_fat": prepared.fat is not None,
                 "has_expert": prepared.expert is not None,
                 "notes": "; ".join(prepared.notes),

@@ -309,3 +309,66 @@ def quantify_per_slice(
     if not rows:
         return pd.DataFrame(columns=SLICE_COLUMNS)
     return pd.concat(rows, ignore_index=True)[SLICE_COLUMNS]
+
+
+# The region's two level segments, from the top down, when the reference names the L4/L5 disc. On the
+# canonical crop (z up, slice 0 = L5/S1) the L4/L5 disc's own slice belongs to the UPPER segment: each segment
+# runs from its lower disc up to, not including, its upper disc, and the top segment also keeps L3/L4.
+LEVEL_SEGMENTS = ("L3/L4-L4/L5", "L4/L5-L5/S1")
+LEVEL_COLUMNS = [
+    "scan",
+    "level",
+    "label",
+    "class_name",
+    "first_slice",
+    "last_slice",
+    "n_slices",
+    "n_voxels",
+    "volume_ml",
+    "mean_csa_mm2",
+    "ct_mean_hu",
+    "fat_ratio",
+    "dice",
+]
+
+
+def level_slices(n_slices: int, l4_l5_slice: int) -> dict[str, range]:
+    """Canonical slice ranges of the level segments (see LEVEL_SEGMENTS for where the L4/L5 slice goes)."""
+    if not 0 < l4_l5_slice < n_slices - 1:
+        raise ValueError(
+            f"the L4/L5 slice {l4_l5_slice} must lie strictly inside the region's {n_slices} slices"
+        )
+    return {LEVEL_SEGMENTS[0]: range(l4_l5_slice, n_slices), LEVEL_SEGMENTS[1]: range(0, l4_l5_slice)}
+
+
+def quantify_levels(
+    mask: Volume,
+    class_names: Mapping[int, str],
+    l4_l5_slice: int,
+    scan: str = "",
+    *,
+    ct: Volume | None = None,
+    water: Volume | None = None,
+    fat: Volume | None = None,
+    expert: Volume | None = None,
+    spacing: tuple[float, float, float] | None = None,
+) -> pd.DataFrame:
+    """Per level segment and label (columns ``LEVEL_COLUMNS``): the segment's volume, mean cross-sectional
+    area over its slices, HU and fat ratio, from :func:`quantify` on the segment's slices of a canonical
+    [z, y, x] region crop. The segments partition the region, so their volumes add up to its volume."""
+    m, sp, a = _prepare(mask, spacing, ct, water, fat, expert, None)
+    pixel_mm2 = float(sp[0] * sp[1])
+    frames = []
+    for level, zs in level_slices(m.shape[0], l4_l5_slice).items():
+        part = slice(zs.start, zs.stop)
+        inputs = {key: None if value is None else value[part] for key, value in a.items()}
+        rows = quantify(m[part], class_names, scan, spacing=sp, **inputs)
+        rows = rows.assign(
+            level=level,
+            first_slice=zs.start,
+            last_slice=zs.stop - 1,
+            n_slices=len(zs),
+            mean_csa_mm2=rows.n_voxels * pixel_mm2 / len(zs),
+        )
+        frames.append(rows)
+    return pd.concat(frames, ignore_index=True)[LEVEL_COLUMNS]

@@ -18,12 +18,12 @@ from nnsam2_assets.core.labels import class_map, side_of, to_class_space
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.masks import laterality_gap_voxels
 from nnsam2_assets.ingest.convention import DatasetSpec
-from nnsam2_assets.ingest.scans import ok_scans
+from nnsam2_assets.ingest.scans import ok_scans, read_manifest
 from nnsam2_assets.metrics import quant, stats
 from nnsam2_assets.metrics.qc import QCConfig, mean_confidence, qc_flags
 from nnsam2_assets.metrics.store import SCHEMA, replace_dataset_rows
 
-VERSION = "metrics-v2"
+VERSION = "metrics-v3"
 AGREEMENT_VERSION = "agreement-v1"
 MEASURES = {
     "volume_ml": "expert_volume_ml",
@@ -34,10 +34,10 @@ UNITS = {"volume_ml": "mL", "fat_ratio": "", "ct_mean_hu": "HU"}
 
 
 def _scan_rows(
-    spec: DatasetSpec, layout: DatasetLayout, scan: str, k: int, mask: sitk.Image
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-label and per-slice metrics of one scan's final ``mask`` (its class space, plus the 2-class merge
-    for 4-class)."""
+    spec: DatasetSpec, layout: DatasetLayout, scan: str, k: int, mask: sitk.Image, l4_l5_slice: int | None
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Per-label, per-slice and (when the region names L4/L5) per-level metrics of one scan's final
+    ``mask`` (its class space, plus the 2-class merge for 4-class)."""
     image = read_image(layout.scan_image(scan))
     inputs: dict = {}
     if spec.modality == "ct":
@@ -52,7 +52,7 @@ def _scan_rows(
     if k == 4:
         merged_expert = None if expert is None else to_class_space(expert, 4, 2)
         schemes.append(("2-class", to_class_space(mask_arr, 4, 2), merged_expert, 2))
-    per_label, per_slice = [], []
+    per_label, per_slice, per_level = [], [], []
     for scheme, arr, truth, n in schemes:
         names = class_map(n)
         spacing = mask.GetSpacing()
@@ -63,12 +63,25 @@ def _scan_rows(
             rows["expert_fat_ratio"] = ref.fat_ratio.to_numpy()
             rows["expert_ct_mean_hu"] = ref.ct_mean_hu.to_numpy()
         per_label.append(rows.assign(scheme=scheme))
+        if l4_l5_slice is not None:
+            levels = quant.quantify_levels(
+                arr, names, l4_l5_slice, scan, expert=truth, spacing=spacing, **inputs
+            )
+            if truth is not None:
+                expert_levels = quant.quantify_levels(
+                    truth, names, l4_l5_slice, scan, spacing=spacing, **inputs
+                )
+                levels["expert_volume_ml"] = expert_levels.volume_ml.to_numpy()
+            per_level.append(levels.assign(scheme=scheme))
         if scheme == f"{k}-class":
             sl = quant.quantify_per_slice(arr, names, scan, expert=truth, spacing=spacing, **inputs)
             per_slice.append(sl.assign(scheme=scheme))
     labels = pd.concat(per_label, ignore_index=True)
     labels["side"] = labels.class_name.map(side_of)
-    return labels, pd.concat(per_slice, ignore_index=True)
+    levels = pd.concat(per_level, ignore_index=True) if per_level else pd.DataFrame()
+    if len(levels):
+        levels["side"] = levels.class_name.map(side_of)
+    return labels, pd.concat(per_slice, ignore_index=True), levels
 
 
 @dataclass
@@ -86,6 +99,10 @@ class DatasetMetrics:
     @property
     def flags(self) -> pd.DataFrame:
         return self.tables["qc_flags"]
+
+    @property
+    def levels(self) -> pd.DataFrame:
+        return self.tables["level_metrics"]
 
 
 def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_id: str) -> DatasetMetrics:
@@ -111,12 +128,16 @@ def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_
     stage_cols = [
         c for c in ("stage1_vs_propagation", "stage2_vs_stage1", "stage3_vs_stage2") if c in stage_table
     ]
-    labels, slices, confidence, scan_rows = [], [], [], []
-    for scan in ok_scans(layout):
+    manifest = read_manifest(layout)
+    labels, slices, levels, confidence, scan_rows = [], [], [], [], []
+    for scan in ok_scans(layout, manifest):
         if not layout.final_mask_canonical(scan).exists():
             continue
         mask = read_image(layout.final_mask_canonical(scan))
-        per_label, per_slice = _scan_rows(spec, layout, scan, k, mask)
+        split = manifest.l4_l5_slice.get(scan) if "l4_l5_slice" in manifest else None
+        split = None if split is None or pd.isna(split) else int(split)
+        per_label, per_slice, per_level = _scan_rows(spec, layout, scan, k, mask, split)
+        levels.append(per_level)
         gap = laterality_gap_voxels(sitk.GetArrayViewFromImage(mask), k)
         conf = pd.read_parquet(layout.confidence(scan))
         backend, model_id = str(conf.backend.iloc[0]), str(conf.model_id.iloc[0])
@@ -142,6 +163,8 @@ def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_
         )
     label_df = pd.concat(labels, ignore_index=True).assign(**lineage) if labels else pd.DataFrame()
     slice_df = pd.concat(slices, ignore_index=True).assign(**lineage) if slices else pd.DataFrame()
+    levels = [frame for frame in levels if len(frame)]
+    level_df = pd.concat(levels, ignore_index=True).assign(**lineage) if levels else pd.DataFrame()
     conf_df = pd.concat(confidence, ignore_index=True).assign(**lineage) if confidence else pd.DataFrame()
     stage_df = stage_table.assign(**lineage) if len(stage_table) else pd.DataFrame()
     qc_input = label_df[label_df.scheme == f"{k}-class"].rename(columns={"ct_mean_hu": "hu_mean"})
@@ -156,6 +179,7 @@ def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_
     tables = {
         "scan_metrics": label_df,
         "slice_metrics": slice_df,
+        "level_metrics": level_df,
         "slice_confidence": conf_df,
         "stage_agreement": stage_df,
         "qc_flags": flags if len(flags) else pd.DataFrame(columns=["dataset"]),

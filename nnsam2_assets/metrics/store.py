@@ -15,6 +15,8 @@ Tables (all carry ``dataset`` and lineage columns ``run_id``, ``computed_at``):
   metrics.scan_metrics      per scan x label: volume, HU, fat ratio, Dice vs expert, QC flags, lineage
   metrics.slice_confidence  per scan x slice x class: propagation confidence, presence, kept as pseudo-label
   metrics.slice_metrics     per scan x slice x label: cross-sectional area and fat ratio
+  metrics.level_metrics     per scan x level segment x label (when the region names L4/L5): volume, mean
+                            cross-sectional area, HU, fat ratio
   metrics.stage_agreement   per scan: Dice between nnU-Net stages and against the propagation / experts
   metrics.agreement         per dataset x measure x label: TOST, ICC, Bland-Altman, MAE, Spearman
   metrics.qc_flags          per scan x flag: reason and severity
@@ -33,7 +35,15 @@ import pandas as pd
 from nnsam2_assets.core.storage import atomic_write_dataframe
 
 SCHEMA = "metrics"
-TABLES = ("scan_metrics", "slice_confidence", "slice_metrics", "stage_agreement", "agreement", "qc_flags")
+TABLES = (
+    "scan_metrics",
+    "slice_confidence",
+    "slice_metrics",
+    "level_metrics",
+    "stage_agreement",
+    "agreement",
+    "qc_flags",
+)
 
 
 # DuckDB settings of every connection that runs user SQL; lock_configuration keeps a SET from undoing them.

@@ -7,7 +7,13 @@ import SimpleITK as sitk
 from nnsam2_assets.core.imaging import ScanError, read_image
 from nnsam2_assets.core.labels import merge_sides
 from nnsam2_assets.ingest.annotation import validate_annotation
-from nnsam2_assets.ingest.convention import DatasetError, load_dataset, map_labels, validate_dataset_key
+from nnsam2_assets.ingest.convention import (
+    DatasetError,
+    Region,
+    load_dataset,
+    map_labels,
+    validate_dataset_key,
+)
 from nnsam2_assets.testing.realdata import write_yaml
 
 
@@ -129,8 +135,66 @@ def test_annotation_outside_region(tmp_path):
     folder = _tiny_dataset(tmp_path)
     (folder / "regions.csv").write_text("scan,first_slice,last_slice\na,0,2\nb,5,1\n")
     spec = load_dataset(tmp_path, "tiny")
-    assert spec.regions == {"a": (0, 2), "b": (5, 1)}
+    assert spec.regions == {"a": Region(0, 2), "b": Region(5, 1)}
     with pytest.raises(ScanError, match=r"annotated slice 3 lies outside the reference's region 0\.\.2"):
         validate_annotation(
             read_image(spec.annotation), read_image(spec.scans["a"].image), spec, spec.annotation
         )
+
+
+def test_the_reference_region_in_dataset_yaml_and_the_l4_l5_column_follow_one_schema(tmp_path):
+    folder = _tiny_dataset(tmp_path, region={"first_slice": 5, "last_slice": 1, "l4_l5": 3})
+    spec = load_dataset(tmp_path, "tiny")
+    assert spec.reference_region == Region(5, 1, 3) and spec.regions == {"a": Region(5, 1, 3)}
+    assert spec.region_origin("a") == f"{folder / 'dataset.yaml'} key region"
+    # a regions.csv row overrides the found region of its scan, and the reference's too; l4_l5 may be empty
+    (folder / "regions.csv").write_text("scan,first_slice,last_slice,l4_l5\na,0,4,\nb,1,5,2\n")
+    spec = load_dataset(tmp_path, "tiny")
+    assert spec.regions == {"a": Region(0, 4), "b": Region(1, 5, 2)}
+    assert spec.reference_region == Region(5, 1, 3)
+
+
+@pytest.mark.parametrize(
+    ("region", "message"),
+    [
+        (
+            {"first_slice": 1, "last_slice": 5, "l4_l5": 5},
+            r"key region, column l4_l5: the L4/L5 disc slice 5 must lie "
+            r"strictly between the region's discs 1 and 5",
+        ),
+        ({"first_slice": 1}, r"key region, column last_slice: empty"),
+        ({"first_slice": 1, "last_slice": "x"}, r"key region, column last_slice: 'x' is not an integer"),
+        ({"first_slice": 1, "last_slice": 4, "l3": 2}, r"key region: unknown key 'l3'"),
+        ([1, 4], r"key region: expected first_slice, last_slice and optionally l4_l5"),
+    ],
+)
+def test_a_bad_reference_region_refuses_the_dataset_naming_the_file(tmp_path, region, message):
+    folder = _tiny_dataset(tmp_path, region=region)
+    with pytest.raises(DatasetError, match=str(folder / "dataset.yaml") + " " + message):
+        load_dataset(tmp_path, "tiny")
+
+
+def test_a_bad_l4_l5_cell_excludes_its_scan_and_an_unknown_column_refuses_the_table(tmp_path):
+    folder = _tiny_dataset(tmp_path)
+    csv = folder / "regions.csv"
+    csv.write_text("scan,first_slice,last_slice,l4_l5\na,0,4,2\nb,1,5,0\n")
+    spec = load_dataset(tmp_path, "tiny")
+    assert spec.regions == {"a": Region(0, 4, 2)}
+    assert spec.excluded["b"] == (
+        f"{csv} row 3, column l4_l5: the L4/L5 disc slice 0 must lie strictly between the region's discs 1 and 5"
+    )
+    csv.write_text("scan,first_slice,last_slice,l45\na,0,4,2\n")
+    with pytest.raises(DatasetError, match=r"regions\.csv: unknown columns \['l45'\]"):
+        load_dataset(tmp_path, "tiny")
+
+
+def test_an_annotation_outside_the_yaml_region_names_dataset_yaml(tmp_path):
+    folder = _tiny_dataset(tmp_path, region={"first_slice": 0, "last_slice": 2})
+    spec = load_dataset(tmp_path, "tiny")
+    with pytest.raises(
+        ScanError, match=r"lies outside the reference's region 0\.\.2 \(.*dataset\.yaml key region\)"
+    ):
+        validate_annotation(
+            read_image(spec.annotation), read_image(spec.scans["a"].image), spec, spec.annotation
+        )
+    assert folder.exists()

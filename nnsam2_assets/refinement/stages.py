@@ -184,6 +184,10 @@ def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) ->
         pred_path = stage_prediction(Path(prev["model_dir"]), dataset, scan)
         if not pred_path.exists():
             continue
+        if other is None and not layout.masks(scan).exists():
+            # a dataset whose scans were ingested but that failed before propagation (e.g. an unreadable
+            # annotation): stage 1 predicted its scans, but there is nothing to compare them with
+            continue
         pred = read_array(pred_path)
         if other is None:  # stage 2 compares stage-1 predictions with the propagated masks
             ref = read_array(layout.masks(scan))

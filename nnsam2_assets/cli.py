@@ -1,6 +1,12 @@
-"""``nnsam2``: demo, ui, register, sql, export.
+"""``nnsam2``: run, demo, ui, register, sql, export.
 
-nnsam2 demo                  write the demo cohort, register it, materialize everything, print results
+nnsam2 run [DATASET ...]     materialize the data root's datasets (all when none named) end to end: each
+                             dataset's chain, the pooled nnU-Net models (only when missing, when a dataset
+                             has no case in their training set, or with --retrain), then final masks and
+                             metrics. Progress bars on the console, Dagster's events in <home>/logs/run-*.log
+                             (-v: on the console too); exit code 1 when a dataset, scan or model failed.
+                             --data-root / --storage-root set NNSAM2_DATA_ROOT / NNSAM2_STORAGE_ROOT
+nnsam2 demo                  write the demo cohort when missing, then nnsam2 run on it; print the results
 nnsam2 ui                    the web UI with its daemon (dagster dev); Ctrl-C stops every process it started
 nnsam2 register [NAME ...]   add dataset folders of the data root as Dagster partitions
 nnsam2 sql "SELECT ..."      query the metrics (read-only; waits for a writer to let go)
@@ -52,30 +58,108 @@ def _instance():
     return dg.DagsterInstance.get()
 
 
+def _set_roots(args: argparse.Namespace) -> None:
+    """``--data-root`` / ``--storage-root`` set NNSAM2_DATA_ROOT / NNSAM2_STORAGE_ROOT for this run (the
+    resources read them when the code location loads)."""
+    if getattr(args, "data_root", None):
+        os.environ[layout.DATA_ROOT_ENV] = str(Path(args.data_root).expanduser().resolve())
+    if getattr(args, "storage_root", None):
+        os.environ[layout.STORAGE_ROOT_ENV] = str(Path(args.storage_root).expanduser().resolve())
+
+
+def _log_file() -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = layout.home() / "logs" / f"run-{stamp}.log", 1
+    while path.exists():
+        path, n = layout.home() / "logs" / f"run-{stamp}-{n}.log", n + 1
+    return path
+
+
+def _select_datasets(instance, names: list[str]) -> tuple[list[str], list[str]]:
+    """The datasets to run (registered as partitions) and the refused ones ("dataset X: refused: why"):
+    ``names`` when given, else every dataset folder of the data root."""
+    from nnsam2_assets.ingest.convention import (
+        DatasetError,
+        list_dataset_folders,
+        load_dataset,
+        validate_dataset_key,
+    )
+    from nnsam2_assets.runner import register_datasets
+
+    data_root = layout.data_root()
+    if not names:
+        _, rejected = register_datasets(instance, data_root)
+        folders = [f.name for f in list_dataset_folders(data_root) if f.name not in rejected]
+        return folders, [f"dataset {name}: refused: {why}" for name, why in rejected.items()]
+    chosen, refused = [], []
+    known = set(instance.get_dynamic_partitions("datasets"))
+    for name in dict.fromkeys(names):
+        try:
+            validate_dataset_key(name)
+            load_dataset(data_root, name)
+        except (DatasetError, ValueError) as exc:
+            refused.append(f"dataset {name}: refused: {exc}")
+            continue
+        if name not in known:
+            instance.add_dynamic_partitions("datasets", [name])
+        chosen.append(name)
+    return chosen, refused
+
+
+def run_pipeline(args: argparse.Namespace, names: list[str], command: str = "nnsam2 run") -> int:
+    """Register and materialize ``names`` (every dataset folder when empty) end to end; print the summary.
+    Exit code 0 when everything succeeded, 1 when any dataset, scan, check or model failed."""
+    from nnsam2_assets.console import run_datasets
+
+    t0 = time.perf_counter()
+    instance = _instance()
+    try:
+        datasets, refused = _select_datasets(instance, names)
+        storage_root = layout.storage_root()
+        print(f"{command}: data root {layout.data_root()}, storage root {storage_root}")
+        if not datasets:
+            for line in refused:
+                print(f"FAILED {line}")
+            print(
+                f"{command}: no dataset to run (a dataset is a folder with a dataset.yaml in the data root)"
+            )
+            return 1
+        log_file = _log_file()
+        print(f"datasets: {', '.join(datasets)}")
+        print(f"log file: {log_file}  (-v: the events on the console too)")
+        report = run_datasets(instance, datasets, storage_root, log_file, args.retrain, args.verbose)
+    finally:
+        instance.dispose()
+    report.failures[:0] = refused
+    print(f"\nsummary ({time.perf_counter() - t0:.0f} s, {len(report.run_ids)} Dagster runs)")
+    for line in report.summary():
+        print(f"  {line}")
+    if report.ok:
+        print(f"{command}: finished")
+        return 0
+    print(f"{command}: {len(report.failures)} failure(s); exit code 1")
+    return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _set_roots(args)
+    return run_pipeline(args, list(args.datasets))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from nnsam2_assets.demo.datasets import write_demo_cohort
     from nnsam2_assets.metrics.store import query
-    from nnsam2_assets.runner import materialize_cohort, register_datasets
 
-    t0 = time.perf_counter()
+    _set_roots(args)
     data_root = layout.data_root()
     print(f"nnsam2 demo: home {layout.home()}")
     if args.fresh or not any(data_root.glob("demo-*/dataset.yaml")):
         folders = write_demo_cohort(data_root, seed=args.seed, scans_per_dataset=args.scans)
         print(f"wrote demo cohort: {', '.join(p.name for p in folders)} under {data_root}")
-    instance = _instance()
-    added, rejected = register_datasets(instance, data_root)
-    for name, reason in rejected.items():
-        print(f"skipped dataset folder {name}: {reason}", file=sys.stderr)
-    names = sorted(p.name for p in data_root.glob("demo-*") if p.is_dir())
-    print(f"partitions: {', '.join(names)} ({len(added)} newly registered)")
-    run = materialize_cohort(instance, names)
-    elapsed = time.perf_counter() - t0
-    print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in run.timings.items()))
-    if run.failed:
-        for what, why in run.failed.items():
-            print(f"FAILED {what}: {why}", file=sys.stderr)
-        return 1
+    names = sorted(p.name for p in data_root.glob("demo-*") if (p / "dataset.yaml").is_file())
+    code = run_pipeline(args, names, command="nnsam2 demo")
+    if code:
+        return code
     db = layout.duckdb_path()
     summary = query(
         db,
@@ -87,7 +171,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nfinal masks:   {layout.storage_root() / 'datasets' / '<dataset>' / 'final_masks'}")
     print(f'metrics:       {db}  (try: nnsam2 sql "SELECT * FROM metrics.qc_flags")')
     print("web UI:        nnsam2 ui  (127.0.0.1:3000; Ctrl-C stops it and every process it started)")
-    print(f"demo finished in {elapsed:.0f} s")
     return 0
 
 
@@ -198,7 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nnsam2", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the whole pipeline on a synthetic demo cohort")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-root", help="the folder of dataset folders (sets NNSAM2_DATA_ROOT)")
+    common.add_argument("--storage-root", help="where artefacts and metrics go (sets NNSAM2_STORAGE_ROOT)")
+    common.add_argument(
+        "--retrain",
+        action="store_true",
+        help="run the nnU-Net stages even when their models are current: they train on every scan ingested "
+        "now (a stage whose training set is unchanged keeps its model: versions are content hashes)",
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="Dagster's events on the console too")
+    run = sub.add_parser(
+        "run", parents=[common], help="materialize the data root's datasets end to end (all when none named)"
+    )
+    run.add_argument("datasets", nargs="*", metavar="DATASET", help="dataset folders to run (default: all)")
+    run.set_defaults(func=cmd_run)
+    demo = sub.add_parser("demo", parents=[common], help="nnsam2 run on a synthetic demo cohort")
     demo.add_argument("--fresh", action="store_true", help="rewrite the demo data even if present")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--scans", type=int, default=4, help="scans per demo dataset")

@@ -1,4 +1,4 @@
-"""Materialize a cohort through Dagster in the right order (used by ``nnsam2 demo``, tests and benchmarks).
+"""Materialize a cohort through Dagster in the right order (used by ``nnsam2 run``/``demo``, tests, benchmarks).
 
 The order and the phases are ``pipeline.PHASES``; each phase is one in-process Dagster run per dataset
 (or one run for the pooled models).
@@ -21,7 +21,10 @@ from nnsam2_assets.ingest.convention import (
     load_dataset,
     validate_dataset_key,
 )
-from nnsam2_assets.pipeline import PHASES
+from nnsam2_assets.pipeline import PHASES, Phase
+
+# the job name ``dg.materialize`` gives its runs (so runs look the same whichever way they were launched)
+EPHEMERAL_JOB = "__ephemeral_asset_job__"
 
 
 @dataclass
@@ -49,14 +52,34 @@ def register_datasets(instance: dg.DagsterInstance, data_root: Path) -> tuple[li
     return added, rejected
 
 
-def _run(assets, selection, instance, resources, partition_key=None, run_config=None, tags=None):
-    return dg.materialize(
-        assets,
-        selection=selection,
-        partition_key=partition_key,
-        instance=instance,
+def _run(
+    assets, selection, instance, resources, partition_key=None, run_config=None, tags=None, loggers=None
+):
+    if not loggers:
+        return dg.materialize(
+            assets,
+            selection=selection,
+            partition_key=partition_key,
+            instance=instance,
+            resources=resources,
+            run_config=run_config or {},
+            raise_on_error=False,
+            tags=tags or {},
+        )
+    # dg.materialize with the run's loggers replaced (it takes none): the same in-process execution. A
+    # run instantiates only the loggers its run config names (none named: Dagster's console logger)
+    run_config = dict(run_config or {})
+    run_config["loggers"] = {**{key: {} for key in loggers}, **run_config.get("loggers", {})}
+    job_defs = dg.Definitions(
+        jobs=[dg.define_asset_job(EPHEMERAL_JOB, selection=selection)],
+        assets=assets,
         resources=resources,
-        run_config=run_config or {},
+        loggers=loggers,
+    )
+    return job_defs.resolve_job_def(EPHEMERAL_JOB).execute_in_process(
+        run_config=run_config,
+        instance=instance,
+        partition_key=partition_key,
         raise_on_error=False,
         tags=tags or {},
     )
@@ -70,9 +93,14 @@ def materialize_cohort(
     run_config: dict | None = None,
     stages: tuple[str, ...] = tuple(phase.name for phase in PHASES),
     progress: Callable[[str], None] = print,
+    loggers: dict[str, dg.LoggerDefinition] | None = None,
+    on_result: Callable[[Phase, str | None, dg.ExecuteInProcessResult], None] | None = None,
 ) -> CohortRun:
     """Run the ``stages`` (names of ``pipeline.PHASES``) in pipeline order: a per-dataset phase runs once per
-    dataset that has not failed so far, a pooled phase once; a failed pooled phase ends the cohort run."""
+    dataset that has not failed so far, a pooled phase once; a failed pooled phase ends the cohort run.
+
+    ``loggers`` replace Dagster's console logger in every run; ``on_result(phase, dataset or None, result)``
+    is called after each run."""
     if assets is None or resources is None:
         loaded = defs()
         assets = assets if assets is not None else list(loaded.assets or [])
@@ -87,9 +115,11 @@ def materialize_cohort(
                 continue
             t0 = time.perf_counter()
             progress(f"[{phase.name}] {', '.join(phase.assets)} pooled from {', '.join(ok)}")
-            res = _run(assets, phase.assets, instance, resources, None, run_config)
+            res = _run(assets, phase.assets, instance, resources, None, run_config, loggers=loggers)
             out.timings[phase.name] = time.perf_counter() - t0
             out.run_ids.append(res.run_id)
+            if on_result is not None:
+                on_result(phase, None, res)
             if not res.success:
                 out.failed[phase.name] = failure_message(res)
                 progress(f"[{phase.name}] FAILED: {out.failed[phase.name]}")
@@ -98,9 +128,11 @@ def materialize_cohort(
         for name in list(ok):
             t0 = time.perf_counter()
             progress(f"[{name}] {', '.join(phase.assets)}")
-            res = _run(assets, phase.assets, instance, resources, name, run_config)
+            res = _run(assets, phase.assets, instance, resources, name, run_config, loggers=loggers)
             out.timings[f"{phase.name}/{name}"] = time.perf_counter() - t0
             out.run_ids.append(res.run_id)
+            if on_result is not None:
+                on_result(phase, name, res)
             if not res.success:
                 # the first phase's failures are keyed by dataset (a dataset that never got going)
                 key = name if phase is PHASES[0] else f"{phase.name}/{name}"

@@ -22,11 +22,20 @@ from nnsam2_assets.propagation.parallel import default_workers
 from nnsam2_assets.refinement.nnunet import Profile, get_profile
 
 SAM2_CHECKPOINT_ENV = "NNSAM2_SAM2_CHECKPOINT"
+# the nnU-Net recipe of RefinementSettings: a profile name, and epoch / iteration counts overriding it
+NNUNET_PROFILE_ENV = "NNSAM2_NNUNET_PROFILE"
+NNUNET_EPOCHS_ENV = "NNSAM2_NNUNET_EPOCHS"
+NNUNET_ITERATIONS_ENV = "NNSAM2_NNUNET_ITERATIONS"
 
 
 def env_or(name: str, default: str) -> str:
     """``dg.EnvVar(name)`` when the variable is set, else ``default``."""
     return dg.EnvVar(name) if os.environ.get(name) else default
+
+
+def env_int_or(name: str, default: int) -> int:
+    """``dg.EnvVar.int(name)`` when the variable is set, else ``default``."""
+    return dg.EnvVar.int(name) if os.environ.get(name) else default
 
 
 def mark_run_orphaned(instance: dg.DagsterInstance, run_id: str) -> None:
@@ -112,7 +121,8 @@ class PropagationSettings(dg.ConfigurableResource):
 
 
 class RefinementSettings(dg.ConfigurableResource):
-    """nnU-Net profile (``quick`` for CPU, ``paper`` for a GPU) and optional iteration overrides."""
+    """nnU-Net profile (``quick`` for CPU, ``paper`` for a GPU) and optional iteration overrides
+    (``build_resources`` reads them from NNSAM2_NNUNET_PROFILE / _EPOCHS / _ITERATIONS when set)."""
 
     profile: str = "quick"
     num_epochs: int = 0  # 0 = profile default
@@ -145,7 +155,12 @@ def build_resources(
     return {
         "storage": NnsamStorage(data_root=data, storage_root=storage),
         "propagation": propagation or PropagationSettings(sam2_checkpoint=env_or(SAM2_CHECKPOINT_ENV, "")),
-        "refinement": refinement or RefinementSettings(),
+        "refinement": refinement
+        or RefinementSettings(
+            profile=env_or(NNUNET_PROFILE_ENV, "quick"),
+            num_epochs=env_int_or(NNUNET_EPOCHS_ENV, 0),
+            iterations_per_epoch=env_int_or(NNUNET_ITERATIONS_ENV, 0),
+        ),
         "metrics_db": DuckDBResource(database=database),
     }
 

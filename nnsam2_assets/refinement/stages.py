@@ -114,6 +114,46 @@ def current_model(root: Path, stage: str) -> dict:
     return json.loads(pointer.read_text())
 
 
+@dataclass(frozen=True)
+class ModelsState:
+    """Whether the current models of every stage exist and were trained with a case of each dataset."""
+
+    current: bool
+    reason: str  # why they are not current ("" when they are)
+    versions: dict[str, str]  # stage -> current version, for the stages checked so far
+
+
+def trained_on(pointer: dict, datasets: list[str]) -> set[str]:
+    """Which of ``datasets`` have a case in the training set of the model a ``current.json`` points at."""
+    if "training_datasets" in pointer:
+        return set(datasets) & set(pointer["training_datasets"])
+    # a pointer written before the field existed: the model's case ids are "<dataset>__<scan>"
+    info = json.loads((Path(pointer["model_dir"]) / nnunet.MODEL_INFO_FILE).read_text())
+    keys = list(info.get("case_ids", {}))
+    return {d for d in datasets if any(key.startswith(f"{d}__") for key in keys)}
+
+
+def models_state(root: Path, datasets: list[str]) -> ModelsState:
+    """Are the pooled models current for ``datasets``: each stage has a complete current model whose training
+    set holds a case of every one of them? (Scans added to a dataset since do not make a model stale: they
+    get predictions from it.) Dagster-free: reads the stages' ``current.json`` and model folders."""
+    versions: dict[str, str] = {}
+    for stage in STAGES:
+        pointer_path = model_pointer(root, stage)
+        if not pointer_path.exists():
+            return ModelsState(False, f"no {stage} model yet", versions)
+        pointer = json.loads(pointer_path.read_text())
+        if not (Path(pointer["model_dir"]) / nnunet.MODEL_INFO_FILE).exists():
+            return ModelsState(False, f"the current {stage} model {pointer['version']} is missing", versions)
+        missing = sorted(set(datasets) - trained_on(pointer, datasets))
+        if missing:
+            return ModelsState(
+                False, f"{', '.join(missing)} had no case in the {stage} training set", versions
+            )
+        versions[stage] = pointer["version"]
+    return ModelsState(True, "", versions)
+
+
 def scan_key(layout: DatasetLayout, scan: str) -> str:
     return sha256_file(layout.scan_image(scan))[:24]
 
@@ -183,6 +223,10 @@ def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) ->
     for dataset, scan, layout in pool.items():
         pred_path = stage_prediction(Path(prev["model_dir"]), dataset, scan)
         if not pred_path.exists():
+            continue
+        if other is None and not layout.masks(scan).exists():
+            # a dataset whose scans were ingested but that failed before propagation (e.g. an unreadable
+            # annotation): stage 1 predicted its scans, but there is nothing to compare them with
             continue
         pred = read_array(pred_path)
         if other is None:  # stage 2 compares stage-1 predictions with the propagated masks
@@ -278,6 +322,8 @@ def _train_and_predict(
             "n_classes": pool.classes,
             "stage": stage,
             "roi_margin_mm": profile.roi_margin_mm,
+            # the datasets with a case in this version's training set (``models_state`` reads it)
+            "training_datasets": sorted({dataset for dataset, _ in labels}),
         },
         model_pointer(root, stage),
     )

@@ -47,7 +47,14 @@ from ._common import (
 )
 from .predict import Predictor
 from .raw import RawDataset, TrainingCase, _unique_ids, dataset_name, sanitize_case_id, write_raw_dataset
-from .train import ModelInfo, plan_and_preprocess, train_model, trainer_class
+from .train import (
+    ModelInfo,
+    TrainingProgress,
+    plan_and_preprocess,
+    train_model,
+    trainer_class,
+    training_progress,
+)
 
 __all__ = [
     "CHANNEL_NAME",
@@ -60,6 +67,7 @@ __all__ = [
     "Profile",
     "RawDataset",
     "TrainingCase",
+    "TrainingProgress",
     "dataset_name",
     "get_profile",
     "nnunet_env",
@@ -68,6 +76,7 @@ __all__ = [
     "sanitize_case_id",
     "train_model",
     "trainer_class",
+    "training_progress",
     "write_raw_dataset",
 ]
 _ = (_common, _unique_ids)

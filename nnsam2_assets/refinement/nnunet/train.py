@@ -10,7 +10,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,40 @@ def plan_and_preprocess(raw: RawDataset, preprocessed_root: Path, profile: Profi
     return plans
 
 
+# ------------------------------------------------------------------------------------------- progress
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where a training run stands after one training iteration (``training_progress`` listeners get it)."""
+
+    model_dir: Path  # the model folder being trained (its parent's name is the stage)
+    iteration: int  # training iterations done, over all epochs
+    total_iterations: int
+    epoch: int  # the epoch the iteration belongs to, from 1
+    num_epochs: int
+
+
+_PROGRESS_LISTENERS: list[Callable[[TrainingProgress], None]] = []
+
+
+@contextlib.contextmanager
+def training_progress(listener: Callable[[TrainingProgress], None]) -> Iterator[None]:
+    """Call ``listener`` after every training iteration of every ``train_model`` in this process while the
+    block runs (the console's progress bars). A listener that raises is logged and never stops training."""
+    _PROGRESS_LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        _PROGRESS_LISTENERS.remove(listener)
+
+
+def _notify(progress: TrainingProgress) -> None:
+    for listener in list(_PROGRESS_LISTENERS):
+        try:
+            listener(progress)
+        except Exception:  # noqa: BLE001 - a progress display never fails a training run
+            log.debug("training progress listener failed", exc_info=True)
+
+
 # ------------------------------------------------------------------------------------------- trainer
 _TRAINER_CLS: type | None = None
 # in-plane rotation augmentation limit: beyond ~90 degrees a rotation swaps the sides (see trainer_class)
@@ -122,6 +156,8 @@ def trainer_class() -> type:
             self.train_seconds = 0.0
             self.train_iterations = 0
             self._epoch_t0 = 0.0
+            self.progress_model_dir: Path | None = None  # set by train_model: progress listeners get it
+            self._iterations_done = 0
             # progress.png is redrawn by matplotlib every epoch (~0.3 s); draw it once at the end instead
             self._plot_progress = self.logger.plot_progress_png
             self.logger.plot_progress_png = lambda *a, **k: None
@@ -159,6 +195,21 @@ def trainer_class() -> type:
         def on_train_epoch_start(self) -> None:
             super().on_train_epoch_start()
             self._epoch_t0 = time.perf_counter()
+
+        def train_step(self, batch: dict) -> dict:
+            out = super().train_step(batch)
+            self._iterations_done += 1
+            if _PROGRESS_LISTENERS and self.progress_model_dir is not None:
+                _notify(
+                    TrainingProgress(
+                        self.progress_model_dir,
+                        self._iterations_done,
+                        self.num_epochs * self.num_iterations_per_epoch,
+                        self.current_epoch + 1,
+                        self.num_epochs,
+                    )
+                )
+            return out
 
         def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
             self.train_seconds += time.perf_counter() - self._epoch_t0
@@ -304,6 +355,7 @@ def train_model(
                 trainer = cls(plans=plans, configuration=prof.configuration, fold=fold,
                               dataset_json=dataset_json, device=device)  # fmt: skip
             out_base = Path(trainer.output_folder_base)
+            trainer.progress_model_dir = model_dir
             trainer.num_epochs = prof.num_epochs
             trainer.num_iterations_per_epoch = prof.iterations_per_epoch
             trainer.num_val_iterations_per_epoch = prof.val_iterations_per_epoch

@@ -24,6 +24,7 @@ from nnsam2_assets import cli
 from nnsam2_assets.core import layout
 from nnsam2_assets.defs.resources import NNUNET_EPOCHS_ENV, NNUNET_ITERATIONS_ENV
 from nnsam2_assets.demo.datasets import write_demo_dataset
+from nnsam2_assets.ingest.scans import read_manifest
 from nnsam2_assets.pipeline import MODELS, OUTPUTS, PER_DATASET
 from nnsam2_assets.refinement.nnunet import MODEL_INFO_FILE
 from nnsam2_assets.refinement.stages import STAGES
@@ -81,7 +82,8 @@ def _call(dagster_home: Path, *argv: str) -> Call:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     root = tmp_path_factory.mktemp("nnsam2_run")
     data, storage, home = root / "data", root / "storage", root / "home"
-    write_demo_dataset(data, "good", "dixon", 2, 0, shape_yx=(64, 64))
+    # no regions.csv: the other scan's region is found from the reference's (a cohort without hand work)
+    write_demo_dataset(data, "good", "dixon", 2, 0, shape_yx=(64, 64), regions_csv=False)
     bad = write_demo_dataset(data, "bad", "ct", 2, 1, shape_yx=(64, 64))
     (bad / "annotation.nii.gz").write_bytes(b"not a NIfTI file")
     (bad / "scans" / "subj01.nii.gz").write_bytes(b"not a NIfTI file either")
@@ -144,6 +146,10 @@ def test_first_run_materializes_every_asset_once_in_the_homes_runs(runs: Runs):
     assert len(runs.first.run_ids) == 4
     assert "models: trained (no stage1 model yet)" in runs.first.out
     assert all(len(v) == 1 for v in runs.models_after_first.values()), runs.models_after_first
+    # the good dataset has no regions.csv: the reference's region is dataset.yaml's, the other scan's found
+    manifest = read_manifest(layout.DatasetLayout(runs.storage, "good"))
+    assert sorted(manifest.region_source) == ["dataset.yaml", "found"]
+    assert manifest.l4_l5_slice.notna().all()
 
 
 def test_exit_code_and_summary_name_the_bad_dataset_and_scan(runs: Runs):

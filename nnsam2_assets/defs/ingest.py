@@ -83,18 +83,14 @@ def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.Materi
         image = read_array(layout.scan_image(first))
         metadata["preview"] = dg.MetadataValue.md(markdown_image(montage_png(image, None), f"{first}"))
         metadata["regions"] = dg.MetadataValue.md(region_previews(layout, good))
-    uncertain = (
-        good[good["region_uncertain"].fillna(False).astype(bool)]
-        if "region_uncertain" in good
-        else good.iloc[:0]
-    )
+    uncertain = good[good["region_uncertain"].eq(True)] if "region_uncertain" in good else good.iloc[:0]
     checks = [
         dg.AssetCheckResult(
             check_name="regions_certain",
             passed=len(uncertain) == 0,
             severity=dg.AssetCheckSeverity.WARN,
             metadata={"uncertain": table(uncertain, ["scan", "region", "region_confidence", "warnings"])},
-            description="; ".join(uncertain.warnings.tolist())[:1000]
+            description=("; ".join(uncertain.warnings.tolist())[:1000] if len(uncertain) else "")
             or f"{int((good['region_source'] == 'found').sum()) if len(good) else 0} regions found, none uncertain",
         ),
         dg.AssetCheckResult(

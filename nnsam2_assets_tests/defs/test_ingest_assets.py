@@ -162,7 +162,12 @@ def test_one_bad_scan_does_not_block_but_no_readable_scan_does(tiny):
     next(p for p in scans if not p.name.startswith(reference)).write_bytes(b"not a nifti")
     result = _materialize(instance, resources, selection=["scans", "reference_annotation"])
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"all_scans_readable": False, "any_scan_readable": True, "no_ingest_warnings": True}
+    assert checks == {
+        "all_scans_readable": False,
+        "any_scan_readable": True,
+        "no_ingest_warnings": True,
+        "regions_certain": True,
+    }
     assert result.success and result.asset_materializations_for_node("reference_annotation")
 
     for path in scans:
@@ -171,7 +176,12 @@ def test_one_bad_scan_does_not_block_but_no_readable_scan_does(tiny):
         instance, resources, selection=["scans", "reference_annotation"], raise_on_error=False
     )
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"all_scans_readable": False, "any_scan_readable": False, "no_ingest_warnings": True}
+    assert checks == {
+        "all_scans_readable": False,
+        "any_scan_readable": False,
+        "no_ingest_warnings": True,
+        "regions_certain": True,
+    }
     assert not result.asset_materializations_for_node("reference_annotation")  # blocked, not attempted
     started = {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
     failed = [e for e in result.all_events if e.is_step_failure]

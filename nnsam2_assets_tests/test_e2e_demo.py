@@ -231,7 +231,7 @@ def test_every_demo_scan_and_label_has_two_level_segments_that_add_up_and_match_
     levels = query(demo_cohort.duckdb, "SELECT * FROM metrics.level_metrics")
     labels = query(demo_cohort.duckdb, "SELECT * FROM metrics.scan_metrics")
     per_label = levels.groupby(["dataset", "scheme", "scan", "class_name"])
-    assert (per_label.level.nunique() == 2).all() and (per_label.size() == 2).all()
+    assert (per_label["level"].nunique() == 2).all() and (per_label.size() == 2).all()
     assert set(levels.level) == set(LEVEL_SEGMENTS)
     assert len(per_label) == len(labels)  # every scan x label of scan_metrics has its segments
     summed = per_label.volume_ml.sum()

@@ -157,7 +157,7 @@ def test_written_dataset_follows_the_convention(tmp_path: Path, kind: str):
     assert cfg["description"]
 
     regions = pd.read_csv(folder / "regions.csv")
-    assert list(regions.columns) == ["scan", "first_slice", "last_slice"]
+    assert list(regions.columns) == ["scan", "first_slice", "last_slice", "l4_l5"]
     assert (regions.first_slice > regions.last_slice).any()  # both index orders occur
     directions = set()
     for scan_id, ph in zip(ids, cohort.members, strict=True):
@@ -179,6 +179,14 @@ def test_written_dataset_follows_the_convention(tmp_path: Path, kind: str):
         flipped = written.GetDirection()[8] < 0
         nz = written.GetSize()[2]
         assert (lo, hi) == ((nz - 1 - ph.region[1], nz - 1 - ph.region[0]) if flipped else ph.region)
+        mid = ph.disc_slices["L4/L5"]
+        assert int(row.l4_l5) == (nz - 1 - mid if flipped else mid) and lo < int(row.l4_l5) < hi
+        if scan_id == cfg["reference"]:  # dataset.yaml marks the reference's region, the same row
+            assert cfg["region"] == {
+                "first_slice": row.first_slice,
+                "last_slice": row.last_slice,
+                "l4_l5": row.l4_l5,
+            }
     assert len(directions) > 1  # some scans are stored non-canonically
 
     ann = sitk.ReadImage(str(folder / "annotation.nii.gz"))
@@ -226,3 +234,16 @@ def test_t2_dataset_with_chosen_reference_and_no_experts(tmp_path: Path):
     np.testing.assert_array_equal(ann[ph.seed_slice_middle], ph.labels[ph.seed_slice_middle])
     with pytest.raises(ValueError):
         write_demo_dataset(tmp_path, "bad", "pet", n_scans=2, seed=0)
+
+
+def test_a_long_phantom_covers_t12_to_s1_with_a_disc_at_every_named_level():
+    short = P.generate_phantom(seed=2)
+    long = P.generate_phantom(seed=2, levels_above=3)
+    assert long.region == short.region  # the levels are added above; the region keeps its slices
+    assert list(long.disc_slices) == ["L5/S1", "L4/L5", "L3/L4", "L2/L3", "L1/L2", "T12/L1"]
+    np.testing.assert_array_equal(long.labels[: short.region[1] + 1], short.labels[: short.region[1] + 1])
+    for name, z in long.disc_slices.items():
+        assert (long.tissue[z] == P.DISC).any(), name
+    between = (long.disc_slices["L2/L3"] + long.disc_slices["L1/L2"]) // 2
+    assert not (long.tissue[between] == P.DISC).any()  # a vertebral body between two discs
+    assert all(long.labels[z].any() for z in range(long.labels.shape[0]))  # muscles on every level

@@ -9,10 +9,9 @@ import yaml
 from nnsam2_assets.core.imaging import ScanError, read_array
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.demo.datasets import write_demo_dataset
-from nnsam2_assets.ingest.annotation import write_reference_annotation
 from nnsam2_assets.ingest.convention import load_dataset
-from nnsam2_assets.ingest.scans import ingest_scans
 from nnsam2_assets.ingest.slicer import read_slicer_labels
+from nnsam2_assets.testing.direct import DirectRun, run_direct
 from nnsam2_assets.testing.realdata import write_yaml
 
 NAMES = {1: "ES right", 2: "MF right", 3: "MF left", 4: "ES left"}
@@ -67,22 +66,18 @@ def datasets(tmp_path):
     return data, tmp_path / "storage"
 
 
-def test_a_seg_nrrd_annotation_ingests_exactly_like_the_nifti_one(datasets):
+def test_a_seg_nrrd_annotation_gives_the_same_masks_as_the_nifti_one(datasets):
+    """Ingest, propagation and pseudo-labels of both datasets (the per-dataset chain); everything after is a
+    function of these files and the pooled models, so equal files here are equal final masks."""
     data, storage = datasets
-    out = {}
-    for name in ("nifti", "slicer"):
-        spec = load_dataset(data, name)
-        layout = DatasetLayout(storage, name)
-        ingest_scans(spec, layout)
-        write_reference_annotation(spec, layout)
-        out[name] = (
-            read_array(layout.annotation),
-            {s: read_array(layout.scan_expert(s)) for s in spec.scans},
-        )
+    run_direct(DirectRun(data, storage, ["nifti", "slicer"]), phases=("datasets",))
     assert load_dataset(data, "slicer").annotation.name == "annotation.seg.nrrd"
-    np.testing.assert_array_equal(out["slicer"][0], out["nifti"][0])
-    for scan, expert in out["nifti"][1].items():
-        np.testing.assert_array_equal(out["slicer"][1][scan], expert)
+    nifti, slicer = DatasetLayout(storage, "nifti"), DatasetLayout(storage, "slicer")
+    np.testing.assert_array_equal(read_array(slicer.annotation), read_array(nifti.annotation))
+    for scan in load_dataset(data, "nifti").scans:
+        for path in ("scan_expert", "masks", "pseudo_label"):
+            a, b = getattr(nifti, path)(scan), getattr(slicer, path)(scan)
+            np.testing.assert_array_equal(read_array(b), read_array(a), err_msg=f"{scan} {path}")
 
 
 def _labels(tmp_path):

@@ -1,4 +1,4 @@
-"""``nnsam2``: run, demo, ui, register, sql, export.
+"""``nnsam2``: run, demo, ui, register, sql, export, report.
 
 nnsam2 run [DATASET ...]     materialize the data root's datasets (all when none named) end to end: each
                              dataset's chain, the pooled nnU-Net models (only when missing, when a dataset
@@ -11,6 +11,7 @@ nnsam2 ui                    the web UI with its daemon (dagster dev); Ctrl-C st
 nnsam2 register [NAME ...]   add dataset folders of the data root as Dagster partitions
 nnsam2 sql "SELECT ..."      query the metrics (read-only; waits for a writer to let go)
 nnsam2 export TABLE OUT      export a table or query to .csv / .parquet
+nnsam2 report DATASET        (re)write the dataset's cohort report (HTML, CSV, XLSX) and print its path
 """
 
 from __future__ import annotations
@@ -276,6 +277,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from nnsam2_assets.core.layout import DatasetLayout
+    from nnsam2_assets.ingest.convention import DatasetError, load_dataset
+    from nnsam2_assets.outputs.report import build_report
+
+    try:
+        spec = load_dataset(layout.data_root(), args.dataset)
+        built = build_report(spec, DatasetLayout(layout.storage_root(), args.dataset), layout.duckdb_path())
+    except (DatasetError, OSError, ValueError) as exc:
+        print(f"nnsam2 report: {exc}", file=sys.stderr)
+        return 1
+    print(built.html)
+    print(f"rows: {', '.join(str(p) for p in (*built.csv.values(), built.xlsx))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnsam2", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -322,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--db", default="")
     exp.add_argument("--wait", type=float, default=30.0)
     exp.set_defaults(func=cmd_export)
+    rep = sub.add_parser("report", help="write a dataset's cohort report (HTML, CSV, XLSX); print its path")
+    rep.add_argument("dataset")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

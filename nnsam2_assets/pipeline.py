@@ -13,7 +13,7 @@ from dataclasses import dataclass
 INGEST = ["scans", "reference_annotation", "reference_ranking"]
 PER_DATASET = [*INGEST, "propagated_masks", "pseudo_labels"]
 MODELS = ["nnunet_stage1", "nnunet_stage2", "nnunet_stage3"]
-OUTPUTS = ["final_masks", "scan_metrics", "agreement"]
+OUTPUTS = ["final_masks", "scan_metrics", "agreement", "cohort_report"]
 
 
 @dataclass(frozen=True)

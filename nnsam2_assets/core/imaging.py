@@ -150,15 +150,19 @@ def read_array(path: Path | str) -> np.ndarray:
     return sitk.GetArrayFromImage(read_image(path))
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+def dicom_series_files(folder: Path) -> list[str]:
+    """The files of the folder's one DICOM series, in the order they stack into the volume's slices."""
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
         raise ScanError(folder, "folder holds no DICOM series")
     if len(series_ids) > 1:
         raise ScanError(folder, f"folder holds {len(series_ids)} DICOM series; put one series per folder")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+    reader.SetFileNames(dicom_series_files(folder))
     return reader.Execute()
 
 

@@ -19,6 +19,25 @@ SIDE_MERGE = {1: 1, 2: 1, 3: 2, 4: 2}
 # TotalSegmentator's ids (task "total") of our 2-class classes: autochthon right / left (ES + MF together)
 TOTALSEG_LPM_IDS = {1: 87, 2: 86}
 
+# Coded concepts of the classes for DICOM Segmentation objects: (scheme, code value, meaning).
+# Erector spinae: SNOMED CT, DICOM CID 6116 (Muscular Anatomy). The 2-class paraspinal group: SNOMED CT "Deep
+# muscle of back", as TotalSegmentator codes its autochthon (ES + MF). Multifidus has no code in DICOM's
+# context groups and none could be verified offline, so it carries a private code (a "99" scheme, as DICOM
+# PS3.16 allows) until a verified SNOMED CT concept replaces it.
+ANATOMICAL_STRUCTURE = ("SCT", "91723000", "Anatomical Structure")
+MUSCLE_CODES = {
+    "es": ("SCT", "44947003", "Erector spinae muscle"),
+    "mf": ("99NNSAM2", "MF", "Multifidus muscle"),
+    "lpm": ("SCT", "244849004", "Deep muscle of back"),
+}
+LATERALITY_CODES = {"right": ("SCT", "24028007", "Right"), "left": ("SCT", "7771000", "Left")}
+
+
+def segment_codes(class_name: str) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+    """(property type, laterality modifier) of a class, e.g. right_es -> erector spinae, right."""
+    side, muscle = class_name.split("_", 1)
+    return MUSCLE_CODES[muscle], LATERALITY_CODES[side]
+
 
 def class_names(n_classes: int) -> tuple[str, ...]:
     """The class names of a 4-class or 2-class scheme, in id order (id = position + 1)."""

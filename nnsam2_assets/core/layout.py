@@ -96,6 +96,7 @@ class DatasetLayout:
             self.confidence(scan),
             self.pseudo_label(scan),
             self.final_mask(scan),
+            self.final_mask_dicom_seg(scan),
             self.final_mask_canonical(scan),
         ]
         for folder in ("scans", "propagated_masks", "pseudo_labels", "final_masks", "reference_ranking"):
@@ -140,6 +141,10 @@ class DatasetLayout:
     # refinement
     def final_mask(self, scan: str) -> Path:
         return self.dir("final_masks") / f"{scan}.nii.gz"
+
+    def final_mask_dicom_seg(self, scan: str) -> Path:
+        """The final mask as a DICOM Segmentation object (scans ingested from a DICOM series only)."""
+        return self.dir("final_masks") / f"{scan}.seg.dcm"
 
     def final_mask_canonical(self, scan: str) -> Path:
         return self.dir("final_masks") / "canonical" / f"{scan}.nii.gz"

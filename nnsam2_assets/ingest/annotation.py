@@ -26,6 +26,7 @@ from nnsam2_assets.core.masks import laterality_gap_voxels
 from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
 from nnsam2_assets.ingest.convention import DatasetSpec, map_labels
 from nnsam2_assets.ingest.scans import ok_scans
+from nnsam2_assets.ingest.slicer import is_slicer_segmentation, read_slicer_labels
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,11 @@ def validate_annotation(
             f"{tuple(round(s, 3) for s in annotation.GetSpacing())}; reference {spec.reference!r} size "
             f"{reference_original.GetSize()}, spacing {tuple(round(s, 3) for s in reference_original.GetSpacing())})",
         )
-    mapped_full = map_labels(sitk.GetArrayFromImage(annotation), spec.label_map, annotation_path)
+    mapped_full = (
+        sitk.GetArrayFromImage(annotation)  # a Slicer segmentation arrives in our class ids
+        if is_slicer_segmentation(annotation_path)
+        else map_labels(sitk.GetArrayFromImage(annotation), spec.label_map, annotation_path)
+    )
     axis_np = 2 - axial_axis(annotation)  # numpy axis of the axial index axis
     per_slice = np.moveaxis(mapped_full, axis_np, 0).reshape(mapped_full.shape[axis_np], -1).any(axis=1)
     nonempty = np.flatnonzero(per_slice)
@@ -96,6 +101,16 @@ def validate_annotation(
     return Annotation(sitk.Cast(canonical, sitk.sitkUInt8), seed, present)
 
 
+def read_annotation_file(spec: DatasetSpec, reference_original: sitk.Image) -> sitk.Image:
+    """The annotation as stored: NIfTI in the user's label ids, or a .seg.nrrd in our class ids on the
+    reference's grid (padded there when Slicer cropped it to the segments' extent)."""
+    if is_slicer_segmentation(spec.annotation):
+        return read_slicer_labels(
+            spec.annotation, spec.label_map, spec.segment_names, grid=reference_original
+        )
+    return read_source_image(spec.annotation)
+
+
 def read_annotation_meta(layout: DatasetLayout) -> dict:
     return json.loads(layout.annotation_meta.read_text())
 
@@ -117,7 +132,7 @@ def write_reference_annotation(spec: DatasetSpec, layout: DatasetLayout) -> Anno
         )
     reference_original = read_image(spec.scans[spec.reference].image)
     annotation = validate_annotation(
-        read_source_image(spec.annotation), reference_original, spec, spec.annotation
+        read_annotation_file(spec, reference_original), reference_original, spec, spec.annotation
     )
     atomic_write_image(annotation.labels, layout.annotation)
     ann_hash = sha256_file(spec.annotation)

@@ -5,8 +5,9 @@ One folder per dataset under a data root; the folder name is the Dagster partiti
     <data_root>/<dataset>/
       dataset.yaml            modality, sequence, reference scan, label map
       scans/<id>.nii.gz       one scan (or scans/<id>/ = a DICOM series, or <id>_water/<id>_fat for Dixon)
-      annotation.nii.gz       one annotated axial slice on the reference scan's grid
-      experts/<id>.nii.gz     optional expert labels
+      annotation.nii.gz       one annotated axial slice on the reference scan's grid (or a Slicer
+                              annotation.seg.nrrd, ``ingest.slicer``)
+      experts/<id>.nii.gz     optional expert labels (or <id>.seg.nrrd)
       regions.csv             optional per-scan regions: scan,first_slice,last_slice[,l4_l5]
 
 The region is the L3/L4 to L5/S1 stretch: ``first_slice`` and ``last_slice`` are the axial slices of those
@@ -40,6 +41,7 @@ import yaml
 from nnsam2_assets.core.imaging import NIFTI_SUFFIXES, ScanError
 from nnsam2_assets.core.labels import CLASSES_2, CLASSES_4, class_names
 from nnsam2_assets.core.layout import allowed_roots
+from nnsam2_assets.ingest.slicer import SEG_SUFFIX
 
 MODALITIES = ("mri", "ct")
 SEQUENCES = ("dixon", "t1", "t2", "ct", "other")
@@ -118,6 +120,7 @@ class DatasetSpec:
     warnings: tuple[str, ...] = ()
     region_rows: dict[str, int] = field(default_factory=dict)  # scan -> its regions.csv line
     reference_region: Region | None = None  # dataset.yaml's region: the one other scans' are found from
+    segment_names: dict[str, int] = field(default_factory=dict)  # a .seg.nrrd segment's name -> class id
 
     def region_origin(self, scan: str) -> str:
         """Where a given region comes from, for messages: the regions.csv row or dataset.yaml."""
@@ -171,7 +174,7 @@ def load_dataset(data_root: Path, name: str) -> DatasetSpec:
     if (sequence == "ct") != (modality == "ct"):
         raise DatasetError(f"{cfg_path}: sequence {sequence!r} does not fit modality {modality!r}")
 
-    label_map, n_classes = parse_label_map(cfg.get("label_map"), cfg_path)
+    label_map, segment_names, n_classes = parse_label_map(cfg.get("label_map"), cfg_path)
     roots = readable_roots(data_root)
     scans, excluded = discover_scans(folder, is_dixon=sequence == "dixon", roots=roots)
     regions_path = folder / "regions.csv"
@@ -201,7 +204,7 @@ def load_dataset(data_root: Path, name: str) -> DatasetSpec:
         raise DatasetError(f"{cfg_path}: reference scan {reference!r} is excluded: {excluded[reference]}")
     if reference not in scans:
         raise DatasetError(f"{cfg_path}: reference scan {reference!r} not found among scans {sorted(scans)}")
-    annotation = folder / str(cfg.get("annotation", "annotation.nii.gz"))
+    annotation = folder / str(cfg.get("annotation", _default_annotation(folder)))
     if not annotation.exists():
         raise DatasetError(f"{annotation}: missing the reference annotation (one annotated axial slice)")
     confine_dataset_file(annotation, roots)
@@ -212,6 +215,7 @@ def load_dataset(data_root: Path, name: str) -> DatasetSpec:
         sequence=sequence,
         reference=reference,
         label_map=label_map,
+        segment_names=segment_names,
         n_classes=n_classes,
         annotation=annotation,
         scans=scans,
@@ -224,7 +228,16 @@ def load_dataset(data_root: Path, name: str) -> DatasetSpec:
     )
 
 
-def parse_label_map(raw: object, cfg_path: Path) -> tuple[dict[int, int], int]:
+def _default_annotation(folder: Path) -> str:
+    """annotation.nii.gz, or annotation.seg.nrrd when only that one is there."""
+    if not (folder / "annotation.nii.gz").exists() and (folder / f"annotation{SEG_SUFFIX}").exists():
+        return f"annotation{SEG_SUFFIX}"
+    return "annotation.nii.gz"
+
+
+def parse_label_map(raw: object, cfg_path: Path) -> tuple[dict[int, int], dict[str, int], int]:
+    """Label ids (integer keys) and 3D Slicer segment names (any other key) -> our class ids, and the
+    number of classes."""
     if not isinstance(raw, dict) or not raw:
         raise DatasetError(f"{cfg_path}: label_map must map label ids in your files to class names")
     names = {str(v) for v in raw.values()}
@@ -239,15 +252,17 @@ def parse_label_map(raw: object, cfg_path: Path) -> tuple[dict[int, int], int]:
     if set(names) != set(classes):
         raise DatasetError(f"{cfg_path}: label_map lacks classes {sorted(set(classes) - names)}")
     mapping: dict[int, int] = {}
+    segment_names: dict[str, int] = {}
     for key, value in raw.items():
-        try:
-            user_id = int(key)
-        except (TypeError, ValueError) as exc:
-            raise DatasetError(f"{cfg_path}: label id {key!r} is not an integer") from exc
+        target = classes.index(str(value)) + 1
+        if isinstance(key, str) and not re.fullmatch(r"\s*[+-]?\d+\s*", key):
+            segment_names[key] = target  # a .seg.nrrd segment's name
+            continue
+        user_id = int(key)
         if user_id <= 0:
             raise DatasetError(f"{cfg_path}: label id {user_id} must be positive (0 is background)")
-        mapping[user_id] = classes.index(str(value)) + 1
-    return mapping, len(classes)
+        mapping[user_id] = target
+    return mapping, segment_names, len(classes)
 
 
 def readable_roots(data_root: Path) -> tuple[Path, ...]:
@@ -327,7 +342,7 @@ def discover_scans(
         raise DatasetError(f"{scan_dir}: no usable scans found{detail}")
     sources: dict[str, ScanSource] = {}
     for scan_id, image in found.items():
-        expert = _find_nifti(experts, scan_id)
+        expert = _find_nifti(experts, scan_id) or _find_slicer(experts, scan_id)
         sources[scan_id] = ScanSource(scan_id, image, fats.get(scan_id), expert)
     return sources, excluded
 
@@ -337,6 +352,11 @@ def _strip_nifti(name: str) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def _find_slicer(folder: Path, stem: str) -> Path | None:
+    path = folder / f"{stem}{SEG_SUFFIX}"
+    return path if path.is_file() else None
 
 
 def _find_nifti(folder: Path, stem: str) -> Path | None:

@@ -43,6 +43,7 @@ from nnsam2_assets.ingest.convention import (
     is_valid_scan_id,
     map_labels_keep,
 )
+from nnsam2_assets.ingest.slicer import is_slicer_segmentation, read_slicer_labels
 
 VERSION = "ingest-v3"
 
@@ -101,6 +102,7 @@ def source_hash(source: ScanSource, spec: DatasetSpec) -> str:
     parts += [
         region_inputs(spec, source.scan_id, content=True),
         str(sorted(spec.label_map.items())),
+        str(sorted(spec.segment_names.items())),
         spec.modality,
     ]
     return sha256_strings(parts)
@@ -198,9 +200,13 @@ def _l4_l5_in_crop(original: sitk.Image, region: Region | None, crop: sitk.Image
 
 
 def _prepare_expert(spec: DatasetSpec, source: ScanSource, original: sitk.Image, crop) -> sitk.Image:
-    raw = read_source_image(source.expert)
-    aligned = align_labels(sitk.Cast(raw, sitk.sitkInt32), original, source.expert)
-    arr = map_labels_keep(sitk.GetArrayFromImage(aligned), spec.label_map)
+    if is_slicer_segmentation(source.expert):  # already in our class ids, on its own (cropped) grid
+        classes = read_slicer_labels(source.expert, spec.label_map, spec.segment_names)
+        arr = sitk.GetArrayFromImage(align_labels(classes, original, source.expert))
+    else:
+        raw = read_source_image(source.expert)
+        aligned = align_labels(sitk.Cast(raw, sitk.sitkInt32), original, source.expert)
+        arr = map_labels_keep(sitk.GetArrayFromImage(aligned), spec.label_map)
     mapped = sitk.GetImageFromArray(arr)
     mapped.CopyInformation(original)
     return sitk.Cast(to_canonical(crop(mapped, source.expert)), sitk.sitkUInt8)
@@ -292,6 +298,7 @@ def stat_signature(source: ScanSource, spec: DatasetSpec) -> str:
     parts += [
         region_inputs(spec, source.scan_id, content=False),
         str(sorted(spec.label_map.items())),
+        str(sorted(spec.segment_names.items())),
         spec.modality,
     ]
     return sha256_strings(parts)

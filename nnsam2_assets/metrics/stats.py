@@ -411,4 +411,34 @@ def bland_altman_png(
     return buf.getvalue()
 
 
+def scatter_png(
+    ai: Sequence[float] | pd.Series,
+    manual: Sequence[float] | pd.Series,
+    title: str = "",
+    units: str = "",
+    size_px: tuple[int, int] = (400, 400),
+) -> bytes:
+    """AI against manual with the identity line, as PNG bytes (the companion of ``bland_altman_png``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    a, m = _paired(ai, manual)
+    dpi = 100
+    fig = Figure(figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter(m, a, s=12, alpha=0.7, color="tab:blue")
+    lo, hi = float(min(a.min(), m.min())), float(max(a.max(), m.max()))
+    ax.plot([lo, hi], [lo, hi], color="gray", ls="--", lw=1, label="identity")
+    u = f" ({units})" if units else ""
+    ax.set_xlabel(f"manual{u}")
+    ax.set_ylabel(f"AI{u}")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
 # ---------------------------------------------------------------------------------------------- LMM

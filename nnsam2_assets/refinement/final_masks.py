@@ -31,6 +31,7 @@ from nnsam2_assets.core.storage import (
     sha256_file,
 )
 from nnsam2_assets.ingest.convention import DatasetSpec
+from nnsam2_assets.outputs.dicom_seg import write_dicom_seg
 from nnsam2_assets.refinement.holdout import MIN_HELDOUT_DICE, RefinementDecision, decide
 from nnsam2_assets.refinement.stages import (
     STAGES,
@@ -50,6 +51,25 @@ class FinalMasks:
     models: dict
     overlay_png: bytes | None
     decision: RefinementDecision
+
+
+def write_on_original_grid(
+    spec: DatasetSpec, layout: DatasetLayout, scan: str, canonical: sitk.Image, version: str
+) -> list[str]:
+    """The final mask on the scan's original grid (NIfTI), and for a scan ingested from a DICOM series also
+    as a DICOM Segmentation object referencing that series. Returns notes on the series' identifiers."""
+    source = spec.scans[scan].image
+    on_original = to_original_grid(canonical, read_image(source))
+    atomic_write_image(on_original, layout.final_mask(scan))
+    if not source.is_dir():
+        return []
+    if not sitk.GetArrayViewFromImage(on_original).any():
+        layout.final_mask_dicom_seg(scan).unlink(missing_ok=True)
+        return ["the final mask is empty: no DICOM Segmentation written"]
+    # final masks are in the dataset's own classes (a 2-class pool's sides are split for a 4-class dataset)
+    return write_dicom_seg(
+        on_original, source, class_names(spec.n_classes), layout.final_mask_dicom_seg(scan), version
+    )
 
 
 def make_final_masks(
@@ -95,6 +115,8 @@ def make_final_masks(
         img = reference_img if scan == spec.reference else read_image(layout.scan_image(scan))
         key = cache_key(scan_key(layout, scan), models["stage3"]["version"], VERSION, k_out, decision.source)
         outputs = [layout.final_mask(scan), layout.final_mask_canonical(scan)]
+        if spec.scans[scan].image.is_dir():
+            outputs.append(layout.final_mask_dicom_seg(scan))
         p1, p2, p3 = (read_array(path) for path in stage_paths(scan, img))
         propagated_own = read_array(layout.masks(scan))  # in the dataset's classes
         if not cache.is_fresh(scan, key, outputs):
@@ -105,8 +127,10 @@ def make_final_masks(
             canonical = sitk.GetImageFromArray(final)
             canonical.CopyInformation(img)
             atomic_write_image(canonical, layout.final_mask_canonical(scan))
-            original = read_image(spec.scans[scan].image)
-            atomic_write_image(to_original_grid(canonical, original), layout.final_mask(scan))
+            for note in write_on_original_grid(
+                spec, layout, scan, canonical, f"{VERSION}/{models['stage3']['version']}"
+            ):
+                log(f"{scan}: {note}")
             cache.record(scan, key)
             computed += 1
         final = read_array(layout.final_mask_canonical(scan))

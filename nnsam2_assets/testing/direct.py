@@ -22,6 +22,7 @@ from nnsam2_assets.ingest.scans import ingest_scans, ok_scans
 from nnsam2_assets.metrics.qc import QCConfig
 from nnsam2_assets.metrics.steps import dataset_metrics, write_agreement
 from nnsam2_assets.metrics.store import replace_dataset
+from nnsam2_assets.outputs.report import build_report
 from nnsam2_assets.pipeline import PHASES
 from nnsam2_assets.propagation.steps import propagate_masks
 from nnsam2_assets.pseudolabels.selection import SelectionConfig
@@ -99,6 +100,7 @@ STEPS: dict[str, Callable[[DirectRun, str | None], object]] = {
     ),
     "scan_metrics": _scan_metrics,
     "agreement": _agreement,
+    "cohort_report": lambda run, n: build_report(run.spec(n), run.layout(n), duckdb_path(run.storage_root)),
 }
 
 

@@ -24,6 +24,7 @@ import requests
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
 from nnsam2_assets.core.lifecycle import alive, descendants
+from nnsam2_assets.testing.browser import chromium
 from nnsam2_assets.testing.waits import HANG_GUARD_S, wait_for
 from nnsam2_assets_tests.ops import INGEST, REPO, free_port, write_tiny
 
@@ -106,27 +107,9 @@ def _graphql(stack: Stack, query: str, variables: dict | None = None) -> dict:
 
 
 def _chromium(url: str, screenshot: Path, tmp: Path) -> str:
-    chromium = shutil.which("chromium")
-    assert chromium, "chromium not installed: run `bash .ci/bootstrap.sh --system`"
-    base = [
-        chromium,
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--hide-scrollbars",
-        "--window-size=1600,1000",
-        f"--user-data-dir={tmp}",
-        "--virtual-time-budget=20000",
-    ]
-    kw = {"capture_output": True, "text": True, "timeout": HANG_GUARD_S, "start_new_session": True}
-    dom = subprocess.run([*base, "--dump-dom", url], **kw)
+    dom = chromium(url, tmp, "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
-    shot = subprocess.run([*base, f"--screenshot={screenshot}", url], **kw)
+    shot = chromium(url, tmp, f"--screenshot={screenshot}")
     assert shot.returncode == 0 and screenshot.exists() and screenshot.stat().st_size > 10_000, shot.stderr[
         -2000:
     ]

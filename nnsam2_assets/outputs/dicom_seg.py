@@ -1,0 +1,130 @@
+"""Final masks as DICOM Segmentation objects (highdicom), for scans ingested from a DICOM series.
+
+One segment per class (segment number = class id), category Anatomical Structure, type and laterality from
+``core.labels.segment_codes``; frames reference their source instances, and frames without a voxel of
+their segment are omitted. Viewers (3D Slicer, OHIF, PACS) overlay the object on the original series.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+
+from nnsam2_assets.core.imaging import ScanError, dicom_series_files, same_grid
+from nnsam2_assets.core.labels import ANATOMICAL_STRUCTURE, segment_codes
+from nnsam2_assets.core.storage import atomic_write_bytes
+
+SOFTWARE = "nnsam2_assets"
+
+
+def _code(code: tuple[str, str, str]) -> hd.sr.CodedConcept:
+    scheme, value, meaning = code
+    return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
+
+
+def segment_descriptions(class_names: tuple[str, ...], version: str) -> list[hd.seg.SegmentDescription]:
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="nnsam2", version=version, family=pydicom.sr.codedict.codes.cid7162.ArtificialIntelligence
+    )
+    out = []
+    for number, name in enumerate(class_names, start=1):
+        muscle, side = segment_codes(name)
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=name,
+            segmented_property_category=_code(ANATOMICAL_STRUCTURE),
+            segmented_property_type=_code(muscle),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            _code(side)
+        ]
+        out.append(description)
+    return out
+
+
+def _repaired(sources: list[pydicom.Dataset]) -> tuple[list[pydicom.Dataset], list[str]]:
+    """Fill what anonymisers blank and a SEG must copy, in the in-memory copies only (never the user's
+    files): the SOP class and instance UIDs from each file's meta header (the same facts), and a missing
+    study, series or frame-of-reference UID derived from the instances' UIDs, so it is the same on every
+    run. Returns the notes to show: a SEG of a series without its own UIDs cannot be paired with it by a
+    viewer automatically."""
+    notes = []
+    for source in sources:
+        for attr, meta in (
+            ("SOPClassUID", "MediaStorageSOPClassUID"),
+            ("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+        ):
+            if not str(source.get(attr, "")).strip():
+                setattr(source, attr, source.file_meta.get(meta, ""))
+    instances = sorted(str(s.SOPInstanceUID) for s in sources)
+    for attr in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        if any(not str(s.get(attr, "")).strip() for s in sources):
+            derived = pydicom.uid.generate_uid(entropy_srcs=[attr, *instances])
+            for source in sources:
+                setattr(source, attr, derived)
+            notes.append(f"the series has no {attr}; the SEG uses {derived}, derived from its instances")
+    return sources, notes
+
+
+def write_dicom_seg(
+    mask: sitk.Image, series: Path, class_names: tuple[str, ...], out: Path, version: str
+) -> list[str]:
+    """Write ``mask`` (class ids on the series' own grid, as ``read_image`` stacks it) as a DICOM SEG;
+    returns notes on identifiers the series lacked (see ``_repaired``)."""
+    files = dicom_series_files(series)
+    sources, notes = _repaired([pydicom.dcmread(f) for f in files])
+    stacked = sitk.ReadImage(files)
+    if not same_grid(mask, stacked):
+        raise ScanError(out, "the mask is not on the DICOM series' grid")
+    labels = sitk.GetArrayFromImage(mask).astype(np.uint8)  # [slice, row, column], slices in file order
+    present = [n for n in range(1, len(class_names) + 1) if (labels == n).any()]
+    if not present:
+        raise ScanError(out, "the mask is empty: a DICOM Segmentation needs at least one segment")
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=labels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(class_names, version),
+        series_instance_uid=hd.UID(),
+        series_number=9100,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=SOFTWARE,
+        manufacturer_model_name="nnsam2 final masks",
+        software_versions=version,
+        device_serial_number="0",
+        series_description="nnsam2 lumbar paraspinal muscles",
+        omit_empty_frames=True,
+    )
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    atomic_write_bytes(buffer.getvalue(), out)
+    return notes
+
+
+def source_uid(path: str) -> str:
+    """A source file's SOP instance UID (its meta header's when the dataset's own is blank)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return str(ds.get("SOPInstanceUID", "")).strip() or str(ds.file_meta.MediaStorageSOPInstanceUID)
+
+
+def read_dicom_seg(path: Path, series: Path) -> np.ndarray:
+    """The object back as class ids on the series' grid [slice, row, column], frame by frame through each
+    frame's referenced source instance and segment number (for checks and round trips)."""
+    seg = pydicom.dcmread(str(path))
+    files = dicom_series_files(series)
+    index = {source_uid(f): z for z, f in enumerate(files)}
+    frames = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
+    labels = np.zeros((len(files), int(seg.Rows), int(seg.Columns)), np.uint8)
+    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        source = group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        labels[index[source]][frame > 0] = number
+    return labels

@@ -1,0 +1,111 @@
+"""DICOM Segmentation output on the real CT DICOM series: voxel-exact round trip, references, per-frame
+geometry, empty frames omitted, coded segments; and no SEG for a NIfTI scan."""
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from nnsam2_assets.core.imaging import align_labels, dicom_series_files, read_image
+from nnsam2_assets.core.labels import CLASSES_2, CLASSES_4, LATERALITY_CODES, MUSCLE_CODES
+from nnsam2_assets.core.layout import DatasetLayout
+from nnsam2_assets.ingest.convention import load_dataset
+from nnsam2_assets.outputs.dicom_seg import read_dicom_seg, segment_descriptions, source_uid, write_dicom_seg
+from nnsam2_assets.refinement.final_masks import write_on_original_grid
+from nnsam2_assets.testing.realdata import TS, ct_dataset
+
+SERIES = TS / "example_ct_dicom"
+
+
+@pytest.fixture(scope="module")
+def series_mask() -> sitk.Image:
+    """TotalSegmentator's autochthon labels of the series as our 2-class mask, the lowest 3 slices emptied
+    (as a region crop leaves them)."""
+    image = read_image(SERIES)
+    labels = sitk.ReadImage(str(TS / "example_ct_dicom_seg_total_fast.nii.gz"))
+    aligned = sitk.GetArrayFromImage(align_labels(sitk.Cast(labels, sitk.sitkInt32), image, "labels"))
+    mask = np.zeros(aligned.shape, np.uint8)
+    mask[aligned == 87], mask[aligned == 86] = 1, 2
+    mask[:3] = 0
+    out = sitk.GetImageFromArray(mask)
+    out.CopyInformation(image)
+    return out
+
+
+def test_the_seg_round_trips_voxel_for_voxel_and_references_the_series(series_mask, tmp_path):
+    out = tmp_path / "ct.seg.dcm"
+    notes = write_dicom_seg(series_mask, SERIES, CLASSES_2, out, "test")
+    assert any("SeriesInstanceUID" in note for note in notes)  # this anonymised series lacks its UIDs
+    mask = sitk.GetArrayFromImage(series_mask)
+    np.testing.assert_array_equal(read_dicom_seg(out, SERIES), mask)
+
+    seg = pydicom.dcmread(out)
+    files = dicom_series_files(SERIES)
+    sources = {source_uid(f): pydicom.dcmread(f, stop_before_pixels=True) for f in files}
+    non_empty = {(z, n) for z in range(mask.shape[0]) for n in (1, 2) if (mask[z] == n).any()}
+    assert int(seg.NumberOfFrames) == len(non_empty)  # empty frames (and the emptied slices) omitted
+    referenced = {
+        i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence
+    }
+    assert referenced <= set(sources)
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        uid = group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        position = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
+        np.testing.assert_allclose(position, [float(v) for v in sources[uid].ImagePositionPatient], atol=1e-3)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == list(CLASSES_2)
+    right = seg.SegmentSequence[0]
+    assert right.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"  # Anatomical Structure
+    assert right.SegmentedPropertyTypeCodeSequence[0].CodeValue == "244849004"  # Deep muscle of back
+    assert (
+        right.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue
+        == "24028007"
+    )
+    assert (
+        seg.SegmentSequence[1]
+        .SegmentedPropertyTypeCodeSequence[0]
+        .SegmentedPropertyTypeModifierCodeSequence[0]
+        .CodeValue
+        == "7771000"
+    )
+    assert np.allclose(
+        [float(v) for v in seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing],
+        series_mask.GetSpacing()[:2],
+    )
+
+
+def test_four_class_segments_carry_the_muscle_codes_and_sides():
+    descriptions = segment_descriptions(CLASSES_4, "test")
+    codes = [
+        (
+            d.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+            d.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue,
+        )
+        for d in descriptions
+    ]
+    es, mf = MUSCLE_CODES["es"][1], MUSCLE_CODES["mf"][1]
+    right, left = LATERALITY_CODES["right"][1], LATERALITY_CODES["left"][1]
+    assert codes == [(es, right), (mf, right), (mf, left), (es, left)]
+    assert es == "44947003" and (right, left) == ("24028007", "7771000")
+
+
+def test_final_masks_write_a_seg_for_the_dicom_scan_only(series_mask, tmp_path):
+    data = tmp_path / "data"
+    ct_dataset(data)
+    spec = load_dataset(data, "ts-ct")
+    layout = DatasetLayout(tmp_path / "storage", "ts-ct")
+    # the DICOM scan: any mask on its canonical grid stands in for the stage-3 result
+    canonical = sitk.DICOMOrient(series_mask, "LPS")
+    write_on_original_grid(spec, layout, "ctdicom", canonical, "test")
+    assert layout.final_mask_dicom_seg("ctdicom").exists()
+    np.testing.assert_array_equal(
+        read_dicom_seg(layout.final_mask_dicom_seg("ctdicom"), SERIES), sitk.GetArrayFromImage(series_mask)
+    )
+    # the NIfTI scan: a NIfTI final mask and no SEG
+    nifti = read_image(spec.scans["ctsm"].image)
+    blank = sitk.GetImageFromArray(np.ones(sitk.GetArrayViewFromImage(nifti).shape, np.uint8))
+    blank.CopyInformation(nifti)
+    assert write_on_original_grid(spec, layout, "ctsm", sitk.DICOMOrient(blank, "LPS"), "test") == []
+    assert layout.final_mask("ctsm").exists() and not layout.final_mask_dicom_seg("ctsm").exists()
+    assert not list(Path(layout.dir("final_masks")).glob("ctsm*.dcm"))

@@ -1,0 +1,127 @@
+"""The demo's cohort reports in headless Chromium with every network request failing: the page renders,
+every figure decodes, the console stays silent, nothing but the file itself is requested, and the numbers
+on the page are DuckDB's. Also: the CSV and XLSX beside it, and no DICOM-SEG for a NIfTI-only cohort."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+
+import openpyxl
+import pandas as pd
+import pytest
+
+from nnsam2_assets.core.layout import DatasetLayout
+from nnsam2_assets.metrics.store import query
+from nnsam2_assets.outputs.report import cell, report_paths
+from nnsam2_assets.testing.browser import OFFLINE, chromium
+from nnsam2_assets_tests.ops import REPO
+
+
+class _Cells(HTMLParser):
+    """Collects the measurement cells: (table kind, scan, level, class, column) -> text; and <body>'s data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cells: dict[tuple, str] = {}
+        self.body: dict[str, str] = {}
+        self.images = 0
+        self._row: dict | None = None
+        self._col: str | None = None
+        self._table: str = ""
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "body":
+            self.body = a
+        elif tag == "img":
+            self.images += 1
+        elif tag == "table":
+            self._table = a.get("class", "")
+        elif tag == "tr" and "data-scan" in a:
+            self._row = a
+        elif tag == "td" and self._row is not None and "data-col" in a:
+            self._col = a["data-col"]
+
+    def handle_data(self, data):
+        if self._col is not None:
+            r = self._row
+            key = (self._table, r["data-scan"], r.get("data-level", ""), r["data-class"], self._col)
+            self.cells[key] = self.cells.get(key, "") + data
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._col = None
+        elif tag == "tr":
+            self._row = None
+
+
+@pytest.mark.parametrize("dataset", ["demo-dixon", "demo-ct"])
+def test_the_demo_report_renders_offline_with_every_figure_and_duckdb_numbers(demo_cohort, tmp_path, dataset):
+    paths = report_paths(DatasetLayout(demo_cohort.storage_root, dataset))
+    page = paths["html"]
+    assert page.exists(), "cohort_report was not materialized by the demo run"
+    url = page.as_uri()
+    netlog = tmp_path / "net.json"
+    dom = chromium(
+        url,
+        tmp_path / "profile",
+        *OFFLINE,
+        "--dump-dom",
+        f"--log-net-log={netlog}",
+        "--enable-logging=stderr",
+        "--v=0",
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # nothing but the file itself was requested (figures are data: URIs; the CSP forbids anything else)
+    requested = set(re.findall(r'"url":"([^"]+)"', netlog.read_text()))
+    assert requested and all(u == url or u.startswith("data:") for u in requested), requested - {url}
+    assert "CONSOLE" not in dom.stderr and "Refused to" not in dom.stderr, dom.stderr[-2000:]
+
+    cells = _Cells()
+    cells.feed(dom.stdout)
+    assert cells.images >= 2
+    assert cells.body.get("data-images") == str(cells.images) and cells.body.get("data-broken-images") == "0"
+
+    k = 4 if dataset == "demo-dixon" else 2
+    rows = query(
+        demo_cohort.duckdb,
+        f"SELECT * FROM metrics.scan_metrics WHERE dataset = '{dataset}' AND scheme = '{k}-class'",
+    )
+    levels = query(
+        demo_cohort.duckdb,
+        f"SELECT * FROM metrics.level_metrics WHERE dataset = '{dataset}' AND scheme = '{k}-class'",
+    )
+    measured = ["volume_ml", "dice", "expert_volume_ml"] + (["fat_ratio"] if k == 4 else ["ct_mean_hu"])
+    checked = 0
+    for row in rows.itertuples():
+        for column in measured:
+            assert cells.cells[("measures", row.scan, "", row.class_name, column)] == cell(
+                getattr(row, column), column
+            )
+            checked += 1
+    for row in levels.itertuples():
+        assert cells.cells[("levels", row.scan, row.level, row.class_name, "volume_ml")] == cell(
+            row.volume_ml, "volume_ml"
+        )
+        checked += 1
+    assert checked == len(rows) * len(measured) + len(levels) and len(levels) == 2 * len(rows)
+
+    screenshot = REPO / "test-artifacts" / f"report_{dataset}.png"
+    screenshot.parent.mkdir(exist_ok=True)
+    shot = chromium(url, tmp_path / "profile", *OFFLINE, f"--screenshot={screenshot}", window="1300,2400")
+    assert shot.returncode == 0 and screenshot.stat().st_size > 20_000
+
+    # the same rows beside the page
+    assert len(pd.read_csv(paths["scans"])) == len(rows)
+    assert len(pd.read_csv(paths["levels"])) == len(levels)
+    book = openpyxl.load_workbook(paths["xlsx"], read_only=True)
+    assert {"scans", "levels", "qc", "agreement"} <= set(book.sheetnames)
+    assert book["scans"].max_row == len(rows) + 1
+
+
+def test_a_nifti_only_cohort_has_its_report_and_no_dicom_seg(demo_cohort):
+    for dataset in demo_cohort.datasets:
+        layout = DatasetLayout(demo_cohort.storage_root, dataset)
+        assert report_paths(layout)["html"].exists()
+        assert not list(layout.dir("final_masks").glob("*.seg.dcm"))

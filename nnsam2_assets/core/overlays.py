@@ -32,9 +32,10 @@ def overlay_rgb(image2d: np.ndarray, labels2d: np.ndarray | None, alpha: float =
         for value, colour in _COLOURS.items():
             m = labels2d == value
             rgb[m] = (1 - alpha) * rgb[m] + alpha * np.array(colour, dtype=np.float32)
-    # arrays are [y, x] with y posterior: flip vertically so the image reads like a radiology axial view
-    # (anterior up); x is not mirrored, so the patient's right stays on the viewer's left
-    return rgb[::-1].astype(np.uint8)
+    # canonical arrays are [y, x] with y growing posterior and x growing to the patient's left, so row 0 is
+    # anterior and column 0 the patient's right: drawn as stored, the slice reads like a radiology axial
+    # view (anterior up, the patient's right on the viewer's left). Neither axis is flipped.
+    return rgb.astype(np.uint8)
 
 
 def png_bytes(rgb: np.ndarray, max_size: int = 256) -> bytes:

@@ -61,3 +61,14 @@ def test_laterality_is_positive_on_the_real_expert_labels_and_negative_when_swap
             swapped[arr == name_id] = side_swapped
         assert laterality_gap_voxels(swapped, k) < -10, path.name
     assert laterality_gap_voxels(np.zeros((2, 4, 4), np.uint8), 2) is None
+
+
+def test_overlays_read_like_a_radiology_axial_view():
+    """Anterior up and the patient's right on the viewer's left, from a canonical [y, x] slice."""
+    from nnsam2_assets.core.overlays import overlay_rgb
+
+    image = np.zeros((8, 8), np.float32)
+    labels = np.zeros((8, 8), np.uint8)
+    labels[7, 0] = 1  # most posterior row, patient's right column: a right-side posterior muscle
+    rgb = overlay_rgb(image, labels)
+    assert rgb[7, 0].any() and not rgb[0, 0].any()  # drawn at the bottom left

@@ -27,12 +27,13 @@ def test_level_volumes_add_up_and_match_the_phantoms_per_level_truth():
     assert len(levels) == 2 * 4
     summed = levels.groupby("label").volume_ml.sum()
     np.testing.assert_allclose(summed.to_numpy(), whole.set_index("label").volume_ml.to_numpy(), rtol=1e-12)
-    # truth from the generator's own level coordinate: the upper segment is t >= 0.5 (L4/L5 and above)
+    # truth from the generator: its L4/L5 disc slice and above is the upper segment
     voxel_ml = float(np.prod(phantom.spacing)) / 1000.0
-    t = phantom.level_t[lo : hi + 1]
+    is_upper = np.arange(lo, hi + 1) >= phantom.disc_slices["L4/L5"]
+    assert abs(phantom.level_t[phantom.disc_slices["L4/L5"]] - 0.5) <= 0.5 / (hi - lo)  # the nearest slice
     for label in class_map(4):
-        upper = float((labels[t >= 0.5 - 1e-9] == label).sum()) * voxel_ml
-        lower = float((labels[t < 0.5 - 1e-9] == label).sum()) * voxel_ml
+        upper = float((labels[is_upper] == label).sum()) * voxel_ml
+        lower = float((labels[~is_upper] == label).sum()) * voxel_ml
         got = levels.set_index(["level", "label"]).volume_ml
         assert got[(LEVEL_SEGMENTS[0], label)] == pytest.approx(upper, rel=0.05)
         assert got[(LEVEL_SEGMENTS[1], label)] == pytest.approx(lower, rel=0.05)

@@ -6,6 +6,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from nnsam2_assets.defs.automation import EAGER
+from nnsam2_assets.defs.ingest import scans
 from nnsam2_assets.defs.metrics import agreement, scan_metrics
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.refinement import final_masks
@@ -19,8 +20,9 @@ from nnsam2_assets.outputs import report
     kinds={"html"},
     code_version=report.VERSION,
     automation_condition=EAGER,
-    # final_masks: the overlays; scan_metrics (with level and QC rows) and agreement: every number
-    deps=[final_masks, scan_metrics, agreement],
+    # scans: the images under the overlays and the excluded scans; final_masks: the overlays; scan_metrics
+    # (with level and QC rows) and agreement: every number
+    deps=[scans, final_masks, scan_metrics, agreement],
 )
 def cohort_report(
     context: dg.AssetExecutionContext, storage: NnsamStorage, metrics_db: DuckDBResource

@@ -69,6 +69,8 @@ def cell(value: object, column: str) -> str:
     """A number as the report prints it (the test reads the page back through this same rule)."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "–"
+    if column == "tost_equivalent" or isinstance(value, (bool, np.bool_)):
+        return "yes" if bool(value) else "no"
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):

@@ -109,6 +109,8 @@ def build_report(spec: DatasetSpec, layout: DatasetLayout, db: Path) -> Report:
     levels = _rows(db, "level_metrics", name)
     levels = levels[levels.scheme == f"{k}-class"] if len(levels) else levels
     flags = _rows(db, "qc_flags", name)
+    if not len(flags):  # no dataset raised a flag yet: the table may not even exist
+        flags = pd.DataFrame(columns=["dataset", "scan", "flag", "severity", "detail"])
     agreement = _rows(db, "agreement", name)
     manifest = read_manifest(layout)
     excluded = manifest[manifest.status != "ok"].reset_index() if len(manifest) else pd.DataFrame()

@@ -139,3 +139,27 @@ def test_a_nifti_only_cohort_has_its_report_and_no_dicom_seg(demo_cohort):
         layout = DatasetLayout(demo_cohort.storage_root, dataset)
         assert report_paths(layout)["html"].exists()
         assert not list(layout.dir("final_masks").glob("*.seg.dcm"))
+
+
+def test_a_report_of_a_database_without_any_qc_flag_says_so(demo_cohort, tmp_path):
+    """A fresh database where no dataset raised a flag has no qc_flags table at all (the demo run that
+    found this failed at cohort_report)."""
+    import shutil
+
+    import duckdb
+
+    from nnsam2_assets.ingest.convention import load_dataset
+    from nnsam2_assets.outputs.report import build_report
+
+    storage = tmp_path / "storage"
+    shutil.copytree(demo_cohort.storage_root / "datasets" / "demo-dixon", storage / "datasets" / "demo-dixon")
+    db = storage / "nnsam2.duckdb"
+    shutil.copy(demo_cohort.duckdb, db)
+    with duckdb.connect(str(db)) as con:
+        con.execute("DROP TABLE IF EXISTS metrics.qc_flags")
+    built = build_report(
+        load_dataset(demo_cohort.data_root, "demo-dixon"), DatasetLayout(storage, "demo-dixon"), db
+    )
+    page = built.html.read_text()
+    assert "No QC flag was raised." in page and built.n_flags == 0
+    assert page.count('class="scan qc-ok"') == built.n_scans == 4

@@ -59,7 +59,7 @@ class FoundRegion:
 def find_region(reference: sitk.Image, reference_region: Region, scan: sitk.Image) -> FoundRegion:
     """The reference's region discs located on ``scan`` (both as read from their files, any orientation)."""
     ref, tgt = _coarse(reference), _coarse(scan)
-    planes = {name: _plane_point(reference, index) for name, index in _discs(reference_region).items()}
+    planes = {name: plane_point(reference, index) for name, index in _discs(reference_region).items()}
     z_lo, z_hi = min(p[2] for p in planes.values()), max(p[2] for p in planes.values())
     fit = _global_alignment(_z_slab(ref, z_lo - MARGIN_MM, z_hi + MARGIN_MM), tgt)
     # the discs are searched on the z derivative: a disc and its end plates are where the image changes
@@ -137,7 +137,7 @@ def _discs(region: Region) -> dict[str, int]:
     return discs
 
 
-def _plane_point(image: sitk.Image, axial_index: int) -> np.ndarray:
+def plane_point(image: sitk.Image, axial_index: int) -> np.ndarray:
     """The physical point at the centre of axial slice ``axial_index`` (index in the file's own order)."""
     centre = [(s - 1) / 2.0 for s in image.GetSize()]
     centre[axial_axis(image)] = float(axial_index)

@@ -179,10 +179,7 @@ def _region_preview(original: sitk.Image, region: Region | None) -> bytes:
     canonical = to_canonical(original)
     lines = []
     for index in [] if region is None else [i for i in (*region.bounds, region.l4_l5) if i is not None]:
-        centre = [(n - 1) / 2.0 for n in original.GetSize()]
-        centre[axial_axis(original)] = float(index)
-        point = original.TransformContinuousIndexToPhysicalPoint(centre)
-        lines.append(int(round(canonical.TransformPhysicalPointToContinuousIndex(point)[2])))
+        lines.append(_canonical_slice(original, index, canonical))
     spacing = canonical.GetSpacing()
     return sagittal_lines_png(
         sitk.GetArrayViewFromImage(canonical), (spacing[2], spacing[1], spacing[0]), lines
@@ -193,10 +190,13 @@ def _l4_l5_in_crop(original: sitk.Image, region: Region | None, crop: sitk.Image
     """The canonical crop's slice holding the L4/L5 disc slice of the source file."""
     if region is None or region.l4_l5 is None:
         return None
-    centre = [(n - 1) / 2.0 for n in original.GetSize()]
-    centre[axial_axis(original)] = float(region.l4_l5)
-    point = original.TransformContinuousIndexToPhysicalPoint(centre)
-    return int(round(crop.TransformPhysicalPointToContinuousIndex(point)[2]))
+    return _canonical_slice(original, region.l4_l5, crop)
+
+
+def _canonical_slice(original: sitk.Image, axial_index: int, canonical: sitk.Image) -> int:
+    """The slice of a canonical image (z up) that holds the source file's axial slice ``axial_index``."""
+    point = region_finding.plane_point(original, axial_index)
+    return int(round(canonical.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in point))[2]))
 
 
 def _prepare_expert(spec: DatasetSpec, source: ScanSource, original: sitk.Image, crop) -> sitk.Image:

@@ -20,14 +20,13 @@ SIDE_MERGE = {1: 1, 2: 1, 3: 2, 4: 2}
 TOTALSEG_LPM_IDS = {1: 87, 2: 86}
 
 # Coded concepts of the classes for DICOM Segmentation objects: (scheme, code value, meaning).
-# Erector spinae: SNOMED CT, DICOM CID 6116 (Muscular Anatomy). The 2-class paraspinal group: SNOMED CT "Deep
-# muscle of back", as TotalSegmentator codes its autochthon (ES + MF). Multifidus has no code in DICOM's
-# context groups and none could be verified offline, so it carries a private code (a "99" scheme, as DICOM
-# PS3.16 allows) until a verified SNOMED CT concept replaces it.
+# Erector spinae: SNOMED CT, DICOM CID 6116 (Muscular Anatomy). Multifidus is in no DICOM context group; its
+# SNOMED CT body structure is taken from the SNOMED CT body-site value set that FHIR publishes. The 2-class
+# paraspinal group: SNOMED CT "Deep muscle of back", as TotalSegmentator codes its autochthon (ES + MF).
 ANATOMICAL_STRUCTURE = ("SCT", "91723000", "Anatomical Structure")
 MUSCLE_CODES = {
     "es": ("SCT", "44947003", "Erector spinae muscle"),
-    "mf": ("99NNSAM2", "MF", "Multifidus muscle"),
+    "mf": ("SCT", "5709001", "Multifidus muscles"),
     "lpm": ("SCT", "244849004", "Deep muscle of back"),
 }
 LATERALITY_CODES = {"right": ("SCT", "24028007", "Right"), "left": ("SCT", "7771000", "Left")}

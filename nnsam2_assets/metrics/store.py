@@ -182,6 +182,24 @@ def query(path: Path, sql: str, wait_s: float = 30.0) -> pd.DataFrame:
         con.close()
 
 
+def dataset_rows(path: Path, table: str, dataset: str, wait_s: float = 30.0) -> pd.DataFrame:
+    """Every row of ``dataset`` in one metrics table, read with the dataset as a bound parameter (never spliced
+    into the SQL) on a user-SQL connection. A table that no dataset has written yet reads as empty."""
+    if table not in TABLES:
+        raise MetricsDBError(f"unknown table {table!r}; one of {', '.join(TABLES)}")
+    con = connect(path, read_only=True, wait_s=wait_s, config=USER_SQL_CONFIG)
+    try:
+        exists = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+            [SCHEMA, table],
+        ).fetchone()[0]
+        if not exists:
+            return pd.DataFrame()
+        return con.execute(f"SELECT * FROM {SCHEMA}.{table} WHERE dataset = ?", [dataset]).df()
+    finally:
+        con.close()
+
+
 EXPORT_SUFFIXES = (".csv", ".parquet")
 
 

@@ -25,7 +25,7 @@ from nnsam2_assets.core.storage import atomic_write_bytes, atomic_write_text
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import read_manifest
 from nnsam2_assets.metrics import stats
-from nnsam2_assets.metrics.store import query
+from nnsam2_assets.metrics.store import dataset_rows
 
 VERSION = "report-v1"
 MEASURE_COLUMNS = {"volume_ml": "volume (mL)", "fat_ratio": "fat ratio", "ct_mean_hu": "HU", "dice": "Dice"}
@@ -78,14 +78,6 @@ def cell(value: object, column: str) -> str:
     return str(value)
 
 
-def _rows(db: Path, table: str, dataset: str) -> pd.DataFrame:
-    # the dataset name is a validated slug (ingest.convention), never free text
-    try:
-        return query(db, f"SELECT * FROM metrics.{table} WHERE dataset = '{dataset}'")
-    except Exception:  # noqa: BLE001 - a table a dataset never wrote (no levels, no experts) is empty
-        return pd.DataFrame()
-
-
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
@@ -104,14 +96,14 @@ def build_report(spec: DatasetSpec, layout: DatasetLayout, db: Path) -> Report:
     """Write the dataset's report.html, its CSVs and report.xlsx under ``cohort_report/``; return their paths."""
     name = spec.name
     k = spec.n_classes
-    labels = _rows(db, "scan_metrics", name)
+    labels = dataset_rows(db, "scan_metrics", name)
     labels = labels[labels.scheme == f"{k}-class"] if len(labels) else labels
-    levels = _rows(db, "level_metrics", name)
+    levels = dataset_rows(db, "level_metrics", name)
     levels = levels[levels.scheme == f"{k}-class"] if len(levels) else levels
-    flags = _rows(db, "qc_flags", name)
+    flags = dataset_rows(db, "qc_flags", name)
     if not len(flags):  # no dataset raised a flag yet: the table may not even exist
         flags = pd.DataFrame(columns=["dataset", "scan", "flag", "severity", "detail"])
-    agreement = _rows(db, "agreement", name)
+    agreement = dataset_rows(db, "agreement", name)
     manifest = read_manifest(layout)
     excluded = manifest[manifest.status != "ok"].reset_index() if len(manifest) else pd.DataFrame()
     summary = json.loads(layout.final_summary.read_text()) if layout.final_summary.exists() else {}

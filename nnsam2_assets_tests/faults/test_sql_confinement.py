@@ -13,7 +13,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from nnsam2_assets.metrics.store import MetricsDBError, RefusedSQLError, export, query, replace_dataset
+from nnsam2_assets.metrics.store import (
+    MetricsDBError,
+    RefusedSQLError,
+    dataset_rows,
+    export,
+    query,
+    replace_dataset,
+)
 
 
 @pytest.fixture
@@ -120,6 +127,27 @@ def test_export_refuses_unknown_tables_and_suffixes(db, tmp_path):
     with pytest.raises(MetricsDBError, match=r"out\.xlsx.*unknown output suffix"):
         export(db, "scan_metrics", tmp_path / "out.xlsx", wait_s=1)
     assert len(pd.read_csv(export(db, "metrics.scan_metrics", tmp_path / "ok.csv", wait_s=1))) == 2
+
+
+@pytest.mark.parametrize(
+    "dataset",
+    [
+        "demo' OR '1'='1",
+        "demo'; DROP TABLE metrics.scan_metrics; --",
+        "x' UNION SELECT * FROM read_text('/etc/passwd') --",
+    ],
+)
+def test_a_dataset_name_is_a_bound_parameter_never_sql(db, dataset):
+    before = _digest(db)
+    assert dataset_rows(db, "scan_metrics", dataset, wait_s=1).empty
+    assert _digest(db) == before
+    assert dataset_rows(db, "scan_metrics", "demo", wait_s=1).scan.tolist() == ["s0", "s1"]
+
+
+def test_dataset_rows_reads_known_tables_only(db):
+    assert dataset_rows(db, "qc_flags", "demo", wait_s=1).empty  # no dataset wrote flags yet
+    with pytest.raises(MetricsDBError, match="unknown table 'scan_metrics WHERE 1=1 --'"):
+        dataset_rows(db, "scan_metrics WHERE 1=1 --", "demo", wait_s=1)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

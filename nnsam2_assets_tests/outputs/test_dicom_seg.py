@@ -87,7 +87,39 @@ def test_four_class_segments_carry_the_muscle_codes_and_sides():
     es, mf = MUSCLE_CODES["es"][1], MUSCLE_CODES["mf"][1]
     right, left = LATERALITY_CODES["right"][1], LATERALITY_CODES["left"][1]
     assert codes == [(es, right), (mf, right), (mf, left), (es, left)]
-    assert es == "44947003" and (right, left) == ("24028007", "7771000")
+    assert (es, mf) == ("44947003", "5709001") and (right, left) == ("24028007", "7771000")
+    # every code is SNOMED CT, whose identifiers end in a Verhoeff check digit
+    for scheme, value, _ in (*MUSCLE_CODES.values(), *LATERALITY_CODES.values()):
+        assert scheme == "SCT" and _verhoeff_valid(value), value
+
+
+# Verhoeff's dihedral-group multiplication and position permutation tables
+_VERHOEFF_D = [
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+    [1, 2, 3, 4, 0, 6, 7, 8, 9, 5],
+    [2, 3, 4, 0, 1, 7, 8, 9, 5, 6],
+    [3, 4, 0, 1, 2, 8, 9, 5, 6, 7],
+    [4, 0, 1, 2, 3, 9, 5, 6, 7, 8],
+    [5, 9, 8, 7, 6, 0, 4, 3, 2, 1],
+    [6, 5, 9, 8, 7, 1, 0, 4, 3, 2],
+    [7, 6, 5, 9, 8, 2, 1, 0, 4, 3],
+    [8, 7, 6, 5, 9, 3, 2, 1, 0, 4],
+    [9, 8, 7, 6, 5, 4, 3, 2, 1, 0],
+]
+_VERHOEFF_P = [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
+for _ in range(7):
+    _VERHOEFF_P.append([_VERHOEFF_P[-1][[1, 5, 7, 6, 2, 8, 3, 0, 9, 4][k]] for k in range(10)])
+
+
+def _verhoeff_valid(number: str) -> bool:
+    check = 0
+    for position, digit in enumerate(reversed(number)):
+        check = _VERHOEFF_D[check][_VERHOEFF_P[position % 8][int(digit)]]
+    return check == 0
+
+
+def test_the_verhoeff_check_catches_a_wrong_digit():
+    assert _verhoeff_valid("5709001") and not _verhoeff_valid("5709002") and not _verhoeff_valid("5790001")
 
 
 def test_final_masks_write_a_seg_for_the_dicom_scan_only(series_mask, tmp_path):

@@ -139,6 +139,12 @@ def test_quick_plan_caps_patch_and_batch_and_resamples(tmp_path):
     assert max(cfg["patch_size"]) <= 128 and cfg["batch_size"] <= 4
     assert cfg["spacing"] == [2.0, 2.0]
     assert (tmp_path / "pre" / raw.name / cfg["data_identifier"]).is_dir()
+    # the fingerprint's intensity sample is small because nothing reads it: every case is z-scored on its own
+    assert cfg["normalization_schemes"] == ["ZScoreNormalization"]
+    extractor = nn.train.fingerprint_extractor_class()
+    with nn.nnunet_env(tmp_path / "raw", tmp_path / "pre", tmp_path / "res"):
+        fpe = extractor(raw.dataset_id, 1, verbose=False)
+    assert fpe.num_foreground_voxels_for_intensitystats == 2 * nn.train.FINGERPRINT_SAMPLES_PER_CASE
 
 
 def test_failed_training_publishes_nothing(tmp_path):

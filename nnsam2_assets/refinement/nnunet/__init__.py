@@ -17,7 +17,9 @@ Process-wide settings: ``nnUNet_def_n_proc=1`` and ``nnUNet_n_proc_DA=0`` are se
 module is imported, because nnU-Net reads them at ITS import time; nnunetv2 itself is imported lazily.
 ``nnUNet_raw/_preprocessed/_results`` are set only for the duration of each call (``nnunet_env``).
 Fingerprinting and preprocessing run in-process (nnU-Net's spawn pool is swapped for a 1-thread pool while
-our call runs) so no interpreter is spawned: faster on 2 cores and safe without ``__main__`` guards.
+our call runs) so no interpreter is spawned: faster on 2 cores and safe without ``__main__`` guards. The
+fingerprint samples 10,000 foreground intensities per case instead of nnU-Net's 10^8 per dataset
+(``train.fingerprint_extractor_class``): the statistics feed only CT normalisation, which is never used.
 
 Quick profile (CPU), as shipped: 2d, in-plane resampled to >= 2 mm, patch <= 96x96, batch <= 4, 8 epochs x 75
 iterations (600), 1 torch thread, foreground oversampling 0.9 (pseudo-labels are sparse: most slices are

@@ -61,13 +61,37 @@ def _quick_2d_plan(planner: Any, plans: dict, profile: Profile) -> dict:
     return plan
 
 
+# foreground intensities sampled per training case for the fingerprint (nnU-Net's own per-case default)
+FINGERPRINT_SAMPLES_PER_CASE = 10_000
+
+
+def fingerprint_extractor_class() -> type:
+    """nnU-Net's dataset fingerprint, drawing ``FINGERPRINT_SAMPLES_PER_CASE`` foreground intensities per case.
+
+    nnU-Net draws 10^8 samples over the whole dataset whatever its size: for a pool of a few small cases that is
+    10^7 or more per case, hundreds of MB and seconds of sorting for every stage. The intensity statistics only
+    feed CT normalisation, which the pooled models never use (each case is z-scored on its own), so a smaller
+    sample changes no plan and no model.
+    """
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
+        DatasetFingerprintExtractor,
+    )
+
+    class SampledFingerprintExtractor(DatasetFingerprintExtractor):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.num_foreground_voxels_for_intensitystats = FINGERPRINT_SAMPLES_PER_CASE * len(self.dataset)
+
+    return SampledFingerprintExtractor
+
+
 def plan_and_preprocess(raw: RawDataset, preprocessed_root: Path, profile: Profile) -> dict:
     """Fingerprint, plan (rewritten for the quick profile) and preprocess one configuration in-process.
 
     Must run inside ``nnunet_env`` with nnUNet_raw = ``raw.folder.parent``. Returns the plans dict.
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprints,
+        extract_fingerprint_dataset,
         plan_experiment_dataset,
         preprocess,
     )
@@ -75,8 +99,9 @@ def plan_and_preprocess(raw: RawDataset, preprocessed_root: Path, profile: Profi
 
     # the planner calls torch.set_num_threads(nnUNet_n_proc_DA) while sizing networks; 0 is rejected there
     with _quiet(), _in_process_pools(), _env_override({"nnUNet_n_proc_DA": "1"}):
-        extract_fingerprints([raw.dataset_id], num_processes=1, check_dataset_integrity=False,
-                             clean=True, verbose=False, show_progress_bar=False)  # fmt: skip
+        extract_fingerprint_dataset(raw.dataset_id, fingerprint_extractor_class(), num_processes=1,
+                                    check_dataset_integrity=False, clean=True, verbose=False,
+                                    show_progress_bar=False)  # fmt: skip
         from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import (
             ExperimentPlanner,
         )

@@ -87,7 +87,9 @@ def step_durations(result) -> dict[str, float]:
 
 
 def row_counts(db: Path) -> dict[str, int]:
-    """Rows per table of the metrics schema."""
+    """Rows per table of the metrics schema (none before any metrics were written)."""
+    if not db.exists():
+        return {}
     tables = query(db, f"SELECT table_name FROM information_schema.tables WHERE table_schema = '{SCHEMA}'")
     return {
         t: int(query(db, f"SELECT count(*) AS n FROM {SCHEMA}.{t}").n.iloc[0])

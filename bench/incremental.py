@@ -8,13 +8,14 @@ import shutil
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench._common import Workdir, all_assets, register, row, run_selection
 from nnsam2_assets.defs.metadata import latest_metadata
 from nnsam2_assets.defs.resources import build_resources
 from nnsam2_assets.pipeline import PER_DATASET
-from nnsam2_assets.testing.cohorts import MEDIUM, hide_scan, restore_scan, write_tiny_dataset
+from nnsam2_assets.testing.cohorts import MEDIUM, SMALL, hide_scan, restore_scan, write_tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,12 +74,19 @@ def bench_new_scan(base: Path, quick: bool) -> list[dict]:
     return rows
 
 
-def bench_peak_rss(base: Path, quick: bool) -> list[dict]:
-    big, small = (4, 2) if quick else (20, 2)
+@dataclass
+class ChainRss:
+    ratio: float  # the large run's memory above its post-import baseline / the small run's
+    detail: str
+
+
+def peak_rss_of_chain(base: Path, sizes: tuple[int, int], seed: int, grid: dict | None) -> ChainRss:
+    """Peak RSS of the per-dataset chain on a small and a large dataset, each in a fresh process."""
+    small, big = sizes
     out = {}
-    for n in (small, big):
+    for n in sizes:
         data, storage = base / f"rss-data-{n}", base / f"rss-storage-{n}"
-        write_tiny_dataset(data, f"rss{n}", n, seed=40 + n, grid=None if quick else MEDIUM)
+        write_tiny_dataset(data, f"rss{n}", n, seed=seed + n, grid=grid)
         proc = subprocess.run(
             [sys.executable, "-m", "bench.rss_child", str(data), str(storage), f"rss{n}"],
             capture_output=True,
@@ -92,18 +100,27 @@ def bench_peak_rss(base: Path, quick: bool) -> list[dict]:
     input_mb = sum(p.stat().st_size for p in (base / f"rss-data-{big}").rglob("*.nii.gz")) / 2**20
     # the run's own memory: peak during the run minus what the process held before it (imports of torch,
     # SAM2, nnU-Net, Dagster and a one-scan warm-up run), which would otherwise dilute the ratio towards 1
-    added = {n: out[n]["peak_rss_mb"] - out[n]["rss_after_imports_mb"] for n in (small, big)}
-    r = added[big] / added[small]
+    added = {n: out[n]["peak_rss_mb"] - out[n]["rss_after_imports_mb"] for n in sizes}
+    in_plane = "x".join(str(v) for v in (grid or SMALL)["shape_yx"])
+    return ChainRss(
+        added[big] / added[small],
+        f"run peak above the post-import baseline {added[big]:.0f} vs {added[small]:.0f} MB; whole process "
+        f"{out[big]['peak_rss_mb']:.0f} vs {out[small]['peak_rss_mb']:.0f} MB (fresh process each, "
+        f"high-water mark reset after imports and a warm-up run: {out[small]['peak_was_reset']}); "
+        f"{in_plane} scans ({input_mb:.0f} MB of NIfTI for {big}); runs "
+        f"{out[big]['seconds']:.1f} s vs {out[small]['seconds']:.1f} s",
+    )
+
+
+def bench_peak_rss(base: Path, quick: bool) -> list[dict]:
+    big, small = (4, 2) if quick else (20, 2)
+    rss = peak_rss_of_chain(base, (small, big), seed=40, grid=None if quick else MEDIUM)
     return [
         row(
             f"peak_rss: {big} scans / {small} scans",
-            round(r, 3),
+            round(rss.ratio, 3),
             "<= 1.2",
-            r <= 1.2,
-            f"run peak above the post-import baseline {added[big]:.0f} vs {added[small]:.0f} MB; whole process "
-            f"{out[big]['peak_rss_mb']:.0f} vs {out[small]['peak_rss_mb']:.0f} MB (fresh process each, "
-            f"high-water mark reset after imports and a warm-up run: {out[small]['peak_was_reset']}); "
-            f"{'64x64' if quick else '160x160'} scans ({input_mb:.0f} MB of NIfTI for {big}); runs "
-            f"{out[big]['seconds']:.1f} s vs {out[small]['seconds']:.1f} s",
+            rss.ratio <= 1.2,
+            rss.detail,
         )
     ]

@@ -31,6 +31,17 @@ MAX_RUNS_PER_TICK_ENV = "NNSAM2_MAX_RUNS_PER_TICK"
 DEFAULT_MAX_RUNS_PER_TICK = 2
 
 
+SENSOR_INTERVAL_ENV = "NNSAM2_SENSOR_INTERVAL_S"
+DEFAULT_SENSOR_INTERVAL_S = 30
+
+
+def sensor_interval_s() -> int:
+    """How often new_data_sensor looks at the data root: a slow network share wants longer, a demo shorter.
+    Read when the code location loads."""
+    raw = os.environ.get(SENSOR_INTERVAL_ENV, "")
+    return max(1, int(raw)) if raw.strip().isdigit() else DEFAULT_SENSOR_INTERVAL_S
+
+
 def max_runs_per_tick() -> int:
     raw = os.environ.get(MAX_RUNS_PER_TICK_ENV, "")
     return max(1, int(raw)) if raw.strip().isdigit() else DEFAULT_MAX_RUNS_PER_TICK
@@ -58,7 +69,7 @@ def scan_data_root(storage: NnsamStorage) -> tuple[dict[str, str], dict[str, str
 @dg.sensor(
     name="new_data_sensor",
     target=NEW_DATA_SELECTION,
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=sensor_interval_s(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Registers new dataset folders as partitions and runs new or changed data once.",
 )

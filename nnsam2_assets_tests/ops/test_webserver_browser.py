@@ -24,6 +24,7 @@ import requests
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
 from nnsam2_assets.core.lifecycle import alive, descendants
+from nnsam2_assets.defs.sensors import SENSOR_INTERVAL_ENV
 from nnsam2_assets.testing.browser import chromium
 from nnsam2_assets.testing.waits import HANG_GUARD_S, wait_for
 from nnsam2_assets_tests.ops import INGEST, REPO, free_port, write_tiny
@@ -65,6 +66,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "NNSAM2_DATA_ROOT": str(root / "nnsam2" / "data"),
         "NNSAM2_STORAGE_ROOT": str(root / "nnsam2" / "storage"),
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        SENSOR_INTERVAL_ENV: "3",  # the sensor's ticks, not the test's clock, pace these waits
     }
     (root / "nnsam2" / "data").mkdir(parents=True)
     # create the sqlite storages once, here: webserver and daemon migrating a fresh home at the same moment

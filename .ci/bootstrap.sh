@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent install of everything nnsam2_assets needs, into ./.venv (Python 3.11, CPU torch here).
 #   .ci/bootstrap.sh            python environment only
-#   .ci/bootstrap.sh --system   also Debian's chromium and postgresql (browser and Postgres tests)
+#   .ci/bootstrap.sh --system   also Debian's chromium, postgresql and redis-server (browser, Postgres and
+#                               Celery tests)
 # A second run with unchanged lock files does nothing. GPU machines: NNSAM2_TORCH="torch==2.14.1".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,7 @@ want="$(cat docker/requirements-cpu.lock pyproject.toml | sha256sum | cut -c1-16
 if [[ "${1:-}" == "--system" ]]; then
   need=()
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
   [[ -x "$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1)/initdb" ]] || need+=(postgresql)
   if ((${#need[@]})); then
     echo "bootstrap: installing system packages: ${need[*]}"

@@ -13,10 +13,10 @@ import dagster as dg
 
 from bench._common import Workdir, all_assets, register, row, row_counts, run_selection, step_durations
 from nnsam2_assets.core.layout import duckdb_path
-from nnsam2_assets.definitions import STEP_EXECUTOR
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.resources import RefinementSettings, build_resources
 from nnsam2_assets.demo.datasets import write_demo_cohort
+from nnsam2_assets.executors import STEP_EXECUTOR
 from nnsam2_assets.pipeline import PER_DATASET, PHASES
 from nnsam2_assets.runner import materialize_cohort
 from nnsam2_assets.testing.cohorts import write_tiny_dataset

@@ -36,6 +36,11 @@ def test_bench_quick_runs_and_reports(tmp_path):
         "propagation_tum",
         "propagation_workers",
         "step_fixed_cost",
+        "scale: per-scan step time",
+        "scale: DuckDB write",
+        "scale: add 1 scan",
+        "demo_wall: nnsam2 demo",
+        "demo_wall: projected",
     ):
         assert row in names, f"row {row} missing from the table"
         assert row in proc.stdout

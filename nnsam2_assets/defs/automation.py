@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dagster as dg
+from dagster_celery.tags import DAGSTER_CELERY_QUEUE_TAG
+
+from nnsam2_assets.executors import GPU_QUEUE
 
 # Derived assets follow their inputs and their own code. Label "eager_or_code_version_changed":
 #   * eager, but on a dependency's DATA VERSION change, not on any new materialization: an unchanged result
@@ -29,12 +32,13 @@ EAGER = (
     | dg.AutomationCondition.code_version_changed()
 ).with_label("eager_or_code_version_changed")
 
-# GPU steps: one at a time per instance (pool limit in dagster.yaml), and a k8s GPU request when the
-# k8s_job_executor runs one pod per step.
+# GPU steps: one at a time per instance (pool limit in dagster.yaml), a k8s GPU request when the
+# k8s_job_executor runs one pod per step, and the Celery queue that only GPU workers listen on.
 GPU_TAGS = {
     "dagster-k8s/config": {
         "container_config": {
             "resources": {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
         }
-    }
+    },
+    DAGSTER_CELERY_QUEUE_TAG: GPU_QUEUE,
 }

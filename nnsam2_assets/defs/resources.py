@@ -15,6 +15,7 @@ from dagster_duckdb import DuckDBResource
 
 from nnsam2_assets.core import layout
 from nnsam2_assets.core.lifecycle import exit_with_parent
+from nnsam2_assets.executors import executor_kind
 from nnsam2_assets.ingest.convention import DatasetSpec, load_dataset
 from nnsam2_assets.propagation.backends import build_propagator
 from nnsam2_assets.propagation.base import Propagator
@@ -67,8 +68,9 @@ class NnsamStorage(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # DefaultRunLauncher reports no worker health to run monitoring, so a step worker whose run process
         # was killed marks the run failed itself and exits instead of hanging as an orphan
+        # (a Celery worker outlives runs by design and its pool processes serve many: Celery watches those)
         run, instance = context.dagster_run, context.instance
-        if run is not None and instance is not None and run.run_id:
+        if run is not None and instance is not None and run.run_id and executor_kind() != "celery":
             exit_with_parent(lambda: mark_run_orphaned(instance, run.run_id))
 
     def layout(self, dataset: str) -> layout.DatasetLayout:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from nnsam2_assets.definitions import PRELOADED_MODULES, STEP_EXECUTOR, defs
+from nnsam2_assets.definitions import defs
+from nnsam2_assets.executors import PRELOADED_MODULES, STEP_EXECUTOR
 
 
 @dg.asset

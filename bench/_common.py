@@ -3,8 +3,6 @@ in-process runs of a selection, step timings, memory readings and the machine's 
 
 from __future__ import annotations
 
-import platform
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,20 +11,9 @@ import dagster as dg
 
 from nnsam2_assets.definitions import all_assets
 from nnsam2_assets.metrics.store import SCHEMA, query
+from nnsam2_assets.testing.machine import cpu_model
 
-__all__ = ["all_assets"]
-
-
-def cpu_model() -> str:
-    """The CPU model as ``lscpu`` reports it (every timing is printed beside it)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        out = ""
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+__all__ = ["all_assets", "cpu_model"]
 
 
 def row(name: str, ratio, target: str, ok, detail: str, **extra) -> dict:

@@ -77,6 +77,8 @@ def bench_new_scan(base: Path, quick: bool) -> list[dict]:
 @dataclass
 class ChainRss:
     ratio: float  # the large run's memory above its post-import baseline / the small run's
+    whole_ratio: float  # the large run's whole-process peak RSS / the small run's
+    added_mb: dict[int, float]  # scans -> the run's peak above its post-import baseline
     detail: str
 
 
@@ -104,6 +106,8 @@ def peak_rss_of_chain(base: Path, sizes: tuple[int, int], seed: int, grid: dict 
     in_plane = "x".join(str(v) for v in (grid or SMALL)["shape_yx"])
     return ChainRss(
         added[big] / added[small],
+        out[big]["peak_rss_mb"] / out[small]["peak_rss_mb"],
+        added,
         f"run peak above the post-import baseline {added[big]:.0f} vs {added[small]:.0f} MB; whole process "
         f"{out[big]['peak_rss_mb']:.0f} vs {out[small]['peak_rss_mb']:.0f} MB (fresh process each, "
         f"high-water mark reset after imports and a warm-up run: {out[small]['peak_was_reset']}); "

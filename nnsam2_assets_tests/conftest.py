@@ -15,6 +15,7 @@ import pytest
 from nnsam2_assets.core.layout import duckdb_path
 from nnsam2_assets.defs.resources import PropagationSettings, RefinementSettings, build_resources
 from nnsam2_assets.propagation.parallel import WORKERS_ENV
+from nnsam2_assets.testing.machine import machine
 from nnsam2_assets.testing.realdata import allow_shared_data
 
 allow_shared_data()  # the real-data datasets link their files into ../shared/data
@@ -27,6 +28,34 @@ SUITE_REFINEMENT = RefinementSettings(num_epochs=4, iterations_per_epoch=50)
 # The tests' datasets are a few 64x64 scans, where starting worker processes costs more than it saves: one
 # process, except in the demo run (and test_parallel.py), which propagate in two like a user's default.
 os.environ.setdefault(WORKERS_ENV, "1")
+
+
+# test modules that use the session's demo cohort: pytest-xdist runs them all on one worker
+TESTS = Path(__file__).parent
+DEMO_MODULES = {
+    p.relative_to(TESTS.parent).as_posix() for p in TESTS.rglob("test_*.py") if "demo_cohort" in p.read_text()
+}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``.ci/test`` runs two xdist workers. Each takes whole test modules, so a module's fixtures are set up
+    once and its tests keep their order, and every demo-cohort module goes to the same worker, so the demo is
+    materialized once."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class DemoCohortOnOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return "demo_cohort" if module in DEMO_MODULES else module
+
+    return DemoCohortOnOneWorker(config, log)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """The machine beside the suite's time (pytest's last line): timings mean little without the CPU."""
+    if hasattr(config, "workerinput"):  # an xdist worker; the controller prints it
+        return
+    terminalreporter.write_line(f"machine: {machine()}")
 
 
 @dataclass

@@ -266,3 +266,48 @@ def test_every_demo_scan_and_label_has_two_level_segments_that_add_up_and_match_
                 assert row.expert_volume_ml == pytest.approx(expected, rel=0.05), (dataset, scan, row.level)
                 checked += 1
     assert checked == 4 * 4 * 2 + 2 * 2  # four Dixon scans x 4 labels x 2 levels, and the CT reference
+
+
+def test_metrics_recompute_only_the_scan_whose_final_mask_changed(demo_cohort, tmp_path, monkeypatch):
+    """A dataset's metrics on a copy of its storage: an unchanged rerun quantifies no scan and gives the same
+    rows; an edited final mask is quantified again, alone, and only its rows change."""
+    from nnsam2_assets.metrics import steps
+    from nnsam2_assets.metrics.qc import QCConfig
+
+    name = "demo-dixon"
+    root = tmp_path / "storage"
+    shutil.copytree(DatasetLayout(demo_cohort.storage_root, name).base, DatasetLayout(root, name).base)
+    layout, spec = DatasetLayout(root, name), load_dataset(demo_cohort.data_root, name)
+    quantified: list[str] = []
+    real = steps._scan_rows
+
+    def counting(spec, layout, scan, *args):
+        quantified.append(scan)
+        return real(spec, layout, scan, *args)
+
+    monkeypatch.setattr(steps, "_scan_rows", counting)
+
+    def labels() -> pd.DataFrame:
+        rows = steps.dataset_metrics(spec, layout, QCConfig(), "test").tables["scan_metrics"]
+        # QC flags compare a scan with the cohort, so an edited scan may change others' flags: not compared
+        rows = rows.drop(columns=["computed_at", "qc_flags"])
+        return rows.sort_values(["scan", "scheme", "class_name"], ignore_index=True)
+
+    scans = ok_scans(layout)
+    first = labels()  # the copied storage carries the session's cache: nothing to quantify
+    assert quantified == []
+    edited = scans[1]
+    mask = read_image(layout.final_mask_canonical(edited))
+    arr = sitk.GetArrayFromImage(mask)
+    arr[arr == 1] = 0  # erase the right erector spinae
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(mask)
+    sitk.WriteImage(out, str(layout.final_mask_canonical(edited)))
+    second = labels()
+    assert quantified == [edited]
+    same = first.scan != edited
+    pd.testing.assert_frame_equal(first[same].reset_index(drop=True), second[same].reset_index(drop=True))
+    changed = second[(second.scan == edited) & (second.class_name == "right_es")]
+    assert (changed.volume_ml == 0).all() and (
+        first[(first.scan == edited) & (first.class_name == "right_es")].volume_ml > 0
+    ).all()

@@ -55,6 +55,9 @@ def dagster_home() -> Path:
     return Path(os.environ.get("DAGSTER_HOME", home() / "dagster_home")).resolve()
 
 
+SCAN_METRIC_TABLES = ("labels", "slices", "levels")
+
+
 @dataclass(frozen=True)
 class DatasetLayout:
     root: Path
@@ -99,7 +102,15 @@ class DatasetLayout:
             self.final_mask_dicom_seg(scan),
             self.final_mask_canonical(scan),
         ]
-        for folder in ("scans", "propagated_masks", "pseudo_labels", "final_masks", "reference_ranking"):
+        outputs += [self.scan_metric_rows(scan, table) for table in SCAN_METRIC_TABLES]
+        for folder in (
+            "scans",
+            "propagated_masks",
+            "pseudo_labels",
+            "final_masks",
+            "reference_ranking",
+            "scan_metrics",
+        ):
             outputs += [self.dir(folder) / "_keys" / f"{scan}{suffix}" for suffix in (".key", ".json")]
         return outputs + [self.slice_tables / "_keys" / f"{scan}{suffix}" for suffix in (".key", ".json")]
 
@@ -152,6 +163,11 @@ class DatasetLayout:
     @property
     def stage_agreement(self) -> Path:
         return self.dir("final_masks") / "stage_agreement.parquet"
+
+    # metrics
+    def scan_metric_rows(self, scan: str, table: str) -> Path:
+        """One scan's cached metric rows (``labels``, ``slices`` or ``levels``), reused while its inputs hold."""
+        return self.dir("scan_metrics") / f"{scan}_{table}.parquet"
 
     @property
     def final_summary(self) -> Path:

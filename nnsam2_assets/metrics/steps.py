@@ -13,10 +13,12 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from nnsam2_assets.core.cache import ScanCache, cache_key
 from nnsam2_assets.core.imaging import read_array, read_image
 from nnsam2_assets.core.labels import class_map, side_of, to_class_space
-from nnsam2_assets.core.layout import DatasetLayout
+from nnsam2_assets.core.layout import SCAN_METRIC_TABLES, DatasetLayout
 from nnsam2_assets.core.masks import laterality_gap_voxels
+from nnsam2_assets.core.storage import atomic_write_dataframe, sha256_file
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans, read_manifest
 from nnsam2_assets.metrics import quant, stats
@@ -84,6 +86,35 @@ def _scan_rows(
     return labels, pd.concat(per_slice, ignore_index=True), levels
 
 
+def _cached_scan_rows(
+    spec: DatasetSpec, layout: DatasetLayout, cache: ScanCache, scan: str, k: int, l4_l5_slice: int | None
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, float | None]:
+    """``_scan_rows`` and the laterality gap of one scan, recomputed only when a file they read changed (so a
+    new scan costs one scan's metrics, not the dataset's); the rows are always read back from the cache, so
+    a fresh and a reused scan give rows of the same types."""
+    sources = (
+        layout.final_mask_canonical(scan),
+        layout.scan_image(scan),
+        layout.scan_fat(scan),
+        layout.scan_expert(scan),
+    )
+    key = cache_key(
+        VERSION, k, l4_l5_slice, spec.modality, spec.is_dixon, spec.n_classes,
+        *(sha256_file(p) if p.exists() else "-" for p in sources),
+    )  # fmt: skip
+    outputs = [layout.scan_metric_rows(scan, table) for table in SCAN_METRIC_TABLES]
+
+    def compute() -> dict:
+        mask = read_image(layout.final_mask_canonical(scan))
+        for frame, path in zip(_scan_rows(spec, layout, scan, k, mask, l4_l5_slice), outputs, strict=True):
+            atomic_write_dataframe(frame, path)
+        return {"laterality_gap": laterality_gap_voxels(sitk.GetArrayViewFromImage(mask), k)}
+
+    info, _ = cache.get_or_compute(scan, key, outputs, compute)
+    per_label, per_slice, per_level = (pd.read_parquet(path) for path in outputs)
+    return per_label, per_slice, per_level, info["laterality_gap"]
+
+
 @dataclass
 class DatasetMetrics:
     """The dataset's rows for every table ``scan_metrics`` owns, plus what its metadata shows."""
@@ -129,16 +160,15 @@ def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_
         c for c in ("stage1_vs_propagation", "stage2_vs_stage1", "stage3_vs_stage2") if c in stage_table
     ]
     manifest = read_manifest(layout)
+    cache = ScanCache(layout.dir("scan_metrics"))
     labels, slices, levels, confidence, scan_rows = [], [], [], [], []
     for scan in ok_scans(layout, manifest):
         if not layout.final_mask_canonical(scan).exists():
             continue
-        mask = read_image(layout.final_mask_canonical(scan))
         split = manifest.l4_l5_slice.get(scan) if "l4_l5_slice" in manifest else None
         split = None if split is None or pd.isna(split) else int(split)
-        per_label, per_slice, per_level = _scan_rows(spec, layout, scan, k, mask, split)
+        per_label, per_slice, per_level, gap = _cached_scan_rows(spec, layout, cache, scan, k, split)
         levels.append(per_level)
-        gap = laterality_gap_voxels(sitk.GetArrayViewFromImage(mask), k)
         conf = pd.read_parquet(layout.confidence(scan))
         backend, model_id = str(conf.backend.iloc[0]), str(conf.model_id.iloc[0])
         labels.append(per_label.assign(backend=backend, propagation_model=model_id))
@@ -161,6 +191,7 @@ def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_
                 "laterality_gap": np.nan if gap is None else gap,
             }
         )
+    cache.forget_unseen()
     label_df = pd.concat(labels, ignore_index=True).assign(**lineage) if labels else pd.DataFrame()
     slice_df = pd.concat(slices, ignore_index=True).assign(**lineage) if slices else pd.DataFrame()
     levels = [frame for frame in levels if len(frame)]

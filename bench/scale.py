@@ -75,7 +75,7 @@ def bench_scale(base: Path, quick: bool) -> list[dict]:
         _steps(wd, res, name, assets)
         restore_scan(wd.data / name, last, aside)
         t0 = time.perf_counter()
-        _steps(wd, res, name, assets)
+        add_one_steps, _ = _steps(wd, res, name, assets)
         add_one_s = time.perf_counter() - t0
     finally:
         wd.close()
@@ -103,7 +103,11 @@ def bench_scale(base: Path, quick: bool) -> list[dict]:
             round(add_one_s, 3),
             "(s)",
             None,
-            f"chain + final masks + metrics; a full run of {large} scans took {wall[large]:.0f} s",
+            "chain + final masks + metrics ("
+            + ", ".join(
+                f"{step} {sec:.1f}" for step, sec in sorted(add_one_steps.items(), key=lambda kv: -kv[1])
+            )
+            + f" s); a full run of {large} scans took {wall[large]:.0f} s",
         ),
     ]
     # two fresh processes of the chain (full runs only: --quick's rss section runs the same code on 2 and 4 scans)

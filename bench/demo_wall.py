@@ -16,7 +16,13 @@ import time
 from pathlib import Path
 
 from bench._common import row
-from nnsam2_assets.core.layout import HOME_ENV, model_version_dir
+from nnsam2_assets.core.layout import (
+    DATA_ROOT_ENV,
+    DUCKDB_ENV,
+    HOME_ENV,
+    STORAGE_ROOT_ENV,
+    model_version_dir,
+)
 from nnsam2_assets.defs.resources import NNUNET_EPOCHS_ENV, NNUNET_ITERATIONS_ENV
 from nnsam2_assets.refinement.nnunet import ModelInfo
 from nnsam2_assets.refinement.stages import STAGES, current_model
@@ -34,7 +40,16 @@ def _busy_core() -> subprocess.Popen:
 
 def bench_demo_wall(base: Path, quick: bool) -> list[dict]:
     home = base / "demo-wall"
-    env = {**os.environ, HOME_ENV: str(home), "TQDM_DISABLE": "1"}
+    # a fresh home whatever the caller's environment names: its own data, storage, database and instance
+    env = {k: v for k, v in os.environ.items() if k not in (DUCKDB_ENV, "DAGSTER_HOME")}
+    env.update(
+        {
+            HOME_ENV: str(home),
+            DATA_ROOT_ENV: str(home / "data"),
+            STORAGE_ROOT_ENV: str(home / "storage"),
+            "TQDM_DISABLE": "1",
+        }
+    )
     cmd = [sys.executable, "-m", "nnsam2_assets.cli", "demo", "--fresh"]
     if quick:
         env.update({NNUNET_EPOCHS_ENV: "1", NNUNET_ITERATIONS_ENV: "2"})

@@ -37,18 +37,27 @@ DEMO_MODULES = {
 }
 
 
-def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """``.ci/test`` runs two xdist workers. Each takes whole test modules, so a module's fixtures are set up
-    once and its tests keep their order, and every demo-cohort module goes to the same worker, so the demo is
-    materialized once."""
-    from xdist.scheduler import LoadScopeScheduling
+class DemoCohortScheduling:
+    """``.ci/test`` runs two pytest-xdist workers. Each takes whole test modules, so a module's fixtures are set
+    up once and its tests keep their order, and every demo-cohort module goes to the same worker, so the demo
+    is materialized once."""
 
-    class DemoCohortOnOneWorker(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::")[0]
-            return "demo_cohort" if module in DEMO_MODULES else module
+    @pytest.hookimpl
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log):
+        from xdist.scheduler import LoadScopeScheduling
 
-    return DemoCohortOnOneWorker(config, log)
+        class DemoCohortOnOneWorker(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                module = nodeid.split("::")[0]
+                return "demo_cohort" if module in DEMO_MODULES else module
+
+        return DemoCohortOnOneWorker(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # the hook exists only where pytest-xdist is installed and enabled (plain ``pytest`` works too)
+    if hasattr(config.hook, "pytest_xdist_make_scheduler"):
+        config.pluginmanager.register(DemoCohortScheduling(), "nnsam2-demo-cohort-scheduling")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import dagster as dg
 import pytest
@@ -87,7 +89,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     bad = write_demo_dataset(data, "bad", "ct", 2, 1, shape_yx=(64, 64))
     (bad / "annotation.nii.gz").write_bytes(b"not a NIfTI file")
     (bad / "scans" / "subj01.nii.gz").write_bytes(b"not a NIfTI file either")
-    with pytest.MonkeyPatch.context() as mp:
+    # patch.dict restores the whole environment, so the roots that ``--data-root``/``--storage-root`` set
+    # in this process do not leak into later tests of the same worker (monkeypatch forgets unset names)
+    with pytest.MonkeyPatch.context() as mp, mock.patch.dict(os.environ):
         mp.setenv(layout.HOME_ENV, str(home))
         mp.setenv("DAGSTER_HOME", str(home / "dagster_home"))
         mp.setenv(NNUNET_EPOCHS_ENV, "1")

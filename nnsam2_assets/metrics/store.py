@@ -125,6 +125,11 @@ def _ensure_table(con, table: str, df: pd.DataFrame) -> None:
     con.unregister("_incoming")
 
 
+def _table_exists(con, table: str) -> bool:
+    sql = "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?"
+    return bool(con.execute(sql, [SCHEMA, table]).fetchone()[0])
+
+
 def replace_dataset_rows(con, dataset: str, tables: Mapping[str, pd.DataFrame]) -> dict:
     """Replace every row of ``dataset`` in the given tables in ONE transaction on an open connection."""
     unknown = set(tables) - set(TABLES)
@@ -141,11 +146,7 @@ def replace_dataset_rows(con, dataset: str, tables: Mapping[str, pd.DataFrame]) 
     try:
         written = {}
         for table, df in tables.items():
-            exists = con.execute(
-                "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
-                [SCHEMA, table],
-            ).fetchone()[0]
-            if exists:
+            if _table_exists(con, table):
                 con.execute(f"DELETE FROM {SCHEMA}.{table} WHERE dataset = ?", [dataset])
             if not df.empty:
                 con.register("_incoming", df)
@@ -189,11 +190,7 @@ def dataset_rows(path: Path, table: str, dataset: str, wait_s: float = 30.0) -> 
         raise MetricsDBError(f"unknown table {table!r}; one of {', '.join(TABLES)}")
     con = connect(path, read_only=True, wait_s=wait_s, config=USER_SQL_CONFIG)
     try:
-        exists = con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
-            [SCHEMA, table],
-        ).fetchone()[0]
-        if not exists:
+        if not _table_exists(con, table):
             return pd.DataFrame()
         return con.execute(f"SELECT * FROM {SCHEMA}.{table} WHERE dataset = ?", [dataset]).df()
     finally:

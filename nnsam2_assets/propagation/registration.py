@@ -8,8 +8,10 @@ Scheme (per target scan):
    the seed, superior and inferior. The transforms are COMPOSED into one displacement field per slice that maps
    the target slice straight back to the annotated reference slice, so the reference's soft class masks are
    resampled exactly once per slice (no blur accumulation from re-warping masks again and again).
-3. Labels: argmax over the warped soft class masks and the background; per class the largest connected
-   component in 2-D per slice and in 3-D, holes filled.
+3. Labels: argmax over the warped soft class masks and the background; each side's edge re-placed along the
+   target's own image edges within a few millimetres (``propagation.boundary``, a random walker); per class
+   the largest connected component in 2-D per slice and in 3-D, holes filled. On the reference itself, the
+   annotated slice is the annotation.
 4. Confidence: windowed normalised cross-correlation between the target slice and the reference slice warped
    through the same composed transform, inside a band around each class mask, damped by the distance from
    the seed level (the chain accumulates error with every step).
@@ -38,8 +40,9 @@ from nnsam2_assets.propagation.base import (
     slice_direction,
     target_seed_slice,
 )
+from nnsam2_assets.propagation.boundary import refine_side_boundaries
 
-MODEL_ID = "sitk-demons-v1"
+MODEL_ID = "sitk-demons-v2"  # v2: side edges refined on the target image
 CT_WINDOW = (
     -200.0,
     300.0,
@@ -60,6 +63,10 @@ class RegistrationSettings:
     chain_demons_iterations: tuple[int, ...] = (30, 20, 10)
     ncc_window_mm: float = 9.0
     confidence_decay_slices: float = 40.0  # distance damping of the confidence, in slices
+    # the random walker's reach around each propagated side edge (0: off); 4 mm gained 0.005-0.019 2-class
+    # Dice on 11 of 12 TUM propagations (three seeds, both directions and onto itself), lost 0.003 on one
+    boundary_band_mm: float = 4.0
+    boundary_beta: float = 130.0  # scikit-image's default edge weight
 
 
 FAST_SETTINGS = RegistrationSettings(demons_iterations=(30, 20, 8), chain_demons_iterations=(20, 10, 4))
@@ -369,11 +376,19 @@ class RegistrationPropagator:
                 self._apply(acc, cur, ref_img, soft, z, probs, ncc, box)
                 prev, prev_probs = cur, probs[:, z, y0:y1, x0:x1]
 
+        # propagating onto the reference itself: its annotated slice is known exactly
+        own_seed = tgt_norm.shape == ref_norm.shape and np.array_equal(tgt_norm[t_seed], ref_norm[seed_slice])
         del ref_norm
 
         # 3. Labels: argmax against an implicit background of 1 - sum(probabilities).
         background = np.clip(1.0 - probs.sum(0), 0.0, 1.0)
         labels = (np.argmax(np.concatenate([background[None], probs]), axis=0)).astype(np.uint8)
+        if own_seed:
+            labels[t_seed] = ann_slice
+        band = int(round(s.boundary_band_mm / target.GetSpacing()[0]))
+        labels = refine_side_boundaries(
+            labels, tgt_norm, n_classes, band, s.boundary_beta, keep_slices={t_seed} if own_seed else ()
+        )
         labels = clean_class_masks(labels, n_classes)
         return self._result(labels, ncc, t_seed, n_classes)
 

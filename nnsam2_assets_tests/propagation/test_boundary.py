@@ -1,0 +1,86 @@
+"""Side-edge refinement of propagated masks on the target's own image (random walker within a band)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from nnsam2_assets.core.labels import mean_dice
+from nnsam2_assets.propagation.boundary import refine_side_boundaries
+from nnsam2_assets.propagation.registration import RegistrationPropagator
+
+BAND = 4
+
+
+def _two_muscles(ny: int = 80, nx: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One slice: two bright ellipses (right and left side; each split into ES lateral, MF medial) on a dark
+    background with noise; returns (image in [0, 1], 4-class labels)."""
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float32)
+    labels = np.zeros((ny, nx), np.uint8)
+    for cx, lateral, medial in ((0.25 * nx, 1, 2), (0.75 * nx, 4, 3)):  # 16 px apart, as a spinous process
+        inside = ((yy - ny / 2) / 20) ** 2 + ((xx - cx) / 22) ** 2 < 1
+        is_lateral = (xx < cx) if lateral == 1 else (xx > cx)
+        labels[inside & is_lateral] = lateral
+        labels[inside & ~is_lateral] = medial
+    rng = np.random.default_rng(seed)
+    image = np.where(labels > 0, 0.8, 0.15) + rng.normal(0, 0.03, labels.shape)
+    return np.clip(image, 0, 1).astype(np.float32), labels
+
+
+def _grow(labels: np.ndarray, pixels: float) -> np.ndarray:
+    """Labels grown by ``pixels`` (Euclidean) into the background, each pixel taking its nearest class: a
+    propagated edge that lags the image edge."""
+    distance, (iy, ix) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+    return np.where(distance <= pixels, labels[iy, ix], 0).astype(labels.dtype)
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_a_lagging_edge_moves_onto_the_image_edge(n_classes):
+    image, truth4 = _two_muscles()
+    truth = truth4 if n_classes == 4 else np.array([0, 1, 1, 2, 2], np.uint8)[truth4]
+    lagging = _grow(truth, 3)[None]
+    refined = refine_side_boundaries(lagging, image[None], n_classes, BAND)
+    before, after = mean_dice(lagging[0], truth, n_classes), mean_dice(refined[0], truth, n_classes)
+    assert before < 0.93 and after > 0.97, (before, after)
+    # sides never change places, and in 4-class the ES/MF split keeps its propagated course
+    assert set(np.unique(refined[0][truth == 0])) <= {0, *range(1, n_classes + 1)}
+    for c in range(1, n_classes + 1):
+        assert (refined[0] == c).sum() > 0
+    if n_classes == 4:
+        inner = truth4 > 0
+        np.testing.assert_array_equal(refined[0][inner], truth4[inner])
+
+
+def test_kept_slices_band_zero_and_empty_slices_are_untouched():
+    image, truth = _two_muscles()
+    lagging = np.stack([_grow(truth, 3), _grow(truth, 3), np.zeros_like(truth)])
+    images = np.stack([image, image, image])
+    out = refine_side_boundaries(lagging, images, 4, BAND, keep_slices={0})
+    np.testing.assert_array_equal(out[0], lagging[0])
+    assert not np.array_equal(out[1], lagging[1])
+    assert not out[2].any()
+    np.testing.assert_array_equal(refine_side_boundaries(lagging, images, 4, 0), lagging)
+
+
+def test_a_side_thinner_than_the_band_is_left_as_propagated():
+    image, truth = _two_muscles()
+    thin = np.zeros_like(truth)
+    thin[38:42, 20:60] = 1  # 4 px thick: erosion by the band leaves no interior to seed it
+    thin[30:50, 70:100] = 2
+    out = refine_side_boundaries(thin[None], image[None], 2, BAND)
+    np.testing.assert_array_equal(out[0], thin)
+
+
+def test_propagating_onto_the_reference_keeps_its_annotated_slice_exactly():
+    image, truth = _two_muscles()
+    volume = np.stack([image * (1 + 0.02 * k) for k in range(5)]) * 1000
+    reference = sitk.GetImageFromArray(volume.astype(np.float32))
+    reference.SetSpacing((1.0, 1.0, 4.0))
+    annotation_arr = np.zeros(volume.shape, np.uint8)
+    annotation_arr[2] = truth
+    annotation = sitk.GetImageFromArray(annotation_arr)
+    annotation.CopyInformation(reference)
+    masks = RegistrationPropagator().propagate(reference, annotation, 2, reference, "mri").masks
+    np.testing.assert_array_equal(masks[2], truth)

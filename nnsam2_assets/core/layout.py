@@ -123,6 +123,11 @@ class DatasetLayout:
         return self.dir("reference_annotation") / "annotation.json"
 
     @property
+    def annotation_clicks(self) -> Path:
+        """The click prompts (pixels of the annotated slice), when the annotation was given as clicks."""
+        return self.dir("reference_annotation") / "clicks.json"
+
+    @property
     def ranking(self) -> Path:
         return self.dir("reference_ranking") / "ranking.csv"
 

@@ -142,7 +142,8 @@ def region_previews(layout, good, limit: int = 8) -> str:
     deps=[scans],
 )
 def reference_annotation(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.MaterializeResult:
-    """The one annotated axial slice, validated against the reference scan and put on its canonical crop."""
+    """The one annotated axial slice, validated against the reference scan and put on its canonical crop.
+    Click prompts (``annotation.mrk.json`` / ``annotation.csv``) become that slice's mask here."""
     spec = storage.dataset(context.partition_key)
     layout = storage.layout(context.partition_key)
     report = annotation.write_reference_annotation(spec, layout)
@@ -152,6 +153,8 @@ def reference_annotation(context: dg.AssetExecutionContext, storage: NnsamStorag
         metadata={
             "reference": spec.reference,
             "seed_slice": report.meta["seed_slice"],
+            "prompt": report.meta["prompt"],  # "mask", or "clicks" made into the slice mask shown
+            "n_clicks": report.meta["n_clicks"],
             "n_slices_in_region": report.n_slices,
             "class_areas_px": dg.MetadataValue.json(areas),
             "overlay": dg.MetadataValue.md(

@@ -24,9 +24,11 @@ from nnsam2_assets.core.imaging import (
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.masks import laterality_gap_voxels
 from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
+from nnsam2_assets.ingest.clicks import SliceClicks, is_click_file, place_clicks, read_clicks
 from nnsam2_assets.ingest.convention import DatasetSpec, map_labels
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.ingest.slicer import is_slicer_segmentation, read_slicer_labels
+from nnsam2_assets.propagation.interactive import mask_from_clicks
 
 
 @dataclass(frozen=True)
@@ -85,20 +87,48 @@ def validate_annotation(
     canonical = to_canonical(mapped_img)
     arr = sitk.GetArrayFromImage(canonical)
     seed = int(np.flatnonzero(arr.reshape(arr.shape[0], -1).any(axis=1))[0])
-    present = tuple(int(v) for v in np.unique(arr[seed]) if v)
+    present = check_annotated_slice(arr[seed], spec, annotation_path)
+    return Annotation(sitk.Cast(canonical, sitk.sitkUInt8), seed, present)
+
+
+def check_annotated_slice(labels: np.ndarray, spec: DatasetSpec, path: Path) -> tuple[int, ...]:
+    """Every class present on the canonical annotated slice, right and left where they belong; returns the
+    classes present."""
+    present = tuple(int(v) for v in np.unique(labels) if v)
     missing = sorted(set(range(1, spec.n_classes + 1)) - set(present))
     if missing:
         names = [spec.class_names[m - 1] for m in missing]
-        raise ScanError(annotation_path, f"annotation lacks class(es) {names} on its annotated slice")
-    gap = laterality_gap_voxels(arr[seed], spec.n_classes)
+        raise ScanError(path, f"annotation lacks class(es) {names} on its annotated slice")
+    gap = laterality_gap_voxels(labels, spec.n_classes)
     if gap is not None and gap < 0:
         raise ScanError(
-            annotation_path,
+            path,
             "the right-side classes lie on the patient's left of the left-side classes (in the scan's own "
             f"patient coordinates, by {-gap:.0f} voxels): right and left are swapped in the labels or in "
             "dataset.yaml's label_map",
         )
-    return Annotation(sitk.Cast(canonical, sitk.sitkUInt8), seed, present)
+    return present
+
+
+def annotation_from_clicks(spec: DatasetSpec, layout: DatasetLayout) -> tuple[Annotation, SliceClicks]:
+    """Click prompts placed on the reference's canonical crop, and the slice mask the weight-free random
+    walker makes of them (``propagation.interactive``)."""
+    reference = read_image(layout.scan_image(spec.reference))
+    clicks = place_clicks(
+        read_clicks(spec.annotation, spec.class_names),
+        reference,
+        spec.annotation,
+        f"the reference scan {spec.reference!r} (its region)",
+    )
+    volume = sitk.GetArrayFromImage(reference)
+    labels = np.zeros(volume.shape, np.uint8)
+    labels[clicks.slice] = mask_from_clicks(
+        volume, clicks, spec.n_classes, spec.modality, reference.GetSpacing()[:2]
+    )
+    present = check_annotated_slice(labels[clicks.slice], spec, spec.annotation)
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(reference)
+    return Annotation(image, clicks.slice, present), clicks
 
 
 def read_annotation_file(spec: DatasetSpec, reference_original: sitk.Image) -> sitk.Image:
@@ -113,6 +143,13 @@ def read_annotation_file(spec: DatasetSpec, reference_original: sitk.Image) -> s
 
 def read_annotation_meta(layout: DatasetLayout) -> dict:
     return json.loads(layout.annotation_meta.read_text())
+
+
+def read_annotation_clicks(layout: DatasetLayout) -> SliceClicks | None:
+    """The click prompts the annotation was made from, or None for a drawn annotation."""
+    if not layout.annotation_clicks.exists():
+        return None
+    return SliceClicks.from_json(json.loads(layout.annotation_clicks.read_text()))
 
 
 @dataclass
@@ -130,10 +167,16 @@ def write_reference_annotation(spec: DatasetSpec, layout: DatasetLayout) -> Anno
         raise ScanError(
             spec.scans[spec.reference].image, "the reference scan failed ingest (see the scans asset)"
         )
-    reference_original = read_image(spec.scans[spec.reference].image)
-    annotation = validate_annotation(
-        read_annotation_file(spec, reference_original), reference_original, spec, spec.annotation
-    )
+    clicks = None
+    if is_click_file(spec.annotation):
+        annotation, clicks = annotation_from_clicks(spec, layout)
+        atomic_write_json(clicks.to_json(), layout.annotation_clicks)
+    else:
+        reference_original = read_image(spec.scans[spec.reference].image)
+        annotation = validate_annotation(
+            read_annotation_file(spec, reference_original), reference_original, spec, spec.annotation
+        )
+        layout.annotation_clicks.unlink(missing_ok=True)
     atomic_write_image(annotation.labels, layout.annotation)
     ann_hash = sha256_file(spec.annotation)
     meta = {
@@ -142,6 +185,8 @@ def write_reference_annotation(spec: DatasetSpec, layout: DatasetLayout) -> Anno
         "n_classes": spec.n_classes,
         "annotation_sha256": ann_hash,
         "source": str(spec.annotation),
+        "prompt": "clicks" if clicks else "mask",
+        "n_clicks": len(clicks.rows) if clicks else 0,
     }
     atomic_write_json(meta, layout.annotation_meta)
     ref = read_array(layout.scan_image(spec.reference))

@@ -6,7 +6,8 @@ One folder per dataset under a data root; the folder name is the Dagster partiti
       dataset.yaml            modality, sequence, reference scan, label map
       scans/<id>.nii.gz       one scan (or scans/<id>/ = a DICOM series, or <id>_water/<id>_fat for Dixon)
       annotation.nii.gz       one annotated axial slice on the reference scan's grid (or a Slicer
-                              annotation.seg.nrrd, ``ingest.slicer``)
+                              annotation.seg.nrrd, ``ingest.slicer``; or click points on one slice,
+                              annotation.mrk.json / annotation.csv, ``ingest.clicks``)
       experts/<id>.nii.gz     optional expert labels (or <id>.seg.nrrd)
       regions.csv             optional per-scan regions: scan,first_slice,last_slice[,l4_l5]
 
@@ -229,9 +230,11 @@ def load_dataset(data_root: Path, name: str) -> DatasetSpec:
 
 
 def _default_annotation(folder: Path) -> str:
-    """annotation.nii.gz, or annotation.seg.nrrd when only that one is there."""
-    if not (folder / "annotation.nii.gz").exists() and (folder / f"annotation{SEG_SUFFIX}").exists():
-        return f"annotation{SEG_SUFFIX}"
+    """annotation.nii.gz, else the first of annotation.seg.nrrd, annotation.mrk.json (Slicer click points)
+    and annotation.csv (click points) that is there."""
+    for name in ("annotation.nii.gz", f"annotation{SEG_SUFFIX}", "annotation.mrk.json", "annotation.csv"):
+        if (folder / name).exists():
+            return name
     return "annotation.nii.gz"
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from nnsam2_assets.ingest.clicks import SliceClicks
+
 CONFIDENCE_COLUMNS = [
     "slice",
     "class_id",
@@ -64,8 +66,11 @@ class Propagator(Protocol):
         target: sitk.Image,
         modality: str,
         frames_dir: Path | None = None,
+        clicks: SliceClicks | None = None,
     ) -> PropagationResult:
-        """``frames_dir``: where a backend that tracks image frames keeps them (others ignore it)."""
+        """``frames_dir``: where a backend that tracks image frames keeps them (others ignore it).
+        ``clicks``: the click prompts the annotation was made from, on its seed slice; a backend with a point
+        prompt (SAM2) prompts with them, the others propagate the annotation made of them."""
         ...
 
 

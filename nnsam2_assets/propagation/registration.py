@@ -34,6 +34,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from nnsam2_assets.core.masks import largest_component
+from nnsam2_assets.ingest.clicks import SliceClicks
 from nnsam2_assets.propagation.base import (
     CONFIDENCE_COLUMNS,
     PropagationResult,
@@ -276,8 +277,10 @@ class RegistrationPropagator:
         target: sitk.Image,
         modality: str,
         frames_dir: Path | None = None,
+        clicks: SliceClicks | None = None,
     ) -> PropagationResult:
-        del frames_dir  # registration works on the volumes themselves, not on frames
+        # registration works on the volumes themselves, not on frames, and on the mask made of any clicks
+        del frames_dir, clicks
         with sitk_threads(self.threads):
             return self._propagate(reference, annotation, seed_slice, target, modality)
 

@@ -48,6 +48,7 @@ from sam2.build_sam import build_sam2_video_predictor  # noqa: E402  (after the 
 from sam2.sam2_video_predictor import SAM2VideoPredictor  # noqa: E402
 
 from nnsam2_assets.core.storage import sha256_file  # noqa: E402
+from nnsam2_assets.ingest.clicks import SliceClicks  # noqa: E402
 from nnsam2_assets.propagation.base import (  # noqa: E402
     CONFIDENCE_COLUMNS,
     PropagationResult,
@@ -204,9 +205,11 @@ class SAM2Propagator:
         target: sitk.Image,
         modality: str,
         frames_dir: Path | None = None,
+        clicks: SliceClicks | None = None,
     ) -> PropagationResult:
         """``frames_dir`` (else ``work_dir``, else a temporary folder) receives the JPEG frames and frame maps
-        that SAM2 reads, one sub-folder per direction."""
+        that SAM2 reads, one sub-folder per direction. With ``clicks`` (on ``seed_slice``), each class is
+        prompted with its positive and negative points (``add_new_points_or_box``) instead of its mask."""
         ref = sitk.GetArrayFromImage(reference)
         tgt = sitk.GetArrayFromImage(target)
         ann = sitk.GetArrayFromImage(annotation)
@@ -222,6 +225,8 @@ class SAM2Propagator:
             raise ValueError(f"annotation slice {seed_slice} is empty: nothing to propagate")
         if len(class_ids) > 255 or max(class_ids) > 255:
             raise ValueError("class ids must fit in uint8")
+        if clicks is not None and clicks.slice != seed_slice:
+            raise ValueError(f"the clicks lie on slice {clicks.slice}, the annotation on {seed_slice}")
 
         n_ref, n_tgt = ref.shape[0], tgt.shape[0]
         t_seed = int(target_seed_slice(seed_slice, n_ref, n_tgt))
@@ -254,7 +259,14 @@ class SAM2Propagator:
                 state = self.predictor.init_state(str(folder), offload_video_to_cpu=self.offload_video_to_cpu)
                 try:
                     for cid in class_ids:  # prompt ONLY the reference seed frame (frame 0 of each sequence)
-                        self.predictor.add_new_mask(state, 0, cid, torch.from_numpy(seed_mask == cid))
+                        if clicks is None:
+                            self.predictor.add_new_mask(state, 0, cid, torch.from_numpy(seed_mask == cid))
+                            continue
+                        points, labels = clicks.for_class(cid)
+                        scale = np.array(seq.frames[0].shape[::-1], np.float32) / ref.shape[:0:-1]
+                        self.predictor.add_new_points_or_box(
+                            state, 0, cid, points=points * scale, labels=labels
+                        )
                     for frame_idx, obj_ids, video_res_masks in self.predictor.propagate_in_video(state):
                         if roles[frame_idx] != "target":
                             continue

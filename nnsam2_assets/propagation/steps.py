@@ -18,7 +18,7 @@ from nnsam2_assets.core.imaging import read_array, read_image
 from nnsam2_assets.core.labels import mean_dice, to_class_space
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_image, sha256_file
-from nnsam2_assets.ingest.annotation import read_annotation_meta
+from nnsam2_assets.ingest.annotation import read_annotation_clicks, read_annotation_meta
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans, read_manifest
 from nnsam2_assets.propagation.base import PropagationResult, Propagator
@@ -78,6 +78,8 @@ def propagate_masks(
     cache = ScanCache(layout.dir("propagated_masks"))
     rewritten = 0
 
+    clicks = read_annotation_clicks(layout)
+
     @functools.cache
     def shared() -> tuple[Propagator, sitk.Image, sitk.Image]:
         """Built on the first scan that needs propagating, then reused for every other."""
@@ -96,6 +98,7 @@ def propagate_masks(
                 target,
                 spec.modality,
                 frames_dir=layout.frames(scan_id),
+                clicks=clicks,
             )
         masks = result.masks.astype(np.uint8)
         if _differs(layout.masks(scan_id), masks):  # an identical result keeps its file (and digest)

@@ -12,6 +12,7 @@ import yaml
 
 from nnsam2_assets.core.labels import TOTALSEG_LPM_IDS, class_map
 from nnsam2_assets.core.layout import ALLOWED_ROOTS_ENV
+from nnsam2_assets.testing.clicks import clicks_from_labels, write_click_csv, write_markups
 
 SHARED_DATA = Path(
     os.environ.get("NNSAM2_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
@@ -64,6 +65,20 @@ def tum_dataset(root: Path, name: str = "tum", reference: str = "TUM01", seed_z:
         folder / "dataset.yaml",
         {"modality": "mri", "sequence": "dixon", "reference": reference, "label_map": TUM_LABEL_MAP},
     )
+    return folder
+
+
+def tum_click_dataset(root: Path, name: str, reference: str, file_format: str = "csv") -> Path:
+    """The TUM pair with click prompts on ``reference``'s middle slice, made from its expert labels, in place
+    of the drawn annotation: ``annotation.csv`` or ``annotation.mrk.json`` (``file_format`` "csv" or "mrk")."""
+    folder = tum_dataset(root, name, reference)
+    (folder / "annotation.nii.gz").unlink()
+    labels = sitk.ReadImage(str(TUM / f"{reference}_label_watergrid.nii.gz"))
+    clicks = clicks_from_labels(labels, labels.GetSize()[2] // 2)
+    if file_format == "csv":
+        write_click_csv(clicks, 4, folder / "annotation.csv")
+    else:
+        write_markups(clicks, 4, folder / "annotation.mrk.json")
     return folder
 
 

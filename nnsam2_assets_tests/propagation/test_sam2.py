@@ -3,6 +3,7 @@ so these check plumbing (prompting, interleaving, IoU capture, presence gating, 
 The accuracy smoke test needs a real checkpoint: set NNSAM2_SAM2_CHECKPOINT (and NNSAM2_SAM2_CONFIG if it is
 not the hiera-tiny config)."""
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import SimpleITK as sitk
 import torch
 
 import nnsam2_assets.propagation.sam2 as sam2_backend
+from nnsam2_assets.ingest.clicks import SliceClicks
 from nnsam2_assets.propagation.frames import FRAME_MAP_FILE
 from nnsam2_assets.propagation.sam2 import (
     CONFIDENCE_COLUMNS,
@@ -313,3 +315,36 @@ def test_checkpoint_is_loaded_and_hashed_into_model_id(propagator, tmp_path):
         propagator.predictor.state_dict().items(), loaded.predictor.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_click_prompts_go_to_the_point_api_on_the_seed_frame(propagator, case, monkeypatch):
+    """Clicks replace the mask prompt: per class its positive and negative points, in frame pixels."""
+    ref, ann, seed, tgt = case
+    rows, cols, ids, positive = [], [], [], []
+    for cid in (1, 2):
+        ys, xs = np.nonzero(ann[seed] == cid)
+        rows += [int(ys.mean()), 0]
+        cols += [int(xs.mean()), 0]
+        ids += [cid, cid]
+        positive += [True, False]
+    clicks = SliceClicks(seed, tuple(rows), tuple(cols), tuple(ids), tuple(positive))
+    calls, masks = [], []
+    original = propagator.predictor.add_new_points_or_box
+
+    def spy(state, frame_idx, obj_id, points, labels):
+        calls.append((frame_idx, obj_id, np.asarray(points).copy(), np.asarray(labels).copy()))
+        return original(state, frame_idx, obj_id, points=points, labels=labels)
+
+    monkeypatch.setattr(propagator.predictor, "add_new_points_or_box", spy)
+    monkeypatch.setattr(propagator.predictor, "add_new_mask", lambda *a, **k: masks.append(a))
+    res = propagator.propagate(_img(ref), _img(ann), seed, _img(tgt), "mri", clicks=clicks)
+    _check_result(res, tgt)
+    assert not masks
+    assert [(f, o) for f, o, _, _ in calls] == [(0, 1), (0, 2), (0, 1), (0, 2)]  # 2 directions x 2 classes
+    for _, obj_id, points, labels in calls:
+        expected, expected_labels = clicks.for_class(obj_id)
+        np.testing.assert_allclose(points, expected)  # equal shapes: frames at native size, scale 1
+        np.testing.assert_array_equal(labels, expected_labels)
+    with pytest.raises(ValueError, match="the clicks lie on slice"):
+        other = SliceClicks(seed + 1, *dataclasses.astuple(clicks)[1:])
+        propagator.propagate(_img(ref), _img(ann), seed, _img(tgt), "mri", clicks=other)

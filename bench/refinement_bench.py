@@ -125,8 +125,10 @@ def run_refinement_bench(
     epochs: int = 0,
     iterations: int = 0,
     reference: str = "TUM01",
+    extra_slices: tuple[int, ...] = (),
 ) -> list[dict]:
-    """One direction: ``reference`` annotated on one slice, the whole pipeline, scored on the other scan."""
+    """One direction: ``reference`` annotated on one slice (and ``extra_slices``), the whole pipeline, scored
+    on the other scan."""
     root = Path(workdir or tempfile.mkdtemp(prefix=f"nnsam2-{reference.lower()}-"))
     data, storage = root / "data", root / "storage"
     seed_z = (
@@ -134,7 +136,7 @@ def run_refinement_bench(
         if seed == "middle"
         else int(sitk.ReadImage(str(TUM / f"{reference}_water.nii.gz")).GetSize()[2] - 1)
     )
-    tum_dataset(data, "tum", reference=reference, seed_z=seed_z)
+    tum_dataset(data, "tum", reference=reference, seed_z=seed_z, extra_slices=extra_slices)
     resources = build_resources(data, storage)
     if epochs or iterations:  # 0 keeps the quick profile's budget
         resources["refinement"] = RefinementSettings(num_epochs=epochs, iterations_per_epoch=iterations)

@@ -65,6 +65,8 @@ def _result(info: refine.StageResult) -> dg.MaterializeResult:
         "training_seconds": info.training_seconds,
         "seconds_per_iteration": info.seconds_per_iteration,
         "n_predicted_scans": info.n_predicted,
+        # the annotated slices trained on as exact labels (not the held-out one)
+        "exact_label_slices": dg.MetadataValue.json(info.exact_label_slices),
         "selection": table(
             sel, ["dataset", "scan", "mean_dice", "smooth_ok", "selected", "relaxed", "n_kept"]
         ),

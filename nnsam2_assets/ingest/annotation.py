@@ -30,12 +30,24 @@ from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.ingest.slicer import is_slicer_segmentation, read_slicer_labels
 from nnsam2_assets.propagation.interactive import mask_from_clicks
 
+MAX_ANNOTATED_SLICES = 5  # each slice is a prompt; a label volume with more is an expert segmentation
+
 
 @dataclass(frozen=True)
 class Annotation:
     labels: sitk.Image  # canonical, our class ids, uint8
-    seed_slice: int  # canonical z index of the annotated slice
+    seed_slice: int  # canonical z of the primary annotated slice (nearest the region's middle)
     classes_present: tuple[int, ...]
+    slices: tuple[int, ...] = ()  # canonical z of every annotated slice (the primary among them)
+
+    @property
+    def annotated_slices(self) -> tuple[int, ...]:
+        return self.slices or (self.seed_slice,)
+
+
+def primary_slice(slices: tuple[int, ...], n_slices: int) -> int:
+    """The annotated slice nearest the middle of the region: the one the held-out check scores on."""
+    return min(slices, key=lambda z: (abs(2 * z - (n_slices - 1)), z))
 
 
 def validate_annotation(
@@ -44,10 +56,11 @@ def validate_annotation(
     spec: DatasetSpec,
     annotation_path: Path,
 ) -> Annotation:
-    """Check the one annotation against the reference scan, crop it to the region and canonicalise it.
+    """Check the annotation against the reference scan, crop it to the region and canonicalise it.
 
-    Rules: same voxel grid as the reference scan file; exactly one non-empty axial slice; that slice inside
-    the reference's region; every class present; no label values outside the map.
+    Rules: same voxel grid as the reference scan file; one non-empty axial slice, or a few (at most
+    ``MAX_ANNOTATED_SLICES``, each a prompt); each inside the reference's region with every class present and
+    right and left in place; no label values outside the map.
     """
     if not same_grid(annotation, reference_original):
         raise ScanError(
@@ -65,47 +78,54 @@ def validate_annotation(
     per_slice = np.moveaxis(mapped_full, axis_np, 0).reshape(mapped_full.shape[axis_np], -1).any(axis=1)
     nonempty = np.flatnonzero(per_slice)
     if len(nonempty) == 0:
-        raise ScanError(annotation_path, "annotation is empty: draw the muscles on exactly one axial slice")
-    if len(nonempty) > 1:
+        raise ScanError(annotation_path, "annotation is empty: draw the muscles on one axial slice")
+    if len(nonempty) > MAX_ANNOTATED_SLICES:
         raise ScanError(
             annotation_path,
             f"annotation covers {len(nonempty)} axial slices (indices {nonempty.tolist()[:10]}); "
-            "exactly one annotated slice is expected",
+            f"one annotated slice is expected, at most {MAX_ANNOTATED_SLICES}",
         )
     mapped_img = sitk.GetImageFromArray(mapped_full)
     mapped_img.CopyInformation(annotation)
     if spec.reference in spec.regions:
         region = spec.regions[spec.reference]
         lo, hi = region.bounds
-        if not lo <= int(nonempty[0]) <= hi:
-            raise ScanError(
-                annotation_path,
-                f"annotated slice {int(nonempty[0])} lies outside the reference's region {lo}..{hi} "
-                f"({spec.region_origin(spec.reference)})",
-            )
+        for z in nonempty.tolist():
+            if not lo <= z <= hi:
+                raise ScanError(
+                    annotation_path,
+                    f"annotated slice {z} lies outside the reference's region {lo}..{hi} "
+                    f"({spec.region_origin(spec.reference)})",
+                )
         mapped_img = crop_region(mapped_img, region.first, region.last, annotation_path)
     canonical = to_canonical(mapped_img)
     arr = sitk.GetArrayFromImage(canonical)
-    seed = int(np.flatnonzero(arr.reshape(arr.shape[0], -1).any(axis=1))[0])
-    present = check_annotated_slice(arr[seed], spec, annotation_path)
-    return Annotation(sitk.Cast(canonical, sitk.sitkUInt8), seed, present)
+    slices = tuple(int(z) for z in np.flatnonzero(arr.reshape(arr.shape[0], -1).any(axis=1)))
+    present: tuple[int, ...] = ()
+    for z in slices:
+        where = f" (canonical slice {z})" if len(slices) > 1 else ""
+        present = check_annotated_slice(arr[z], spec, annotation_path, where)
+    seed = primary_slice(slices, arr.shape[0])
+    return Annotation(sitk.Cast(canonical, sitk.sitkUInt8), seed, present, slices)
 
 
-def check_annotated_slice(labels: np.ndarray, spec: DatasetSpec, path: Path) -> tuple[int, ...]:
-    """Every class present on the canonical annotated slice, right and left where they belong; returns the
-    classes present."""
+def check_annotated_slice(
+    labels: np.ndarray, spec: DatasetSpec, path: Path, where: str = ""
+) -> tuple[int, ...]:
+    """Every class present on a canonical annotated slice, right and left where they belong; returns the
+    classes present. ``where`` names the slice in messages when there are several."""
     present = tuple(int(v) for v in np.unique(labels) if v)
     missing = sorted(set(range(1, spec.n_classes + 1)) - set(present))
     if missing:
         names = [spec.class_names[m - 1] for m in missing]
-        raise ScanError(path, f"annotation lacks class(es) {names} on its annotated slice")
+        raise ScanError(path, f"annotation lacks class(es) {names} on its annotated slice{where}")
     gap = laterality_gap_voxels(labels, spec.n_classes)
     if gap is not None and gap < 0:
         raise ScanError(
             path,
-            "the right-side classes lie on the patient's left of the left-side classes (in the scan's own "
-            f"patient coordinates, by {-gap:.0f} voxels): right and left are swapped in the labels or in "
-            "dataset.yaml's label_map",
+            f"the right-side classes lie on the patient's left of the left-side classes{where} (in the "
+            f"scan's own patient coordinates, by {-gap:.0f} voxels): right and left are swapped in the labels "
+            "or in dataset.yaml's label_map",
         )
     return present
 
@@ -145,6 +165,11 @@ def read_annotation_meta(layout: DatasetLayout) -> dict:
     return json.loads(layout.annotation_meta.read_text())
 
 
+def annotated_slices(meta: dict) -> tuple[int, ...]:
+    """Every annotated slice of the reference (canonical z); the primary ``seed_slice`` among them."""
+    return tuple(int(z) for z in meta.get("annotated_slices", [meta["seed_slice"]]))
+
+
 def read_annotation_clicks(layout: DatasetLayout) -> SliceClicks | None:
     """The click prompts the annotation was made from, or None for a drawn annotation."""
     if not layout.annotation_clicks.exists():
@@ -182,6 +207,7 @@ def write_reference_annotation(spec: DatasetSpec, layout: DatasetLayout) -> Anno
     meta = {
         "reference": spec.reference,
         "seed_slice": annotation.seed_slice,
+        "annotated_slices": list(annotation.annotated_slices),
         "n_classes": spec.n_classes,
         "annotation_sha256": ann_hash,
         "source": str(spec.annotation),

@@ -11,11 +11,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from nnsam2_assets.core.imaging import read_image
 from nnsam2_assets.propagation.base import PropagationResult, Propagator
+from nnsam2_assets.propagation.prompts import propagate_from_slices
 
 WORKERS_ENV = "NNSAM2_PROPAGATION_WORKERS"
 # fork on Linux: a worker starts at once with the modules already imported. Spawn re-imports the caller's
@@ -31,19 +33,26 @@ def default_workers() -> int:
     return max(1, int(os.environ.get(WORKERS_ENV) or os.cpu_count() or 1))
 
 
-def _start(propagator: Propagator, reference: Path, annotation: Path, seed_slice: int, modality: str) -> None:
+def _start(
+    propagator: Propagator, reference: Path, annotation: Path, prompts: Sequence[int], modality: str
+) -> None:
     _job.update(
         propagator=propagator,
         reference=read_image(reference),
         annotation=read_image(annotation),
-        seed_slice=seed_slice,
+        prompts=prompts,
         modality=modality,
     )
 
 
 def _propagate(target: Path) -> PropagationResult:
-    return _job["propagator"].propagate(
-        _job["reference"], _job["annotation"], _job["seed_slice"], read_image(target), _job["modality"]
+    return propagate_from_slices(
+        _job["propagator"],
+        _job["reference"],
+        _job["annotation"],
+        _job["prompts"],
+        read_image(target),
+        _job["modality"],
     )
 
 
@@ -51,7 +60,7 @@ def propagate_in_workers(
     propagator: Propagator,
     reference: Path,
     annotation: Path,
-    seed_slice: int,
+    prompts: Sequence[int],
     modality: str,
     targets: dict[str, Path],
     workers: int,
@@ -61,6 +70,6 @@ def propagate_in_workers(
         workers,
         mp_context=multiprocessing.get_context(START_METHOD),
         initializer=_start,
-        initargs=(propagator, reference, annotation, seed_slice, modality),
+        initargs=(propagator, reference, annotation, prompts, modality),
     ) as pool:
         return dict(zip(targets, pool.map(_propagate, targets.values()), strict=True))

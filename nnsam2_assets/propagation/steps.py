@@ -18,13 +18,18 @@ from nnsam2_assets.core.imaging import read_array, read_image
 from nnsam2_assets.core.labels import mean_dice, to_class_space
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_image, sha256_file
-from nnsam2_assets.ingest.annotation import read_annotation_clicks, read_annotation_meta
+from nnsam2_assets.ingest.annotation import (
+    annotated_slices,
+    read_annotation_clicks,
+    read_annotation_meta,
+)
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans, read_manifest
 from nnsam2_assets.propagation.base import PropagationResult, Propagator
 from nnsam2_assets.propagation.parallel import propagate_in_workers
+from nnsam2_assets.propagation.prompts import propagate_from_slices
 
-VERSION = "propagation-v1"
+VERSION = "propagation-v2"  # v2: every annotated slice a prompt
 
 
 @dataclass
@@ -79,6 +84,7 @@ def propagate_masks(
     rewritten = 0
 
     clicks = read_annotation_clicks(layout)
+    prompts = annotated_slices(ann)
 
     @functools.cache
     def shared() -> tuple[Propagator, sitk.Image, sitk.Image]:
@@ -91,10 +97,11 @@ def propagate_masks(
         result = done.pop(scan_id, None)
         if result is None:
             propagator, reference, annotation = shared()
-            result = propagator.propagate(
+            result = propagate_from_slices(
+                propagator,
                 reference,
                 annotation,
-                ann["seed_slice"],
+                prompts,
                 target,
                 spec.modality,
                 frames_dir=layout.frames(scan_id),
@@ -126,7 +133,7 @@ def propagate_masks(
                 propagator,
                 layout.scan_image(spec.reference),
                 layout.annotation,
-                ann["seed_slice"],
+                prompts,
                 spec.modality,
                 {s: layout.scan_image(s) for s in stale},
                 n_workers,

@@ -1,7 +1,7 @@
 """The internal check that needs no expert: does refinement beat propagation on this dataset?
 
-The reference scan's annotated slice (and its neighbours within ``HOLDOUT_HALF_WIDTH_MM``) is held out of
-every stage's training: those voxels are nnU-Net's ignore label in the reference's training labels. The
+The reference scan's annotated slice (the primary one, nearest the region's middle, when several are
+annotated; and its neighbours within ``HOLDOUT_HALF_WIDTH_MM``) is held out of every stage's training: those voxels are nnU-Net's ignore label in the reference's training labels. The
 stage-3 model, cleaned as the final masks are, is then scored on the annotated slice: the only voxels of
 the dataset whose truth is known and that no model has learnt. The refined masks replace the propagated ones
 for the whole dataset only when that held-out Dice reaches ``MIN_HELDOUT_DICE``; otherwise the dataset's
@@ -24,7 +24,7 @@ from nnsam2_assets.core.imaging import read_array, read_image
 from nnsam2_assets.core.labels import mean_dice, to_class_space
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.masks import clean_labels
-from nnsam2_assets.ingest.annotation import read_annotation_meta
+from nnsam2_assets.ingest.annotation import annotated_slices, read_annotation_meta
 
 HOLDOUT_HALF_WIDTH_MM = 4.0
 MIN_HELDOUT_DICE = 0.90  # 2-class (side) Dice on the held-out annotated slice
@@ -54,6 +54,16 @@ def held_out_slab(layout: DatasetLayout) -> HeldOutSlab | None:
     image = read_image(layout.scan_image(reference))
     reach = int(HOLDOUT_HALF_WIDTH_MM // image.GetSpacing()[2])
     return HeldOutSlab(reference, z, max(0, z - reach), min(image.GetSize()[2] - 1, z + reach))
+
+
+def exact_label_slices(layout: DatasetLayout) -> dict[str, list[int]]:
+    """{scan: canonical slices whose labels are known exactly and that every stage trains on}: the
+    reference's annotated slices other than the held-out primary one (and outside its slab)."""
+    slab = held_out_slab(layout)
+    if slab is None:
+        return {}
+    slices = [z for z in annotated_slices(read_annotation_meta(layout)) if not slab.first <= z <= slab.last]
+    return {slab.scan: slices} if slices else {}
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from nnsam2_assets.core.layout import (
 from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.refinement import nnunet
-from nnsam2_assets.refinement.holdout import held_out_slab
+from nnsam2_assets.refinement.holdout import exact_label_slices, held_out_slab
 from nnsam2_assets.refinement.roi import Roi, roi_from_mask
 from nnsam2_assets.refinement.rules import StageRule, select_stage_cases, slice_agreement, volume_smooth
 
@@ -101,6 +101,7 @@ class StageResult:
     seconds_per_iteration: float
     n_predicted: int
     relaxed_datasets: list[str] = field(default_factory=list)
+    exact_label_slices: dict[str, list[int]] = field(default_factory=dict)  # "dataset/scan" -> slices
 
     @property
     def relaxed(self) -> bool:
@@ -182,12 +183,22 @@ def predict_scan(predictor: nnunet.Predictor, img: sitk.Image, roi: Roi | None) 
     return out
 
 
-def _hold_out(labels: dict[tuple[str, str], np.ndarray], pool: Pool) -> dict[tuple[str, str], np.ndarray]:
-    """Each reference's annotated slab becomes "ignore" (``refinement.holdout``); a label left with nothing
-    but ignore is dropped (nnU-Net cannot sample from it)."""
+def _exact_and_held_out(
+    labels: dict[tuple[str, str], np.ndarray], pool: Pool
+) -> dict[tuple[str, str], np.ndarray]:
+    """The one path for labels known exactly: the reference's further annotated slices replace whatever the
+    stage would learn there (``refinement.holdout.exact_label_slices``; a scan the stage did not select trains
+    on them alone). Then each reference's held-out slab becomes "ignore"; a label left with nothing but
+    ignore is dropped (nnU-Net cannot sample from it)."""
     ignore_value = ignore_label(pool.classes)
     out = dict(labels)
     for dataset, layout in pool.layouts.items():
+        for scan, slices in exact_label_slices(layout).items():
+            truth = pool.to_pool(dataset, read_array(layout.annotation))
+            label = out.get((dataset, scan))
+            label = np.full(truth.shape, ignore_value, np.uint8) if label is None else label.copy()
+            label[slices] = truth[slices]
+            out[(dataset, scan)] = label
         slab = held_out_slab(layout)
         if slab is None or (dataset, slab.scan) not in out:
             continue
@@ -214,7 +225,7 @@ def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) ->
             rows.append({"dataset": dataset, "scan": scan, "n_kept": n_kept, "selected": n_kept > 0})
             if n_kept > 0:
                 labels[(dataset, scan)] = pool.to_pool(dataset, arr, ignore=True)
-        return pd.DataFrame(rows), _hold_out(labels, pool)
+        return pd.DataFrame(rows), _exact_and_held_out(labels, pool)
 
     previous, compare_to = PREVIOUS[stage]
     prev = current_model(root, previous)
@@ -262,7 +273,7 @@ def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) ->
     selection["relaxed"] = selection.relaxed | (selection.selected & selection.slices_relaxed)
     for row in selection[selection.selected & (selection.n_kept > 0)].itertuples():
         labels[(row.dataset, row.scan)] = preds[(row.dataset, row.scan)]
-    return selection, _hold_out(labels, pool)
+    return selection, _exact_and_held_out(labels, pool)
 
 
 def _train_and_predict(
@@ -315,6 +326,12 @@ def _train_and_predict(
     else:
         log(f"{stage}: model {version} already trained on these inputs; reusing it")
     n_pred = predict_pool(model_dir, pool, profile.device, log, profile.roi_margin_mm)
+    # lineage of the exact labels trained on: {dataset/scan: canonical slices}
+    exact = {
+        f"{dataset}/{scan}": slices
+        for dataset, layout in pool.layouts.items()
+        for scan, slices in exact_label_slices(layout).items()
+    }
     atomic_write_json(
         {
             "version": version,
@@ -324,6 +341,7 @@ def _train_and_predict(
             "roi_margin_mm": profile.roi_margin_mm,
             # the datasets with a case in this version's training set (``models_state`` reads it)
             "training_datasets": sorted({dataset for dataset, _ in labels}),
+            "exact_label_slices": exact,
         },
         model_pointer(root, stage),
     )
@@ -340,6 +358,7 @@ def _train_and_predict(
         per_iter,
         n_pred,
         relaxed,
+        exact,
     )
 
 

@@ -51,8 +51,15 @@ def write_yaml(path: Path, cfg: dict) -> None:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
-def tum_dataset(root: Path, name: str = "tum", reference: str = "TUM01", seed_z: int | None = None) -> Path:
-    """Both MyoSegmenTUM Dixon subjects with their manual 4-class labels; annotation = one slice of ``reference``."""
+def tum_dataset(
+    root: Path,
+    name: str = "tum",
+    reference: str = "TUM01",
+    seed_z: int | None = None,
+    extra_slices: tuple[int, ...] = (),
+) -> Path:
+    """Both MyoSegmenTUM Dixon subjects with their manual 4-class labels; annotation = one slice of
+    ``reference`` (the middle one unless ``seed_z``), plus its ``extra_slices`` when given."""
     folder = root / name
     for case in ("TUM01", "TUM02"):
         _link(TUM / f"{case}_water.nii.gz", folder / "scans" / f"{case}_water.nii.gz")
@@ -60,7 +67,13 @@ def tum_dataset(root: Path, name: str = "tum", reference: str = "TUM01", seed_z:
         _link(TUM / f"{case}_label_watergrid.nii.gz", folder / "experts" / f"{case}.nii.gz")
     labels = sitk.ReadImage(str(TUM / f"{reference}_label_watergrid.nii.gz"))
     z = labels.GetSize()[2] // 2 if seed_z is None else seed_z
-    sitk.WriteImage(one_slice_annotation(labels, z), str(folder / "annotation.nii.gz"))
+    annotation = one_slice_annotation(labels, z)
+    if extra_slices:
+        arr, full = sitk.GetArrayFromImage(annotation), sitk.GetArrayFromImage(labels)
+        arr[list(extra_slices)] = full[list(extra_slices)]
+        annotation = sitk.GetImageFromArray(arr)
+        annotation.CopyInformation(labels)
+    sitk.WriteImage(annotation, str(folder / "annotation.nii.gz"))
     write_yaml(
         folder / "dataset.yaml",
         {"modality": "mri", "sequence": "dixon", "reference": reference, "label_map": TUM_LABEL_MAP},

@@ -102,13 +102,13 @@ def test_corrupt_scan_is_reported_and_the_others_finish(tiny):
     assert _metadata(result, "reference_annotation")["reference"] == reference
 
 
-def test_annotation_on_two_slices_fails_with_the_file_and_reason(tiny):
+def test_a_second_annotated_slice_without_a_class_fails_with_the_file_and_reason(tiny):
     instance, data, storage, resources = tiny
     path = data / "tiny" / "annotation.nii.gz"
     img = sitk.ReadImage(str(path))
     arr = sitk.GetArrayFromImage(img)
     z = int(np.flatnonzero(arr.reshape(arr.shape[0], -1).any(1))[0])
-    arr[z + 1] = arr[z]
+    arr[z + 1] = np.where(arr[z] == arr[z].max(), 0, arr[z])  # the second slice lacks a class
     out = sitk.GetImageFromArray(arr)
     out.CopyInformation(img)
     sitk.WriteImage(out, str(path))
@@ -117,7 +117,7 @@ def test_annotation_on_two_slices_fails_with_the_file_and_reason(tiny):
     failure = [e for e in result.all_events if e.is_step_failure][0]
     assert failure.step_key == "reference_annotation"
     message = failure.step_failure_data.error.cause.message
-    assert f"{path}: annotation covers 2 axial slices" in message
+    assert f"{path}: annotation lacks class(es)" in message and "(canonical slice" in message
     assert _metadata(result, "scans")["n_ok"] == 3  # ingest of the scans itself still succeeded
 
 

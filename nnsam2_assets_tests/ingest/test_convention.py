@@ -108,9 +108,18 @@ def test_annotation_rules(tmp_path):
     with pytest.raises(ScanError, match=r"annotation\.nii\.gz: annotation is empty"):
         _check(tmp_path, np.zeros_like(ok))
     several = ok.copy()
-    several[4] = ok[3]
-    with pytest.raises(ScanError, match=r"annotation covers 2 axial slices \(indices \[3, 4\]\)"):
-        _check(tmp_path, several)
+    several[0], several[5] = ok[3], ok[3]
+    result = _check(tmp_path, several)  # each annotated slice a prompt; the primary nearest the middle
+    assert result.annotated_slices == (0, 3, 5) and result.seed_slice == 3
+    too_many = np.repeat(ok[3][None], 6, axis=0)
+    with pytest.raises(ScanError, match=r"annotation covers 6 axial slices .*at most 5"):
+        _check(tmp_path, too_many)
+    half = several.copy()
+    half[5][half[5] == 2] = 0
+    with pytest.raises(
+        ScanError, match=r"lacks class\(es\) \['left_lpm'\] on its annotated slice \(canonical"
+    ):
+        _check(tmp_path, half)
     one_side = ok.copy()
     one_side[one_side == 2] = 0
     with pytest.raises(ScanError, match=r"annotation lacks class\(es\) \['left_lpm'\]"):

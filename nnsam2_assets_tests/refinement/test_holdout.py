@@ -7,8 +7,13 @@ import SimpleITK as sitk
 
 from nnsam2_assets.core.labels import ignore_label
 from nnsam2_assets.core.layout import DatasetLayout
-from nnsam2_assets.refinement.holdout import MIN_HELDOUT_DICE, decide, held_out_slab
-from nnsam2_assets.refinement.stages import Pool, _hold_out
+from nnsam2_assets.refinement.holdout import (
+    MIN_HELDOUT_DICE,
+    decide,
+    exact_label_slices,
+    held_out_slab,
+)
+from nnsam2_assets.refinement.stages import Pool, _exact_and_held_out
 
 
 def _write(arr: np.ndarray, path, spacing=(1.0, 1.0, 2.0)) -> None:
@@ -18,14 +23,19 @@ def _write(arr: np.ndarray, path, spacing=(1.0, 1.0, 2.0)) -> None:
     sitk.WriteImage(img, str(path))
 
 
-def _annotated_dataset(tmp_path, seed: int = 5, n: int = 11, spacing_z: float = 2.0) -> DatasetLayout:
+def _annotated_dataset(
+    tmp_path, seed: int = 5, n: int = 11, spacing_z: float = 2.0, more: tuple[int, ...] = ()
+) -> DatasetLayout:
+    """A reference annotated on ``seed`` (the primary slice) and the slices in ``more``."""
     layout = DatasetLayout(tmp_path, "ds")
     _write(np.zeros((n, 40, 40), np.float32), layout.scan_image("ref"), (1.0, 1.0, spacing_z))
     annotation = np.zeros((n, 40, 40), np.uint8)
-    annotation[seed, 10:30, 5:15] = 1  # right LPM
-    annotation[seed, 10:30, 25:35] = 2  # left LPM
+    for z in (seed, *more):
+        annotation[z, 10:30, 5:15] = 1  # right LPM
+        annotation[z, 10:30, 25:35] = 2  # left LPM
     _write(annotation, layout.annotation, (1.0, 1.0, spacing_z))
-    layout.annotation_meta.write_text(json.dumps({"reference": "ref", "seed_slice": seed, "n_classes": 2}))
+    meta = {"reference": "ref", "seed_slice": seed, "n_classes": 2, "annotated_slices": sorted((seed, *more))}
+    layout.annotation_meta.write_text(json.dumps(meta))
     return layout
 
 
@@ -41,7 +51,7 @@ def test_every_stage_trains_without_the_reference_slab(tmp_path):
     pool = Pool(layouts={"ds": layout}, n_classes={"ds": 2}, scans={"ds": ["ref", "other"]})
     ignore = ignore_label(2)
     full = np.ones((11, 40, 40), np.uint8)
-    labels = _hold_out({("ds", "ref"): full, ("ds", "other"): full}, pool)
+    labels = _exact_and_held_out({("ds", "ref"): full, ("ds", "other"): full}, pool)
     assert (labels[("ds", "ref")][3:8] == ignore).all()
     assert (labels[("ds", "ref")][:3] == 1).all() and (labels[("ds", "ref")][8:] == 1).all()
     assert (labels[("ds", "other")] == 1).all()  # only the reference's annotated slab is held out
@@ -49,7 +59,9 @@ def test_every_stage_trains_without_the_reference_slab(tmp_path):
 
     only_slab = np.full((11, 40, 40), ignore, np.uint8)
     only_slab[5] = 1
-    assert ("ds", "ref") not in _hold_out({("ds", "ref"): only_slab}, pool)  # nothing left to learn from
+    assert ("ds", "ref") not in _exact_and_held_out(
+        {("ds", "ref"): only_slab}, pool
+    )  # nothing left to learn from
 
 
 def test_refined_masks_replace_propagation_only_when_they_reproduce_the_held_out_slice(tmp_path):
@@ -75,3 +87,26 @@ def test_a_4_class_model_is_judged_on_its_side_masks(tmp_path):
     four[:, 20:30][truth[:, 20:30] == 1] = 2  # right MF: the same right side
     four[truth == 2] = 4  # left ES
     assert decide(four, 4, layout, 2).heldout_dice == 1.0
+
+
+def test_further_annotated_slices_are_exact_labels_of_every_stage(tmp_path):
+    """The primary slice is held out; the others replace what a stage would learn there, and a reference the
+    stage did not select still trains on them."""
+    layout = _annotated_dataset(tmp_path, seed=5, more=(0, 10))
+    assert exact_label_slices(layout) == {"ref": [0, 10]}
+    pool = Pool(layouts={"ds": layout}, n_classes={"ds": 2}, scans={"ds": ["ref", "other"]})
+    ignore = ignore_label(2)
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.annotation)))
+    wrong = np.full((11, 40, 40), 2, np.uint8)  # a stage's labels: everything left LPM
+    labels = _exact_and_held_out({("ds", "ref"): wrong, ("ds", "other"): wrong}, pool)
+    ref = labels[("ds", "ref")]
+    np.testing.assert_array_equal(ref[[0, 10]], truth[[0, 10]])
+    assert (ref[3:8] == ignore).all() and (ref[1:3] == 2).all()
+    assert (labels[("ds", "other")] == 2).all()
+
+    unselected = _exact_and_held_out({("ds", "other"): wrong}, pool)[("ds", "ref")]
+    np.testing.assert_array_equal(unselected[[0, 10]], truth[[0, 10]])
+    assert (np.delete(unselected, [0, 10], axis=0) == ignore).all()
+
+    near = _annotated_dataset(tmp_path / "near", seed=5, more=(6,))
+    assert exact_label_slices(near) == {}  # inside the held-out slab: held out with it

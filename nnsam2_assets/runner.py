@@ -14,7 +14,9 @@ from pathlib import Path
 import dagster as dg
 
 from nnsam2_assets.definitions import defs
+from nnsam2_assets.defs.ingest import record_dataset_corrections
 from nnsam2_assets.defs.partitions import datasets_partitions
+from nnsam2_assets.defs.resources import NnsamStorage
 from nnsam2_assets.ingest.convention import (
     DatasetError,
     list_dataset_folders,
@@ -139,7 +141,23 @@ def materialize_cohort(
                 out.failed[key] = failure_message(res)
                 progress(f"[{name}] {phase.name} FAILED: {out.failed[key]}")
                 ok.remove(name)
+            elif phase is PHASES[0]:  # scans ingested: corrections can be placed before models and outputs
+                _record_corrections(instance, resources, name, progress)
     return out
+
+
+def _record_corrections(
+    instance: dg.DagsterInstance, resources: dict, name: str, progress: Callable[[str], None]
+) -> None:
+    """Record the dataset's corrections before the models and outputs, as the new-data sensor does."""
+    storage = resources.get("storage")
+    if not isinstance(storage, NnsamStorage):
+        return
+    changed, refused = record_dataset_corrections(instance, storage, name)
+    if changed:
+        progress(f"[{name}] corrections recorded: {', '.join(changed)}")
+    for scan, reason in refused.items():
+        progress(f"[{name}] correction of {scan} refused: {reason}")
 
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str:

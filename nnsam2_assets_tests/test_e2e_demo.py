@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,13 +13,24 @@ import SimpleITK as sitk
 
 from nnsam2_assets.core.imaging import read_image
 from nnsam2_assets.core.labels import class_names, ignore_label, mean_slice_dice, to_class_space
-from nnsam2_assets.core.layout import DatasetLayout, model_root, stage_prediction, staged_label
+from nnsam2_assets.core.layout import (
+    DatasetLayout,
+    duckdb_path,
+    model_root,
+    stage_prediction,
+    staged_label,
+)
 from nnsam2_assets.core.masks import clean_labels
+from nnsam2_assets.core.storage import sha256_file
 from nnsam2_assets.definitions import all_assets
+from nnsam2_assets.defs.resources import build_resources
 from nnsam2_assets.ingest.convention import load_dataset
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.metrics.store import TABLES, query
+from nnsam2_assets.outputs.report import report_paths
 from nnsam2_assets.pipeline import OUTPUTS
+from nnsam2_assets.refinement import stages as refine_stages
+from nnsam2_assets.refinement.corrections import read_record
 from nnsam2_assets.refinement.final_masks import make_final_masks
 from nnsam2_assets.refinement.holdout import decide, held_out_slab
 
@@ -311,3 +323,92 @@ def test_metrics_recompute_only_the_scan_whose_final_mask_changed(demo_cohort, t
     assert (changed.volume_ml == 0).all() and (
         first[(first.scan == edited) & (first.class_name == "right_es")].volume_ml > 0
     ).all()
+
+
+def test_a_correction_flows_into_the_final_mask_the_metrics_and_the_next_training(demo_cohort, tmp_path):
+    """A user corrects one scan's final mask (erases a slice, as in ITK-SNAP) and drops it into a materialized
+    demo dataset. The new-data sensor records it and requests a run; only that scan's final mask and metric
+    rows change, its metrics say corrected, and the next refinement run trains on the corrected slice."""
+    name = "demo-dixon"
+    data, storage = tmp_path / "data", tmp_path / "storage"
+    shutil.copytree(demo_cohort.data_root / name, data / name, symlinks=True)
+    shutil.copytree(demo_cohort.storage_root, storage, symlinks=True)
+    resources = build_resources(data, storage, refinement=demo_cohort.resources["refinement"])
+    layout = DatasetLayout(storage, name)
+
+    def rows(table: str) -> pd.DataFrame:
+        with duckdb.connect(str(duckdb_path(storage)), read_only=True) as con:
+            df = con.execute(f"SELECT * FROM metrics.{table} WHERE dataset = ?", [name]).df()
+        keys = [c for c in ("scan", "scheme", "class_name", "slice", "level") if c in df]
+        return df.sort_values(keys, ignore_index=True)
+
+    (tmp_path / "home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
+        instance.add_dynamic_partitions("datasets", [name])
+        first = _sensor_tick(instance, resources["storage"], None)
+        cursor = first.cursor  # the dataset as materialized: seen
+        before = {t: rows(t) for t in ("scan_metrics", "slice_metrics")}
+        scan = ok_scans(layout)[1]
+        published = read_image(layout.final_mask(scan))
+        arr = sitk.GetArrayFromImage(published)
+        z_file = int(np.flatnonzero(arr.reshape(arr.shape[0], -1).any(1))[len(arr) // 3])
+        arr[z_file] = 0  # the user erases one slice: a correction
+        corrected = sitk.GetImageFromArray(arr)
+        corrected.CopyInformation(published)
+        (data / name / "corrections").mkdir()
+        sitk.WriteImage(corrected, str(data / name / "corrections" / f"{scan}.nii.gz"))
+
+        tick = _sensor_tick(instance, resources["storage"], cursor)
+        (request,) = tick.run_requests
+        record = read_record(layout, scan)
+        assert record.base_mask_sha256 == sha256_file(layout.final_mask(scan))
+        assert len(record.corrected_slices) == 1
+        event = instance.get_latest_materialization_event(dg.AssetKey("corrections"))
+        assert event.asset_materialization.partition == name
+        result = dg.materialize(
+            all_assets(),
+            selection=request.asset_selection,
+            partition_key=request.partition_key,
+            instance=instance,
+            resources=resources,
+        )
+        assert result.success
+
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(layout.final_mask(scan))), arr)
+    for table, old in before.items():
+        new = rows(table)
+        others_old = old[old.scan != scan].drop(columns=["run_id", "computed_at"])
+        others_new = new[new.scan != scan].drop(columns=["run_id", "computed_at"])
+        assert set(others_old.columns) <= set(others_new.columns)
+        pd.testing.assert_frame_equal(others_old, others_new[others_old.columns], check_dtype=False)
+        assert (
+            not old[old.scan == scan]
+            .drop(columns=["run_id", "computed_at"])
+            .equals(new[new.scan == scan][old.columns].drop(columns=["run_id", "computed_at"]))
+        )
+    scan_rows = rows("scan_metrics")
+    mine = scan_rows[scan_rows.scan == scan]
+    assert mine.corrected.all() and (mine.n_corrected_slices == 1).all()
+    assert (mine.correction_volume_change_ml < 0).all() and mine.correction_dice.notna().all()
+    assert not scan_rows[scan_rows.scan != scan].corrected.any()
+    page = report_paths(layout)["html"].read_text()
+    assert (
+        "corrected by a user on 1 slice(s)" in page.split(f'data-scan="{scan}"', 1)[1].split("</section>")[0]
+    )
+
+    def n_classes(dataset: str) -> int:
+        return load_dataset(data if dataset == name else demo_cohort.data_root, dataset).n_classes
+
+    pool = refine_stages.build_pool(storage, demo_cohort.datasets, n_classes, log=print)
+    _, labels = refine_stages._stage_labels("stage1", pool, storage, None)
+    (z,) = record.corrected_slices
+    assert not labels[(name, scan)][z].any()  # the erased slice is an exact (empty) label of the next run
+    assert (scan, [z]) in [(s, slices) for s, slices, _ in refine_stages.exact_labels(layout)]
+
+
+def _sensor_tick(instance, storage, cursor):
+    from nnsam2_assets.defs.sensors import new_data_sensor
+
+    return new_data_sensor(
+        dg.build_sensor_context(instance=instance, resources={"storage": storage}, cursor=cursor)
+    )

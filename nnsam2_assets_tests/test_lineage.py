@@ -7,6 +7,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import re
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -20,6 +21,7 @@ from nnsam2_assets.definitions import defs
 from nnsam2_assets.defs.resources import RefinementSettings
 from nnsam2_assets.metrics.store import SCHEMA, TABLES
 from nnsam2_assets.pipeline import PHASES
+from nnsam2_assets.refinement.corrections import record_corrections
 from nnsam2_assets.testing import direct
 from nnsam2_assets.testing.cohorts import write_tiny_dataset
 
@@ -106,7 +108,12 @@ def recorder(tmp_path, monkeypatch) -> Recorder:
 
 def test_every_edge_is_a_real_read_and_every_read_is_an_edge(tmp_path, recorder):
     data, storage = tmp_path / "data", tmp_path / "storage"
-    write_tiny_dataset(data, "ds", 2, seed=1)
+    folder = write_tiny_dataset(data, "ds", 2, seed=1)
+    # a user's correction of the second scan (its expert labels, in our class ids): recorded between the
+    # per-dataset phase and the models, as the runner and the new-data sensor do
+    scan = sorted(p.name.removesuffix(".nii.gz") for p in (folder / "experts").glob("*.nii.gz"))[-1]
+    (folder / "corrections").mkdir()
+    shutil.copy(folder / "experts" / f"{scan}.nii.gz", folder / "corrections" / f"{scan}.nii.gz")
     run = direct.DirectRun(data, storage, ["ds"], RefinementSettings(num_epochs=1, iterations_per_epoch=2))
     graph = defs().resolve_asset_graph()
     assert set(direct.STEPS) == {a for phase in PHASES for a in phase.assets}
@@ -117,6 +124,8 @@ def test_every_edge_is_a_real_read_and_every_read_is_an_edge(tmp_path, recorder)
             recorder.tables.clear()
             direct.STEPS[asset](run, "ds" if phase.per_dataset else None)
             seen[asset] = recorder.owners() - {asset}
+        if phase is PHASES[0]:
+            assert record_corrections(run.spec("ds"), run.layout("ds")).changed
     declared = {
         asset: {p.to_user_string() for p in graph.get(dg.AssetKey(asset)).parent_keys} for asset in seen
     }

@@ -158,6 +158,14 @@ class DatasetLayout:
     def final_mask(self, scan: str) -> Path:
         return self.dir("final_masks") / f"{scan}.nii.gz"
 
+    # corrections: the user's corrected final masks as recorded (``refinement.corrections``)
+    def correction_record(self, scan: str) -> Path:
+        return self.dir("corrections") / f"{scan}.json"
+
+    def correction_labels(self, scan: str) -> Path:
+        """The correction on the scan's canonical crop (our class ids)."""
+        return self.dir("corrections") / f"{scan}.nii.gz"
+
     def final_mask_dicom_seg(self, scan: str) -> Path:
         """The final mask as a DICOM Segmentation object (scans ingested from a DICOM series only)."""
         return self.dir("final_masks") / f"{scan}.seg.dcm"

@@ -11,6 +11,7 @@ from nnsam2_assets.defs.resources import NnsamStorage
 from nnsam2_assets.ingest import annotation, ranking
 from nnsam2_assets.ingest import scans as ingest
 from nnsam2_assets.ingest.convention import folder_fingerprint
+from nnsam2_assets.refinement.corrections import record_corrections
 
 
 @dg.asset(
@@ -207,3 +208,41 @@ def reference_ranking(context: dg.AssetExecutionContext, storage: NnsamStorage) 
         },
         check_results=[check],
     )
+
+
+corrections = dg.AssetSpec(
+    "corrections",
+    partitions_def=datasets_partitions,
+    group_name="ingest",
+    kinds={"nifti"},
+    description=(
+        "Final masks a user corrected (corrections/<scan>.nii.gz or .seg.nrrd in the dataset folder), each "
+        "recorded with the digest of the final mask it was made from and its corrected slices. Recorded by "
+        "the new-data sensor and by nnsam2 run, outside the asset runs: the models it trains are upstream of "
+        "the final masks it corrects."
+    ),
+)
+
+
+def record_dataset_corrections(
+    instance: dg.DagsterInstance, storage: NnsamStorage, name: str
+) -> tuple[list[str], dict[str, str]]:
+    """Record the dataset's new, changed or removed corrections and report them as a materialization of
+    ``corrections``; returns (the scans whose correction changed, refused correction files by scan)."""
+    recorded = record_corrections(storage.dataset(name), storage.layout(name))
+    if recorded.changed:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                "corrections",
+                partition=name,
+                metadata={
+                    "corrected_slices": dg.MetadataValue.json(
+                        {scan: r.corrected_slices for scan, r in recorded.changed.items()}
+                    ),
+                    "base_mask_sha256": dg.MetadataValue.json(
+                        {scan: r.base_mask_sha256 for scan, r in recorded.changed.items()}
+                    ),
+                },
+            )
+        )
+    return sorted(recorded.changed), recorded.refused

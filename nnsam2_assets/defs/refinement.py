@@ -13,7 +13,7 @@ import dagster as dg
 from nnsam2_assets.core.cache import cache_key
 from nnsam2_assets.core.overlays import markdown_image
 from nnsam2_assets.defs.automation import EAGER, GPU_TAGS
-from nnsam2_assets.defs.ingest import reference_annotation, scans
+from nnsam2_assets.defs.ingest import corrections, reference_annotation, scans
 from nnsam2_assets.defs.metadata import table
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.propagation import propagated_masks
@@ -65,7 +65,7 @@ def _result(info: refine.StageResult) -> dg.MaterializeResult:
         "training_seconds": info.training_seconds,
         "seconds_per_iteration": info.seconds_per_iteration,
         "n_predicted_scans": info.n_predicted,
-        # the annotated slices trained on as exact labels (not the held-out one)
+        # the annotated (not the held-out one) and corrected slices trained on as exact labels
         "exact_label_slices": dg.MetadataValue.json(info.exact_label_slices),
         "selection": table(
             sel, ["dataset", "scan", "mean_dice", "smooth_ok", "selected", "relaxed", "n_kept"]
@@ -102,7 +102,11 @@ def _stage_asset_kwargs(stage: str, deps: list) -> dict:
     }
 
 
-@dg.asset(**_stage_asset_kwargs("stage1", [scans, reference_annotation, propagated_masks, pseudo_labels]))
+@dg.asset(
+    **_stage_asset_kwargs(
+        "stage1", [scans, reference_annotation, corrections, propagated_masks, pseudo_labels]
+    )
+)
 def nnunet_stage1(
     context: dg.AssetExecutionContext, storage: NnsamStorage, refinement: RefinementSettings
 ) -> dg.MaterializeResult:
@@ -134,12 +138,12 @@ def _next_stage_asset(stage: str, deps: list, description: str) -> dg.AssetsDefi
 
 nnunet_stage2 = _next_stage_asset(
     "stage2",
-    [scans, reference_annotation, propagated_masks, nnunet_stage1],
+    [scans, reference_annotation, corrections, propagated_masks, nnunet_stage1],
     "Stage 2: trained on stage-1 predictions that agree with the propagated masks and change area smoothly.",
 )
 nnunet_stage3 = _next_stage_asset(
     "stage3",
-    [scans, reference_annotation, propagated_masks, nnunet_stage1, nnunet_stage2],
+    [scans, reference_annotation, corrections, propagated_masks, nnunet_stage1, nnunet_stage2],
     "Stage 3: trained on stage-2 predictions that agree with stage 1 (top 20 % per dataset, at least 2).",
 )
 
@@ -159,7 +163,16 @@ class FinalMasksConfig(dg.Config):
     automation_condition=EAGER,
     # scans and propagated masks: the images predicted and the muscle box they are cropped to, and the
     # propagated masks again when the held-out annotated slice (reference_annotation) keeps them
-    deps=[scans, reference_annotation, propagated_masks, nnunet_stage1, nnunet_stage2, nnunet_stage3],
+    # corrections: the users' corrected slices replace the model's there
+    deps=[
+        scans,
+        reference_annotation,
+        corrections,
+        propagated_masks,
+        nnunet_stage1,
+        nnunet_stage2,
+        nnunet_stage3,
+    ],
     pool="gpu",
     op_tags=GPU_TAGS,
     check_specs=[

@@ -2,7 +2,8 @@
 
 One mechanism launches runs for new data: ``new_data_sensor``. It registers a new dataset folder as a
 ``datasets`` partition and requests one run per changed dataset (new dataset, new or changed scan, edited
-annotation), keyed by the folder fingerprint so a change is run exactly once. ``scans`` has no automation
+annotation, a new, changed or removed correction, which it records first: ``refinement.corrections``),
+keyed by the folder fingerprint so a change is run exactly once. ``scans`` has no automation
 condition of its own, so the automation sensor never launches a second run for the same data; it only
 reacts to code-version bumps and to upstream materializations (e.g. a retrained stage-3 model).
 
@@ -16,6 +17,7 @@ import os
 import dagster as dg
 
 from nnsam2_assets.core.layout import model_pointer
+from nnsam2_assets.defs.ingest import record_dataset_corrections
 from nnsam2_assets.defs.jobs import NEW_DATA_SELECTION
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.resources import NnsamStorage
@@ -88,6 +90,13 @@ def new_data_sensor(context: dg.SensorEvaluationContext, storage: NnsamStorage) 
     cursor = {name: fp for name, fp in seen.items() if name in current}
     cursor.update({name: current[name] for name in requested})
     selection = selection_for(storage)
+    for name in requested:
+        if name in known:  # a new dataset has no scans ingested yet, hence nothing corrected
+            changed_scans, refused_files = record_dataset_corrections(context.instance, storage, name)
+            if changed_scans:
+                context.log.info(f"{name}: corrections recorded for {', '.join(changed_scans)}")
+            for scan, reason in refused_files.items():
+                context.log.warning(f"{name}: correction of {scan} refused: {reason}")
     return dg.SensorResult(
         dynamic_partitions_requests=[datasets_partitions.build_add_request(new_partitions)]
         if new_partitions

@@ -9,6 +9,7 @@ One folder per dataset under a data root; the folder name is the Dagster partiti
                               annotation.seg.nrrd, ``ingest.slicer``; or click points on one slice,
                               annotation.mrk.json / annotation.csv, ``ingest.clicks``)
       experts/<id>.nii.gz     optional expert labels (or <id>.seg.nrrd)
+      corrections/<id>.nii.gz optional: the scan's final mask as the user corrected it (or .seg.nrrd)
       regions.csv             optional per-scan regions: scan,first_slice,last_slice[,l4_l5]
 
 The region is the L3/L4 to L5/S1 stretch: ``first_slice`` and ``last_slice`` are the axial slices of those
@@ -100,6 +101,7 @@ class ScanSource:
     image: Path  # the segmented image (water for Dixon); a file or a DICOM folder
     fat: Path | None = None
     expert: Path | None = None
+    correction: Path | None = None  # corrections/<id>.nii.gz or .seg.nrrd: the user's corrected final mask
 
 
 @dataclass(frozen=True)
@@ -307,7 +309,7 @@ def discover_scans(
     scan_dir = folder / "scans"
     if not scan_dir.is_dir():
         raise DatasetError(f"{scan_dir}: missing scans folder")
-    experts = folder / "experts"
+    experts, corrections = folder / "experts", folder / "corrections"
     found: dict[str, Path] = {}
     fats: dict[str, Path] = {}
     excluded: dict[str, str] = {}
@@ -346,7 +348,8 @@ def discover_scans(
     sources: dict[str, ScanSource] = {}
     for scan_id, image in found.items():
         expert = _find_nifti(experts, scan_id) or _find_slicer(experts, scan_id)
-        sources[scan_id] = ScanSource(scan_id, image, fats.get(scan_id), expert)
+        corrected = _find_nifti(corrections, scan_id) or _find_slicer(corrections, scan_id)
+        sources[scan_id] = ScanSource(scan_id, image, fats.get(scan_id), expert, corrected)
     return sources, excluded
 
 

@@ -24,6 +24,7 @@ from nnsam2_assets.ingest.scans import ok_scans, read_manifest
 from nnsam2_assets.metrics import quant, stats
 from nnsam2_assets.metrics.qc import QCConfig, mean_confidence, qc_flags
 from nnsam2_assets.metrics.store import SCHEMA, replace_dataset_rows
+from nnsam2_assets.refinement.corrections import CORRECTION_COLUMNS
 
 VERSION = "metrics-v3"
 AGREEMENT_VERSION = "agreement-v1"
@@ -136,6 +137,15 @@ class DatasetMetrics:
         return self.tables["level_metrics"]
 
 
+def _correction_of(stage_row: pd.DataFrame) -> dict:
+    """The scan's correction columns from the final masks' table (``refinement.corrections``): whether a
+    user corrected it, how many slices, the uncorrected mask's Dice on them and the volume change."""
+    if not len(stage_row) or "corrected" not in stage_row:
+        return {"corrected": False, "n_corrected_slices": 0}
+    row = stage_row.iloc[0]
+    return {column: row[column] for column in CORRECTION_COLUMNS}
+
+
 def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_id: str) -> DatasetMetrics:
     """Volume, HU, fat ratio, Dice vs experts, per-slice areas, confidence, stage agreement and QC flags of
     every scan with a final mask, each row carrying its lineage (model version, code version, run id)."""
@@ -171,13 +181,15 @@ def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_
         levels.append(per_level)
         conf = pd.read_parquet(layout.confidence(scan))
         backend, model_id = str(conf.backend.iloc[0]), str(conf.model_id.iloc[0])
-        labels.append(per_label.assign(backend=backend, propagation_model=model_id))
+        stage_row = stage_table[stage_table.scan == scan] if len(stage_table) else pd.DataFrame()
+        labels.append(
+            per_label.assign(backend=backend, propagation_model=model_id, **_correction_of(stage_row))
+        )
         slices.append(per_slice)
         if len(selection):
             kept = selection[selection.scan == scan][["slice", "kept"]]
             conf = conf.merge(kept, on="slice", how="left")
         confidence.append(conf.drop(columns=["scan"], errors="ignore").assign(scan=scan))
-        stage_row = stage_table[stage_table.scan == scan] if len(stage_table) else pd.DataFrame()
         scan_rows.append(
             {
                 "dataset": name,

@@ -183,6 +183,18 @@ def _qc_summary(flags: pd.DataFrame) -> str:
     )
 
 
+def _correction_note(row: pd.Series) -> str:
+    """A corrected scan: how many slices a user corrected, the volume change and how well the uncorrected
+    mask agreed with the correction there."""
+    if not bool(row.get("corrected", False)):
+        return ""
+    return (
+        f'<p class="corrected">corrected by a user on {int(row.n_corrected_slices)} slice(s): volume '
+        f"{row.correction_volume_change_ml:+.1f} mL; Dice of the uncorrected mask on those slices "
+        f"{row.correction_dice:.3f}</p>"
+    )
+
+
 def _scans(
     spec: DatasetSpec, layout: DatasetLayout, labels: pd.DataFrame, levels: pd.DataFrame, flags: pd.DataFrame
 ) -> str:
@@ -231,7 +243,8 @@ def _scans(
             )
         blocks.append(
             f'<section class="scan qc-{worst}" data-scan="{html.escape(scan)}"><h3>{html.escape(scan)}</h3>'
-            f'<p class="flags">{html.escape(shown)}</p><div class="row">{figure}<div>{table}{level_html}</div></div></section>'
+            f'<p class="flags">{html.escape(shown)}</p>{_correction_note(rows.iloc[0])}'
+            f'<div class="row">{figure}<div>{table}{level_html}</div></div></section>'
         )
     return "\n".join(blocks)
 

@@ -4,6 +4,9 @@ with the stage-to-stage agreement per scan. Scans the models have not seen are p
 Per dataset, the held-out check of ``refinement.holdout`` decides whether the refined masks replace the
 propagated ones; when it does not, the final masks are the propagated masks and the summary says so.
 
+A user's recorded correction (``refinement.corrections``) replaces its corrected slices of the scan's final
+mask; the agreement table says so per scan.
+
 A pool that mixes 4-class and 2-class datasets trains 2-class models. A 4-class dataset in it still gets
 4-class final masks: the refined side masks are split into erector spinae and multifidus along the
 interface of the scan's propagated 4-class mask (``core.masks.split_sides``), and the summary says so."""
@@ -32,6 +35,12 @@ from nnsam2_assets.core.storage import (
 )
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.outputs.dicom_seg import write_dicom_seg
+from nnsam2_assets.refinement.corrections import (
+    CORRECTION_COLUMNS,
+    AppliedCorrection,
+    apply_correction,
+    read_record,
+)
 from nnsam2_assets.refinement.holdout import MIN_HELDOUT_DICE, RefinementDecision, decide
 from nnsam2_assets.refinement.stages import (
     STAGES,
@@ -72,6 +81,32 @@ def write_on_original_grid(
     )
 
 
+def _correction_columns(corrected: AppliedCorrection | None, img: sitk.Image) -> dict:
+    if corrected is None:
+        return {
+            "corrected": False,
+            "n_corrected_slices": 0,
+            "correction_dice": np.nan,
+            "correction_volume_change_ml": 0.0,
+        }
+    voxel_ml = float(np.prod(img.GetSpacing())) / 1000.0
+    return {
+        "corrected": True,
+        "n_corrected_slices": corrected.n_slices,
+        "correction_dice": corrected.dice_before,
+        "correction_volume_change_ml": corrected.voxels_changed * voxel_ml,
+    }
+
+
+def _previous_corrections(layout: DatasetLayout) -> dict[str, dict]:
+    if not layout.stage_agreement.exists():
+        return {}
+    previous = pd.read_parquet(layout.stage_agreement)
+    if not set(CORRECTION_COLUMNS) <= set(previous.columns):
+        return {}
+    return previous.set_index("scan")[list(CORRECTION_COLUMNS)].to_dict("index")
+
+
 def make_final_masks(
     spec: DatasetSpec,
     layout: DatasetLayout,
@@ -95,6 +130,7 @@ def make_final_masks(
     cache = ScanCache(layout.dir("final_masks"))
     rows, computed, overlay = [], 0, None
     fragments: dict[str, float] = {}
+    corrections = _previous_corrections(layout)  # a scan whose mask is fresh keeps its columns
     margins = {stage: models[stage].get("roi_margin_mm") for stage in STAGES}
 
     def stage_paths(scan: str, img: sitk.Image) -> list[Path]:
@@ -113,7 +149,15 @@ def make_final_masks(
 
     for scan in scans:
         img = reference_img if scan == spec.reference else read_image(layout.scan_image(scan))
-        key = cache_key(scan_key(layout, scan), models["stage3"]["version"], VERSION, k_out, decision.source)
+        record = read_record(layout, scan)
+        key = cache_key(
+            scan_key(layout, scan),
+            models["stage3"]["version"],
+            VERSION,
+            k_out,
+            decision.source,
+            record.key if record else "",
+        )
         outputs = [layout.final_mask(scan), layout.final_mask_canonical(scan)]
         if spec.scans[scan].image.is_dir():
             outputs.append(layout.final_mask_dicom_seg(scan))
@@ -124,6 +168,10 @@ def make_final_masks(
             if decision.use_refined and k_out > k:
                 spacing_zyx = tuple(reversed(img.GetSpacing()))
                 final = clean_labels(split_sides(final, propagated_own, spacing_zyx), k_out)
+            corrected = apply_correction(final, layout, scan, k_out)
+            if corrected is not None:
+                final = corrected.mask
+            corrections[scan] = _correction_columns(corrected, img)
             canonical = sitk.GetImageFromArray(final)
             canonical.CopyInformation(img)
             atomic_write_image(canonical, layout.final_mask_canonical(scan))
@@ -145,6 +193,7 @@ def make_final_masks(
             "n_voxels": int((final > 0).sum()),
             "mask_sha256": sha256_file(layout.final_mask_canonical(scan))[:16],
             "expert_dice": np.nan,
+            **(corrections.get(scan) or _correction_columns(None, img)),
         }
         if layout.scan_expert(scan).exists():
             truth = read_array(layout.scan_expert(scan))

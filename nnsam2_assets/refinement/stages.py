@@ -34,6 +34,7 @@ from nnsam2_assets.core.layout import (
 from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.refinement import nnunet
+from nnsam2_assets.refinement.corrections import corrected_exact_labels
 from nnsam2_assets.refinement.holdout import exact_label_slices, held_out_slab
 from nnsam2_assets.refinement.roi import Roi, roi_from_mask
 from nnsam2_assets.refinement.rules import StageRule, select_stage_cases, slice_agreement, volume_smooth
@@ -183,18 +184,27 @@ def predict_scan(predictor: nnunet.Predictor, img: sitk.Image, roi: Roi | None) 
     return out
 
 
+def exact_labels(layout: DatasetLayout) -> list[tuple[str, list[int], Path]]:
+    """(scan, canonical slices, label file) of every label known exactly: the reference's further annotated
+    slices (``refinement.holdout``) and the users' corrected slices (``refinement.corrections``)."""
+    out = [(scan, z, layout.annotation) for scan, z in exact_label_slices(layout).items()]
+    return out + [(scan, z, path) for scan, (z, path) in corrected_exact_labels(layout).items()]
+
+
 def _exact_and_held_out(
     labels: dict[tuple[str, str], np.ndarray], pool: Pool
 ) -> dict[tuple[str, str], np.ndarray]:
-    """The one path for labels known exactly: the reference's further annotated slices replace whatever the
-    stage would learn there (``refinement.holdout.exact_label_slices``; a scan the stage did not select trains
-    on them alone). Then each reference's held-out slab becomes "ignore"; a label left with nothing but
-    ignore is dropped (nnU-Net cannot sample from it)."""
+    """The one path for labels known exactly (``exact_labels``): they replace whatever the stage would
+    learn on their slices, and a scan the stage did not select trains on them alone. Then each reference's
+    held-out slab becomes "ignore"; a label left with nothing but ignore is dropped (nnU-Net cannot sample
+    from it)."""
     ignore_value = ignore_label(pool.classes)
     out = dict(labels)
     for dataset, layout in pool.layouts.items():
-        for scan, slices in exact_label_slices(layout).items():
-            truth = pool.to_pool(dataset, read_array(layout.annotation))
+        for scan, slices, path in exact_labels(layout):
+            if scan not in pool.scans.get(dataset, [scan]):
+                continue
+            truth = pool.to_pool(dataset, read_array(path))
             label = out.get((dataset, scan))
             label = np.full(truth.shape, ignore_value, np.uint8) if label is None else label.copy()
             label[slices] = truth[slices]
@@ -327,11 +337,11 @@ def _train_and_predict(
         log(f"{stage}: model {version} already trained on these inputs; reusing it")
     n_pred = predict_pool(model_dir, pool, profile.device, log, profile.roi_margin_mm)
     # lineage of the exact labels trained on: {dataset/scan: canonical slices}
-    exact = {
-        f"{dataset}/{scan}": slices
-        for dataset, layout in pool.layouts.items()
-        for scan, slices in exact_label_slices(layout).items()
-    }
+    exact: dict[str, list[int]] = {}
+    for dataset, layout in pool.layouts.items():
+        for scan, slices, _ in exact_labels(layout):
+            key = f"{dataset}/{scan}"
+            exact[key] = sorted(set(exact.get(key, [])) | set(slices))
     atomic_write_json(
         {
             "version": version,

@@ -146,7 +146,7 @@ def test_rescanned_data_requests_everything_downstream_in_the_partition(pipeline
 def test_code_version_bump_requests_the_asset(pipeline):
     ticker, materialize, _, _, assets = pipeline
     _settle(ticker)
-    propagation = next(a for a in assets if PROPAGATED in a.keys)
+    propagation = next(a for a in assets if isinstance(a, dg.AssetsDefinition) and PROPAGATED in a.keys)
     bumped = propagation.map_asset_specs(
         lambda spec: spec.replace_attributes(code_version="propagation-test")
     )

@@ -1,0 +1,180 @@
+"""Corrections: a final mask a user edited (in ITK-SNAP or Slicer) and dropped at
+``<dataset>/corrections/<scan>.nii.gz`` (or ``.seg.nrrd``), on the scan's original grid, in our class ids.
+
+A slice is corrected when it differs from the final mask the user started from: the published final mask
+when the correction is first seen (its digest is recorded beside the correction), the slices corrected
+before included, so editing a corrected mask again keeps the earlier edits. Erasing a slice is a
+correction. Recording happens outside any run (the new-data sensor, or ``nnsam2 run``), because the
+published mask is downstream of the models that learn from the correction; the record is the
+``corrections`` asset. Then:
+
+- ``final_masks`` replaces the corrected slices of that scan's final mask and reports how many and the
+  Dice of the uncorrected mask against the correction on them (an honest accuracy signal);
+- every nnU-Net stage trains on the corrected slices as exact labels (``refinement.stages``), the next
+  time refinement is run; a correction alone never retrains the models.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnsam2_assets.core.imaging import ScanError, read_image, read_source_image, same_grid
+from nnsam2_assets.core.labels import class_names, mean_dice
+from nnsam2_assets.core.layout import DatasetLayout
+from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
+from nnsam2_assets.ingest.convention import DatasetSpec
+from nnsam2_assets.ingest.scans import ok_scans
+from nnsam2_assets.ingest.slicer import is_slicer_segmentation, read_slicer_labels
+
+# per scan, in the final masks' table and scan_metrics
+CORRECTION_COLUMNS = ("corrected", "n_corrected_slices", "correction_dice", "correction_volume_change_ml")
+
+
+@dataclass(frozen=True)
+class CorrectionRecord:
+    scan: str
+    source: str
+    correction_sha256: str
+    base_mask_sha256: str | None  # the published final mask the user started from (None: none yet)
+    corrected_slices: list[int]  # canonical crop z
+
+    @property
+    def key(self) -> str:
+        return f"{self.correction_sha256[:16]}:{','.join(map(str, self.corrected_slices))}"
+
+
+def read_record(layout: DatasetLayout, scan: str) -> CorrectionRecord | None:
+    path = layout.correction_record(scan)
+    return CorrectionRecord(**json.loads(path.read_text())) if path.exists() else None
+
+
+def read_correction(spec: DatasetSpec, scan: str, canonical: sitk.Image) -> np.ndarray:
+    """The correction file on the scan's canonical crop (our class ids); clear errors naming the file."""
+    path = spec.scans[scan].correction
+    original = read_image(spec.scans[scan].image)
+    k = spec.n_classes
+    if is_slicer_segmentation(path):
+        names = {name: i for i, name in enumerate(class_names(k), start=1)}
+        labels = read_slicer_labels(path, {i: i for i in range(1, k + 1)}, names, grid=original)
+    else:
+        labels = read_source_image(path)
+        if not same_grid(labels, original):
+            raise ScanError(
+                path,
+                f"correction is not on the scan's original grid (size {labels.GetSize()}, scan "
+                f"{spec.scans[scan].image} size {original.GetSize()}): edit the final mask of final_masks/",
+            )
+    values = np.unique(sitk.GetArrayViewFromImage(labels))
+    foreign = [int(v) for v in values if not 0 <= v <= k or v != int(v)]
+    if foreign:
+        raise ScanError(path, f"label values {foreign} are not classes 1..{k} of the final masks")
+    # the canonical crop's voxels are the original's, reordered and cut to the region: nearest is exact
+    on_crop = sitk.Resample(
+        sitk.Cast(labels, sitk.sitkUInt8), canonical, sitk.Transform(), sitk.sitkNearestNeighbor, 0
+    )
+    return sitk.GetArrayFromImage(on_crop)
+
+
+def differing_slices(a: np.ndarray, b: np.ndarray) -> list[int]:
+    return [int(z) for z in np.flatnonzero((a != b).reshape(a.shape[0], -1).any(axis=1))]
+
+
+@dataclass
+class RecordedCorrections:
+    changed: dict[str, CorrectionRecord]
+    refused: dict[str, str]  # scan -> why its correction file cannot be used (its earlier record stays)
+
+
+def record_corrections(spec: DatasetSpec, layout: DatasetLayout) -> RecordedCorrections:
+    """Record each scan's new or changed correction against the final mask it was made from, and forget the
+    records of corrections that were removed. A bad correction file is refused for its scan alone."""
+    out = RecordedCorrections({}, {})
+    scans = set(ok_scans(layout)) if layout.manifest.exists() else set()
+    for scan in sorted(scans):
+        try:
+            record = _record_one(spec, layout, scan)
+        except ScanError as exc:
+            out.refused[scan] = str(exc)
+            continue
+        if record is not None:
+            out.changed[scan] = record
+    for path in layout.dir("corrections").glob("*.json") if layout.dir("corrections").exists() else []:
+        if path.stem not in scans:  # the scan itself is gone
+            path.unlink()
+            layout.correction_labels(path.stem).unlink(missing_ok=True)
+    return out
+
+
+def _record_one(spec: DatasetSpec, layout: DatasetLayout, scan: str) -> CorrectionRecord | None:
+    source = spec.scans[scan].correction if scan in spec.scans else None
+    previous = read_record(layout, scan)
+    if source is None:
+        if previous is not None:
+            layout.correction_record(scan).unlink()
+            layout.correction_labels(scan).unlink(missing_ok=True)
+        return None
+    digest = sha256_file(source)
+    if previous is not None and previous.correction_sha256 == digest:
+        return None
+    canonical = read_image(layout.scan_image(scan))
+    correction = read_correction(spec, scan, canonical)
+    published = layout.final_mask_canonical(scan)
+    base = sitk.GetArrayFromImage(read_image(published)) if published.exists() else np.zeros_like(correction)
+    slices = set(differing_slices(correction, base))
+    if previous is not None:
+        slices |= set(previous.corrected_slices)  # the published mask already carries those edits
+    record = CorrectionRecord(
+        scan,
+        str(source),
+        digest,
+        sha256_file(layout.final_mask(scan)) if layout.final_mask(scan).exists() else None,
+        sorted(slices),
+    )
+    image = sitk.GetImageFromArray(correction)
+    image.CopyInformation(canonical)
+    atomic_write_image(image, layout.correction_labels(scan))
+    atomic_write_json(asdict(record), layout.correction_record(scan))
+    return record
+
+
+@dataclass(frozen=True)
+class AppliedCorrection:
+    mask: np.ndarray
+    n_slices: int
+    dice_before: float  # uncorrected vs correction on the corrected slices
+    voxels_changed: int  # corrected minus uncorrected foreground voxels
+
+
+def apply_correction(
+    uncorrected: np.ndarray, layout: DatasetLayout, scan: str, n_classes: int
+) -> AppliedCorrection | None:
+    """The final mask with the recorded corrected slices replaced, or None when the scan has none."""
+    record = read_record(layout, scan)
+    if record is None or not record.corrected_slices:
+        return None
+    correction = sitk.GetArrayFromImage(read_image(layout.correction_labels(scan)))
+    slices = record.corrected_slices
+    mask = uncorrected.copy()
+    mask[slices] = correction[slices]
+    return AppliedCorrection(
+        mask,
+        len(slices),
+        mean_dice(uncorrected[slices], correction[slices], n_classes),
+        int((mask > 0).sum()) - int((uncorrected > 0).sum()),
+    )
+
+
+def corrected_exact_labels(layout: DatasetLayout) -> dict[str, tuple[list[int], Path]]:
+    """{scan: (corrected slices, canonical label file)} of every recorded correction."""
+    out = {}
+    folder = layout.dir("corrections")
+    for path in sorted(folder.glob("*.json")) if folder.exists() else []:
+        record = read_record(layout, path.stem)
+        if record is not None and record.corrected_slices:
+            out[record.scan] = (record.corrected_slices, layout.correction_labels(record.scan))
+    return out

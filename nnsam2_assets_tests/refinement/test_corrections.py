@@ -1,0 +1,117 @@
+"""Corrections: which slices a user corrected (against the final mask they started from), the record, the
+corrected final mask, and bad correction files refused for their scan alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnsam2_assets.core.imaging import read_image, to_original_grid
+from nnsam2_assets.core.storage import sha256_file
+from nnsam2_assets.ingest.convention import load_dataset
+from nnsam2_assets.refinement.corrections import apply_correction, read_record, record_corrections
+from nnsam2_assets.testing.cohorts import write_tiny_dataset
+from nnsam2_assets.testing.direct import STEPS, DirectRun
+
+
+@pytest.fixture
+def ingested(tmp_path):
+    folder = write_tiny_dataset(tmp_path / "data", "ds", 3, seed=2)
+    run = DirectRun(tmp_path / "data", tmp_path / "storage", ["ds"])
+    STEPS["scans"](run, "ds")
+    (folder / "corrections").mkdir()
+    return run, folder
+
+
+def _canonical_expert(run: DirectRun, scan: str) -> np.ndarray:
+    return sitk.GetArrayFromImage(read_image(run.layout("ds").scan_expert(scan)))
+
+
+def _publish(run: DirectRun, scan: str, canonical: np.ndarray) -> None:
+    """Write a final mask as final_masks does: canonical crop and original grid."""
+    layout = run.layout("ds")
+    like = read_image(layout.scan_image(scan))
+    image = sitk.GetImageFromArray(canonical.astype(np.uint8))
+    image.CopyInformation(like)
+    layout.final_mask_canonical(scan).parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(layout.final_mask_canonical(scan)))
+    original = read_image(run.spec("ds").scans[scan].image)
+    sitk.WriteImage(to_original_grid(image, original), str(layout.final_mask(scan)))
+
+
+def _drop(run: DirectRun, folder, scan: str, canonical: np.ndarray) -> None:
+    """The user's correction: a canonical mask put back on the scan's original grid."""
+    like = read_image(run.layout("ds").scan_image(scan))
+    image = sitk.GetImageFromArray(canonical.astype(np.uint8))
+    image.CopyInformation(like)
+    original = read_image(run.spec("ds").scans[scan].image)
+    sitk.WriteImage(to_original_grid(image, original), str(folder / "corrections" / f"{scan}.nii.gz"))
+
+
+def test_corrected_slices_are_those_that_differ_from_the_mask_the_user_started_from(ingested):
+    run, folder = ingested
+    layout, scan = run.layout("ds"), sorted(run.spec("ds").scans)[1]
+    published = _canonical_expert(run, scan)
+    _publish(run, scan, published)
+    nonempty = np.flatnonzero(published.reshape(len(published), -1).any(1))
+    first, second = int(nonempty[1]), int(nonempty[-2])
+
+    edited = published.copy()
+    edited[first] = 0  # erasing a slice is a correction
+    _drop(run, folder, scan, edited)
+    recorded = record_corrections(load_dataset(run.data_root, "ds"), layout)
+    assert list(recorded.changed) == [scan] and not recorded.refused
+    record = read_record(layout, scan)
+    assert record.corrected_slices == [first]
+    assert record.base_mask_sha256 == sha256_file(layout.final_mask(scan))
+
+    applied = apply_correction(published, layout, scan, 4)
+    np.testing.assert_array_equal(applied.mask, edited)
+    assert applied.n_slices == 1 and applied.dice_before == 0.0
+    assert applied.voxels_changed == -int((published[first] > 0).sum())
+
+    # unchanged file: nothing recorded again
+    assert not record_corrections(load_dataset(run.data_root, "ds"), layout).changed
+    # edited again from the corrected publication: both edits count
+    _publish(run, scan, edited)
+    again = edited.copy()
+    again[second] = 0
+    _drop(run, folder, scan, again)
+    record_corrections(load_dataset(run.data_root, "ds"), layout)
+    assert read_record(layout, scan).corrected_slices == sorted([first, second])
+    # removed: the record and its labels go, the final mask is the model's again
+    (folder / "corrections" / f"{scan}.nii.gz").unlink()
+    record_corrections(load_dataset(run.data_root, "ds"), layout)
+    assert read_record(layout, scan) is None and not layout.correction_labels(scan).exists()
+    assert apply_correction(published, layout, scan, 4) is None
+
+
+def test_without_a_published_mask_every_labelled_slice_is_corrected(ingested):
+    run, folder = ingested
+    scan = sorted(run.spec("ds").scans)[2]
+    truth = _canonical_expert(run, scan)
+    _drop(run, folder, scan, truth)
+    record_corrections(load_dataset(run.data_root, "ds"), run.layout("ds"))
+    record = read_record(run.layout("ds"), scan)
+    assert record.base_mask_sha256 is None
+    assert record.corrected_slices == np.flatnonzero(truth.reshape(len(truth), -1).any(1)).tolist()
+
+
+def test_a_bad_correction_is_refused_for_its_scan_alone(ingested):
+    run, folder = ingested
+    scans = sorted(run.spec("ds").scans)
+    good, wrong_grid, foreign = scans
+    _drop(run, folder, good, _canonical_expert(run, good))
+    small = sitk.Image(8, 8, 3, sitk.sitkUInt8)
+    sitk.WriteImage(small, str(folder / "corrections" / f"{wrong_grid}.nii.gz"))
+    values = _canonical_expert(run, foreign)
+    values[values == 1] = 9
+    _drop(run, folder, foreign, values)
+    recorded = record_corrections(load_dataset(run.data_root, "ds"), run.layout("ds"))
+    assert list(recorded.changed) == [good]
+    assert (
+        f"{wrong_grid}.nii.gz: correction is not on the scan's original grid" in recorded.refused[wrong_grid]
+    )
+    assert "label values [9] are not classes 1..4" in recorded.refused[foreign]
+    assert read_record(run.layout("ds"), wrong_grid) is None

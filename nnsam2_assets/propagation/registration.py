@@ -35,13 +35,13 @@ from scipy import ndimage
 
 from nnsam2_assets.core.masks import largest_component
 from nnsam2_assets.ingest.clicks import SliceClicks
+from nnsam2_assets.propagation import boundary
 from nnsam2_assets.propagation.base import (
     CONFIDENCE_COLUMNS,
     PropagationResult,
     slice_direction,
     target_seed_slice,
 )
-from nnsam2_assets.propagation.boundary import refine_side_boundaries
 
 MODEL_ID = "sitk-demons-v2"  # v2: side edges refined on the target image
 CT_WINDOW = (
@@ -64,10 +64,8 @@ class RegistrationSettings:
     chain_demons_iterations: tuple[int, ...] = (30, 20, 10)
     ncc_window_mm: float = 9.0
     confidence_decay_slices: float = 40.0  # distance damping of the confidence, in slices
-    # the random walker's reach around each propagated side edge (0: off); 4 mm gained 0.005-0.019 2-class
-    # Dice on 11 of 12 TUM propagations (three seeds, both directions and onto itself), lost 0.003 on one
-    boundary_band_mm: float = 4.0
-    boundary_beta: float = 130.0  # scikit-image's default edge weight
+    boundary_band_mm: float = boundary.BAND_MM  # the side edges' random walker (0: off)
+    boundary_beta: float = boundary.BETA
 
 
 FAST_SETTINGS = RegistrationSettings(demons_iterations=(30, 20, 8), chain_demons_iterations=(20, 10, 4))
@@ -388,8 +386,8 @@ class RegistrationPropagator:
         labels = (np.argmax(np.concatenate([background[None], probs]), axis=0)).astype(np.uint8)
         if own_seed:
             labels[t_seed] = ann_slice
-        band = int(round(s.boundary_band_mm / target.GetSpacing()[0]))
-        labels = refine_side_boundaries(
+        band = boundary.band_pixels(target.GetSpacing()[0], s.boundary_band_mm)
+        labels = boundary.refine_side_boundaries(
             labels, tgt_norm, n_classes, band, s.boundary_beta, keep_slices={t_seed} if own_seed else ()
         )
         labels = clean_class_masks(labels, n_classes)

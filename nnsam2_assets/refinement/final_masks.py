@@ -1,5 +1,6 @@
 """The ``final_masks`` asset's per-dataset step: stage-3 predictions, cleaned, on each scan's original grid,
-with the stage-to-stage agreement per scan. Scans the models have not seen are predicted here.
+with the stage-to-stage agreement per scan. Scans the models have not seen are predicted here. The
+refined masks' side edges are re-placed on each scan's own image, as the propagated masks' are.
 
 Per dataset, the held-out check of ``refinement.holdout`` decides whether the refined masks replace the
 propagated ones; when it does not, the final masks are the propagated masks and the summary says so.
@@ -35,6 +36,8 @@ from nnsam2_assets.core.storage import (
 )
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.outputs.dicom_seg import write_dicom_seg
+from nnsam2_assets.propagation.boundary import band_pixels, refine_side_boundaries
+from nnsam2_assets.propagation.registration import registration_intensities
 from nnsam2_assets.refinement.corrections import (
     CORRECTION_COLUMNS,
     AppliedCorrection,
@@ -79,6 +82,19 @@ def write_on_original_grid(
     return write_dicom_seg(
         on_original, source, class_names(spec.n_classes), layout.final_mask_dicom_seg(scan), version
     )
+
+
+FINAL_MASKS_VERSION = "final-v2"  # v2: refined side edges re-placed on the scan's own image
+
+
+def finish_refined(prediction: np.ndarray, image: sitk.Image, modality: str, k: int) -> np.ndarray:
+    """A stage-3 prediction as a final mask: each class's largest component with its holes filled, then each
+    side's edge re-placed on the scan's own image as the propagated masks' are (``propagation.boundary``:
+    the models see the scan at 2 mm in-plane, the walker at its own resolution), cleaned again."""
+    cleaned = clean_labels(prediction, k)
+    intensities = registration_intensities(sitk.GetArrayViewFromImage(image), modality)
+    band = band_pixels(image.GetSpacing()[0])
+    return clean_labels(refine_side_boundaries(cleaned, intensities, k, band), k)
 
 
 def _correction_columns(corrected: AppliedCorrection | None, img: sitk.Image) -> dict:
@@ -143,7 +159,9 @@ def make_final_masks(
         ]
 
     reference_img = read_image(layout.scan_image(spec.reference))
-    reference_prediction = read_array(stage_paths(spec.reference, reference_img)[-1])
+    reference_prediction = finish_refined(
+        read_array(stage_paths(spec.reference, reference_img)[-1]), reference_img, spec.modality, k
+    )
     decision = decide(reference_prediction, k, layout, spec.n_classes, min_heldout_dice)
     log(f"final masks of {spec.name}: {decision.source} (held-out slice Dice {decision.heldout_dice:.3f})")
 
@@ -151,6 +169,7 @@ def make_final_masks(
         img = reference_img if scan == spec.reference else read_image(layout.scan_image(scan))
         record = read_record(layout, scan)
         key = cache_key(
+            FINAL_MASKS_VERSION,
             scan_key(layout, scan),
             models["stage3"]["version"],
             VERSION,
@@ -164,7 +183,11 @@ def make_final_masks(
         p1, p2, p3 = (read_array(path) for path in stage_paths(scan, img))
         propagated_own = read_array(layout.masks(scan))  # in the dataset's classes
         if not cache.is_fresh(scan, key, outputs):
-            final = clean_labels(p3, k) if decision.use_refined else clean_labels(propagated_own, k_out)
+            final = (
+                finish_refined(p3, img, spec.modality, k)
+                if decision.use_refined
+                else clean_labels(propagated_own, k_out)
+            )
             if decision.use_refined and k_out > k:
                 spacing_zyx = tuple(reversed(img.GetSpacing()))
                 final = clean_labels(split_sides(final, propagated_own, spacing_zyx), k_out)

@@ -28,7 +28,8 @@ def nearest_prompt(prompts: Sequence[int], n_ref: int, n_tgt: int) -> np.ndarray
     return np.asarray(prompts)[best]
 
 
-def _only_slice(annotation: sitk.Image, z: int) -> sitk.Image:
+def only_slice(annotation: sitk.Image, z: int) -> sitk.Image:
+    """The label image with array slice ``z`` alone kept (axis 0: the axial slices of a canonical image)."""
     arr = sitk.GetArrayFromImage(annotation)
     one = np.zeros_like(arr)
     one[z] = arr[z]
@@ -66,7 +67,7 @@ def propagate_from_slices(
             continue
         result = propagator.propagate(
             reference,
-            _only_slice(annotation, prompt),
+            only_slice(annotation, prompt),
             prompt,
             target,
             modality,

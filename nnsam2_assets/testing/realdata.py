@@ -12,6 +12,7 @@ import yaml
 
 from nnsam2_assets.core.labels import TOTALSEG_LPM_IDS, class_map
 from nnsam2_assets.core.layout import ALLOWED_ROOTS_ENV
+from nnsam2_assets.propagation.prompts import only_slice as one_slice_annotation
 from nnsam2_assets.testing.clicks import clicks_from_labels, write_click_csv, write_markups
 
 SHARED_DATA = Path(
@@ -35,16 +36,6 @@ def _link(src: Path, dst: Path) -> None:
     allow_shared_data()
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.symlink_to(src)
-
-
-def one_slice_annotation(labels: sitk.Image, z: int) -> sitk.Image:
-    """Keep only array slice ``z`` (numpy axis 0 = the file's k axis) of a label volume."""
-    arr = sitk.GetArrayFromImage(labels)
-    out = np.zeros_like(arr)
-    out[z] = arr[z]
-    img = sitk.GetImageFromArray(out)
-    img.CopyInformation(labels)
-    return img
 
 
 def write_yaml(path: Path, cfg: dict) -> None:

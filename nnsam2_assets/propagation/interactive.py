@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from skimage.segmentation import random_walker
 
 from nnsam2_assets.core.masks import clean_labels
 from nnsam2_assets.ingest.clicks import SliceClicks
+from nnsam2_assets.propagation.boundary import walk
 from nnsam2_assets.propagation.registration import registration_intensities
 
 SEED_RADIUS_MM = 2.0
@@ -45,7 +45,7 @@ def mask_from_clicks(
     ys, xs = np.nonzero(~far)
     y0, y1 = max(0, ys.min() - 1), min(image.shape[0], ys.max() + 2)
     x0, x1 = max(0, xs.min() - 1), min(image.shape[1], xs.max() + 2)
-    walked = random_walker(image[y0:y1, x0:x1], seeds[y0:y1, x0:x1], beta=BETA, mode="cg_j")
+    walked = walk(image[y0:y1, x0:x1], seeds[y0:y1, x0:x1], BETA)
     labels = np.zeros(image.shape, np.uint8)
     labels[y0:y1, x0:x1] = np.where(walked > 1, walked - 1, 0)
     return clean_labels(labels[None], n_classes)[0]

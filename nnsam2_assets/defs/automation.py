@@ -7,6 +7,7 @@ from dagster_celery.tags import DAGSTER_CELERY_QUEUE_TAG
 
 from nnsam2_assets.executors import GPU_QUEUE
 
+
 # Derived assets follow their inputs and their own code. Label "eager_or_code_version_changed":
 #   * eager, but on a dependency's DATA VERSION change, not on any new materialization: an unchanged result
 #     (same content hash, e.g. a manual or nightly rerun with the same inputs) does not cascade downstream.
@@ -15,22 +16,38 @@ from nnsam2_assets.executors import GPU_QUEUE
 #     eager(): newly missing partitions run, deps requested on this tick pull this asset into the same run
 #     (will_be_requested), never while a dep is missing or in progress, once per change (since_last_handled);
 #   * OR its own code version changed (eager() alone ignores code-version bumps).
-_ANY_DEPS_DATA_CHANGED = dg.AutomationCondition.any_deps_match(
-    (
-        dg.AutomationCondition.data_version_changed() & ~dg.AutomationCondition.executed_with_root_target()
-    ).with_label("data_version_changed_without_root")
-    | dg.AutomationCondition.will_be_requested()
-).with_label("any_deps_data_version_changed")
-EAGER = (
-    (
-        dg.AutomationCondition.in_latest_time_window()
-        & (dg.AutomationCondition.newly_missing() | _ANY_DEPS_DATA_CHANGED).since_last_handled()
-        & ~dg.AutomationCondition.any_deps_missing()
-        & ~dg.AutomationCondition.any_deps_in_progress()
-        & ~dg.AutomationCondition.in_progress()
-    ).with_label("eager_on_data_version_change")
-    | dg.AutomationCondition.code_version_changed()
-).with_label("eager_or_code_version_changed")
+def eager(ignoring: tuple[str, ...] = ()) -> dg.AutomationCondition:
+    """The policy above; ``ignoring`` names dependencies that neither trigger nor hold back the asset (an
+    external asset reported only now and then, such as ``corrections``, would otherwise count as missing
+    for every partition it was never reported for)."""
+    changed = dg.AutomationCondition.any_deps_match(
+        (
+            dg.AutomationCondition.data_version_changed()
+            & ~dg.AutomationCondition.executed_with_root_target()
+        ).with_label("data_version_changed_without_root")
+        | dg.AutomationCondition.will_be_requested()
+    )
+    missing = dg.AutomationCondition.any_deps_missing()
+    if ignoring:
+        changed = changed.ignore(dg.AssetSelection.assets(*ignoring))
+        missing = missing.ignore(dg.AssetSelection.assets(*ignoring))
+    return (
+        (
+            dg.AutomationCondition.in_latest_time_window()
+            & (
+                dg.AutomationCondition.newly_missing() | changed.with_label("any_deps_data_version_changed")
+            ).since_last_handled()
+            & ~missing
+            & ~dg.AutomationCondition.any_deps_in_progress()
+            & ~dg.AutomationCondition.in_progress()
+        ).with_label("eager_on_data_version_change")
+        | dg.AutomationCondition.code_version_changed()
+    ).with_label("eager_or_code_version_changed")
+
+
+EAGER = eager()
+# final masks follow the models and the scans; a recorded correction requests its own run (new-data sensor)
+EAGER_BESIDE_CORRECTIONS = eager(ignoring=("corrections",))
 
 # GPU steps: one at a time per instance (pool limit in dagster.yaml), a k8s GPU request when the
 # k8s_job_executor runs one pod per step, and the Celery queue that only GPU workers listen on.

@@ -12,7 +12,7 @@ import dagster as dg
 
 from nnsam2_assets.core.cache import cache_key
 from nnsam2_assets.core.overlays import markdown_image
-from nnsam2_assets.defs.automation import EAGER, GPU_TAGS
+from nnsam2_assets.defs.automation import EAGER_BESIDE_CORRECTIONS, GPU_TAGS
 from nnsam2_assets.defs.ingest import corrections, reference_annotation, scans
 from nnsam2_assets.defs.metadata import table
 from nnsam2_assets.defs.partitions import datasets_partitions
@@ -160,7 +160,7 @@ class FinalMasksConfig(dg.Config):
     group_name="refinement",
     kinds={"nifti"},
     code_version=refine.VERSION,
-    automation_condition=EAGER,
+    automation_condition=EAGER_BESIDE_CORRECTIONS,
     # scans and propagated masks: the images predicted and the muscle box they are cropped to, and the
     # propagated masks again when the held-out annotated slice (reference_annotation) keeps them
     # corrections: the users' corrected slices replace the model's there

@@ -158,3 +158,52 @@ def test_code_version_bump_requests_the_asset(pipeline):
     # transition: the code version changed -> propagated_masks (and its eager chain, same run) requested
     assert ticker.tick(new_defs) == CHAIN
     assert ticker.tick(new_defs) == {}
+
+
+def test_final_masks_follow_a_retrained_model_without_any_correction_reported():
+    """corrections is external and reported only when a user drops one: a partition it was never reported
+    for must not count as missing, or final masks would never follow a retrained stage-3 model."""
+    from nnsam2_assets.definitions import defs as load_defs
+    from nnsam2_assets.defs.automation import EAGER
+
+    definitions = load_defs()
+    final = dg.AssetKey("final_masks")
+    holding = dg.Definitions(  # the same graph with the plain policy on final_masks
+        assets=[
+            a.map_asset_specs(
+                lambda spec: (
+                    spec.replace_attributes(automation_condition=EAGER) if spec.key == final else spec
+                )
+            )
+            if isinstance(a, dg.AssetsDefinition) and final in a.keys
+            else a
+            for a in {id(a): a for a in definitions.assets}.values()  # merged defs list some twice
+        ],
+        resources=definitions.resources,
+    )
+
+    def after_retraining(defs: dg.Definitions) -> set:
+        with dg.instance_for_test() as instance:
+            instance.add_dynamic_partitions("datasets", ["ds"])
+            parents = defs.resolve_asset_graph().get(final).parent_keys - {dg.AssetKey("corrections")}
+
+            def report(key: dg.AssetKey, version: str) -> None:
+                partition = None if key in MODELS else "ds"
+                tags = {"dagster/data_version": version}
+                instance.report_runless_asset_event(
+                    dg.AssetMaterialization(key, partition=partition, tags=tags)
+                )
+
+            for key in parents:
+                report(key, "a")
+            instance.report_runless_asset_event(dg.AssetMaterialization(final, partition="ds"))
+            selection = dg.AssetSelection.assets(final)
+            first = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
+            report(dg.AssetKey("nnunet_stage3"), "b")  # a retrained model
+            second = dg.evaluate_automation_conditions(
+                defs=defs, instance=instance, asset_selection=selection, cursor=first.cursor
+            )
+            return set(second.get_requested_partitions(final))
+
+    assert after_retraining(definitions) == {"ds"}
+    assert after_retraining(holding) == set()  # the plain policy waits for ever on corrections

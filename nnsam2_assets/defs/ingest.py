@@ -228,9 +228,10 @@ def record_dataset_corrections(
     instance: dg.DagsterInstance, storage: NnsamStorage, name: str
 ) -> tuple[list[str], dict[str, str]]:
     """Record the dataset's new, changed or removed corrections and report them as a materialization of
-    ``corrections``; returns (the scans whose correction changed, refused correction files by scan)."""
+    ``corrections``; returns (the scans whose correction is new, changed or removed, refused correction
+    files by scan)."""
     recorded = record_corrections(storage.dataset(name), storage.layout(name))
-    if recorded.changed:
+    if recorded.changed or recorded.removed:
         instance.report_runless_asset_event(
             dg.AssetMaterialization(
                 "corrections",
@@ -242,7 +243,8 @@ def record_dataset_corrections(
                     "base_mask_sha256": dg.MetadataValue.json(
                         {scan: r.base_mask_sha256 for scan, r in recorded.changed.items()}
                     ),
+                    "removed": ", ".join(recorded.removed) or "none",
                 },
             )
         )
-    return sorted(recorded.changed), recorded.refused
+    return sorted([*recorded.changed, *recorded.removed]), recorded.refused

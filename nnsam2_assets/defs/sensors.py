@@ -16,6 +16,7 @@ import os
 
 import dagster as dg
 
+from nnsam2_assets.core.cache import cache_key
 from nnsam2_assets.core.layout import model_pointer
 from nnsam2_assets.defs.ingest import record_dataset_corrections
 from nnsam2_assets.defs.jobs import NEW_DATA_SELECTION
@@ -28,6 +29,7 @@ from nnsam2_assets.ingest.convention import (
     load_dataset,
 )
 from nnsam2_assets.pipeline import OUTPUTS, PER_DATASET
+from nnsam2_assets.refinement.corrections import pending_corrections, read_record
 
 MAX_RUNS_PER_TICK_ENV = "NNSAM2_MAX_RUNS_PER_TICK"
 DEFAULT_MAX_RUNS_PER_TICK = 2
@@ -53,6 +55,13 @@ def selection_for(storage: NnsamStorage) -> list[dg.AssetKey]:
     """Final masks and metrics only once a stage-3 model exists (inference only, never retraining)."""
     names = PER_DATASET + (OUTPUTS if model_pointer(storage.root, "stage3").exists() else [])
     return [dg.AssetKey(n) for n in names]
+
+
+def _corrections_pending(storage: NnsamStorage, name: str) -> bool:
+    try:
+        return bool(pending_corrections(storage.dataset(name), storage.layout(name)))
+    except Exception:  # an unreadable dataset is reported by scan_data_root
+        return False
 
 
 def scan_data_root(storage: NnsamStorage) -> tuple[dict[str, str], dict[str, str]]:
@@ -83,6 +92,10 @@ def new_data_sensor(context: dg.SensorEvaluationContext, storage: NnsamStorage) 
     known = set(context.instance.get_dynamic_partitions(datasets_partitions.name))
     new_partitions = sorted(set(current) - known)
     changed = sorted(name for name, fp in current.items() if seen.get(name) != fp)
+    # a correction dropped before its dataset's first run ended is still unrecorded once the folder is seen
+    changed += sorted(
+        name for name in set(current) & known - set(changed) if _corrections_pending(storage, name)
+    )
     requested = changed[: max_runs_per_tick()]
     if len(changed) > len(requested):
         context.log.info(f"{len(changed) - len(requested)} changed datasets wait for the next tick")
@@ -90,19 +103,29 @@ def new_data_sensor(context: dg.SensorEvaluationContext, storage: NnsamStorage) 
     cursor = {name: fp for name, fp in seen.items() if name in current}
     cursor.update({name: current[name] for name in requested})
     selection = selection_for(storage)
+    run_keys = {}
     for name in requested:
-        if name in known:  # a new dataset has no scans ingested yet, hence nothing corrected
+        run_keys[name] = f"{name}:{current[name]}"
+        if name not in known:  # a new dataset has no scans ingested yet, hence nothing corrected
+            continue
+        try:
             changed_scans, refused_files = record_dataset_corrections(context.instance, storage, name)
-            if changed_scans:
-                context.log.info(f"{name}: corrections recorded for {', '.join(changed_scans)}")
-            for scan, reason in refused_files.items():
-                context.log.warning(f"{name}: correction of {scan} refused: {reason}")
+        except Exception as exc:  # one dataset's corrections never stop the others' runs
+            context.log.warning(f"{name}: corrections not recorded: {type(exc).__name__}: {exc}")
+            continue
+        if changed_scans:
+            context.log.info(f"{name}: corrections recorded for {', '.join(changed_scans)}")
+            layout = storage.layout(name)
+            records = (read_record(layout, scan) for scan in changed_scans)
+            run_keys[name] += ":" + cache_key(*(r.key if r else "removed" for r in records))
+        for scan, reason in refused_files.items():
+            context.log.warning(f"{name}: correction of {scan} refused: {reason}")
     return dg.SensorResult(
         dynamic_partitions_requests=[datasets_partitions.build_add_request(new_partitions)]
         if new_partitions
         else [],
         run_requests=[
-            dg.RunRequest(partition_key=name, run_key=f"{name}:{current[name]}", asset_selection=selection)
+            dg.RunRequest(partition_key=name, run_key=run_keys[name], asset_selection=selection)
             for name in requested
         ],
         cursor=json.dumps(cursor, sort_keys=True),

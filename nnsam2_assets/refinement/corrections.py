@@ -42,6 +42,7 @@ class CorrectionRecord:
     correction_sha256: str
     base_mask_sha256: str | None  # the published final mask the user started from (None: none yet)
     corrected_slices: list[int]  # canonical crop z
+    source_stat: str = ""  # the file's size and mtime when recorded
 
     @property
     def key(self) -> str:
@@ -49,8 +50,45 @@ class CorrectionRecord:
 
 
 def read_record(layout: DatasetLayout, scan: str) -> CorrectionRecord | None:
+    """The scan's correction record; an unreadable one counts as none (the correction is recorded again)."""
     path = layout.correction_record(scan)
-    return CorrectionRecord(**json.loads(path.read_text())) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return CorrectionRecord(**json.loads(path.read_text()))
+    except (ValueError, TypeError):
+        return None
+
+
+def source_stat(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def pending_corrections(spec: DatasetSpec, layout: DatasetLayout) -> list[str]:
+    """Scans of an ingested dataset whose correction file is new, changed or gone since it was recorded
+    (file size and mtime: cheap enough for every sensor tick)."""
+    if not layout.manifest.exists():
+        return []
+    pending = []
+    for scan in ok_scans(layout):
+        source = spec.scans[scan].correction if scan in spec.scans else None
+        record = read_record(layout, scan)
+        if source is None:
+            if record is not None:
+                pending.append(scan)
+            continue
+        stat = source_stat(source)
+        refused = _refused_marker(layout, scan)
+        if refused.exists() and refused.read_text() == stat:
+            continue
+        if record is None or record.source_stat != stat:
+            pending.append(scan)
+    return pending
+
+
+def _refused_marker(layout: DatasetLayout, scan: str) -> Path:
+    return layout.dir("corrections") / f"{scan}.refused"
 
 
 def read_correction(spec: DatasetSpec, scan: str, canonical: sitk.Image) -> np.ndarray:
@@ -88,20 +126,28 @@ def differing_slices(a: np.ndarray, b: np.ndarray) -> list[int]:
 class RecordedCorrections:
     changed: dict[str, CorrectionRecord]
     refused: dict[str, str]  # scan -> why its correction file cannot be used (its earlier record stays)
+    removed: list[str]  # scans whose correction file was taken away: their final masks are the model's again
 
 
 def record_corrections(spec: DatasetSpec, layout: DatasetLayout) -> RecordedCorrections:
     """Record each scan's new or changed correction against the final mask it was made from, and forget the
     records of corrections that were removed. A bad correction file is refused for its scan alone."""
-    out = RecordedCorrections({}, {})
+    out = RecordedCorrections({}, {}, [])
     scans = set(ok_scans(layout)) if layout.manifest.exists() else set()
     for scan in sorted(scans):
+        refused = _refused_marker(layout, scan)
         try:
             record = _record_one(spec, layout, scan)
-        except ScanError as exc:
-            out.refused[scan] = str(exc)
+        except Exception as exc:  # one bad file never stops the others' recording
+            source = spec.scans[scan].correction
+            out.refused[scan] = str(exc) if isinstance(exc, ScanError) else f"{source}: {exc!r}"
+            refused.parent.mkdir(parents=True, exist_ok=True)
+            refused.write_text(source_stat(source))  # not pending again until the file changes
             continue
-        if record is not None:
+        refused.unlink(missing_ok=True)
+        if record is REMOVED:
+            out.removed.append(scan)
+        elif record is not None:
             out.changed[scan] = record
     for path in layout.dir("corrections").glob("*.json") if layout.dir("corrections").exists() else []:
         if path.stem not in scans:  # the scan itself is gone
@@ -110,16 +156,24 @@ def record_corrections(spec: DatasetSpec, layout: DatasetLayout) -> RecordedCorr
     return out
 
 
+REMOVED = CorrectionRecord("", "", "", None, [])  # _record_one's answer for a correction taken away
+
+
 def _record_one(spec: DatasetSpec, layout: DatasetLayout, scan: str) -> CorrectionRecord | None:
     source = spec.scans[scan].correction if scan in spec.scans else None
     previous = read_record(layout, scan)
     if source is None:
-        if previous is not None:
-            layout.correction_record(scan).unlink()
-            layout.correction_labels(scan).unlink(missing_ok=True)
-        return None
+        if previous is None:
+            return None
+        layout.correction_record(scan).unlink()
+        layout.correction_labels(scan).unlink(missing_ok=True)
+        return REMOVED
     digest = sha256_file(source)
     if previous is not None and previous.correction_sha256 == digest:
+        if previous.source_stat != source_stat(source):  # touched, not changed
+            atomic_write_json(
+                {**asdict(previous), "source_stat": source_stat(source)}, layout.correction_record(scan)
+            )
         return None
     canonical = read_image(layout.scan_image(scan))
     correction = read_correction(spec, scan, canonical)
@@ -134,6 +188,7 @@ def _record_one(spec: DatasetSpec, layout: DatasetLayout, scan: str) -> Correcti
         digest,
         sha256_file(layout.final_mask(scan)) if layout.final_mask(scan).exists() else None,
         sorted(slices),
+        source_stat(source),
     )
     image = sitk.GetImageFromArray(correction)
     image.CopyInformation(canonical)

@@ -10,7 +10,12 @@ import SimpleITK as sitk
 from nnsam2_assets.core.imaging import read_image, to_original_grid
 from nnsam2_assets.core.storage import sha256_file
 from nnsam2_assets.ingest.convention import load_dataset
-from nnsam2_assets.refinement.corrections import apply_correction, read_record, record_corrections
+from nnsam2_assets.refinement.corrections import (
+    apply_correction,
+    pending_corrections,
+    read_record,
+    record_corrections,
+)
 from nnsam2_assets.testing.cohorts import write_tiny_dataset
 from nnsam2_assets.testing.direct import STEPS, DirectRun
 
@@ -115,3 +120,23 @@ def test_a_bad_correction_is_refused_for_its_scan_alone(ingested):
     )
     assert "label values [9] are not classes 1..4" in recorded.refused[foreign]
     assert read_record(run.layout("ds"), wrong_grid) is None
+
+
+def test_pending_corrections_until_recorded_and_a_refused_file_until_it_changes(ingested):
+    run, folder = ingested
+    layout = run.layout("ds")
+    good, bad = sorted(run.spec("ds").scans)[1:]
+    _drop(run, folder, good, _canonical_expert(run, good))
+    sitk.WriteImage(sitk.Image(8, 8, 3, sitk.sitkUInt8), str(folder / "corrections" / f"{bad}.nii.gz"))
+    spec = load_dataset(run.data_root, "ds")
+    assert pending_corrections(spec, layout) == sorted([good, bad])
+    recorded = record_corrections(spec, layout)
+    assert list(recorded.changed) == [good] and list(recorded.refused) == [bad]
+    assert pending_corrections(spec, layout) == []  # the refused file is not retried on every tick
+    _drop(run, folder, bad, _canonical_expert(run, bad))  # fixed by the user
+    assert pending_corrections(load_dataset(run.data_root, "ds"), layout) == [bad]
+    (folder / "corrections" / f"{good}.nii.gz").unlink()
+    spec = load_dataset(run.data_root, "ds")
+    assert pending_corrections(spec, layout) == sorted([good, bad])
+    recorded = record_corrections(spec, layout)
+    assert recorded.removed == [good] and list(recorded.changed) == [bad]

@@ -143,8 +143,9 @@ def region_previews(layout, good, limit: int = 8) -> str:
     deps=[scans],
 )
 def reference_annotation(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.MaterializeResult:
-    """The one annotated axial slice, validated against the reference scan and put on its canonical crop.
-    Click prompts (``annotation.mrk.json`` / ``annotation.csv``) become that slice's mask here."""
+    """The annotated axial slice (or the few annotated slices), validated against the reference scan and put
+    on its canonical crop. Click prompts (``annotation.mrk.json`` / ``annotation.csv``) become that slice's
+    mask here."""
     spec = storage.dataset(context.partition_key)
     layout = storage.layout(context.partition_key)
     report = annotation.write_reference_annotation(spec, layout)

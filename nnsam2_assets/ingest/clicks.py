@@ -86,10 +86,9 @@ def is_click_file(path: Path | str) -> bool:
 def read_clicks(path: Path, class_names: tuple[str, ...]) -> list[Click]:
     """The clicks of a ``.mrk.json`` or ``.csv`` file, classes resolved; clear errors naming the file."""
     path = Path(path)
+    reader = _read_markups if str(path).lower().endswith(".mrk.json") else _read_csv
     try:
-        clicks = _read_markups(path, class_names) if str(path).lower().endswith(".mrk.json") else None
-        if clicks is None:
-            clicks = _read_csv(path, class_names)
+        clicks = reader(path, class_names)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
         raise ScanError(path, f"cannot read the click file: {exc}") from exc
     if not clicks:
@@ -124,6 +123,8 @@ def _read_markups(path: Path, class_names: tuple[str, ...]) -> list[Click]:
         raise ScanError(path, "not a 3D Slicer markups file: no 'markups' list")
     clicks = []
     for m, markup in enumerate(markups):
+        if not isinstance(markup, dict) or not isinstance(markup.get("controlPoints", []), list):
+            raise ScanError(path, f"markup {m} is not a markup with a list of controlPoints")
         if markup.get("type", "Fiducial") != "Fiducial":
             raise ScanError(
                 path, f"markup {m} is a {markup.get('type')!r}; click prompts are Fiducial points"
@@ -132,6 +133,8 @@ def _read_markups(path: Path, class_names: tuple[str, ...]) -> list[Click]:
         if system not in ("LPS", "RAS"):
             raise ScanError(path, f"markup {m}: unknown coordinateSystem {system!r} (LPS or RAS)")
         for p, point in enumerate(markup.get("controlPoints", [])):
+            if not isinstance(point, dict):
+                raise ScanError(path, f"markup {m} point {p} is not a control point")
             label = str(point.get("label", ""))
             positive = not label.startswith("-")
             token = label.lstrip("-")
@@ -140,7 +143,10 @@ def _read_markups(path: Path, class_names: tuple[str, ...]) -> list[Click]:
                 class_id = _class_id(str(markup.get("name", "")), class_names)
             if class_id is None:
                 raise _unknown(path, label, f"markup {m} point {p}", class_names)
-            x, y, z = (float(v) for v in point["position"])
+            try:
+                x, y, z = (float(v) for v in point["position"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ScanError(path, f"markup {m} point {p}: position must be 3 numbers ({exc!r})") from exc
             if system == "RAS":
                 x, y = -x, -y
             clicks.append(Click(class_id, (x, y, z), positive))

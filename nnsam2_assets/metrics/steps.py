@@ -24,7 +24,7 @@ from nnsam2_assets.ingest.scans import ok_scans, read_manifest
 from nnsam2_assets.metrics import quant, stats
 from nnsam2_assets.metrics.qc import QCConfig, mean_confidence, qc_flags
 from nnsam2_assets.metrics.store import SCHEMA, replace_dataset_rows
-from nnsam2_assets.refinement.corrections import CORRECTION_COLUMNS
+from nnsam2_assets.refinement.corrections import NO_CORRECTION
 
 VERSION = "metrics-v3"
 AGREEMENT_VERSION = "agreement-v1"
@@ -141,9 +141,9 @@ def _correction_of(stage_row: pd.DataFrame) -> dict:
     """The scan's correction columns from the final masks' table (``refinement.corrections``): whether a
     user corrected it, how many slices, the uncorrected mask's Dice on them and the volume change."""
     if not len(stage_row) or "corrected" not in stage_row:
-        return {"corrected": False, "n_corrected_slices": 0}
+        return dict(NO_CORRECTION)
     row = stage_row.iloc[0]
-    return {column: row[column] for column in CORRECTION_COLUMNS}
+    return {column: row[column] for column in NO_CORRECTION}
 
 
 def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_id: str) -> DatasetMetrics:

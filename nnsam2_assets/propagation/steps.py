@@ -1,4 +1,4 @@
-"""The ``propagated_masks`` asset's per-dataset step: every ingested scan's masks from the one annotated slice,
+"""The ``propagated_masks`` asset's per-dataset step: every ingested scan's masks from the annotated slice(s),
 with a per-slice confidence table. Incremental per scan (``core.cache``): a scan whose content, annotation
 and backend are unchanged is neither propagated nor read again."""
 
@@ -74,7 +74,7 @@ def propagate_masks(
     backend_id: str,
     workers: int = 1,
 ) -> PropagationReport:
-    """Masks per scan from the one annotated slice, with per-slice confidence; the propagator is built once,
+    """Masks per scan from the annotated slice(s), each target slice from the nearest, with per-slice confidence; the propagator is built once,
     and only when some scan needs it. A backend that works on frames (SAM2) keeps them under
     ``layout.frames(scan)``, so the frames it tracked are the frames a user finds. With ``workers`` > 1 a
     ``parallel_safe`` backend propagates the scans that need it in that many processes (same masks)."""
@@ -85,6 +85,9 @@ def propagate_masks(
 
     clicks = read_annotation_clicks(layout)
     prompts = annotated_slices(ann)
+    # what is propagated: the canonical annotation (for clicks, the mask made of them) and the clicks
+    annotation_digest = sha256_file(layout.annotation)
+    clicks_digest = sha256_file(layout.annotation_clicks) if clicks else ""
 
     @functools.cache
     def shared() -> tuple[Propagator, sitk.Image, sitk.Image]:
@@ -118,7 +121,9 @@ def propagate_masks(
         return _mask_summary(scan_id, table, masks, layout, spec.n_classes)
 
     def key_and_outputs(scan_id: str) -> tuple[str, list[Path]]:
-        key = cache_key(VERSION, manifest.loc[scan_id, "source_hash"], ann["annotation_sha256"], backend_id)
+        key = cache_key(
+            VERSION, manifest.loc[scan_id, "source_hash"], annotation_digest, clicks_digest, backend_id
+        )
         return key, [layout.masks(scan_id), layout.confidence(scan_id)]
 
     scans = ok_scans(layout, manifest)

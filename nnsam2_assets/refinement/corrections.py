@@ -31,8 +31,13 @@ from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.ingest.slicer import is_slicer_segmentation, read_slicer_labels
 
-# per scan, in the final masks' table and scan_metrics
-CORRECTION_COLUMNS = ("corrected", "n_corrected_slices", "correction_dice", "correction_volume_change_ml")
+# a scan's correction columns (the final masks' table, scan_metrics) when no user corrected it
+NO_CORRECTION = {
+    "corrected": False,
+    "n_corrected_slices": 0,
+    "correction_dice": float("nan"),
+    "correction_volume_change_ml": 0.0,
+}
 
 
 @dataclass(frozen=True)
@@ -202,7 +207,7 @@ class AppliedCorrection:
     mask: np.ndarray
     n_slices: int
     dice_before: float  # uncorrected vs correction on the corrected slices
-    voxels_changed: int  # corrected minus uncorrected foreground voxels
+    foreground_change: int  # foreground voxels after the correction minus before
 
 
 def apply_correction(

@@ -34,12 +34,14 @@ from nnsam2_assets.core.storage import (
     atomic_write_json,
     sha256_file,
 )
+from nnsam2_assets.ingest.annotation import read_annotation_clicks
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.outputs.dicom_seg import write_dicom_seg
 from nnsam2_assets.propagation.boundary import band_pixels, refine_side_boundaries
 from nnsam2_assets.propagation.registration import registration_intensities
+from nnsam2_assets.propagation.steps import mask_digest
 from nnsam2_assets.refinement.corrections import (
-    CORRECTION_COLUMNS,
+    NO_CORRECTION,
     AppliedCorrection,
     apply_correction,
     read_record,
@@ -99,28 +101,14 @@ def finish_refined(prediction: np.ndarray, image: sitk.Image, modality: str, k: 
 
 def _correction_columns(corrected: AppliedCorrection | None, img: sitk.Image) -> dict:
     if corrected is None:
-        return {
-            "corrected": False,
-            "n_corrected_slices": 0,
-            "correction_dice": np.nan,
-            "correction_volume_change_ml": 0.0,
-        }
+        return dict(NO_CORRECTION)
     voxel_ml = float(np.prod(img.GetSpacing())) / 1000.0
     return {
         "corrected": True,
         "n_corrected_slices": corrected.n_slices,
         "correction_dice": corrected.dice_before,
-        "correction_volume_change_ml": corrected.voxels_changed * voxel_ml,
+        "correction_volume_change_ml": corrected.foreground_change * voxel_ml,
     }
-
-
-def _previous_corrections(layout: DatasetLayout) -> dict[str, dict]:
-    if not layout.stage_agreement.exists():
-        return {}
-    previous = pd.read_parquet(layout.stage_agreement)
-    if not set(CORRECTION_COLUMNS) <= set(previous.columns):
-        return {}
-    return previous.set_index("scan")[list(CORRECTION_COLUMNS)].to_dict("index")
 
 
 def make_final_masks(
@@ -146,7 +134,6 @@ def make_final_masks(
     cache = ScanCache(layout.dir("final_masks"))
     rows, computed, overlay = [], 0, None
     fragments: dict[str, float] = {}
-    corrections = _previous_corrections(layout)  # a scan whose mask is fresh keeps its columns
     margins = {stage: models[stage].get("roi_margin_mm") for stage in STAGES}
 
     def stage_paths(scan: str, img: sitk.Image) -> list[Path]:
@@ -175,6 +162,7 @@ def make_final_masks(
             VERSION,
             k_out,
             decision.source,
+            mask_digest(layout, scan),  # the final mask when propagated, and its ES/MF interface
             record.key if record else "",
         )
         outputs = [layout.final_mask(scan), layout.final_mask_canonical(scan)]
@@ -194,7 +182,7 @@ def make_final_masks(
             corrected = apply_correction(final, layout, scan, k_out)
             if corrected is not None:
                 final = corrected.mask
-            corrections[scan] = _correction_columns(corrected, img)
+            columns = _correction_columns(corrected, img)
             canonical = sitk.GetImageFromArray(final)
             canonical.CopyInformation(img)
             atomic_write_image(canonical, layout.final_mask_canonical(scan))
@@ -202,7 +190,7 @@ def make_final_masks(
                 spec, layout, scan, canonical, f"{VERSION}/{models['stage3']['version']}"
             ):
                 log(f"{scan}: {note}")
-            cache.record(scan, key)
+            cache.record(scan, key, info=columns)
             computed += 1
         final = read_array(layout.final_mask_canonical(scan))
         propagated = to_class_space(propagated_own, spec.n_classes, k)
@@ -216,7 +204,7 @@ def make_final_masks(
             "n_voxels": int((final > 0).sum()),
             "mask_sha256": sha256_file(layout.final_mask_canonical(scan))[:16],
             "expert_dice": np.nan,
-            **(corrections.get(scan) or _correction_columns(None, img)),
+            **(cache.info(scan) or NO_CORRECTION),
         }
         if layout.scan_expert(scan).exists():
             truth = read_array(layout.scan_expert(scan))
@@ -236,6 +224,8 @@ def make_final_masks(
         "es_mf_interface": "propagation" if k_out > k or not decision.use_refined else "model",
         "fragment_fraction": fragments,
         "refinement_decision": decision.as_dict(),
+        # with click prompts the held-out slice's truth is the mask made of the clicks, not a drawn one
+        "heldout_truth": "click-made mask" if read_annotation_clicks(layout) else "drawn annotation",
     }
     atomic_write_json(summary, layout.final_summary)
     log(

@@ -150,3 +150,28 @@ def test_a_click_dataset_is_annotated_and_propagated(tmp_path):
     target = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks("TUM01"))))
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.scan_expert("TUM01"))))
     assert mean_dice(to_class_space(target, 4, 2), to_class_space(truth, 4, 2), 2) >= 0.85
+
+
+@pytest.mark.parametrize(
+    ("markups", "reason"),
+    [
+        (
+            {"markups": [{"type": "Fiducial", "controlPoints": [{"label": "right_es", "position": [1, 2]}]}]},
+            "position must be 3 numbers",
+        ),
+        (
+            {"markups": [{"type": "Fiducial", "controlPoints": [{"label": "right_es"}]}]},
+            "position must be 3 numbers",
+        ),
+        ({"markups": [{"type": "Fiducial", "controlPoints": ["x"]}]}, "is not a control point"),
+        ({"markups": ["x"]}, "is not a markup"),
+        ({"markups": [{"type": "Line", "controlPoints": []}]}, "click prompts are Fiducial points"),
+        ({"nothing": 1}, "not a 3D Slicer markups file"),
+    ],
+)
+def test_malformed_markups_are_refused_naming_the_file(tmp_path, markups, reason):
+    path = tmp_path / "annotation.mrk.json"
+    path.write_text(json.dumps(markups))
+    with pytest.raises(ScanError) as err:
+        read_clicks(path, NAMES)
+    assert str(path) in str(err.value) and reason in str(err.value)

@@ -74,7 +74,7 @@ def test_corrected_slices_are_those_that_differ_from_the_mask_the_user_started_f
     applied = apply_correction(published, layout, scan, 4)
     np.testing.assert_array_equal(applied.mask, edited)
     assert applied.n_slices == 1 and applied.dice_before == 0.0
-    assert applied.voxels_changed == -int((published[first] > 0).sum())
+    assert applied.foreground_change == -int((published[first] > 0).sum())
 
     # unchanged file: nothing recorded again
     assert not record_corrections(load_dataset(run.data_root, "ds"), layout).changed

@@ -153,7 +153,8 @@ def _record_corrections(
     storage = resources.get("storage")
     if not isinstance(storage, NnsamStorage):
         return
-    changed, refused = record_dataset_corrections(instance, storage, name)
+    # resolved as a run resolves it: the roots may be dg.EnvVar, readable only through config processing
+    changed, refused = record_dataset_corrections(instance, storage.process_config_and_initialize(), name)
     if changed:
         progress(f"[{name}] corrections recorded: {', '.join(changed)}")
     for scan, reason in refused.items():

@@ -31,7 +31,7 @@ from nnsam2_assets.outputs.report import report_paths
 from nnsam2_assets.pipeline import OUTPUTS
 from nnsam2_assets.refinement import stages as refine_stages
 from nnsam2_assets.refinement.corrections import read_record
-from nnsam2_assets.refinement.final_masks import make_final_masks
+from nnsam2_assets.refinement.final_masks import finish_refined, make_final_masks
 from nnsam2_assets.refinement.holdout import decide, held_out_slab
 
 pytestmark = pytest.mark.slow
@@ -139,7 +139,8 @@ def test_a_4_class_dataset_keeps_4_classes_in_a_mixed_pool(demo_cohort, tmp_path
 
 def test_the_held_out_check_decides_without_expert_labels_and_the_final_masks_follow_it(demo_cohort):
     """No stage trained on the reference's annotated slab; the decision is the stage-3 model's side Dice on
-    the annotated slice (recomputed here from the stored prediction and the annotation alone), and each
+    the annotated slice, finished as final masks are (recomputed here from the stored prediction, the scan
+    and the annotation alone), and each
     dataset's final masks are the masks it chose."""
     for name in demo_cohort.datasets:
         layout = DatasetLayout(demo_cohort.storage_root, name)
@@ -156,7 +157,8 @@ def test_the_held_out_check_decides_without_expert_labels_and_the_final_masks_fo
         prediction = sitk.GetArrayFromImage(
             sitk.ReadImage(str(stage_prediction(Path(pointer["model_dir"]), name, spec.reference)))
         )
-        again = decide(prediction, 2, layout, spec.n_classes)
+        finished = finish_refined(prediction, read_image(layout.scan_image(spec.reference)), spec.modality, 2)
+        again = decide(finished, 2, layout, spec.n_classes)
         assert again.heldout_dice == pytest.approx(decision["heldout_dice"])
         assert decision["source"] == again.source
         for scan in spec.scans:

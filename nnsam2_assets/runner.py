@@ -154,10 +154,10 @@ def _record_corrections(
     if not isinstance(storage, NnsamStorage):
         return
     # resolved as a run resolves it: the roots may be dg.EnvVar, readable only through config processing
-    changed, refused = record_dataset_corrections(instance, storage.process_config_and_initialize(), name)
-    if changed:
-        progress(f"[{name}] corrections recorded: {', '.join(changed)}")
-    for scan, reason in refused.items():
+    recorded = record_dataset_corrections(instance, storage.process_config_and_initialize(), name)
+    if recorded.scans:
+        progress(f"[{name}] corrections recorded: {', '.join(recorded.scans)}")
+    for scan, reason in recorded.refused.items():
         progress(f"[{name}] correction of {scan} refused: {reason}")
 
 

@@ -11,7 +11,7 @@ from nnsam2_assets.defs.resources import NnsamStorage
 from nnsam2_assets.ingest import annotation, ranking
 from nnsam2_assets.ingest import scans as ingest
 from nnsam2_assets.ingest.convention import folder_fingerprint
-from nnsam2_assets.refinement.corrections import record_corrections
+from nnsam2_assets.refinement.corrections import RecordedCorrections, record_corrections
 
 
 @dg.asset(
@@ -227,10 +227,9 @@ corrections = dg.AssetSpec(
 
 def record_dataset_corrections(
     instance: dg.DagsterInstance, storage: NnsamStorage, name: str
-) -> tuple[list[str], dict[str, str]]:
+) -> RecordedCorrections:
     """Record the dataset's new, changed or removed corrections and report them as a materialization of
-    ``corrections``; returns (the scans whose correction is new, changed or removed, refused correction
-    files by scan)."""
+    ``corrections``."""
     recorded = record_corrections(storage.dataset(name), storage.layout(name))
     if recorded.changed or recorded.removed:
         instance.report_runless_asset_event(
@@ -248,4 +247,4 @@ def record_dataset_corrections(
                 },
             )
         )
-    return sorted([*recorded.changed, *recorded.removed]), recorded.refused
+    return recorded

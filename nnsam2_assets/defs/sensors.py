@@ -16,7 +16,6 @@ import os
 
 import dagster as dg
 
-from nnsam2_assets.core.cache import cache_key
 from nnsam2_assets.core.layout import model_pointer
 from nnsam2_assets.defs.ingest import record_dataset_corrections
 from nnsam2_assets.defs.jobs import NEW_DATA_SELECTION
@@ -29,7 +28,7 @@ from nnsam2_assets.ingest.convention import (
     load_dataset,
 )
 from nnsam2_assets.pipeline import OUTPUTS, PER_DATASET
-from nnsam2_assets.refinement.corrections import pending_corrections, read_record
+from nnsam2_assets.refinement.corrections import pending_corrections
 
 MAX_RUNS_PER_TICK_ENV = "NNSAM2_MAX_RUNS_PER_TICK"
 DEFAULT_MAX_RUNS_PER_TICK = 2
@@ -109,16 +108,14 @@ def new_data_sensor(context: dg.SensorEvaluationContext, storage: NnsamStorage) 
         if name not in known:  # a new dataset has no scans ingested yet, hence nothing corrected
             continue
         try:
-            changed_scans, refused_files = record_dataset_corrections(context.instance, storage, name)
+            recorded = record_dataset_corrections(context.instance, storage, name)
         except Exception as exc:  # one dataset's corrections never stop the others' runs
             context.log.warning(f"{name}: corrections not recorded: {type(exc).__name__}: {exc}")
             continue
-        if changed_scans:
-            context.log.info(f"{name}: corrections recorded for {', '.join(changed_scans)}")
-            layout = storage.layout(name)
-            records = (read_record(layout, scan) for scan in changed_scans)
-            run_keys[name] += ":" + cache_key(*(r.key if r else "removed" for r in records))
-        for scan, reason in refused_files.items():
+        if recorded.scans:
+            context.log.info(f"{name}: corrections recorded for {', '.join(recorded.scans)}")
+            run_keys[name] += ":" + recorded.key
+        for scan, reason in recorded.refused.items():
             context.log.warning(f"{name}: correction of {scan} refused: {reason}")
     return dg.SensorResult(
         dynamic_partitions_requests=[datasets_partitions.build_add_request(new_partitions)]

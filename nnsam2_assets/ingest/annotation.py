@@ -38,11 +38,7 @@ class Annotation:
     labels: sitk.Image  # canonical, our class ids, uint8
     seed_slice: int  # canonical z of the primary annotated slice (nearest the region's middle)
     classes_present: tuple[int, ...]
-    slices: tuple[int, ...] = ()  # canonical z of every annotated slice (the primary among them)
-
-    @property
-    def annotated_slices(self) -> tuple[int, ...]:
-        return self.slices or (self.seed_slice,)
+    annotated_slices: tuple[int, ...]  # canonical z of every annotated slice (the primary among them)
 
 
 def primary_slice(slices: tuple[int, ...], n_slices: int) -> int:
@@ -148,7 +144,7 @@ def annotation_from_clicks(spec: DatasetSpec, layout: DatasetLayout) -> tuple[An
     present = check_annotated_slice(labels[clicks.slice], spec, spec.annotation)
     image = sitk.GetImageFromArray(labels)
     image.CopyInformation(reference)
-    return Annotation(image, clicks.slice, present), clicks
+    return Annotation(image, clicks.slice, present, (clicks.slice,)), clicks
 
 
 def read_annotation_file(spec: DatasetSpec, reference_original: sitk.Image) -> sitk.Image:

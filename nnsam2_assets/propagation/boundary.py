@@ -66,21 +66,24 @@ def _walk(sides: np.ndarray, image: np.ndarray, band_px: int, beta: float) -> np
         if (sides == side).any() and not interior.any():
             return None
         seeds[interior] = side + 1
-    ys, xs = np.nonzero(~outside)
-    y0, y1 = max(0, ys.min() - 1), min(sides.shape[0], ys.max() + 2)
-    x0, x1 = max(0, xs.min() - 1), min(sides.shape[1], xs.max() + 2)
-    walked = walk(image[y0:y1, x0:x1], seeds[y0:y1, x0:x1], beta)
-    new = np.zeros_like(sides)
-    new[y0:y1, x0:x1] = np.where(walked > 1, walked - 1, 0)
-    return new
+    walked = walk(image, seeds, beta, within=~outside)
+    return np.where(walked > 1, walked - 1, 0).astype(sides.dtype)
 
 
-def walk(image: np.ndarray, seeds: np.ndarray, beta: float) -> np.ndarray:
-    """scikit-image's random walker, answering in the seeds' own values: it numbers the seed values it was
-    given 1..n, so a slice where one side has no seed would otherwise come back with the sides renamed."""
-    values = np.unique(seeds[seeds > 0])
-    walked = random_walker(image, seeds, beta=beta, mode="cg_j")
-    return np.where(walked > 0, values[np.clip(walked - 1, 0, len(values) - 1)], 0)
+def walk(image: np.ndarray, seeds: np.ndarray, beta: float, within: np.ndarray) -> np.ndarray:
+    """scikit-image's random walker on the box around ``within`` (plus one pixel; 0 outside it), answering
+    in the seeds' own values: it numbers the seed values it was given 1..n, so a slice where one side has no
+    seed would otherwise come back with the sides renamed."""
+    ys, xs = np.nonzero(within)
+    box = (
+        slice(max(0, ys.min() - 1), min(image.shape[0], ys.max() + 2)),
+        slice(max(0, xs.min() - 1), min(image.shape[1], xs.max() + 2)),
+    )
+    values = np.unique(seeds[box][seeds[box] > 0])
+    walked = random_walker(image[box], seeds[box], beta=beta, mode="cg_j")
+    out = np.zeros(seeds.shape, seeds.dtype)
+    out[box] = np.where(walked > 0, values[np.clip(walked - 1, 0, len(values) - 1)], 0)
+    return out
 
 
 def _restore_muscles(sides: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:

@@ -42,10 +42,6 @@ def mask_from_clicks(
     for r, c, k, p in zip(clicks.rows, clicks.cols, clicks.class_ids, clicks.positive, strict=True):
         disc = ((yy - r) * sy) ** 2 + ((xx - c) * sx) ** 2 <= SEED_RADIUS_MM**2
         seeds[disc] = k + 1 if p else 1
-    ys, xs = np.nonzero(~far)
-    y0, y1 = max(0, ys.min() - 1), min(image.shape[0], ys.max() + 2)
-    x0, x1 = max(0, xs.min() - 1), min(image.shape[1], xs.max() + 2)
-    walked = walk(image[y0:y1, x0:x1], seeds[y0:y1, x0:x1], BETA)
-    labels = np.zeros(image.shape, np.uint8)
-    labels[y0:y1, x0:x1] = np.where(walked > 1, walked - 1, 0)
+    walked = walk(image, seeds, BETA, within=~far)
+    labels = np.where(walked > 1, walked - 1, 0).astype(np.uint8)
     return clean_labels(labels[None], n_classes)[0]

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from nnsam2_assets.core.cache import cache_key
 from nnsam2_assets.core.imaging import ScanError, read_image, read_source_image, same_grid
 from nnsam2_assets.core.labels import class_names, mean_dice
 from nnsam2_assets.core.layout import DatasetLayout
@@ -133,6 +134,16 @@ class RecordedCorrections:
     refused: dict[str, str]  # scan -> why its correction file cannot be used (its earlier record stays)
     removed: list[str]  # scans whose correction file was taken away: their final masks are the model's again
 
+    @property
+    def scans(self) -> list[str]:
+        """The scans whose correction is new, changed or removed."""
+        return sorted([*self.changed, *self.removed])
+
+    @property
+    def key(self) -> str:
+        """What was recorded, for a run key: each changed record's key, each removal."""
+        return cache_key(*(r.key for r in self.changed.values()), *(f"-{s}" for s in self.removed))
+
 
 def record_corrections(spec: DatasetSpec, layout: DatasetLayout) -> RecordedCorrections:
     """Record each scan's new or changed correction against the final mask it was made from, and forget the
@@ -211,13 +222,12 @@ class AppliedCorrection:
 
 
 def apply_correction(
-    uncorrected: np.ndarray, layout: DatasetLayout, scan: str, n_classes: int
+    uncorrected: np.ndarray, layout: DatasetLayout, record: CorrectionRecord | None, n_classes: int
 ) -> AppliedCorrection | None:
     """The final mask with the recorded corrected slices replaced, or None when the scan has none."""
-    record = read_record(layout, scan)
     if record is None or not record.corrected_slices:
         return None
-    correction = sitk.GetArrayFromImage(read_image(layout.correction_labels(scan)))
+    correction = sitk.GetArrayFromImage(read_image(layout.correction_labels(record.scan)))
     slices = record.corrected_slices
     mask = uncorrected.copy()
     mask[slices] = correction[slices]

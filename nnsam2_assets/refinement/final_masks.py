@@ -179,7 +179,7 @@ def make_final_masks(
             if decision.use_refined and k_out > k:
                 spacing_zyx = tuple(reversed(img.GetSpacing()))
                 final = clean_labels(split_sides(final, propagated_own, spacing_zyx), k_out)
-            corrected = apply_correction(final, layout, scan, k_out)
+            corrected = apply_correction(final, layout, record, k_out)
             if corrected is not None:
                 final = corrected.mask
             columns = _correction_columns(corrected, img)

@@ -202,7 +202,7 @@ def _exact_and_held_out(
     out = dict(labels)
     for dataset, layout in pool.layouts.items():
         for scan, slices, path in exact_labels(layout):
-            if scan not in pool.scans.get(dataset, [scan]):
+            if scan not in pool.scans[dataset]:
                 continue
             truth = pool.to_pool(dataset, read_array(path))
             label = out.get((dataset, scan))

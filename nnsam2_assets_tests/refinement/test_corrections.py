@@ -71,7 +71,7 @@ def test_corrected_slices_are_those_that_differ_from_the_mask_the_user_started_f
     assert record.corrected_slices == [first]
     assert record.base_mask_sha256 == sha256_file(layout.final_mask(scan))
 
-    applied = apply_correction(published, layout, scan, 4)
+    applied = apply_correction(published, layout, read_record(layout, scan), 4)
     np.testing.assert_array_equal(applied.mask, edited)
     assert applied.n_slices == 1 and applied.dice_before == 0.0
     assert applied.foreground_change == -int((published[first] > 0).sum())
@@ -89,7 +89,7 @@ def test_corrected_slices_are_those_that_differ_from_the_mask_the_user_started_f
     (folder / "corrections" / f"{scan}.nii.gz").unlink()
     record_corrections(load_dataset(run.data_root, "ds"), layout)
     assert read_record(layout, scan) is None and not layout.correction_labels(scan).exists()
-    assert apply_correction(published, layout, scan, 4) is None
+    assert apply_correction(published, layout, read_record(layout, scan), 4) is None
 
 
 def test_without_a_published_mask_every_labelled_slice_is_corrected(ingested):

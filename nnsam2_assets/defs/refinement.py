@@ -62,6 +62,8 @@ def _result(info: refine.StageResult) -> dg.MaterializeResult:
         "n_training_cases": int(sel.selected.sum()) if "selected" in sel else len(sel),
         "pooled_classes": info.n_classes,
         "profile": info.profile,
+        # nnSAM says here whether a SAM2 encoder ran ("sam_encoder") or the shape head alone ("none")
+        "trainer": dg.MetadataValue.json(info.trainer),
         "training_seconds": info.training_seconds,
         "seconds_per_iteration": info.seconds_per_iteration,
         "n_predicted_scans": info.n_predicted,

@@ -27,6 +27,7 @@ SAM2_CHECKPOINT_ENV = "NNSAM2_SAM2_CHECKPOINT"
 NNUNET_PROFILE_ENV = "NNSAM2_NNUNET_PROFILE"
 NNUNET_EPOCHS_ENV = "NNSAM2_NNUNET_EPOCHS"
 NNUNET_ITERATIONS_ENV = "NNSAM2_NNUNET_ITERATIONS"
+NNUNET_TRAINER_ENV = "NNSAM2_NNUNET_TRAINER"  # "plain" or "nnsam"
 
 
 def env_or(name: str, default: str) -> str:
@@ -132,9 +133,18 @@ class RefinementSettings(dg.ConfigurableResource):
     num_epochs: int = 0  # 0 = profile default
     iterations_per_epoch: int = 0
     device: str = "auto"
+    # "plain" nnU-Net, or "nnsam": a frozen SAM2 image encoder from ``sam2_checkpoint`` beside nnU-Net's and a
+    # level-set shape head (the head alone when there is no checkpoint)
+    trainer: str = "plain"
+    level_set_weight: float = 0.1
+    sam2_checkpoint: str = ""  # build_resources gives it the propagation resource's checkpoint
+    sam2_image_size: int = 256
 
     def profile_obj(self) -> Profile:
         overrides: dict = {"device": self.device}
+        if self.trainer != "plain":
+            overrides.update(trainer=self.trainer, level_set_weight=self.level_set_weight,
+                             sam2_checkpoint=self.sam2_checkpoint, sam2_image_size=self.sam2_image_size)  # fmt: skip
         if self.num_epochs:
             overrides["num_epochs"] = self.num_epochs
         if self.iterations_per_epoch:
@@ -156,14 +166,17 @@ def build_resources(
         storage = env_or(layout.STORAGE_ROOT_ENV, str(layout.storage_root()))
         database = env_or(layout.DUCKDB_ENV, str(layout.duckdb_path()))
     data = str(data_root) if data_root is not None else env_or(layout.DATA_ROOT_ENV, str(layout.data_root()))
+    propagation = propagation or PropagationSettings(sam2_checkpoint=env_or(SAM2_CHECKPOINT_ENV, ""))
     return {
         "storage": NnsamStorage(data_root=data, storage_root=storage),
-        "propagation": propagation or PropagationSettings(sam2_checkpoint=env_or(SAM2_CHECKPOINT_ENV, "")),
+        "propagation": propagation,
         "refinement": refinement
         or RefinementSettings(
             profile=env_or(NNUNET_PROFILE_ENV, "quick"),
             num_epochs=env_int_or(NNUNET_EPOCHS_ENV, 0),
             iterations_per_epoch=env_int_or(NNUNET_ITERATIONS_ENV, 0),
+            trainer=env_or(NNUNET_TRAINER_ENV, "plain"),
+            sam2_checkpoint=propagation.sam2_checkpoint,
         ),
         "metrics_db": DuckDBResource(database=database),
     }

@@ -20,10 +20,8 @@ override); site-packages are never edited. torchvision is never imported (no ima
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,32 +30,23 @@ import pandas as pd
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from hydra import initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-# Hydra 1.4 rejects sam2/__init__'s initialize_config_module(version_base="1.2"); pre-initialise Hydra on sam2's
-# package dir WITHOUT importing sam2, so sam2/__init__ skips its own init (docs/install.md, "SAM2 on CPU").
-if not GlobalHydra.instance().is_initialized():
-    _spec = importlib.util.find_spec("sam2")
-    if _spec is None or not _spec.submodule_search_locations:
-        raise ImportError("sam2 is not installed (pip install --no-deps sam2==1.1.0, see docs/install.md)")
-    initialize_config_dir(config_dir=_spec.submodule_search_locations[0], job_name="sam2")
-warnings.filterwarnings("ignore", message=r"hydra\.utils\.instantiate\(\) resolved")
+# isort: off
+from nnsam2_assets.core import sam2_models  # installs the Hydra shim before anything from sam2
+from sam2.build_sam import build_sam2_video_predictor
+from sam2.sam2_video_predictor import SAM2VideoPredictor
+# isort: on
 
-from sam2.build_sam import build_sam2_video_predictor  # noqa: E402  (after the Hydra shim on purpose)
-from sam2.sam2_video_predictor import SAM2VideoPredictor  # noqa: E402
-
-from nnsam2_assets.core.storage import sha256_file  # noqa: E402
-from nnsam2_assets.ingest.clicks import SliceClicks  # noqa: E402
-from nnsam2_assets.propagation.base import (  # noqa: E402
+from nnsam2_assets.ingest.clicks import SliceClicks
+from nnsam2_assets.propagation.base import (
     CONFIDENCE_COLUMNS,
     PropagationResult,
     slice_direction,
     target_seed_slice,
 )
-from nnsam2_assets.propagation.frames import build_frame_sequence, normalise_for_frames, write_frame_stack  # noqa: E402
+from nnsam2_assets.propagation.frames import build_frame_sequence, normalise_for_frames, write_frame_stack
 
-DEFAULT_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
+DEFAULT_CONFIG = sam2_models.DEFAULT_CONFIG
 
 # Instrumentation for benchmarks/tests: how many SAM2 models this process has built (should be 1 per run).
 MODEL_BUILDS = 0
@@ -84,12 +73,6 @@ class SAM2VideoPredictorIoU(SAM2VideoPredictor):
         compact_out, pred_masks = super()._run_single_frame_inference(*args, **kwargs)
         compact_out["pred_iou"] = self._last_pred_iou
         return compact_out, pred_masks
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @contextlib.contextmanager
@@ -155,35 +138,20 @@ class SAM2Propagator:
         offload_video_to_cpu: bool = False,
     ) -> None:
         global MODEL_BUILDS
-        if checkpoint is None and not allow_random_weights:
-            raise ValueError(
-                "SAM2Propagator needs a SAM2 checkpoint (e.g. sam2.1_hiera_tiny.pt matching the config); "
-                "checkpoint=None would give RANDOM weights and meaningless masks. Pass allow_random_weights=True "
-                "only in tests/benchmarks."
-            )
-        if image_size <= 0 or image_size % 16:
-            raise ValueError(f"image_size must be a positive multiple of 16, got {image_size}")
-        ckpt_path = Path(checkpoint) if checkpoint is not None else None
-        if ckpt_path is not None and not ckpt_path.is_file():
-            raise FileNotFoundError(f"SAM2 checkpoint not found: {ckpt_path}")
-
+        ckpt_path = sam2_models.checked_checkpoint(checkpoint, allow_random_weights, "SAM2Propagator")
         self.config = config
         self.checkpoint = str(ckpt_path) if ckpt_path is not None else None
-        self.image_size = int(image_size)
-        self.device = _resolve_device(device)
+        self.image_size = sam2_models.checked_image_size(image_size)
+        self.device = sam2_models.resolve_device(device)
         self.threads = threads
         self.work_dir = Path(work_dir) if work_dir is not None else None
         self.offload_video_to_cpu = offload_video_to_cpu
-        ckpt_tag = sha256_file(ckpt_path)[:12] if ckpt_path is not None else "random"
-        self.model_id = f"{Path(config).stem}:{ckpt_tag}:{self.image_size}"
+        self.model_id = sam2_models.model_id(config, ckpt_path, self.image_size)
         self.last_frame_maps: dict[str, pd.DataFrame] = {}
 
-        feat = self.image_size // 16
         overrides = [
             f"++model._target_={SAM2VideoPredictorIoU.__module__}.{SAM2VideoPredictorIoU.__qualname__}",
-            f"++model.image_size={self.image_size}",
-            f"++model.memory_attention.layer.self_attention.feat_sizes=[{feat},{feat}]",
-            f"++model.memory_attention.layer.cross_attention.feat_sizes=[{feat},{feat}]",
+            *sam2_models.size_overrides(self.image_size),
         ]
         with _torch_threads(threads):
             self.predictor: SAM2VideoPredictorIoU = build_sam2_video_predictor(

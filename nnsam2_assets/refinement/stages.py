@@ -103,6 +103,8 @@ class StageResult:
     n_predicted: int
     relaxed_datasets: list[str] = field(default_factory=list)
     exact_label_slices: dict[str, list[int]] = field(default_factory=dict)  # "dataset/scan" -> slices
+    # the model's trainer class and, for nnSAM, its record (level-set weight, SAM2 encoder or "none", level)
+    trainer: dict = field(default_factory=dict)
 
     @property
     def relaxed(self) -> bool:
@@ -301,7 +303,10 @@ def _train_and_predict(
             f"{stage}: no usable training case in {len(pool.layouts)} dataset(s) "
             f"({', '.join(pool.layouts) or 'none registered'}); every pseudo-label was dropped or missing"
         )
-    cases, parts = [], [stage, VERSION, repr(profile), pool.classes, use_ignore]
+    cases, parts = (
+        [],
+        [stage, VERSION, repr(profile), nnunet.trainer_identity(profile), pool.classes, use_ignore],
+    )
     for (dataset, scan), arr in sorted(labels.items()):
         layout = pool.layouts[dataset]
         img = read_image(layout.scan_image(scan))
@@ -369,7 +374,14 @@ def _train_and_predict(
         n_pred,
         relaxed,
         exact,
+        trainer_record(model_dir),
     )
+
+
+def trainer_record(model_dir: Path) -> dict:
+    """What trained a published model: its trainer class and, for nnSAM, what the encoder and head were."""
+    info = nnunet.ModelInfo.from_dir(model_dir)
+    return {"trainer": info.trainer_name, **(info.nnsam or {})}
 
 
 class StagePredictions:

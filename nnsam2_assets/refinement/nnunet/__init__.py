@@ -30,6 +30,9 @@ swapped right and left on the TUM pair. Measured on this 2-core machine: 0.25-0.
 cropped TUM pair (patch 56x96, batch 3), so one stage (plan, preprocess, train, predict) takes ~2.5-3 minutes.
 With 240 iterations the multifidus classes were never predicted on TUM (4-class Dice 0.41); with 600 they are
 (0.71-0.76). 2 torch threads on 2 shared cores were 3-6x slower per iteration than 1.
+
+``Profile.trainer = "nnsam"`` trains nnSAM instead (``nnsam.py``: a frozen SAM2 image encoder beside nnU-Net's,
+and a level-set shape head); its trainer subclasses the no-mirroring one and its model record says what ran.
 """
 
 from __future__ import annotations
@@ -52,9 +55,11 @@ from .raw import RawDataset, TrainingCase, _unique_ids, dataset_name, sanitize_c
 from .train import (
     ModelInfo,
     TrainingProgress,
+    nnsam_trainer_class,
     plan_and_preprocess,
     train_model,
     trainer_class,
+    trainer_identity,
     training_progress,
 )
 
@@ -77,7 +82,9 @@ __all__ = [
     "resolve_device",
     "sanitize_case_id",
     "train_model",
+    "nnsam_trainer_class",
     "trainer_class",
+    "trainer_identity",
     "training_progress",
     "write_raw_dataset",
 ]

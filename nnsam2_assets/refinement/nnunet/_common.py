@@ -30,6 +30,7 @@ HEAVY_MODULES = (
 )
 
 TRAINER_NAME = "nnUNetTrainerNoMirroring"
+TRAINERS = ("plain", "nnsam")
 MODEL_INFO_FILE = "nnsam2_model.json"
 CHANNEL_NAME = "zscore_mixed"  # anything but "CT": per-case z-score, because MRI and CT are pooled
 PLANS_NAME = "nnUNetPlans"
@@ -62,6 +63,19 @@ class Profile:
     # train and predict on the in-plane box of the propagated mask plus this margin (refinement/roi.py); None = whole
     # slice. The quick profile's small patches cannot see both sides of a full slice, which swaps sides
     roi_margin_mm: float | None = None
+    # "plain": nnU-Net's network; "nnsam": a frozen SAM2 encoder beside it and a level-set head (nnunet/nnsam.py)
+    trainer: str = "plain"
+    level_set_weight: float = 0.1  # nnsam: the shape head's share of the loss
+    sam2_config: str = ""  # nnsam: "" is SAM2's default config; the checkpoint is the propagation resource's
+    sam2_checkpoint: str = ""  # nnsam: "" runs the shape head alone
+    sam2_image_size: int = 256  # nnsam: the encoder's input size (the paper's 1024 is for a GPU)
+    sam2_random_weights: bool = (
+        False  # nnsam without a checkpoint in tests and benchmarks: plumbing, not accuracy
+    )
+
+    def __post_init__(self) -> None:
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"unknown trainer {self.trainer!r}; choose from {sorted(TRAINERS)}")
 
     def replace(self, **changes: Any) -> Profile:
         return dataclasses.replace(self, **changes)

@@ -16,6 +16,22 @@ PREDICTOR_LOADS = 0
 """Number of ``Predictor.load`` calls in this process (instrumentation for benchmarks)."""
 
 
+def _nnsam_network(unet: Any, info: ModelInfo, plans_manager: Any, dataset_json: dict, device: Any) -> Any:
+    """nnSAM's network around ``unet``, its frozen encoder built bare: the checkpoint holds all its weights."""
+    from .nnsam import NnsamOptions, build_network
+
+    record = info.nnsam or {}
+    options = NnsamOptions(
+        level_set_weight=float(record["level_set_weight"]),
+        sam2_config=str(record["sam2_config"]),
+        sam2_checkpoint=None,
+        sam2_image_size=int(record["sam2_image_size"]),
+        random_sam_weights=record["sam_encoder"] != "none",
+    )
+    heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    return build_network(unet, heads - 1, options, device, load_weights=False)
+
+
 class Predictor:
     """A trained model loaded once and reused for many scans. Never mirrors."""
 
@@ -68,8 +84,10 @@ class Predictor:
             plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
             enable_deep_supervision=False,
         )
-        network.load_state_dict(ckpt["network_weights"])
         dev = resolve_device(device)
+        if info.nnsam is not None:
+            network = _nnsam_network(network, info, plans_manager, dataset_json, dev)
+        network.load_state_dict(ckpt["network_weights"])
         network.to(dev).eval()
         with _quiet():
             p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,

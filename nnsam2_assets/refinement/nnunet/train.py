@@ -263,6 +263,66 @@ def trainer_class() -> type:
     return _TRAINER_CLS
 
 
+_NNSAM_TRAINER_CLS: type | None = None
+
+
+def nnsam_trainer_class() -> type:
+    """The no-mirroring trainer with nnSAM's network and loss (``nnsam.py``); ``nnsam_options`` must be set."""
+    global _NNSAM_TRAINER_CLS
+    if _NNSAM_TRAINER_CLS is not None:
+        return _NNSAM_TRAINER_CLS
+    from . import nnsam
+
+    base = trainer_class()
+
+    class _NnsamTrainer(base):
+        nnsam_options: nnsam.NnsamOptions | None = None
+
+        # an instance method where nnU-Net has a static one: the options live on the trainer
+        def build_network_architecture(self, plans_manager: Any, configuration_manager: Any,  # type: ignore[override]
+                                       num_input_channels: int, num_output_channels: int,
+                                       enable_deep_supervision: bool = True) -> Any:  # fmt: skip
+            if self.nnsam_options is None:
+                raise RuntimeError("the nnSAM trainer needs nnsam_options before it initialises")
+            unet = base.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                   num_output_channels, enable_deep_supervision)  # fmt: skip
+            return nnsam.build_network(unet, num_output_channels - 1, self.nnsam_options, self.device)
+
+        def _build_loss(self) -> Any:
+            network = getattr(self.network, "_orig_mod", self.network)  # torch.compile wraps it on a GPU
+            labels = self.label_manager
+            foreground = [int(label) for label in labels.all_labels if label != 0]
+            return nnsam.LevelSetAugmentedLoss(super()._build_loss(), network, foreground, labels.ignore_label,
+                                               self.nnsam_options.level_set_weight)  # fmt: skip
+
+    _NnsamTrainer.__name__ = _NnsamTrainer.__qualname__ = nnsam.TRAINER_NAME
+    _NNSAM_TRAINER_CLS = _NnsamTrainer
+    return _NNSAM_TRAINER_CLS
+
+
+def nnsam_options(profile: Profile) -> Any:
+    """The nnSAM options a profile names (its trainer must be "nnsam")."""
+    from nnsam2_assets.core import sam2_models
+
+    from .nnsam import NnsamOptions
+
+    return NnsamOptions(
+        level_set_weight=profile.level_set_weight,
+        sam2_config=profile.sam2_config or sam2_models.DEFAULT_CONFIG,
+        sam2_checkpoint=Path(profile.sam2_checkpoint) if profile.sam2_checkpoint else None,
+        sam2_image_size=sam2_models.checked_image_size(profile.sam2_image_size),
+        random_sam_weights=profile.sam2_random_weights and not profile.sam2_checkpoint,
+    )
+
+
+def trainer_identity(profile: Profile) -> str:
+    """What the trainer adds to a model's identity beyond the profile's fields: the SAM2 weights' digest."""
+    if profile.trainer != "nnsam":
+        return profile.trainer
+    options = nnsam_options(profile)
+    return f"nnsam|{options.level_set_weight}|{options.encoder_id()}"
+
+
 # ------------------------------------------------------------------------------------------- training
 @dataclass(frozen=True)
 class ModelInfo:
@@ -288,6 +348,9 @@ class ModelInfo:
     final_val_loss: float | None = None
     pseudo_dice: list[float] = field(default_factory=list)  # per class, last epoch (train cases, fold "all")
     case_ids: dict[str, str] = field(default_factory=dict)
+    # nnsam models: level_set_weight, sam_encoder (a SAM2 model id, or "none": the shape head alone),
+    # sam2_config, sam2_image_size, sam_level (the encoder level the embedding joins)
+    nnsam: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -326,6 +389,17 @@ def _publish(staged: Path, model_dir: Path) -> None:
     os.replace(staged, model_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _nnsam_record(trainer: Any) -> dict[str, Any]:
+    options, network = trainer.nnsam_options, getattr(trainer.network, "_orig_mod", trainer.network)
+    return {
+        "level_set_weight": options.level_set_weight,
+        "sam_encoder": options.encoder_id(),
+        "sam2_config": options.sam2_config,
+        "sam2_image_size": options.sam2_image_size,
+        "sam_level": int(network.sam_level) if options.uses_sam_encoder else None,
+    }
 
 
 def train_model(
@@ -375,10 +449,12 @@ def train_model(
             plans["continue_training"] = False  # 2.8.x __init__ pops this key (KeyError otherwise)
             dataset_json = json.loads((pre_root / raw.name / "dataset.json").read_text())
             _seed_everything(seed)
-            cls = trainer_class()
+            cls = nnsam_trainer_class() if prof.trainer == "nnsam" else trainer_class()
             with _quiet():
                 trainer = cls(plans=plans, configuration=prof.configuration, fold=fold,
                               dataset_json=dataset_json, device=device)  # fmt: skip
+            if prof.trainer == "nnsam":
+                trainer.nnsam_options = nnsam_options(prof)
             out_base = Path(trainer.output_folder_base)
             trainer.progress_model_dir = model_dir
             trainer.num_epochs = prof.num_epochs
@@ -403,7 +479,7 @@ def train_model(
             info_kwargs = dict(
                 configuration=prof.configuration,
                 fold=str(fold),
-                trainer_name=TRAINER_NAME,
+                trainer_name=cls.__name__,
                 profile=prof.name,
                 class_names=list(class_names),
                 use_ignore=use_ignore,
@@ -421,6 +497,7 @@ def train_model(
                 final_val_loss=_finite(lg.get_value("val_losses", step=-1)),
                 pseudo_dice=[float(x) for x in lg.get_value("dice_per_class_or_region", step=-1)],
                 case_ids=dict(raw.case_ids),
+                nnsam=_nnsam_record(trainer) if prof.trainer == "nnsam" else None,
             )
         # stage next to model_dir (same filesystem) so the final rename is atomic
         model_dir.parent.mkdir(parents=True, exist_ok=True)

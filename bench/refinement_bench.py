@@ -33,6 +33,7 @@ from nnsam2_assets.defs.resources import RefinementSettings, build_resources
 from nnsam2_assets.demo.datasets import write_demo_cohort
 from nnsam2_assets.ingest.convention import load_dataset
 from nnsam2_assets.metrics.quant import fat_ratio
+from nnsam2_assets.refinement.nnunet import ModelInfo
 from nnsam2_assets.runner import materialize_cohort
 from nnsam2_assets.testing.realdata import TUM, tum_dataset
 
@@ -126,9 +127,10 @@ def run_refinement_bench(
     iterations: int = 0,
     reference: str = "TUM01",
     extra_slices: tuple[int, ...] = (),
+    refinement: RefinementSettings | None = None,
 ) -> list[dict]:
     """One direction: ``reference`` annotated on one slice (and ``extra_slices``), the whole pipeline, scored
-    on the other scan."""
+    on the other scan; ``refinement`` replaces the default refinement settings (another trainer)."""
     root = Path(workdir or tempfile.mkdtemp(prefix=f"nnsam2-{reference.lower()}-"))
     data, storage = root / "data", root / "storage"
     seed_z = (
@@ -137,9 +139,11 @@ def run_refinement_bench(
         else int(sitk.ReadImage(str(TUM / f"{reference}_water.nii.gz")).GetSize()[2] - 1)
     )
     tum_dataset(data, "tum", reference=reference, seed_z=seed_z, extra_slices=extra_slices)
-    resources = build_resources(data, storage)
+    resources = build_resources(data, storage, refinement=refinement)
     if epochs or iterations:  # 0 keeps the quick profile's budget
-        resources["refinement"] = RefinementSettings(num_epochs=epochs, iterations_per_epoch=iterations)
+        resources["refinement"] = (refinement or RefinementSettings()).model_copy(
+            update={"num_epochs": epochs, "iterations_per_epoch": iterations}
+        )
     timings: dict[str, float] = {}
     (root / "dagster").mkdir(parents=True, exist_ok=True)
     with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
@@ -169,12 +173,14 @@ def score_direction(storage: Path, reference: str, seed: str, timings: dict, tot
     kept = selection[(selection.scan == target) & selection.kept].slice.to_numpy()
     summary = json.loads(layout.final_summary.read_text())
     masks = {"propagation": (read_array(layout.masks(target)), 4)}
+    seconds_per_iteration = {}
     for stage in ("stage1", "stage2", "stage3"):
         cur = json.loads(model_pointer(storage, stage).read_text())
         masks[stage] = (
             read_array(stage_prediction(Path(cur["model_dir"]), "tum", target)),
             int(cur["n_classes"]),
         )
+        seconds_per_iteration[stage] = ModelInfo.from_dir(Path(cur["model_dir"])).seconds_per_iteration
     masks["final"] = (read_array(layout.final_mask_canonical(target)), int(summary["n_classes"]))
     rows = []
     for name, (pred, k) in masks.items():
@@ -184,6 +190,8 @@ def score_direction(storage: Path, reference: str, seed: str, timings: dict, tot
             "masks": name,
             **score(pred, truth4, k, water, fat),
         }
+        if name in seconds_per_iteration:
+            row["s_per_iteration"] = seconds_per_iteration[name]
         if name == "propagation" and len(kept):
             row["kept_slices"] = int(len(kept))
             row["kept_dice_2c"] = _dice(to_class_space(pred, 4, 2), to_class_space(truth4, 4, 2), 2, kept)

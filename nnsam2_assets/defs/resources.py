@@ -139,12 +139,19 @@ class RefinementSettings(dg.ConfigurableResource):
     level_set_weight: float = 0.1
     sam2_checkpoint: str = ""  # build_resources gives it the propagation resource's checkpoint
     sam2_image_size: int = 256
+    # benchmarks of nnSAM's plumbing only: a random-weight encoder when there is no checkpoint (the model's
+    # record then names the encoder "...:random:<size>")
+    sam2_random_weights: bool = False
+    # where nnU-Net centres its foreground patches: uniformly inside the pseudo-labels, or on the dataset's
+    # supervoxels (the ``supervoxels`` asset)
+    foreground_sampling: str = "pseudo_labels"
 
     def profile_obj(self) -> Profile:
-        overrides: dict = {"device": self.device}
+        overrides: dict = {"device": self.device, "foreground_sampling": self.foreground_sampling}
         if self.trainer != "plain":
             overrides.update(trainer=self.trainer, level_set_weight=self.level_set_weight,
-                             sam2_checkpoint=self.sam2_checkpoint, sam2_image_size=self.sam2_image_size)  # fmt: skip
+                             sam2_checkpoint=self.sam2_checkpoint, sam2_image_size=self.sam2_image_size,
+                             sam2_random_weights=self.sam2_random_weights)  # fmt: skip
         if self.num_epochs:
             overrides["num_epochs"] = self.num_epochs
         if self.iterations_per_epoch:

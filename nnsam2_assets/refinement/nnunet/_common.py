@@ -32,6 +32,7 @@ HEAVY_MODULES = (
 TRAINER_NAME = "nnUNetTrainerNoMirroring"
 TRAINERS = ("plain", "nnsam")
 FOREGROUND_SAMPLING = ("pseudo_labels", "supervoxels")
+FOREGROUND_SAMPLING = ("pseudo_labels", "supervoxels")
 MODEL_INFO_FILE = "nnsam2_model.json"
 CHANNEL_NAME = "zscore_mixed"  # anything but "CT": per-case z-score, because MRI and CT are pooled
 PLANS_NAME = "nnUNetPlans"
@@ -70,13 +71,20 @@ class Profile:
     sam2_config: str = ""  # nnsam: "" is SAM2's default config; the checkpoint is the propagation resource's
     sam2_checkpoint: str = ""  # nnsam: "" runs the shape head alone
     sam2_image_size: int = 256  # nnsam: the encoder's input size (the paper's 1024 is for a GPU)
-    sam2_random_weights: bool = (
-        False  # nnsam without a checkpoint in tests and benchmarks: plumbing, not accuracy
-    )
+    # nnsam without a checkpoint in tests and benchmarks: a random encoder, plumbing and not accuracy
+    sam2_random_weights: bool = False
+    # where foreground patches are centred: "pseudo_labels" (nnU-Net's uniform draw inside the labels) or
+    # "supervoxels" (on one supervoxel at a time; refinement/stages.py hands the maps to train_model)
+    foreground_sampling: str = "pseudo_labels"
 
     def __post_init__(self) -> None:
         if self.trainer not in TRAINERS:
             raise ValueError(f"unknown trainer {self.trainer!r}; choose from {sorted(TRAINERS)}")
+        if self.foreground_sampling not in FOREGROUND_SAMPLING:
+            raise ValueError(
+                f"unknown foreground sampling {self.foreground_sampling!r}; "
+                f"choose from {sorted(FOREGROUND_SAMPLING)}"
+            )
 
     def replace(self, **changes: Any) -> Profile:
         return dataclasses.replace(self, **changes)

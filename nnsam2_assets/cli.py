@@ -293,6 +293,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_propose(args: argparse.Namespace) -> int:
+    from nnsam2_assets.core.layout import DatasetLayout
+    from nnsam2_assets.defs.resources import build_resources
+    from nnsam2_assets.ingest.convention import DatasetError, load_dataset
+    from nnsam2_assets.supervoxels.steps import propose_segments
+
+    _set_roots(args)
+    try:
+        spec = load_dataset(layout.data_root(), args.dataset, require_annotation=False)
+        method = build_resources()["propagation"].supervoxel_method()
+        made = propose_segments(spec, DatasetLayout(layout.storage_root(), args.dataset), method, args.slice)
+    except (DatasetError, OSError, ValueError, RuntimeError) as exc:
+        print(f"nnsam2 propose: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{made.n_segments} candidate segments ({made.method}) of {made.scan}, region slice {made.slice} "
+        f"(slice {made.original_slice} of the scan's own file):\n{made.path}\n"
+        "Open it over the scan in ITK-SNAP or 3D Slicer, give each muscle's segments its label and erase the "
+        "rest, and save the slice as the dataset's annotation."
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnsam2", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -339,6 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--db", default="")
     exp.add_argument("--wait", type=float, default=30.0)
     exp.set_defaults(func=cmd_export)
+    pro = sub.add_parser(
+        "propose",
+        parents=[common],
+        help="candidate segments of one reference slice to relabel into the annotation (no annotation needed)",
+    )
+    pro.add_argument("dataset")
+    pro.add_argument("--slice", type=int, default=None, metavar="Z",
+                     help="slice in the region crop, as annotation.json counts (default: the region's middle)")  # fmt: skip
+    pro.set_defaults(func=cmd_propose)
     rep = sub.add_parser("report", help="write a dataset's cohort report (HTML, CSV, XLSX); print its path")
     rep.add_argument("dataset")
     rep.set_defaults(func=cmd_report)

@@ -23,7 +23,7 @@ from nnsam2_assets.ingest.convention import (
     load_dataset,
     validate_dataset_key,
 )
-from nnsam2_assets.pipeline import PHASES, Phase
+from nnsam2_assets.pipeline import PHASES, Phase, default_phases
 
 # the job name ``dg.materialize`` gives its runs (so runs look the same whichever way they were launched)
 EPHEMERAL_JOB = "__ephemeral_asset_job__"
@@ -93,7 +93,7 @@ def materialize_cohort(
     assets: list | None = None,
     resources: dict | None = None,
     run_config: dict | None = None,
-    stages: tuple[str, ...] = tuple(phase.name for phase in PHASES),
+    stages: tuple[str, ...] | None = None,
     progress: Callable[[str], None] = print,
     loggers: dict[str, dg.LoggerDefinition] | None = None,
     on_result: Callable[[Phase, str | None, dg.ExecuteInProcessResult], None] | None = None,
@@ -102,11 +102,15 @@ def materialize_cohort(
     dataset that has not failed so far, a pooled phase once; a failed pooled phase ends the cohort run.
 
     ``loggers`` replace Dagster's console logger in every run; ``on_result(phase, dataset or None, result)``
-    is called after each run."""
+    is called after each run. ``stages=None`` runs ``pipeline.default_phases`` for the refinement resource.
+    """
     if assets is None or resources is None:
         loaded = defs()
         assets = assets if assets is not None else list(loaded.assets or [])
         resources = resources if resources is not None else dict(loaded.resources or {})
+    if stages is None:
+        refinement = resources.get("refinement")
+        stages = default_phases(getattr(refinement, "foreground_sampling", "") == "supervoxels")
     ok = list(datasets)
     out = CohortRun()
     for phase in PHASES:

@@ -154,6 +154,19 @@ class DatasetLayout:
     def pseudo_selection(self) -> Path:
         return self.dir("pseudo_labels") / "selection.parquet"
 
+    # supervoxels
+    def supervoxels(self, scan: str) -> Path:
+        """The scan's supervoxels: one slice's segments carried through the scan (uint16 labels)."""
+        return self.dir("supervoxels") / f"{scan}.nii.gz"
+
+    @property
+    def supervoxel_summary(self) -> Path:
+        return self.dir("supervoxels") / "summary.parquet"
+
+    def proposal(self, scan: str, z: int) -> Path:
+        """``nnsam2 propose``'s candidate segments of one slice, on the scan's original grid."""
+        return self.dir("proposals") / f"{scan}_slice{z:03d}.nii.gz"
+
     # refinement
     def final_mask(self, scan: str) -> Path:
         return self.dir("final_masks") / f"{scan}.nii.gz"

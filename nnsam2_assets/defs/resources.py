@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
@@ -21,6 +22,9 @@ from nnsam2_assets.propagation.backends import build_propagator
 from nnsam2_assets.propagation.base import Propagator
 from nnsam2_assets.propagation.parallel import default_workers
 from nnsam2_assets.refinement.nnunet import Profile, get_profile
+
+if TYPE_CHECKING:
+    from nnsam2_assets.supervoxels.steps import SupervoxelMethod
 
 SAM2_CHECKPOINT_ENV = "NNSAM2_SAM2_CHECKPOINT"
 # the nnU-Net recipe of RefinementSettings: a profile name, and epoch / iteration counts overriding it
@@ -111,6 +115,28 @@ class PropagationSettings(dg.ConfigurableResource):
         ckpt = Path(self.sam2_checkpoint)
         stamp = f"{ckpt.stat().st_size}:{int(ckpt.stat().st_mtime)}" if ckpt.is_file() else "missing"
         return f"sam2|{self.sam2_config}|{ckpt.name}|{stamp}|{self.sam2_image_size}"
+
+    def supervoxel_method_id(self) -> str:
+        """What the supervoxels depend on besides the data: SLIC and the chain, or SAM2's masks and model."""
+        from nnsam2_assets.supervoxels.steps import slic_method
+
+        if self.resolved_backend() == "sam2":
+            return f"sam2|{self.identity()}"
+        return slic_method().model_id
+
+    def supervoxel_method(self) -> SupervoxelMethod:
+        """SAM2's automatic masks carried by SAM2 when a checkpoint is configured, else SLIC carried by the
+        registration chain. Builds the models (once per call)."""
+        from nnsam2_assets.supervoxels import steps
+
+        if self.resolved_backend() != "sam2":
+            return steps.slic_method()
+        from nnsam2_assets.supervoxels.automatic import AutomaticMaskGenerator
+
+        generator = AutomaticMaskGenerator(
+            self.sam2_config, self.sam2_checkpoint or None, self.sam2_image_size, self.device
+        )
+        return steps.sam2_method(generator, self.build())
 
     def build(self) -> Propagator:
         backend = self.resolved_backend()

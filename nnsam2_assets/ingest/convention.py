@@ -156,7 +156,9 @@ def dataset_folder(data_root: Path, name: str) -> Path:
     return folder
 
 
-def load_dataset(data_root: Path, name: str) -> DatasetSpec:
+def load_dataset(data_root: Path, name: str, require_annotation: bool = True) -> DatasetSpec:
+    """The dataset's description; ``require_annotation=False`` reads one that is not annotated yet
+    (``nnsam2 propose`` helps make the annotation)."""
     folder = dataset_folder(data_root, name)
     cfg_path = folder / "dataset.yaml"
     if not cfg_path.is_file():
@@ -208,9 +210,10 @@ def load_dataset(data_root: Path, name: str) -> DatasetSpec:
     if reference not in scans:
         raise DatasetError(f"{cfg_path}: reference scan {reference!r} not found among scans {sorted(scans)}")
     annotation = folder / str(cfg.get("annotation", _default_annotation(folder)))
-    if not annotation.exists():
+    if not annotation.exists() and require_annotation:
         raise DatasetError(f"{annotation}: missing the reference annotation (one annotated axial slice)")
-    confine_dataset_file(annotation, roots)
+    if annotation.exists():
+        confine_dataset_file(annotation, roots)
     return DatasetSpec(
         name=name,
         folder=folder,

@@ -251,6 +251,64 @@ def windowed_ncc(a: np.ndarray, b: np.ndarray, window: int) -> np.ndarray:
     return np.where(denom > 1e-8, cov / np.maximum(denom, 1e-8), 0.0)
 
 
+# ------------------------------------------------------------------------------------------ within one scan
+def carry_slice_labels(
+    volume: sitk.Image,
+    labels: np.ndarray,
+    seed: int,
+    modality: str,
+    settings: RegistrationSettings | None = None,
+    threads: int | None = 1,
+) -> np.ndarray:
+    """Carry a label map of one slice through its own scan: [Z, Y, X] uint16 labels.
+
+    Each slice is registered (affine, then demons) onto its already-solved neighbour towards ``seed`` and the
+    transforms are composed back to the seed, as the backend's chain does; the label map is then warped ONCE
+    per slice by nearest neighbour, so any number of labels (supervoxels) costs one resampling per slice.
+    Works inside the labels' box plus the settings' ROI margin.
+    """
+    s = settings or RegistrationSettings()
+    arr = registration_intensities(sitk.GetArrayViewFromImage(volume), modality)
+    out = np.zeros(arr.shape, np.uint16)
+    if not labels.any():
+        return out
+    ys, xs = np.nonzero(labels)
+    margin = [int(math.ceil(s.roi_margin_mm / sp)) for sp in volume.GetSpacing()[:2]]
+    x0, x1 = max(0, xs.min() - margin[0]), min(arr.shape[2], xs.max() + 1 + margin[0])
+    y0, y1 = max(0, ys.min() - margin[1]), min(arr.shape[1], ys.max() + 1 + margin[1])
+    origin = volume.TransformIndexToPhysicalPoint((int(x0), int(y0), 0))
+    like = _slice_image(arr, seed, volume)
+
+    def roi_slice(z: int) -> sitk.Image:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(arr[z, y0:y1, x0:x1]))
+        img.SetSpacing(like.GetSpacing())
+        img.SetOrigin(origin[:2])
+        img.SetDirection(like.GetDirection())
+        return img
+
+    seed_img = roi_slice(seed)
+    seed_labels = sitk.GetImageFromArray(np.ascontiguousarray(labels[y0:y1, x0:x1].astype(np.uint16)))
+    seed_labels.CopyInformation(seed_img)
+    out[seed, y0:y1, x0:x1] = labels[y0:y1, x0:x1]
+    with sitk_threads(threads):
+        for step in (1, -1):
+            acc: sitk.Transform = sitk.Transform(2, sitk.sitkIdentity)
+            prev = seed_img
+            for z in range(seed + step, arr.shape[0] if step > 0 else -1, step):
+                cur = roi_slice(z)
+                if _is_blank(cur) or _is_blank(prev):
+                    break
+                lin = _affine(cur, prev, sitk.Transform(2, sitk.sitkIdentity), sitk.AffineTransform(2),
+                              shrink=(2, 1), iterations=40)  # fmt: skip
+                acc = _as_field(
+                    sitk.CompositeTransform([acc, _deformable(cur, prev, lin, s, chain=True)]), cur
+                )
+                warped = sitk.Resample(seed_labels, cur, acc, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
+                out[z, y0:y1, x0:x1] = sitk.GetArrayFromImage(warped)
+                prev = cur
+    return out
+
+
 # -------------------------------------------------------------------------------------------------- backend
 class RegistrationPropagator:
     """Slice-wise registration propagation (see module docstring). Stateless between targets."""

@@ -38,6 +38,7 @@ from nnsam2_assets.refinement.corrections import corrected_exact_labels
 from nnsam2_assets.refinement.holdout import exact_label_slices, held_out_slab
 from nnsam2_assets.refinement.roi import Roi, roi_from_mask
 from nnsam2_assets.refinement.rules import StageRule, select_stage_cases, slice_agreement, volume_smooth
+from nnsam2_assets.supervoxels.steps import sampling_points
 
 VERSION = "refinement-v3"  # v3: the annotated slab is held out of training
 STAGES = ("stage1", "stage2", "stage3")
@@ -303,10 +304,9 @@ def _train_and_predict(
             f"{stage}: no usable training case in {len(pool.layouts)} dataset(s) "
             f"({', '.join(pool.layouts) or 'none registered'}); every pseudo-label was dropped or missing"
         )
-    cases, parts = (
-        [],
-        [stage, VERSION, repr(profile), nnunet.trainer_identity(profile), pool.classes, use_ignore],
-    )
+    cases: list[nnunet.TrainingCase] = []
+    parts = [stage, VERSION, repr(profile), nnunet.trainer_identity(profile), pool.classes, use_ignore]
+    sampling: dict[str, dict[int, np.ndarray] | None] = {}
     for (dataset, scan), arr in sorted(labels.items()):
         layout = pool.layouts[dataset]
         img = read_image(layout.scan_image(scan))
@@ -319,8 +319,15 @@ def _train_and_predict(
             atomic_write_image(roi.crop(img), image_path)
             label = roi.crop(label)
         atomic_write_image(label, label_path)
-        cases.append(nnunet.TrainingCase(f"{dataset}__{scan}", image_path, label_path))
+        case_id = f"{dataset}__{scan}"
+        cases.append(nnunet.TrainingCase(case_id, image_path, label_path))
         parts += [dataset, scan, input_key(scan_key(layout, scan), roi), sha256_file(label_path)[:16]]
+        if profile.foreground_sampling == "supervoxels":
+            points, digest = supervoxel_points(
+                layout, scan, roi, sitk.GetArrayFromImage(label), ignore_label(pool.classes)
+            )
+            sampling[case_id] = points
+            parts.append(digest)
     version = cache_key(*parts)[:16]
     model_dir = model_version_dir(root, stage, version)
     trained_now, t_train, per_iter = False, 0.0, float("nan")
@@ -335,6 +342,7 @@ def _train_and_predict(
             model_dir=model_dir,
             profile=profile,
             dataset_id=STAGE_IDS[stage],
+            sampling_points=sampling or None,
         )
         t_train, trained_now = time.perf_counter() - t0, True
         per_iter = float(getattr(info, "seconds_per_iteration", float("nan")))
@@ -357,6 +365,11 @@ def _train_and_predict(
             # the datasets with a case in this version's training set (``models_state`` reads it)
             "training_datasets": sorted({dataset for dataset, _ in labels}),
             "exact_label_slices": exact,
+            # per training case, the supervoxel patch centres it had (None: no supervoxels, nnU-Net's own draw)
+            "supervoxel_points": {
+                case: None if points is None else int(sum(len(p) for p in points.values()))
+                for case, points in sampling.items()
+            },
         },
         model_pointer(root, stage),
     )
@@ -376,6 +389,19 @@ def _train_and_predict(
         exact,
         trainer_record(model_dir),
     )
+
+
+def supervoxel_points(
+    layout: DatasetLayout, scan: str, roi: Roi | None, labels: np.ndarray, ignore_label: int
+) -> tuple[dict[int, np.ndarray] | None, str]:
+    """The scan's supervoxel patch centres on its training crop, and what they were made from. A scan without
+    supervoxels (the asset not materialized, or the scan added since) keeps nnU-Net's own draw: None."""
+    path = layout.supervoxels(scan)
+    if not path.exists():
+        return None, "no-supervoxels"
+    image = read_image(path)
+    supervoxels = sitk.GetArrayFromImage(roi.crop(image) if roi is not None else image)
+    return sampling_points(supervoxels, labels, ignore_label), sha256_file(path)[:16]
 
 
 def trainer_record(model_dir: Path) -> dict:

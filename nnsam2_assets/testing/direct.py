@@ -23,13 +23,14 @@ from nnsam2_assets.metrics.qc import QCConfig
 from nnsam2_assets.metrics.steps import dataset_metrics, write_agreement
 from nnsam2_assets.metrics.store import replace_dataset
 from nnsam2_assets.outputs.report import build_report
-from nnsam2_assets.pipeline import PHASES
+from nnsam2_assets.pipeline import PHASES, default_phases
 from nnsam2_assets.propagation.steps import propagate_masks
 from nnsam2_assets.pseudolabels.selection import SelectionConfig
 from nnsam2_assets.pseudolabels.steps import select_pseudo_labels
 from nnsam2_assets.refinement import stages
 from nnsam2_assets.refinement.final_masks import make_final_masks
 from nnsam2_assets.refinement.rules import STAGE_RULES
+from nnsam2_assets.supervoxels.steps import build_supervoxels
 
 
 @dataclass
@@ -85,6 +86,9 @@ STEPS: dict[str, Callable[[DirectRun, str | None], object]] = {
         workers=run.propagation.worker_count(),
     ),
     "pseudo_labels": lambda run, n: select_pseudo_labels(run.spec(n), run.layout(n), SelectionConfig()),
+    "supervoxels": lambda run, n: build_supervoxels(
+        run.spec(n), run.layout(n), run.propagation.supervoxel_method, run.propagation.supervoxel_method_id()
+    ),
     "nnunet_stage1": lambda run, _: stages.run_stage1(
         run.pool(), run.storage_root, run.refinement.profile_obj(), log=silent
     ),
@@ -104,7 +108,7 @@ STEPS: dict[str, Callable[[DirectRun, str | None], object]] = {
 }
 
 
-def run_direct(run: DirectRun, phases: tuple[str, ...] = tuple(p.name for p in PHASES)) -> dict[str, float]:
+def run_direct(run: DirectRun, phases: tuple[str, ...] = default_phases()) -> dict[str, float]:
     """Every asset of the named phases, in pipeline order; seconds per part, keyed as the runner keys them
     (``<phase>/<dataset>`` per dataset, ``<phase>`` when pooled)."""
     timings: dict[str, float] = {}

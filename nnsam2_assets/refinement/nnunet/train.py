@@ -323,6 +323,45 @@ def trainer_identity(profile: Profile) -> str:
     return f"nnsam|{options.level_set_weight}|{options.encoder_id()}"
 
 
+# ------------------------------------------------------------------------------------------- sampling
+def centre_foreground_on(
+    points: dict[str, dict[int, np.ndarray] | None], preprocessed: Path, case_ids: dict[str, str], plans: dict,
+    configuration: str,
+) -> None:  # fmt: skip
+    """Rewrite each case's ``class_locations`` (the voxels nnU-Net centres oversampled patches on) with the given
+    points, mapped as nnU-Net's preprocessing moved the case: transposed, cropped to its non-zero box, resampled.
+    A class without points keeps nnU-Net's own locations, so no class stops being oversampled."""
+    import pickle
+
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    config = plans["configurations"][configuration]
+    transpose = list(plans["transpose_forward"])
+    folder = preprocessed / config["data_identifier"]
+    for case, by_class in points.items():
+        if not by_class:
+            continue
+        pkl = folder / f"{case_ids[case]}.pkl"
+        properties = pickle.loads(pkl.read_bytes())
+        spacing = [properties["spacing"][i] for i in transpose]
+        target = list(config["spacing"])
+        if len(target) < len(spacing):  # 2d: slices keep their spacing
+            target = [spacing[0], *target]
+        cropped = np.asarray(properties["shape_after_cropping_and_before_resampling"], float)
+        scale = np.asarray(compute_new_shape(cropped, spacing, target), float) / cropped
+        low = np.asarray([b[0] for b in properties["bbox_used_for_cropping"]], float)
+        shape = np.asarray(compute_new_shape(cropped, spacing, target))
+        for label, zyx in by_class.items():
+            if not len(zyx):
+                continue
+            moved = (np.asarray(zyx, float)[:, transpose] - low) * scale
+            moved = np.clip(np.floor(moved), 0, shape - 1).astype(np.int64)
+            properties["class_locations"][int(label)] = np.concatenate(
+                [np.zeros((len(moved), 1), np.int64), moved], axis=1
+            )
+        pkl.write_bytes(pickle.dumps(properties))
+
+
 # ------------------------------------------------------------------------------------------- training
 @dataclass(frozen=True)
 class ModelInfo:
@@ -412,12 +451,15 @@ def train_model(
     dataset_id: int = 501,
     seed: int = 0,
     fold: int | str = "all",
+    sampling_points: dict[str, dict[int, np.ndarray] | None] | None = None,
 ) -> ModelInfo:
     """Write the raw dataset, plan, preprocess and train one nnU-Net; publish it atomically at ``model_dir``.
 
     ``work_root`` holds nnU-Net's raw/preprocessed/results trees for this call (reused/overwritten).
     ``fold`` defaults to "all" (pseudo-label stages train on every case); an integer fold with fewer than
     5 cases falls back to "all". ``model_dir`` only ever appears complete, with ``nnsam2_model.json``.
+    ``sampling_points`` {case id: {class: [N, 3] (z, y, x) on the case's image}} replace the foreground
+    locations nnU-Net draws its oversampled patch centres from (a case given None keeps its own).
     """
     import torch
 
@@ -446,6 +488,10 @@ def train_model(
             shutil.rmtree(res_root / raw.name, ignore_errors=True)
             plan_and_preprocess(raw, pre_root, prof)
             plans = json.loads((pre_root / raw.name / f"{PLANS_NAME}.json").read_text())
+            if sampling_points:
+                centre_foreground_on(
+                    sampling_points, pre_root / raw.name, raw.case_ids, plans, prof.configuration
+                )
             plans["continue_training"] = False  # 2.8.x __init__ pops this key (KeyError otherwise)
             dataset_json = json.loads((pre_root / raw.name / "dataset.json").read_text())
             _seed_everything(seed)

@@ -32,6 +32,7 @@ NNUNET_PROFILE_ENV = "NNSAM2_NNUNET_PROFILE"
 NNUNET_EPOCHS_ENV = "NNSAM2_NNUNET_EPOCHS"
 NNUNET_ITERATIONS_ENV = "NNSAM2_NNUNET_ITERATIONS"
 NNUNET_TRAINER_ENV = "NNSAM2_NNUNET_TRAINER"  # "plain" or "nnsam"
+FOREGROUND_SAMPLING_ENV = "NNSAM2_FOREGROUND_SAMPLING"  # "pseudo_labels" or "supervoxels"
 
 
 def env_or(name: str, default: str) -> str:
@@ -209,6 +210,7 @@ def build_resources(
             num_epochs=env_int_or(NNUNET_EPOCHS_ENV, 0),
             iterations_per_epoch=env_int_or(NNUNET_ITERATIONS_ENV, 0),
             trainer=env_or(NNUNET_TRAINER_ENV, "plain"),
+            foreground_sampling=env_or(FOREGROUND_SAMPLING_ENV, "pseudo_labels"),
             sam2_checkpoint=propagation.sam2_checkpoint,
         ),
         "metrics_db": DuckDBResource(database=database),

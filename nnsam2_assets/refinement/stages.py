@@ -138,10 +138,17 @@ def trained_on(pointer: dict, datasets: list[str]) -> set[str]:
     return {d for d in datasets if any(key.startswith(f"{d}__") for key in keys)}
 
 
-def models_state(root: Path, datasets: list[str]) -> ModelsState:
+def recipe_key(profile: nnunet.Profile) -> str:
+    """What a model's training recipe is, beyond its data: the profile (trainer, sampling, budget) and the
+    trainer's weights."""
+    return cache_key(repr(profile), nnunet.trainer_identity(profile))[:16]
+
+
+def models_state(root: Path, datasets: list[str], recipe: str | None = None) -> ModelsState:
     """Are the pooled models current for ``datasets``: each stage has a complete current model whose training
-    set holds a case of every one of them? (Scans added to a dataset since do not make a model stale: they
-    get predictions from it.) Dagster-free: reads the stages' ``current.json`` and model folders."""
+    set holds a case of every one of them, trained with ``recipe`` (``recipe_key``) when given? (Scans added
+    to a dataset since do not make a model stale: they get predictions from it.) Dagster-free: reads the
+    stages' ``current.json`` and model folders."""
     versions: dict[str, str] = {}
     for stage in STAGES:
         pointer_path = model_pointer(root, stage)
@@ -150,6 +157,12 @@ def models_state(root: Path, datasets: list[str]) -> ModelsState:
         pointer = json.loads(pointer_path.read_text())
         if not (Path(pointer["model_dir"]) / nnunet.MODEL_INFO_FILE).exists():
             return ModelsState(False, f"the current {stage} model {pointer['version']} is missing", versions)
+        if recipe is not None and pointer.get("recipe", recipe) != recipe:
+            return ModelsState(
+                False,
+                f"the {stage} model was trained with another recipe (trainer, sampling or profile)",
+                versions,
+            )
         missing = sorted(set(datasets) - trained_on(pointer, datasets))
         if missing:
             return ModelsState(
@@ -362,6 +375,7 @@ def _train_and_predict(
             "n_classes": pool.classes,
             "stage": stage,
             "roi_margin_mm": profile.roi_margin_mm,
+            "recipe": recipe_key(profile),  # ``models_state`` compares it with the settings of a new run
             # the datasets with a case in this version's training set (``models_state`` reads it)
             "training_datasets": sorted({dataset for dataset, _ in labels}),
             "exact_label_slices": exact,

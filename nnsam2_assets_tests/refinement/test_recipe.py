@@ -1,0 +1,28 @@
+"""``models_state`` sees a change of training recipe (trainer, foreground sampling, profile): ``nnsam2 run``
+retrains instead of reusing models trained another way."""
+
+from __future__ import annotations
+
+import json
+
+from nnsam2_assets.core.layout import model_pointer, model_version_dir
+from nnsam2_assets.refinement import nnunet
+from nnsam2_assets.refinement.stages import STAGES, models_state, recipe_key
+
+
+def test_models_trained_with_another_recipe_are_not_current(tmp_path):
+    plain = nnunet.get_profile("quick")
+    for stage in STAGES:
+        model_dir = model_version_dir(tmp_path, stage, "v1")
+        model_dir.mkdir(parents=True)
+        (model_dir / nnunet.MODEL_INFO_FILE).write_text("{}")
+        pointer = {"version": "v1", "model_dir": str(model_dir), "training_datasets": ["a"],
+                   "recipe": recipe_key(plain)}  # fmt: skip
+        model_pointer(tmp_path, stage).parent.mkdir(parents=True, exist_ok=True)
+        model_pointer(tmp_path, stage).write_text(json.dumps(pointer))
+    assert models_state(tmp_path, ["a"], recipe_key(plain)).current
+    assert models_state(tmp_path, ["a"]).current  # no recipe asked for: data alone
+    for other in (plain.replace(trainer="nnsam"), plain.replace(foreground_sampling="supervoxels"),
+                  plain.replace(num_epochs=2)):  # fmt: skip
+        state = models_state(tmp_path, ["a"], recipe_key(other))
+        assert not state.current and "another recipe" in state.reason

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import level_set
+from .level_set import level_set_loss, level_set_targets
 
 TRAINER_NAME = "nnUNetTrainerNnSAMNoMirroring"
 # nnSAM concatenates SAM's embedding to nnU-Net's encoder output with index 3 (1/8 resolution)
@@ -192,5 +192,5 @@ class LevelSetAugmentedLoss(nn.Module):
         if predicted is None or self.weight <= 0:
             return loss
         full = target[0] if isinstance(target, list | tuple) else target
-        wanted, usable = level_set.level_set_targets(full, self.foreground, self.ignore_label)
-        return loss + self.weight * level_set.level_set_loss(predicted, wanted, usable)
+        wanted, usable = level_set_targets(full, self.foreground, self.ignore_label)
+        return loss + self.weight * level_set_loss(predicted, wanted, usable)

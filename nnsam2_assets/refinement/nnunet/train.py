@@ -271,12 +271,13 @@ def nnsam_trainer_class() -> type:
     global _NNSAM_TRAINER_CLS
     if _NNSAM_TRAINER_CLS is not None:
         return _NNSAM_TRAINER_CLS
-    from . import nnsam
+    from .nnsam import TRAINER_NAME as NNSAM_TRAINER_NAME
+    from .nnsam import LevelSetAugmentedLoss, NnsamOptions, build_network
 
     base = trainer_class()
 
     class _NnsamTrainer(base):
-        nnsam_options: nnsam.NnsamOptions | None = None
+        nnsam_options: NnsamOptions | None = None
 
         # an instance method where nnU-Net has a static one: the options live on the trainer
         def build_network_architecture(self, plans_manager: Any, configuration_manager: Any,  # type: ignore[override]
@@ -286,16 +287,16 @@ def nnsam_trainer_class() -> type:
                 raise RuntimeError("the nnSAM trainer needs nnsam_options before it initialises")
             unet = base.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                    num_output_channels, enable_deep_supervision)  # fmt: skip
-            return nnsam.build_network(unet, num_output_channels - 1, self.nnsam_options, self.device)
+            return build_network(unet, num_output_channels - 1, self.nnsam_options, self.device)
 
         def _build_loss(self) -> Any:
             network = getattr(self.network, "_orig_mod", self.network)  # torch.compile wraps it on a GPU
             labels = self.label_manager
             foreground = [int(label) for label in labels.all_labels if label != 0]
-            return nnsam.LevelSetAugmentedLoss(super()._build_loss(), network, foreground, labels.ignore_label,
+            return LevelSetAugmentedLoss(super()._build_loss(), network, foreground, labels.ignore_label,
                                                self.nnsam_options.level_set_weight)  # fmt: skip
 
-    _NnsamTrainer.__name__ = _NnsamTrainer.__qualname__ = nnsam.TRAINER_NAME
+    _NnsamTrainer.__name__ = _NnsamTrainer.__qualname__ = NNSAM_TRAINER_NAME
     _NNSAM_TRAINER_CLS = _NnsamTrainer
     return _NNSAM_TRAINER_CLS
 

@@ -1,0 +1,38 @@
+"""The seed-method options through a real (tiny) stage 1: the nnSAM trainer without a checkpoint trains the
+shape head alone and says so in the model record and the asset's metadata; supervoxel sampling hands each
+training case its supervoxel patch centres and records how many."""
+
+from __future__ import annotations
+
+import json
+
+from nnsam2_assets.core.layout import model_pointer
+from nnsam2_assets.defs.refinement import _result
+from nnsam2_assets.defs.resources import RefinementSettings
+from nnsam2_assets.refinement import stages
+from nnsam2_assets.refinement.nnunet import ModelInfo
+from nnsam2_assets.testing import direct
+from nnsam2_assets.testing.cohorts import write_tiny_dataset
+
+
+def test_shape_head_alone_and_supervoxel_sampling_in_stage1(tmp_path):
+    data, storage = tmp_path / "data", tmp_path / "storage"
+    write_tiny_dataset(data, "ds", 2, seed=3)
+    settings = RefinementSettings(num_epochs=1, iterations_per_epoch=2, trainer="nnsam",
+                                  foreground_sampling="supervoxels")  # fmt: skip
+    run = direct.DirectRun(data, storage, ["ds"], settings)
+    direct.run_direct(run, phases=("datasets", "supervoxels"))
+    result = stages.run_stage1(run.pool(), storage, settings.profile_obj(), log=lambda _: None)
+    assert result.trainer["trainer"] == "nnUNetTrainerNnSAMNoMirroring"
+    assert result.trainer["sam_encoder"] == "none" and result.trainer["sam_level"] is None
+    assert ModelInfo.from_dir(result.model_dir).nnsam["sam_encoder"] == "none"
+    metadata = _result(result).metadata
+    assert metadata["trainer"].value["sam_encoder"] == "none"
+    pointer = json.loads(model_pointer(storage, "stage1").read_text())
+    assert pointer["supervoxel_points"] and all(n and n > 0 for n in pointer["supervoxel_points"].values())
+    assert pointer["recipe"] == stages.recipe_key(settings.profile_obj())
+    # the same inputs with nnU-Net's own sampling are another model
+    plain = RefinementSettings(num_epochs=1, iterations_per_epoch=2, trainer="nnsam")
+    again = stages.run_stage1(run.pool(), storage, plain.profile_obj(), log=lambda _: None)
+    assert again.version != result.version
+    assert set(json.loads(model_pointer(storage, "stage1").read_text())["supervoxel_points"]) == set()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +109,24 @@ def _slice_image(vol: np.ndarray, z: int, like: sitk.Image) -> sitk.Image:
     d = like.GetDirection()
     img.SetDirection((d[0], d[1], d[3], d[4]))
     return img
+
+
+def _box_slicer(
+    vol: np.ndarray, like: sitk.Image, box: tuple[tuple[int, int], tuple[int, int]]
+) -> Callable[[int], sitk.Image]:
+    """``z -> `` slice z of ``vol`` inside the pixel box ((x0, x1), (y0, y1)), at its physical place in ``like``."""
+    (x0, x1), (y0, y1) = box
+    origin = like.TransformIndexToPhysicalPoint((int(x0), int(y0), 0))[:2]
+    d = like.GetDirection()
+
+    def roi_slice(z: int) -> sitk.Image:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(vol[z, y0:y1, x0:x1]))
+        img.SetSpacing(like.GetSpacing()[:2])
+        img.SetOrigin(origin)
+        img.SetDirection((d[0], d[1], d[3], d[4]))
+        return img
+
+    return roi_slice
 
 
 def _is_blank(img: sitk.Image) -> bool:
@@ -276,16 +294,7 @@ def carry_slice_labels(
     margin = [int(math.ceil(s.roi_margin_mm / sp)) for sp in volume.GetSpacing()[:2]]
     x0, x1 = max(0, xs.min() - margin[0]), min(arr.shape[2], xs.max() + 1 + margin[0])
     y0, y1 = max(0, ys.min() - margin[1]), min(arr.shape[1], ys.max() + 1 + margin[1])
-    origin = volume.TransformIndexToPhysicalPoint((int(x0), int(y0), 0))
-    like = _slice_image(arr, seed, volume)
-
-    def roi_slice(z: int) -> sitk.Image:
-        img = sitk.GetImageFromArray(np.ascontiguousarray(arr[z, y0:y1, x0:x1]))
-        img.SetSpacing(like.GetSpacing())
-        img.SetOrigin(origin[:2])
-        img.SetDirection(like.GetDirection())
-        return img
-
+    roi_slice = _box_slicer(arr, volume, ((x0, x1), (y0, y1)))
     seed_img = roi_slice(seed)
     seed_labels = sitk.GetImageFromArray(np.ascontiguousarray(labels[y0:y1, x0:x1].astype(np.uint16)))
     seed_labels.CopyInformation(seed_img)
@@ -398,15 +407,7 @@ class RegistrationPropagator:
         box = self._roi(aff, soft, tgt_full_seed, s.roi_margin_mm)
         (x0, x1), (y0, y1) = box
 
-        roi_origin = target.TransformIndexToPhysicalPoint((int(x0), int(y0), 0))
-
-        def roi_slice(z: int) -> sitk.Image:
-            img = sitk.GetImageFromArray(np.ascontiguousarray(tgt_norm[z, y0:y1, x0:x1]))
-            img.SetSpacing(tgt_full_seed.GetSpacing())
-            img.SetOrigin(roi_origin[:2])
-            img.SetDirection(tgt_full_seed.GetDirection())
-            return img
-
+        roi_slice = _box_slicer(tgt_norm, target, box)
         fixed = roi_slice(t_seed)
         seed_tx = _deformable(fixed, ref_img, aff, s, chain=False)
         self._apply(seed_tx, fixed, ref_img, soft, t_seed, probs, ncc, box)

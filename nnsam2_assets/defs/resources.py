@@ -137,7 +137,7 @@ class PropagationSettings(dg.ConfigurableResource):
         generator = AutomaticMaskGenerator(
             self.sam2_config, self.sam2_checkpoint or None, self.sam2_image_size, self.device
         )
-        return steps.sam2_method(generator, self.build())
+        return steps.sam2_method(generator, self.build, self.identity())
 
     def build(self) -> Propagator:
         backend = self.resolved_backend()

@@ -26,7 +26,7 @@ from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_imag
 from nnsam2_assets.ingest.annotation import read_annotation_meta
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans, prepare_scan, read_manifest
-from nnsam2_assets.propagation.base import target_seed_slice
+from nnsam2_assets.propagation.base import Propagator, target_seed_slice
 from nnsam2_assets.propagation.registration import carry_slice_labels, registration_intensities
 from nnsam2_assets.propagation.steps import mask_digest
 from nnsam2_assets.supervoxels import segments
@@ -59,9 +59,11 @@ def slic_method() -> SupervoxelMethod:
     )
 
 
-def sam2_method(generator, propagator) -> SupervoxelMethod:
+def sam2_method(generator, propagator: Callable[[], Propagator], model_id: str) -> SupervoxelMethod:
     """SAM2's automatic masks (``automatic.AutomaticMaskGenerator``) carried by the SAM2 propagator, each
-    segment one object prompted by its mask."""
+    segment one object prompted by its mask. The propagator is built on first use (a proposal never needs it);
+    ``model_id`` is its identity."""
+    built = functools.cache(propagator)
 
     def segment(grey: np.ndarray, spacing: tuple[float, float], within: np.ndarray | None) -> np.ndarray:
         return segments.paint_candidates(generator.generate(grey), grey.shape, within)
@@ -71,11 +73,11 @@ def sam2_method(generator, propagator) -> SupervoxelMethod:
         prompt[seed] = labels
         annotation = sitk.GetImageFromArray(prompt)
         annotation.CopyInformation(scan)
-        volume = propagator.propagate(scan, annotation, seed, scan, modality).masks.astype(np.uint16)
+        volume = built().propagate(scan, annotation, seed, scan, modality).masks.astype(np.uint16)
         volume[seed] = labels  # the seed slice is the cut itself, as the registration chain keeps it
         return volume
 
-    return SupervoxelMethod("sam2", f"{generator.model_id}+{propagator.model_id}", segment, carry)
+    return SupervoxelMethod("sam2", f"{generator.model_id}+{model_id}", segment, carry)
 
 
 def seed_segments(method: SupervoxelMethod, scan: sitk.Image, modality: str, z: int,

@@ -130,8 +130,8 @@ def test_sam2_supervoxels_reach_the_sampling_locations(random_generator, tmp_pat
         (c.predicted_iou for c in candidates), reverse=True
     )
     propagator = SAM2Propagator(image_size=SAM_SIZE, allow_random_weights=True, device="cpu", threads=1)
-    method = steps.sam2_method(random_generator, propagator)
-    assert method.name == "sam2" and "random" in method.model_id
+    method = steps.sam2_method(random_generator, lambda: propagator, propagator.model_id)
+    assert method.name == "sam2" and method.model_id.count("random") == 2
     labels = np.stack([two_blob_annotation(vol, z)[z] for z in range(vol.shape[0])])
     scan = _image(vol, spacing=(2.0, 2.0, 4.0))  # the region margin (10 mm) is 5 pixels here
     seed_labels = steps.seed_segments(method, scan, "mri", 2, near=labels[2] > 0)

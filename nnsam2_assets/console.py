@@ -244,7 +244,7 @@ def run_datasets(
     """Materialize ``datasets`` end to end, in ``pipeline.PHASES`` order, through ``runner.materialize_cohort``:
     each dataset's chain, then the pooled models only when ``refinement.stages.models_state`` says they are
     not current for the datasets that got through (or ``retrain``), then each dataset's outputs."""
-    from nnsam2_assets.defs.resources import build_resources
+    from nnsam2_assets.defs.resources import build_resources, resolved
     from nnsam2_assets.refinement.nnunet import training_progress
     from nnsam2_assets.refinement.stages import STAGES, models_state, recipe_key
     from nnsam2_assets.runner import materialize_cohort
@@ -306,11 +306,12 @@ def run_datasets(
         for dataset in datasets:
             report.failures += _scan_failures(storage_root, dataset)
         ok = [d for d in datasets if d not in report.failed_datasets]
-        if ok and build_resources()["refinement"].foreground_sampling == "supervoxels":
+        refinement = resolved(build_resources()["refinement"])
+        if ok and refinement.foreground_sampling == "supervoxels":
             phase("supervoxels", ok)  # the models centre their patches on them
             ok = [d for d in ok if d not in report.failed_datasets]
         if ok:
-            recipe = recipe_key(build_resources()["refinement"].profile_obj())
+            recipe = recipe_key(refinement.profile_obj())
             state = models_state(storage_root, ok, recipe)
             reason = "--retrain" if retrain else state.reason
             if retrain or not state.current:

@@ -16,7 +16,7 @@ import dagster as dg
 from nnsam2_assets.definitions import defs
 from nnsam2_assets.defs.ingest import record_dataset_corrections
 from nnsam2_assets.defs.partitions import datasets_partitions
-from nnsam2_assets.defs.resources import NnsamStorage
+from nnsam2_assets.defs.resources import NnsamStorage, resolved
 from nnsam2_assets.ingest.convention import (
     DatasetError,
     list_dataset_folders,
@@ -110,7 +110,8 @@ def materialize_cohort(
         resources = resources if resources is not None else dict(loaded.resources or {})
     if stages is None:
         refinement = resources.get("refinement")
-        stages = default_phases(getattr(refinement, "foreground_sampling", "") == "supervoxels")
+        sampling = resolved(refinement).foreground_sampling if refinement is not None else ""
+        stages = default_phases(sampling == "supervoxels")
     ok = list(datasets)
     out = CohortRun()
     for phase in PHASES:

@@ -27,7 +27,7 @@ from nnsam2_assets.core import layout
 from nnsam2_assets.defs.resources import NNUNET_EPOCHS_ENV, NNUNET_ITERATIONS_ENV
 from nnsam2_assets.demo.datasets import write_demo_dataset
 from nnsam2_assets.ingest.scans import read_manifest
-from nnsam2_assets.pipeline import MODELS, OUTPUTS, PER_DATASET
+from nnsam2_assets.pipeline import MODELS, OUTPUTS, PER_DATASET, SUPERVOXELS
 from nnsam2_assets.refinement.nnunet import MODEL_INFO_FILE
 from nnsam2_assets.refinement.stages import STAGES
 
@@ -141,11 +141,12 @@ def test_first_run_materializes_every_asset_once_in_the_homes_runs(runs: Runs):
     counts = _materializations(runs.dagster_home, runs.first.run_ids)
     expected = {(a, "good"): 1 for a in PER_DATASET + OUTPUTS} | {(m, None): 1 for m in MODELS}
     assert {k: v for k, v in counts.items() if k[1] != "bad"} == expected
-    # every materializable asset; corrections is external (recorded when a user drops one, none here)
+    # every materializable asset but the optional supervoxels (run when the models sample on them);
+    # corrections is external (recorded when a user drops one, none here)
     every_asset = {
         key.to_user_string() for a in all_assets() if isinstance(a, dg.AssetsDefinition) for key in a.keys
     }
-    assert every_asset == {k[0] for k in expected}
+    assert every_asset == {k[0] for k in expected} | set(SUPERVOXELS)
     assert {a.key.to_user_string() for a in all_assets() if isinstance(a, dg.AssetSpec)} == {"corrections"}
     # the bad dataset: its scans were ingested (one of them failed), nothing after its annotation ran
     assert counts[("scans", "bad")] == 1 and ("reference_annotation", "bad") not in counts

@@ -186,6 +186,11 @@ class RefinementSettings(dg.ConfigurableResource):
         return get_profile(self.profile, **overrides)
 
 
+def resolved(resource: dg.ConfigurableResource) -> dg.ConfigurableResource:
+    """The resource with its ``dg.EnvVar`` fields read, for code outside a Dagster run (the console, the CLI)."""
+    return resource.process_config_and_initialize()
+
+
 def build_resources(
     data_root: Path | None = None,
     storage_root: Path | None = None,

@@ -129,15 +129,16 @@ def build_supervoxels(
             "scan": scan_id,
             "seed_slice": seed,
             "n_seed_segments": int(seed_labels.max()),
-            "n_supervoxels": int(len(np.unique(volume)) - 1),
+            "n_supervoxels": int(np.count_nonzero(np.unique(volume))),
             "covered_slices": int((volume.reshape(n_tgt, -1) > 0).any(1).sum()),
             "sha256": sha256_file(layout.supervoxels(scan_id)),
         }
 
     rows, computed = [], 0
+    annotation = sha256_file(layout.annotation)  # the seed slices come from it
     for scan_id in ok_scans(layout, manifest):
         key = cache_key(
-            VERSION, manifest.loc[scan_id, "source_hash"], mask_digest(layout, scan_id), method_id
+            VERSION, manifest.loc[scan_id, "source_hash"], annotation, mask_digest(layout, scan_id), method_id
         )
         info, was = cache.get_or_compute(
             scan_id, key, [layout.supervoxels(scan_id)], lambda s=scan_id: compute(s)

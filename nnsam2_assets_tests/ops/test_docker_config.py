@@ -201,6 +201,7 @@ def test_gpu_and_duckdb_pools_cover_exactly_their_assets():
         "nnunet_stage2",
         "nnunet_stage3",
         "final_masks",
+        "supervoxels",  # SAM2's automatic masks and propagation when a checkpoint is set
     }
     assert {k for k, v in pools.items() if v == {"duckdb"}} == {"scan_metrics", "agreement"}
 

@@ -26,3 +26,15 @@ def test_models_trained_with_another_recipe_are_not_current(tmp_path):
                   plain.replace(num_epochs=2)):  # fmt: skip
         state = models_state(tmp_path, ["a"], recipe_key(other))
         assert not state.current and "another recipe" in state.reason
+
+
+def test_the_supervoxels_phase_runs_when_the_models_sample_on_them(monkeypatch):
+    from nnsam2_assets.defs.resources import FOREGROUND_SAMPLING_ENV, build_resources, resolved
+    from nnsam2_assets.pipeline import default_phases
+
+    assert default_phases() == ("datasets", "models", "outputs")
+    assert default_phases(True) == ("datasets", "supervoxels", "models", "outputs")
+    monkeypatch.setenv(FOREGROUND_SAMPLING_ENV, "supervoxels")
+    refinement = resolved(build_resources()["refinement"])  # the environment variable, read as a run reads it
+    assert refinement.foreground_sampling == "supervoxels"
+    assert refinement.profile_obj().foreground_sampling == "supervoxels"

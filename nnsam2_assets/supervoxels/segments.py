@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 from skimage.segmentation import relabel_sequential, slic
 
-from nnsam2_assets.supervoxels.automatic import CandidateMask
+if TYPE_CHECKING:  # the SAM2 path only: the weight-free one never imports torch or sam2
+    from nnsam2_assets.supervoxels.automatic import CandidateMask
 
 # both propagators label in 8 bits at most (SAM2 object ids, the registration chain's uint8 masks elsewhere)
 MAX_SEGMENTS = 250

@@ -164,7 +164,9 @@ class RefinementSettings(dg.ConfigurableResource):
     # level-set shape head (the head alone when there is no checkpoint)
     trainer: str = "plain"
     level_set_weight: float = 0.1
-    sam2_checkpoint: str = ""  # build_resources gives it the propagation resource's checkpoint
+    # build_resources gives them the propagation resource's checkpoint and its config (they must match)
+    sam2_checkpoint: str = ""
+    sam2_config: str = ""
     sam2_image_size: int = 256
     # benchmarks of nnSAM's plumbing only: a random-weight encoder when there is no checkpoint (the model's
     # record then names the encoder "...:random:<size>")
@@ -177,7 +179,8 @@ class RefinementSettings(dg.ConfigurableResource):
         overrides: dict = {"device": self.device, "foreground_sampling": self.foreground_sampling}
         if self.trainer != "plain":
             overrides.update(trainer=self.trainer, level_set_weight=self.level_set_weight,
-                             sam2_checkpoint=self.sam2_checkpoint, sam2_image_size=self.sam2_image_size,
+                             sam2_checkpoint=self.sam2_checkpoint, sam2_config=self.sam2_config,
+                             sam2_image_size=self.sam2_image_size,
                              sam2_random_weights=self.sam2_random_weights)  # fmt: skip
         if self.num_epochs:
             overrides["num_epochs"] = self.num_epochs
@@ -217,6 +220,7 @@ def build_resources(
             trainer=env_or(NNUNET_TRAINER_ENV, "plain"),
             foreground_sampling=env_or(FOREGROUND_SAMPLING_ENV, "pseudo_labels"),
             sam2_checkpoint=propagation.sam2_checkpoint,
+            sam2_config=propagation.sam2_config,
         ),
         "metrics_db": DuckDBResource(database=database),
     }

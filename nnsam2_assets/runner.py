@@ -159,7 +159,7 @@ def _record_corrections(
     if not isinstance(storage, NnsamStorage):
         return
     # resolved as a run resolves it: the roots may be dg.EnvVar, readable only through config processing
-    recorded = record_dataset_corrections(instance, storage.process_config_and_initialize(), name)
+    recorded = record_dataset_corrections(instance, resolved(storage), name)
     if recorded.scans:
         progress(f"[{name}] corrections recorded: {', '.join(recorded.scans)}")
     for scan, reason in recorded.refused.items():

@@ -242,6 +242,37 @@ def _deformable(
     return _as_field(sitk.CompositeTransform([linear, sitk.DisplacementFieldTransform(field)]), fixed)
 
 
+def _chain_step(
+    acc: sitk.Transform,
+    cur: sitk.Image,
+    prev: sitk.Image,
+    settings: RegistrationSettings,
+    fixed_mask: sitk.Image | None = None,
+) -> sitk.Transform:
+    """One link of the chain: ``cur`` registered (affine, then demons) onto its solved neighbour ``prev``,
+    composed with ``acc`` (prev -> seed) into one displacement field cur -> seed."""
+    identity = sitk.Transform(2, sitk.sitkIdentity)
+    lin = _affine(
+        cur, prev, identity, sitk.AffineTransform(2), fixed_mask=fixed_mask, shrink=(2, 1), iterations=40
+    )
+    return _as_field(sitk.CompositeTransform([acc, _deformable(cur, prev, lin, settings, chain=True)]), cur)
+
+
+def _pixel_box(
+    mask: np.ndarray, spacing_xy: tuple[float, float], margin_mm: float
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Pixel box ((x0, x1), (y0, y1)) around a slice mask plus ``margin_mm``; the whole slice when it is empty."""
+    ny, nx = mask.shape
+    ys, xs = np.nonzero(mask)
+    if xs.size == 0:
+        return (0, nx), (0, ny)
+    mx, my = (int(math.ceil(margin_mm / s)) for s in spacing_xy)
+    return (max(0, xs.min() - mx), min(nx, xs.max() + 1 + mx)), (
+        max(0, ys.min() - my),
+        min(ny, ys.max() + 1 + my),
+    )
+
+
 # ------------------------------------------------------------------------------------------------ labelling
 def clean_class_masks(labels: np.ndarray, n_classes: int) -> np.ndarray:
     """Per class: largest component per slice (2-D) and in 3-D, holes filled; classes never overlap."""
@@ -290,11 +321,9 @@ def carry_slice_labels(
     out = np.zeros(arr.shape, np.uint16)
     if not labels.any():
         return out
-    ys, xs = np.nonzero(labels)
-    margin = [int(math.ceil(s.roi_margin_mm / sp)) for sp in volume.GetSpacing()[:2]]
-    x0, x1 = max(0, xs.min() - margin[0]), min(arr.shape[2], xs.max() + 1 + margin[0])
-    y0, y1 = max(0, ys.min() - margin[1]), min(arr.shape[1], ys.max() + 1 + margin[1])
-    roi_slice = _box_slicer(arr, volume, ((x0, x1), (y0, y1)))
+    box = _pixel_box(labels > 0, volume.GetSpacing()[:2], s.roi_margin_mm)
+    (x0, x1), (y0, y1) = box
+    roi_slice = _box_slicer(arr, volume, box)
     seed_img = roi_slice(seed)
     seed_labels = sitk.GetImageFromArray(np.ascontiguousarray(labels[y0:y1, x0:x1].astype(np.uint16)))
     seed_labels.CopyInformation(seed_img)
@@ -307,11 +336,7 @@ def carry_slice_labels(
                 cur = roi_slice(z)
                 if _is_blank(cur) or _is_blank(prev):
                     break
-                lin = _affine(cur, prev, sitk.Transform(2, sitk.sitkIdentity), sitk.AffineTransform(2),
-                              shrink=(2, 1), iterations=40)  # fmt: skip
-                acc = _as_field(
-                    sitk.CompositeTransform([acc, _deformable(cur, prev, lin, s, chain=True)]), cur
-                )
+                acc = _chain_step(acc, cur, prev, s)
                 warped = sitk.Resample(seed_labels, cur, acc, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
                 out[z, y0:y1, x0:x1] = sitk.GetArrayFromImage(warped)
                 prev = cur
@@ -422,17 +447,7 @@ class RegistrationPropagator:
                     break
                 fg = prev_probs.sum(0) > 0.5
                 fmask = _mask_image(fg, cur, s.mask_margin_mm) if fg.any() else None
-                lin = _affine(
-                    cur,
-                    prev,
-                    sitk.Transform(2, sitk.sitkIdentity),
-                    sitk.AffineTransform(2),
-                    fixed_mask=fmask,
-                    shrink=(2, 1),
-                    iterations=40,
-                )
-                step_tx = _deformable(cur, prev, lin, s, chain=True)
-                acc = _as_field(sitk.CompositeTransform([acc, step_tx]), cur)
+                acc = _chain_step(acc, cur, prev, s, fmask)
                 self._apply(acc, cur, ref_img, soft, z, probs, ncc, box)
                 prev, prev_probs = cur, probs[:, z, y0:y1, x0:x1]
 
@@ -458,16 +473,7 @@ class RegistrationPropagator:
     ) -> tuple[tuple[int, int], tuple[int, int]]:
         """Pixel box (x, y) on the target slice around the linearly mapped annotation plus a margin."""
         union = sum(sitk.Resample(m, grid, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32) for m in soft)
-        ys, xs = np.nonzero(sitk.GetArrayViewFromImage(union) > 0.25)
-        nx, ny = grid.GetSize()
-        if xs.size == 0:
-            return (0, nx), (0, ny)
-        mx = int(math.ceil(margin_mm / grid.GetSpacing()[0]))
-        my = int(math.ceil(margin_mm / grid.GetSpacing()[1]))
-        return (max(0, xs.min() - mx), min(nx, xs.max() + 1 + mx)), (
-            max(0, ys.min() - my),
-            min(ny, ys.max() + 1 + my),
-        )
+        return _pixel_box(sitk.GetArrayViewFromImage(union) > 0.25, grid.GetSpacing(), margin_mm)
 
     def _apply(
         self,

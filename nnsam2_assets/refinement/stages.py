@@ -318,7 +318,8 @@ def _train_and_predict(
             f"({', '.join(pool.layouts) or 'none registered'}); every pseudo-label was dropped or missing"
         )
     cases: list[nnunet.TrainingCase] = []
-    parts = [stage, VERSION, repr(profile), nnunet.trainer_identity(profile), pool.classes, use_ignore]
+    recipe = recipe_key(profile)
+    parts = [stage, VERSION, recipe, pool.classes, use_ignore]
     sampling: dict[str, dict[int, np.ndarray] | None] = {}
     for (dataset, scan), arr in sorted(labels.items()):
         layout = pool.layouts[dataset]
@@ -375,7 +376,7 @@ def _train_and_predict(
             "n_classes": pool.classes,
             "stage": stage,
             "roi_margin_mm": profile.roi_margin_mm,
-            "recipe": recipe_key(profile),  # ``models_state`` compares it with the settings of a new run
+            "recipe": recipe,  # ``models_state`` compares it with the settings of a new run
             # the datasets with a case in this version's training set (``models_state`` reads it)
             "training_datasets": sorted({dataset for dataset, _ in labels}),
             "exact_label_slices": exact,

@@ -55,7 +55,7 @@ def slic_method() -> SupervoxelMethod:
         "slic",
         f"slic-c{segments.SLIC_COMPACTNESS}-a{segments.SEGMENT_AREA_MM2:g}+chain",
         segments.slic_segments,
-        lambda scan, labels, seed, modality: carry_slice_labels(scan, labels, seed, modality),
+        carry_slice_labels,
     )
 
 

@@ -32,7 +32,6 @@ HEAVY_MODULES = (
 TRAINER_NAME = "nnUNetTrainerNoMirroring"
 TRAINERS = ("plain", "nnsam")
 FOREGROUND_SAMPLING = ("pseudo_labels", "supervoxels")
-FOREGROUND_SAMPLING = ("pseudo_labels", "supervoxels")
 MODEL_INFO_FILE = "nnsam2_model.json"
 CHANNEL_NAME = "zscore_mixed"  # anything but "CT": per-case z-score, because MRI and CT are pooled
 PLANS_NAME = "nnUNetPlans"

@@ -56,6 +56,28 @@ class NnsamOptions:
 
         return sam2_models.model_id(self.sam2_config, self.sam2_checkpoint, self.sam2_image_size)
 
+    def record(self, network: NnsamNetwork) -> dict[str, Any]:
+        """What a trained model's ``ModelInfo.nnsam`` says of it (``architecture_of`` reads it back)."""
+        return {
+            "level_set_weight": self.level_set_weight,
+            "sam_encoder": self.encoder_id(),
+            "sam2_config": self.sam2_config,
+            "sam2_image_size": self.sam2_image_size,
+            "sam_level": int(network.sam_level) if self.uses_sam_encoder else None,
+        }
+
+    @classmethod
+    def architecture_of(cls, record: dict[str, Any]) -> NnsamOptions:
+        """Options that rebuild a recorded model's network bare (its checkpoint holds every weight, the
+        frozen encoder's too), with no SAM2 checkpoint at hand."""
+        return cls(
+            level_set_weight=float(record["level_set_weight"]),
+            sam2_config=str(record["sam2_config"]),
+            sam2_checkpoint=None,
+            sam2_image_size=int(record["sam2_image_size"]),
+            random_sam_weights=record["sam_encoder"] != "none",
+        )
+
 
 class FrozenSam2Encoder(nn.Module):
     """SAM2's image encoder (Hiera trunk and FPN neck), frozen: no gradients, always in eval mode."""

@@ -20,14 +20,7 @@ def _nnsam_network(unet: Any, info: ModelInfo, plans_manager: Any, dataset_json:
     """nnSAM's network around ``unet``, its frozen encoder built bare: the checkpoint holds all its weights."""
     from .nnsam import NnsamOptions, build_network
 
-    record = info.nnsam or {}
-    options = NnsamOptions(
-        level_set_weight=float(record["level_set_weight"]),
-        sam2_config=str(record["sam2_config"]),
-        sam2_checkpoint=None,
-        sam2_image_size=int(record["sam2_image_size"]),
-        random_sam_weights=record["sam_encoder"] != "none",
-    )
+    options = NnsamOptions.architecture_of(info.nnsam or {})
     heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
     return build_network(unet, heads - 1, options, device, load_weights=False)
 

@@ -290,7 +290,7 @@ def nnsam_trainer_class() -> type:
             return build_network(unet, num_output_channels - 1, self.nnsam_options, self.device)
 
         def _build_loss(self) -> Any:
-            network = getattr(self.network, "_orig_mod", self.network)  # torch.compile wraps it on a GPU
+            network = _unwrapped(self.network)
             labels = self.label_manager
             foreground = [int(label) for label in labels.all_labels if label != 0]
             return LevelSetAugmentedLoss(super()._build_loss(), network, foreground, labels.ignore_label,
@@ -349,9 +349,9 @@ def centre_foreground_on(
         if len(target) < len(spacing):  # 2d: slices keep their spacing
             target = [spacing[0], *target]
         cropped = np.asarray(properties["shape_after_cropping_and_before_resampling"], float)
-        scale = np.asarray(compute_new_shape(cropped, spacing, target), float) / cropped
-        low = np.asarray([b[0] for b in properties["bbox_used_for_cropping"]], float)
         shape = np.asarray(compute_new_shape(cropped, spacing, target))
+        scale = shape / cropped
+        low = np.asarray([b[0] for b in properties["bbox_used_for_cropping"]], float)
         for label, zyx in by_class.items():
             if not len(zyx):
                 continue
@@ -431,15 +431,9 @@ def _publish(staged: Path, model_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _nnsam_record(trainer: Any) -> dict[str, Any]:
-    options, network = trainer.nnsam_options, getattr(trainer.network, "_orig_mod", trainer.network)
-    return {
-        "level_set_weight": options.level_set_weight,
-        "sam_encoder": options.encoder_id(),
-        "sam2_config": options.sam2_config,
-        "sam2_image_size": options.sam2_image_size,
-        "sam_level": int(network.sam_level) if options.uses_sam_encoder else None,
-    }
+def _unwrapped(network: Any) -> Any:
+    """The network itself: torch.compile wraps it on a GPU."""
+    return getattr(network, "_orig_mod", network)
 
 
 def train_model(
@@ -544,7 +538,9 @@ def train_model(
                 final_val_loss=_finite(lg.get_value("val_losses", step=-1)),
                 pseudo_dice=[float(x) for x in lg.get_value("dice_per_class_or_region", step=-1)],
                 case_ids=dict(raw.case_ids),
-                nnsam=_nnsam_record(trainer) if prof.trainer == "nnsam" else None,
+                nnsam=trainer.nnsam_options.record(_unwrapped(trainer.network))
+                if prof.trainer == "nnsam"
+                else None,
             )
         # stage next to model_dir (same filesystem) so the final rename is atomic
         model_dir.parent.mkdir(parents=True, exist_ok=True)

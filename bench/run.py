@@ -96,6 +96,7 @@ def bench_propagation(quick: bool) -> list[dict]:
 SECTIONS: dict[str, Callable] = {
     "sam2": lambda base, quick: bench_sam2(quick, SAM2_FULL),
     "overhead": overhead.bench_dagster_overhead,
+    "cli_overhead": overhead.bench_cli_overhead,
     "demo_overhead": overhead.bench_demo_overhead,
     "new_scan": incremental.bench_new_scan,
     "rss": incremental.bench_peak_rss,

@@ -15,7 +15,14 @@ from pathlib import Path
 import dagster as dg
 
 from nnsam2_assets.definitions import defs
-from nnsam2_assets.executors import PRELOADED_MODULES, STEP_EXECUTOR
+from nnsam2_assets.defs.resources import NNUNET_EPOCHS_ENV
+from nnsam2_assets.executors import (
+    CHAIN_PRELOADED_MODULES,
+    CHAIN_STEP_EXECUTOR,
+    PRELOADED_MODULES,
+    STEP_EXECUTOR,
+)
+from nnsam2_assets.refinement.nnunet._common import HEAVY_MODULES
 
 
 @dg.asset
@@ -63,6 +70,22 @@ def run_crash_job(home: str, out: str) -> None:
 
 def test_the_code_location_runs_steps_on_the_forkserver_executor():
     assert defs().executor is STEP_EXECUTOR
+    # the per-dataset chain's server leaves nnU-Net out (it neither trains nor predicts); both warm the
+    # Dagster storage layer and the definitions every step would otherwise load itself
+    assert defs().resolve_job_def("dataset_job").executor_def is CHAIN_STEP_EXECUTOR
+    assert set(HEAVY_MODULES) <= set(PRELOADED_MODULES)
+    assert not set(HEAVY_MODULES) & set(CHAIN_PRELOADED_MODULES)
+    assert "nnsam2_assets.step_preload" in set(PRELOADED_MODULES) & set(CHAIN_PRELOADED_MODULES)
+
+
+def test_the_definitions_are_built_once_per_environment(monkeypatch):
+    assert defs() is defs()
+    before = defs()
+    assert before.resources["refinement"].num_epochs == 0  # the profile's own budget
+    monkeypatch.setenv(NNUNET_EPOCHS_ENV, "3")  # the resources read it when the definitions are built
+    changed = defs()
+    assert changed is not before and changed is defs()
+    assert changed.resources["refinement"].num_epochs == dg.EnvVar.int(NNUNET_EPOCHS_ENV)
 
 
 def test_a_step_calling_os_exit_fails_alone(tmp_path):

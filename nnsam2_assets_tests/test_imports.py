@@ -21,6 +21,7 @@ DAGSTER_LAYER = (
     "nnsam2_assets.defs",
     "nnsam2_assets.definitions",
     "nnsam2_assets.executors",  # which Dagster executor runs the steps
+    "nnsam2_assets.step_preload",  # what the steps' fork server imports and builds before it forks them
     "nnsam2_assets.runner",
     "nnsam2_assets.cli",
     "nnsam2_assets.console",  # the terminal side of ``nnsam2 run``: Dagster's run loggers and results

@@ -168,6 +168,10 @@ def test_the_held_out_check_decides_without_expert_labels_and_the_final_masks_fo
                 assert np.array_equal(final, clean_labels(propagated, spec.n_classes)), (name, scan)
             else:
                 assert not np.array_equal(final, clean_labels(propagated, spec.n_classes)), (name, scan)
+                # the consensus: every final voxel is on the side the propagated mask puts it
+                sides = to_class_space(final, spec.n_classes, 2)
+                inside = sides[final > 0] == to_class_space(propagated, spec.n_classes, 2)[final > 0]
+                assert inside.all(), (name, scan)
         print(f"{name}: final masks {decision['source']}, held-out slice Dice {decision['heldout_dice']:.3f}")
 
 

@@ -1,0 +1,44 @@
+"""The final masks' consensus: refined labels kept only where the propagated mask has the same side."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nnsam2_assets.core.labels import to_class_space
+from nnsam2_assets.refinement.final_masks import consensus
+
+
+def _square(shape: tuple[int, int, int], value: int, x0: int, x1: int) -> np.ndarray:
+    out = np.zeros(shape, np.uint8)
+    out[:, 4:12, x0:x1] = value
+    return out
+
+
+def test_a_voxel_is_kept_only_where_both_call_it_the_same_side():
+    shape = (3, 16, 32)
+    refined = _square(shape, 1, 2, 14) + _square(shape, 2, 18, 30)  # 2-class: right 2..13, left 18..29
+    propagated = _square(shape, 1, 4, 16) + _square(shape, 2, 16, 28)  # shifted: each edge disagrees
+    out = consensus(refined, 2, propagated, 2)
+    assert set(np.unique(out)) == {0, 1, 2}
+    assert (out[:, 4:12, 4:14] == 1).all() and (out[:, 4:12, 18:28] == 2).all()  # both agree
+    assert not out[:, :, :4].any() and not out[:, :, 28:].any()  # claimed by the refined mask alone
+    assert not out[:, :, 14:18].any()  # propagation alone, or sides that disagree
+    assert (out > 0).sum() == ((refined > 0) & (propagated > 0)).sum()
+
+
+def test_4_class_refined_labels_keep_their_muscles_inside_a_2_class_or_4_class_propagation():
+    shape = (2, 16, 32)
+    # 4-class: right ES 1 and right MF 2 on the right side; left MF 3 and left ES 4 on the left
+    refined = _square(shape, 1, 2, 8) + _square(shape, 2, 8, 14) + _square(shape, 3, 18, 24)
+    refined += _square(shape, 4, 24, 30)
+    # the propagation puts the ES/MF interface elsewhere: only the sides count
+    propagated4 = _square(shape, 1, 2, 11) + _square(shape, 2, 11, 14) + _square(shape, 3, 18, 27)
+    propagated4 += _square(shape, 4, 27, 30)
+    out = consensus(refined, 4, propagated4, 4)
+    assert np.array_equal(out, refined)
+    out2 = consensus(refined, 4, to_class_space(propagated4, 4, 2), 2)
+    assert np.array_equal(out2, refined)
+    # a propagation with the sides swapped leaves nothing
+    swapped = to_class_space(propagated4, 4, 2)
+    swapped = np.where(swapped == 1, 2, np.where(swapped == 2, 1, 0)).astype(np.uint8)
+    assert not consensus(refined, 4, swapped, 2).any()

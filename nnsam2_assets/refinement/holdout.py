@@ -2,7 +2,8 @@
 
 The reference scan's annotated slice (the primary one, nearest the region's middle, when several are
 annotated; and its neighbours within ``HOLDOUT_HALF_WIDTH_MM``) is held out of every stage's training: those voxels are nnU-Net's ignore label in the reference's training labels. The
-stage-3 model, cleaned as the final masks are, is then scored on the annotated slice: the only voxels of
+stage-3 model, cleaned and edge-finished as the final masks are (but without their consensus with the
+propagated mask, which on this slice is the annotation itself), is then scored on the annotated slice: the only voxels of
 the dataset whose truth is known and that no model has learnt. The refined masks replace the propagated ones
 for the whole dataset only when that held-out Dice reaches ``MIN_HELDOUT_DICE``; otherwise the dataset's
 final masks are its propagated masks. The decision never reads expert labels.

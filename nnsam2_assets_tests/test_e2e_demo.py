@@ -31,7 +31,7 @@ from nnsam2_assets.outputs.report import report_paths
 from nnsam2_assets.pipeline import OUTPUTS
 from nnsam2_assets.refinement import stages as refine_stages
 from nnsam2_assets.refinement.corrections import read_record
-from nnsam2_assets.refinement.final_masks import finish_refined, make_final_masks
+from nnsam2_assets.refinement.final_masks import CONSENSUS_RULE, finish_refined, make_final_masks
 from nnsam2_assets.refinement.holdout import decide, held_out_slab
 
 pytestmark = pytest.mark.slow
@@ -152,7 +152,11 @@ def test_the_held_out_check_decides_without_expert_labels_and_the_final_masks_fo
             if staged.exists():  # the reference trains this stage: its slab is all "ignore"
                 label = sitk.GetArrayFromImage(sitk.ReadImage(str(staged)))
                 assert (label[slab.first : slab.last + 1] == ignore_label(2)).all(), (name, stage)
-        decision = json.loads(layout.final_summary.read_text())["refinement_decision"]
+        summary = json.loads(layout.final_summary.read_text())
+        decision = summary["refinement_decision"]
+        assert summary["final_rule"] == (
+            CONSENSUS_RULE if decision["source"] == "refined" else "propagated masks"
+        )
         pointer = json.loads((model_root(demo_cohort.storage_root, "stage3") / "current.json").read_text())
         prediction = sitk.GetArrayFromImage(
             sitk.ReadImage(str(stage_prediction(Path(pointer["model_dir"]), name, spec.reference)))

@@ -163,8 +163,9 @@ class FinalMasksConfig(dg.Config):
     kinds={"nifti"},
     code_version=refine.VERSION,
     automation_condition=EAGER_BESIDE_CORRECTIONS,
-    # scans and propagated masks: the images predicted and the muscle box they are cropped to, and the
-    # propagated masks again when the held-out annotated slice (reference_annotation) keeps them
+    # scans and propagated masks: the images predicted and the muscle box they are cropped to, the sides
+    # the refined masks must agree with, and the masks kept when the held-out annotated slice
+    # (reference_annotation) keeps them
     # corrections: the users' corrected slices replace the model's there
     deps=[
         scans,
@@ -198,9 +199,10 @@ def final_masks(
     refinement: RefinementSettings,
     config: FinalMasksConfig,
 ) -> dg.MaterializeResult:
-    """Stage-3 predictions, largest component per class, on each scan's ORIGINAL grid (opens over the
-    original scan in ITK-SNAP or Slicer); plus the stage-to-stage Dice per scan. Models load once per run.
-    The propagated masks stand instead when the stage-3 model fails the held-out annotated slice."""
+    """Stage-3 predictions, largest component per class, kept where the propagated mask has the same side,
+    on each scan's ORIGINAL grid (opens over the original scan in ITK-SNAP or Slicer); plus the
+    stage-to-stage Dice per scan. Models load once per run. The propagated masks stand instead when the
+    stage-3 model fails the held-out annotated slice."""
     name = context.partition_key
     layout = storage.layout(name)
     scan_ids = ok_scans(layout)
@@ -219,6 +221,7 @@ def final_masks(
         "n_recomputed": out.n_computed,
         "classes": ", ".join(out.class_names),
         "final_masks_source": out.decision.source,
+        "final_rule": out.rule,
         "heldout_slice_dice": out.decision.heldout_dice,
         "min_heldout_slice_dice": out.decision.min_heldout_dice,
         "models": dg.MetadataValue.json(out.models),

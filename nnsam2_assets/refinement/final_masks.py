@@ -67,6 +67,7 @@ class FinalMasks:
     models: dict
     overlay_png: bytes | None
     decision: RefinementDecision
+    rule: str  # what the final masks are: ``CONSENSUS_RULE`` or the propagated masks
 
 
 def write_on_original_grid(
@@ -89,6 +90,7 @@ def write_on_original_grid(
 
 
 FINAL_MASKS_VERSION = "final-v3"  # v3: the consensus of the refined and the propagated sides
+CONSENSUS_RULE = "consensus of refined and propagated sides"  # what the final masks are when refined
 
 
 def finish_refined(prediction: np.ndarray, image: sitk.Image, modality: str, k: int) -> np.ndarray:
@@ -235,12 +237,12 @@ def make_final_masks(
     table = pd.DataFrame(rows)
     atomic_write_dataframe(table.assign(dataset=spec.name), layout.stage_agreement)
     versions = {s: m["version"] for s, m in models.items()}
+    rule = CONSENSUS_RULE if decision.use_refined else "propagated masks"
     summary = {
         "models": versions,
         "n_classes": k_out,
         "model_classes": k,
-        # refined masks are kept where the propagated mask has the same side (``consensus``)
-        "final_rule": "consensus of refined and propagated sides" if decision.use_refined else "propagated",
+        "final_rule": rule,
         "es_mf_interface": "propagation" if k_out > k or not decision.use_refined else "model",
         "fragment_fraction": fragments,
         "refinement_decision": decision.as_dict(),
@@ -258,4 +260,5 @@ def make_final_masks(
         models=versions,
         overlay_png=overlay,
         decision=decision,
+        rule=rule,
     )

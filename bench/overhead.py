@@ -3,7 +3,6 @@ calls without it (``nnsam2_assets.testing.direct``), measured side by side in al
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -15,16 +14,16 @@ from pathlib import Path
 import dagster as dg
 
 from bench._common import Workdir, all_assets, register, row, row_counts, run_selection, step_durations
-from nnsam2_assets.cli import INSTANCE_YAML
-from nnsam2_assets.core.layout import DATA_ROOT_ENV, HOME_ENV, STORAGE_ROOT_ENV, duckdb_path
+from nnsam2_assets.core.layout import DATA_ROOT_ENV, STORAGE_ROOT_ENV, duckdb_path
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.resources import RefinementSettings, build_resources
 from nnsam2_assets.demo.datasets import write_demo_cohort
 from nnsam2_assets.executors import STEP_EXECUTOR
 from nnsam2_assets.pipeline import PER_DATASET, PHASES
 from nnsam2_assets.runner import materialize_cohort
+from nnsam2_assets.testing.cli_runs import cli_env, dataset_job_command, local_home
 from nnsam2_assets.testing.cohorts import write_tiny_dataset
-from nnsam2_assets.testing.direct import STEPS, DirectRun, run_direct
+from nnsam2_assets.testing.direct import DirectRun, run_direct
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -221,8 +220,7 @@ def bench_demo_overhead(base: Path, quick: bool) -> list[dict]:
 def _direct_chain() -> None:
     """The fresh direct process of ``bench_cli_overhead``: the per-dataset chain's domain calls, no Dagster."""
     run = DirectRun(Path(os.environ[DATA_ROOT_ENV]), Path(os.environ[STORAGE_ROOT_ENV]), [CLI_DATASET])
-    for asset in PER_DATASET:
-        STEPS[asset](run, CLI_DATASET)
+    run_direct(run, phases=("datasets",))
 
 
 CLI_DATASET = "cli"
@@ -255,24 +253,13 @@ def bench_cli_overhead(base: Path, quick: bool) -> list[dict]:
     path = base / "cli-overhead"
     data, home = path / "data", path / "dagster_home"
     write_tiny_dataset(data, CLI_DATASET, n_scans, seed=11)
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text(INSTANCE_YAML)
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        instance.add_dynamic_partitions("datasets", [CLI_DATASET])
+    local_home(home, [CLI_DATASET])
     walls: dict[str, list[float]] = {"cli": [], "direct": []}
     timelines = []
     for i, impl in enumerate(order):
-        env = {
-            **os.environ,
-            "DAGSTER_HOME": str(home),
-            DATA_ROOT_ENV: str(data),
-            STORAGE_ROOT_ENV: str(path / f"storage-{impl}-{i}"),
-            HOME_ENV: str(path),
-        }
+        env = cli_env(home, data, path / f"storage-{impl}-{i}", path)
         if impl == "cli":
-            tags = json.dumps({"dagster/partition": CLI_DATASET})
-            cmd = [sys.executable, "-m", "dagster", "job", "execute", "-m", "nnsam2_assets.definitions"]
-            cmd += ["-j", "dataset_job", "--tags", tags]
+            cmd = dataset_job_command(CLI_DATASET)
         else:
             cmd = [sys.executable, "-c", "from bench.overhead import _direct_chain; _direct_chain()"]
         t0 = time.perf_counter()

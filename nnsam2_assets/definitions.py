@@ -42,8 +42,3 @@ def defs() -> dg.Definitions:
 def all_assets() -> list:
     """Every asset of the code location (for in-process ``dg.materialize`` runs)."""
     return list(defs().assets or [])
-
-
-def warm() -> None:
-    """Build the definitions and their repository now (the step fork server does, before it forks steps)."""
-    defs().get_repository_def()

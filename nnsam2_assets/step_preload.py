@@ -9,6 +9,6 @@ import dagster._core.instance.factory  # noqa: F401  the instance a step opens f
 import dagster._core.storage.local_compute_log_manager  # noqa: F401  the default compute-log manager
 import dagster._core.storage.sqlite_storage  # noqa: F401  the default (sqlite) run and event storage
 
-from nnsam2_assets.definitions import warm
+from nnsam2_assets.definitions import defs
 
-warm()
+defs().get_repository_def()  # built here once, inherited by every step forked after

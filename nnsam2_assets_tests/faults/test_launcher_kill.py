@@ -6,23 +6,21 @@ a rerun must complete with the same outputs as an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
-from nnsam2_assets.cli import INSTANCE_YAML
 from nnsam2_assets.core import layout
 from nnsam2_assets.core.lifecycle import alive, descendants
 from nnsam2_assets.core.storage import sha256_file
 from nnsam2_assets.ingest.scans import read_manifest
 from nnsam2_assets.pipeline import PER_DATASET
+from nnsam2_assets.testing.cli_runs import cli_env, dataset_job_command, local_home
 from nnsam2_assets.testing.cohorts import write_tiny
 from nnsam2_assets.testing.direct import STEPS, DirectRun
 from nnsam2_assets.testing.waits import wait_for
@@ -40,10 +38,8 @@ def _step_started(instance: dg.DagsterInstance, step: str) -> bool:
 
 
 def _execute(env: dict) -> subprocess.Popen:
-    tags = json.dumps({"dagster/partition": NAME})
-    cmd = [sys.executable, "-m", "dagster", "job", "execute", "-m", "nnsam2_assets.definitions"]
     return subprocess.Popen(
-        [*cmd, "-j", "dataset_job", "--tags", tags],
+        dataset_job_command(NAME),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -67,17 +63,8 @@ def _outputs(data: Path, store: Path) -> dict:
 def test_kill9_of_the_launcher_leaves_no_process_and_a_failed_run(tmp_path):
     data, store, home = tmp_path / "data", tmp_path / "store", tmp_path / "dagster_home"
     write_tiny(data, NAME, n_scans=3)
-    home.mkdir()
-    (home / "dagster.yaml").write_text(INSTANCE_YAML)
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        layout.DATA_ROOT_ENV: str(data),
-        layout.STORAGE_ROOT_ENV: str(store),
-        layout.HOME_ENV: str(tmp_path),
-    }
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        instance.add_dynamic_partitions("datasets", [NAME])
+    local_home(home, [NAME])
+    env = cli_env(home, data, store, tmp_path)
 
     launcher = _execute(env)
     seen: set[int] = set()

@@ -9,7 +9,6 @@ masks as the pipeline without Dagster. Every process the test started is stopped
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -28,6 +27,7 @@ from nnsam2_assets.core.storage import sha256_file
 from nnsam2_assets.executors import CELERY_BROKER_ENV, CPU_QUEUE, EXECUTOR_ENV, GPU_QUEUE
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.pipeline import PER_DATASET
+from nnsam2_assets.testing.cli_runs import cli_env, dataset_job_command, local_home
 from nnsam2_assets.testing.direct import DirectRun, run_direct
 from nnsam2_assets.testing.waits import wait_for
 from nnsam2_assets_tests.ops import REPO, free_port, write_tiny
@@ -89,21 +89,14 @@ def _worker_of_each_step(instance: dg.DagsterInstance, run_id: str) -> dict[str,
 def test_a_dataset_job_runs_on_celery_workers_with_gpu_steps_on_their_own_queue(broker, tmp_path):
     data, storage, home, logs = (tmp_path / d for d in ("data", "storage", "dagster_home", "logs"))
     write_tiny(data, NAME, n_scans=2)
-    home.mkdir()
     logs.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    local_home(home, [NAME], "telemetry:\n  enabled: false\n")
     env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        layout.DATA_ROOT_ENV: str(data),
-        layout.STORAGE_ROOT_ENV: str(storage),
-        layout.HOME_ENV: str(tmp_path),
+        **cli_env(home, data, storage, tmp_path),
         EXECUTOR_ENV: "celery",
         CELERY_BROKER_ENV: broker,
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
     }
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        instance.add_dynamic_partitions("datasets", [NAME])
     workers = {}
     recorded: set[int] = set()
     try:
@@ -120,8 +113,7 @@ def test_a_dataset_job_runs_on_celery_workers_with_gpu_steps_on_their_own_queue(
                 start_new_session=True,
             )
         run = subprocess.run(
-            [sys.executable, "-m", "dagster", "job", "execute", "-m", "nnsam2_assets.definitions"]
-            + ["-j", "dataset_job", "--tags", json.dumps({"dagster/partition": NAME})],
+            dataset_job_command(NAME),
             env=env,
             cwd=REPO,
             capture_output=True,

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,32 @@ def test_tests_and_bench_never_import_each_other(top, other):
         mod: sorted(n for n in _imports(path, mod) if _in(n, (other,))) for mod, path in _modules(top).items()
     }
     assert {m: n for m, n in offenders.items() if n} == {}
+
+
+# Libraries that only some steps use, each a large import: every process that loads the code location (the
+# CLI, the UI's code server, each run's step fork server) would pay them otherwise.
+ON_USE_ONLY = (
+    "pingouin",
+    "statsmodels",
+    "scipy.stats",
+    "highdicom",
+    "pydicom",
+    "matplotlib",
+    "torch",
+    "nnunetv2",
+)
+
+
+def test_loading_the_code_location_leaves_step_only_libraries_unimported():
+    probe = (
+        "import sys; from nnsam2_assets.definitions import defs; defs().get_repository_def(); "
+        f"print(','.join(m for m in {ON_USE_ONLY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"imported when the code location loads: {out.stdout.strip()}"
+
+
+def test_the_direct_side_of_the_step_cost_bench_never_imports_dagster():
+    probe = "import sys, bench.direct_chain; print('dagster' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

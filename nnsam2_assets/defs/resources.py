@@ -110,9 +110,9 @@ class PropagationSettings(dg.ConfigurableResource):
         """What the propagated masks depend on besides data: backend, config, weights (by size and mtime)."""
         backend = self.resolved_backend()
         if backend != "sam2":
-            from nnsam2_assets.propagation.registration import MODEL_ID
+            from nnsam2_assets.propagation.registration import BACKEND_IDENTITY
 
-            return f"{backend}|{MODEL_ID}"
+            return BACKEND_IDENTITY
         ckpt = Path(self.sam2_checkpoint)
         stamp = f"{ckpt.stat().st_size}:{int(ckpt.stat().st_mtime)}" if ckpt.is_file() else "missing"
         return f"sam2|{self.sam2_config}|{ckpt.name}|{stamp}|{self.sam2_image_size}"

@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
-import pingouin as pg
-import statsmodels.api as sm
-from scipy import stats as sps
-from statsmodels.stats.weightstats import ttost_paired
+
+# pingouin, statsmodels and scipy.stats are imported where they are used: together they take 1.5 s to import
+# (pingouin pulls in pyplot), which every Dagster process that loads the code location (the CLI, the UI's
+# code server, each run's step fork server) would otherwise pay, though only the cohort statistics use them.
 
 LOA_Z = 1.96
 # Keys of :func:`agreement_table`, in order (a fixed schema for the metrics database).
@@ -113,6 +113,8 @@ class TostResult:
 
 def ks_normality_p(diff: np.ndarray) -> float:
     """One-sample KS p-value of the standardised differences (ddof=1) against N(0,1), as the reference."""
+    from scipy import stats as sps
+
     d = np.asarray(diff, dtype=float)
     z = (d - d.mean()) / d.std(ddof=1)
     return float(sps.ks_1samp(z, sps.norm.cdf).pvalue)
@@ -124,6 +126,8 @@ def bootstrap_tost_p(diff: np.ndarray, delta: float, n_boot: int = 10_000, seed:
     Uses ``scipy.stats.bootstrap``'s resampling distribution with a fixed seed so results are reproducible
     (the reference's bootstrap was unseeded).
     """
+    from scipy import stats as sps
+
     res = sps.bootstrap(
         (np.asarray(diff, dtype=float),),
         np.mean,
@@ -149,6 +153,8 @@ def tost_paired(
     KS on standardised differences (ddof=1); p ≥ ``ks_alpha`` → ``ttost_paired(ai, manual, −δ, δ)``,
     otherwise the seeded bootstrap TOST. Equivalent when p < ``alpha``.
     """
+    from statsmodels.stats.weightstats import ttost_paired
+
     a, m = _paired(ai, manual)
     if a.size < 3:
         raise ValueError(f"TOST needs at least 3 paired values, got {a.size}")
@@ -198,6 +204,8 @@ def icc(ai: Sequence[float] | pd.Series, manual: Sequence[float] | pd.Series) ->
     Returns ``{"icc3_1": {...}, "icc2_1": {...}}``, each with ``form`` (stated in words), ``icc``,
     ``ci_low``, ``ci_high`` (95 %, unrounded), ``F``, ``pval``. Scans are targets, the two methods are raters.
     """
+    import pingouin as pg
+
     a, m = _paired(ai, manual)
     n = a.size
     long = pd.DataFrame(
@@ -272,6 +280,8 @@ def mae(ai: Sequence[float] | pd.Series, manual: Sequence[float] | pd.Series) ->
 
 def spearman(ai: Sequence[float] | pd.Series, manual: Sequence[float] | pd.Series) -> tuple[float, float]:
     """Spearman ρ and its p-value; NaN for both when either side is constant (ρ is undefined there)."""
+    from scipy import stats as sps
+
     a, m = _paired(ai, manual)
     if a.size < 2 or np.ptp(a) == 0 or np.ptp(m) == 0:
         return float("nan"), float("nan")
@@ -282,6 +292,8 @@ def spearman(ai: Sequence[float] | pd.Series, manual: Sequence[float] | pd.Serie
 def ols_fit(ai: Sequence[float] | pd.Series, manual: Sequence[float] | pd.Series) -> dict:
     """OLS ``ai = intercept + slope · manual`` (statsmodels); slope, intercept, their SEs and R².
     All NaN when the reference is constant: there is no slope to fit."""
+    import statsmodels.api as sm
+
     a, m = _paired(ai, manual)
     if a.size < 2 or np.ptp(m) == 0:
         return dict.fromkeys(("slope", "intercept", "slope_se", "intercept_se", "r2"), float("nan"))

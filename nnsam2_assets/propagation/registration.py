@@ -44,6 +44,7 @@ from nnsam2_assets.propagation.base import (
 )
 
 MODEL_ID = "sitk-demons-v2"  # v2: side edges refined on the target image
+BACKEND_IDENTITY = f"registration|{MODEL_ID}"  # what its masks depend on besides the data
 CT_WINDOW = (
     -200.0,
     300.0,

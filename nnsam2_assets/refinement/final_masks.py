@@ -38,7 +38,6 @@ from nnsam2_assets.core.storage import (
 )
 from nnsam2_assets.ingest.annotation import read_annotation_clicks
 from nnsam2_assets.ingest.convention import DatasetSpec
-from nnsam2_assets.outputs.dicom_seg import write_dicom_seg
 from nnsam2_assets.propagation.boundary import band_pixels, refine_side_boundaries
 from nnsam2_assets.propagation.registration import registration_intensities
 from nnsam2_assets.propagation.steps import mask_digest
@@ -83,6 +82,9 @@ def write_on_original_grid(
     if not sitk.GetArrayViewFromImage(on_original).any():
         layout.final_mask_dicom_seg(scan).unlink(missing_ok=True)
         return ["the final mask is empty: no DICOM Segmentation written"]
+    # highdicom and pydicom (0.4 s to import) only for DICOM-sourced scans, not in every process loading the defs
+    from nnsam2_assets.outputs.dicom_seg import write_dicom_seg
+
     # final masks are in the dataset's own classes (a 2-class pool's sides are split for a 4-class dataset)
     return write_dicom_seg(
         on_original, source, class_names(spec.n_classes), layout.final_mask_dicom_seg(scan), version

@@ -21,6 +21,8 @@ Rows (ratio first, the absolute numbers beside it):
   propagation_workers  a dataset's scans propagated by 2 worker processes vs 1 (``bench.workers``). >= 1.7.
   demo_wall        ``nnsam2 demo`` in a fresh home with one core kept busy (``bench.demo_wall``): wall time,
                    nnU-Net s/iteration, and the wall projected at 0.66 s/iteration. <= 600 s.
+  nnunet_iteration  a quick-profile nnU-Net iteration on the TUM pair: one background augmentation worker
+                   against none, and the share of forward, backward and optimiser (``bench.iteration``; info).
   scale:*          one dataset of 200 small scans against 20 (``bench.scale``): step time per scan (<= 1.2),
                    DuckDB write of its rows, adding one scan, peak RSS of the chain (<= 1.2).
 
@@ -39,7 +41,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import demo_wall, incremental, overhead, scale, stages, workers
+from bench import demo_wall, incremental, iteration, overhead, scale, stages, workers
 from bench._common import cpu_model, row
 from bench.propagation_bench import TUM, run_propagation_bench
 from bench.sam2_bench import run_sam2_bench
@@ -105,6 +107,7 @@ SECTIONS: dict[str, Callable] = {
     "workers": workers.bench_workers,
     "scale": scale.bench_scale,
     "demo_wall": demo_wall.bench_demo_wall,
+    "iteration": iteration.bench_iteration,
 }
 
 

@@ -42,6 +42,8 @@ def test_bench_quick_runs_and_reports(tmp_path):
         "scale: add 1 scan",
         "demo_wall: nnsam2 demo",
         "demo_wall: projected",
+        "nnunet_iteration: one background augmentation worker",
+        "nnunet_iteration: forward, backward",
     ):
         assert row in names, f"row {row} missing from the table"
         assert row in proc.stdout

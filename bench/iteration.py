@@ -64,7 +64,7 @@ def _tum_cases(folder: Path) -> list[TrainingCase]:
 
 
 def bench_iteration(base: Path, quick: bool) -> list[dict]:
-    iterations, order = (10, [0, 1]) if quick else (60, [0, 1, 1, 0])
+    iterations, order = (4, [0, 1]) if quick else (60, [0, 1, 1, 0])
     path = base / "iteration"
     cases = _tum_cases(path / "cases")
     per_iteration: dict[int, list[float]] = {0: [], 1: []}

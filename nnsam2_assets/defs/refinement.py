@@ -67,6 +67,7 @@ def _result(info: refine.StageResult) -> dg.MaterializeResult:
         "training_seconds": info.training_seconds,
         "seconds_per_iteration": info.seconds_per_iteration,
         "n_predicted_scans": info.n_predicted,
+        "training_labels": info.label_source,
         # the annotated (not the held-out one) and corrected slices trained on as exact labels
         "exact_label_slices": dg.MetadataValue.json(info.exact_label_slices),
         "selection": table(
@@ -78,7 +79,7 @@ def _result(info: refine.StageResult) -> dg.MaterializeResult:
             check_name="selection_not_relaxed",
             passed=not info.relaxed,
             severity=dg.AssetCheckSeverity.WARN,
-            description="fewer than the minimum passed the agreement filter; took the best by agreement"
+            description=f"fewer than the minimum passed the agreement filter; trained on {info.label_source}"
             if info.relaxed
             else "threshold met",
             metadata={"relaxed_datasets": ", ".join(info.relaxed_datasets) or "none"},

@@ -106,6 +106,7 @@ class StageResult:
     exact_label_slices: dict[str, list[int]] = field(default_factory=dict)  # "dataset/scan" -> slices
     # the model's trainer class and, for nnSAM, its record (level-set weight, SAM2 encoder or "none", level)
     trainer: dict = field(default_factory=dict)
+    label_source: str = ""  # what the stage trained on (a later stage falls back to the pseudo-labels)
 
     @property
     def relaxed(self) -> bool:
@@ -311,6 +312,7 @@ def _train_and_predict(
     labels: dict,
     use_ignore: bool,
     log: Log,
+    label_source: str,
 ) -> StageResult:
     if not labels:
         raise RefinementError(
@@ -403,6 +405,7 @@ def _train_and_predict(
         relaxed,
         exact,
         trainer_record(model_dir),
+        label_source,
     )
 
 
@@ -475,11 +478,38 @@ def predict_pool(
 
 def run_stage1(pool: Pool, root: Path, profile: nnunet.Profile, log: Log = print) -> StageResult:
     selection, labels = _stage_labels("stage1", pool, root, None)
-    return _train_and_predict("stage1", pool, root, profile, selection, labels, True, log)
+    return _train_and_predict(
+        "stage1", pool, root, profile, selection, labels, True, log, "the propagated pseudo-labels"
+    )
+
+
+def next_stage_labels(
+    stage: str, pool: Pool, root: Path, rule: StageRule, log: Log = print
+) -> tuple[pd.DataFrame, dict, str]:
+    """A later stage's selection table, training labels and where the labels come from.
+
+    Where the previous models agree with their reference on no slice outside the held-out slabs (a training
+    budget too small to learn the muscles, or scans that defeat the models), the stage learns from the
+    propagated pseudo-labels, as stage 1 does, rather than failing the run: the final masks' held-out check
+    still decides whether a refined mask is used. Every dataset is then marked relaxed, so the stage's check
+    warns."""
+    previous, compare_to = PREVIOUS[stage]
+    reference = f"{compare_to} predictions" if compare_to else "propagated masks"
+    selection, labels = _stage_labels(stage, pool, root, rule)
+    if labels:
+        agree = f"slice Dice >= {rule.min_slice_dice}"
+        return selection, labels, f"{previous} predictions on slices agreeing with the {reference} ({agree})"
+    source = f"the stage-1 pseudo-labels: no {previous} prediction agreed with the {reference}"
+    log(f"{stage}: training on {source}")
+    pseudo, labels = _stage_labels("stage1", pool, root, None)
+    if pseudo.empty:
+        return selection, labels, source
+    agreement = selection.set_index(["dataset", "scan"])[["mean_dice", "smooth_ok"]]
+    return pseudo.join(agreement, on=["dataset", "scan"]).assign(relaxed=True), labels, source
 
 
 def run_next_stage(
     stage: str, pool: Pool, root: Path, profile: nnunet.Profile, rule: StageRule, log: Log = print
 ) -> StageResult:
-    selection, labels = _stage_labels(stage, pool, root, rule)
-    return _train_and_predict(stage, pool, root, profile, selection, labels, True, log)
+    selection, labels, source = next_stage_labels(stage, pool, root, rule, log)
+    return _train_and_predict(stage, pool, root, profile, selection, labels, True, log, source)

@@ -38,3 +38,43 @@ def test_prediction_runs_in_the_muscle_box_and_lands_on_the_full_grid(tmp_path):
     assert out.GetSize() == img.GetSize() and out.GetOrigin() == img.GetOrigin()
     labelled = sitk.GetArrayFromImage(out).astype(bool)
     assert labelled[:, 25:45, 15:55].all() and labelled.sum() == 5 * 20 * 40
+
+
+def test_a_stage_whose_inputs_agree_nowhere_trains_on_the_pseudo_labels(tmp_path):
+    """Models too weak to predict any muscle (a tiny training budget) leave a later stage no agreeing slice;
+    it then learns from the propagated pseudo-labels, as stage 1 does, and says so, instead of failing."""
+    import SimpleITK as sitk
+
+    from nnsam2_assets.core import silent
+    from nnsam2_assets.core.layout import model_pointer, stage_prediction
+    from nnsam2_assets.refinement import stages
+    from nnsam2_assets.refinement.rules import STAGE_RULES
+    from nnsam2_assets.testing.cohorts import write_tiny_dataset
+    from nnsam2_assets.testing.direct import DirectRun, run_direct
+
+    run = DirectRun(tmp_path / "data", tmp_path / "storage", ["weak"])
+    write_tiny_dataset(run.data_root, "weak", 3, seed=5)
+    run_direct(run, phases=("datasets",))
+    pool = run.pool()
+    for stage in ("stage1", "stage2"):  # models that predicted nothing anywhere
+        model_dir = tmp_path / "models" / stage
+        for dataset, scan, layout in pool.items():
+            image = sitk.ReadImage(str(layout.scan_image(scan)))
+            empty = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+            empty.CopyInformation(image)
+            path = stage_prediction(model_dir, dataset, scan)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(empty, str(path))
+        pointer = model_pointer(run.storage_root, stage)
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        pointer.write_text(f'{{"model_dir": "{model_dir}"}}')
+
+    first, pseudo_labels = stages._stage_labels("stage1", pool, run.storage_root, None)
+    selection, labels, source = stages.next_stage_labels(
+        "stage3", pool, run.storage_root, STAGE_RULES["stage3"], silent
+    )
+    assert pseudo_labels and labels.keys() == pseudo_labels.keys()
+    assert all(np.array_equal(labels[k], pseudo_labels[k]) for k in labels)
+    assert "stage-1 pseudo-labels" in source and "stage2" in source
+    assert selection.relaxed.all() and selection.selected.tolist() == first.selected.tolist()
+    assert selection.mean_dice.notna().all()  # the agreement that was measured stays in the table

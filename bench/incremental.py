@@ -57,7 +57,8 @@ def bench_new_scan(base: Path, quick: bool) -> list[dict]:
                 assert run_selection(wd.instance, res, name, PER_DATASET, assets).result.success
             t = statistics.median(times)
             first = first or t
-            ok = all(v == 1 for v in recomputed.values()) and t / first <= 1.2
+            # --quick is a smoke run: only the invariant (one scan recomputed per asset) is judged, not time
+            ok = all(v == 1 for v in recomputed.values()) and (quick or t / first <= 1.2)
             rows.append(
                 row(
                     f"new_scan@N={n}: add 1 / N=1 case",
@@ -123,8 +124,8 @@ def bench_peak_rss(base: Path, quick: bool) -> list[dict]:
         row(
             f"peak_rss: {big} scans / {small} scans",
             round(rss.ratio, 3),
-            "<= 1.2",
-            rss.ratio <= 1.2,
+            "<= 1.2" if not quick else "(smoke)",
+            rss.ratio <= 1.2 if not quick else None,
             rss.detail,
         )
     ]

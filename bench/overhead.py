@@ -19,7 +19,7 @@ from nnsam2_assets.core.layout import duckdb_path
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.resources import RefinementSettings, build_resources
 from nnsam2_assets.demo.datasets import write_demo_cohort
-from nnsam2_assets.executors import STEP_EXECUTOR
+from nnsam2_assets.executors import CHAIN_STEP_EXECUTOR
 from nnsam2_assets.pipeline import PER_DATASET, PHASES
 from nnsam2_assets.runner import materialize_cohort
 from nnsam2_assets.testing.cli_runs import cli_env, dataset_job_command, local_home
@@ -52,7 +52,8 @@ def per_dataset_job_spawn() -> dg.JobDefinition:
 
 
 def per_dataset_job_forkserver() -> dg.JobDefinition:
-    return _per_dataset_job(STEP_EXECUTOR)
+    # the engine the code location's dataset_job runs on (its fork server leaves torch and nnU-Net out)
+    return _per_dataset_job(CHAIN_STEP_EXECUTOR)
 
 
 MULTIPROCESS_JOBS = {"spawn": per_dataset_job_spawn, "forkserver": per_dataset_job_forkserver}

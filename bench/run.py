@@ -32,19 +32,16 @@ Synthetic phantom cohorts (64x64 in-plane) of controlled size; ``--quick`` scale
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from bench import demo_wall, incremental, iteration, overhead, scale, stages, workers
 from bench._common import cpu_model, row
-from bench.propagation_bench import TUM, run_propagation_bench
-from bench.sam2_bench import run_sam2_bench
 
 SAM2_FULL = False
 
@@ -53,6 +50,8 @@ def bench_sam2(quick: bool, full_size: bool = False) -> list[dict]:
     """sam2_bench's small setting (image_size 256; 128 and one repetition in ``--quick``) unless
     ``--sam2-full`` (image_size 512, 256x256 slices: over 8 minutes on a loaded 2-core CPU, which would break
     the 20-minute budget of the full run)."""
+    from bench.sam2_bench import run_sam2_bench
+
     reps = None if full_size else (1 if quick else 5)
     rows = {(r["bench"], r.get("impl")): r for r in run_sam2_bench(not full_size, reps, smoke=quick)}
     prop, bare = rows[("sam2_fps", "propagator")], rows[("sam2_fps", "bare")]
@@ -77,6 +76,8 @@ def bench_sam2(quick: bool, full_size: bool = False) -> list[dict]:
 
 
 def bench_propagation(quick: bool) -> list[dict]:
+    from bench.propagation_bench import TUM, run_propagation_bench
+
     if not (TUM / "TUM01_water.nii.gz").exists():
         raise FileNotFoundError(f"{TUM}: real TUM pair missing (set NNSAM2_SHARED_DATA)")
     rows = []
@@ -95,20 +96,36 @@ def bench_propagation(quick: bool) -> list[dict]:
     return rows
 
 
-SECTIONS: dict[str, Callable] = {
-    "sam2": lambda base, quick: bench_sam2(quick, SAM2_FULL),
-    "overhead": overhead.bench_dagster_overhead,
-    "cli_overhead": overhead.bench_cli_overhead,
-    "demo_overhead": overhead.bench_demo_overhead,
-    "new_scan": incremental.bench_new_scan,
-    "rss": incremental.bench_peak_rss,
-    "demo": stages.bench_demo,
-    "propagation": lambda base, quick: bench_propagation(quick),
-    "workers": workers.bench_workers,
-    "scale": scale.bench_scale,
-    "demo_wall": demo_wall.bench_demo_wall,
-    "iteration": iteration.bench_iteration,
+# section -> "module:function" called as function(base, quick), imported when the section runs: the sections
+# import torch, SAM2 and nnU-Net between them, and a run of one section (or the fork server of a multiprocess
+# run, which re-imports this module) should not pay for the others
+SECTIONS: dict[str, str] = {
+    "sam2": "bench.run:bench_sam2_section",
+    "overhead": "bench.overhead:bench_dagster_overhead",
+    "cli_overhead": "bench.overhead:bench_cli_overhead",
+    "demo_overhead": "bench.overhead:bench_demo_overhead",
+    "new_scan": "bench.incremental:bench_new_scan",
+    "rss": "bench.incremental:bench_peak_rss",
+    "demo": "bench.stages:bench_demo",
+    "propagation": "bench.run:bench_propagation_section",
+    "workers": "bench.workers:bench_workers",
+    "scale": "bench.scale:bench_scale",
+    "demo_wall": "bench.demo_wall:bench_demo_wall",
+    "iteration": "bench.iteration:bench_iteration",
 }
+
+
+def bench_sam2_section(base: Path, quick: bool) -> list[dict]:
+    return bench_sam2(quick, SAM2_FULL)
+
+
+def bench_propagation_section(base: Path, quick: bool) -> list[dict]:
+    return bench_propagation(quick)
+
+
+def run_section(name: str, base: Path, quick: bool) -> list[dict]:
+    module, function = SECTIONS[name].split(":")
+    return getattr(importlib.import_module(module), function)(base, quick)
 
 
 def format_table(rows: list[dict], header: str) -> str:
@@ -150,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
             try:
-                section_rows = SECTIONS[name](Path(tmp), args.quick)
+                section_rows = run_section(name, Path(tmp), args.quick)
             except Exception as exc:  # one failing section must not hide the others' numbers
                 errors[name] = f"{type(exc).__name__}: {exc}"
                 section_rows = [row(f"{name}: ERROR", None, "", False, errors[name][:300])]

@@ -21,6 +21,7 @@ from nnsam2_assets.defs.resources import RefinementSettings, build_resources
 from nnsam2_assets.demo.datasets import write_demo_cohort
 from nnsam2_assets.executors import CHAIN_STEP_EXECUTOR
 from nnsam2_assets.pipeline import PER_DATASET, PHASES
+from nnsam2_assets.refinement.settings import RefinementConfig
 from nnsam2_assets.runner import materialize_cohort
 from nnsam2_assets.testing.cli_runs import cli_env, dataset_job_command, local_home
 from nnsam2_assets.testing.cohorts import write_tiny_dataset
@@ -166,7 +167,7 @@ def bench_demo_overhead(base: Path, quick: bool) -> list[dict]:
                     warm,
                     wd.storage("s-warm"),
                     ["warm"],
-                    RefinementSettings(num_epochs=1, iterations_per_epoch=2),
+                    RefinementConfig(num_epochs=1, iterations_per_epoch=2),
                 )
             )
         # ABBA order cancels a linear drift (thermal, page cache); nnU-Net training time varies by a few
@@ -189,7 +190,7 @@ def bench_demo_overhead(base: Path, quick: bool) -> list[dict]:
                 assert not run.failed, f"demo through Dagster failed: {run.failed}"
                 parts = run.timings
             else:
-                parts = run_direct(DirectRun(wd.data, storage, names, refinement), phases=phases)
+                parts = run_direct(DirectRun(wd.data, storage, names, refinement.config()), phases=phases)
             totals[impl].append(time.perf_counter() - t0)
             stages[impl].append(parts.get("models", 0.0))
             counts.setdefault(impl, row_counts(duckdb_path(storage)))

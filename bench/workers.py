@@ -10,13 +10,13 @@ from pathlib import Path
 
 from bench._common import row
 from nnsam2_assets.core.storage import sha256_file
-from nnsam2_assets.defs.resources import PropagationSettings
+from nnsam2_assets.propagation.settings import PropagationConfig
 from nnsam2_assets.testing.cohorts import MEDIUM, write_tiny_dataset
 from nnsam2_assets.testing.direct import STEPS, DirectRun
 
 
 def _timed_propagation(data: Path, storage: Path, workers: int) -> tuple[float, dict[str, str]]:
-    run = DirectRun(data, storage, ["workers"], propagation=PropagationSettings(workers=workers))
+    run = DirectRun(data, storage, ["workers"], propagation=PropagationConfig(workers=workers))
     for asset in ("scans", "reference_annotation"):
         STEPS[asset](run, "workers")
     layout = run.layout("workers")

@@ -297,12 +297,12 @@ def cmd_propose(args: argparse.Namespace) -> int:
     from nnsam2_assets.core.layout import DatasetLayout
     from nnsam2_assets.defs.resources import build_resources, resolved
     from nnsam2_assets.ingest.convention import DatasetError, load_dataset
-    from nnsam2_assets.supervoxels.steps import propose_segments
+    from nnsam2_assets.supervoxels.steps import method_for, propose_segments
 
     _set_roots(args)
     try:
         spec = load_dataset(layout.data_root(), args.dataset, require_annotation=False)
-        method = resolved(build_resources()["propagation"]).supervoxel_method()
+        method = method_for(resolved(build_resources()["propagation"]).config())
         made = propose_segments(spec, DatasetLayout(layout.storage_root(), args.dataset), method, args.slice)
     except (DatasetError, OSError, ValueError, RuntimeError) as exc:
         print(f"nnsam2 propose: {exc}", file=sys.stderr)

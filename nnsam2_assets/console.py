@@ -311,7 +311,7 @@ def run_datasets(
             phase("supervoxels", ok)  # the models centre their patches on them
             ok = [d for d in ok if d not in report.failed_datasets]
         if ok:
-            recipe = recipe_key(refinement.profile_obj())
+            recipe = recipe_key(refinement.config().profile_obj())
             state = models_state(storage_root, ok, recipe)
             reason = "--retrain" if retrain else state.reason
             if retrain or not state.current:

@@ -177,7 +177,9 @@ def test_loading_the_code_location_leaves_step_only_libraries_unimported():
     assert out.stdout.strip() == "", f"imported when the code location loads: {out.stdout.strip()}"
 
 
-def test_the_direct_side_of_the_step_cost_bench_never_imports_dagster():
-    probe = "import sys, bench.direct_chain; print('dagster' in sys.modules)"
+def test_the_pipeline_without_dagster_never_imports_it():
+    # testing.direct (the benchmarks' direct side, also the step-cost bench's fresh process) and the settings
+    # it takes: the Dagster resources are only their configuration schema
+    probe = "import sys, nnsam2_assets.testing.direct, bench.direct_chain; print('dagster' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -18,10 +18,10 @@ import SimpleITK as sitk
 
 from nnsam2_assets.core.layout import DUCKDB_FILE
 from nnsam2_assets.definitions import defs
-from nnsam2_assets.defs.resources import RefinementSettings
 from nnsam2_assets.metrics.store import SCHEMA, TABLES
 from nnsam2_assets.pipeline import PHASES
 from nnsam2_assets.refinement.corrections import record_corrections
+from nnsam2_assets.refinement.settings import RefinementConfig
 from nnsam2_assets.testing import direct
 from nnsam2_assets.testing.cohorts import write_tiny_dataset
 
@@ -114,7 +114,7 @@ def test_every_edge_is_a_real_read_and_every_read_is_an_edge(tmp_path, recorder)
     scan = sorted(p.name.removesuffix(".nii.gz") for p in (folder / "experts").glob("*.nii.gz"))[-1]
     (folder / "corrections").mkdir()
     shutil.copy(folder / "experts" / f"{scan}.nii.gz", folder / "corrections" / f"{scan}.nii.gz")
-    run = direct.DirectRun(data, storage, ["ds"], RefinementSettings(num_epochs=1, iterations_per_epoch=2))
+    run = direct.DirectRun(data, storage, ["ds"], RefinementConfig(num_epochs=1, iterations_per_epoch=2))
     graph = defs().resolve_asset_graph()
     assert set(direct.STEPS) == {a for phase in PHASES for a in phase.assets}
     seen = {}

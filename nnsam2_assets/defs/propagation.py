@@ -32,13 +32,13 @@ def propagated_masks(
     The SAM2 backend tracks interleaved reference/target JPEG frames (reference and target slices level by
     level from the annotated slice, both directions, quality 95) and keeps them, with their frame maps, in
     ``frames/<scan>/`` of this asset's folder; the registration backend works on the volumes directly."""
-    layout = storage.layout(context.partition_key)
+    layout, choice = storage.layout(context.partition_key), propagation.config()
     report = propagation_steps.propagate_masks(
         storage.dataset(context.partition_key),
         layout,
-        propagation.build,
-        propagation.identity(),
-        workers=propagation.worker_count(),
+        choice.build,
+        choice.identity(),
+        workers=choice.worker_count(),
     )
     summary = report.summary
     mean_conf = float(summary.mean_confidence.mean()) if len(summary) else 0.0

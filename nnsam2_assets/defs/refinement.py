@@ -116,7 +116,7 @@ def nnunet_stage1(
     """Stage 1: nnU-Net trained on the pseudo-labels of every dataset (ignore label on dropped slices),
     then its predictions for every scan."""
     pool = _pool(context, storage)
-    info = refine.run_stage1(pool, storage.root, refinement.profile_obj(), log=context.log.info)
+    info = refine.run_stage1(pool, storage.root, refinement.config().profile_obj(), log=context.log.info)
     return _result(info)
 
 
@@ -131,8 +131,9 @@ def _next_stage_asset(stage: str, deps: list, description: str) -> dg.AssetsDefi
         config: StageSelectionConfig,
     ) -> dg.MaterializeResult:
         pool = _pool(context, storage)
+        profile = refinement.config().profile_obj()
         info = refine.run_next_stage(
-            stage, pool, storage.root, refinement.profile_obj(), config.rule(stage), log=context.log.info
+            stage, pool, storage.root, profile, config.rule(stage), log=context.log.info
         )
         return _result(info)
 

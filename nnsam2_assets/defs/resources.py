@@ -7,9 +7,10 @@ set. ``build_resources`` is the one way to make the resource set: definitions, t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
@@ -18,13 +19,10 @@ from nnsam2_assets.core import layout
 from nnsam2_assets.core.lifecycle import exit_with_parent
 from nnsam2_assets.executors import executor_kind
 from nnsam2_assets.ingest.convention import DatasetSpec, load_dataset
-from nnsam2_assets.propagation.backends import build_propagator
-from nnsam2_assets.propagation.base import Propagator
-from nnsam2_assets.propagation.parallel import default_workers
-from nnsam2_assets.refinement.nnunet import Profile, get_profile
+from nnsam2_assets.propagation.settings import PropagationConfig
+from nnsam2_assets.refinement.settings import RefinementConfig
 
-if TYPE_CHECKING:
-    from nnsam2_assets.supervoxels.steps import SupervoxelMethod
+T = TypeVar("T")
 
 SAM2_CHECKPOINT_ENV = "NNSAM2_SAM2_CHECKPOINT"
 # the nnU-Net recipe of RefinementSettings: a profile name, and epoch / iteration counts overriding it
@@ -84,109 +82,48 @@ class NnsamStorage(dg.ConfigurableResource):
 
 
 class PropagationSettings(dg.ConfigurableResource):
-    """Which propagator makes the pseudo-labels.
+    """Which propagator makes the pseudo-labels: ``propagation.settings.PropagationConfig``'s fields as
+    run configuration (the UI shows and edits them); ``config()`` is the value the domain code takes."""
 
-    ``backend="auto"`` picks SAM2 when a checkpoint is configured and the registration backend otherwise.
-    """
+    backend: str = PropagationConfig.backend
+    sam2_checkpoint: str = PropagationConfig.sam2_checkpoint
+    sam2_config: str = PropagationConfig.sam2_config
+    sam2_image_size: int = PropagationConfig.sam2_image_size
+    device: str = PropagationConfig.device
+    workers: int = PropagationConfig.workers
 
-    backend: str = "auto"
-    sam2_checkpoint: str = ""
-    sam2_config: str = "configs/sam2.1/sam2.1_hiera_t.yaml"
-    sam2_image_size: int = 512
-    device: str = "auto"
-    # processes that propagate a dataset's scans at once (registration backend); 0: NNSAM2_PROPAGATION_WORKERS
-    # if set, else the core count
-    workers: int = 0
-
-    def worker_count(self) -> int:
-        return self.workers or default_workers()
-
-    def resolved_backend(self) -> str:
-        if self.backend == "auto":
-            return "sam2" if self.sam2_checkpoint else "registration"
-        return self.backend
-
-    def identity(self) -> str:
-        """What the propagated masks depend on besides data: backend, config, weights (by size and mtime)."""
-        backend = self.resolved_backend()
-        if backend != "sam2":
-            from nnsam2_assets.propagation.registration import BACKEND_IDENTITY
-
-            return BACKEND_IDENTITY
-        ckpt = Path(self.sam2_checkpoint)
-        stamp = f"{ckpt.stat().st_size}:{int(ckpt.stat().st_mtime)}" if ckpt.is_file() else "missing"
-        return f"sam2|{self.sam2_config}|{ckpt.name}|{stamp}|{self.sam2_image_size}"
-
-    def supervoxel_method_id(self) -> str:
-        """What the supervoxels depend on besides the data: SLIC and the chain, or SAM2's masks and model."""
-        from nnsam2_assets.supervoxels.steps import slic_method
-
-        if self.resolved_backend() == "sam2":
-            return f"sam2|{self.identity()}"
-        return slic_method().model_id
-
-    def supervoxel_method(self) -> SupervoxelMethod:
-        """SAM2's automatic masks carried by SAM2 when a checkpoint is configured, else SLIC carried by the
-        registration chain. Builds the models (once per call)."""
-        from nnsam2_assets.supervoxels import steps
-
-        if self.resolved_backend() != "sam2":
-            return steps.slic_method()
-        from nnsam2_assets.supervoxels.automatic import AutomaticMaskGenerator
-
-        generator = AutomaticMaskGenerator(
-            self.sam2_config, self.sam2_checkpoint or None, self.sam2_image_size, self.device
-        )
-        return steps.sam2_method(generator, self.build, self.identity())
-
-    def build(self) -> Propagator:
-        backend = self.resolved_backend()
-        if backend == "sam2":
-            return build_propagator(
-                "sam2",
-                config=self.sam2_config,
-                checkpoint=self.sam2_checkpoint or None,
-                image_size=self.sam2_image_size,
-                device=self.device,
-            )
-        return build_propagator(backend)
+    def config(self) -> PropagationConfig:
+        return _as_dataclass(self, PropagationConfig)
 
 
 class RefinementSettings(dg.ConfigurableResource):
-    """nnU-Net profile (``quick`` for CPU, ``paper`` for a GPU) and optional iteration overrides
-    (``build_resources`` reads them from NNSAM2_NNUNET_PROFILE / _EPOCHS / _ITERATIONS when set)."""
+    """The nnU-Net recipe: ``refinement.settings.RefinementConfig``'s fields as run configuration
+    (``build_resources`` reads them from NNSAM2_NNUNET_PROFILE / _EPOCHS / _ITERATIONS / _TRAINER and
+    NNSAM2_FOREGROUND_SAMPLING when set); ``config()`` is the value the domain code takes."""
 
-    profile: str = "quick"
-    num_epochs: int = 0  # 0 = profile default
-    iterations_per_epoch: int = 0
-    device: str = "auto"
-    # "plain" nnU-Net, or "nnsam": a frozen SAM2 image encoder from ``sam2_checkpoint`` beside nnU-Net's and a
-    # level-set shape head (the head alone when there is no checkpoint)
-    trainer: str = "plain"
-    level_set_weight: float = 0.1
-    # build_resources gives them the propagation resource's checkpoint and its config (they must match)
-    sam2_checkpoint: str = ""
-    sam2_config: str = ""
-    sam2_image_size: int = 256
-    # benchmarks of nnSAM's plumbing only: a random-weight encoder when there is no checkpoint (the model's
-    # record then names the encoder "...:random:<size>")
-    sam2_random_weights: bool = False
-    # where nnU-Net centres its foreground patches: uniformly inside the pseudo-labels, or on the dataset's
-    # supervoxels (the ``supervoxels`` asset)
-    foreground_sampling: str = "pseudo_labels"
+    profile: str = RefinementConfig.profile
+    num_epochs: int = RefinementConfig.num_epochs
+    iterations_per_epoch: int = RefinementConfig.iterations_per_epoch
+    device: str = RefinementConfig.device
+    trainer: str = RefinementConfig.trainer
+    level_set_weight: float = RefinementConfig.level_set_weight
+    sam2_checkpoint: str = RefinementConfig.sam2_checkpoint
+    sam2_config: str = RefinementConfig.sam2_config
+    sam2_image_size: int = RefinementConfig.sam2_image_size
+    sam2_random_weights: bool = RefinementConfig.sam2_random_weights
+    foreground_sampling: str = RefinementConfig.foreground_sampling
 
-    def profile_obj(self) -> Profile:
-        overrides: dict = {"device": self.device, "foreground_sampling": self.foreground_sampling}
-        if self.trainer != "plain":
-            overrides.update(trainer=self.trainer, level_set_weight=self.level_set_weight,
-                             sam2_checkpoint=self.sam2_checkpoint, sam2_config=self.sam2_config,
-                             sam2_image_size=self.sam2_image_size,
-                             sam2_random_weights=self.sam2_random_weights)  # fmt: skip
-        if self.num_epochs:
-            overrides["num_epochs"] = self.num_epochs
-        if self.iterations_per_epoch:
-            overrides["iterations_per_epoch"] = self.iterations_per_epoch
-        return get_profile(self.profile, **overrides)
+    def config(self) -> RefinementConfig:
+        return _as_dataclass(self, RefinementConfig)
+
+
+def _as_dataclass(resource: dg.ConfigurableResource, cls: type[T]) -> T:
+    """The resource's fields as the domain dataclass of the same field names (a field the dataclass lacks,
+    or one the resource lacks, is an error here rather than a silently dropped setting)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    if names != set(type(resource).model_fields):
+        raise TypeError(f"{type(resource).__name__} and {cls.__name__} name different settings")
+    return cls(**{name: getattr(resource, name) for name in names})
 
 
 def resolved(resource: dg.ConfigurableResource) -> dg.ConfigurableResource:

@@ -1,5 +1,7 @@
 """Supervoxels asset (optional): each scan's seed slice cut into segments and carried through the scan."""
 
+import functools
+
 import dagster as dg
 
 from nnsam2_assets.defs.automation import GPU_TAGS
@@ -28,12 +30,12 @@ def supervoxels(
     SAM2's automatic masks (predicted IoU >= 0.92), propagated by SAM2; without one: scikit-image SLIC,
     carried by the registration chain. The nnU-Net stages centre their foreground patches on them when the
     refinement resource says ``foreground_sampling: supervoxels``. Not part of a default run."""
-    layout = storage.layout(context.partition_key)
+    layout, choice = storage.layout(context.partition_key), propagation.config()
     report = supervoxel_steps.build_supervoxels(
         storage.dataset(context.partition_key),
         layout,
-        propagation.supervoxel_method,
-        propagation.supervoxel_method_id(),
+        functools.partial(supervoxel_steps.method_for, choice),
+        supervoxel_steps.method_id_for(choice),
         log=context.log.info,
     )
     summary = report.summary

@@ -28,6 +28,7 @@ from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans, prepare_scan, read_manifest
 from nnsam2_assets.propagation.base import Propagator, target_seed_slice
 from nnsam2_assets.propagation.registration import carry_slice_labels, registration_intensities
+from nnsam2_assets.propagation.settings import PropagationConfig
 from nnsam2_assets.propagation.steps import mask_digest
 from nnsam2_assets.supervoxels import segments
 
@@ -78,6 +79,26 @@ def sam2_method(generator, propagator: Callable[[], Propagator], model_id: str) 
         return volume
 
     return SupervoxelMethod("sam2", f"{generator.model_id}+{model_id}", segment, carry)
+
+
+def method_for(config: PropagationConfig) -> SupervoxelMethod:
+    """SAM2's automatic masks carried by SAM2 when a checkpoint is configured, else SLIC carried by the
+    registration chain. Builds the models (once per call)."""
+    if config.resolved_backend() != "sam2":
+        return slic_method()
+    from nnsam2_assets.supervoxels.automatic import AutomaticMaskGenerator
+
+    generator = AutomaticMaskGenerator(
+        config.sam2_config, config.sam2_checkpoint or None, config.sam2_image_size, config.device
+    )
+    return sam2_method(generator, config.build, config.identity())
+
+
+def method_id_for(config: PropagationConfig) -> str:
+    """What the supervoxels depend on besides the data: SLIC and the chain, or SAM2's masks and model."""
+    if config.resolved_backend() == "sam2":
+        return f"sam2|{config.identity()}"
+    return slic_method().model_id
 
 
 def seed_segments(method: SupervoxelMethod, scan: sitk.Image, modality: str, z: int,

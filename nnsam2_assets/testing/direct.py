@@ -1,5 +1,5 @@
-"""The pipeline without Dagster: the same domain calls the assets make, in ``pipeline.PHASES`` order, on the
-same files and per-scan caches. The benchmarks compare it with the Dagster runs to measure what the framework
+"""The pipeline without Dagster (this module never imports it): the same domain calls the assets make, in
+``pipeline.PHASES`` order, on the same files and per-scan caches. The benchmarks compare it with the Dagster runs to measure what the framework
 adds; what the assets add on top (previews, metadata tables, checks) is charged to Dagster, so the ratio is
 conservative."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import duckdb
@@ -15,7 +16,6 @@ import pandas as pd
 
 from nnsam2_assets.core import silent
 from nnsam2_assets.core.layout import DatasetLayout, duckdb_path
-from nnsam2_assets.defs.resources import PropagationSettings, RefinementSettings
 from nnsam2_assets.ingest import annotation, ranking
 from nnsam2_assets.ingest.convention import DatasetSpec, load_dataset
 from nnsam2_assets.ingest.scans import ingest_scans, ok_scans
@@ -24,13 +24,15 @@ from nnsam2_assets.metrics.steps import dataset_metrics, write_agreement
 from nnsam2_assets.metrics.store import replace_dataset
 from nnsam2_assets.outputs.report import build_report
 from nnsam2_assets.pipeline import PHASES, default_phases
+from nnsam2_assets.propagation.settings import PropagationConfig
 from nnsam2_assets.propagation.steps import propagate_masks
 from nnsam2_assets.pseudolabels.selection import SelectionConfig
 from nnsam2_assets.pseudolabels.steps import select_pseudo_labels
 from nnsam2_assets.refinement import stages
 from nnsam2_assets.refinement.final_masks import make_final_masks
 from nnsam2_assets.refinement.rules import STAGE_RULES
-from nnsam2_assets.supervoxels.steps import build_supervoxels
+from nnsam2_assets.refinement.settings import RefinementConfig
+from nnsam2_assets.supervoxels.steps import build_supervoxels, method_for, method_id_for
 
 
 @dataclass
@@ -38,8 +40,8 @@ class DirectRun:
     data_root: Path
     storage_root: Path
     datasets: list[str]
-    refinement: RefinementSettings = field(default_factory=RefinementSettings)
-    propagation: PropagationSettings = field(default_factory=PropagationSettings)
+    refinement: RefinementConfig = field(default_factory=RefinementConfig)
+    propagation: PropagationConfig = field(default_factory=PropagationConfig)
     run_id: str = "direct"
 
     def spec(self, name: str) -> DatasetSpec:
@@ -87,7 +89,7 @@ STEPS: dict[str, Callable[[DirectRun, str | None], object]] = {
     ),
     "pseudo_labels": lambda run, n: select_pseudo_labels(run.spec(n), run.layout(n), SelectionConfig()),
     "supervoxels": lambda run, n: build_supervoxels(
-        run.spec(n), run.layout(n), run.propagation.supervoxel_method, run.propagation.supervoxel_method_id()
+        run.spec(n), run.layout(n), partial(method_for, run.propagation), method_id_for(run.propagation)
     ),
     "nnunet_stage1": lambda run, _: stages.run_stage1(
         run.pool(), run.storage_root, run.refinement.profile_obj(), log=silent

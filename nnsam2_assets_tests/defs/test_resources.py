@@ -39,7 +39,7 @@ def _resolved(resources: dict) -> dict:
             "root": r.storage.root,
             "duckdb": Path(r.metrics_db.database),
             "checkpoint": r.propagation.sam2_checkpoint,
-            "backend": r.propagation.resolved_backend(),
+            "backend": r.propagation.config().resolved_backend(),
         }
 
     result = dg.materialize([probe], resources=resources)

@@ -8,10 +8,10 @@ import yaml
 
 from nnsam2_assets.core.imaging import ScanError, read_array
 from nnsam2_assets.core.layout import DatasetLayout
-from nnsam2_assets.defs.resources import RefinementSettings
 from nnsam2_assets.demo.datasets import write_demo_dataset
 from nnsam2_assets.ingest.convention import load_dataset
 from nnsam2_assets.ingest.slicer import read_slicer_labels
+from nnsam2_assets.refinement.settings import RefinementConfig
 from nnsam2_assets.testing.direct import DirectRun, run_direct
 from nnsam2_assets.testing.realdata import write_yaml
 
@@ -72,7 +72,7 @@ def test_a_seg_nrrd_annotation_gives_the_same_masks_as_the_nifti_one(datasets):
     same scans with the same annotation, once NIfTI and once .seg.nrrd, give the same files at every step,
     final masks included."""
     data, storage = datasets
-    cheap = RefinementSettings(num_epochs=1, iterations_per_epoch=2)
+    cheap = RefinementConfig(num_epochs=1, iterations_per_epoch=2)
     run_direct(DirectRun(data, storage, ["nifti", "slicer"], refinement=cheap))
     assert load_dataset(data, "slicer").annotation.name == "annotation.seg.nrrd"
     nifti, slicer = DatasetLayout(storage, "nifti"), DatasetLayout(storage, "slicer")

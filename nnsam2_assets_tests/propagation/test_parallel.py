@@ -3,14 +3,14 @@
 import pandas as pd
 
 from nnsam2_assets.core.storage import sha256_file
-from nnsam2_assets.defs.resources import PropagationSettings
+from nnsam2_assets.propagation.settings import PropagationConfig
 from nnsam2_assets.testing.cohorts import write_tiny_dataset
 from nnsam2_assets.testing.direct import STEPS, DirectRun
 
 
 def _propagated(tmp_path, data, workers: int):
     run = DirectRun(
-        data, tmp_path / f"storage-{workers}", ["par"], propagation=PropagationSettings(workers=workers)
+        data, tmp_path / f"storage-{workers}", ["par"], propagation=PropagationConfig(workers=workers)
     )
     for asset in ("scans", "reference_annotation"):
         STEPS[asset](run, "par")

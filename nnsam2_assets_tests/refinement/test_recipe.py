@@ -37,4 +37,4 @@ def test_the_supervoxels_phase_runs_when_the_models_sample_on_them(monkeypatch):
     monkeypatch.setenv(FOREGROUND_SAMPLING_ENV, "supervoxels")
     refinement = resolved(build_resources()["refinement"])  # the environment variable, read as a run reads it
     assert refinement.foreground_sampling == "supervoxels"
-    assert refinement.profile_obj().foreground_sampling == "supervoxels"
+    assert refinement.config().profile_obj().foreground_sampling == "supervoxels"

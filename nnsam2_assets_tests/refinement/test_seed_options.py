@@ -8,9 +8,9 @@ import json
 
 from nnsam2_assets.core.layout import model_pointer
 from nnsam2_assets.defs.refinement import _result
-from nnsam2_assets.defs.resources import RefinementSettings
 from nnsam2_assets.refinement import stages
 from nnsam2_assets.refinement.nnunet import ModelInfo
+from nnsam2_assets.refinement.settings import RefinementConfig
 from nnsam2_assets.testing import direct
 from nnsam2_assets.testing.cohorts import write_tiny_dataset
 
@@ -18,8 +18,8 @@ from nnsam2_assets.testing.cohorts import write_tiny_dataset
 def test_shape_head_alone_and_supervoxel_sampling_in_stage1(tmp_path):
     data, storage = tmp_path / "data", tmp_path / "storage"
     write_tiny_dataset(data, "ds", 2, seed=3)
-    settings = RefinementSettings(num_epochs=1, iterations_per_epoch=2, trainer="nnsam",
-                                  foreground_sampling="supervoxels")  # fmt: skip
+    settings = RefinementConfig(num_epochs=1, iterations_per_epoch=2, trainer="nnsam",
+                                foreground_sampling="supervoxels")  # fmt: skip
     run = direct.DirectRun(data, storage, ["ds"], settings)
     direct.run_direct(run, phases=("datasets", "supervoxels"))
     result = stages.run_stage1(run.pool(), storage, settings.profile_obj(), log=lambda _: None)
@@ -32,7 +32,7 @@ def test_shape_head_alone_and_supervoxel_sampling_in_stage1(tmp_path):
     assert pointer["supervoxel_points"] and all(n and n > 0 for n in pointer["supervoxel_points"].values())
     assert pointer["recipe"] == stages.recipe_key(settings.profile_obj())
     # the same inputs with nnU-Net's own sampling are another model
-    plain = RefinementSettings(num_epochs=1, iterations_per_epoch=2, trainer="nnsam")
+    plain = RefinementConfig(num_epochs=1, iterations_per_epoch=2, trainer="nnsam")
     again = stages.run_stage1(run.pool(), storage, plain.profile_obj(), log=lambda _: None)
     assert again.version != result.version
     assert set(json.loads(model_pointer(storage, "stage1").read_text())["supervoxel_points"]) == set()

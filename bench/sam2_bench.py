@@ -31,13 +31,13 @@ THREADS = 2
 RATIO_TARGET = 0.9
 
 
-def _bare_predictor(image_size: int):
+def _bare_predictor(image_size: int, device: str = "cpu", config: str = sam2_backend.DEFAULT_CONFIG):
     """Stock SAM2VideoPredictor with the same size overrides and post-processing as the propagator."""
     feat = image_size // 16
     pred = build_sam2_video_predictor(
-        sam2_backend.DEFAULT_CONFIG,
+        config,
         ckpt_path=None,
-        device="cpu",
+        device=device,
         hydra_overrides_extra=[
             f"++model.image_size={image_size}",
             f"++model.memory_attention.layer.self_attention.feat_sizes=[{feat},{feat}]",
@@ -66,11 +66,24 @@ SETTINGS = {  # image_size, slice height/width, reference and target slices, rep
     "smoke": (128, 64, 4, 4, 1),  # bench.run --quick: the plumbing, in seconds
     "small": (256, 64, 6, 6, 2),
     "full": (512, 256, 10, 10, 3),
+    # bench/gpu_check.py: SAM2's own input size on slices and slice counts of a TUM scan
+    "gpu": (1024, 400, 29, 29, 2),
 }
 
 
-def run_sam2_bench(quick: bool, reps: int | None = None, smoke: bool = False) -> list[dict]:
-    setting = "smoke" if smoke else "small" if quick else "full"
+def run_sam2_bench(
+    quick: bool,
+    reps: int | None = None,
+    smoke: bool = False,
+    *,
+    setting: str | None = None,
+    device: str = "cpu",
+    config: str = sam2_backend.DEFAULT_CONFIG,
+    bf16: bool = False,
+) -> list[dict]:
+    """Rows of frames/s, propagator against bare sam2. ``bf16`` adds a bare run under CUDA bf16 autocast (the
+    precision of SAM2's published speeds; the propagator stays fp32 like the reference)."""
+    setting = setting or ("smoke" if smoke else "small" if quick else "full")
     image_size, hw, n_ref, n_tgt, default_reps = SETTINGS[setting]
     reps = reps or default_reps
     previous_threads = torch.get_num_threads()
@@ -85,9 +98,11 @@ def run_sam2_bench(quick: bool, reps: int | None = None, smoke: bool = False) ->
         ref_img, ann_img, tgt_img = (sitk.GetImageFromArray(a) for a in (ref, ann, tgt))
 
         torch.manual_seed(0)
-        prop = SAM2Propagator(image_size=image_size, allow_random_weights=True, device="cpu", threads=THREADS)
+        prop = SAM2Propagator(
+            image_size=image_size, allow_random_weights=True, device=device, threads=THREADS, config=config
+        )
         torch.manual_seed(0)  # same random weights -> same presence decisions -> same work
-        bare = _bare_predictor(image_size)
+        bare = _bare_predictor(image_size, device, config)
 
         with tempfile.TemporaryDirectory(prefix="sam2bench-") as tmp:
             seqs = build_frame_sequence(
@@ -111,11 +126,22 @@ def run_sam2_bench(quick: bool, reps: int | None = None, smoke: bool = False) ->
                 bare_frames = _run_bare(bare, folders, ann[seed], class_ids)
                 assert bare_frames == n_frames, (bare_frames, n_frames)
 
+            def run_bare_bf16() -> None:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    run_bare()
+
+            order = [("propagator", run_prop), ("bare", run_bare)]
+            if bf16:
+                times["bare_bf16"] = []
+                order.append(("bare_bf16", run_bare_bf16))
             for rep in range(reps + 1):  # rep 0 = warm-up, not recorded; order alternates between reps
-                order = [("propagator", run_prop), ("bare", run_bare)]
                 for impl, fn in order if rep % 2 == 0 else order[::-1]:
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     fn()
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
                     if rep:
                         times[impl].append(time.perf_counter() - t0)
 
@@ -127,6 +153,8 @@ def run_sam2_bench(quick: bool, reps: int | None = None, smoke: bool = False) ->
                 {
                     "bench": "sam2_fps",
                     "impl": impl,
+                    "device": device,
+                    "config": Path(config).stem,
                     "image_size": image_size,
                     "slice_hw": hw,
                     "frames": n_frames,
@@ -152,7 +180,7 @@ def run_sam2_bench(quick: bool, reps: int | None = None, smoke: bool = False) ->
         # model builds for N targets with one propagator (tiny frames: only the count matters here)
         n_targets = 3 if quick else 5
         before = sam2_backend.MODEL_BUILDS
-        small = SAM2Propagator(image_size=64, allow_random_weights=True, device="cpu", threads=THREADS)
+        small = SAM2Propagator(image_size=64, allow_random_weights=True, device=device, threads=THREADS)
         small_ref = two_blob_volume(4, seed=10)
         small_ann = sitk.GetImageFromArray(two_blob_annotation(small_ref, 1))
         for i in range(n_targets):

@@ -1,0 +1,141 @@
+"""Checks and timings that need a CUDA GPU, in one short run (CI has no GPU; run this where one is lent).
+
+1. SAM2 propagation at SAM2's own input size (1024 px) on TUM-sized scans (400 x 400 slices, 29 reference and
+   29 target slices), random weights: frames/s of the propagator against bare sam2 on the same frames, for
+   the hiera-tiny (the default) and hiera-B+ configs, plus bare sam2 under bf16 autocast, the precision of
+   SAM2's published speeds. Random weights cost the same arithmetic as real ones; the masks are meaningless.
+2. nnU-Net: seconds per training iteration of the quick profile (2d) and the paper profile (3d_fullres) on a
+   generated cohort of TUM-crop-sized scans, through ``train_model`` as the stages call it. torch.compile is
+   off here (``nnUNet_compile=f``): it costs minutes per stage up front, more than this check's budget.
+   Each model then predicts one scan on the GPU (``Predictor``, everything on the device): seconds per scan,
+   and the Dice of the prediction against that scan's labels (a few iterations learn the bright blobs, so a
+   GPU path that returns garbage shows up as a low Dice).
+
+Imports no Dagster and no DuckDB, so the GPU machine needs only the pipeline's domain packages.
+
+Usage: ``python -m bench.gpu_check [--iterations N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from nnsam2_assets.testing.cohorts import two_blob_volume
+from nnsam2_assets.testing.machine import machine
+
+# TUM water images in the stages' muscle box are about this size (slices, rows, columns) and spacing (z, y, x)
+CROP_SHAPE = (29, 144, 224)
+CROP_SPACING_MM = (3.3, 0.94, 0.94)
+SAM2_CONFIGS = ("configs/sam2.1/sam2.1_hiera_t.yaml", "configs/sam2.1/sam2.1_hiera_b+.yaml")
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+def sam2_rows() -> list[dict]:
+    from bench.sam2_bench import run_sam2_bench
+
+    rows = []
+    for config in SAM2_CONFIGS:
+        t0 = time.perf_counter()
+        got = run_sam2_bench(False, setting="gpu", device="cuda", config=config, bf16=True)
+        for r in got:
+            _print("  ".join(f"{k}={v}" for k, v in r.items()))
+        _print(f"  ({Path(config).stem}: {time.perf_counter() - t0:.1f} s in all)")
+        rows.extend(got)
+    return rows
+
+
+def _generated_cases(folder: Path, n: int):
+    from nnsam2_assets.refinement.nnunet.raw import TrainingCase
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for i in range(n):
+        volume = two_blob_volume(CROP_SHAPE[0], CROP_SHAPE[1:], shift=i, seed=i)
+        labels = np.zeros(volume.shape, np.uint8)
+        half = volume.shape[2] // 2
+        labels[..., :half][volume[..., :half] > 200] = 1
+        labels[..., half:][volume[..., half:] > 200] = 2
+        paths = folder / f"case{i:02d}_0000.nii.gz", folder / f"case{i:02d}.nii.gz"
+        for array, path in ((volume, paths[0]), (labels, paths[1])):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing(CROP_SPACING_MM[::-1])
+            sitk.WriteImage(image, str(path))
+        cases.append(TrainingCase(f"case{i:02d}", *paths))
+    return cases
+
+
+def nnunet_rows(iterations: int) -> list[dict]:
+    from nnsam2_assets.core.labels import dice_per_class
+    from nnsam2_assets.refinement.nnunet._common import get_profile
+    from nnsam2_assets.refinement.nnunet.predict import Predictor
+    from nnsam2_assets.refinement.nnunet.train import train_model
+
+    os.environ.setdefault("nnUNet_compile", "f")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        cases = _generated_cases(Path(tmp) / "cases", 4)
+        for i, name in enumerate(("quick", "paper")):
+            profile = get_profile(name).replace(
+                num_epochs=2, iterations_per_epoch=iterations, val_iterations_per_epoch=2
+            )
+            t0 = time.perf_counter()
+            info = train_model(
+                cases, ["right", "left"], False, Path(tmp) / f"work-{name}", Path(tmp) / f"model-{name}",
+                profile, 970 + i,
+            )  # fmt: skip
+            train_wall = time.perf_counter() - t0
+            predictor = Predictor.load(info.model_dir, device="cuda")
+            image = sitk.ReadImage(str(cases[0].image))
+            predictor.predict(image)  # warm-up: cuDNN picks its kernels on the first call
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            predicted = predictor.predict(image)
+            torch.cuda.synchronize()
+            predict_s = time.perf_counter() - t1
+            truth = sitk.GetArrayFromImage(sitk.ReadImage(str(cases[0].label)))
+            dice = dice_per_class(predicted, truth, 2)
+            row = {
+                "bench": "nnunet_gpu_iteration",
+                "profile": name,
+                "configuration": profile.configuration,
+                "iterations": profile.total_iterations,
+                "s_per_iteration": info.seconds_per_iteration,
+                "train_wall_s": round(train_wall, 1),
+                "predict_s_per_scan": round(predict_s, 3),
+                "dice_on_a_training_scan": [round(v, 3) for v in dice],
+                "iterations_per_stage_of_profile": get_profile(name).total_iterations,
+            }
+            _print("  ".join(f"{k}={v}" for k, v in row.items()))
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=40, help="nnU-Net iterations per epoch (2 epochs)")
+    parser.add_argument("--skip", choices=("sam2", "nnunet"), action="append", default=[])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.gpu_check needs a CUDA GPU; torch.cuda.is_available() is False here")
+    _print(f"machine: {machine()}; GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
+    t0 = time.perf_counter()
+    if "sam2" not in args.skip:
+        sam2_rows()
+    if "nnunet" not in args.skip:
+        nnunet_rows(args.iterations)
+    _print(f"gpu_check done in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -58,14 +58,16 @@ class SAM2VideoPredictorIoU(SAM2VideoPredictor):
     ``_track_step`` returns the SAM head outputs (element 2 = ious [B, M]) that upstream discards; the best
     candidate is chosen by argmax IoU, so the max is the selected mask's IoU (1.0 on mask-prompted frames,
     where ``_use_mask_as_output`` returns a constant). ``_run_single_frame_inference`` attaches it to the
-    compact per-frame output as ``pred_iou`` (a [B] float CPU tensor), next to ``object_score_logits``.
+    compact per-frame output as ``pred_iou`` (a [B] float tensor on the model's device), next to
+    ``object_score_logits``. It stays on the device: copying it to the host here would make the CPU wait for
+    the GPU in the middle of every frame; it is read once the frame is done.
     """
 
     _last_pred_iou: torch.Tensor | None = None
 
     def _track_step(self, *args, **kwargs):
         current_out, sam_outputs, high_res_features, pix_feat = super()._track_step(*args, **kwargs)
-        self._last_pred_iou = sam_outputs[2].detach().float().amax(dim=-1).cpu()
+        self._last_pred_iou = sam_outputs[2].detach().float().amax(dim=-1)
         return current_out, sam_outputs, high_res_features, pix_feat
 
     def _run_single_frame_inference(self, *args, **kwargs):
@@ -96,12 +98,14 @@ def _output_for(state: dict, obj_idx: int, frame_idx: int) -> dict:
 
 
 def nolap_labels(logits: torch.Tensor, class_ids: list[int]) -> np.ndarray:
-    """[K, H, W] logits -> uint8 [H, W] labels: each pixel to the object with the highest POSITIVE logit."""
+    """[K, H, W] logits -> uint8 [H, W] labels: each pixel to the object with the highest POSITIVE logit.
+
+    Runs on the logits' device, so only the uint8 labels cross to the host."""
     positive = logits > 0
     best = torch.where(positive, logits, torch.full_like(logits, -torch.inf)).argmax(dim=0)
-    lut = torch.tensor(class_ids, dtype=torch.uint8)
+    lut = torch.tensor(class_ids, dtype=torch.uint8, device=logits.device)
     labels = torch.where(positive.any(dim=0), lut[best], torch.zeros_like(best, dtype=torch.uint8))
-    return labels.numpy().astype(np.uint8)
+    return labels.cpu().numpy().astype(np.uint8)
 
 
 def gate_confidence(predicted_iou: float, object_score: float, area: int) -> tuple[float, bool]:
@@ -253,7 +257,7 @@ class SAM2Propagator:
                             scores.append(score)
                             if score <= 0:  # sam2 already empties absent objects; keep that explicit
                                 logits[obj_idx] = -torch.inf
-                        masks[z] = nolap_labels(logits.cpu(), [int(o) for o in obj_ids])
+                        masks[z] = nolap_labels(logits, [int(o) for o in obj_ids])
                         per_slice[z] = (ious, scores)
                 finally:
                     self.predictor.reset_state(state)

@@ -1,7 +1,7 @@
 """The pipeline without Dagster (this module never imports it): the same domain calls the assets make, in
-``pipeline.PHASES`` order, on the same files and per-scan caches. The benchmarks compare it with the Dagster runs to measure what the framework
-adds; what the assets add on top (previews, metadata tables, checks) is charged to Dagster, so the ratio is
-conservative."""
+``pipeline.PHASES`` order, on the same files and per-scan caches. The benchmarks compare it with the Dagster
+runs to measure what the framework adds; what the assets add on top (previews, metadata tables, checks) is
+charged to Dagster, so the ratio is conservative."""
 
 from __future__ import annotations
 

@@ -55,13 +55,13 @@ def sam2_rows() -> list[dict]:
     return rows
 
 
-def _generated_cases(folder: Path, n: int):
+def _generated_cases(folder: Path, n: int, shape: tuple[int, int, int] = CROP_SHAPE):
     from nnsam2_assets.refinement.nnunet.raw import TrainingCase
 
     folder.mkdir(parents=True, exist_ok=True)
     cases = []
     for i in range(n):
-        volume = two_blob_volume(CROP_SHAPE[0], CROP_SHAPE[1:], shift=i, seed=i)
+        volume = two_blob_volume(shape[0], shape[1:], shift=i, seed=i)
         labels = np.zeros(volume.shape, np.uint8)
         half = volume.shape[2] // 2
         labels[..., :half][volume[..., :half] > 200] = 1
@@ -75,7 +75,18 @@ def _generated_cases(folder: Path, n: int):
     return cases
 
 
-def nnunet_rows(iterations: int) -> list[dict]:
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def nnunet_rows(
+    iterations: int,
+    device: str = "cuda",
+    profiles: tuple[str, ...] = ("quick", "paper"),
+    shape: tuple[int, int, int] = CROP_SHAPE,
+) -> list[dict]:
+    """One short training run per profile on generated scans, then a timed prediction of one of them."""
     from nnsam2_assets.core.labels import dice_per_class
     from nnsam2_assets.refinement.nnunet._common import get_profile
     from nnsam2_assets.refinement.nnunet.predict import Predictor
@@ -84,10 +95,10 @@ def nnunet_rows(iterations: int) -> list[dict]:
     os.environ.setdefault("nnUNet_compile", "f")
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        cases = _generated_cases(Path(tmp) / "cases", 4)
-        for i, name in enumerate(("quick", "paper")):
+        cases = _generated_cases(Path(tmp) / "cases", 4, shape)
+        for i, name in enumerate(profiles):
             profile = get_profile(name).replace(
-                num_epochs=2, iterations_per_epoch=iterations, val_iterations_per_epoch=2
+                num_epochs=2, iterations_per_epoch=iterations, val_iterations_per_epoch=2, device=device
             )
             t0 = time.perf_counter()
             info = train_model(
@@ -95,18 +106,19 @@ def nnunet_rows(iterations: int) -> list[dict]:
                 profile, 970 + i,
             )  # fmt: skip
             train_wall = time.perf_counter() - t0
-            predictor = Predictor.load(info.model_dir, device="cuda")
+            predictor = Predictor.load(info.model_dir, device=device)
             image = sitk.ReadImage(str(cases[0].image))
             predictor.predict(image)  # warm-up: cuDNN picks its kernels on the first call
-            torch.cuda.synchronize()
+            _synchronize(device)
             t1 = time.perf_counter()
             predicted = predictor.predict(image)
-            torch.cuda.synchronize()
+            _synchronize(device)
             predict_s = time.perf_counter() - t1
             truth = sitk.GetArrayFromImage(sitk.ReadImage(str(cases[0].label)))
             dice = dice_per_class(predicted, truth, 2)
             row = {
                 "bench": "nnunet_gpu_iteration",
+                "device": device,
                 "profile": name,
                 "configuration": profile.configuration,
                 "iterations": profile.total_iterations,

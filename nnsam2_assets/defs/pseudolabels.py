@@ -13,16 +13,17 @@ from nnsam2_assets.pseudolabels.selection import SelectionConfig
 
 
 class PseudoLabelConfig(dg.Config):
-    """nnsam2 step 5 thresholds (defaults: top 10 % per level band, area ratio 1.5 both directions)."""
+    """nnsam2 step 5 thresholds: ``pseudolabels.selection.SelectionConfig``'s fields and defaults as run
+    configuration (top 10 % per level band, area ratio 1.5 both directions)."""
 
-    top_fraction: float = 0.10
-    mode: str = "banded"
-    n_bands: int = 5
-    min_per_band: int = 1
-    min_per_scan: int = 3
-    area_ratio: float = 1.5
-    smooth_direction: str = "both"
-    min_confidence: float = 0.0
+    top_fraction: float = SelectionConfig.top_fraction
+    mode: str = SelectionConfig.mode
+    n_bands: int = SelectionConfig.n_bands
+    min_per_band: int = SelectionConfig.min_per_band
+    min_per_scan: int = SelectionConfig.min_per_scan
+    area_ratio: float = SelectionConfig.area_ratio
+    smooth_direction: str = SelectionConfig.smooth_direction
+    min_confidence: float = SelectionConfig.min_confidence
 
 
 @dg.asset(

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from nnsam2_assets.core import layout
-from nnsam2_assets.defs.resources import SAM2_CHECKPOINT_ENV, build_resources
+from nnsam2_assets.defs.pseudolabels import PseudoLabelConfig
+from nnsam2_assets.defs.resources import (
+    SAM2_CHECKPOINT_ENV,
+    PropagationSettings,
+    RefinementSettings,
+    build_resources,
+)
+from nnsam2_assets.propagation.settings import PropagationConfig
+from nnsam2_assets.pseudolabels.selection import SelectionConfig
+from nnsam2_assets.refinement.settings import RefinementConfig
 
 ENV = (
     layout.HOME_ENV,
@@ -75,3 +85,18 @@ def test_explicit_roots_win_over_the_environment(bare_env, monkeypatch):
     monkeypatch.setenv(layout.STORAGE_ROOT_ENV, str(bare_env / "elsewhere"))
     seen = _resolved(build_resources(bare_env / "d", bare_env / "s"))
     assert seen["root"] == (bare_env / "s").resolve() and seen["duckdb"] == bare_env / "s" / "nnsam2.duckdb"
+
+
+@pytest.mark.parametrize(
+    ("schema", "domain"),
+    [
+        (PropagationSettings, PropagationConfig),
+        (RefinementSettings, RefinementConfig),
+        (PseudoLabelConfig, SelectionConfig),
+    ],
+)
+def test_run_configuration_mirrors_the_domain_settings_and_their_defaults(schema, domain):
+    """The Dagster schemas take their defaults from the domain dataclasses; a field added to one and not the
+    other would be a setting the UI cannot change, or one silently dropped."""
+    assert set(schema.model_fields) == {f.name for f in dataclasses.fields(domain)}
+    assert schema().model_dump() == dataclasses.asdict(domain())

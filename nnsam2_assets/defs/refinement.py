@@ -32,8 +32,8 @@ class StageSelectionConfig(dg.Config):
     min_mean_dice: float = -1.0  # < 0: the stage's default (0.90 for stage 2, 0.95 for stage 3)
     area_ratio: float = -1.0
     top_fraction: float = -1.0
-    min_per_dataset: int = 2
-    min_slice_dice: float = 0.85
+    min_per_dataset: int = StageRule.min_per_dataset
+    min_slice_dice: float = StageRule.min_slice_dice
 
     def rule(self, stage: str) -> StageRule:
         base = STAGE_RULES[stage]

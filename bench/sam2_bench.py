@@ -83,6 +83,8 @@ def run_sam2_bench(
 ) -> list[dict]:
     """Rows of frames/s, propagator against bare sam2. ``bf16`` adds a bare run under CUDA bf16 autocast (the
     precision of SAM2's published speeds; the propagator stays fp32 like the reference)."""
+    if bf16 and not device.startswith("cuda"):
+        raise ValueError(f"bf16 rows need a CUDA device, got {device!r}")
     setting = setting or ("smoke" if smoke else "small" if quick else "full")
     image_size, hw, n_ref, n_tgt, default_reps = SETTINGS[setting]
     reps = reps or default_reps

@@ -13,12 +13,14 @@
 
 Imports no Dagster and no DuckDB, so the GPU machine needs only the pipeline's domain packages.
 
-Usage: ``python -m bench.gpu_check [--iterations N]``
+Usage: ``python -m bench.gpu_check [--iterations N] [--json PATH]``. ``--device cpu --skip sam2 --profiles quick
+--shape Z Y X`` runs the nnU-Net part small on a CPU (the test suite's check that this script still runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -137,16 +139,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=40, help="nnU-Net iterations per epoch (2 epochs)")
     parser.add_argument("--skip", choices=("sam2", "nnunet"), action="append", default=[])
+    parser.add_argument("--device", default="cuda", help="cuda (the check), or cpu for a small smoke run")
+    parser.add_argument("--profiles", nargs="+", default=["quick", "paper"], help="nnU-Net profiles")
+    parser.add_argument("--shape", nargs=3, type=int, default=list(CROP_SHAPE), help="generated scans' z y x")
+    parser.add_argument("--json", default="", help="write the rows here")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
         raise SystemExit("bench.gpu_check needs a CUDA GPU; torch.cuda.is_available() is False here")
-    _print(f"machine: {machine()}; GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
+    if not on_gpu and "sam2" not in args.skip:
+        raise SystemExit("the SAM2 part runs at 1024 px and needs a GPU: add --skip sam2 on a CPU")
+    gpu = torch.cuda.get_device_name(0) if on_gpu else "none"
+    _print(f"machine: {machine()}; GPU: {gpu}; torch {torch.__version__}")
     t0 = time.perf_counter()
+    rows = []
     if "sam2" not in args.skip:
-        sam2_rows()
+        rows += sam2_rows()
     if "nnunet" not in args.skip:
-        nnunet_rows(args.iterations)
+        rows += nnunet_rows(args.iterations, args.device, tuple(args.profiles), tuple(args.shape))
     _print(f"gpu_check done in {time.perf_counter() - t0:.1f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "gpu": gpu, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

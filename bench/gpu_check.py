@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from nnsam2_assets.testing.cohorts import two_blob_volume
+from nnsam2_assets.testing.cohorts import two_blob_annotation, two_blob_volume
 from nnsam2_assets.testing.machine import machine
 
 # TUM water images in the stages' muscle box are about this size (slices, rows, columns) and spacing (z, y, x)
@@ -64,10 +64,7 @@ def _generated_cases(folder: Path, n: int, shape: tuple[int, int, int] = CROP_SH
     cases = []
     for i in range(n):
         volume = two_blob_volume(shape[0], shape[1:], shift=i, seed=i)
-        labels = np.zeros(volume.shape, np.uint8)
-        half = volume.shape[2] // 2
-        labels[..., :half][volume[..., :half] > 200] = 1
-        labels[..., half:][volume[..., half:] > 200] = 2
+        labels = np.stack([two_blob_annotation(volume, z)[z] for z in range(shape[0])])
         paths = folder / f"case{i:02d}_0000.nii.gz", folder / f"case{i:02d}.nii.gz"
         for array, path in ((volume, paths[0]), (labels, paths[1])):
             image = sitk.GetImageFromArray(array)

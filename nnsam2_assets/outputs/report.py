@@ -22,12 +22,13 @@ from nnsam2_assets.core.imaging import read_array
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.overlays import montage_png
 from nnsam2_assets.core.storage import atomic_write_bytes, atomic_write_text
+from nnsam2_assets.ingest.annotation import MAX_ANNOTATED_SLICES
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import read_manifest
 from nnsam2_assets.metrics import stats
 from nnsam2_assets.metrics.store import dataset_rows
 
-VERSION = "report-v1"
+VERSION = "report-v2"  # v2: where the ES/MF split comes from, and the caution for one annotated level
 MEASURE_COLUMNS = {"volume_ml": "volume (mL)", "fat_ratio": "fat ratio", "ct_mean_hu": "HU", "dice": "Dice"}
 LEVEL_COLUMNS = {
     "volume_ml": "volume (mL)",
@@ -111,6 +112,7 @@ def build_report(spec: DatasetSpec, layout: DatasetLayout, db: Path) -> Report:
 
     sections = [
         _provenance(spec, labels, summary),
+        _muscle_split_caution(summary),
         _qc_summary(flags),
         _scans(spec, layout, labels, levels, flags),
     ]
@@ -159,6 +161,7 @@ def _provenance(spec: DatasetSpec, labels: pd.DataFrame, summary: dict) -> str:
         )
         or "–",
         "final masks from": (summary.get("refinement_decision") or {}).get("source", "–"),
+        "ES/MF split from": _split_levels(summary),
         "metrics code version": first.get("code_version", "–") if len(labels) else "–",
         "run id": first.get("run_id", "–") if len(labels) else "–",
         "computed at": str(first.get("computed_at", "–")) if len(labels) else "–",
@@ -169,6 +172,29 @@ def _provenance(spec: DatasetSpec, labels: pd.DataFrame, summary: dict) -> str:
         for k, v in facts.items()
     )
     return f'<h1>nnsam2 report: {html.escape(spec.name)}</h1><table class="facts">{rows}</table>'
+
+
+def _split_levels(summary: dict) -> str:
+    slices = summary.get("es_mf_split_slices") or []
+    if not slices:
+        return "–"
+    return f"annotated slice{'s' if len(slices) > 1 else ''} {', '.join(str(z) for z in slices)}"
+
+
+def _muscle_split_caution(summary: dict) -> str:
+    """A 4-class dataset annotated on one slice: propagation and the models carry that level's erector
+    spinae / multifidus split to every level, while the multifidus' share of a side changes several-fold
+    between L3 and S1. Side (2-class) numbers do not depend on the split."""
+    if len(summary.get("es_mf_split_slices") or []) != 1:
+        return ""
+    return (
+        '<p class="caution" data-caution="es-mf-split">Per-muscle numbers (erector spinae, multifidus) carry '
+        "the split between the two muscles from the one annotated slice to every level; the multifidus' share "
+        "of a side grows several-fold from L3 to S1, so per-muscle volumes and fat ratios can be far off away "
+        "from that level. Per-side numbers do not depend on it. For per-muscle results, annotate a slice near "
+        "each end of the region as well (the dataset's annotation may hold up to "
+        f"{MAX_ANNOTATED_SLICES} slices).</p>"
+    )
 
 
 def _qc_summary(flags: pd.DataFrame) -> str:
@@ -327,6 +353,7 @@ section.qc-warn {{ border-left-color: #e9a100; background: #fff8e6; }}
 section.qc-error {{ border-left-color: #c22; background: #fdecec; }}
 tr.flag-error td {{ background: #fdecec; }} tr.flag-warn td {{ background: #fff8e6; }}
 .flags {{ font-weight: 600; }} .ok {{ color: #282; }}
+.caution {{ border-left: 6px solid #e9a100; background: #fff8e6; padding: 0.4em 1em; }}
 </style></head>
 <body>
 {body}

@@ -36,7 +36,7 @@ from nnsam2_assets.core.storage import (
     atomic_write_json,
     sha256_file,
 )
-from nnsam2_assets.ingest.annotation import read_annotation_clicks
+from nnsam2_assets.ingest.annotation import annotated_slices, read_annotation_clicks, read_annotation_meta
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.propagation.boundary import band_pixels, refine_side_boundaries
 from nnsam2_assets.propagation.registration import registration_intensities
@@ -250,6 +250,8 @@ def make_final_masks(
         "refinement_decision": decision.as_dict(),
         # with click prompts the held-out slice's truth is the mask made of the clicks, not a drawn one
         "heldout_truth": "click-made mask" if read_annotation_clicks(layout) else "drawn annotation",
+        # the reference levels whose ES/MF split every other level inherits (4-class masks only)
+        "es_mf_split_slices": list(annotated_slices(read_annotation_meta(layout))) if k_out == 4 else [],
     }
     atomic_write_json(summary, layout.final_summary)
     log(

@@ -163,3 +163,43 @@ def test_a_report_of_a_database_without_any_qc_flag_says_so(demo_cohort, tmp_pat
     page = built.html.read_text()
     assert "No QC flag was raised." in page and built.n_flags == 0
     assert page.count('class="scan qc-ok"') == built.n_scans == 4
+
+
+def test_a_four_class_dataset_annotated_on_one_slice_is_told_its_muscle_split_comes_from_that_level(
+    demo_cohort, tmp_path
+):
+    """The demo Dixon dataset is 4-class with one annotated slice: the report names that slice as the source
+    of the ES/MF split and cautions about per-muscle numbers; with a second annotated level it names both and
+    the caution goes; a 2-class dataset has no split to caution about."""
+    import json
+    import shutil
+
+    from nnsam2_assets.ingest.convention import load_dataset
+    from nnsam2_assets.outputs.report import build_report
+
+    storage = tmp_path / "storage"
+    for dataset in ("demo-dixon", "demo-ct"):
+        shutil.copytree(demo_cohort.storage_root / "datasets" / dataset, storage / "datasets" / dataset)
+
+    def report(dataset: str) -> str:
+        layout = DatasetLayout(storage, dataset)
+        return build_report(
+            load_dataset(demo_cohort.data_root, dataset), layout, demo_cohort.duckdb
+        ).html.read_text()
+
+    layout = DatasetLayout(storage, "demo-dixon")
+    summary = json.loads(layout.final_summary.read_text())
+    (seed,) = summary["es_mf_split_slices"]
+    page = report("demo-dixon")
+    assert 'data-caution="es-mf-split"' in page
+    assert f'<td data-fact="ES/MF split from">annotated slice {seed}</td>' in page
+
+    summary["es_mf_split_slices"] = [seed, seed + 2]
+    layout.final_summary.write_text(json.dumps(summary))
+    page = report("demo-dixon")
+    assert 'data-caution="es-mf-split"' not in page
+    assert f'<td data-fact="ES/MF split from">annotated slices {seed}, {seed + 2}</td>' in page
+
+    assert json.loads(DatasetLayout(storage, "demo-ct").final_summary.read_text())["es_mf_split_slices"] == []
+    page = report("demo-ct")
+    assert 'data-caution="es-mf-split"' not in page and '<td data-fact="ES/MF split from">–</td>' in page

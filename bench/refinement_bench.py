@@ -141,8 +141,11 @@ def run_refinement_bench(
     tum_dataset(data, "tum", reference=reference, seed_z=seed_z, extra_slices=extra_slices)
     resources = build_resources(data, storage, refinement=refinement)
     if epochs or iterations:  # 0 keeps the quick profile's budget
-        resources["refinement"] = (refinement or RefinementSettings()).model_copy(
-            update={"num_epochs": epochs, "iterations_per_epoch": iterations}
+        # a new resource, not model_copy(update=...): Dagster builds a run's resource from the config the
+        # object was constructed with, so a copy's updated fields never reach the run
+        base = (refinement or RefinementSettings()).model_dump()
+        resources["refinement"] = RefinementSettings(
+            **{**base, "num_epochs": epochs, "iterations_per_epoch": iterations}
         )
     timings: dict[str, float] = {}
     (root / "dagster").mkdir(parents=True, exist_ok=True)

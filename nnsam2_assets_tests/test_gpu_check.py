@@ -24,6 +24,7 @@ def test_the_gpu_checks_nnunet_part_trains_predicts_and_scores_on_the_cpu(tmp_pa
     assert row["device"] == "cpu" and row["profile"] == "quick" and row["configuration"] == "2d"
     assert row["iterations"] == 4  # two epochs of two
     assert row["s_per_iteration"] > 0 and row["predict_s_per_scan"] > 0 and row["train_wall_s"] > 0
+    assert row["compile"] is False and row["first_epoch_s"] > 0 and row["s_per_iteration_last_epoch"] > 0
     assert len(row["dice_on_a_training_scan"]) == 2
     assert all(0.0 <= d <= 1.0 for d in row["dice_on_a_training_scan"])
 

@@ -169,6 +169,9 @@ def test_train_publishes_complete_model(trained):
     assert not [p for p in model_dir.parent.iterdir() if p.name.startswith((".tmp-", ".old-"))]
     assert info.fold == "all" and info.configuration == "2d" and info.use_ignore
     assert info.seconds_per_iteration > 0 and info.train_seconds > 0 and info.batch_size <= 4
+    assert len(info.epoch_seconds) == info.num_epochs and sum(info.epoch_seconds) == pytest.approx(
+        info.seconds_per_iteration * info.num_epochs * info.iterations_per_epoch, rel=0.01, abs=0.01
+    )
     assert info.final_train_loss is not None and len(info.pseudo_dice) == 2
     assert nn.ModelInfo.from_dir(model_dir) == info
     before, after = trained["env"]
@@ -239,3 +242,28 @@ def test_prediction_is_not_flip_symmetrised(trained):
         p.use_mirroring, p.allowed_mirroring_axes = False, None
     # TTA is equivariant up to float noise (~0.5 % here); ours differs by the full logit scale
     assert tta < 0.05 * ours
+
+
+@pytest.mark.parametrize(
+    ("profile_says", "device", "env", "compiles"),
+    [
+        (False, "cuda", None, False),  # the quick profile: never, whatever nnU-Net's default
+        (False, "cuda", "t", False),
+        (True, "cuda", "f", True),
+        (None, "cuda", None, True),  # the paper profile: nnU-Net's default on CUDA ...
+        (None, "cuda", "f", False),  # ... which its env var can turn off
+        (True, "cpu", None, False),  # nnU-Net never compiles on CPU
+    ],
+)
+def test_the_profile_decides_whether_the_network_is_compiled_on_cuda(profile_says, device, env, compiles):
+    import torch
+
+    from nnsam2_assets.refinement.nnunet._common import _env_override
+
+    trainer = nn.trainer_class().__new__(nn.trainer_class())  # the rule only, no CUDA needed
+    trainer.compile_network, trainer.device = profile_says, torch.device(device)
+    with _env_override({"nnUNet_compile": env}):
+        assert trainer._do_i_compile() is compiles
+    assert (
+        nn.get_profile("quick").compile_network is False and nn.get_profile("paper").compile_network is None
+    )

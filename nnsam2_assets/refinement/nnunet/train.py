@@ -180,8 +180,10 @@ def trainer_class() -> type:
             super().__init__(plans, configuration, fold, dataset_json, device)
             self.train_seconds = 0.0
             self.train_iterations = 0
+            self.epoch_seconds: list[float] = []
             self._epoch_t0 = 0.0
             self.progress_model_dir: Path | None = None  # set by train_model: progress listeners get it
+            self.compile_network: bool | None = None  # set by train_model from the profile
             self._iterations_done = 0
             # progress.png is redrawn by matplotlib every epoch (~0.3 s); draw it once at the end instead
             self._plot_progress = self.logger.plot_progress_png
@@ -217,6 +219,11 @@ def trainer_class() -> type:
         def plot_network_architecture(self) -> None:  # needs hiddenlayer; only produces log noise
             return None
 
+        def _do_i_compile(self) -> bool:
+            if self.compile_network is None or self.device.type != "cuda":
+                return super()._do_i_compile()
+            return self.compile_network
+
         def on_train_epoch_start(self) -> None:
             super().on_train_epoch_start()
             self._epoch_t0 = time.perf_counter()
@@ -237,7 +244,8 @@ def trainer_class() -> type:
             return out
 
         def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
-            self.train_seconds += time.perf_counter() - self._epoch_t0
+            self.epoch_seconds.append(time.perf_counter() - self._epoch_t0)
+            self.train_seconds += self.epoch_seconds[-1]
             self.train_iterations += len(train_outputs)
             super().on_train_epoch_end(train_outputs)
 
@@ -384,6 +392,8 @@ class ModelInfo:
     train_seconds: float  # training loop only (incl. per-epoch validation)
     total_seconds: float  # dataset writing + plan/preprocess + training + publishing
     seconds_per_iteration: float  # training iteration incl. data loading/augmentation
+    # each epoch's training iterations; on CUDA the first also holds torch.compile's compilation
+    epoch_seconds: list[float] = field(default_factory=list)
     final_train_loss: float | None = None
     final_val_loss: float | None = None
     pseudo_dice: list[float] = field(default_factory=list)  # per class, last epoch (train cases, fold "all")
@@ -498,6 +508,7 @@ def train_model(
                 trainer.nnsam_options = nnsam_options(prof)
             out_base = Path(trainer.output_folder_base)
             trainer.progress_model_dir = model_dir
+            trainer.compile_network = prof.compile_network
             trainer.num_epochs = prof.num_epochs
             trainer.num_iterations_per_epoch = prof.iterations_per_epoch
             trainer.num_val_iterations_per_epoch = prof.val_iterations_per_epoch
@@ -534,6 +545,7 @@ def train_model(
                 spacing=[float(s) for s in trainer.configuration_manager.spacing],
                 train_seconds=round(train_seconds, 3),
                 seconds_per_iteration=round(trainer.train_seconds / max(trainer.train_iterations, 1), 4),
+                epoch_seconds=[round(t, 3) for t in trainer.epoch_seconds],
                 final_train_loss=_finite(lg.get_value("train_losses", step=-1)),
                 final_val_loss=_finite(lg.get_value("val_losses", step=-1)),
                 pseudo_dice=[float(x) for x in lg.get_value("dice_per_class_or_region", step=-1)],

@@ -204,6 +204,10 @@ def test_second_run_with_nothing_changed_recomputes_and_trains_nothing(runs: Run
     assert len(second.run_ids) == 3  # no models run
     for asset in ("scans", "propagated_masks", "final_masks"):
         assert _metadata(runs.dagster_home, second.run_ids, asset, "good")["n_recomputed"] == 0, asset
+    # a 4-class Dixon dataset annotated on one slice: the UI names the slice its ES/MF split comes from
+    assert re.fullmatch(
+        r"\d+", _metadata(runs.dagster_home, second.run_ids, "final_masks", "good")["es_mf_split_slices"]
+    )
 
 
 def test_a_run_of_good_datasets_exits_0_verbose_shows_the_events_and_retrain_runs_the_models(runs: Runs):

@@ -224,6 +224,7 @@ def final_masks(
         "classes": ", ".join(out.class_names),
         "final_masks_source": out.decision.source,
         "final_rule": out.rule,
+        "es_mf_split_slices": ", ".join(map(str, out.split_slices)) or "none (2-class)",
         "heldout_slice_dice": out.decision.heldout_dice,
         "min_heldout_slice_dice": out.decision.min_heldout_dice,
         "models": dg.MetadataValue.json(out.models),

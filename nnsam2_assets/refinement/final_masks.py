@@ -67,6 +67,7 @@ class FinalMasks:
     overlay_png: bytes | None
     decision: RefinementDecision
     rule: str  # what the final masks are: ``CONSENSUS_RULE`` or the propagated masks
+    split_slices: list[int]  # the annotated slices every level's ES/MF split comes from (4-class; else empty)
 
 
 def write_on_original_grid(
@@ -240,6 +241,8 @@ def make_final_masks(
     atomic_write_dataframe(table.assign(dataset=spec.name), layout.stage_agreement)
     versions = {s: m["version"] for s, m in models.items()}
     rule = CONSENSUS_RULE if decision.use_refined else "propagated masks"
+    # the reference levels whose ES/MF split every other level inherits (4-class masks only)
+    split_slices = list(annotated_slices(read_annotation_meta(layout))) if k_out == 4 else []
     summary = {
         "models": versions,
         "n_classes": k_out,
@@ -250,8 +253,7 @@ def make_final_masks(
         "refinement_decision": decision.as_dict(),
         # with click prompts the held-out slice's truth is the mask made of the clicks, not a drawn one
         "heldout_truth": "click-made mask" if read_annotation_clicks(layout) else "drawn annotation",
-        # the reference levels whose ES/MF split every other level inherits (4-class masks only)
-        "es_mf_split_slices": list(annotated_slices(read_annotation_meta(layout))) if k_out == 4 else [],
+        "es_mf_split_slices": split_slices,
     }
     atomic_write_json(summary, layout.final_summary)
     log(
@@ -265,4 +267,5 @@ def make_final_masks(
         overlay_png=overlay,
         decision=decision,
         rule=rule,
+        split_slices=split_slices,
     )

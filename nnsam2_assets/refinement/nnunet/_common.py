@@ -8,7 +8,7 @@ import io
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,8 +62,9 @@ class Profile:
     oversample_foreground: float = 0.33
     final_validation: bool = False  # nnU-Net's full-volume validation (meaningless with fold "all")
     # torch.compile of the network and loss on CUDA: None keeps nnU-Net's rule (on for CUDA unless the
-    # nnUNet_compile env var says otherwise; never on CPU)
-    compile_network: bool | None = None
+    # nnUNet_compile env var says otherwise; never on CPU); True/False override that env var. Left out of the
+    # repr, so of the recipe key: how the same network is executed must not retrain existing models
+    compile_network: bool | None = field(default=None, repr=False)
     # train and predict on the in-plane box of the propagated mask plus this margin (refinement/roi.py); None = whole
     # slice. The quick profile's small patches cannot see both sides of a full slice, which swaps sides
     roi_margin_mm: float | None = None

@@ -6,9 +6,9 @@
    SAM2's published speeds. Random weights cost the same arithmetic as real ones; the masks are meaningless.
 2. nnU-Net: seconds per training iteration of the quick profile (2d) and the paper profile (3d_fullres) on a
    generated cohort of TUM-crop-sized scans, through ``train_model`` as the stages call it. torch.compile is
-   off unless ``--compile`` (the quick profile never compiles; nnU-Net's own default on CUDA, which the paper
-   profile keeps, is on): then the first epoch's time shows the compilation, the last epoch's the compiled
-   rate.
+   off here unless ``--compile``, which compiles both profiles (in the pipeline the quick profile never
+   compiles and the paper profile keeps nnU-Net's CUDA default, on): then the first epoch's time shows the
+   compilation, the last epoch's the compiled rate.
    Each model then predicts one scan on the GPU (``Predictor``, everything on the device): seconds per scan,
    and the Dice of the prediction against that scan's labels (a few iterations learn the bright blobs, so a
    GPU path that returns garbage shows up as a low Dice).
@@ -126,7 +126,7 @@ def nnunet_rows(
                 "profile": name,
                 "configuration": profile.configuration,
                 "iterations": profile.total_iterations,
-                "compile": compile_network,
+                "compile": compile_network and device.startswith("cuda"),  # nnU-Net never compiles on CPU
                 "s_per_iteration": info.seconds_per_iteration,
                 "first_epoch_s": info.epoch_seconds[0],
                 "s_per_iteration_last_epoch": round(info.epoch_seconds[-1] / profile.iterations_per_epoch, 4),

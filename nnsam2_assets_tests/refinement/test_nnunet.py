@@ -260,10 +260,14 @@ def test_the_profile_decides_whether_the_network_is_compiled_on_cuda(profile_say
 
     from nnsam2_assets.refinement.nnunet._common import _env_override
 
-    trainer = nn.trainer_class().__new__(nn.trainer_class())  # the rule only, no CUDA needed
+    cls = nn.trainer_class()
+    trainer = cls.__new__(cls)  # the rule only, no CUDA needed
     trainer.compile_network, trainer.device = profile_says, torch.device(device)
     with _env_override({"nnUNet_compile": env}):
         assert trainer._do_i_compile() is compiles
+
+
+def test_the_quick_profile_never_compiles_and_the_paper_profile_keeps_nnunets_default():
     assert (
         nn.get_profile("quick").compile_network is False and nn.get_profile("paper").compile_network is None
     )

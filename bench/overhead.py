@@ -243,8 +243,9 @@ _LAUNCH, _STARTED, _START = "STEP_WORKER_STARTING", "STEP_WORKER_STARTED", "STEP
 
 
 def _cli_timeline(home: Path) -> dict[str, float]:
-    """From the latest run's events: the fork server's start (the first step's launch to its worker starting)
-    and the median launch-to-start of the other steps (forked from the running server)."""
+    """From the latest run's events: how long the first step waited for the fork server (its launch to its
+    worker starting; the server was started while the code loaded, ``executors.start_step_server_early``) and
+    the median launch-to-start of the other steps (forked from the running server)."""
     with dg.DagsterInstance.from_config(str(home)) as instance:
         run = instance.get_runs(limit=1)[0]
         times: dict[str, dict[str, float]] = {}
@@ -263,7 +264,8 @@ def _cli_timeline(home: Path) -> dict[str, float]:
 def bench_cli_overhead(base: Path, quick: bool) -> list[dict]:
     """The issue's measure of a step's fixed cost: ``dagster job execute -j dataset_job`` on a tiny dataset as a
     fresh process, against the same domain calls in a fresh process without Dagster, (CLI - direct) / steps.
-    Both pay their interpreter's start and imports; the CLI also starts the run's fork server."""
+    Both pay their interpreter's start and imports; the CLI also starts the run's fork server, on the other
+    core while it loads the code location (``executors.start_step_server_early``)."""
     n_scans, order = (2, ["cli", "direct"]) if quick else (2, ["cli", "direct", "direct", "cli"])
     path = base / "cli-overhead"
     data, home = path / "data", path / "dagster_home"
@@ -297,7 +299,8 @@ def bench_cli_overhead(base: Path, quick: bool) -> list[dict]:
             None if quick else per_step <= 1.0,
             f"({cli:.1f} s - {direct:.1f} s) / {steps} steps, median of {len(walls['cli'])} each in "
             f"{'-'.join(o[:3] for o in order)} order, {n_scans} tiny scans; CLI / direct {cli / direct:.2f} "
-            f"(info); of it the run's fork server starts in {server:.1f} s, and a step forked from it takes "
+            f"(info); of it the first step waits {server:.1f} s for the run's fork server (started while the "
+            f"code loaded), and a step forked from it takes "
             f"{step_start:.2f} s from launch to start (median of the other steps). Walls end when the command "
             f"returns, as `time` measures; the fork server finishes its own exit after that, in the background "
             f"(waiting for it too: {(statistics.median(closed_walls) - direct) / steps:.2f} s per step)",

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 
 import dagster as dg
 
-from nnsam2_assets.executors import code_location_executor
+from nnsam2_assets.executors import code_location_executor, start_step_server_early
+
+# before the definitions are built (about 2 s): a process launched to execute a job starts its steps' fork
+# server now, so the two load side by side
+start_step_server_early(sys.argv)
 
 # what building the definitions reads from the environment: the resources, sensor settings and executor
 # (NNSAM2_ variables), the Dagster home, and the working directory the default home folder is relative to

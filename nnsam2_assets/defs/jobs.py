@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from nnsam2_assets.executors import chain_executor
+from nnsam2_assets.executors import job_executor
 from nnsam2_assets.pipeline import MODELS, OUTPUTS, PER_DATASET
 
 # what new data runs: a dataset's chain, then its final masks and metrics once a stage-3 model exists
@@ -14,7 +14,7 @@ dataset_job = dg.define_asset_job(
     "dataset_job",
     selection=dg.AssetSelection.assets(*PER_DATASET),
     description="Ingest, propagation and pseudo-labels for one dataset partition.",
-    executor_def=chain_executor(),
+    executor_def=job_executor("dataset_job"),
 )
 
 refinement_job = dg.define_asset_job(

@@ -19,8 +19,12 @@ from nnsam2_assets.defs.resources import NNUNET_EPOCHS_ENV
 from nnsam2_assets.executors import (
     CHAIN_PRELOADED_MODULES,
     CHAIN_STEP_EXECUTOR,
+    EXECUTOR_ENV,
     PRELOADED_MODULES,
     STEP_EXECUTOR,
+    job_to_execute,
+    start_step_server_early,
+    step_server_preload,
 )
 from nnsam2_assets.refinement.nnunet._common import HEAVY_MODULES
 
@@ -66,6 +70,73 @@ def run_crash_job(home: str, out: str) -> None:
                 }
             )
         )
+
+
+@dg.asset
+def reports_its_parent() -> dg.MaterializeResult:
+    preloaded = [m for m in CHAIN_PRELOADED_MODULES if m in sys.modules]
+    return dg.MaterializeResult(metadata={"parent": os.getppid(), "preloaded": len(preloaded)})
+
+
+def parent_job() -> dg.JobDefinition:
+    return dg.Definitions(
+        assets=[reports_its_parent],
+        jobs=[dg.define_asset_job("parent_job", executor_def=CHAIN_STEP_EXECUTOR)],
+    ).resolve_job_def("parent_job")
+
+
+def _fork_servers(pid: int) -> list[int]:
+    """The live multiprocessing fork servers started by ``pid`` (Linux /proc)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (proc / "cmdline").read_bytes()
+        except OSError:  # the process ended while we looked
+            continue
+        if parent == pid and b"multiprocessing.forkserver" in command:
+            found.append(int(proc.name))
+    return found
+
+
+def run_with_early_server(home: str, out: str) -> None:
+    """The child's side: start the fork server as ``dagster job execute -j dataset_job`` would, then run a job
+    on the chain's executor and record which process its step was forked from."""
+    not_a_run = start_step_server_early(["pytest", "-n", "2"])
+    none_yet = _fork_servers(os.getpid())
+    started = start_step_server_early(["dagster", "job", "execute", "-m", "defs", "--job", "dataset_job"])
+    (server,) = _fork_servers(os.getpid())
+    with (
+        dg.instance_for_test(temp_dir=home) as instance,
+        dg.execute_job(dg.reconstructable(parent_job), instance=instance) as result,
+    ):
+        (materialization,) = result.asset_materializations_for_node("reports_its_parent")
+        metadata = {k: v.value for k, v in materialization.metadata.items()}
+    record = {"not_a_run": not_a_run, "none_yet": none_yet, "started": started, "server": server}
+    Path(out).write_text(json.dumps({**record, **metadata}))
+
+
+def test_a_launched_job_forks_its_steps_from_the_server_started_while_the_code_loaded(tmp_path):
+    out = tmp_path / "result.json"
+    code = f"from {__name__} import run_with_early_server; run_with_early_server({str(tmp_path)!r}, {str(out)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert (result["not_a_run"], result["none_yet"], result["started"]) == (False, [], True)
+    # the executor found the early server running and forked the step from it, with its imports in place
+    assert result["parent"] == result["server"]
+    assert result["preloaded"] == len(CHAIN_PRELOADED_MODULES)
+
+
+def test_only_a_process_launched_to_execute_a_job_starts_a_server_early(monkeypatch):
+    assert job_to_execute(["dagster", "job", "execute", "-m", "defs", "-j", "dataset_job"]) == "dataset_job"
+    assert job_to_execute(["dagster", "job", "execute", "--job=refinement_job"]) == "refinement_job"
+    for argv in (["pytest"], ["dagster", "dev"], ["dagster", "api", "grpc", "-m", "defs"], ["-c"]):
+        assert job_to_execute(argv) is None, argv
+    assert step_server_preload("dataset_job")[1:] == CHAIN_PRELOADED_MODULES
+    assert step_server_preload("refinement_job")[1:] == PRELOADED_MODULES
+    monkeypatch.setenv(EXECUTOR_ENV, "celery")  # Celery workers, not a fork server, run the steps
+    assert not start_step_server_early(["dagster", "job", "execute", "-j", "dataset_job"])
 
 
 def test_the_code_location_runs_steps_on_the_forkserver_executor():

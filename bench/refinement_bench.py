@@ -143,7 +143,7 @@ def run_refinement_bench(
     if epochs or iterations:  # 0 keeps the quick profile's budget
         # a new resource, not model_copy(update=...): Dagster builds a run's resource from the config the
         # object was constructed with, so a copy's updated fields never reach the run
-        base = (refinement or RefinementSettings()).model_dump()
+        base = resources["refinement"].model_dump()  # the given settings, else the environment's
         resources["refinement"] = RefinementSettings(
             **{**base, "num_epochs": epochs, "iterations_per_epoch": iterations}
         )

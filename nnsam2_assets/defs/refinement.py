@@ -19,6 +19,7 @@ from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.propagation import propagated_masks
 from nnsam2_assets.defs.pseudolabels import pseudo_labels
 from nnsam2_assets.defs.resources import NnsamStorage, RefinementSettings
+from nnsam2_assets.ingest.annotation import describe_split_source
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.refinement import stages as refine
 from nnsam2_assets.refinement.final_masks import make_final_masks
@@ -224,7 +225,7 @@ def final_masks(
         "classes": ", ".join(out.class_names),
         "final_masks_source": out.decision.source,
         "final_rule": out.rule,
-        "es_mf_split_slices": ", ".join(map(str, out.split_slices)) or "none (2-class)",
+        "es_mf_split_from": describe_split_source(out.split_slices),
         "heldout_slice_dice": out.decision.heldout_dice,
         "min_heldout_slice_dice": out.decision.min_heldout_dice,
         "models": dg.MetadataValue.json(out.models),

@@ -166,6 +166,17 @@ def annotated_slices(meta: dict) -> tuple[int, ...]:
     return tuple(int(z) for z in meta.get("annotated_slices", [meta["seed_slice"]]))
 
 
+def describe_split_source(slices: list[int] | None) -> str:
+    """Where a dataset's final masks take the erector spinae / multifidus split from, as the report and the
+    final masks' metadata word it: the annotated slices, none for 2-class masks, or unknown when the record
+    predates the field (``None``)."""
+    if slices is None:
+        return "unknown (final masks written before it was recorded: materialize final_masks again)"
+    if not slices:
+        return "none (2-class masks)"
+    return f"annotated slice{'s' if len(slices) > 1 else ''} {', '.join(str(z) for z in slices)}"
+
+
 def read_annotation_clicks(layout: DatasetLayout) -> SliceClicks | None:
     """The click prompts the annotation was made from, or None for a drawn annotation."""
     if not layout.annotation_clicks.exists():

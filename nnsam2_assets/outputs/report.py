@@ -22,13 +22,15 @@ from nnsam2_assets.core.imaging import read_array
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.overlays import montage_png
 from nnsam2_assets.core.storage import atomic_write_bytes, atomic_write_text
-from nnsam2_assets.ingest.annotation import MAX_ANNOTATED_SLICES
+from nnsam2_assets.ingest.annotation import MAX_ANNOTATED_SLICES, describe_split_source
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import read_manifest
 from nnsam2_assets.metrics import stats
 from nnsam2_assets.metrics.store import dataset_rows
 
-VERSION = "report-v2"  # v2: where the ES/MF split comes from, and the caution for one annotated level
+# v2: where the ES/MF split comes from, and the caution for one annotated level; v3: its wording is the final
+# masks' own, and click-prompted datasets are told to draw
+VERSION = "report-v3"
 MEASURE_COLUMNS = {"volume_ml": "volume (mL)", "fat_ratio": "fat ratio", "ct_mean_hu": "HU", "dice": "Dice"}
 LEVEL_COLUMNS = {
     "volume_ml": "volume (mL)",
@@ -161,7 +163,7 @@ def _provenance(spec: DatasetSpec, labels: pd.DataFrame, summary: dict) -> str:
         )
         or "–",
         "final masks from": (summary.get("refinement_decision") or {}).get("source", "–"),
-        "ES/MF split from": _split_levels(summary),
+        "ES/MF split from": describe_split_source(summary.get("es_mf_split_slices")),
         "metrics code version": first.get("code_version", "–") if len(labels) else "–",
         "run id": first.get("run_id", "–") if len(labels) else "–",
         "computed at": str(first.get("computed_at", "–")) if len(labels) else "–",
@@ -174,26 +176,28 @@ def _provenance(spec: DatasetSpec, labels: pd.DataFrame, summary: dict) -> str:
     return f'<h1>nnsam2 report: {html.escape(spec.name)}</h1><table class="facts">{rows}</table>'
 
 
-def _split_levels(summary: dict) -> str:
-    slices = summary.get("es_mf_split_slices") or []
-    if not slices:
-        return "–"
-    return f"annotated slice{'s' if len(slices) > 1 else ''} {', '.join(str(z) for z in slices)}"
-
-
 def _muscle_split_caution(summary: dict) -> str:
     """A 4-class dataset annotated on one slice: propagation and the models carry that level's erector
     spinae / multifidus split to every level, while the multifidus' share of a side changes several-fold
     between L3 and S1. Side (2-class) numbers do not depend on the split."""
     if len(summary.get("es_mf_split_slices") or []) != 1:
         return ""
+    if summary.get("heldout_truth") == "click-made mask":
+        # click prompts mark one slice; more levels need a drawn annotation
+        advice = (
+            "For per-muscle results, replace the click prompts with a drawn annotation that also holds a slice "
+            f"near each end of the region (up to {MAX_ANNOTATED_SLICES} slices)."
+        )
+    else:
+        advice = (
+            "For per-muscle results, annotate a slice near each end of the region as well (the dataset's "
+            f"annotation may hold up to {MAX_ANNOTATED_SLICES} slices)."
+        )
     return (
         '<p class="caution" data-caution="es-mf-split">Per-muscle numbers (erector spinae, multifidus) carry '
         "the split between the two muscles from the one annotated slice to every level; the multifidus' share "
         "of a side grows several-fold from L3 to S1, so per-muscle volumes and fat ratios can be far off away "
-        "from that level. Per-side numbers do not depend on it. For per-muscle results, annotate a slice near "
-        "each end of the region as well (the dataset's annotation may hold up to "
-        f"{MAX_ANNOTATED_SLICES} slices).</p>"
+        f"from that level. Per-side numbers do not depend on it. {advice}</p>"
     )
 
 

@@ -170,7 +170,8 @@ def test_a_four_class_dataset_annotated_on_one_slice_is_told_its_muscle_split_co
 ):
     """The demo Dixon dataset is 4-class with one annotated slice: the report names that slice as the source
     of the ES/MF split and cautions about per-muscle numbers; with a second annotated level it names both and
-    the caution goes; a 2-class dataset has no split to caution about."""
+    the caution goes; a 2-class dataset has no split to caution about; final masks written before the field
+    leave it unknown; a click-prompted dataset is told to draw its annotation."""
     import json
     import shutil
 
@@ -202,4 +203,20 @@ def test_a_four_class_dataset_annotated_on_one_slice_is_told_its_muscle_split_co
 
     assert json.loads(DatasetLayout(storage, "demo-ct").final_summary.read_text())["es_mf_split_slices"] == []
     page = report("demo-ct")
-    assert 'data-caution="es-mf-split"' not in page and '<td data-fact="ES/MF split from">–</td>' in page
+    assert 'data-caution="es-mf-split"' not in page
+    assert '<td data-fact="ES/MF split from">none (2-class masks)</td>' in page
+
+    # final masks written before the field: the report says it does not know, and cautions about nothing
+    del summary["es_mf_split_slices"]
+    layout.final_summary.write_text(json.dumps(summary))
+    page = report("demo-dixon")
+    assert '<td data-fact="ES/MF split from">unknown (final masks written before' in page
+    assert 'data-caution="es-mf-split"' not in page
+
+    # a click-prompted dataset marks one slice: the advice is a drawn annotation, not more clicks
+    summary |= {"es_mf_split_slices": [seed], "heldout_truth": "click-made mask"}
+    layout.final_summary.write_text(json.dumps(summary))
+    page = report("demo-dixon")
+    assert (
+        'data-caution="es-mf-split"' in page and "replace the click prompts with a drawn annotation" in page
+    )

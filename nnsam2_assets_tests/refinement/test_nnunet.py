@@ -169,9 +169,9 @@ def test_train_publishes_complete_model(trained):
     assert not [p for p in model_dir.parent.iterdir() if p.name.startswith((".tmp-", ".old-"))]
     assert info.fold == "all" and info.configuration == "2d" and info.use_ignore
     assert info.seconds_per_iteration > 0 and info.train_seconds > 0 and info.batch_size <= 4
-    assert len(info.epoch_seconds) == info.num_epochs and sum(info.epoch_seconds) == pytest.approx(
-        info.seconds_per_iteration * info.num_epochs * info.iterations_per_epoch, rel=0.01, abs=0.01
-    )
+    # one time per epoch, each a part of the timed training call (which also plans, validates and publishes)
+    assert len(info.epoch_seconds) == info.num_epochs and min(info.epoch_seconds) > 0
+    assert sum(info.epoch_seconds) <= info.train_seconds
     assert info.final_train_loss is not None and len(info.pseudo_dice) == 2
     assert nn.ModelInfo.from_dir(model_dir) == info
     before, after = trained["env"]

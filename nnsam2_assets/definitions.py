@@ -8,6 +8,7 @@ The definitions are built once per process and environment: every step process o
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from nnsam2_assets.executors import code_location_executor, start_step_server_ea
 
 # before the definitions are built (about 2 s): a process launched to execute a job starts its steps' fork
 # server now, so the two load side by side
-start_step_server_early(sys.argv)
+start_step_server_early(sys.argv, multiprocessing.current_process())
 
 # what building the definitions reads from the environment: the resources, sensor settings and executor
 # (NNSAM2_ variables), the Dagster home, and the working directory the default home folder is relative to

@@ -87,8 +87,11 @@ def step_server_preload(job_name: str) -> list[str]:
     return [_DAGSTER_PRELOAD, *modules]
 
 
-def job_to_execute(argv: Sequence[str]) -> str | None:
-    """The job this process will execute, when its command line says so: ``dagster job execute -j NAME``."""
+def job_to_execute(argv: Sequence[str], process: object = None) -> str | None:
+    """The job this process will execute, when it knows: ``dagster job execute -j NAME`` on its command line,
+    or a run that a code server started in this process (how the UI's and the sensors' runs execute)."""
+    if process is not None and (job_name := _code_server_run_job(process)) is not None:
+        return job_name
     if list(argv[1:3]) != ["job", "execute"]:
         return None
     args = list(argv[3:])
@@ -100,16 +103,28 @@ def job_to_execute(argv: Sequence[str]) -> str | None:
     return None
 
 
-def start_step_server_early(argv: Sequence[str]) -> bool:
+def _code_server_run_job(process: object) -> str | None:
+    """A code server runs each run in a spawned process whose target is Dagster's ``start_run_in_subprocess``
+    with the job as its second argument; multiprocessing keeps both on the process object (private names,
+    so anything unexpected means "not such a run")."""
+    target = getattr(process, "_target", None)
+    if getattr(target, "__qualname__", None) != "start_run_in_subprocess":
+        return None
+    args = getattr(process, "_args", None) or ()
+    job_name = getattr(args[1], "job_name", None) if len(args) > 1 else None
+    return job_name if isinstance(job_name, str) else None
+
+
+def start_step_server_early(argv: Sequence[str], process: object = None) -> bool:
     """Start the run's step fork server now, while this process is still loading the code location.
 
     The server imports the same modules as the loading process (about 2.5 s of each on 2 cores), and the
     multiprocess executor would only start it once the run begins: started here, the two imports overlap on
     separate cores. Python keeps one fork server per process and reuses a running one, so the executor's
     own start finds it; the preload list is the one that executor passes, so the steps fork from the same
-    imports. Only for a process whose command line names the job it executes (``job_to_execute``): a code
-    server, the UI or a test that merely loads the definitions never starts one."""
-    job_name = job_to_execute(argv)
+    imports. Only for a process that knows the job it executes (``job_to_execute``): a code server, the UI
+    or a test that merely loads the definitions never starts one."""
+    job_name = job_to_execute(argv, process)
     if job_name is None or executor_kind() != "multiprocess":
         return False
     multiprocessing.get_context("forkserver").set_forkserver_preload(step_server_preload(job_name))

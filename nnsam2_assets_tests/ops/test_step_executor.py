@@ -7,6 +7,7 @@ asks, so in the test process another test's run could already own it with other 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -137,6 +138,24 @@ def test_only_a_process_launched_to_execute_a_job_starts_a_server_early(monkeypa
     assert step_server_preload("refinement_job")[1:] == PRELOADED_MODULES
     monkeypatch.setenv(EXECUTOR_ENV, "celery")  # Celery workers, not a fork server, run the steps
     assert not start_step_server_early(["dagster", "job", "execute", "-j", "dataset_job"])
+
+
+@dg.job
+def ui_launched_job() -> None:
+    pass
+
+
+def test_a_run_a_code_server_started_knows_its_job():
+    # how the UI's and the sensors' runs execute: the code server spawns a process for each run whose target
+    # is Dagster's start_run_in_subprocess, given the reconstructable job
+    from dagster._grpc.impl import start_run_in_subprocess
+
+    spawn = multiprocessing.get_context("spawn")
+    run_args = ["{}", dg.reconstructable(ui_launched_job), None, None]
+    run_process = spawn.Process(target=start_run_in_subprocess, args=run_args)
+    assert job_to_execute(["dagster", "api", "grpc"], run_process) == "ui_launched_job"
+    assert job_to_execute(["dagster", "api", "grpc"], spawn.Process(target=print, args=run_args)) is None
+    assert job_to_execute(["dagster", "api", "grpc"], multiprocessing.current_process()) is None
 
 
 def test_the_code_location_runs_steps_on_the_forkserver_executor():

@@ -42,11 +42,13 @@ def survives() -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata={"pid": os.getpid(), "preloaded": len(preloaded)})
 
 
+def _asset_job(name: str, assets: list, executor: dg.ExecutorDefinition) -> dg.JobDefinition:
+    jobs = [dg.define_asset_job(name, executor_def=executor)]
+    return dg.Definitions(assets=assets, jobs=jobs).resolve_job_def(name)
+
+
 def crash_job() -> dg.JobDefinition:
-    return dg.Definitions(
-        assets=[crashes, survives],
-        jobs=[dg.define_asset_job("crash_job", executor_def=STEP_EXECUTOR)],
-    ).resolve_job_def("crash_job")
+    return _asset_job("crash_job", [crashes, survives], STEP_EXECUTOR)
 
 
 def run_crash_job(home: str, out: str) -> None:
@@ -80,10 +82,7 @@ def reports_its_parent() -> dg.MaterializeResult:
 
 
 def parent_job() -> dg.JobDefinition:
-    return dg.Definitions(
-        assets=[reports_its_parent],
-        jobs=[dg.define_asset_job("parent_job", executor_def=CHAIN_STEP_EXECUTOR)],
-    ).resolve_job_def("parent_job")
+    return _asset_job("parent_job", [reports_its_parent], CHAIN_STEP_EXECUTOR)
 
 
 def _fork_servers(pid: int) -> list[int]:
@@ -117,12 +116,17 @@ def run_with_early_server(home: str, out: str) -> None:
     Path(out).write_text(json.dumps({**record, **metadata}))
 
 
-def test_a_launched_job_forks_its_steps_from_the_server_started_while_the_code_loaded(tmp_path):
+def _run_in_fresh_interpreter(child: str, tmp_path: Path) -> dict:
+    """Run this module's ``child(home, out)`` in a new Python process and return the JSON it wrote."""
     out = tmp_path / "result.json"
-    code = f"from {__name__} import run_with_early_server; run_with_early_server({str(tmp_path)!r}, {str(out)!r})"
+    code = f"from {__name__} import {child}; {child}({str(tmp_path)!r}, {str(out)!r})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_a_launched_job_forks_its_steps_from_the_server_started_while_the_code_loaded(tmp_path):
+    result = _run_in_fresh_interpreter("run_with_early_server", tmp_path)
     assert (result["not_a_run"], result["none_yet"], result["started"]) == (False, [], True)
     # the executor found the early server running and forked the step from it, with its imports in place
     assert result["parent"] == result["server"]
@@ -179,11 +183,7 @@ def test_the_definitions_are_built_once_per_environment(monkeypatch):
 
 
 def test_a_step_calling_os_exit_fails_alone(tmp_path):
-    out = tmp_path / "result.json"
-    code = f"from {__name__} import run_crash_job; run_crash_job({str(tmp_path)!r}, {str(out)!r})"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _run_in_fresh_interpreter("run_crash_job", tmp_path)
     assert not result["success"]
     assert (result["failed"], result["succeeded"]) == (["crashes"], ["survives"])
     assert result["step_pid"] != result["orchestrator"]  # a process of its own

@@ -133,6 +133,31 @@ def test_a_launched_job_forks_its_steps_from_the_server_started_while_the_code_l
     assert result["preloaded"] == len(CHAIN_PRELOADED_MODULES)
 
 
+LAUNCHER = """
+import sys
+sys.argv = ["dagster", "job", "execute", "-m", "nnsam2_assets.definitions", "-j", "dataset_job"]
+import gc
+import nnsam2_assets.definitions as code_location
+frozen = gc.get_freeze_count()
+code_location.defs()  # imports DuckDB, after the freeze, as the launcher's load does
+import duckdb
+from nnsam2_assets.executors import freeze_imported_objects
+print(frozen, freeze_imported_objects(), duckdb.connect().execute("select 42").fetchone()[0])
+"""
+
+
+def test_a_launcher_freezes_its_imports_and_still_exits_without_leak_reports(tmp_path):
+    env = {**os.environ, EXECUTOR_ENV: "multiprocess", "DAGSTER_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frozen, refrozen, answer = proc.stdout.split()
+    assert int(frozen) > 10_000 and answer == "42"
+    # once DuckDB is loaded nothing more is frozen: its objects must stay collectable, or its bindings
+    # report them as leaked when the interpreter ends
+    assert refrozen == "False"
+    assert "leaked" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_only_a_process_launched_to_execute_a_job_starts_a_server_early(monkeypatch):
     assert job_to_execute(["dagster", "job", "execute", "-m", "defs", "-j", "dataset_job"]) == "dataset_job"
     assert job_to_execute(["dagster", "job", "execute", "--job=refinement_job"]) == "refinement_job"

@@ -70,7 +70,20 @@ def score(
     return row
 
 
-def run_demo_cohort_bench(workdir: Path | None = None) -> list[dict]:
+def with_overrides(
+    settings: RefinementSettings, epochs: int = 0, iterations: int = 0, base_features: int = 0
+) -> RefinementSettings:
+    """``settings`` with the bench's non-zero overrides (0 keeps the quick profile's value)."""
+    given = {"num_epochs": epochs, "iterations_per_epoch": iterations, "base_features": base_features}
+    changes = {name: value for name, value in given.items() if value}
+    # a new resource, not model_copy(update=...): Dagster builds a run's resource from the config the
+    # object was constructed with, so a copy's updated fields never reach the run
+    return RefinementSettings(**{**settings.model_dump(), **changes}) if changes else settings
+
+
+def run_demo_cohort_bench(
+    workdir: Path | None = None, epochs: int = 0, iterations: int = 0, base_features: int = 0
+) -> list[dict]:
     """The demo cohort (``nnsam2 demo``'s data: a Dixon and a CT dataset of phantoms, expert labels known),
     the whole pipeline at the default profile; per dataset, propagation and final masks averaged over its
     scans, which masks the final ones are, and how many scans the final masks score below propagation."""
@@ -81,7 +94,9 @@ def run_demo_cohort_bench(workdir: Path | None = None) -> list[dict]:
     with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
         instance.add_dynamic_partitions("datasets", names)
         t0 = time.perf_counter()
-        run = materialize_cohort(instance, names, resources=build_resources(data, storage))
+        resources = build_resources(data, storage)
+        resources["refinement"] = with_overrides(resources["refinement"], epochs, iterations, base_features)
+        run = materialize_cohort(instance, names, resources=resources)
         total = time.perf_counter() - t0
         if run.failed:
             raise RuntimeError(f"pipeline failed: {run.failed}")
@@ -126,6 +141,7 @@ def run_refinement_bench(
     epochs: int = 0,
     iterations: int = 0,
     reference: str = "TUM01",
+    base_features: int = 0,
     extra_slices: tuple[int, ...] = (),
     refinement: RefinementSettings | None = None,
 ) -> list[dict]:
@@ -140,13 +156,9 @@ def run_refinement_bench(
     )
     tum_dataset(data, "tum", reference=reference, seed_z=seed_z, extra_slices=extra_slices)
     resources = build_resources(data, storage, refinement=refinement)
-    if epochs or iterations:  # 0 keeps the quick profile's budget
-        # a new resource, not model_copy(update=...): Dagster builds a run's resource from the config the
-        # object was constructed with, so a copy's updated fields never reach the run
-        base = resources["refinement"].model_dump()  # the given settings, else the environment's
-        resources["refinement"] = RefinementSettings(
-            **{**base, "num_epochs": epochs, "iterations_per_epoch": iterations}
-        )
+    resources["refinement"] = with_overrides(  # the given settings, else the environment's
+        resources["refinement"], epochs, iterations, base_features
+    )
     timings: dict[str, float] = {}
     (root / "dagster").mkdir(parents=True, exist_ok=True)
     with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
@@ -225,22 +237,24 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=0, help="override the quick profile's epochs")
     parser.add_argument("--iterations", type=int, default=0, help="override its iterations per epoch")
     parser.add_argument(
+        "--base-features", type=int, default=0, help="override the 2d network's first-stage width"
+    )
+    parser.add_argument(
         "--rescore", default="", help="score a finished run's storage root instead of running"
     )
     args = parser.parse_args()
     references = CASES if args.direction == "both" else (args.direction,)
     if args.cohorts == "demo":
         references = ()
+    overrides = {"epochs": args.epochs, "iterations": args.iterations, "base_features": args.base_features}
     rows = []
     if args.rescore:
         rows = score_direction(Path(args.rescore), references[0], args.seed, {}, float("nan"))
         references = ()
     for reference in references:
-        rows += run_refinement_bench(
-            args.seed, epochs=args.epochs, iterations=args.iterations, reference=reference
-        )
+        rows += run_refinement_bench(args.seed, reference=reference, **overrides)
     if args.cohorts in ("all", "demo") and not args.rescore:
-        rows += run_demo_cohort_bench()
+        rows += run_demo_cohort_bench(**overrides)
     table = pd.DataFrame([r for r in rows if r["masks"] != "timings_s"])
     print(f"\nCPU: {cpu_model()}")
     for direction, part in table.groupby("direction", sort=False):

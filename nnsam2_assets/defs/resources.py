@@ -30,6 +30,7 @@ NNUNET_PROFILE_ENV = "NNSAM2_NNUNET_PROFILE"
 NNUNET_EPOCHS_ENV = "NNSAM2_NNUNET_EPOCHS"
 NNUNET_ITERATIONS_ENV = "NNSAM2_NNUNET_ITERATIONS"
 NNUNET_TRAINER_ENV = "NNSAM2_NNUNET_TRAINER"  # "plain" or "nnsam"
+NNUNET_BASE_FEATURES_ENV = "NNSAM2_NNUNET_BASE_FEATURES"  # the 2d network's first width, e.g. 16
 FOREGROUND_SAMPLING_ENV = "NNSAM2_FOREGROUND_SAMPLING"  # "pseudo_labels" or "supervoxels"
 
 
@@ -112,6 +113,7 @@ class RefinementSettings(dg.ConfigurableResource):
     sam2_image_size: int = RefinementConfig.sam2_image_size
     sam2_random_weights: bool = RefinementConfig.sam2_random_weights
     foreground_sampling: str = RefinementConfig.foreground_sampling
+    base_features: int = RefinementConfig.base_features
 
     def config(self) -> RefinementConfig:
         return _as_dataclass(self, RefinementConfig)
@@ -155,6 +157,7 @@ def build_resources(
             num_epochs=env_int_or(NNUNET_EPOCHS_ENV, 0),
             iterations_per_epoch=env_int_or(NNUNET_ITERATIONS_ENV, 0),
             trainer=env_or(NNUNET_TRAINER_ENV, "plain"),
+            base_features=env_int_or(NNUNET_BASE_FEATURES_ENV, 0),
             foreground_sampling=env_or(FOREGROUND_SAMPLING_ENV, "pseudo_labels"),
             sam2_checkpoint=propagation.sam2_checkpoint,
             sam2_config=propagation.sam2_config,

@@ -139,6 +139,11 @@ def test_quick_plan_caps_patch_and_batch_and_resamples(tmp_path):
     assert max(cfg["patch_size"]) <= 128 and cfg["batch_size"] <= 4
     assert cfg["spacing"] == [2.0, 2.0]
     assert (tmp_path / "pre" / raw.name / cfg["data_identifier"]).is_dir()
+    assert cfg["architecture"]["arch_kwargs"]["features_per_stage"][0] == 32  # nnU-Net's width unless asked
+    with nn.nnunet_env(tmp_path / "raw", tmp_path / "pre", tmp_path / "res"):
+        narrow = nn.plan_and_preprocess(raw, tmp_path / "pre", nn.get_profile("quick", base_features=16))
+    widths = narrow["configurations"]["2d"]["architecture"]["arch_kwargs"]["features_per_stage"]
+    assert list(widths[:3]) == [16, 32, 64]
     # the fingerprint's intensity sample is small because nothing reads it: every case is z-scored on its own
     assert cfg["normalization_schemes"] == ["ZScoreNormalization"]
     extractor = nn.train.fingerprint_extractor_class()

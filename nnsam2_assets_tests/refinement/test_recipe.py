@@ -23,7 +23,7 @@ def test_models_trained_with_another_recipe_are_not_current(tmp_path):
     assert models_state(tmp_path, ["a"], recipe_key(plain)).current
     assert models_state(tmp_path, ["a"]).current  # no recipe asked for: data alone
     for other in (plain.replace(trainer="nnsam"), plain.replace(foreground_sampling="supervoxels"),
-                  plain.replace(num_epochs=2)):  # fmt: skip
+                  plain.replace(num_epochs=2), plain.replace(base_features=16)):  # fmt: skip
         state = models_state(tmp_path, ["a"], recipe_key(other))
         assert not state.current and "another recipe" in state.reason
 
@@ -38,3 +38,13 @@ def test_the_supervoxels_phase_runs_when_the_models_sample_on_them(monkeypatch):
     refinement = resolved(build_resources()["refinement"])  # the environment variable, read as a run reads it
     assert refinement.foreground_sampling == "supervoxels"
     assert refinement.config().profile_obj().foreground_sampling == "supervoxels"
+
+
+def test_the_network_width_reaches_the_profile(monkeypatch):
+    from nnsam2_assets.defs.resources import NNUNET_BASE_FEATURES_ENV, build_resources, resolved
+
+    default = resolved(build_resources()["refinement"])
+    assert default.config().profile_obj().base_features is None  # nnU-Net's own width
+    monkeypatch.setenv(NNUNET_BASE_FEATURES_ENV, "16")
+    narrow = resolved(build_resources()["refinement"])
+    assert narrow.config().profile_obj().base_features == 16

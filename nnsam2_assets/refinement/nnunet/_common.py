@@ -52,6 +52,8 @@ class Profile:
     target_inplane_spacing_mm: float | None = None
     max_patch: int | None = None
     max_batch: int | None = None
+    # the 2d network's first-stage width (nnU-Net doubles it per stage up to its cap); None keeps nnU-Net's 32
+    base_features: int | None = None
     device: str = "auto"  # "auto" -> cuda if available else cpu
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
     # augmentation worker processes: None -> 0 (in-process) on CPU, up to 8 on CUDA so the GPU is fed

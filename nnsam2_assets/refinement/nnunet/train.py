@@ -34,7 +34,7 @@ from .raw import RawDataset, TrainingCase, write_raw_dataset
 
 
 def _quick_2d_plan(planner: Any, plans: dict, profile: Profile) -> dict:
-    """Re-plan the 2d configuration at a coarse in-plane spacing with capped patch and batch size."""
+    """Re-plan the 2d configuration at a coarse in-plane spacing with capped patch, batch size and width."""
     fp = planner.dataset_fingerprint
     tf = plans["transpose_forward"]
     spacings = np.asarray(fp["spacings"], dtype=float)[:, tf]  # [n, 3] in transposed order
@@ -45,6 +45,8 @@ def _quick_2d_plan(planner: Any, plans: dict, profile: Profile) -> dict:
     new_shapes = shapes[:, 1:] * spacings[:, 1:] / target
     median_shape = np.median(new_shapes, 0)
     n_vox = float(np.prod(median_shape) * np.median(shapes[:, 0]) * len(shapes))
+    if profile.base_features:
+        planner.UNet_base_num_features = profile.base_features
     cap = profile.max_patch or 10**6
     limit = cap
     for _ in range(16):
@@ -107,7 +109,12 @@ def plan_and_preprocess(raw: RawDataset, preprocessed_root: Path, profile: Profi
         )
 
         plans, _ = plan_experiment_dataset(raw.dataset_id, ExperimentPlanner)
-        if profile.target_inplane_spacing_mm or profile.max_patch or profile.max_batch:
+        if (
+            profile.target_inplane_spacing_mm
+            or profile.max_patch
+            or profile.max_batch
+            or profile.base_features
+        ):
             if profile.configuration != "2d":
                 raise ValueError("plan rewriting (spacing/patch/batch caps) is implemented for 2d only")
             planner = ExperimentPlanner(raw.dataset_id)

@@ -3,7 +3,10 @@ retrains instead of reusing models trained another way."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+
+import pytest
 
 from nnsam2_assets.core.layout import model_pointer, model_version_dir
 from nnsam2_assets.refinement import nnunet
@@ -48,3 +51,6 @@ def test_the_network_width_reaches_the_profile(monkeypatch):
     monkeypatch.setenv(NNUNET_BASE_FEATURES_ENV, "16")
     narrow = resolved(build_resources()["refinement"])
     assert narrow.config().profile_obj().base_features == 16
+    for unusable in ({"profile": "paper"}, {"base_features": 2}):  # a 3d recipe, or a width too narrow
+        with pytest.raises(ValueError, match="network width"):
+            dataclasses.replace(narrow.config(), **unusable).profile_obj()

@@ -90,6 +90,11 @@ class Profile:
                 f"unknown foreground sampling {self.foreground_sampling!r}; "
                 f"choose from {sorted(FOREGROUND_SAMPLING)}"
             )
+        if self.base_features is not None and (self.configuration != "2d" or self.base_features < 4):
+            raise ValueError(
+                f"network width {self.base_features} for the {self.configuration} configuration: the width is "
+                "set for 2d only, at 4 features or more"
+            )
 
     def replace(self, **changes: Any) -> Profile:
         return dataclasses.replace(self, **changes)

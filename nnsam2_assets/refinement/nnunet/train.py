@@ -116,7 +116,9 @@ def plan_and_preprocess(raw: RawDataset, preprocessed_root: Path, profile: Profi
             or profile.base_features
         ):
             if profile.configuration != "2d":
-                raise ValueError("plan rewriting (spacing/patch/batch caps) is implemented for 2d only")
+                raise ValueError(
+                    "plan rewriting (spacing, patch and batch caps, width) is implemented for 2d only"
+                )
             planner = ExperimentPlanner(raw.dataset_id)
             planner.dataset_fingerprint = json.loads(
                 (Path(preprocessed_root) / raw.name / "dataset_fingerprint.json").read_text()

@@ -179,6 +179,9 @@ def test_train_publishes_complete_model(trained):
     assert sum(info.epoch_seconds) <= info.train_seconds
     assert info.final_train_loss is not None and len(info.pseudo_dice) == 2
     assert nn.ModelInfo.from_dir(model_dir) == info
+    plan = json.loads((model_dir / "plans.json").read_text())["configurations"][info.configuration]
+    assert info.features_per_stage == list(plan["architecture"]["arch_kwargs"]["features_per_stage"])
+    assert info.features_per_stage[0] == 32  # nnU-Net's width: the profile does not narrow it by default
     before, after = trained["env"]
     assert before == after  # nnUNet_* env vars are scoped to the call
 

@@ -410,6 +410,9 @@ class ModelInfo:
     # nnsam models: level_set_weight, sam_encoder (a SAM2 model id, or "none": the shape head alone),
     # sam2_config, sam2_image_size, sam_level (the encoder level the embedding joins)
     nnsam: dict[str, Any] | None = None
+    # the network's width per encoder stage (the profile's ``base_features`` sets the first); empty in
+    # records written before it was kept
+    features_per_stage: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -552,6 +555,10 @@ def train_model(
                 patch_size=[int(i) for i in trainer.configuration_manager.patch_size],
                 batch_size=int(trainer.configuration_manager.batch_size),
                 spacing=[float(s) for s in trainer.configuration_manager.spacing],
+                features_per_stage=[
+                    int(f)
+                    for f in trainer.configuration_manager.network_arch_init_kwargs["features_per_stage"]
+                ],
                 train_seconds=round(train_seconds, 3),
                 seconds_per_iteration=round(trainer.train_seconds / max(trainer.train_iterations, 1), 4),
                 epoch_seconds=[round(t, 3) for t in trainer.epoch_seconds],

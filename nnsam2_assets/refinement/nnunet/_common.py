@@ -90,14 +90,21 @@ class Profile:
                 f"unknown foreground sampling {self.foreground_sampling!r}; "
                 f"choose from {sorted(FOREGROUND_SAMPLING)}"
             )
-        if self.base_features is not None and (self.configuration != "2d" or self.base_features < 4):
+        if self.rewrites_plan and self.configuration != "2d":
             raise ValueError(
-                f"network width {self.base_features} for the {self.configuration} configuration: the width is "
-                "set for 2d only, at 4 features or more"
+                f"the {self.configuration} configuration with a rewritten plan: in-plane spacing, patch and "
+                "batch caps and the network width are implemented for 2d only"
             )
+        if self.base_features is not None and self.base_features < 4:
+            raise ValueError(f"network width {self.base_features}: at least 4 features")
 
     def replace(self, **changes: Any) -> Profile:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def rewrites_plan(self) -> bool:
+        """Does the profile change nnU-Net's own plan (the quick 2d re-plan)?"""
+        return bool(self.target_inplane_spacing_mm or self.max_patch or self.max_batch or self.base_features)
 
     @property
     def total_iterations(self) -> int:

@@ -109,16 +109,7 @@ def plan_and_preprocess(raw: RawDataset, preprocessed_root: Path, profile: Profi
         )
 
         plans, _ = plan_experiment_dataset(raw.dataset_id, ExperimentPlanner)
-        if (
-            profile.target_inplane_spacing_mm
-            or profile.max_patch
-            or profile.max_batch
-            or profile.base_features
-        ):
-            if profile.configuration != "2d":
-                raise ValueError(
-                    "plan rewriting (spacing, patch and batch caps, width) is implemented for 2d only"
-                )
+        if profile.rewrites_plan:  # a 2d profile: ``Profile`` refuses the others
             planner = ExperimentPlanner(raw.dataset_id)
             planner.dataset_fingerprint = json.loads(
                 (Path(preprocessed_root) / raw.name / "dataset_fingerprint.json").read_text()

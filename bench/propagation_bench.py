@@ -20,28 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import SimpleITK as sitk
 from scipy import stats
 
 from nnsam2_assets.core.labels import mean_dice, mean_slice_dice, merge_sides, slice_dice
 from nnsam2_assets.propagation.backends import build_propagator
-from nnsam2_assets.testing.realdata import TUM
-
-
-def load_case(case: str) -> tuple[sitk.Image, np.ndarray]:
-    """Canonical (LPS) water image as float32 and its 4-class expert labels (same grid: both lack the origin)."""
-    water = sitk.DICOMOrient(sitk.ReadImage(str(TUM / f"{case}_water.nii.gz"), sitk.sitkFloat32), "LPS")
-    labels = sitk.DICOMOrient(sitk.ReadImage(str(TUM / f"{case}_label_watergrid.nii.gz")), "LPS")
-    return water, sitk.GetArrayFromImage(labels).astype(np.uint8)
-
-
-def one_slice(labels: np.ndarray, z: int, like: sitk.Image) -> sitk.Image:
-    """Annotation image holding only slice ``z`` of ``labels``."""
-    arr = np.zeros_like(labels, dtype=np.uint8)
-    arr[z] = labels[z]
-    img = sitk.GetImageFromArray(arr)
-    img.CopyInformation(like)
-    return img
+from nnsam2_assets.testing.realdata import slice_annotation as one_slice
+from nnsam2_assets.testing.realdata import tum_canonical as load_case
 
 
 def score(masks: np.ndarray, truth: np.ndarray, confidence: pd.DataFrame, n_classes: int) -> dict:

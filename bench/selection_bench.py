@@ -21,15 +21,12 @@ import SimpleITK as sitk
 from nnsam2_assets.core.labels import mean_dice, merge_sides
 from nnsam2_assets.propagation.registration import RegistrationPropagator
 from nnsam2_assets.pseudolabels.selection import SelectionConfig, select_slices, slice_table
-from nnsam2_assets.testing.realdata import TUM
+from nnsam2_assets.testing.realdata import tum_canonical
 
 
 def _load(case: str) -> tuple[sitk.Image, np.ndarray]:
-    img = sitk.Cast(
-        sitk.DICOMOrient(sitk.ReadImage(str(TUM / f"{case}_water.nii.gz")), "LPS"), sitk.sitkFloat32
-    )
-    lab = sitk.DICOMOrient(sitk.ReadImage(str(TUM / f"{case}_label_watergrid.nii.gz")), "LPS")
-    return img, merge_sides(sitk.GetArrayFromImage(lab))
+    img, labels = tum_canonical(case)
+    return img, merge_sides(labels)
 
 
 def run_selection_bench() -> list[dict]:

@@ -24,6 +24,22 @@ CHAOS = SHARED_DATA / "chaos_unlabeled"
 TUM_LABEL_MAP = class_map(4)  # MyoSegmenTUM ids are ours (checked by position and size)
 
 
+def tum_canonical(case: str) -> tuple[sitk.Image, np.ndarray]:
+    """A MyoSegmenTUM subject on the canonical (LPS) grid: the water image as float32 and its 4-class expert
+    labels as an array. The water image and the watergrid labels share the same origin-less affine, so they
+    pair by array index."""
+    water = sitk.DICOMOrient(sitk.ReadImage(str(TUM / f"{case}_water.nii.gz"), sitk.sitkFloat32), "LPS")
+    labels = sitk.DICOMOrient(sitk.ReadImage(str(TUM / f"{case}_label_watergrid.nii.gz")), "LPS")
+    return water, sitk.GetArrayFromImage(labels).astype(np.uint8)
+
+
+def slice_annotation(labels: np.ndarray, z: int, like: sitk.Image) -> sitk.Image:
+    """An annotation on ``like``'s grid holding only slice ``z`` of the label array ``labels``."""
+    image = sitk.GetImageFromArray(labels.astype(np.uint8))
+    image.CopyInformation(like)
+    return one_slice_annotation(image, z)
+
+
 def allow_shared_data() -> None:
     """Let datasets built here read through their symlinks into the shared data (``NNSAM2_ALLOWED_ROOTS``);
     child processes inherit it."""

@@ -15,7 +15,7 @@ from nnsam2_assets.propagation.base import (
     target_seed_slice,
 )
 from nnsam2_assets.propagation.registration import RegistrationPropagator, clean_class_masks
-from nnsam2_assets.testing.realdata import TUM
+from nnsam2_assets.testing.realdata import slice_annotation, tum_canonical
 
 MERGE_4_TO_2 = np.array([0, 1, 1, 2, 2], dtype=np.uint8)
 
@@ -135,10 +135,8 @@ def test_clean_class_masks_non_overlapping_largest_component_filled():
 
 # ------------------------------------------------------------------------------------------------ real data
 def _load(case: str) -> tuple[sitk.Image, np.ndarray]:
-    # Water image and watergrid labels share the same (origin-less) affine, so they pair by array index.
-    water = sitk.DICOMOrient(sitk.ReadImage(str(TUM / f"{case}_water.nii.gz"), sitk.sitkFloat32), "LPS")
-    labels = sitk.DICOMOrient(sitk.ReadImage(str(TUM / f"{case}_label_watergrid.nii.gz")), "LPS")
-    return water, MERGE_4_TO_2[sitk.GetArrayFromImage(labels).astype(np.uint8)]
+    water, labels = tum_canonical(case)
+    return water, MERGE_4_TO_2[labels]
 
 
 def _volume_dice(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> float:
@@ -153,10 +151,7 @@ def test_real_tum01_middle_slice_to_tum01_and_tum02():
     """Acceptance: TUM01's middle slice (2-class expert labels) propagates with mean volume Dice >= 0.85."""
     ref, ref_lab = _load("TUM01")
     seed = ref_lab.shape[0] // 2
-    ann = np.zeros_like(ref_lab)
-    ann[seed] = ref_lab[seed]
-    annotation = sitk.GetImageFromArray(ann)
-    annotation.CopyInformation(ref)
+    annotation = slice_annotation(ref_lab, seed, ref)
     prop = build_propagator("registration")  # default quality, built once for both targets
     for case in ("TUM01", "TUM02"):
         tgt, truth = (ref, ref_lab) if case == "TUM01" else _load(case)

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from nnsam2_assets.core.labels import mean_dice, merge_sides
 from nnsam2_assets.propagation.base import target_seed_slice
-from nnsam2_assets.propagation.muscle_split import apply_caudal_share, caudal_mm_per_slice
+from nnsam2_assets.propagation.muscle_split import apply_caudal_share, caudal_mm_per_slice, caudal_slope
 from nnsam2_assets.propagation.registration import RegistrationPropagator, RegistrationSettings
 from nnsam2_assets.testing.realdata import slice_annotation, tum_canonical
 
@@ -63,28 +63,62 @@ def test_caudal_direction_comes_from_the_image_geometry():
     assert caudal_mm_per_slice(sitk.DICOMOrient(img, "LPI")) == 3.5
 
 
-def test_the_registration_backend_applies_it_to_four_classes_only():
+def _rising(slope_per_mm: float, n_slices: int = 9, seed: int = 4) -> np.ndarray:
+    """Two 100-column sides whose multifidus share has logit -1 at the seed and rises caudally at the given
+    slope (z runs to the head, 4 mm per slice)."""
+    lab = np.zeros((n_slices, 6, 210), dtype=np.uint8)
+    for z in range(n_slices):
+        share = 1 / (1 + np.exp(-(-1 + slope_per_mm * 4.0 * (seed - z))))
+        k = int(round(100 * share))
+        lab[z, :, : 100 - k], lab[z, :, 100 - k : 100] = RIGHT_ES, RIGHT_MF
+        lab[z, :, 110 : 110 + k], lab[z, :, 110 + k :] = LEFT_MF, LEFT_ES
+    return lab
+
+
+def test_a_share_that_already_rises_fast_enough_is_left_alone():
+    lab = _rising(0.03)
+    assert caudal_slope(lab, "right", -4.0) > 0.025
+    assert np.array_equal(apply_caudal_share(lab, 4, -4.0, 0.015), lab)
+
+
+def test_a_milder_rise_gets_only_what_is_missing():
+    lab = _rising(0.005)
+    out = apply_caudal_share(lab, 4, -4.0, 0.015)
+    for side in ("right", "left"):
+        assert abs(caudal_slope(lab, side, -4.0) - 0.005) < 0.002
+        assert abs(caudal_slope(out, side, -4.0) - 0.015) < 0.002
+    assert np.array_equal(merge_sides(out), merge_sides(lab))
+
+
+def test_the_registration_backend_moves_the_interface_for_four_classes_only(monkeypatch):
     from nnsam2_assets.demo.phantom import generate_cohort
+    from nnsam2_assets.propagation import registration
 
     cohort = generate_cohort(2, seed=3)
     ref, tgt = cohort.members[0], cohort.members[1]
     z = ref.seed_slice_middle
-    flat = dataclasses.replace(RegistrationSettings(), caudal_share_slope_per_mm=0.0)
-    results = {}
-    for name, labels in (("4", ref.labels), ("2", ref.labels2)):
-        ann = np.zeros_like(labels)
-        ann[z] = labels[z]
-        annotation = sitk.GetImageFromArray(ann)
-        annotation.CopyInformation(ref.images["water"])
-        for settings in (RegistrationSettings(), flat):
-            prop = RegistrationPropagator(settings=settings)
-            results[name, settings.caudal_share_slope_per_mm] = prop.propagate(
-                ref.images["water"], annotation, z, tgt.images["water"], "mri"
-            ).masks
-    with_prior, without = results["4", RegistrationSettings().caudal_share_slope_per_mm], results["4", 0.0]
-    assert not np.array_equal(with_prior, without)
-    assert np.array_equal(merge_sides(with_prior), merge_sides(without))
-    assert np.array_equal(results["2", RegistrationSettings().caudal_share_slope_per_mm], results["2", 0.0])
+    calls = []
+
+    def spy(labels: np.ndarray, seed_slice: int, caudal_mm: float, slope_per_mm: float) -> np.ndarray:
+        calls.append((labels.max(), seed_slice, caudal_mm, slope_per_mm))
+        return apply_caudal_share(labels, seed_slice, caudal_mm, slope_per_mm)
+
+    monkeypatch.setattr(registration.muscle_split, "apply_caudal_share", spy)
+    masks = {}
+    for n_classes, labels in ((4, ref.labels), (2, ref.labels2)):
+        annotation = slice_annotation(labels, z, ref.images["water"])
+        masks[n_classes] = (
+            RegistrationPropagator()
+            .propagate(ref.images["water"], annotation, z, tgt.images["water"], "mri")
+            .masks
+        )
+    target_seed = target_seed_slice(z, ref.labels.shape[0], tgt.labels.shape[0])
+    caudal = caudal_mm_per_slice(tgt.images["water"])
+    assert calls == [(4, target_seed, caudal, RegistrationSettings().caudal_share_slope_per_mm)]
+    # the phantoms draw a fascia between the muscles, which the chain follows: their propagated share
+    # already rises caudally faster than the least slope, so the step leaves them as they are
+    for side in ("right", "left"):
+        assert caudal_slope(masks[4], side, caudal) > RegistrationSettings().caudal_share_slope_per_mm
 
 
 def test_real_pair_four_class_dice_gains_and_the_share_follows_the_expert():

@@ -33,6 +33,11 @@ from nnsam2_assets.refinement import stages as refine_stages
 from nnsam2_assets.refinement.corrections import read_record
 from nnsam2_assets.refinement.final_masks import CONSENSUS_RULE, finish_refined, make_final_masks
 from nnsam2_assets.refinement.holdout import decide, held_out_slab
+from nnsam2_assets.refinement.muscle_split import (
+    CAUDAL_SHARE_SLOPE_PER_MM,
+    caudal_mm_per_slice,
+    caudal_slope,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -112,9 +117,15 @@ def test_a_4_class_dataset_keeps_4_classes_in_a_mixed_pool(demo_cohort, tmp_path
         summary = json.loads(refined.final_summary.read_text())
         assert (summary["n_classes"], summary["model_classes"]) == (k, 2)
         assert summary["es_mf_interface"] == ("propagation" if k == 4 else "model")
+        assert summary["es_mf_caudal_slope_per_mm"] == (CAUDAL_SHARE_SLOPE_PER_MM if k == 4 else None)
         for scan in ok_scans(refined):
-            final = sitk.GetArrayFromImage(sitk.ReadImage(str(refined.final_mask_canonical(scan))))
+            image = sitk.ReadImage(str(refined.final_mask_canonical(scan)))
+            final = sitk.GetArrayFromImage(image)
             assert set(np.unique(final)) == set(range(k + 1)), (name, scan)
+            if k == 4:  # the multifidus' share rises caudally at the least slope or more (fit tolerance)
+                for side in ("right", "left"):
+                    slope = caudal_slope(final, side, caudal_mm_per_slice(image))
+                    assert slope > CAUDAL_SHARE_SLOPE_PER_MM - 0.003, (scan, side, slope)
 
         layout = DatasetLayout(demo_cohort.storage_root, name)
         summary = json.loads(layout.final_summary.read_text())

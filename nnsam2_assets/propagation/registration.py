@@ -11,8 +11,7 @@ Scheme (per target scan):
 3. Labels: argmax over the warped soft class masks and the background; each side's edge re-placed along the
    target's own image edges within a few millimetres (``propagation.boundary``, a random walker); per class
    the largest connected component in 2-D per slice and in 3-D, holes filled. On the reference itself, the
-   annotated slice is the annotation. With 4 classes, the ES/MF interface inside each side is then moved so
-   that the multifidus' share rises caudally of the seed level (``propagation.muscle_split``).
+   annotated slice is the annotation.
 4. Confidence: windowed normalised cross-correlation between the target slice and the reference slice warped
    through the same composed transform, inside a band around each class mask, damped by the distance from
    the seed level (the chain accumulates error with every step).
@@ -36,7 +35,7 @@ from scipy import ndimage
 
 from nnsam2_assets.core.masks import largest_component
 from nnsam2_assets.ingest.clicks import SliceClicks
-from nnsam2_assets.propagation import boundary, muscle_split
+from nnsam2_assets.propagation import boundary
 from nnsam2_assets.propagation.base import (
     CONFIDENCE_COLUMNS,
     PropagationResult,
@@ -44,7 +43,7 @@ from nnsam2_assets.propagation.base import (
     target_seed_slice,
 )
 
-MODEL_ID = "sitk-demons-v3"  # v2: side edges refined on the target image; v3: caudal multifidus share
+MODEL_ID = "sitk-demons-v2"  # v2: side edges refined on the target image
 BACKEND_IDENTITY = f"registration|{MODEL_ID}"  # what its masks depend on besides the data
 CT_WINDOW = (
     -200.0,
@@ -68,8 +67,6 @@ class RegistrationSettings:
     confidence_decay_slices: float = 40.0  # distance damping of the confidence, in slices
     boundary_band_mm: float = boundary.BAND_MM  # the side edges' random walker (0: off)
     boundary_beta: float = boundary.BETA
-    # 4-class: the multifidus' share of its side rises caudally of the seed level (``muscle_split``; 0: off)
-    caudal_share_slope_per_mm: float = muscle_split.CAUDAL_SHARE_SLOPE_PER_MM
 
 
 FAST_SETTINGS = RegistrationSettings(demons_iterations=(30, 20, 8), chain_demons_iterations=(20, 10, 4))
@@ -469,10 +466,6 @@ class RegistrationPropagator:
             labels, tgt_norm, n_classes, band, s.boundary_beta, keep_slices={t_seed} if own_seed else ()
         )
         labels = clean_class_masks(labels, n_classes)
-        if n_classes == 4:
-            labels = muscle_split.apply_caudal_share(
-                labels, t_seed, muscle_split.caudal_mm_per_slice(target), s.caudal_share_slope_per_mm
-            )
         return self._result(labels, ncc, t_seed, n_classes)
 
     @staticmethod

@@ -7,6 +7,9 @@ propagated ones; when it does not, the final masks are the propagated masks and 
 does, a final mask is the consensus of the two (``consensus``): the refined labels where the propagated mask
 has the same side.
 
+A 4-class dataset annotated on one slice gets its ES/MF interface moved so that the multifidus' share of
+each side rises caudally at least as the anatomy's does (``refinement.muscle_split``); the sides stay.
+
 A user's recorded correction (``refinement.corrections``) replaces its corrected slices of the scan's final
 mask; the agreement table says so per scan.
 
@@ -38,6 +41,7 @@ from nnsam2_assets.core.storage import (
 )
 from nnsam2_assets.ingest.annotation import annotated_slices, read_annotation_clicks, read_annotation_meta
 from nnsam2_assets.ingest.convention import DatasetSpec
+from nnsam2_assets.propagation.base import target_seed_slice
 from nnsam2_assets.propagation.boundary import band_pixels, refine_side_boundaries
 from nnsam2_assets.propagation.registration import registration_intensities
 from nnsam2_assets.propagation.steps import mask_digest
@@ -48,6 +52,11 @@ from nnsam2_assets.refinement.corrections import (
     read_record,
 )
 from nnsam2_assets.refinement.holdout import MIN_HELDOUT_DICE, RefinementDecision, decide
+from nnsam2_assets.refinement.muscle_split import (
+    CAUDAL_SHARE_SLOPE_PER_MM,
+    apply_caudal_share,
+    caudal_mm_per_slice,
+)
 from nnsam2_assets.refinement.stages import (
     STAGES,
     VERSION,
@@ -92,7 +101,9 @@ def write_on_original_grid(
     )
 
 
-FINAL_MASKS_VERSION = "final-v3"  # v3: the consensus of the refined and the propagated sides
+FINAL_MASKS_VERSION = (
+    "final-v4"  # v3: the consensus of the refined and the propagated sides; v4: caudal share
+)
 CONSENSUS_RULE = "consensus of refined and propagated sides"  # what the final masks are when refined
 
 
@@ -118,6 +129,13 @@ def consensus(refined: np.ndarray, k: int, propagated: np.ndarray, k_propagated:
     within -0.007..+0.002 of the refined masks (README, accuracy bench)."""
     same_side = to_class_space(refined, k, 2) == to_class_space(propagated, k_propagated, 2)
     return np.where(same_side, refined, 0).astype(refined.dtype)
+
+
+def caudal_share_pivot(annotated: tuple[int, ...], n_classes: int) -> int | None:
+    """The reference slice whose ES/MF split every level inherits, when the caudal share applies: a 4-class
+    dataset annotated on one slice. Several annotated levels carry their own splits and are left as they
+    are; None then."""
+    return annotated[0] if n_classes == 4 and len(annotated) == 1 else None
 
 
 def _correction_columns(corrected: AppliedCorrection | None, img: sitk.Image) -> dict:
@@ -167,6 +185,8 @@ def make_final_masks(
         ]
 
     reference_img = read_image(layout.scan_image(spec.reference))
+    n_reference = reference_img.GetSize()[2]
+    pivot = caudal_share_pivot(annotated_slices(read_annotation_meta(layout)), k_out)
     reference_prediction = finish_refined(
         read_array(stage_paths(spec.reference, reference_img)[-1]), reference_img, spec.modality, k
     )
@@ -185,6 +205,7 @@ def make_final_masks(
             decision.source,
             mask_digest(layout, scan),  # the final mask when propagated, and its ES/MF interface
             record.key if record else "",
+            pivot,
         )
         outputs = [layout.final_mask(scan), layout.final_mask_canonical(scan)]
         if spec.scans[scan].image.is_dir():
@@ -202,6 +223,9 @@ def make_final_masks(
             if decision.use_refined and k_out > k:
                 spacing_zyx = tuple(reversed(img.GetSpacing()))
                 final = clean_labels(split_sides(final, propagated_own, spacing_zyx), k_out)
+            if pivot is not None:
+                level = target_seed_slice(pivot, n_reference, img.GetSize()[2])
+                final = apply_caudal_share(final, level, caudal_mm_per_slice(img))
             corrected = apply_correction(final, layout, record, k_out)
             if corrected is not None:
                 final = corrected.mask
@@ -254,6 +278,8 @@ def make_final_masks(
         # with click prompts the held-out slice's truth is the mask made of the clicks, not a drawn one
         "heldout_truth": "click-made mask" if read_annotation_clicks(layout) else "drawn annotation",
         "es_mf_split_slices": split_slices,
+        # the least caudal rise of the multifidus' share given to the final masks (None: not applied)
+        "es_mf_caudal_slope_per_mm": CAUDAL_SHARE_SLOPE_PER_MM if pivot is not None else None,
     }
     atomic_write_json(summary, layout.final_summary)
     log(

@@ -1,14 +1,15 @@
-"""The multifidus' share of each side, made to grow caudally as the anatomy does.
+"""The multifidus' share of each side in a 4-class final mask, made to grow caudally as the anatomy does.
 
-Why: registration carries the annotated slice's ES/MF interface to every level, so where the interface shows
-little contrast the multifidus keeps the seed level's share of its side on every slice (measured on the TUM
-pair: 0.24-0.41 and 0.30-0.53 propagated, against the experts' 0.5-0.8 at the inferior end and 0.1-0.15 at the
-superior end). Over the lumbar levels the multifidus grows towards the sacrum while the erector spinae thins
-to its aponeurosis, so the share rises caudally in every spine. This module makes each side's share rise at
-least at a given slope on the logit scale: it fits the slope the propagation already has and adds only what
-is missing, so a propagation that followed a visible interface (the demo phantoms' fascia: slopes 0.02-0.04
-per mm) is left as it is. The side masks themselves (the 2-class result, volumes per side) are untouched:
-only voxels inside a side change muscle.
+Why: from one annotated slice, registration carries that level's ES/MF interface to every level, and the
+models learn the interface from those pseudo-labels. Where the interface shows little contrast the
+multifidus keeps the seed level's share of its side on every slice (TUM pair: 0.24-0.41 and 0.30-0.53
+propagated, against the experts' 0.5-0.8 at the inferior end and 0.1-0.15 at the superior end; the final
+masks' fitted slopes were -0.008..0.004 per mm). Over the lumbar levels the multifidus grows towards the
+sacrum while the erector spinae thins to its aponeurosis, so the share rises caudally in every spine. This
+module makes each side's share rise at least at a given slope on the logit scale: it fits the slope the mask
+already has and adds only what is missing, so masks that followed a visible interface (the demo phantoms
+draw a fascia: slopes 0.02-0.04 per mm) are left as they are. The side masks themselves (the 2-class
+result, volumes and fat ratios per side) are untouched: only voxels inside a side change muscle.
 """
 
 from __future__ import annotations

@@ -178,8 +178,9 @@ def _provenance(spec: DatasetSpec, labels: pd.DataFrame, summary: dict) -> str:
 
 def _muscle_split_caution(summary: dict) -> str:
     """A 4-class dataset annotated on one slice: propagation and the models carry that level's erector
-    spinae / multifidus split to every level, while the multifidus' share of a side changes several-fold
-    between L3 and S1. Side (2-class) numbers do not depend on the split."""
+    spinae / multifidus split to every level, raised caudally only by the anatomy's least rise
+    (``refinement.muscle_split``), while the multifidus' share of a side changes several-fold between L3 and
+    S1, by an amount that differs between people. Side (2-class) numbers do not depend on the split."""
     if len(summary.get("es_mf_split_slices") or []) != 1:
         return ""
     if summary.get("heldout_truth") == "click-made mask":
@@ -195,8 +196,9 @@ def _muscle_split_caution(summary: dict) -> str:
         )
     return (
         '<p class="caution" data-caution="es-mf-split">Per-muscle numbers (erector spinae, multifidus) carry '
-        "the split between the two muscles from the one annotated slice to every level; the multifidus' share "
-        "of a side grows several-fold from L3 to S1, so per-muscle volumes and fat ratios can be far off away "
+        "the split between the two muscles from the one annotated slice to every level, raised caudally only by "
+        "the least rise the anatomy shows; the multifidus' share of a side grows several-fold from L3 to S1, by "
+        "an amount that differs between people, so per-muscle volumes and fat ratios can be far off away "
         f"from that level. Per-side numbers do not depend on it. {advice}</p>"
     )
 

@@ -18,12 +18,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from bench._common import row
-from bench.propagation_bench import load_case
 from nnsam2_assets.core.labels import merge_sides
 from nnsam2_assets.refinement.nnunet._common import get_profile
 from nnsam2_assets.refinement.nnunet.raw import TrainingCase
 from nnsam2_assets.refinement.nnunet.train import train_model
 from nnsam2_assets.refinement.roi import roi_from_mask
+from nnsam2_assets.testing.realdata import tum_canonical
 
 QUICK = get_profile("quick")
 
@@ -52,7 +52,7 @@ def _tum_cases(folder: Path) -> list[TrainingCase]:
     folder.mkdir(parents=True, exist_ok=True)
     cases = []
     for case in ("TUM01", "TUM02"):
-        image, labels = load_case(case)
+        image, labels = tum_canonical(case)
         label_img = sitk.GetImageFromArray(merge_sides(labels).astype(np.uint8))
         label_img.CopyInformation(image)
         roi = roi_from_mask(label_img, QUICK.roi_margin_mm)  # the muscle box the stages train in

@@ -24,8 +24,7 @@ from scipy import stats
 
 from nnsam2_assets.core.labels import mean_dice, mean_slice_dice, merge_sides, slice_dice
 from nnsam2_assets.propagation.backends import build_propagator
-from nnsam2_assets.testing.realdata import slice_annotation as one_slice
-from nnsam2_assets.testing.realdata import tum_canonical as load_case
+from nnsam2_assets.testing.realdata import slice_annotation, tum_canonical
 
 
 def score(masks: np.ndarray, truth: np.ndarray, confidence: pd.DataFrame, n_classes: int) -> dict:
@@ -56,7 +55,7 @@ def run_case(propagator, ref: str, tgt: str, seed_name: str, cases: dict) -> dic
         r_lab = ref_lab if n_classes == 4 else merge_sides(ref_lab)
         t_lab = tgt_lab if n_classes == 4 else merge_sides(tgt_lab)
         t0 = time.perf_counter()
-        res = propagator.propagate(ref_img, one_slice(r_lab, seed, ref_img), seed, tgt_img, "mri")
+        res = propagator.propagate(ref_img, slice_annotation(r_lab, seed, ref_img), seed, tgt_img, "mri")
         seconds.append(time.perf_counter() - t0)
         assert res.masks.shape == t_lab.shape
         for key, val in score(res.masks, t_lab, res.confidence, n_classes).items():
@@ -71,7 +70,7 @@ def run_propagation_bench(quick: bool = False, backend: str = "registration", **
     if quick and backend == "registration":
         backend_kwargs.setdefault("fast", True)
     propagator = build_propagator(backend, **backend_kwargs)
-    cases = {c: load_case(c) for c in ("TUM01", "TUM02")}
+    cases = {c: tum_canonical(c) for c in ("TUM01", "TUM02")}
     plan = [("TUM01", "TUM02"), ("TUM02", "TUM01")]
     seeds = ["middle"] if quick else ["top", "middle"]
     if quick:

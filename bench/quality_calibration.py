@@ -28,11 +28,11 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from bench._common import cpu_model
-from bench.propagation_bench import load_case, one_slice
 from nnsam2_assets.core.labels import mean_dice, merge_sides
 from nnsam2_assets.demo.phantom import generate_cohort
 from nnsam2_assets.metrics.qc import GOOD_DICE, mean_confidence
 from nnsam2_assets.propagation.backends import build_propagator
+from nnsam2_assets.testing.realdata import slice_annotation, tum_canonical
 
 
 def _like(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
@@ -44,7 +44,7 @@ def _like(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
 def _case(
     propagator, name: str, ref: sitk.Image, ref_lab: np.ndarray, z: int, tgt: sitk.Image, truth, modality
 ):
-    res = propagator.propagate(ref, one_slice(ref_lab, z, ref), z, tgt, modality)
+    res = propagator.propagate(ref, slice_annotation(ref_lab, z, ref), z, tgt, modality)
     k = 4 if ref_lab.max() > 2 else 2
     dice = np.nan if truth is None else mean_dice(merge_sides(res.masks) if k == 4 else res.masks, truth, 2)
     return {
@@ -57,7 +57,7 @@ def _case(
 
 def labelled_and_broken_cases(propagator) -> list[dict]:
     rows = []
-    tum = {c: load_case(c) for c in ("TUM01", "TUM02")}
+    tum = {c: tum_canonical(c) for c in ("TUM01", "TUM02")}
     rng = np.random.default_rng(7)
     for ref, tgt in (("TUM01", "TUM02"), ("TUM02", "TUM01")):
         ref_img, ref_lab = tum[ref]

@@ -76,7 +76,8 @@ def bench_sam2(quick: bool, full_size: bool = False) -> list[dict]:
 
 
 def bench_propagation(quick: bool) -> list[dict]:
-    from bench.propagation_bench import TUM, run_propagation_bench
+    from bench.propagation_bench import run_propagation_bench
+    from nnsam2_assets.testing.realdata import TUM
 
     if not (TUM / "TUM01_water.nii.gz").exists():
         raise FileNotFoundError(f"{TUM}: real TUM pair missing (set NNSAM2_SHARED_DATA)")

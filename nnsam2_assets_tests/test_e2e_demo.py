@@ -23,6 +23,7 @@ from nnsam2_assets.core.layout import (
 from nnsam2_assets.core.masks import clean_labels
 from nnsam2_assets.core.storage import sha256_file
 from nnsam2_assets.definitions import all_assets
+from nnsam2_assets.defs.metadata import latest_metadata
 from nnsam2_assets.defs.resources import build_resources
 from nnsam2_assets.ingest.convention import load_dataset
 from nnsam2_assets.ingest.scans import ok_scans
@@ -118,6 +119,8 @@ def test_a_4_class_dataset_keeps_4_classes_in_a_mixed_pool(demo_cohort, tmp_path
         assert (summary["n_classes"], summary["model_classes"]) == (k, 2)
         assert summary["es_mf_interface"] == ("propagation" if k == 4 else "model")
         assert summary["es_mf_caudal_slope_per_mm"] == (CAUDAL_SHARE_SLOPE_PER_MM if k == 4 else None)
+        metadata = latest_metadata(demo_cohort.instance, "final_masks", name)
+        assert metadata["es_mf_caudal_slope_per_mm"] == (CAUDAL_SHARE_SLOPE_PER_MM if k == 4 else 0.0)
         for scan in ok_scans(refined):
             image = sitk.ReadImage(str(refined.final_mask_canonical(scan)))
             final = sitk.GetArrayFromImage(image)

@@ -226,6 +226,8 @@ def final_masks(
         "final_masks_source": out.decision.source,
         "final_rule": out.rule,
         "es_mf_split_from": describe_split_source(out.split_slices),
+        # logit per mm; 0 when not applied (2-class, or several annotated levels)
+        "es_mf_caudal_slope_per_mm": out.caudal_slope_per_mm or 0.0,
         "heldout_slice_dice": out.decision.heldout_dice,
         "min_heldout_slice_dice": out.decision.min_heldout_dice,
         "models": dg.MetadataValue.json(out.models),

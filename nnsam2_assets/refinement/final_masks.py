@@ -77,6 +77,9 @@ class FinalMasks:
     decision: RefinementDecision
     rule: str  # what the final masks are: ``CONSENSUS_RULE`` or the propagated masks
     split_slices: list[int]  # the annotated slices every level's ES/MF split comes from (4-class; else empty)
+    caudal_slope_per_mm: (
+        float | None
+    )  # the least caudal rise given to the multifidus' share; None: not applied
 
 
 def write_on_original_grid(
@@ -267,6 +270,7 @@ def make_final_masks(
     rule = CONSENSUS_RULE if decision.use_refined else "propagated masks"
     # the reference levels whose ES/MF split every other level inherits (4-class masks only)
     split_slices = list(annotated_slices(read_annotation_meta(layout))) if k_out == 4 else []
+    caudal_slope = CAUDAL_SHARE_SLOPE_PER_MM if pivot is not None else None
     summary = {
         "models": versions,
         "n_classes": k_out,
@@ -279,7 +283,7 @@ def make_final_masks(
         "heldout_truth": "click-made mask" if read_annotation_clicks(layout) else "drawn annotation",
         "es_mf_split_slices": split_slices,
         # the least caudal rise of the multifidus' share given to the final masks (None: not applied)
-        "es_mf_caudal_slope_per_mm": CAUDAL_SHARE_SLOPE_PER_MM if pivot is not None else None,
+        "es_mf_caudal_slope_per_mm": caudal_slope,
     }
     atomic_write_json(summary, layout.final_summary)
     log(
@@ -294,4 +298,5 @@ def make_final_masks(
         decision=decision,
         rule=rule,
         split_slices=split_slices,
+        caudal_slope_per_mm=caudal_slope,
     )

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from nnsam2_assets.core.labels import mean_dice, merge_sides
 from nnsam2_assets.propagation.base import target_seed_slice
 from nnsam2_assets.propagation.registration import RegistrationPropagator
 from nnsam2_assets.refinement.final_masks import caudal_share_pivot
-from nnsam2_assets.refinement.muscle_split import apply_caudal_share, caudal_mm_per_slice, caudal_slope
+from nnsam2_assets.refinement.muscle_split import (
+    apply_caudal_share,
+    caudal_mm_per_slice,
+    caudal_slope,
+    split_slice,
+)
 from nnsam2_assets.testing.realdata import slice_annotation, tum_canonical
 
 RIGHT_ES, RIGHT_MF, LEFT_MF, LEFT_ES = 1, 2, 3, 4
@@ -53,6 +59,27 @@ def test_no_slope_or_no_multifidus_changes_nothing():
     out = apply_caudal_share(no_mf, 4, -4.0, 0.02)
     assert not (out == RIGHT_MF).any()  # nothing to move on that side
     assert (out == LEFT_MF).sum() != (no_mf == LEFT_MF).sum()
+
+
+def test_the_split_inside_the_side_box_is_the_full_slice_split():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        side = np.zeros((64, 80), dtype=bool)
+        y, x = rng.integers(0, 40), rng.integers(0, 56)
+        side[y : y + rng.integers(5, 24), x : x + rng.integers(5, 24)] = True
+        side &= rng.random(side.shape) > 0.1  # ragged, with holes
+        multifidus = side & (np.arange(80)[None, :] < x + rng.integers(1, 10))
+        if not multifidus.any():
+            continue
+        share = float(rng.uniform(0.05, 0.95))
+        inside = ndimage.distance_transform_edt(multifidus)
+        outside = ndimage.distance_transform_edt(~multifidus)
+        signed = np.where(multifidus, -inside, outside)[side]
+        keep = np.zeros(signed.size, dtype=bool)
+        keep[np.argsort(signed, kind="stable")[: int(round(share * signed.size))]] = True
+        full = np.zeros_like(side)
+        full[tuple(index[keep] for index in np.nonzero(side))] = True
+        assert np.array_equal(split_slice(side, multifidus, share), full)
 
 
 def test_caudal_direction_comes_from_the_image_geometry():

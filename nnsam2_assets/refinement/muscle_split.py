@@ -40,24 +40,28 @@ def caudal_mm_per_slice(image: sitk.Image) -> float:
     return -float(direction[2, 2]) * float(image.GetSpacing()[2])
 
 
-def split_slice(side: np.ndarray, multifidus: np.ndarray, share: float) -> np.ndarray:
-    """The multifidus inside one side slice with the given share of it: the side's voxels ordered by their
-    signed distance to the current multifidus (inside first), the first ``share`` of them taken, so the
-    interface moves parallel to itself."""
-    # the distances only matter inside the side: its box plus one voxel of background (the multifidus lies
-    # in the side, so every voxel beyond the box is outside it) gives the full slice's distances, on a CT
-    # slice of 512 x 512 at a fraction of the cost
-    (y0, y1), (x0, x1) = ((int(i.min()), int(i.max()) + 1) for i in np.nonzero(side))
-    box = (slice(max(y0 - 1, 0), y1 + 1), slice(max(x0 - 1, 0), x1 + 1))
-    side_box, mf_box = side[box], multifidus[box]
-    inside = ndimage.distance_transform_edt(mf_box)
-    outside = ndimage.distance_transform_edt(~mf_box)
-    signed = np.where(mf_box, -inside, outside)[side_box]
+def ordered_split(side: np.ndarray, multifidus: np.ndarray, share: float) -> np.ndarray:
+    """The multifidus inside a side with the given share of it: the side's voxels ordered by their signed
+    distance to the current multifidus (inside first), the first ``share`` of them taken, so the interface
+    moves parallel to itself. Distances are taken over the whole array given."""
+    inside = ndimage.distance_transform_edt(multifidus)
+    outside = ndimage.distance_transform_edt(~multifidus)
+    signed = np.where(multifidus, -inside, outside)[side]
     keep = np.zeros(signed.size, dtype=bool)
     keep[np.argsort(signed, kind="stable")[: int(round(share * signed.size))]] = True
     out = np.zeros_like(side)
-    out_box = out[box]
-    out_box[tuple(index[keep] for index in np.nonzero(side_box))] = True
+    out[tuple(index[keep] for index in np.nonzero(side))] = True
+    return out
+
+
+def split_slice(side: np.ndarray, multifidus: np.ndarray, share: float) -> np.ndarray:
+    """``ordered_split`` of one side slice, computed in the side's box plus one voxel of background: the
+    multifidus lies in the side, so every voxel beyond the box is outside it and the split is the whole
+    slice's, on a CT slice of 512 x 512 at a fraction of the cost."""
+    (y0, y1), (x0, x1) = ((int(i.min()), int(i.max()) + 1) for i in np.nonzero(side))
+    box = (slice(max(y0 - 1, 0), y1 + 1), slice(max(x0 - 1, 0), x1 + 1))
+    out = np.zeros_like(side)
+    out[box] = ordered_split(side[box], multifidus[box], share)
     return out
 
 

@@ -77,9 +77,8 @@ class FinalMasks:
     decision: RefinementDecision
     rule: str  # what the final masks are: ``CONSENSUS_RULE`` or the propagated masks
     split_slices: list[int]  # the annotated slices every level's ES/MF split comes from (4-class; else empty)
-    caudal_slope_per_mm: (
-        float | None
-    )  # the least caudal rise given to the multifidus' share; None: not applied
+    # the least caudal rise given to the multifidus' share; None: not applied
+    caudal_slope_per_mm: float | None
 
 
 def write_on_original_grid(
@@ -104,9 +103,8 @@ def write_on_original_grid(
     )
 
 
-FINAL_MASKS_VERSION = (
-    "final-v4"  # v3: the consensus of the refined and the propagated sides; v4: caudal share
-)
+# v3: the consensus of the refined and the propagated sides; v4: the caudal multifidus share
+FINAL_MASKS_VERSION = "final-v4"
 CONSENSUS_RULE = "consensus of refined and propagated sides"  # what the final masks are when refined
 
 
@@ -189,7 +187,8 @@ def make_final_masks(
 
     reference_img = read_image(layout.scan_image(spec.reference))
     n_reference = reference_img.GetSize()[2]
-    pivot = caudal_share_pivot(annotated_slices(read_annotation_meta(layout)), k_out)
+    annotated = annotated_slices(read_annotation_meta(layout))
+    pivot = caudal_share_pivot(annotated, k_out)
     reference_prediction = finish_refined(
         read_array(stage_paths(spec.reference, reference_img)[-1]), reference_img, spec.modality, k
     )
@@ -269,7 +268,7 @@ def make_final_masks(
     versions = {s: m["version"] for s, m in models.items()}
     rule = CONSENSUS_RULE if decision.use_refined else "propagated masks"
     # the reference levels whose ES/MF split every other level inherits (4-class masks only)
-    split_slices = list(annotated_slices(read_annotation_meta(layout))) if k_out == 4 else []
+    split_slices = list(annotated) if k_out == 4 else []
     caudal_slope = CAUDAL_SHARE_SLOPE_PER_MM if pivot is not None else None
     summary = {
         "models": versions,

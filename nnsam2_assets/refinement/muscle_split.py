@@ -99,9 +99,11 @@ def apply_caudal_share(
     The seed slice and the side masks stay as they are; a side slice without multifidus is left alone (there
     is no interface to move)."""
     out = labels.copy()
+    if slope_per_mm <= 0:
+        return out
     for side_name in ("right", "left"):
         missing = slope_per_mm - caudal_slope(labels, side_name, caudal_mm)
-        if slope_per_mm <= 0 or missing <= 0:
+        if missing <= 0:
             continue
         mf, es = _muscle_ids(side_name)
         for z, logit in _logit_shares(labels, mf, es).items():

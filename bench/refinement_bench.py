@@ -34,6 +34,7 @@ from nnsam2_assets.demo.datasets import write_demo_cohort
 from nnsam2_assets.ingest.convention import load_dataset
 from nnsam2_assets.metrics.quant import fat_ratio
 from nnsam2_assets.refinement.nnunet import ModelInfo
+from nnsam2_assets.refinement.stages import STAGES
 from nnsam2_assets.runner import materialize_cohort
 from nnsam2_assets.testing.realdata import TUM, tum_dataset
 
@@ -85,38 +86,49 @@ def run_demo_cohort_bench(
     workdir: Path | None = None, epochs: int = 0, iterations: int = 0, base_features: int = 0
 ) -> list[dict]:
     """The demo cohort (``nnsam2 demo``'s data: a Dixon and a CT dataset of phantoms, expert labels known),
-    the whole pipeline at the default profile; per dataset, propagation and final masks averaged over its
-    scans, which masks the final ones are, and how many scans the final masks score below propagation."""
+    the whole pipeline at the default profile; per dataset, propagation, each stage's prediction and the final
+    masks averaged over its scans, which masks the final ones are, and how many scans the final masks score
+    below propagation."""
     root = Path(workdir or tempfile.mkdtemp(prefix="nnsam2-demo-accuracy-"))
     data, storage = root / "data", root / "storage"
     names = [p.name for p in write_demo_cohort(data)]
     (root / "dagster").mkdir(parents=True, exist_ok=True)
+    pooled: list[dg.ExecuteInProcessResult] = []
     with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
         instance.add_dynamic_partitions("datasets", names)
         t0 = time.perf_counter()
         resources = build_resources(data, storage)
         resources["refinement"] = with_overrides(resources["refinement"], epochs, iterations, base_features)
-        run = materialize_cohort(instance, names, resources=resources)
+        run = materialize_cohort(
+            instance,
+            names,
+            resources=resources,
+            on_result=lambda _p, name, res: _keep_pooled(pooled, name, res),
+        )
         total = time.perf_counter() - t0
         if run.failed:
             raise RuntimeError(f"pipeline failed: {run.failed}")
+    models = {stage: json.loads(model_pointer(storage, stage).read_text()) for stage in STAGES}
     rows = []
     for name in names:
         spec, layout = load_dataset(data, name), DatasetLayout(storage, name)
         summary = json.loads(layout.final_summary.read_text())
-        per_scan = {"propagation": [], "final": []}
+        per_scan: dict[str, list[dict]] = {"propagation": [], **{stage: [] for stage in STAGES}, "final": []}
         for scan in spec.scans:
             truth = read_array(layout.scan_expert(scan))
             dixon = layout.scan_fat(scan).exists()
             water = read_array(layout.scan_image(scan)) if dixon else None
             fat = read_array(layout.scan_fat(scan)) if dixon else None
-            for masks, path in (
-                ("propagation", layout.masks(scan)),
-                ("final", layout.final_mask_canonical(scan)),
-            ):
-                per_scan[masks].append(
-                    score(read_array(path), truth, spec.n_classes, water, fat, spec.n_classes)
-                )
+            sources = {
+                "propagation": (layout.masks(scan), spec.n_classes),
+                **{
+                    stage: (stage_prediction(Path(cur["model_dir"]), name, scan), int(cur["n_classes"]))
+                    for stage, cur in models.items()
+                },
+                "final": (layout.final_mask_canonical(scan), spec.n_classes),
+            }
+            for masks, (path, k) in sources.items():
+                per_scan[masks].append(score(read_array(path), truth, k, water, fat, spec.n_classes))
         below = sum(
             f["dice_2c"] < p["dice_2c"]
             for p, f in zip(per_scan["propagation"], per_scan["final"], strict=True)
@@ -125,14 +137,34 @@ def run_demo_cohort_bench(
         for masks, scores in per_scan.items():
             row = {"direction": f"demo cohort: {name}", "seed": "annotated", "masks": masks}
             row.update(pd.DataFrame(scores).mean().to_dict())
+            if masks in models:
+                row["s_per_iteration"] = ModelInfo.from_dir(
+                    Path(models[masks]["model_dir"])
+                ).seconds_per_iteration
             if masks == "final":
                 row["final_masks_are"] = (
                     f"{decision['source']} (held-out slice Dice {decision['heldout_dice']:.3f})"
                 )
                 row["scans_final_below_propagation"] = f"{below} of {len(spec.scans)}"
             rows.append(row)
-    rows.append({"direction": "demo cohort", "masks": "timings_s", "total": round(total, 1), **run.timings})
+    timings = {k: round(v, 1) for k, v in run.timings.items()} | step_seconds(pooled)
+    rows.append({"direction": "demo cohort", "masks": "timings_s", "total": round(total, 1), **timings})
     return rows
+
+
+def _keep_pooled(pooled: list, dataset: str | None, result: dg.ExecuteInProcessResult) -> None:
+    if dataset is None:  # the pooled phase: the three nnU-Net stages
+        pooled.append(result)
+
+
+def step_seconds(results: list[dg.ExecuteInProcessResult]) -> dict[str, float]:
+    """Each step's own wall time (s) in the given runs: the nnU-Net stages of the pooled phase."""
+    return {
+        event.step_key: round(event.event_specific_data.duration_ms / 1000, 1)
+        for result in results
+        for event in result.all_events
+        if event.is_step_success
+    }
 
 
 def run_refinement_bench(
@@ -159,22 +191,22 @@ def run_refinement_bench(
     resources["refinement"] = with_overrides(  # the given settings, else the environment's
         resources["refinement"], epochs, iterations, base_features
     )
-    timings: dict[str, float] = {}
+    pooled: list[dg.ExecuteInProcessResult] = []
     (root / "dagster").mkdir(parents=True, exist_ok=True)
     with dg.instance_for_test(temp_dir=str(root / "dagster")) as instance:
         instance.add_dynamic_partitions("datasets", ["tum"])
         t0 = time.perf_counter()
         run = materialize_cohort(
-            instance, ["tum"], resources=resources, progress=lambda m: print(m, flush=True)
+            instance,
+            ["tum"],
+            resources=resources,
+            progress=lambda m: print(m, flush=True),
+            on_result=lambda _p, name, res: _keep_pooled(pooled, name, res),
         )
         total = time.perf_counter() - t0
         if run.failed:
             raise RuntimeError(f"pipeline failed: {run.failed}")
-        timings.update({k: round(v, 1) for k, v in run.timings.items()})
-        for record in instance.get_records_for_run(run.run_ids[1]).records if len(run.run_ids) > 1 else []:
-            event = record.event_log_entry.dagster_event
-            if event and event.is_step_success:
-                timings[event.step_key] = round(event.event_specific_data.duration_ms / 1000, 1)
+    timings = {k: round(v, 1) for k, v in run.timings.items()} | step_seconds(pooled)
     return score_direction(storage, reference, seed, timings, total)
 
 
@@ -189,7 +221,7 @@ def score_direction(storage: Path, reference: str, seed: str, timings: dict, tot
     summary = json.loads(layout.final_summary.read_text())
     masks = {"propagation": (read_array(layout.masks(target)), 4)}
     seconds_per_iteration = {}
-    for stage in ("stage1", "stage2", "stage3"):
+    for stage in STAGES:
         cur = json.loads(model_pointer(storage, stage).read_text())
         masks[stage] = (
             read_array(stage_prediction(Path(cur["model_dir"]), "tum", target)),

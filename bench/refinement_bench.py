@@ -3,7 +3,7 @@ slice, in both directions (TUM01 annotated -> scored on TUM02, and TUM02 annotat
 the demo cohort (phantoms with known labels, one Dixon and one CT dataset).
 
     .venv/bin/python -m bench.refinement_bench [--direction both|TUM01|TUM02] [--seed middle|top]
-        [--cohorts all|tum|demo] [--json out.json]
+        [--cohorts all|tum|demo] [--json out.json] [--workdir DIR]
 
 Weight-free registration backend, the default (``quick``) nnU-Net profile. For the propagation, each nnU-Net
 stage and the final masks it prints, on the target scan: 2-class and 4-class volume Dice, the signed volume
@@ -274,7 +274,13 @@ def main() -> int:
     parser.add_argument(
         "--rescore", default="", help="score a finished run's storage root instead of running"
     )
+    parser.add_argument(
+        "--workdir",
+        default="",
+        help="keep each run under this folder (<reference>/ and demo/), for bench.final_mask_variants",
+    )
     args = parser.parse_args()
+    keep = Path(args.workdir) if args.workdir else None
     references = CASES if args.direction == "both" else (args.direction,)
     if args.cohorts == "demo":
         references = ()
@@ -284,9 +290,10 @@ def main() -> int:
         rows = score_direction(Path(args.rescore), references[0], args.seed, {}, float("nan"))
         references = ()
     for reference in references:
-        rows += run_refinement_bench(args.seed, reference=reference, **overrides)
+        workdir = keep / reference if keep else None
+        rows += run_refinement_bench(args.seed, workdir, reference=reference, **overrides)
     if args.cohorts in ("all", "demo") and not args.rescore:
-        rows += run_demo_cohort_bench(**overrides)
+        rows += run_demo_cohort_bench(keep / "demo" if keep else None, **overrides)
     table = pd.DataFrame([r for r in rows if r["masks"] != "timings_s"])
     print(f"\nCPU: {cpu_model()}")
     for direction, part in table.groupby("direction", sort=False):

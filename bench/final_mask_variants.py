@@ -1,0 +1,175 @@
+"""Post hoc ablation of the final-mask rule: how else the three stages' predictions and the propagated masks
+could make the final sides, scored on runs that ``bench.refinement_bench --workdir DIR`` kept.
+
+    .venv/bin/python -m bench.refinement_bench --workdir DIR      # the TUM directions and the demo cohort
+    .venv/bin/python -m bench.final_mask_variants DIR [--json out.json]
+
+No model is trained or run again: every variant reads the kept runs' stage predictions. Per case (a TUM
+direction's target scan; every scan of a demo dataset), 2-class volume Dice, signed side volume errors and
+the Dixon fat-ratio errors, averaged over a dataset's scans, and how many scans fall below propagation:
+
+- ``propagation``: the propagated masks;
+- ``final``: the run's final masks, as published;
+- ``stage3 finished``: the stage-3 prediction cleaned with its side edges re-placed (``finish_refined``);
+- ``consensus``: that, where the propagated mask has the same side (the default rule);
+- ``stage1 consensus``: the same rule from the stage-1 prediction;
+- ``stage vote consensus``: SimpleITK's ``LabelVoting`` of stages 1-3 (a tie takes stage 3's label),
+  finished, then the rule;
+- ``disagreement walker``: where the finished stage-3 and the propagated sides disagree, scikit-image's
+  random walker on the scan's image decides, seeded by the voxels where they agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from scipy import ndimage
+
+from bench._common import cpu_model
+from bench.refinement_bench import CASES, score
+from nnsam2_assets.core.imaging import read_array, read_image
+from nnsam2_assets.core.labels import to_class_space
+from nnsam2_assets.core.layout import DatasetLayout, model_pointer, stage_prediction
+from nnsam2_assets.core.masks import clean_labels
+from nnsam2_assets.ingest.convention import load_dataset
+from nnsam2_assets.propagation.boundary import BETA, walk
+from nnsam2_assets.propagation.registration import registration_intensities
+from nnsam2_assets.refinement.final_masks import consensus, finish_refined
+from nnsam2_assets.refinement.stages import STAGES
+from nnsam2_assets.testing.realdata import allow_shared_data
+
+WALK_MARGIN_PX = 3  # the walker's box around the disputed voxels
+
+
+def stage_vote(predictions: list[np.ndarray]) -> np.ndarray:
+    """Per voxel the label most stages give; where all differ, the last stage's."""
+    images = [sitk.GetImageFromArray(p.astype(np.uint8)) for p in predictions]
+    undecided = 255
+    voted = sitk.GetArrayFromImage(sitk.LabelVoting(images, undecided))
+    return np.where(voted == undecided, predictions[-1], voted).astype(np.uint8)
+
+
+def disagreement_walker(refined: np.ndarray, propagated: np.ndarray, intensities: np.ndarray) -> np.ndarray:
+    """2-class sides: the agreed voxels as they are, the disputed ones as the random walker places them."""
+    out = refined.copy()
+    for z in range(refined.shape[0]):
+        disputed = refined[z] != propagated[z]
+        if not disputed.any():
+            continue
+        seeds = np.where(disputed, 0, refined[z] + 1).astype(np.int32)
+        within = ndimage.binary_dilation(disputed, iterations=WALK_MARGIN_PX)
+        walked = walk(intensities[z], seeds, BETA, within)
+        out[z] = np.where(disputed, np.where(walked > 1, walked - 1, 0), refined[z])
+    return clean_labels(out, 2)
+
+
+def variants(
+    propagated: np.ndarray, k_propagated: int, stages: dict[str, np.ndarray], k_model: int,
+    image: sitk.Image, modality: str, final: np.ndarray, k_final: int,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Every variant's 2-class sides for one scan."""
+
+    def sides(labels: np.ndarray, k: int) -> np.ndarray:
+        return to_class_space(labels, k, 2)
+
+    def finished(labels: np.ndarray) -> np.ndarray:
+        return finish_refined(labels, image, modality, k_model)
+
+    def agreed(labels: np.ndarray) -> np.ndarray:
+        return sides(consensus(labels, k_model, propagated, k_propagated), k_model)
+
+    stage3 = finished(stages["stage3"])
+    intensities = registration_intensities(sitk.GetArrayViewFromImage(image), modality)
+    lazy: dict[str, Callable[[], np.ndarray]] = {
+        "propagation": lambda: sides(propagated, k_propagated),
+        "final": lambda: sides(final, k_final),
+        "stage3 finished": lambda: sides(stage3, k_model),
+        "consensus": lambda: agreed(stage3),
+        "stage1 consensus": lambda: agreed(finished(stages["stage1"])),
+        "stage vote consensus": lambda: agreed(finished(stage_vote([stages[s] for s in STAGES]))),
+        "disagreement walker": lambda: disagreement_walker(
+            sides(stage3, k_model), sides(propagated, k_propagated), intensities
+        ),
+    }
+    return {name: make() for name, make in lazy.items()}
+
+
+def score_run(run: Path, dataset: str, scans: list[str] | None, label: str) -> list[dict]:
+    """The variants of one kept run's dataset, averaged over ``scans`` (None: all of them)."""
+    storage = run / "storage"
+    spec, layout = load_dataset(run / "data", dataset), DatasetLayout(storage, dataset)
+    models = {stage: json.loads(model_pointer(storage, stage).read_text()) for stage in STAGES}
+    k_model = int(models["stage3"]["n_classes"])
+    k_final = int(json.loads(layout.final_summary.read_text())["n_classes"])
+    per_variant: dict[str, list[dict]] = {}
+    for scan in scans or list(spec.scans):
+        truth = read_array(layout.scan_expert(scan))
+        dixon = layout.scan_fat(scan).exists()
+        water = read_array(layout.scan_image(scan)) if dixon else None
+        fat = read_array(layout.scan_fat(scan)) if dixon else None
+        stages = {
+            s: read_array(stage_prediction(Path(m["model_dir"]), dataset, scan)) for s, m in models.items()
+        }
+        masks = variants(
+            read_array(layout.masks(scan)), spec.n_classes, stages, k_model,
+            read_image(layout.scan_image(scan)), spec.modality,
+            read_array(layout.final_mask_canonical(scan)), k_final,
+        )  # fmt: skip
+        for name, sides in masks.items():
+            per_variant.setdefault(name, []).append(score(sides, truth, 2, water, fat, spec.n_classes))
+    propagation = [r["dice_2c"] for r in per_variant["propagation"]]
+    rows = []
+    for name, scores in per_variant.items():
+        below = sum(r["dice_2c"] < p for r, p in zip(scores, propagation, strict=True))
+        rows.append(
+            {
+                "case": label,
+                "variant": name,
+                **pd.DataFrame(scores).mean().to_dict(),
+                "scans_below_propagation": f"{below} of {len(scores)}",
+            }
+        )
+    return rows
+
+
+def score_workdir(workdir: Path) -> list[dict]:
+    """Every run ``bench.refinement_bench --workdir`` kept under ``workdir``."""
+    allow_shared_data()
+    rows = []
+    for reference in CASES:
+        if (workdir / reference / "storage").exists():
+            target = next(c for c in CASES if c != reference)
+            rows += score_run(workdir / reference, "tum", [target], f"{reference}->{target}")
+    demo = workdir / "demo"
+    if (demo / "storage").exists():
+        for dataset in sorted(p.name for p in (demo / "data").iterdir() if p.is_dir()):
+            rows += score_run(demo, dataset, None, f"demo cohort: {dataset}")
+    if not rows:
+        raise SystemExit(f"{workdir}: no kept runs (run bench.refinement_bench --workdir {workdir} first)")
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("workdir", help="the folder given to bench.refinement_bench --workdir")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    rows = score_workdir(Path(args.workdir))
+    print(f"CPU: {cpu_model()}")
+    table = pd.DataFrame(rows)
+    for case, part in table.groupby("case", sort=False):
+        print(f"\n{case}: 2-class Dice, side volume error (%) and fat-ratio error against the expert")
+        print(part.drop(columns=["case"]).set_index("variant").round(4).to_string())
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

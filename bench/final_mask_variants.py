@@ -40,7 +40,8 @@ from nnsam2_assets.core.masks import clean_labels
 from nnsam2_assets.ingest.convention import load_dataset
 from nnsam2_assets.propagation.boundary import BETA, walk
 from nnsam2_assets.propagation.registration import registration_intensities
-from nnsam2_assets.refinement.final_masks import consensus, finish_refined
+from nnsam2_assets.refinement.final_masks import consensus
+from nnsam2_assets.refinement.finishing import finish_refined
 from nnsam2_assets.refinement.stages import STAGES
 from nnsam2_assets.testing.realdata import allow_shared_data
 

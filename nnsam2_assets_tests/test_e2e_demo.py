@@ -25,14 +25,15 @@ from nnsam2_assets.core.storage import sha256_file
 from nnsam2_assets.definitions import all_assets
 from nnsam2_assets.defs.metadata import latest_metadata
 from nnsam2_assets.defs.resources import build_resources
-from nnsam2_assets.ingest.convention import load_dataset
+from nnsam2_assets.ingest.convention import DatasetSpec, load_dataset
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.metrics.store import TABLES, query
 from nnsam2_assets.outputs.report import report_paths
 from nnsam2_assets.pipeline import OUTPUTS
 from nnsam2_assets.refinement import stages as refine_stages
 from nnsam2_assets.refinement.corrections import read_record
-from nnsam2_assets.refinement.final_masks import CONSENSUS_RULE, finish_refined, make_final_masks
+from nnsam2_assets.refinement.final_masks import CONSENSUS_RULE, make_final_masks
+from nnsam2_assets.refinement.finishing import finish_refined
 from nnsam2_assets.refinement.holdout import decide, held_out_slab
 from nnsam2_assets.refinement.muscle_split import (
     CAUDAL_SHARE_SLOPE_PER_MM,
@@ -420,10 +421,10 @@ def test_a_correction_flows_into_the_final_mask_the_metrics_and_the_next_trainin
         "corrected by a user on 1 slice(s)" in page.split(f'data-scan="{scan}"', 1)[1].split("</section>")[0]
     )
 
-    def n_classes(dataset: str) -> int:
-        return load_dataset(data if dataset == name else demo_cohort.data_root, dataset).n_classes
+    def spec(dataset: str) -> DatasetSpec:
+        return load_dataset(data if dataset == name else demo_cohort.data_root, dataset)
 
-    pool = refine_stages.build_pool(storage, demo_cohort.datasets, n_classes, log=print)
+    pool = refine_stages.build_pool(storage, demo_cohort.datasets, spec, log=print)
     _, labels = refine_stages._stage_labels("stage1", pool, storage, None)
     (z,) = record.corrected_slices
     assert not labels[(name, scan)][z].any()  # the erased slice is an exact (empty) label of the next run

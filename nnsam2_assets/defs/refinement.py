@@ -49,9 +49,7 @@ class StageSelectionConfig(dg.Config):
 
 def _pool(context: dg.AssetExecutionContext, storage: NnsamStorage) -> refine.Pool:
     names = context.instance.get_dynamic_partitions(datasets_partitions.name)
-    return refine.build_pool(
-        storage.root, names, lambda name: storage.dataset(name).n_classes, log=context.log.warning
-    )
+    return refine.build_pool(storage.root, names, storage.dataset, log=context.log.warning)
 
 
 def _result(info: refine.StageResult) -> dg.MaterializeResult:

@@ -42,8 +42,6 @@ from nnsam2_assets.core.storage import (
 from nnsam2_assets.ingest.annotation import annotated_slices, read_annotation_clicks, read_annotation_meta
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.propagation.base import target_seed_slice
-from nnsam2_assets.propagation.boundary import band_pixels, refine_side_boundaries
-from nnsam2_assets.propagation.registration import registration_intensities
 from nnsam2_assets.propagation.steps import mask_digest
 from nnsam2_assets.refinement.corrections import (
     NO_CORRECTION,
@@ -51,6 +49,7 @@ from nnsam2_assets.refinement.corrections import (
     apply_correction,
     read_record,
 )
+from nnsam2_assets.refinement.finishing import finish_refined
 from nnsam2_assets.refinement.holdout import MIN_HELDOUT_DICE, RefinementDecision, decide
 from nnsam2_assets.refinement.muscle_split import (
     CAUDAL_SHARE_SLOPE_PER_MM,
@@ -106,16 +105,6 @@ def write_on_original_grid(
 # v3: the consensus of the refined and the propagated sides; v4: the caudal multifidus share
 FINAL_MASKS_VERSION = "final-v4"
 CONSENSUS_RULE = "consensus of refined and propagated sides"  # what the final masks are when refined
-
-
-def finish_refined(prediction: np.ndarray, image: sitk.Image, modality: str, k: int) -> np.ndarray:
-    """A stage-3 prediction as a final mask: each class's largest component with its holes filled, then each
-    side's edge re-placed on the scan's own image as the propagated masks' are (``propagation.boundary``:
-    the models see the scan at 2 mm in-plane, the walker at its own resolution), cleaned again."""
-    cleaned = clean_labels(prediction, k)
-    intensities = registration_intensities(sitk.GetArrayViewFromImage(image), modality)
-    band = band_pixels(image.GetSpacing()[0])
-    return clean_labels(refine_side_boundaries(cleaned, intensities, k, band), k)
 
 
 def consensus(refined: np.ndarray, k: int, propagated: np.ndarray, k_propagated: int) -> np.ndarray:

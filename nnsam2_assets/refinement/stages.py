@@ -32,15 +32,18 @@ from nnsam2_assets.core.layout import (
     staged_label,
 )
 from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
+from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.refinement import nnunet
 from nnsam2_assets.refinement.corrections import corrected_exact_labels
+from nnsam2_assets.refinement.finishing import finish_refined
 from nnsam2_assets.refinement.holdout import exact_label_slices, held_out_slab
 from nnsam2_assets.refinement.roi import Roi, roi_from_mask
 from nnsam2_assets.refinement.rules import StageRule, select_stage_cases, slice_agreement, volume_smooth
 from nnsam2_assets.supervoxels.steps import sampling_points
 
-VERSION = "refinement-v3"  # v3: the annotated slab is held out of training
+# v3: the annotated slab is held out of training; v4: later stages learn finished predictions
+VERSION = "refinement-v4"
 STAGES = ("stage1", "stage2", "stage3")
 STAGE_IDS = {"stage1": 901, "stage2": 902, "stage3": 903}
 PREVIOUS = {"stage2": ("stage1", None), "stage3": ("stage2", "stage1")}
@@ -55,6 +58,7 @@ class Pool:
     layouts: dict[str, DatasetLayout]
     n_classes: dict[str, int]
     scans: dict[str, list[str]]
+    modality: dict[str, str] = field(default_factory=dict)  # how a later stage finishes its labels
 
     @property
     def classes(self) -> int:
@@ -69,24 +73,25 @@ class Pool:
         return to_class_space(labels, self.n_classes[dataset], self.classes, ignore=ignore)
 
 
-def build_pool(root: Path, datasets: list[str], n_classes_of: Callable[[str], int], log: Log) -> Pool:
+def build_pool(root: Path, datasets: list[str], spec_of: Callable[[str], DatasetSpec], log: Log) -> Pool:
     """The pool of every ingested dataset among ``datasets`` (its scans that passed ingest).
 
-    ``n_classes_of`` reads a dataset's class count from its description; a dataset whose folder was removed
-    or broke since ingest is left out, and ``log`` says so.
+    ``spec_of`` reads a dataset's description (its class count and modality); a dataset whose folder was
+    removed or broke since ingest is left out, and ``log`` says so.
     """
     layouts = {k: DatasetLayout(root, k) for k in sorted(datasets)}
     layouts = {k: v for k, v in layouts.items() if v.manifest.exists()}
-    n_classes = {}
+    specs = {}
     for name in layouts:
         try:
-            n_classes[name] = n_classes_of(name)
+            specs[name] = spec_of(name)
         except Exception as exc:  # any failure to read the description leaves only this dataset out
             log(f"dataset {name} left out of the pool: {exc}")
     return Pool(
-        layouts={k: v for k, v in layouts.items() if k in n_classes},
-        n_classes=n_classes,
-        scans={k: ok_scans(layouts[k]) for k in n_classes},
+        layouts={k: v for k, v in layouts.items() if k in specs},
+        n_classes={k: spec.n_classes for k, spec in specs.items()},
+        scans={k: ok_scans(layouts[k]) for k in specs},
+        modality={k: spec.modality for k, spec in specs.items()},
     )
 
 
@@ -287,11 +292,7 @@ def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) ->
                 "slices_relaxed": slices_relaxed,
             }
         )
-        # slices where the two models disagree become "ignore": their errors (e.g. false positives on a
-        # neighbouring muscle) would otherwise be learned and reinforced stage after stage
-        label = pred.copy()
-        label[~agree] = ignore_label(pool.classes)
-        preds[(dataset, scan)] = label
+        preds[(dataset, scan)] = (pred, agree)
     if not rows:
         raise RefinementError(
             f"{stage}: no {previous} predictions to learn from; rematerialize nnunet_{previous}"
@@ -299,8 +300,22 @@ def _stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) ->
     selection = select_stage_cases(pd.DataFrame(rows), rule)
     selection["relaxed"] = selection.relaxed | (selection.selected & selection.slices_relaxed)
     for row in selection[selection.selected & (selection.n_kept > 0)].itertuples():
-        labels[(row.dataset, row.scan)] = preds[(row.dataset, row.scan)]
+        pred, agree = preds[(row.dataset, row.scan)]
+        labels[(row.dataset, row.scan)] = finished_label(pool, row.dataset, row.scan, pred, agree)
     return selection, _exact_and_held_out(labels, pool)
+
+
+def finished_label(
+    pool: Pool, dataset: str, scan: str, prediction: np.ndarray, agree: np.ndarray
+) -> np.ndarray:
+    """A later stage's training label from the previous stage's prediction: finished on the scan's image as
+    a final mask is (``refinement.finishing``), so the raw prediction's excess is not learned as label; and
+    nnU-Net's ignore on the slices where the two compared masks disagree, whose errors (e.g. false positives
+    on a neighbouring muscle) would otherwise be learned and reinforced stage after stage."""
+    image = read_image(pool.layouts[dataset].scan_image(scan))
+    label = finish_refined(prediction, image, pool.modality[dataset], pool.classes)
+    label[~agree] = ignore_label(pool.classes)
+    return label
 
 
 def _train_and_predict(
@@ -499,7 +514,11 @@ def next_stage_labels(
     selection, labels = _stage_labels(stage, pool, root, rule)
     if labels:
         agree = f"slice Dice >= {rule.min_slice_dice}"
-        return selection, labels, f"{previous} predictions on slices agreeing with the {reference} ({agree})"
+        return (
+            selection,
+            labels,
+            f"{previous} predictions, finished on the image, on slices agreeing with the {reference} ({agree})",
+        )
     source = f"the stage-1 pseudo-labels: no {previous} prediction agreed with the {reference}"
     log(f"{stage}: training on {source}")
     pseudo, labels = _stage_labels("stage1", pool, root, None)

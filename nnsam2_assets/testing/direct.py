@@ -51,9 +51,7 @@ class DirectRun:
         return DatasetLayout(self.storage_root, name)
 
     def pool(self) -> stages.Pool:
-        return stages.build_pool(
-            self.storage_root, self.datasets, lambda n: self.spec(n).n_classes, log=silent
-        )
+        return stages.build_pool(self.storage_root, self.datasets, self.spec, log=silent)
 
     def write_rows(self, name: str, tables: dict[str, pd.DataFrame]) -> None:
         replace_dataset(duckdb_path(self.storage_root), name, tables)

@@ -78,3 +78,57 @@ def test_a_stage_whose_inputs_agree_nowhere_trains_on_the_pseudo_labels(tmp_path
     assert "stage-1 pseudo-labels" in source and "stage2" in source
     assert selection.relaxed.all() and selection.selected.tolist() == first.selected.tolist()
     assert selection.mean_dice.notna().all()  # the agreement that was measured stays in the table
+
+
+def test_a_later_stage_learns_the_previous_predictions_finished_on_the_image(tmp_path):
+    """Stage 2's labels are stage 1's predictions after the final masks' finish (largest component, holes,
+    side edges re-placed on the scan's image), not the raw ones whose excess would be learned as label."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from nnsam2_assets.core import silent
+    from nnsam2_assets.core.imaging import read_array, read_image
+    from nnsam2_assets.core.labels import ignore_label
+    from nnsam2_assets.core.layout import model_pointer, stage_prediction
+    from nnsam2_assets.refinement import stages
+    from nnsam2_assets.refinement.finishing import finish_refined
+    from nnsam2_assets.refinement.rules import STAGE_RULES
+    from nnsam2_assets.testing.cohorts import write_tiny_dataset
+    from nnsam2_assets.testing.direct import DirectRun, run_direct
+
+    run = DirectRun(tmp_path / "data", tmp_path / "storage", ["grown"])
+    write_tiny_dataset(run.data_root, "grown", 3, seed=7)
+    run_direct(run, phases=("datasets",))
+    pool = run.pool()
+    model_dir = tmp_path / "models" / "stage1"
+    raw = {}
+    for dataset, scan, layout in pool.items():
+        # a stage-1 model that grew every side by two pixels in plane: its edges are off the image's edges
+        sides = pool.to_pool(dataset, read_array(layout.masks(scan)))
+        grown = np.zeros_like(sides)
+        for side in (2, 1):
+            grown[ndimage.binary_dilation(sides == side, np.ones((1, 5, 5), bool)) & (grown == 0)] = side
+        image = read_image(layout.scan_image(scan))
+        prediction = sitk.GetImageFromArray(grown)
+        prediction.CopyInformation(image)
+        path = stage_prediction(model_dir, dataset, scan)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(prediction, str(path))
+        raw[(dataset, scan)] = (grown, image, pool.modality[dataset])
+    pointer = model_pointer(run.storage_root, "stage1")
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(f'{{"model_dir": "{model_dir}"}}')
+
+    _, labels, source = stages.next_stage_labels(
+        "stage2", pool, run.storage_root, STAGE_RULES["stage2"], silent
+    )
+    assert labels and "finished on the image" in source
+    ignore = ignore_label(pool.classes)
+    changed = 0
+    for key, label in labels.items():
+        grown, image, modality = raw[key]
+        finished = finish_refined(grown, image, modality, pool.classes)
+        taught = label != ignore
+        assert taught.any() and np.array_equal(label[taught], finished[taught])
+        changed += int((label[taught] != grown[taught]).sum())
+    assert changed > 0  # the finish moved the grown edges: raw predictions would fail the equality above

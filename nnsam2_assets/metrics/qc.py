@@ -65,6 +65,9 @@ def _side_fat_ratio(group: pd.DataFrame) -> pd.Series:
     return weighted / rows.volume_ml.groupby(rows.side).sum()
 
 
+QC_FLAG_COLUMNS = ("dataset", "scan", "flag", "severity", "detail")
+
+
 def qc_flags(scans: pd.DataFrame, labels: pd.DataFrame, cfg: QCConfig = QCConfig()) -> pd.DataFrame:
     """Flags from per-scan rows and per-scan x label rows.
 
@@ -159,4 +162,4 @@ def qc_flags(scans: pd.DataFrame, labels: pd.DataFrame, cfg: QCConfig = QCConfig
                         WARN,
                         f"label {row.label} {measure} {getattr(row, measure):.3g} (robust z {zv:.1f})",
                     )
-    return pd.DataFrame(flags, columns=["dataset", "scan", "flag", "severity", "detail"])
+    return pd.DataFrame(flags, columns=list(QC_FLAG_COLUMNS))

@@ -22,11 +22,11 @@ from nnsam2_assets.core.storage import atomic_write_dataframe, sha256_file
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans, read_manifest
 from nnsam2_assets.metrics import quant, stats
-from nnsam2_assets.metrics.qc import QCConfig, mean_confidence, qc_flags
+from nnsam2_assets.metrics.qc import QC_FLAG_COLUMNS, QCConfig, mean_confidence, qc_flags
 from nnsam2_assets.metrics.store import SCHEMA, replace_dataset_rows
 from nnsam2_assets.refinement.corrections import NO_CORRECTION
 
-VERSION = "metrics-v3"
+VERSION = "metrics-v4"  # v4: a dataset without QC flags still writes its (empty) qc_flags table
 AGREEMENT_VERSION = "agreement-v1"
 MEASURES = {
     "volume_ml": "expert_volume_ml",
@@ -213,8 +213,11 @@ def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_
     qc_input = label_df[label_df.scheme == f"{k}-class"].rename(columns={"ct_mean_hu": "hu_mean"})
     qc_input = qc_input.assign(label=qc_input.class_name)
     flags = qc_flags(pd.DataFrame(scan_rows), qc_input, qc) if len(qc_input) else pd.DataFrame()
+    # a clean dataset has no flag rows, yet the table and its columns must exist for the documented queries
+    flags = (flags if len(flags) else pd.DataFrame(columns=list(QC_FLAG_COLUMNS), dtype="string")).assign(
+        **{k_: v for k_, v in lineage.items() if k_ != "dataset"}
+    )
     if len(flags):
-        flags = flags.assign(**{k_: v for k_, v in lineage.items() if k_ != "dataset"})
         per_scan_flags = flags.groupby("scan").flag.apply(lambda f: ",".join(sorted(set(f))))
         label_df["qc_flags"] = label_df.scan.map(per_scan_flags).fillna("")
     elif len(label_df):
@@ -225,7 +228,7 @@ def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_
         "level_metrics": level_df,
         "slice_confidence": conf_df,
         "stage_agreement": stage_df,
-        "qc_flags": flags if len(flags) else pd.DataFrame(columns=["dataset"]),
+        "qc_flags": flags,
     }
     return DatasetMetrics(tables, len(scan_rows), k)
 

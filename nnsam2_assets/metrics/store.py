@@ -116,7 +116,11 @@ def connect(
 def _ensure_table(con, table: str, df: pd.DataFrame) -> None:
     con.register("_incoming", df)
     con.execute(f"CREATE TABLE IF NOT EXISTS {SCHEMA}.{table} AS SELECT * FROM _incoming LIMIT 0")
-    existing = {r[0] for r in con.execute(f"DESCRIBE {SCHEMA}.{table}").fetchall()}
+    described = con.execute(f"DESCRIBE {SCHEMA}.{table}").fetchall()
+    for col, sql_type, *_ in described:
+        if sql_type == '"NULL"':  # a column created from no values (an empty text column) holds text
+            con.execute(f'ALTER TABLE {SCHEMA}.{table} ALTER COLUMN "{col}" TYPE VARCHAR')
+    existing = {r[0] for r in described}
     for col in df.columns:
         if col not in existing:  # schema grows with new metrics; old rows read NULL there
             dtype = con.execute(f'SELECT typeof("{col}") FROM _incoming LIMIT 1').fetchone()
@@ -140,7 +144,7 @@ def replace_dataset_rows(con, dataset: str, tables: Mapping[str, pd.DataFrame]) 
             raise ValueError(f"rows for table {table} must all belong to dataset {dataset!r}")
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
     for table, df in tables.items():
-        if not df.empty:
+        if len(df.columns):  # rows or not: a table with known columns exists for the users' queries
             _ensure_table(con, table, df)
     con.execute("BEGIN TRANSACTION")
     try:

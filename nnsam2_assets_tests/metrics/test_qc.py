@@ -30,6 +30,32 @@ def test_clean_cohort_has_no_flags():
     assert qc_flags(_scans(vols), _labels(vols, hu=40.0)).empty
 
 
+def test_a_clean_dataset_still_creates_the_flag_table_that_later_flags_fill(tmp_path):
+    """The documented queries read metrics.qc_flags; a cohort whose every scan is clean must not leave them
+    failing on a missing table, and the columns it creates must take a later dataset's flags."""
+    from nnsam2_assets.metrics.store import query, replace_dataset
+
+    vols = {f"s{i}": (100.0 + i, 98.0 + i) for i in range(6)}
+    clean = qc_flags(_scans(vols), _labels(vols, hu=40.0)).assign(run_id="r1")
+    db = tmp_path / "m.duckdb"
+    replace_dataset(db, "d", {"qc_flags": clean})
+    columns = query(db, "SELECT * FROM metrics.qc_flags")
+    assert columns.empty and list(columns.columns) == [
+        "dataset",
+        "scan",
+        "flag",
+        "severity",
+        "detail",
+        "run_id",
+    ]
+    flagged = qc_flags(_scans(["s0"], conf=0.01), _labels({"s0": (100.0, 98.0)})).assign(
+        dataset="e", run_id="r2"
+    )
+    replace_dataset(db, "e", {"qc_flags": flagged})
+    rows = query(db, "SELECT dataset, flag, run_id FROM metrics.qc_flags")
+    assert rows.values.tolist() == [["e", "low_confidence", "r2"]]
+
+
 def test_each_flag_fires_with_its_reason_and_severity():
     vols = {f"s{i}": (100.0 + i, 99.0) for i in range(6)}
     vols["s_asym"] = (100.0, 40.0)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +34,14 @@ from bench._common import cpu_model
 from bench.refinement_bench import CASES, score
 from nnsam2_assets.core.imaging import read_array, read_image
 from nnsam2_assets.core.labels import to_class_space
-from nnsam2_assets.core.layout import DatasetLayout, model_pointer, stage_prediction
+from nnsam2_assets.core.layout import DatasetLayout, stage_prediction
 from nnsam2_assets.core.masks import clean_labels
 from nnsam2_assets.ingest.convention import load_dataset
 from nnsam2_assets.propagation.boundary import BETA, walk
 from nnsam2_assets.propagation.registration import registration_intensities
 from nnsam2_assets.refinement.final_masks import consensus
 from nnsam2_assets.refinement.finishing import finish_refined
-from nnsam2_assets.refinement.stages import STAGES
+from nnsam2_assets.refinement.stages import STAGES, current_model
 from nnsam2_assets.testing.realdata import allow_shared_data
 
 WALK_MARGIN_PX = 3  # the walker's box around the disputed voxels
@@ -87,25 +86,24 @@ def variants(
 
     stage3 = finished(stages["stage3"])
     intensities = registration_intensities(sitk.GetArrayViewFromImage(image), modality)
-    lazy: dict[str, Callable[[], np.ndarray]] = {
-        "propagation": lambda: sides(propagated, k_propagated),
-        "final": lambda: sides(final, k_final),
-        "stage3 finished": lambda: sides(stage3, k_model),
-        "consensus": lambda: agreed(stage3),
-        "stage1 consensus": lambda: agreed(finished(stages["stage1"])),
-        "stage vote consensus": lambda: agreed(finished(stage_vote([stages[s] for s in STAGES]))),
-        "disagreement walker": lambda: disagreement_walker(
+    return {
+        "propagation": sides(propagated, k_propagated),
+        "final": sides(final, k_final),
+        "stage3 finished": sides(stage3, k_model),
+        "consensus": agreed(stage3),
+        "stage1 consensus": agreed(finished(stages["stage1"])),
+        "stage vote consensus": agreed(finished(stage_vote([stages[s] for s in STAGES]))),
+        "disagreement walker": disagreement_walker(
             sides(stage3, k_model), sides(propagated, k_propagated), intensities
         ),
     }
-    return {name: make() for name, make in lazy.items()}
 
 
 def score_run(run: Path, dataset: str, scans: list[str] | None, label: str) -> list[dict]:
     """The variants of one kept run's dataset, averaged over ``scans`` (None: all of them)."""
     storage = run / "storage"
     spec, layout = load_dataset(run / "data", dataset), DatasetLayout(storage, dataset)
-    models = {stage: json.loads(model_pointer(storage, stage).read_text()) for stage in STAGES}
+    models = {stage: current_model(storage, stage) for stage in STAGES}
     k_model = int(models["stage3"]["n_classes"])
     k_final = int(json.loads(layout.final_summary.read_text())["n_classes"])
     per_variant: dict[str, list[dict]] = {}

@@ -28,13 +28,13 @@ import SimpleITK as sitk
 from bench._common import cpu_model
 from nnsam2_assets.core.imaging import read_array
 from nnsam2_assets.core.labels import class_names, mean_dice, to_class_space
-from nnsam2_assets.core.layout import DatasetLayout, model_pointer, stage_prediction
+from nnsam2_assets.core.layout import DatasetLayout, stage_prediction
 from nnsam2_assets.defs.resources import RefinementSettings, build_resources
 from nnsam2_assets.demo.datasets import write_demo_cohort
 from nnsam2_assets.ingest.convention import load_dataset
 from nnsam2_assets.metrics.quant import fat_ratio
 from nnsam2_assets.refinement.nnunet import ModelInfo
-from nnsam2_assets.refinement.stages import STAGES
+from nnsam2_assets.refinement.stages import STAGES, current_model
 from nnsam2_assets.runner import materialize_cohort
 from nnsam2_assets.testing.realdata import TUM, tum_dataset
 
@@ -108,7 +108,7 @@ def run_demo_cohort_bench(
         total = time.perf_counter() - t0
         if run.failed:
             raise RuntimeError(f"pipeline failed: {run.failed}")
-    models = {stage: json.loads(model_pointer(storage, stage).read_text()) for stage in STAGES}
+    models = {stage: current_model(storage, stage) for stage in STAGES}
     rows = []
     for name in names:
         spec, layout = load_dataset(data, name), DatasetLayout(storage, name)
@@ -222,7 +222,7 @@ def score_direction(storage: Path, reference: str, seed: str, timings: dict, tot
     masks = {"propagation": (read_array(layout.masks(target)), 4)}
     seconds_per_iteration = {}
     for stage in STAGES:
-        cur = json.loads(model_pointer(storage, stage).read_text())
+        cur = current_model(storage, stage)
         masks[stage] = (
             read_array(stage_prediction(Path(cur["model_dir"]), "tum", target)),
             int(cur["n_classes"]),

@@ -212,11 +212,11 @@ def dataset_metrics(spec: DatasetSpec, layout: DatasetLayout, qc: QCConfig, run_
     stage_df = stage_table.assign(**lineage) if len(stage_table) else pd.DataFrame()
     qc_input = label_df[label_df.scheme == f"{k}-class"].rename(columns={"ct_mean_hu": "hu_mean"})
     qc_input = qc_input.assign(label=qc_input.class_name)
-    flags = qc_flags(pd.DataFrame(scan_rows), qc_input, qc) if len(qc_input) else pd.DataFrame()
-    # a clean dataset has no flag rows, yet the table and its columns must exist for the documented queries
-    flags = (flags if len(flags) else pd.DataFrame(columns=list(QC_FLAG_COLUMNS), dtype="string")).assign(
-        **{k_: v for k_, v in lineage.items() if k_ != "dataset"}
-    )
+    no_input = pd.DataFrame(columns=list(QC_FLAG_COLUMNS))
+    flags = qc_flags(pd.DataFrame(scan_rows), qc_input, qc) if len(qc_input) else no_input
+    # with lineage even when there is no flag row: the table and its columns must exist for the documented
+    # queries (the store types columns without values as text)
+    flags = flags.assign(**{k_: v for k_, v in lineage.items() if k_ != "dataset"})
     if len(flags):
         per_scan_flags = flags.groupby("scan").flag.apply(lambda f: ",".join(sorted(set(f))))
         label_df["qc_flags"] = label_df.scan.map(per_scan_flags).fillna("")

@@ -11,10 +11,12 @@ the Dixon fat-ratio errors, averaged over a dataset's scans, and how many scans 
 - ``propagation``: the propagated masks;
 - ``final``: the run's final masks, as published;
 - ``stage3 finished``: the stage-3 prediction cleaned with its side edges re-placed (``finish_refined``);
-- ``consensus``: that, where the propagated mask has the same side (the default rule);
-- ``stage1 consensus``: the same rule from the stage-1 prediction;
-- ``stage vote consensus``: SimpleITK's ``LabelVoting`` of stages 1-3 (a tie takes stage 3's label),
-  finished, then the rule;
+- ``bare consensus``: that, where the propagated mask has the same side (the rule until ``final-v5``);
+- ``consensus``: the bare consensus with its side edges placed on the image again (``refined_final``, the
+  default rule);
+- ``stage1 consensus``: the default rule from the stage-1 prediction;
+- ``stage vote consensus``: SimpleITK's ``LabelVoting`` of stages 1-3 (a tie takes stage 3's label), then
+  the default rule;
 - ``disagreement walker``: where the finished stage-3 and the propagated sides disagree, scikit-image's
   random walker on the scan's image decides, seeded by the voxels where they agree.
 """
@@ -39,7 +41,7 @@ from nnsam2_assets.core.masks import clean_labels
 from nnsam2_assets.ingest.convention import load_dataset
 from nnsam2_assets.propagation.boundary import BETA, walk
 from nnsam2_assets.propagation.registration import registration_intensities
-from nnsam2_assets.refinement.final_masks import consensus
+from nnsam2_assets.refinement.final_masks import consensus, refined_final
 from nnsam2_assets.refinement.finishing import finish_refined
 from nnsam2_assets.refinement.stages import STAGES, current_model
 from nnsam2_assets.testing.realdata import allow_shared_data
@@ -82,7 +84,7 @@ def variants(
         return finish_refined(labels, image, modality, k_model)
 
     def agreed(labels: np.ndarray) -> np.ndarray:
-        return sides(consensus(labels, k_model, propagated, k_propagated), k_model)
+        return sides(refined_final(labels, k_model, propagated, k_propagated, image, modality), k_model)
 
     stage3 = finished(stages["stage3"])
     intensities = registration_intensities(sitk.GetArrayViewFromImage(image), modality)
@@ -90,9 +92,10 @@ def variants(
         "propagation": sides(propagated, k_propagated),
         "final": sides(final, k_final),
         "stage3 finished": sides(stage3, k_model),
-        "consensus": agreed(stage3),
-        "stage1 consensus": agreed(finished(stages["stage1"])),
-        "stage vote consensus": agreed(finished(stage_vote([stages[s] for s in STAGES]))),
+        "bare consensus": sides(consensus(stage3, k_model, propagated, k_propagated), k_model),
+        "consensus": agreed(stages["stage3"]),
+        "stage1 consensus": agreed(stages["stage1"]),
+        "stage vote consensus": agreed(stage_vote([stages[s] for s in STAGES])),
         "disagreement walker": disagreement_walker(
             sides(stage3, k_model), sides(propagated, k_propagated), intensities
         ),

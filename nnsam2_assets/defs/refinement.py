@@ -22,6 +22,7 @@ from nnsam2_assets.defs.resources import NnsamStorage, RefinementSettings
 from nnsam2_assets.ingest.annotation import describe_split_source
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.refinement import stages as refine
+from nnsam2_assets.refinement.final_masks import CODE_VERSION as FINAL_MASKS_CODE_VERSION
 from nnsam2_assets.refinement.final_masks import make_final_masks
 from nnsam2_assets.refinement.holdout import MIN_HELDOUT_DICE
 from nnsam2_assets.refinement.rules import STAGE_RULES, StageRule
@@ -162,7 +163,7 @@ class FinalMasksConfig(dg.Config):
     partitions_def=datasets_partitions,
     group_name="refinement",
     kinds={"nifti"},
-    code_version=refine.VERSION,
+    code_version=FINAL_MASKS_CODE_VERSION,
     automation_condition=EAGER_BESIDE_CORRECTIONS,
     # scans and propagated masks: the images predicted and the muscle box they are cropped to, the sides
     # the refined masks must agree with, and the masks kept when the held-out annotated slice
@@ -200,8 +201,8 @@ def final_masks(
     refinement: RefinementSettings,
     config: FinalMasksConfig,
 ) -> dg.MaterializeResult:
-    """Stage-3 predictions, largest component per class, kept where the propagated mask has the same side,
-    on each scan's ORIGINAL grid (opens over the original scan in ITK-SNAP or Slicer); plus the
+    """Stage-3 predictions, largest component per class, kept where the propagated mask has the same side
+    and their edges placed on the image, on each scan's ORIGINAL grid (opens over the original scan in ITK-SNAP or Slicer); plus the
     stage-to-stage Dice per scan. Models load once per run. The propagated masks stand instead when the
     stage-3 model fails the held-out annotated slice."""
     name = context.partition_key

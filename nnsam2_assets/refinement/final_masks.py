@@ -102,9 +102,13 @@ def write_on_original_grid(
     )
 
 
-# v3: the consensus of the refined and the propagated sides; v4: the caudal multifidus share
-FINAL_MASKS_VERSION = "final-v4"
-CONSENSUS_RULE = "consensus of refined and propagated sides"  # what the final masks are when refined
+# v3: the consensus of the refined and the propagated sides; v4: the caudal multifidus share; v5: the
+# consensus' side edges re-placed on the image
+FINAL_MASKS_VERSION = "final-v5"
+# the final_masks asset's code version: its own rules and the refinement code that finishes the predictions
+CODE_VERSION = f"{FINAL_MASKS_VERSION}+{VERSION}"
+# what the final masks are when refined
+CONSENSUS_RULE = "consensus of refined and propagated sides, edges re-placed on the image"
 
 
 def consensus(refined: np.ndarray, k: int, propagated: np.ndarray, k_propagated: int) -> np.ndarray:
@@ -119,6 +123,26 @@ def consensus(refined: np.ndarray, k: int, propagated: np.ndarray, k_propagated:
     within -0.007..+0.002 of the refined masks (README, accuracy bench)."""
     same_side = to_class_space(refined, k, 2) == to_class_space(propagated, k_propagated, 2)
     return np.where(same_side, refined, 0).astype(refined.dtype)
+
+
+def refined_final(
+    prediction: np.ndarray,
+    k: int,
+    propagated: np.ndarray,
+    k_propagated: int,
+    image: sitk.Image,
+    modality: str,
+) -> np.ndarray:
+    """A scan's refined final mask: the stage-3 prediction finished on the image, its ``consensus`` with the
+    propagated sides, and that finished on the image again.
+
+    Why the second finish: where the two edges cross, the consensus edge is each voxel's inner one, an
+    outline that follows neither the image nor either mask. Placed on the image in the same band as every
+    other mask's, it gained 2-class Dice over the bare consensus in all four cases of the accuracy bench
+    (+0.0001 to +0.008, post hoc on one run's predictions) while the side volumes stayed within
+    -4.7..+4.0 % on TUM (README, accuracy ablation)."""
+    refined = finish_refined(prediction, image, modality, k)
+    return finish_refined(consensus(refined, k, propagated, k_propagated), image, modality, k)
 
 
 def caudal_share_pivot(annotated: tuple[int, ...], n_classes: int) -> int | None:
@@ -188,10 +212,9 @@ def make_final_masks(
         img = reference_img if scan == spec.reference else read_image(layout.scan_image(scan))
         record = read_record(layout, scan)
         key = cache_key(
-            FINAL_MASKS_VERSION,
+            CODE_VERSION,
             scan_key(layout, scan),
             models["stage3"]["version"],
-            VERSION,
             k_out,
             decision.source,
             mask_digest(layout, scan),  # the final mask when propagated, and its ES/MF interface
@@ -205,9 +228,7 @@ def make_final_masks(
         propagated_own = read_array(layout.masks(scan))  # in the dataset's classes
         if not cache.is_fresh(scan, key, outputs):
             final = (
-                clean_labels(
-                    consensus(finish_refined(p3, img, spec.modality, k), k, propagated_own, k_out), k
-                )
+                refined_final(p3, k, propagated_own, k_out, img, spec.modality)
                 if decision.use_refined
                 else clean_labels(propagated_own, k_out)
             )

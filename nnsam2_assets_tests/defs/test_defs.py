@@ -46,6 +46,15 @@ def test_asset_graph_snapshot(snapshot):
     assert _graph_snapshot() == snapshot
 
 
+def test_the_final_masks_code_version_follows_their_own_rules_and_the_refinement_code():
+    # a new final-mask rule must reach Dagster's code version, or automation never reruns the final masks
+    from nnsam2_assets.refinement import stages
+    from nnsam2_assets.refinement.final_masks import FINAL_MASKS_VERSION
+
+    version = defs().resolve_asset_graph().get(dg.AssetKey("final_masks")).code_version
+    assert FINAL_MASKS_VERSION in version and stages.VERSION in version
+
+
 def test_gpu_steps_are_pooled_and_request_a_gpu():
     graph = defs().resolve_asset_graph()
     gpu = {"propagated_masks", "nnunet_stage1", "nnunet_stage2", "nnunet_stage3", "final_masks"}

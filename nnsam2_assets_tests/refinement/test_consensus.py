@@ -1,11 +1,13 @@
-"""The final masks' consensus: refined labels kept only where the propagated mask has the same side."""
+"""The final masks' consensus: refined labels kept only where the propagated mask has the same side, and its
+edges then placed on the scan's image."""
 
 from __future__ import annotations
 
 import numpy as np
+import SimpleITK as sitk
 
-from nnsam2_assets.core.labels import to_class_space
-from nnsam2_assets.refinement.final_masks import consensus
+from nnsam2_assets.core.labels import mean_dice, to_class_space
+from nnsam2_assets.refinement.final_masks import consensus, refined_final
 
 
 def _square(shape: tuple[int, int, int], value: int, x0: int, x1: int) -> np.ndarray:
@@ -42,3 +44,21 @@ def test_4_class_refined_labels_keep_their_muscles_inside_a_2_class_or_4_class_p
     swapped = to_class_space(propagated4, 4, 2)
     swapped = np.where(swapped == 1, 2, np.where(swapped == 2, 1, 0)).astype(np.uint8)
     assert not consensus(refined, 4, swapped, 2).any()
+
+
+def test_the_consensus_edges_are_placed_on_the_image_where_the_two_masks_cross():
+    # two bright muscles on a dark background, 1 mm pixels (the edge band is 4 px); the refined mask is shifted
+    # 3 px one way and the propagated one 3 px the other, so their consensus is 6 px too narrow per side
+    rng = np.random.default_rng(0)
+    shape = (3, 40, 64)
+    truth = np.zeros(shape, np.uint8)
+    truth[:, 10:30, 6:26], truth[:, 10:30, 38:58] = 1, 2
+    pixels = np.where(truth > 0, 1000.0, 200.0) + rng.normal(0, 20, shape)
+    image = sitk.GetImageFromArray(pixels.astype(np.float32))
+    refined, propagated = np.roll(truth, 3, axis=2), np.roll(truth, -3, axis=2)
+    bare = consensus(refined, 2, propagated, 2)
+    final = refined_final(refined, 2, propagated, 2, image, "t1w")
+    assert mean_dice(bare, truth, 2) < 0.85
+    assert mean_dice(final, truth, 2) > 0.97
+    # the image decides only within the edge band: nothing beyond it is claimed
+    assert not final[:, :, :2].any() and not final[:, :, 62:].any()

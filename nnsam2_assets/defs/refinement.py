@@ -202,8 +202,8 @@ def final_masks(
     config: FinalMasksConfig,
 ) -> dg.MaterializeResult:
     """Stage-3 predictions, largest component per class, kept where the propagated mask has the same side
-    and their edges placed on the image, on each scan's ORIGINAL grid (opens over the original scan in ITK-SNAP or Slicer); plus the
-    stage-to-stage Dice per scan. Models load once per run. The propagated masks stand instead when the
+    and their edges then placed on the image, on each scan's ORIGINAL grid (opens over the original scan in
+    ITK-SNAP or Slicer); plus the stage-to-stage Dice per scan. Models load once per run. The propagated masks stand instead when the
     stage-3 model fails the held-out annotated slice."""
     name = context.partition_key
     layout = storage.layout(name)

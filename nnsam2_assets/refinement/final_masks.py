@@ -139,8 +139,8 @@ def refined_final(
     Why the second finish: where the two edges cross, the consensus edge is each voxel's inner one, an
     outline that follows neither the image nor either mask. Placed on the image in the same band as every
     other mask's, it gained 2-class Dice over the bare consensus in all four cases of the accuracy bench
-    (+0.0001 to +0.008, post hoc on one run's predictions) while the side volumes stayed within
-    -4.7..+4.0 % on TUM (README, accuracy ablation)."""
+    (+0.0001 to +0.008, the same models) while the TUM side volumes stayed within -4.7..+4.0 % (README,
+    accuracy ablation)."""
     refined = finish_refined(prediction, image, modality, k)
     return finish_refined(consensus(refined, k, propagated, k_propagated), image, modality, k)
 

@@ -15,8 +15,8 @@ the Dixon fat-ratio errors, averaged over a dataset's scans, and how many scans 
 - ``consensus``: the bare consensus with its side edges placed on the image again (``refined_final``, the
   default rule);
 - ``stage1 consensus``: the default rule from the stage-1 prediction;
-- ``stage vote consensus``: SimpleITK's ``LabelVoting`` of stages 1-3 (a tie takes stage 3's label), then
-  the default rule;
+- ``stage vote consensus``: SimpleITK's ``LabelVoting`` of stages 1-3 (a tie takes stage 3's label),
+  finished, then the default rule;
 - ``disagreement walker``: where the finished stage-3 and the propagated sides disagree, scikit-image's
   random walker on the scan's image decides, seeded by the voxels where they agree.
 """
@@ -93,9 +93,9 @@ def variants(
         "final": sides(final, k_final),
         "stage3 finished": sides(stage3, k_model),
         "bare consensus": sides(consensus(stage3, k_model, propagated, k_propagated), k_model),
-        "consensus": agreed(stages["stage3"]),
-        "stage1 consensus": agreed(stages["stage1"]),
-        "stage vote consensus": agreed(stage_vote([stages[s] for s in STAGES])),
+        "consensus": agreed(stage3),
+        "stage1 consensus": agreed(finished(stages["stage1"])),
+        "stage vote consensus": agreed(finished(stage_vote([stages[s] for s in STAGES]))),
         "disagreement walker": disagreement_walker(
             sides(stage3, k_model), sides(propagated, k_propagated), intensities
         ),

@@ -203,8 +203,8 @@ def final_masks(
 ) -> dg.MaterializeResult:
     """Stage-3 predictions, largest component per class, kept where the propagated mask has the same side
     and their edges then placed on the image, on each scan's ORIGINAL grid (opens over the original scan in
-    ITK-SNAP or Slicer); plus the stage-to-stage Dice per scan. Models load once per run. The propagated masks stand instead when the
-    stage-3 model fails the held-out annotated slice."""
+    ITK-SNAP or Slicer); plus the stage-to-stage Dice per scan. Models load once per run. The propagated
+    masks stand instead when the stage-3 model fails the held-out annotated slice."""
     name = context.partition_key
     layout = storage.layout(name)
     scan_ids = ok_scans(layout)

@@ -17,6 +17,8 @@ the Dixon fat-ratio errors, averaged over a dataset's scans, and how many scans 
 - ``stage1 consensus``: the default rule from the stage-1 prediction;
 - ``stage vote consensus``: SimpleITK's ``LabelVoting`` of stages 1-3 (a tie takes stage 3's label),
   finished, then the default rule;
+- ``shape average``: the sides of the finished stage 3 and of the propagation averaged as shapes (each edge
+  half-way between the two, from their signed distances), then finished on the image;
 - ``disagreement walker``: where the finished stage-3 and the propagated sides disagree, scikit-image's
   random walker on the scan's image decides, seeded by the voxels where they agree.
 """
@@ -71,6 +73,34 @@ def disagreement_walker(refined: np.ndarray, propagated: np.ndarray, intensities
     return clean_labels(out, 2)
 
 
+def _signed_distance(mask: np.ndarray, sampling: tuple[float, float]) -> np.ndarray:
+    """In-plane distance in mm to ``mask``'s edge: negative inside, positive outside, infinite without one."""
+    if not mask.any():
+        return np.full(mask.shape, np.inf)
+    outside = ndimage.distance_transform_edt(~mask, sampling=sampling)
+    return outside - ndimage.distance_transform_edt(mask, sampling=sampling)
+
+
+def shape_average(
+    refined: np.ndarray, propagated: np.ndarray, spacing_zyx: tuple[float, float, float]
+) -> np.ndarray:
+    """2-class sides: each side where the mean of the two masks' in-plane signed distances is negative, so
+    its edge lies half-way between theirs (shape-based averaging, Rohlfing and Maurer 2007). A side one
+    mask lacks on a slice is left out there."""
+    sides = np.zeros(refined.shape, np.uint8)
+    sampling = (spacing_zyx[1], spacing_zyx[2])
+    for z in range(refined.shape[0]):
+        deepest = np.zeros(refined.shape[1:])  # the winning side's mean distance: negative where one won
+        for side in (1, 2):
+            mean = _signed_distance(refined[z] == side, sampling) + _signed_distance(
+                propagated[z] == side, sampling
+            )
+            won = mean / 2 < deepest
+            sides[z][won] = side
+            deepest = np.where(won, mean / 2, deepest)
+    return sides
+
+
 def variants(
     propagated: np.ndarray, k_propagated: int, stages: dict[str, np.ndarray], k_model: int,
     image: sitk.Image, modality: str, final: np.ndarray, k_final: int,
@@ -83,10 +113,14 @@ def variants(
     def finished(labels: np.ndarray) -> np.ndarray:
         return finish_refined(labels, image, modality, k_model)
 
+    def finished_sides(two_class: np.ndarray) -> np.ndarray:
+        return finish_refined(two_class, image, modality, 2)
+
     def agreed(labels: np.ndarray) -> np.ndarray:
         return sides(refined_final(labels, k_model, propagated, k_propagated, image, modality), k_model)
 
     stage3 = finished(stages["stage3"])
+    spacing_zyx = tuple(reversed(image.GetSpacing()))
     intensities = registration_intensities(sitk.GetArrayViewFromImage(image), modality)
     return {
         "propagation": sides(propagated, k_propagated),
@@ -94,6 +128,9 @@ def variants(
         "stage3 finished": sides(stage3, k_model),
         "bare consensus": sides(consensus(stage3, k_model, propagated, k_propagated), k_model),
         "consensus": agreed(stage3),
+        "shape average": finished_sides(
+            shape_average(sides(stage3, k_model), sides(propagated, k_propagated), spacing_zyx)
+        ),
         "stage1 consensus": agreed(finished(stages["stage1"])),
         "stage vote consensus": agreed(finished(stage_vote([stages[s] for s in STAGES]))),
         "disagreement walker": disagreement_walker(

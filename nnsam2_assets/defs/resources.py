@@ -31,6 +31,7 @@ NNUNET_EPOCHS_ENV = "NNSAM2_NNUNET_EPOCHS"
 NNUNET_ITERATIONS_ENV = "NNSAM2_NNUNET_ITERATIONS"
 NNUNET_TRAINER_ENV = "NNSAM2_NNUNET_TRAINER"  # "plain" or "nnsam"
 NNUNET_BASE_FEATURES_ENV = "NNSAM2_NNUNET_BASE_FEATURES"  # the 2d network's first width, e.g. 16
+NNUNET_SEED_ENV = "NNSAM2_NNUNET_SEED"  # the nnU-Net stages' training seed (0, the default, or another)
 FOREGROUND_SAMPLING_ENV = "NNSAM2_FOREGROUND_SAMPLING"  # "pseudo_labels" or "supervoxels"
 
 
@@ -99,7 +100,8 @@ class PropagationSettings(dg.ConfigurableResource):
 
 class RefinementSettings(dg.ConfigurableResource):
     """The nnU-Net recipe: ``refinement.settings.RefinementConfig``'s fields as run configuration
-    (``build_resources`` reads them from NNSAM2_NNUNET_PROFILE / _EPOCHS / _ITERATIONS / _TRAINER and
+    (``build_resources`` reads them from NNSAM2_NNUNET_PROFILE / _EPOCHS / _ITERATIONS / _TRAINER /
+    _BASE_FEATURES / _SEED and
     NNSAM2_FOREGROUND_SAMPLING when set); ``config()`` is the value the domain code takes."""
 
     profile: str = RefinementConfig.profile
@@ -114,6 +116,7 @@ class RefinementSettings(dg.ConfigurableResource):
     sam2_random_weights: bool = RefinementConfig.sam2_random_weights
     foreground_sampling: str = RefinementConfig.foreground_sampling
     base_features: int = RefinementConfig.base_features
+    training_seed: int = RefinementConfig.training_seed
 
     def config(self) -> RefinementConfig:
         return _as_dataclass(self, RefinementConfig)
@@ -158,6 +161,7 @@ def build_resources(
             iterations_per_epoch=env_int_or(NNUNET_ITERATIONS_ENV, 0),
             trainer=env_or(NNUNET_TRAINER_ENV, "plain"),
             base_features=env_int_or(NNUNET_BASE_FEATURES_ENV, 0),
+            training_seed=env_int_or(NNUNET_SEED_ENV, 0),
             foreground_sampling=env_or(FOREGROUND_SAMPLING_ENV, "pseudo_labels"),
             sam2_checkpoint=propagation.sam2_checkpoint,
             sam2_config=propagation.sam2_config,

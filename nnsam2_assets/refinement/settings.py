@@ -34,6 +34,9 @@ class RefinementConfig:
     # the 2d network's first-stage width; 0 keeps the profile's (nnU-Net's 32). 16 trains about 3x faster per
     # iteration on CPU, at an accuracy cost the README's ablation table gives
     base_features: int = 0
+    # the training seed; another seed trains other models from the same labels, which is how a study measures
+    # the spread that training adds to its numbers (README, accuracy)
+    training_seed: int = 0
 
     def profile_obj(self) -> Profile:
         overrides: dict = {"device": self.device, "foreground_sampling": self.foreground_sampling}
@@ -48,4 +51,6 @@ class RefinementConfig:
             overrides["iterations_per_epoch"] = self.iterations_per_epoch
         if self.base_features:
             overrides["base_features"] = self.base_features
+        if self.training_seed:
+            overrides["seed"] = self.training_seed
         return get_profile(self.profile, **overrides)

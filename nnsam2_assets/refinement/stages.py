@@ -147,7 +147,8 @@ def trained_on(pointer: dict, datasets: list[str]) -> set[str]:
 def recipe_key(profile: nnunet.Profile) -> str:
     """What a model's training recipe is, beyond its data: the profile (trainer, sampling, budget) and the
     trainer's weights."""
-    return cache_key(repr(profile), nnunet.trainer_identity(profile))[:16]
+    seed = (f"seed {profile.seed}",) if profile.seed else ()
+    return cache_key(repr(profile), nnunet.trainer_identity(profile), *seed)[:16]
 
 
 def models_state(root: Path, datasets: list[str], recipe: str | None = None) -> ModelsState:
@@ -374,6 +375,7 @@ def _train_and_predict(
             profile=profile,
             dataset_id=STAGE_IDS[stage],
             sampling_points=sampling or None,
+            seed=profile.seed,
         )
         t_train, trained_now = time.perf_counter() - t0, True
         per_iter = float(getattr(info, "seconds_per_iteration", float("nan")))

@@ -26,7 +26,7 @@ def test_models_trained_with_another_recipe_are_not_current(tmp_path):
     assert models_state(tmp_path, ["a"], recipe_key(plain)).current
     assert models_state(tmp_path, ["a"]).current  # no recipe asked for: data alone
     for other in (plain.replace(trainer="nnsam"), plain.replace(foreground_sampling="supervoxels"),
-                  plain.replace(num_epochs=2), plain.replace(base_features=16)):  # fmt: skip
+                  plain.replace(num_epochs=2), plain.replace(base_features=16), plain.replace(seed=1)):  # fmt: skip
         state = models_state(tmp_path, ["a"], recipe_key(other))
         assert not state.current and "another recipe" in state.reason
 
@@ -54,3 +54,16 @@ def test_the_network_width_reaches_the_profile(monkeypatch):
     for unusable in ({"profile": "paper"}, {"base_features": 2}):  # a 3d recipe, or a width too narrow
         with pytest.raises(ValueError, match="network width"):
             dataclasses.replace(narrow.config(), **unusable).profile_obj()
+
+
+def test_the_training_seed_reaches_the_profile_and_the_default_keeps_the_models_versions(monkeypatch):
+    from nnsam2_assets.core.cache import cache_key
+    from nnsam2_assets.defs.resources import NNUNET_SEED_ENV, build_resources, resolved
+
+    default = resolved(build_resources()["refinement"]).config().profile_obj()
+    assert default.seed == 0
+    # the key as it was before the seed was a setting: models trained with the default seed stay current
+    assert recipe_key(default) == cache_key(repr(default), nnunet.trainer_identity(default))[:16]
+    monkeypatch.setenv(NNUNET_SEED_ENV, "3")
+    seeded = resolved(build_resources()["refinement"]).config().profile_obj()
+    assert seeded.seed == 3 and recipe_key(seeded) != recipe_key(default)

@@ -81,6 +81,9 @@ class Profile:
     # where foreground patches are centred: "pseudo_labels" (nnU-Net's uniform draw inside the labels) or
     # "supervoxels" (on one supervoxel at a time; refinement/stages.py hands the maps to train_model)
     foreground_sampling: str = "pseudo_labels"
+    # the training RNGs' seed (torch, numpy, random). Out of the repr: ``refinement.stages.recipe_key`` adds
+    # it only when it is not 0, so the default recipe's models keep their versions
+    seed: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if self.trainer not in TRAINERS:

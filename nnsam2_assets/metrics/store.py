@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import duckdb
 import pandas as pd
 
 from nnsam2_assets.core.storage import atomic_write_dataframe
+
+T = TypeVar("T")
 
 SCHEMA = "metrics"
 TABLES = (
@@ -175,16 +178,39 @@ def replace_dataset(
         con.close()
 
 
+def _read(path: Path, wait_s: float, work: Callable[[Any], T], poll_s: float = 0.2) -> T:
+    """``work`` on a fresh read-only user-SQL connection, again on a fresh one after an I/O error, until
+    ``wait_s`` has passed.
+
+    Why: under load a reader that opened the file between two writers' transactions once failed mid-query
+    with "Could not read enough bytes from file" (the suite's concurrent-writers test, 2026-12-06); the next
+    connection reads the committed file. A read changes nothing, so it is safe to repeat."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        con = connect(
+            path, read_only=True, wait_s=max(deadline - time.monotonic(), 0.0), config=USER_SQL_CONFIG
+        )
+        try:
+            return work(con)
+        except duckdb.IOException as exc:
+            if time.monotonic() >= deadline:
+                raise MetricsDBError(f"{path}: cannot read the metrics database ({one_line(exc)})") from exc
+        finally:
+            con.close()
+        time.sleep(poll_s)
+
+
 def query(path: Path, sql: str, wait_s: float = 30.0) -> pd.DataFrame:
     """Run one user SELECT on a read-only connection that DuckDB keeps off every other file."""
     check_one_select(sql)
-    con = connect(path, read_only=True, wait_s=wait_s, config=USER_SQL_CONFIG)
-    try:
-        return con.execute(sql).df()
-    except duckdb.PermissionException as exc:
-        raise RefusedSQLError(f"refused by DuckDB: {one_line(exc)}") from exc
-    finally:
-        con.close()
+
+    def run(con) -> pd.DataFrame:
+        try:
+            return con.execute(sql).df()
+        except duckdb.PermissionException as exc:
+            raise RefusedSQLError(f"refused by DuckDB: {one_line(exc)}") from exc
+
+    return _read(path, wait_s, run)
 
 
 def dataset_rows(path: Path, table: str, dataset: str, wait_s: float = 30.0) -> pd.DataFrame:
@@ -192,13 +218,13 @@ def dataset_rows(path: Path, table: str, dataset: str, wait_s: float = 30.0) -> 
     into the SQL) on a user-SQL connection. A table that no dataset has written yet reads as empty."""
     if table not in TABLES:
         raise MetricsDBError(f"unknown table {table!r}; one of {', '.join(TABLES)}")
-    con = connect(path, read_only=True, wait_s=wait_s, config=USER_SQL_CONFIG)
-    try:
+
+    def rows(con) -> pd.DataFrame:
         if not _table_exists(con, table):
             return pd.DataFrame()
         return con.execute(f"SELECT * FROM {SCHEMA}.{table} WHERE dataset = ?", [dataset]).df()
-    finally:
-        con.close()
+
+    return _read(path, wait_s, rows)
 
 
 EXPORT_SUFFIXES = (".csv", ".parquet")

@@ -182,9 +182,10 @@ def _read(path: Path, wait_s: float, work: Callable[[Any], T], poll_s: float = 0
     """``work`` on a fresh read-only user-SQL connection, again on a fresh one after an I/O error, until
     ``wait_s`` has passed.
 
-    Why: under load a reader that opened the file between two writers' transactions once failed mid-query
-    with "Could not read enough bytes from file" (the suite's concurrent-writers test, 2026-12-06); the next
-    connection reads the committed file. A read changes nothing, so it is safe to repeat."""
+    Why: under load, a reader running beside two writers once failed mid-query with "Could not read enough
+    bytes from file" (the suite's concurrent-writers test, 2026-12-06; not reproduced in 800 further rounds),
+    though it held the file's read lock. A fresh connection reads the file as the last writer committed it,
+    and a read changes nothing, so it is safe to repeat."""
     deadline = time.monotonic() + wait_s
     while True:
         con = connect(

@@ -183,7 +183,7 @@ def _read(path: Path, wait_s: float, work: Callable[[Any], T], poll_s: float = 0
     ``wait_s`` has passed.
 
     Why: under load, a reader running beside two writers once failed mid-query with "Could not read enough
-    bytes from file" (the suite's concurrent-writers test, 2026-12-06; not reproduced in 800 further rounds),
+    bytes from file" (the suite's concurrent-writers test, 2026-12-06; not reproduced in 500 further reads),
     though it held the file's read lock. A fresh connection reads the file as the last writer committed it,
     and a read changes nothing, so it is safe to repeat."""
     deadline = time.monotonic() + wait_s

@@ -440,10 +440,15 @@ def supervoxel_points(
 
 
 def trainer_record(model_dir: Path) -> dict:
-    """What trained a published model: its trainer class, its network's width per stage and, for nnSAM,
-    what the encoder and head were."""
+    """What trained a published model: its trainer class, its network's width per stage, its training seed
+    and, for nnSAM, what the encoder and head were."""
     info = nnunet.ModelInfo.from_dir(model_dir)
-    return {"trainer": info.trainer_name, "features_per_stage": info.features_per_stage, **(info.nnsam or {})}
+    return {
+        "trainer": info.trainer_name,
+        "features_per_stage": info.features_per_stage,
+        "training_seed": info.seed,
+        **(info.nnsam or {}),
+    }
 
 
 class StagePredictions:

@@ -1,6 +1,7 @@
 """The seed-method options through a real (tiny) stage 1: the nnSAM trainer without a checkpoint trains the
 shape head alone and says so in the model record and the asset's metadata; supervoxel sampling hands each
-training case its supervoxel patch centres and records how many."""
+training case its supervoxel patch centres and records how many; a training seed other than the default
+reaches the model and its record."""
 
 from __future__ import annotations
 
@@ -19,15 +20,17 @@ def test_shape_head_alone_and_supervoxel_sampling_in_stage1(tmp_path):
     data, storage = tmp_path / "data", tmp_path / "storage"
     write_tiny_dataset(data, "ds", 2, seed=3)
     settings = RefinementConfig(num_epochs=1, iterations_per_epoch=2, trainer="nnsam",
-                                foreground_sampling="supervoxels")  # fmt: skip
+                                foreground_sampling="supervoxels", training_seed=7)  # fmt: skip
     run = direct.DirectRun(data, storage, ["ds"], settings)
     direct.run_direct(run, phases=("datasets", "supervoxels"))
     result = stages.run_stage1(run.pool(), storage, settings.profile_obj(), log=lambda _: None)
     assert result.trainer["trainer"] == "nnUNetTrainerNnSAMNoMirroring"
     assert result.trainer["sam_encoder"] == "none" and result.trainer["sam_level"] is None
     assert ModelInfo.from_dir(result.model_dir).nnsam["sam_encoder"] == "none"
+    assert ModelInfo.from_dir(result.model_dir).seed == 7
     metadata = _result(result).metadata
     assert metadata["trainer"].value["sam_encoder"] == "none"
+    assert metadata["trainer"].value["training_seed"] == 7
     pointer = json.loads(model_pointer(storage, "stage1").read_text())
     assert pointer["supervoxel_points"] and all(n and n > 0 for n in pointer["supervoxel_points"].values())
     assert pointer["recipe"] == stages.recipe_key(settings.profile_obj())

@@ -45,6 +45,7 @@ from nnsam2_assets.propagation.boundary import BETA, walk
 from nnsam2_assets.propagation.registration import registration_intensities
 from nnsam2_assets.refinement.final_masks import consensus, refined_final
 from nnsam2_assets.refinement.finishing import finish_refined
+from nnsam2_assets.refinement.nnunet.level_set import signed_distance
 from nnsam2_assets.refinement.stages import STAGES, current_model
 from nnsam2_assets.testing.realdata import allow_shared_data
 
@@ -73,14 +74,6 @@ def disagreement_walker(refined: np.ndarray, propagated: np.ndarray, intensities
     return clean_labels(out, 2)
 
 
-def _signed_distance(mask: np.ndarray, sampling: tuple[float, float]) -> np.ndarray:
-    """In-plane distance in mm to ``mask``'s edge: negative inside, positive outside, infinite without one."""
-    if not mask.any():
-        return np.full(mask.shape, np.inf)
-    outside = ndimage.distance_transform_edt(~mask, sampling=sampling)
-    return outside - ndimage.distance_transform_edt(mask, sampling=sampling)
-
-
 def shape_average(
     refined: np.ndarray, propagated: np.ndarray, spacing_zyx: tuple[float, float, float]
 ) -> np.ndarray:
@@ -92,12 +85,13 @@ def shape_average(
     for z in range(refined.shape[0]):
         deepest = np.zeros(refined.shape[1:])  # the winning side's mean distance: negative where one won
         for side in (1, 2):
-            mean = _signed_distance(refined[z] == side, sampling) + _signed_distance(
-                propagated[z] == side, sampling
-            )
-            won = mean / 2 < deepest
+            mean = (
+                signed_distance(refined[z] == side, sampling)
+                + signed_distance(propagated[z] == side, sampling)
+            ) / 2
+            won = mean < deepest
             sides[z][won] = side
-            deepest = np.where(won, mean / 2, deepest)
+            deepest = np.where(won, mean, deepest)
     return sides
 
 
@@ -120,22 +114,19 @@ def variants(
         return sides(refined_final(labels, k_model, propagated, k_propagated, image, modality), k_model)
 
     stage3 = finished(stages["stage3"])
+    stage3_sides, propagated_sides = sides(stage3, k_model), sides(propagated, k_propagated)
     spacing_zyx = tuple(reversed(image.GetSpacing()))
     intensities = registration_intensities(sitk.GetArrayViewFromImage(image), modality)
     return {
-        "propagation": sides(propagated, k_propagated),
+        "propagation": propagated_sides,
         "final": sides(final, k_final),
-        "stage3 finished": sides(stage3, k_model),
+        "stage3 finished": stage3_sides,
         "bare consensus": sides(consensus(stage3, k_model, propagated, k_propagated), k_model),
         "consensus": agreed(stage3),
-        "shape average": finished_sides(
-            shape_average(sides(stage3, k_model), sides(propagated, k_propagated), spacing_zyx)
-        ),
+        "shape average": finished_sides(shape_average(stage3_sides, propagated_sides, spacing_zyx)),
         "stage1 consensus": agreed(finished(stages["stage1"])),
         "stage vote consensus": agreed(finished(stage_vote([stages[s] for s in STAGES]))),
-        "disagreement walker": disagreement_walker(
-            sides(stage3, k_model), sides(propagated, k_propagated), intensities
-        ),
+        "disagreement walker": disagreement_walker(stage3_sides, propagated_sides, intensities),
     }
 
 

@@ -10,7 +10,7 @@ import pytest
 from nnsam2_assets.metrics import store
 
 
-class _FailingFirst:
+class _FailingConnection:
     """A read-only connection whose queries raise the I/O error a reader met beside two writers."""
 
     def __init__(self, con) -> None:
@@ -23,7 +23,7 @@ class _FailingFirst:
         self._con.close()
 
 
-def _flaky_connect(monkeypatch, failures: int | None) -> list[int]:
+def _flaky_connect(monkeypatch, failures: int | None) -> list[bool]:
     """``duckdb.connect`` whose first ``failures`` read-only connections fail (None: all of them)."""
     real, opened = duckdb.connect, []
 
@@ -32,7 +32,7 @@ def _flaky_connect(monkeypatch, failures: int | None) -> list[int]:
         opened.append(read_only)
         n_read = sum(opened)
         if read_only and (failures is None or n_read <= failures):
-            return _FailingFirst(con)
+            return _FailingConnection(con)
         return con
 
     monkeypatch.setattr(store.duckdb, "connect", connect)

@@ -17,6 +17,9 @@ the Dixon fat-ratio errors, averaged over a dataset's scans, and how many scans 
 - ``stage1 consensus``: the default rule from the stage-1 prediction;
 - ``stage vote consensus``: SimpleITK's ``LabelVoting`` of stages 1-3 (a tie takes stage 3's label),
   finished, then the default rule;
+- ``stages 2+3 consensus``: the union of the finished stage-2 and stage-3 predictions (stage 3's label where
+  it has one), then the default rule: where one stage falls short, the other's claim can still meet the
+  propagated side;
 - ``shape average``: the sides of the finished stage 3 and of the propagation averaged as shapes (each edge
   half-way between the two, from their signed distances), then finished on the image;
 - ``disagreement walker``: where the finished stage-3 and the propagated sides disagree, scikit-image's
@@ -126,6 +129,7 @@ def variants(
         "shape average": finished_sides(shape_average(stage3_sides, propagated_sides, spacing_zyx)),
         "stage1 consensus": agreed(finished(stages["stage1"])),
         "stage vote consensus": agreed(finished(stage_vote([stages[s] for s in STAGES]))),
+        "stages 2+3 consensus": agreed(np.where(stage3 > 0, stage3, finished(stages["stage2"]))),
         "disagreement walker": disagreement_walker(stage3_sides, propagated_sides, intensities),
     }
 

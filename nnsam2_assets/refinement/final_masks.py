@@ -120,7 +120,7 @@ def consensus(refined: np.ndarray, k: int, propagated: np.ndarray, k_propagated:
     too large), and neither knows which of its edge voxels are wrong. A voxel both call the same side's muscle
     is kept; a voxel only one of them claims is not. Measured by the accuracy bench over the eight side
     volumes of the two TUM directions and both demo datasets: mean |volume error| 7.2 % -> 1.9 %, side Dice
-    within -0.007..+0.002 of the refined masks (README, accuracy bench)."""
+    within -0.007..+0.002 of the refined masks (`docs/accuracy.md`, accuracy bench)."""
     same_side = to_class_space(refined, k, 2) == to_class_space(propagated, k_propagated, 2)
     return np.where(same_side, refined, 0).astype(refined.dtype)
 
@@ -139,8 +139,8 @@ def refined_final(
     Why the second finish: where the two edges cross, the consensus edge is each voxel's inner one, an
     outline that follows neither the image nor either mask. Placed on the image in the same band as every
     other mask's, it gained 2-class Dice over the bare consensus in all four cases of the accuracy bench
-    (+0.0001 to +0.008, the same models) while the TUM side volumes stayed within -4.7..+4.0 % (README,
-    accuracy ablation)."""
+    (+0.0001 to +0.008, the same models) while the TUM side volumes stayed within -4.7..+4.0 %
+    (`docs/accuracy.md`, ablation table)."""
     return finish_refined(consensus(finished, k, propagated, k_propagated), image, modality, k)
 
 

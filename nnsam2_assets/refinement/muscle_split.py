@@ -22,7 +22,7 @@ from nnsam2_assets.core.labels import CLASSES_4
 
 # the least rise of the logit of the multifidus' share per mm caudal. Anatomy sets the sign and the order of
 # magnitude; the TUM experts' fitted slopes were 0.019-0.028 per mm (the demo phantoms' 0.028-0.045), and the
-# gain in 4-class Dice held over 0.01-0.02 in both directions (README, accuracy ablation). The low end is
+# gain in 4-class Dice held over 0.01-0.02 in both directions (`docs/accuracy.md`, ablation table). The low end is
 # taken: a spine whose share rises less loses less to it than one whose share rises more gains.
 CAUDAL_SHARE_SLOPE_PER_MM = 0.015
 _MIN_FIT_SLICES = 3

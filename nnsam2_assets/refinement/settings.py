@@ -32,7 +32,7 @@ class RefinementConfig:
     # supervoxels (the ``supervoxels`` asset)
     foreground_sampling: str = "pseudo_labels"
     # the 2d network's first-stage width; 0 keeps the profile's (nnU-Net's 32). 16 trains about 3x faster per
-    # iteration on CPU, at an accuracy cost the README's ablation table gives
+    # iteration on CPU, at an accuracy cost that the ablation table of docs/accuracy.md gives
     base_features: int = 0
     # the training seed; another seed trains other models from the same labels, which is how a study measures
     # the spread that training adds to its numbers (README, accuracy)

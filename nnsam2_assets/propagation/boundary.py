@@ -4,7 +4,9 @@ A propagated mask carries the reference's shape through a chain of registrations
 deformation, so the mask edge lags the target's muscle edge by a few pixels, more with every slice from the
 seed. Per slice, the refinement keeps the confident interior of each side (the side mask eroded by a band)
 and the confident outside (beyond the band), and lets scikit-image's random walker place the side's edge
-inside the band along the target image's own edges (muscle against fat and fascia).
+inside the band along the target image's own edges (muscle against fat and fascia). Each side keeps to
+its own band: where the two sides abut, a pixel within the band of one but beyond that of the other is
+never given to the other.
 
 It works on the sides (left and right LPM), where the image has an edge; the erector spinae / multifidus
 split inside a side keeps its propagated course (each added pixel takes the label of the nearest propagated
@@ -14,7 +16,7 @@ pixel of its side): that interface has little contrast, and a random walker move
 from __future__ import annotations
 
 import warnings
-from collections.abc import Container
+from collections.abc import Container, Mapping
 
 import numpy as np
 from scipy import ndimage
@@ -67,14 +69,26 @@ def _walk(sides: np.ndarray, image: np.ndarray, band_px: int, beta: float) -> np
         if (sides == side).any() and not interior.any():
             return None
         seeds[interior] = side + 1
-    walked = walk(image, seeds, beta, within=~outside)
+    # a side reaches no further than the band from its own edge: where the sides abut, a pixel in the band of
+    # one side but beyond the band of the other is never given to the other side
+    reach = {side + 1: ndimage.distance_transform_edt(sides != side) <= band_px for side in (1, 2)}
+    walked = walk(image, seeds, beta, within=~outside, allowed=reach)
     return np.where(walked > 1, walked - 1, 0).astype(sides.dtype)
 
 
-def walk(image: np.ndarray, seeds: np.ndarray, beta: float, within: np.ndarray) -> np.ndarray:
+def walk(
+    image: np.ndarray,
+    seeds: np.ndarray,
+    beta: float,
+    within: np.ndarray,
+    allowed: Mapping[int, np.ndarray] | None = None,
+) -> np.ndarray:
     """scikit-image's random walker on the box around ``within`` (plus one pixel; 0 outside it), answering
     in the seeds' own values: it numbers the seed values it was given 1..n, so a slice where one side has no
-    seed would otherwise come back with the sides renamed."""
+    seed would otherwise come back with the sides renamed.
+
+    ``allowed`` maps a seed value to the pixels it may be given; elsewhere the pixel takes the likeliest of
+    the other values. A value it does not name may be given anywhere."""
     ys, xs = np.nonzero(within)
     box = (
         slice(max(0, ys.min() - 1), min(image.shape[0], ys.max() + 2)),
@@ -86,9 +100,12 @@ def walk(image: np.ndarray, seeds: np.ndarray, beta: float, within: np.ndarray) 
         # hair outside [0, 1]; only the argmax over the labels is used, and the warning reached the console
         # of every run
         warnings.filterwarnings("ignore", "The probability range is outside", UserWarning)
-        walked = random_walker(image[box], seeds[box], beta=beta, mode="cg_j")
+        probabilities = random_walker(image[box], seeds[box], beta=beta, mode="cg_j", return_full_prob=True)
+    for i, value in enumerate(values):
+        if allowed is not None and value in allowed:
+            probabilities[i][~allowed[value][box]] = -np.inf
     out = np.zeros(seeds.shape, seeds.dtype)
-    out[box] = np.where(walked > 0, values[np.clip(walked - 1, 0, len(values) - 1)], 0)
+    out[box] = values[np.argmax(probabilities, axis=0)]
     return out
 
 

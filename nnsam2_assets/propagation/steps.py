@@ -29,7 +29,8 @@ from nnsam2_assets.propagation.base import PropagationResult, Propagator
 from nnsam2_assets.propagation.parallel import propagate_in_workers
 from nnsam2_assets.propagation.prompts import propagate_from_slices
 
-VERSION = "propagation-v2"  # v2: every annotated slice a prompt
+# v2: every annotated slice a prompt; v3: a side's edge moves no further than the band from its own edge
+VERSION = "propagation-v3"
 
 
 @dataclass

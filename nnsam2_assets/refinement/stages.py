@@ -42,8 +42,9 @@ from nnsam2_assets.refinement.roi import Roi, roi_from_mask
 from nnsam2_assets.refinement.rules import StageRule, select_stage_cases, slice_agreement, volume_smooth
 from nnsam2_assets.supervoxels.steps import sampling_points
 
-# v3: the annotated slab is held out of training; v4: later stages learn finished predictions
-VERSION = "refinement-v4"
+# v3: the annotated slab is held out of training; v4: later stages learn finished predictions; v5: in
+# those, a side's edge moves no further than the band from its own edge (``propagation.boundary``)
+VERSION = "refinement-v5"
 STAGES = ("stage1", "stage2", "stage3")
 STAGE_IDS = {"stage1": 901, "stage2": 902, "stage3": 903}
 PREVIOUS = {"stage2": ("stage1", None), "stage3": ("stage2", "stage1")}

@@ -101,3 +101,24 @@ def test_a_slice_with_one_side_keeps_that_side(n_classes):
     assert set(np.unique(refined)) == {0, *left_ids}
     assert mean_dice(refined, left_only, n_classes) > 0.45  # the one side present (the absent one scores 0)
     assert 2 * ((refined > 0) & (left_only > 0)).sum() / ((refined > 0).sum() + (left_only > 0).sum()) > 0.97
+
+
+def test_a_side_never_reaches_beyond_the_band_of_its_own_edge():
+    """The walker's band is the band around both sides, so where they abut, a pixel near one side's edge can
+    lie beyond the other's band. It is never given to the side it is far from, however the image connects
+    them: here a strip of the right side's tissue runs over the left side's top edge, and without the limit
+    40 pixels of it became right side up to 15 px from that side's edge."""
+    sides = np.zeros((80, 120), np.uint8)
+    sides[40:75, 20:60] = 1
+    sides[40:75, 60:100] = 2
+    image = np.full(sides.shape, 0.1, np.float32)
+    image[sides == 1] = 0.9
+    image[sides == 2] = 0.5
+    image[36:40, 20:60] = 0.9  # the right side's tissue rises above its mask, within the band
+    image[36:39, 60:75] = 0.9  # and runs on over the left side's top edge, past its own band
+    refined = refine_side_boundaries(sides[None], image[None], 2, BAND)[0]
+    for side in (1, 2):
+        beyond = ndimage.distance_transform_edt(sides != side) > BAND
+        assert not (refined == side)[beyond].any(), side
+        assert (refined == side).sum() >= (sides == side).sum() * 0.9, side
+    assert (refined[36:40, 20:56] == 1).all()  # within its band the right side still follows its tissue

@@ -26,8 +26,8 @@ def test_shape_head_alone_and_supervoxel_sampling_in_stage1(tmp_path):
     result = stages.run_stage1(run.pool(), storage, settings.profile_obj(), log=lambda _: None)
     assert result.trainer["trainer"] == "nnUNetTrainerNnSAMNoMirroring"
     assert result.trainer["sam_encoder"] == "none" and result.trainer["sam_level"] is None
-    assert ModelInfo.from_dir(result.model_dir).nnsam["sam_encoder"] == "none"
-    assert ModelInfo.from_dir(result.model_dir).seed == 7
+    info = ModelInfo.from_dir(result.model_dir)
+    assert info.nnsam["sam_encoder"] == "none" and info.seed == 7
     metadata = _result(result).metadata
     assert metadata["trainer"].value["sam_encoder"] == "none"
     assert metadata["trainer"].value["training_seed"] == 7

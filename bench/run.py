@@ -1,6 +1,7 @@
 """nnsam2 performance table: ONE command, ONE table, every row measured side by side in the same run.
 
-Usage: ``.venv/bin/python -m bench.run [--quick] [--json PATH] [--only SECTION ...]`` (from the repository root)
+Usage: ``.venv/bin/python -m bench.run [--quick] [--jobs N] [--json PATH] [--only SECTION ...]`` (from the
+repository root)
 
 Rows (ratio first, the absolute numbers beside it):
   model_loads      SAM2 model builds for N targets (one propagator, random weights, tiny frames) and nnU-Net
@@ -26,7 +27,10 @@ Rows (ratio first, the absolute numbers beside it):
   scale:*          one dataset of 200 small scans against 20 (``bench.scale``): step time per scan (<= 1.2),
                    DuckDB write of its rows, adding one scan, peak RSS of the chain (<= 1.2).
 
-Synthetic phantom cohorts (64x64 in-plane) of controlled size; ``--quick`` scales everything down (smoke run).
+Synthetic phantom cohorts (64x64 in-plane) of controlled size; ``--quick`` scales everything down (smoke run)
+and runs the sections side by side, one process per core (``--jobs``): its numbers are not judged on time, and
+a section sharing the machine with another is still the same code run end to end. A full run keeps one
+section at a time, because its ratios are measured side by side inside a section on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -34,11 +38,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import multiprocessing
 import os
 import platform
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 from bench._common import cpu_model, row
@@ -124,9 +130,49 @@ def bench_propagation_section(base: Path, quick: bool) -> list[dict]:
     return bench_propagation(quick)
 
 
-def run_section(name: str, base: Path, quick: bool) -> list[dict]:
+def run_section(name: str, base: Path, quick: bool, sam2_full: bool = False) -> list[dict]:
+    # set on the importable module that the sections resolve to (``python -m bench.run`` runs a copy of this
+    # file as ``__main__``), in whichever process runs the section
+    importlib.import_module("bench.run").SAM2_FULL = sam2_full
     module, function = SECTIONS[name].split(":")
-    return getattr(importlib.import_module(module), function)(base, quick)
+    t0 = time.perf_counter()
+    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+    try:
+        return getattr(importlib.import_module(module), function)(base, quick)
+    finally:
+        print(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+
+def run_sections(
+    names: list[str], base: Path, quick: bool, sam2_full: bool, jobs: int
+) -> dict[str, list[dict] | Exception]:
+    """Each section's rows, or the exception it raised: one failing section must not hide the others' numbers.
+
+    With ``jobs`` > 1 the sections run in that many worker processes (``spawn``: nothing inherited from this
+    one but the environment), each worker taking the next section when it finishes one, as a sequential run
+    does in its one process; every section has its own scratch folder and Dagster instance."""
+    if jobs <= 1:
+        results: dict[str, list[dict] | Exception] = {}
+        for name in names:
+            try:
+                results[name] = run_section(name, base, quick, sam2_full)
+            except Exception as exc:
+                results[name] = exc
+        return results
+    # by reference to this module's importable name: ``python -m bench.run`` runs it as ``__main__``
+    section = importlib.import_module("bench.run").run_section
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures: dict[str, Future] = {
+            name: pool.submit(section, name, base, quick, sam2_full) for name in names
+        }
+        results = {}
+        for name, future in futures.items():
+            try:
+                results[name] = future.result()
+            except Exception as exc:  # the section's own error, or its worker process dying
+                results[name] = exc
+        return results
 
 
 def format_table(rows: list[dict], header: str) -> str:
@@ -149,31 +195,37 @@ def format_table(rows: list[dict], header: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few minutes")
+    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run, sections side by side")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="sections run at once (default: one per core with --quick, else 1: a full run's ratios need an idle machine)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     ap.add_argument("--only", nargs="*", choices=sorted(SECTIONS), default=None, help="run these sections")
     ap.add_argument("--sam2-full", action="store_true", help="SAM2 fps at image_size 512 (slow on CPU)")
     args = ap.parse_args(argv)
-    global SAM2_FULL
-    SAM2_FULL = args.sam2_full and not args.quick
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    sam2_full = args.sam2_full and not args.quick
+    names = args.only or list(SECTIONS)
+    jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1) if args.quick else 1
+    jobs = max(1, min(jobs, len(names)))
+    os.environ.setdefault("TQDM_DISABLE", "1")  # before any section process starts: they inherit it
     cmd = "python -m bench.run" + (" --quick" if args.quick else "")
     header = (
         f"nnsam2 bench: `{cmd}` on {platform.node() or 'host'} ({os.cpu_count()} cores, "
-        f"{cpu_model()}, Python {platform.python_version()}, load avg {os.getloadavg()[0]:.1f})"
+        f"{cpu_model()}, Python {platform.python_version()}, load avg {os.getloadavg()[0]:.1f}; "
+        f"{jobs} section(s) at a time)"
     )
     rows, errors, started = [], {}, time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nnsam2-bench-") as tmp:
-        for name in args.only or list(SECTIONS):
-            t0 = time.perf_counter()
-            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-            try:
-                section_rows = run_section(name, Path(tmp), args.quick)
-            except Exception as exc:  # one failing section must not hide the others' numbers
-                errors[name] = f"{type(exc).__name__}: {exc}"
-                section_rows = [row(f"{name}: ERROR", None, "", False, errors[name][:300])]
-            print(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-            rows += section_rows
+        results = run_sections(names, Path(tmp), args.quick, sam2_full, jobs)
+    for name in names:
+        result = results[name]
+        if isinstance(result, Exception):
+            errors[name] = f"{type(result).__name__}: {result}"
+            result = [row(f"{name}: ERROR", None, "", False, errors[name][:300])]
+        rows += result
     header += f"; total {time.perf_counter() - started:.0f} s"
     print(format_table(rows, header))
     if args.json:

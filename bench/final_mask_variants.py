@@ -23,7 +23,10 @@ the Dixon fat-ratio errors, averaged over a dataset's scans, and how many scans 
 - ``shape average``: the sides of the finished stage 3 and of the propagation averaged as shapes (each edge
   half-way between the two, from their signed distances), then finished on the image;
 - ``disagreement walker``: where the finished stage-3 and the propagated sides disagree, scikit-image's
-  random walker on the scan's image decides, seeded by the voxels where they agree.
+  random walker on the scan's image decides, seeded by the voxels where they agree;
+- ``tissue walker`` (Dixon): the same walker on two channels, the water image and the fat fraction, so that
+  a disputed voxel of fatty tissue (the masks' excess at the muscle edge) is told from muscle even where the
+  water image alone has no edge.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
+from skimage.segmentation import random_walker
 
 from bench._common import cpu_model
 from bench.refinement_bench import CASES, score
@@ -44,6 +48,7 @@ from nnsam2_assets.core.labels import to_class_space
 from nnsam2_assets.core.layout import DatasetLayout, stage_prediction
 from nnsam2_assets.core.masks import clean_labels
 from nnsam2_assets.ingest.convention import load_dataset
+from nnsam2_assets.metrics.quant import fat_ratio_of_sums
 from nnsam2_assets.propagation.boundary import BETA, walk
 from nnsam2_assets.propagation.registration import registration_intensities
 from nnsam2_assets.refinement.final_masks import consensus, refined_final
@@ -77,6 +82,29 @@ def disagreement_walker(refined: np.ndarray, propagated: np.ndarray, intensities
     return clean_labels(out, 2)
 
 
+def tissue_walker(
+    refined: np.ndarray, propagated: np.ndarray, water: np.ndarray, fat_fraction: np.ndarray
+) -> np.ndarray:
+    """``disagreement_walker`` on two channels, the water image (scaled to about [0, 1]) and the fat fraction."""
+    channels = np.stack([water, fat_fraction], axis=-1).astype(np.float32)
+    out = refined.copy()
+    for z in range(refined.shape[0]):
+        disputed = refined[z] != propagated[z]
+        if not disputed.any():
+            continue
+        seeds = np.where(disputed, 0, refined[z] + 1).astype(np.int32)
+        ys, xs = np.nonzero(ndimage.binary_dilation(disputed, iterations=WALK_MARGIN_PX))
+        box = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
+        values = np.unique(seeds[box][seeds[box] > 0])
+        if len(values) < 2:  # one label seeds the box: it takes every disputed voxel there
+            walked = np.full(seeds[box].shape, values[0] if len(values) else 1)
+        else:
+            walked = random_walker(channels[z][box], seeds[box], beta=BETA, mode="cg_j", channel_axis=-1)
+        decided = np.where(walked > 1, walked - 1, 0)
+        out[z][box] = np.where(disputed[box], decided, refined[z][box])
+    return clean_labels(out, 2)
+
+
 def shape_average(
     refined: np.ndarray, propagated: np.ndarray, spacing_zyx: tuple[float, float, float]
 ) -> np.ndarray:
@@ -100,7 +128,7 @@ def shape_average(
 
 def variants(
     propagated: np.ndarray, k_propagated: int, stages: dict[str, np.ndarray], k_model: int,
-    image: sitk.Image, modality: str, final: np.ndarray, k_final: int,
+    image: sitk.Image, modality: str, final: np.ndarray, k_final: int, fat: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """Every variant's 2-class sides for one scan."""
 
@@ -120,7 +148,7 @@ def variants(
     stage3_sides, propagated_sides = sides(stage3, k_model), sides(propagated, k_propagated)
     spacing_zyx = tuple(reversed(image.GetSpacing()))
     intensities = registration_intensities(sitk.GetArrayViewFromImage(image), modality)
-    return {
+    masks = {
         "propagation": propagated_sides,
         "final": sides(final, k_final),
         "stage3 finished": stage3_sides,
@@ -132,6 +160,11 @@ def variants(
         "stages 2+3 consensus": agreed(np.where(stage3 > 0, stage3, finished(stages["stage2"]))),
         "disagreement walker": disagreement_walker(stage3_sides, propagated_sides, intensities),
     }
+    if fat is not None:
+        water = sitk.GetArrayFromImage(image).astype(np.float32)
+        fat_fraction = np.nan_to_num(fat_ratio_of_sums(fat, water))  # per voxel; 0 where there is no signal
+        masks["tissue walker"] = tissue_walker(stage3_sides, propagated_sides, intensities, fat_fraction)
+    return masks
 
 
 def score_run(run: Path, dataset: str, scans: list[str] | None, label: str) -> list[dict]:
@@ -153,7 +186,7 @@ def score_run(run: Path, dataset: str, scans: list[str] | None, label: str) -> l
         masks = variants(
             read_array(layout.masks(scan)), spec.n_classes, stages, k_model,
             read_image(layout.scan_image(scan)), spec.modality,
-            read_array(layout.final_mask_canonical(scan)), k_final,
+            read_array(layout.final_mask_canonical(scan)), k_final, fat,
         )  # fmt: skip
         for name, sides in masks.items():
             per_variant.setdefault(name, []).append(score(sides, truth, 2, water, fat, spec.n_classes))

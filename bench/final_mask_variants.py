@@ -39,7 +39,6 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
-from skimage.segmentation import random_walker
 
 from bench._common import cpu_model
 from bench.refinement_bench import CASES, score
@@ -69,7 +68,8 @@ def stage_vote(predictions: list[np.ndarray]) -> np.ndarray:
 
 
 def disagreement_walker(refined: np.ndarray, propagated: np.ndarray, intensities: np.ndarray) -> np.ndarray:
-    """2-class sides: the agreed voxels as they are, the disputed ones as the random walker places them."""
+    """2-class sides: the agreed voxels as they are, the disputed ones as the random walker places them on
+    ``intensities`` (z, y, x), or on several channels together (z, y, x, channels)."""
     out = refined.copy()
     for z in range(refined.shape[0]):
         disputed = refined[z] != propagated[z]
@@ -79,29 +79,6 @@ def disagreement_walker(refined: np.ndarray, propagated: np.ndarray, intensities
         within = ndimage.binary_dilation(disputed, iterations=WALK_MARGIN_PX)
         walked = walk(intensities[z], seeds, BETA, within)
         out[z] = np.where(disputed, np.where(walked > 1, walked - 1, 0), refined[z])
-    return clean_labels(out, 2)
-
-
-def tissue_walker(
-    refined: np.ndarray, propagated: np.ndarray, water: np.ndarray, fat_fraction: np.ndarray
-) -> np.ndarray:
-    """``disagreement_walker`` on two channels, the water image (scaled to about [0, 1]) and the fat fraction."""
-    channels = np.stack([water, fat_fraction], axis=-1).astype(np.float32)
-    out = refined.copy()
-    for z in range(refined.shape[0]):
-        disputed = refined[z] != propagated[z]
-        if not disputed.any():
-            continue
-        seeds = np.where(disputed, 0, refined[z] + 1).astype(np.int32)
-        ys, xs = np.nonzero(ndimage.binary_dilation(disputed, iterations=WALK_MARGIN_PX))
-        box = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
-        values = np.unique(seeds[box][seeds[box] > 0])
-        if len(values) < 2:  # one label seeds the box: it takes every disputed voxel there
-            walked = np.full(seeds[box].shape, values[0] if len(values) else 1)
-        else:
-            walked = random_walker(channels[z][box], seeds[box], beta=BETA, mode="cg_j", channel_axis=-1)
-        decided = np.where(walked > 1, walked - 1, 0)
-        out[z][box] = np.where(disputed[box], decided, refined[z][box])
     return clean_labels(out, 2)
 
 
@@ -163,7 +140,8 @@ def variants(
     if fat is not None:
         water = sitk.GetArrayFromImage(image).astype(np.float32)
         fat_fraction = np.nan_to_num(fat_ratio_of_sums(fat, water))  # per voxel; 0 where there is no signal
-        masks["tissue walker"] = tissue_walker(stage3_sides, propagated_sides, intensities, fat_fraction)
+        tissue = np.stack([intensities, fat_fraction.astype(np.float32)], axis=-1)
+        masks["tissue walker"] = disagreement_walker(stage3_sides, propagated_sides, tissue)
     return masks
 
 

@@ -88,7 +88,8 @@ def walk(
     seed would otherwise come back with the sides renamed.
 
     ``allowed`` maps a seed value to the pixels it may be given; elsewhere the pixel takes the likeliest of
-    the other values. A value it does not name may be given anywhere."""
+    the other values. A value it does not name may be given anywhere. An ``image`` of shape (y, x, channels)
+    is walked on all its channels together."""
     ys, xs = np.nonzero(within)
     box = (
         slice(max(0, ys.min() - 1), min(image.shape[0], ys.max() + 2)),
@@ -100,7 +101,10 @@ def walk(
         # hair outside [0, 1]; only the argmax over the labels is used, and the warning reached the console
         # of every run
         warnings.filterwarnings("ignore", "The probability range is outside", UserWarning)
-        probabilities = random_walker(image[box], seeds[box], beta=beta, mode="cg_j", return_full_prob=True)
+        probabilities = random_walker(
+            image[box], seeds[box], beta=beta, mode="cg_j", return_full_prob=True,
+            channel_axis=-1 if image.ndim == 3 else None,
+        )  # fmt: skip
     for i, value in enumerate(values):
         if allowed is not None and value in allowed:
             probabilities[i][~allowed[value][box]] = -np.inf

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from nnsam2_assets.core.labels import mean_dice
-from nnsam2_assets.propagation.boundary import refine_side_boundaries
+from nnsam2_assets.propagation.boundary import BETA, refine_side_boundaries, walk
 from nnsam2_assets.propagation.registration import RegistrationPropagator
 
 BAND = 4
@@ -122,3 +122,19 @@ def test_a_side_never_reaches_beyond_the_band_of_its_own_edge():
         assert not (refined == side)[beyond].any(), side
         assert (refined == side).sum() >= (sides == side).sum() * 0.9, side
     assert (refined[36:40, 20:56] == 1).all()  # within its band the right side still follows its tissue
+
+
+def test_the_walker_follows_an_edge_that_only_a_second_channel_has():
+    # a bright square beside a first channel of faint noise: walked on the noise alone the seeds' geometry
+    # decides; with the square's channel beside it, the edge lands on the square's border
+    flat = np.random.default_rng(0).normal(0.5, 0.02, (40, 40)).astype(np.float32)
+    square = np.zeros((40, 40), np.float32)
+    square[10:30, 10:30] = 1.0
+    seeds = np.zeros((40, 40), np.int32)
+    seeds[18:22, 18:22] = 2  # inside
+    seeds[:3, :] = seeds[-3:, :] = seeds[:, :3] = seeds[:, -3:] = 1  # outside
+    within = np.ones((40, 40), bool)
+    on_both = walk(np.stack([flat, square], axis=-1), seeds, BETA, within)
+    assert (on_both == 2).sum() == 400 and (on_both[10:30, 10:30] == 2).all()
+    on_flat = walk(flat, seeds, BETA, within)
+    assert (on_flat == 2).sum() < 300  # no edge: the inner seed's pull fades half-way to the outer seeds

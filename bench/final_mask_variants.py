@@ -105,9 +105,10 @@ def shape_average(
 
 def variants(
     propagated: np.ndarray, k_propagated: int, stages: dict[str, np.ndarray], k_model: int,
-    image: sitk.Image, modality: str, final: np.ndarray, k_final: int, fat: np.ndarray | None = None,
+    image: sitk.Image, modality: str, final: np.ndarray, k_final: int,
+    water: np.ndarray | None = None, fat: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:  # fmt: skip
-    """Every variant's 2-class sides for one scan."""
+    """Every variant's 2-class sides for one scan; a Dixon scan's ``water`` and ``fat`` add the tissue walker."""
 
     def sides(labels: np.ndarray, k: int) -> np.ndarray:
         return to_class_space(labels, k, 2)
@@ -137,8 +138,7 @@ def variants(
         "stages 2+3 consensus": agreed(np.where(stage3 > 0, stage3, finished(stages["stage2"]))),
         "disagreement walker": disagreement_walker(stage3_sides, propagated_sides, intensities),
     }
-    if fat is not None:
-        water = sitk.GetArrayFromImage(image).astype(np.float32)
+    if water is not None and fat is not None:
         fat_fraction = np.nan_to_num(fat_ratio_of_sums(fat, water))  # per voxel; 0 where there is no signal
         tissue = np.stack([intensities, fat_fraction.astype(np.float32)], axis=-1)
         masks["tissue walker"] = disagreement_walker(stage3_sides, propagated_sides, tissue)
@@ -155,16 +155,16 @@ def score_run(run: Path, dataset: str, scans: list[str] | None, label: str) -> l
     per_variant: dict[str, list[dict]] = {}
     for scan in scans or list(spec.scans):
         truth = read_array(layout.scan_expert(scan))
+        image = read_image(layout.scan_image(scan))  # the water image of a Dixon scan
         dixon = layout.scan_fat(scan).exists()
-        water = read_array(layout.scan_image(scan)) if dixon else None
+        water = sitk.GetArrayFromImage(image) if dixon else None
         fat = read_array(layout.scan_fat(scan)) if dixon else None
         stages = {
             s: read_array(stage_prediction(Path(m["model_dir"]), dataset, scan)) for s, m in models.items()
         }
         masks = variants(
             read_array(layout.masks(scan)), spec.n_classes, stages, k_model,
-            read_image(layout.scan_image(scan)), spec.modality,
-            read_array(layout.final_mask_canonical(scan)), k_final, fat,
+            image, spec.modality, read_array(layout.final_mask_canonical(scan)), k_final, water, fat,
         )  # fmt: skip
         for name, sides in masks.items():
             per_variant.setdefault(name, []).append(score(sides, truth, 2, water, fat, spec.n_classes))

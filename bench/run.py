@@ -44,7 +44,9 @@ import platform
 import sys
 import tempfile
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from bench._common import cpu_model, row
@@ -152,27 +154,21 @@ def run_sections(
     one but the environment), each worker taking the next section when it finishes one, as a sequential run
     does in its one process; every section has its own scratch folder and Dagster instance."""
     if jobs <= 1:
-        results: dict[str, list[dict] | Exception] = {}
-        for name in names:
-            try:
-                results[name] = run_section(name, base, quick, sam2_full)
-            except Exception as exc:
-                results[name] = exc
-        return results
+        return {name: _outcome(partial(run_section, name, base, quick, sam2_full)) for name in names}
     # by reference to this module's importable name: ``python -m bench.run`` runs it as ``__main__``
     section = importlib.import_module("bench.run").run_section
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures: dict[str, Future] = {
-            name: pool.submit(section, name, base, quick, sam2_full) for name in names
-        }
-        results = {}
-        for name, future in futures.items():
-            try:
-                results[name] = future.result()
-            except Exception as exc:  # the section's own error, or its worker process dying
-                results[name] = exc
-        return results
+        futures = {name: pool.submit(section, name, base, quick, sam2_full) for name in names}
+        # a future raises the section's own error, or the death of its worker process
+        return {name: _outcome(future.result) for name, future in futures.items()}
+
+
+def _outcome(call: Callable[[], list[dict]]) -> list[dict] | Exception:
+    try:
+        return call()
+    except Exception as exc:
+        return exc
 
 
 def format_table(rows: list[dict], header: str) -> str:
@@ -208,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sam2_full = args.sam2_full and not args.quick
     names = args.only or list(SECTIONS)
-    jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1) if args.quick else 1
+    jobs = args.jobs
+    if jobs is None:
+        jobs = (os.cpu_count() or 1) if args.quick else 1
     jobs = max(1, min(jobs, len(names)))
     os.environ.setdefault("TQDM_DISABLE", "1")  # before any section process starts: they inherit it
     cmd = "python -m bench.run" + (" --quick" if args.quick else "")

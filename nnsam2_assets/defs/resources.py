@@ -32,6 +32,7 @@ NNUNET_ITERATIONS_ENV = "NNSAM2_NNUNET_ITERATIONS"
 NNUNET_TRAINER_ENV = "NNSAM2_NNUNET_TRAINER"  # "plain" or "nnsam"
 NNUNET_BASE_FEATURES_ENV = "NNSAM2_NNUNET_BASE_FEATURES"  # the 2d network's first width, e.g. 16
 NNUNET_SEED_ENV = "NNSAM2_NNUNET_SEED"  # the nnU-Net stages' training seed (0, the default, or another)
+NNUNET_WARM_START_ENV = "NNSAM2_NNUNET_WARM_START_EPOCHS"  # stages 2-3 from the previous weights, N epochs
 FOREGROUND_SAMPLING_ENV = "NNSAM2_FOREGROUND_SAMPLING"  # "pseudo_labels" or "supervoxels"
 
 
@@ -101,7 +102,7 @@ class PropagationSettings(dg.ConfigurableResource):
 class RefinementSettings(dg.ConfigurableResource):
     """The nnU-Net recipe: ``refinement.settings.RefinementConfig``'s fields as run configuration
     (``build_resources`` reads them from NNSAM2_NNUNET_PROFILE / _EPOCHS / _ITERATIONS / _TRAINER /
-    _BASE_FEATURES / _SEED and
+    _BASE_FEATURES / _SEED / _WARM_START_EPOCHS and
     NNSAM2_FOREGROUND_SAMPLING when set); ``config()`` is the value the domain code takes."""
 
     profile: str = RefinementConfig.profile
@@ -117,6 +118,7 @@ class RefinementSettings(dg.ConfigurableResource):
     foreground_sampling: str = RefinementConfig.foreground_sampling
     base_features: int = RefinementConfig.base_features
     training_seed: int = RefinementConfig.training_seed
+    warm_start_epochs: int = RefinementConfig.warm_start_epochs
 
     def config(self) -> RefinementConfig:
         return _as_dataclass(self, RefinementConfig)
@@ -162,6 +164,7 @@ def build_resources(
             trainer=env_or(NNUNET_TRAINER_ENV, "plain"),
             base_features=env_int_or(NNUNET_BASE_FEATURES_ENV, 0),
             training_seed=env_int_or(NNUNET_SEED_ENV, 0),
+            warm_start_epochs=env_int_or(NNUNET_WARM_START_ENV, 0),
             foreground_sampling=env_or(FOREGROUND_SAMPLING_ENV, "pseudo_labels"),
             sam2_checkpoint=propagation.sam2_checkpoint,
             sam2_config=propagation.sam2_config,

@@ -37,6 +37,9 @@ class RefinementConfig:
     # the training seed; another seed trains other models from the same labels, which is how a study measures
     # the spread that training adds to its numbers (README, accuracy)
     training_seed: int = 0
+    # stages 2 and 3 start from the previous stage's weights and train this many epochs; 0 keeps the profile's
+    # rule (``Profile.warm_start_epochs``)
+    warm_start_epochs: int = 0
 
     def profile_obj(self) -> Profile:
         overrides: dict = {"device": self.device, "foreground_sampling": self.foreground_sampling}
@@ -53,4 +56,6 @@ class RefinementConfig:
             overrides["base_features"] = self.base_features
         if self.training_seed:
             overrides["seed"] = self.training_seed
+        if self.warm_start_epochs:
+            overrides["warm_start_epochs"] = self.warm_start_epochs
         return get_profile(self.profile, **overrides)

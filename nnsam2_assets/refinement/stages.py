@@ -148,8 +148,10 @@ def trained_on(pointer: dict, datasets: list[str]) -> set[str]:
 def recipe_key(profile: nnunet.Profile) -> str:
     """What a model's training recipe is, beyond its data: the profile (trainer, sampling, budget) and the
     trainer's weights."""
-    seed = (f"seed {profile.seed}",) if profile.seed else ()
-    return cache_key(repr(profile), nnunet.trainer_identity(profile), *seed)[:16]
+    extra = (f"seed {profile.seed}",) if profile.seed else ()
+    if profile.warm_start_epochs:
+        extra += (f"warm start {profile.warm_start_epochs}",)
+    return cache_key(repr(profile), nnunet.trainer_identity(profile), *extra)[:16]
 
 
 def models_state(root: Path, datasets: list[str], recipe: str | None = None) -> ModelsState:
@@ -361,6 +363,9 @@ def _train_and_predict(
             )
             sampling[case_id] = points
             parts.append(digest)
+    warm_start, warm_version = _warm_start(stage, root, profile)
+    if warm_start is not None:  # a fresh start's key stays as it was, so existing models stay current
+        parts.append(warm_version)
     version = cache_key(*parts)[:16]
     model_dir = model_version_dir(root, stage, version)
     trained_now, t_train, per_iter = False, 0.0, float("nan")
@@ -377,6 +382,7 @@ def _train_and_predict(
             dataset_id=STAGE_IDS[stage],
             sampling_points=sampling or None,
             seed=profile.seed,
+            warm_start=warm_start,
         )
         t_train, trained_now = time.perf_counter() - t0, True
         per_iter = float(getattr(info, "seconds_per_iteration", float("nan")))
@@ -425,6 +431,17 @@ def _train_and_predict(
         trainer_record(model_dir),
         label_source,
     )
+
+
+def _warm_start(stage: str, root: Path, profile: nnunet.Profile) -> tuple[nnunet.WarmStart | None, str]:
+    """Where a later stage starts from when the profile warm-starts (the previous stage's current model), and
+    that model's version for the new one's key."""
+    if stage not in PREVIOUS or not profile.warm_start_epochs:
+        return None, ""
+    pointer = current_model(root, PREVIOUS[stage][0])
+    previous = nnunet.ModelInfo.from_dir(Path(pointer["model_dir"]))
+    checkpoint = previous.model_dir / f"fold_{previous.fold}" / "checkpoint_final.pth"
+    return nnunet.WarmStart(checkpoint, profile.warm_start_epochs), pointer["version"]
 
 
 def supervoxel_points(

@@ -204,6 +204,34 @@ def test_trainer_has_no_mirroring(trained, tmp_path):
     assert max(abs(r) for r in rotation) <= np.deg2rad(nn.train.MAX_ROTATION_DEG) + 1e-9 < np.pi / 2
 
 
+def test_a_warm_start_begins_at_the_checkpoints_weights_and_trains_its_own_epochs(trained, tmp_path):
+    import torch
+
+    source = trained["info"].model_dir / "fold_all" / "checkpoint_final.pth"
+    # a learning rate that leaves the weights where they started, so the start shows in the published model
+    still = TINY.replace(initial_lr=1e-9)
+    info = nn.train_model(trained["cases"], CLASSES, True, tmp_path / "work", tmp_path / "warm", still, seed=2,
+                          warm_start=nn.WarmStart(source, 1))  # fmt: skip
+    assert info.warm_started_from == str(source) and info.num_epochs == 1 != TINY.num_epochs
+    assert nn.ModelInfo.from_dir(info.model_dir) == info
+
+    def weights(path: Path) -> dict:
+        return torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+
+    before, after = weights(source), weights(info.model_dir / "fold_all" / "checkpoint_final.pth")
+    transferred = [k for k in before if ".seg_layers." not in k]  # nnU-Net leaves the output layers fresh
+    assert transferred and all(torch.allclose(before[k], after[k], atol=1e-4) for k in transferred)
+
+    # a checkpoint of another network: training starts fresh, for the profile's own epochs
+    other = dict(torch.load(source, map_location="cpu", weights_only=False))
+    key = transferred[0]
+    other["network_weights"] = {**before, key: torch.zeros((1, *before[key].shape[1:]))}
+    torch.save(other, tmp_path / "other.pth")
+    fresh = nn.train_model(trained["cases"], CLASSES, True, tmp_path / "work", tmp_path / "fresh", TINY,
+                           seed=2, warm_start=nn.WarmStart(tmp_path / "other.pth", 1))  # fmt: skip
+    assert fresh.warm_started_from is None and fresh.num_epochs == TINY.num_epochs
+
+
 def test_predict_round_trip_loads_once(trained):
     n0 = nn.PREDICTOR_LOADS
     pred = nn.Predictor.load(trained["info"].model_dir, device="auto")

@@ -26,7 +26,8 @@ def test_models_trained_with_another_recipe_are_not_current(tmp_path):
     assert models_state(tmp_path, ["a"], recipe_key(plain)).current
     assert models_state(tmp_path, ["a"]).current  # no recipe asked for: data alone
     for other in (plain.replace(trainer="nnsam"), plain.replace(foreground_sampling="supervoxels"),
-                  plain.replace(num_epochs=2), plain.replace(base_features=16), plain.replace(seed=1)):  # fmt: skip
+                  plain.replace(num_epochs=2), plain.replace(base_features=16), plain.replace(seed=1),
+                  plain.replace(warm_start_epochs=3)):  # fmt: skip
         state = models_state(tmp_path, ["a"], recipe_key(other))
         assert not state.current and "another recipe" in state.reason
 
@@ -67,3 +68,13 @@ def test_the_training_seed_reaches_the_profile_and_the_default_keeps_the_models_
     monkeypatch.setenv(NNUNET_SEED_ENV, "3")
     seeded = resolved(build_resources()["refinement"]).config().profile_obj()
     assert seeded.seed == 3 and recipe_key(seeded) != recipe_key(default)
+
+
+def test_the_warm_start_reaches_the_profile_and_is_checked(monkeypatch):
+    from nnsam2_assets.defs.resources import NNUNET_WARM_START_ENV, build_resources, resolved
+
+    assert resolved(build_resources()["refinement"]).config().profile_obj().warm_start_epochs == 0
+    monkeypatch.setenv(NNUNET_WARM_START_ENV, "3")
+    assert resolved(build_resources()["refinement"]).config().profile_obj().warm_start_epochs == 3
+    with pytest.raises(ValueError, match="warm_start_epochs"):
+        nnunet.get_profile("quick", warm_start_epochs=-1)

@@ -55,6 +55,7 @@ from .raw import RawDataset, TrainingCase, _unique_ids, dataset_name, sanitize_c
 from .train import (
     ModelInfo,
     TrainingProgress,
+    WarmStart,
     nnsam_trainer_class,
     plan_and_preprocess,
     train_model,
@@ -75,6 +76,7 @@ __all__ = [
     "RawDataset",
     "TrainingCase",
     "TrainingProgress",
+    "WarmStart",
     "dataset_name",
     "get_profile",
     "nnunet_env",

@@ -84,6 +84,11 @@ class Profile:
     # the training RNGs' seed (torch, numpy, random). Out of the repr: ``refinement.stages.recipe_key`` adds
     # it only when it is not 0, so the default recipe's models keep their versions
     seed: int = field(default=0, repr=False)
+    # stages after the first start from the previous stage's weights and train this many epochs (nnU-Net's
+    # ``load_pretrained_weights``): a later stage learns labels close to what the previous model predicts, so
+    # it needs less than a fresh start. 0 trains every stage from scratch for ``num_epochs``. Out of the repr
+    # for the seed's reason: ``recipe_key`` adds it when it is set
+    warm_start_epochs: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if self.trainer not in TRAINERS:
@@ -98,6 +103,8 @@ class Profile:
                 f"the {self.configuration} configuration with a rewritten plan: in-plane spacing, patch and "
                 "batch caps and the network width are implemented for 2d only"
             )
+        if self.warm_start_epochs < 0:
+            raise ValueError(f"warm_start_epochs {self.warm_start_epochs}: 0 (off) or more")
         if self.base_features is not None and self.base_features < 4:
             raise ValueError(f"network width {self.base_features}: at least 4 features")
 

@@ -373,6 +373,14 @@ def centre_foreground_on(
 
 # ------------------------------------------------------------------------------------------- training
 @dataclass(frozen=True)
+class WarmStart:
+    """Start from another model's weights (all but the segmentation layers) and train ``num_epochs``."""
+
+    checkpoint: Path
+    num_epochs: int
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     model_dir: Path
     configuration: str
@@ -404,6 +412,8 @@ class ModelInfo:
     # the network's width per encoder stage (the profile's ``base_features`` sets the first); empty in
     # records written before it was kept
     features_per_stage: list[int] = field(default_factory=list)
+    # the checkpoint whose weights training started from (``WarmStart``); None: a fresh start
+    warm_started_from: str | None = None
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -415,6 +425,29 @@ class ModelInfo:
         d = json.loads((Path(model_dir) / MODEL_INFO_FILE).read_text())
         d["model_dir"] = Path(model_dir)
         return cls(**d)
+
+
+def _load_warm_start(trainer: Any, warm_start: WarmStart | None) -> str | None:
+    """Load ``warm_start``'s weights into the trainer's network; the checkpoint loaded, or None where there is
+    none or its network is another one (nnU-Net checks every layer's name and shape)."""
+    if warm_start is None:
+        return None
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    fresh_epochs = trainer.num_epochs
+    # initialize() builds the network and the optimiser with its poly schedule over num_epochs, from the
+    # trainer's settings, so it runs once they are all set; run_training then skips it, as in nnU-Net's entry
+    trainer.num_epochs = warm_start.num_epochs
+    trainer.initialize()
+    try:
+        with _quiet():
+            load_pretrained_weights(trainer.network, str(warm_start.checkpoint))
+    except AssertionError as exc:  # nnU-Net checks every layer before it copies any
+        log.warning("warm start from %s skipped, training fresh: %s", warm_start.checkpoint, exc)
+        trainer.num_epochs = fresh_epochs
+        trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+        return None
+    return str(warm_start.checkpoint)
 
 
 def _seed_everything(seed: int) -> None:
@@ -460,6 +493,7 @@ def train_model(
     seed: int = 0,
     fold: int | str = "all",
     sampling_points: dict[str, dict[int, np.ndarray] | None] | None = None,
+    warm_start: WarmStart | None = None,
 ) -> ModelInfo:
     """Write the raw dataset, plan, preprocess and train one nnU-Net; publish it atomically at ``model_dir``.
 
@@ -468,6 +502,9 @@ def train_model(
     5 cases falls back to "all". ``model_dir`` only ever appears complete, with ``nnsam2_model.json``.
     ``sampling_points`` {case id: {class: [N, 3] (z, y, x) on the case's image}} replace the foreground
     locations nnU-Net draws its oversampled patch centres from (a case given None keeps its own).
+    ``warm_start`` starts from a checkpoint's weights for its own number of epochs; where this plan's network
+    does not match the checkpoint's (another patch size, so another depth), training starts fresh for the
+    profile's epochs and the model's record says so (``warm_started_from`` None).
     """
     import torch
 
@@ -519,9 +556,10 @@ def train_model(
             trainer.oversample_foreground_percent = prof.oversample_foreground
             # no mid-run checkpoints: a partial run is discarded anyway (never published)
             trainer.save_every = max(prof.num_epochs + 1, 50)
+            started_from = _load_warm_start(trainer, warm_start)  # last: it builds the optimiser's schedule
             log.info(
                 "nnU-Net %s training: %d cases, %d x %d iterations, %s, patch %s, batch %d",
-                prof.name, len(cases), prof.num_epochs, prof.iterations_per_epoch, device,
+                prof.name, len(cases), trainer.num_epochs, prof.iterations_per_epoch, device,
                 trainer.configuration_manager.patch_size, trainer.configuration_manager.batch_size,
             )  # fmt: skip
             t_train = time.perf_counter()
@@ -539,7 +577,7 @@ def train_model(
                 class_names=list(class_names),
                 use_ignore=use_ignore,
                 num_training_cases=len(cases),
-                num_epochs=prof.num_epochs,
+                num_epochs=trainer.num_epochs,
                 iterations_per_epoch=prof.iterations_per_epoch,
                 seed=seed,
                 device=str(device),
@@ -560,6 +598,7 @@ def train_model(
                 nnsam=trainer.nnsam_options.record(_unwrapped(trainer.network))
                 if prof.trainer == "nnsam"
                 else None,
+                warm_started_from=started_from,
             )
         # stage next to model_dir (same filesystem) so the final rename is atomic
         model_dir.parent.mkdir(parents=True, exist_ok=True)

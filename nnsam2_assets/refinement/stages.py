@@ -458,13 +458,15 @@ def supervoxel_points(
 
 
 def trainer_record(model_dir: Path) -> dict:
-    """What trained a published model: its trainer class, its network's width per stage, its training seed
-    and, for nnSAM, what the encoder and head were."""
+    """What trained a published model: its trainer class, its network's width per stage, its training seed,
+    the checkpoint it started from (a warm start only) and, for nnSAM, what the encoder and head were."""
     info = nnunet.ModelInfo.from_dir(model_dir)
+    warm = {"warm_started_from": info.warm_started_from} if info.warm_started_from else {}
     return {
         "trainer": info.trainer_name,
         "features_per_stage": info.features_per_stage,
         "training_seed": info.seed,
+        **warm,
         **(info.nnsam or {}),
     }
 

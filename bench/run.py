@@ -51,8 +51,6 @@ from pathlib import Path
 
 from bench._common import cpu_model, row
 
-SAM2_FULL = False
-
 
 def bench_sam2(quick: bool, full_size: bool = False) -> list[dict]:
     """sam2_bench's small setting (image_size 256; 128 and one repetition in ``--quick``) unless
@@ -105,7 +103,8 @@ def bench_propagation(quick: bool) -> list[dict]:
     return rows
 
 
-# section -> "module:function" called as function(base, quick), imported when the section runs: the sections
+# section -> "module:function" called as function(base, quick), imported when the section runs (the sam2
+# section also takes ``full_size``, the one option a section has beyond --quick): the sections
 # import torch, SAM2 and nnU-Net between them, and a run of one section (or the fork server of a multiprocess
 # run, which re-imports this module) should not pay for the others
 SECTIONS: dict[str, str] = {
@@ -124,8 +123,8 @@ SECTIONS: dict[str, str] = {
 }
 
 
-def bench_sam2_section(base: Path, quick: bool) -> list[dict]:
-    return bench_sam2(quick, SAM2_FULL)
+def bench_sam2_section(base: Path, quick: bool, full_size: bool = False) -> list[dict]:
+    return bench_sam2(quick, full_size)
 
 
 def bench_propagation_section(base: Path, quick: bool) -> list[dict]:
@@ -133,14 +132,12 @@ def bench_propagation_section(base: Path, quick: bool) -> list[dict]:
 
 
 def run_section(name: str, base: Path, quick: bool, sam2_full: bool = False) -> list[dict]:
-    # set on the importable module that the sections resolve to (``python -m bench.run`` runs a copy of this
-    # file as ``__main__``), in whichever process runs the section
-    importlib.import_module("bench.run").SAM2_FULL = sam2_full
     module, function = SECTIONS[name].split(":")
+    options = {"full_size": sam2_full} if name == "sam2" else {}
     t0 = time.perf_counter()
     print(f"[bench] {name} ...", file=sys.stderr, flush=True)
     try:
-        return getattr(importlib.import_module(module), function)(base, quick)
+        return getattr(importlib.import_module(module), function)(base, quick, **options)
     finally:
         print(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 

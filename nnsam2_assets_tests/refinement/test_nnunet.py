@@ -146,10 +146,10 @@ def test_quick_plan_caps_patch_and_batch_and_resamples(tmp_path):
     assert list(widths[:3]) == [16, 32, 64]
     # the fingerprint's intensity sample is small because nothing reads it: every case is z-scored on its own
     assert cfg["normalization_schemes"] == ["ZScoreNormalization"]
-    extractor = nn.train.fingerprint_extractor_class()
+    extractor = nn.planning.fingerprint_extractor_class()
     with nn.nnunet_env(tmp_path / "raw", tmp_path / "pre", tmp_path / "res"):
         fpe = extractor(raw.dataset_id, 1, verbose=False)
-    assert fpe.num_foreground_voxels_for_intensitystats == 2 * nn.train.FINGERPRINT_SAMPLES_PER_CASE
+    assert fpe.num_foreground_voxels_for_intensitystats == 2 * nn.planning.FINGERPRINT_SAMPLES_PER_CASE
 
 
 def test_failed_training_publishes_nothing(tmp_path):
@@ -201,7 +201,7 @@ def test_trainer_has_no_mirroring(trained, tmp_path):
         rotation, _, _, mirror_axes = tr.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     assert mirror_axes is None and tr.inference_allowed_mirroring_axes is None
     # nnU-Net's default 2d augmentation rotates up to +-180 degrees, which swaps left and right like a mirror
-    assert max(abs(r) for r in rotation) <= np.deg2rad(nn.train.MAX_ROTATION_DEG) + 1e-9 < np.pi / 2
+    assert max(abs(r) for r in rotation) <= np.deg2rad(nn.trainers.MAX_ROTATION_DEG) + 1e-9 < np.pi / 2
 
 
 def test_a_warm_start_begins_at_the_checkpoints_weights_and_trains_its_own_epochs(trained, tmp_path):

@@ -19,11 +19,11 @@ module is imported, because nnU-Net reads them at ITS import time; nnunetv2 itse
 Fingerprinting and preprocessing run in-process (nnU-Net's spawn pool is swapped for a 1-thread pool while
 our call runs) so no interpreter is spawned: faster on 2 cores and safe without ``__main__`` guards. The
 fingerprint samples 10,000 foreground intensities per case instead of nnU-Net's 10^8 per dataset
-(``train.fingerprint_extractor_class``): the statistics feed only CT normalisation, which is never used.
+(``planning.fingerprint_extractor_class``): the statistics feed only CT normalisation, which is never used.
 
 Quick profile (CPU), as shipped: 2d, in-plane resampled to >= 2 mm, patch <= 96x96, batch <= 4, 8 epochs x 75
 iterations (600), 1 torch thread, foreground oversampling 0.9 (pseudo-labels are sparse: most slices are
-"ignore"), in-plane rotation capped at +-15 degrees (see ``train.MAX_ROTATION_DEG``: larger rotations swap
+"ignore"), in-plane rotation capped at +-15 degrees (see ``trainers.MAX_ROTATION_DEG``: larger rotations swap
 sides), and training/prediction cropped to the muscles' in-plane box plus 20 mm (``roi_margin_mm``, applied by
 refinement/stages.py with refinement/roi.py): a 96-pixel patch of a full slice cannot see both sides of the spine and
 swapped right and left on the TUM pair. Measured on this 2-core machine: 0.25-0.28 s per iteration on the
@@ -50,15 +50,13 @@ from ._common import (
     nnunet_env,
     resolve_device,
 )
+from .planning import plan_and_preprocess
 from .predict import Predictor
 from .raw import RawDataset, TrainingCase, _unique_ids, dataset_name, sanitize_case_id, write_raw_dataset
-from .train import (
-    ModelInfo,
+from .train import ModelInfo, WarmStart, train_model
+from .trainers import (
     TrainingProgress,
-    WarmStart,
     nnsam_trainer_class,
-    plan_and_preprocess,
-    train_model,
     trainer_class,
     trainer_identity,
     training_progress,

@@ -439,8 +439,7 @@ def _warm_start(stage: str, root: Path, profile: nnunet.Profile) -> tuple[nnunet
     if stage not in PREVIOUS or not profile.warm_start_epochs:
         return None, ""
     pointer = current_model(root, PREVIOUS[stage][0])
-    previous = nnunet.ModelInfo.from_dir(Path(pointer["model_dir"]))
-    checkpoint = previous.model_dir / f"fold_{previous.fold}" / "checkpoint_final.pth"
+    checkpoint = nnunet.ModelInfo.from_dir(Path(pointer["model_dir"])).checkpoint
     return nnunet.WarmStart(checkpoint, profile.warm_start_epochs), pointer["version"]
 
 

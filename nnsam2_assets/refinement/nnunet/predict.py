@@ -66,8 +66,7 @@ class Predictor:
         info = ModelInfo.from_dir(model_dir)
         dataset_json = json.loads((model_dir / "dataset.json").read_text())
         plans_manager = PlansManager(json.loads((model_dir / "plans.json").read_text()))
-        ckpt = torch.load(model_dir / f"fold_{info.fold}" / "checkpoint_final.pth", map_location="cpu",
-                          weights_only=False)  # fmt: skip
+        ckpt = torch.load(info.checkpoint, map_location="cpu", weights_only=False)
         cfg = plans_manager.get_configuration(ckpt["init_args"]["configuration"])
         # build the network without a trainer-name lookup (that needs torchvision in this env)
         network = nnUNetTrainer.build_network_architecture(

@@ -77,6 +77,11 @@ class ModelInfo:
     # the checkpoint whose weights training started from (``WarmStart``); None: a fresh start
     warm_started_from: str | None = None
 
+    @property
+    def checkpoint(self) -> Path:
+        """The published weights: nnU-Net's final checkpoint of the model's fold."""
+        return self.model_dir / f"fold_{self.fold}" / "checkpoint_final.pth"
+
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["model_dir"] = str(self.model_dir)

@@ -24,8 +24,8 @@ from nnsam2_assets.core.layout import (
     model_version_dir,
 )
 from nnsam2_assets.defs.resources import NNUNET_EPOCHS_ENV, NNUNET_ITERATIONS_ENV
+from nnsam2_assets.refinement.models import STAGES, current_model
 from nnsam2_assets.refinement.nnunet import ModelInfo
-from nnsam2_assets.refinement.stages import STAGES, current_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # quick profile, patch 56x88, batch 4, one torch thread, on a 2-core AMD EPYC family 23 / model 1

@@ -52,8 +52,8 @@ from nnsam2_assets.propagation.boundary import BETA, walk
 from nnsam2_assets.propagation.registration import registration_intensities
 from nnsam2_assets.refinement.final_masks import consensus, refined_final
 from nnsam2_assets.refinement.finishing import finish_refined
+from nnsam2_assets.refinement.models import STAGES, current_model
 from nnsam2_assets.refinement.nnunet.level_set import signed_distance
-from nnsam2_assets.refinement.stages import STAGES, current_model
 from nnsam2_assets.testing.realdata import allow_shared_data
 
 WALK_MARGIN_PX = 3  # the walker's box around the disputed voxels

@@ -33,8 +33,8 @@ from nnsam2_assets.defs.resources import RefinementSettings, build_resources
 from nnsam2_assets.demo.datasets import write_demo_cohort
 from nnsam2_assets.ingest.convention import load_dataset
 from nnsam2_assets.metrics.quant import fat_ratio
+from nnsam2_assets.refinement.models import STAGES, current_model
 from nnsam2_assets.refinement.nnunet import ModelInfo
-from nnsam2_assets.refinement.stages import STAGES, current_model
 from nnsam2_assets.runner import materialize_cohort
 from nnsam2_assets.testing.realdata import TUM, tum_dataset
 

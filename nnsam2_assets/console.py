@@ -242,11 +242,11 @@ def run_datasets(
     verbose: bool = False,
 ) -> RunReport:
     """Materialize ``datasets`` end to end, in ``pipeline.PHASES`` order, through ``runner.materialize_cohort``:
-    each dataset's chain, then the pooled models only when ``refinement.stages.models_state`` says they are
+    each dataset's chain, then the pooled models only when ``refinement.models.models_state`` says they are
     not current for the datasets that got through (or ``retrain``), then each dataset's outputs."""
     from nnsam2_assets.defs.resources import build_resources, resolved
+    from nnsam2_assets.refinement.models import STAGES, models_state, recipe_key
     from nnsam2_assets.refinement.nnunet import training_progress
-    from nnsam2_assets.refinement.stages import STAGES, models_state, recipe_key
     from nnsam2_assets.runner import materialize_cohort
 
     report = RunReport(list(datasets), log_file)

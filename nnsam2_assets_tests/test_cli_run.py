@@ -28,8 +28,8 @@ from nnsam2_assets.defs.resources import NNUNET_EPOCHS_ENV, NNUNET_ITERATIONS_EN
 from nnsam2_assets.demo.datasets import write_demo_dataset
 from nnsam2_assets.ingest.scans import read_manifest
 from nnsam2_assets.pipeline import MODELS, OUTPUTS, PER_DATASET, SUPERVOXELS
+from nnsam2_assets.refinement.models import STAGES
 from nnsam2_assets.refinement.nnunet import MODEL_INFO_FILE
-from nnsam2_assets.refinement.stages import STAGES
 
 
 @dataclass

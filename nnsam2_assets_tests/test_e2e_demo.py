@@ -33,7 +33,6 @@ from nnsam2_assets.metrics.store import TABLES, query
 from nnsam2_assets.outputs.report import report_paths
 from nnsam2_assets.pipeline import OUTPUTS
 from nnsam2_assets.propagation.boundary import band_pixels
-from nnsam2_assets.refinement import stages as refine_stages
 from nnsam2_assets.refinement.corrections import read_record
 from nnsam2_assets.refinement.final_masks import CONSENSUS_RULE, make_final_masks
 from nnsam2_assets.refinement.finishing import finish_refined
@@ -43,6 +42,8 @@ from nnsam2_assets.refinement.muscle_split import (
     caudal_mm_per_slice,
     caudal_slope,
 )
+from nnsam2_assets.refinement.pool import build_pool
+from nnsam2_assets.refinement.stage_labels import exact_labels, stage_labels
 
 pytestmark = pytest.mark.slow
 
@@ -431,11 +432,11 @@ def test_a_correction_flows_into_the_final_mask_the_metrics_and_the_next_trainin
     def spec(dataset: str) -> DatasetSpec:
         return load_dataset(data if dataset == name else demo_cohort.data_root, dataset)
 
-    pool = refine_stages.build_pool(storage, demo_cohort.datasets, spec, log=print)
-    _, labels = refine_stages._stage_labels("stage1", pool, storage, None)
+    pool = build_pool(storage, demo_cohort.datasets, spec, log=print)
+    _, labels = stage_labels("stage1", pool, storage, None)
     (z,) = record.corrected_slices
     assert not labels[(name, scan)][z].any()  # the erased slice is an exact (empty) label of the next run
-    assert (scan, [z]) in [(s, slices) for s, slices, _ in refine_stages.exact_labels(layout)]
+    assert (scan, [z]) in [(s, slices) for s, slices, _ in exact_labels(layout)]
 
 
 def _sensor_tick(instance, storage, cursor):

@@ -25,6 +25,7 @@ from nnsam2_assets.refinement import stages as refine
 from nnsam2_assets.refinement.final_masks import CODE_VERSION as FINAL_MASKS_CODE_VERSION
 from nnsam2_assets.refinement.final_masks import make_final_masks
 from nnsam2_assets.refinement.holdout import MIN_HELDOUT_DICE
+from nnsam2_assets.refinement.pool import Pool, build_pool
 from nnsam2_assets.refinement.rules import STAGE_RULES, StageRule
 
 
@@ -48,9 +49,9 @@ class StageSelectionConfig(dg.Config):
         )
 
 
-def _pool(context: dg.AssetExecutionContext, storage: NnsamStorage) -> refine.Pool:
+def _pool(context: dg.AssetExecutionContext, storage: NnsamStorage) -> Pool:
     names = context.instance.get_dynamic_partitions(datasets_partitions.name)
-    return refine.build_pool(storage.root, names, storage.dataset, log=context.log.warning)
+    return build_pool(storage.root, names, storage.dataset, log=context.log.warning)
 
 
 def _result(info: refine.StageResult) -> dg.MaterializeResult:

@@ -10,7 +10,7 @@ published mask is downstream of the models that learn from the correction; the r
 
 - ``final_masks`` replaces the corrected slices of that scan's final mask and reports how many and the
   Dice of the uncorrected mask against the correction on them (an honest accuracy signal);
-- every nnU-Net stage trains on the corrected slices as exact labels (``refinement.stages``), the next
+- every nnU-Net stage trains on the corrected slices as exact labels (``refinement.stage_labels``), the next
   time refinement is run; a correction alone never retrains the models.
 """
 

@@ -51,19 +51,14 @@ from nnsam2_assets.refinement.corrections import (
 )
 from nnsam2_assets.refinement.finishing import finish_refined
 from nnsam2_assets.refinement.holdout import MIN_HELDOUT_DICE, RefinementDecision, decide
+from nnsam2_assets.refinement.models import STAGES, current_model
 from nnsam2_assets.refinement.muscle_split import (
     CAUDAL_SHARE_SLOPE_PER_MM,
     apply_caudal_share,
     caudal_mm_per_slice,
 )
-from nnsam2_assets.refinement.stages import (
-    STAGES,
-    VERSION,
-    StagePredictions,
-    current_model,
-    scan_key,
-    scan_roi,
-)
+from nnsam2_assets.refinement.prediction import StagePredictions, scan_key, scan_roi
+from nnsam2_assets.refinement.stages import VERSION
 
 
 @dataclass

@@ -30,6 +30,7 @@ from nnsam2_assets.pseudolabels.selection import SelectionConfig
 from nnsam2_assets.pseudolabels.steps import select_pseudo_labels
 from nnsam2_assets.refinement import stages
 from nnsam2_assets.refinement.final_masks import make_final_masks
+from nnsam2_assets.refinement.pool import Pool, build_pool
 from nnsam2_assets.refinement.rules import STAGE_RULES
 from nnsam2_assets.refinement.settings import RefinementConfig
 from nnsam2_assets.supervoxels.steps import build_supervoxels, method_for, method_id_for
@@ -50,8 +51,8 @@ class DirectRun:
     def layout(self, name: str) -> DatasetLayout:
         return DatasetLayout(self.storage_root, name)
 
-    def pool(self) -> stages.Pool:
-        return stages.build_pool(self.storage_root, self.datasets, self.spec, log=silent)
+    def pool(self) -> Pool:
+        return build_pool(self.storage_root, self.datasets, self.spec, log=silent)
 
     def write_rows(self, name: str, tables: dict[str, pd.DataFrame]) -> None:
         replace_dataset(duckdb_path(self.storage_root), name, tables)

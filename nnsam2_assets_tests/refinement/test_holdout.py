@@ -13,7 +13,8 @@ from nnsam2_assets.refinement.holdout import (
     exact_label_slices,
     held_out_slab,
 )
-from nnsam2_assets.refinement.stages import Pool, _exact_and_held_out
+from nnsam2_assets.refinement.pool import Pool
+from nnsam2_assets.refinement.stage_labels import exact_and_held_out
 
 
 def _write(arr: np.ndarray, path, spacing=(1.0, 1.0, 2.0)) -> None:
@@ -51,7 +52,7 @@ def test_every_stage_trains_without_the_reference_slab(tmp_path):
     pool = Pool(layouts={"ds": layout}, n_classes={"ds": 2}, scans={"ds": ["ref", "other"]})
     ignore = ignore_label(2)
     full = np.ones((11, 40, 40), np.uint8)
-    labels = _exact_and_held_out({("ds", "ref"): full, ("ds", "other"): full}, pool)
+    labels = exact_and_held_out({("ds", "ref"): full, ("ds", "other"): full}, pool)
     assert (labels[("ds", "ref")][3:8] == ignore).all()
     assert (labels[("ds", "ref")][:3] == 1).all() and (labels[("ds", "ref")][8:] == 1).all()
     assert (labels[("ds", "other")] == 1).all()  # only the reference's annotated slab is held out
@@ -59,7 +60,7 @@ def test_every_stage_trains_without_the_reference_slab(tmp_path):
 
     only_slab = np.full((11, 40, 40), ignore, np.uint8)
     only_slab[5] = 1
-    assert ("ds", "ref") not in _exact_and_held_out(
+    assert ("ds", "ref") not in exact_and_held_out(
         {("ds", "ref"): only_slab}, pool
     )  # nothing left to learn from
 
@@ -98,13 +99,13 @@ def test_further_annotated_slices_are_exact_labels_of_every_stage(tmp_path):
     ignore = ignore_label(2)
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.annotation)))
     wrong = np.full((11, 40, 40), 2, np.uint8)  # a stage's labels: everything left LPM
-    labels = _exact_and_held_out({("ds", "ref"): wrong, ("ds", "other"): wrong}, pool)
+    labels = exact_and_held_out({("ds", "ref"): wrong, ("ds", "other"): wrong}, pool)
     ref = labels[("ds", "ref")]
     np.testing.assert_array_equal(ref[[0, 10]], truth[[0, 10]])
     assert (ref[3:8] == ignore).all() and (ref[1:3] == 2).all()
     assert (labels[("ds", "other")] == 2).all()
 
-    unselected = _exact_and_held_out({("ds", "other"): wrong}, pool)[("ds", "ref")]
+    unselected = exact_and_held_out({("ds", "other"): wrong}, pool)[("ds", "ref")]
     np.testing.assert_array_equal(unselected[[0, 10]], truth[[0, 10]])
     assert (np.delete(unselected, [0, 10], axis=0) == ignore).all()
 

@@ -10,7 +10,7 @@ import pytest
 
 from nnsam2_assets.core.layout import model_pointer, model_version_dir
 from nnsam2_assets.refinement import nnunet
-from nnsam2_assets.refinement.stages import STAGES, models_state, recipe_key
+from nnsam2_assets.refinement.models import STAGES, models_state, recipe_key
 
 
 def test_models_trained_with_another_recipe_are_not_current(tmp_path):

@@ -10,6 +10,7 @@ import json
 from nnsam2_assets.core.layout import model_pointer
 from nnsam2_assets.defs.refinement import _result
 from nnsam2_assets.refinement import stages
+from nnsam2_assets.refinement.models import recipe_key
 from nnsam2_assets.refinement.nnunet import ModelInfo
 from nnsam2_assets.refinement.settings import RefinementConfig
 from nnsam2_assets.testing import direct
@@ -33,7 +34,7 @@ def test_shape_head_alone_and_supervoxel_sampling_in_stage1(tmp_path):
     assert metadata["trainer"].value["training_seed"] == 7
     pointer = json.loads(model_pointer(storage, "stage1").read_text())
     assert pointer["supervoxel_points"] and all(n and n > 0 for n in pointer["supervoxel_points"].values())
-    assert pointer["recipe"] == stages.recipe_key(settings.profile_obj())
+    assert pointer["recipe"] == recipe_key(settings.profile_obj())
     # the same inputs with nnU-Net's own sampling are another model
     plain = RefinementConfig(num_epochs=1, iterations_per_epoch=2, trainer="nnsam")
     again = stages.run_stage1(run.pool(), storage, plain.profile_obj(), log=lambda _: None)

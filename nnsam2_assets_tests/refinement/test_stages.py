@@ -18,7 +18,7 @@ def test_prediction_runs_in_the_muscle_box_and_lands_on_the_full_grid(tmp_path):
     import SimpleITK as sitk
 
     from nnsam2_assets.core.layout import DatasetLayout
-    from nnsam2_assets.refinement.stages import predict_scan, scan_roi
+    from nnsam2_assets.refinement.prediction import predict_scan, scan_roi
 
     layout = DatasetLayout(tmp_path, "ds")
     img = sitk.GetImageFromArray(np.zeros((5, 60, 80), np.float32))
@@ -47,7 +47,7 @@ def test_a_stage_whose_inputs_agree_nowhere_trains_on_the_pseudo_labels(tmp_path
 
     from nnsam2_assets.core import silent
     from nnsam2_assets.core.layout import model_pointer, stage_prediction
-    from nnsam2_assets.refinement import stages
+    from nnsam2_assets.refinement import stage_labels
     from nnsam2_assets.refinement.rules import STAGE_RULES
     from nnsam2_assets.testing.cohorts import write_tiny_dataset
     from nnsam2_assets.testing.direct import DirectRun, run_direct
@@ -69,8 +69,8 @@ def test_a_stage_whose_inputs_agree_nowhere_trains_on_the_pseudo_labels(tmp_path
         pointer.parent.mkdir(parents=True, exist_ok=True)
         pointer.write_text(f'{{"model_dir": "{model_dir}"}}')
 
-    first, pseudo_labels = stages._stage_labels("stage1", pool, run.storage_root, None)
-    selection, labels, source = stages.next_stage_labels(
+    first, pseudo_labels = stage_labels.stage_labels("stage1", pool, run.storage_root, None)
+    selection, labels, source = stage_labels.next_stage_labels(
         "stage3", pool, run.storage_root, STAGE_RULES["stage3"], silent
     )
     assert pseudo_labels and labels.keys() == pseudo_labels.keys()
@@ -90,7 +90,7 @@ def test_a_later_stage_learns_the_previous_predictions_finished_on_the_image(tmp
     from nnsam2_assets.core.imaging import read_array, read_image
     from nnsam2_assets.core.labels import ignore_label
     from nnsam2_assets.core.layout import model_pointer, stage_prediction
-    from nnsam2_assets.refinement import stages
+    from nnsam2_assets.refinement import stage_labels
     from nnsam2_assets.refinement.finishing import finish_refined
     from nnsam2_assets.refinement.rules import STAGE_RULES
     from nnsam2_assets.testing.cohorts import write_tiny_dataset
@@ -119,7 +119,7 @@ def test_a_later_stage_learns_the_previous_predictions_finished_on_the_image(tmp
     pointer.parent.mkdir(parents=True, exist_ok=True)
     pointer.write_text(f'{{"model_dir": "{model_dir}"}}')
 
-    _, labels, source = stages.next_stage_labels(
+    _, labels, source = stage_labels.next_stage_labels(
         "stage2", pool, run.storage_root, STAGE_RULES["stage2"], silent
     )
     assert labels and "finished on the image" in source

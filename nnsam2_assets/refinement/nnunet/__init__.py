@@ -25,7 +25,7 @@ Quick profile (CPU), as shipped: 2d, in-plane resampled to >= 2 mm, patch <= 96x
 iterations (600), 1 torch thread, foreground oversampling 0.9 (pseudo-labels are sparse: most slices are
 "ignore"), in-plane rotation capped at +-15 degrees (see ``trainers.MAX_ROTATION_DEG``: larger rotations swap
 sides), and training/prediction cropped to the muscles' in-plane box plus 20 mm (``roi_margin_mm``, applied by
-refinement/stages.py with refinement/roi.py): a 96-pixel patch of a full slice cannot see both sides of the spine and
+refinement/stages.py and refinement/prediction.py with refinement/roi.py): a 96-pixel patch of a full slice cannot see both sides of the spine and
 swapped right and left on the TUM pair. Measured on this 2-core machine: 0.25-0.28 s per iteration on the
 cropped TUM pair (patch 56x96, batch 3), so one stage (plan, preprocess, train, predict) takes ~2.5-3 minutes.
 With 240 iterations the multifidus classes were never predicted on TUM (4-class Dice 0.41); with 600 they are

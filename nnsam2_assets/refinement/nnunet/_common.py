@@ -81,7 +81,7 @@ class Profile:
     # where foreground patches are centred: "pseudo_labels" (nnU-Net's uniform draw inside the labels) or
     # "supervoxels" (on one supervoxel at a time; refinement/stages.py hands the maps to train_model)
     foreground_sampling: str = "pseudo_labels"
-    # the training RNGs' seed (torch, numpy, random). Out of the repr: ``refinement.stages.recipe_key`` adds
+    # the training RNGs' seed (torch, numpy, random). Out of the repr: ``refinement.models.recipe_key`` adds
     # it only when it is not 0, so the default recipe's models keep their versions
     seed: int = field(default=0, repr=False)
     # stages after the first start from the previous stage's weights and train this many epochs (nnU-Net's

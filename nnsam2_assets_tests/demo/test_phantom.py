@@ -9,6 +9,7 @@ import yaml
 from scipy import ndimage
 
 from nnsam2_assets.core.imaging import read_image
+from nnsam2_assets.demo import anatomy as A
 from nnsam2_assets.demo import phantom as P
 from nnsam2_assets.demo.datasets import write_demo_dataset
 from nnsam2_assets.ingest.annotation import validate_annotation
@@ -34,7 +35,7 @@ def _arr(img: sitk.Image) -> np.ndarray:
 
 
 def test_same_seed_same_phantom_and_seed_drives_only_nuisance():
-    params = P.params_from_z(np.linspace(-1, 1, len(P.PARAM_SPECS)))
+    params = A.params_from_z(np.linspace(-1, 1, len(A.PARAM_SPECS)))
     a, b = P.generate_phantom(params, seed=3), P.generate_phantom(params, seed=3)
     np.testing.assert_array_equal(a.labels, b.labels)
     for name in ("water", "fat", "t2", "ct"):
@@ -60,8 +61,8 @@ def test_label_geometry_is_anatomical(typical: P.Phantom):
         midline.append(mid)
         assert abs(cx[2] - mid) < abs(cx[1] - mid) and abs(cx[3] - mid) < abs(cx[4] - mid)
         # muscles lie posterior (high y) to the canal, which lies posterior to the vertebral body / disc
-        canal_y = np.nonzero(tissue[z] == P.CSF)[0].mean()
-        front = np.isin(tissue[z], (P.CANCELLOUS, P.CORTICAL, P.DISC))
+        canal_y = np.nonzero(tissue[z] == A.CSF)[0].mean()
+        front = np.isin(tissue[z], (A.CANCELLOUS, A.CORTICAL, A.DISC))
         front &= np.arange(lab.shape[1])[:, None] < canal_y
         assert front.any()
         assert min(cy.values()) > canal_y > np.nonzero(front)[0].mean()
@@ -83,15 +84,15 @@ def test_canonical_image_geometry(typical: P.Phantom):
 
 def test_ct_hounsfield_ranges(typical: P.Phantom):
     ct, clean, tissue = _arr(typical.images["ct"]), typical.clean["ct"], typical.tissue
-    far_air = ndimage.binary_erosion(tissue == P.AIR, iterations=3)
-    assert abs(ct[far_air].mean() + 1000) < 2 and (clean[tissue == P.AIR] < -700).all()
-    deep_fat = ndimage.binary_erosion(tissue == P.SUBCUT_FAT)
+    far_air = ndimage.binary_erosion(tissue == A.AIR, iterations=3)
+    assert abs(ct[far_air].mean() + 1000) < 2 and (clean[tissue == A.AIR] < -700).all()
+    deep_fat = ndimage.binary_erosion(tissue == A.SUBCUT_FAT)
     assert -110 < np.median(clean[deep_fat]) < -80
     for k in (1, 2, 3, 4):
         assert 30 < typical.hu_truth[k] < 55
         assert 30 < ct[typical.labels == k].mean() < 55
-    assert 250 < np.median(clean[tissue == P.CANCELLOUS]) < 450
-    assert 500 < np.percentile(clean[tissue == P.CORTICAL], 90) < 800
+    assert 250 < np.median(clean[tissue == A.CANCELLOUS]) < 450
+    assert 500 < np.percentile(clean[tissue == A.CORTICAL], 90) < 800
     # more fat infiltration lowers muscle attenuation
     fatty = P.generate_phantom(replace(typical.params, infiltration=0.3), seed=typical.seed)
     assert all(fatty.hu_truth[k] < typical.hu_truth[k] - 3 for k in (1, 2, 3, 4))
@@ -104,7 +105,7 @@ def test_dixon_fat_ratio_matches_truth(typical: P.Phantom):
         assert 0.03 < truth < 0.4
         assert abs(fat_ratio(fat, water, typical.labels == k) - truth) < 0.01
     wc, fc = typical.clean["water"], typical.clean["fat"]
-    deep_fat = ndimage.binary_erosion(typical.tissue == P.SUBCUT_FAT)
+    deep_fat = ndimage.binary_erosion(typical.tissue == A.SUBCUT_FAT)
     assert np.median(fc[deep_fat] / (fc[deep_fat] + wc[deep_fat])) > 0.85
     lean = P.generate_phantom(replace(typical.params, infiltration=0.01, base_ff=0.015), seed=typical.seed)
     fatty = P.generate_phantom(replace(typical.params, infiltration=0.3), seed=typical.seed)
@@ -123,7 +124,7 @@ def test_copy_slice_floor_is_hard_but_neighbours_trackable(cohort: P.Cohort):
 
 
 def test_cohort_has_one_population_mean_member(cohort: P.Cohort):
-    mean = P.population_mean_params()
+    mean = A.population_mean_params()
     assert cohort.members[cohort.typical_index].params == mean
     assert P.population_typical_index(COHORT_N, COHORT_SEED) == cohort.typical_index
     assert sum(m.params == mean for m in cohort.members) == 1
@@ -243,7 +244,7 @@ def test_a_long_phantom_covers_t12_to_s1_with_a_disc_at_every_named_level():
     assert list(long.disc_slices) == ["L5/S1", "L4/L5", "L3/L4", "L2/L3", "L1/L2", "T12/L1"]
     np.testing.assert_array_equal(long.labels[: short.region[1] + 1], short.labels[: short.region[1] + 1])
     for name, z in long.disc_slices.items():
-        assert (long.tissue[z] == P.DISC).any(), name
+        assert (long.tissue[z] == A.DISC).any(), name
     between = (long.disc_slices["L2/L3"] + long.disc_slices["L1/L2"]) // 2
-    assert not (long.tissue[between] == P.DISC).any()  # a vertebral body between two discs
+    assert not (long.tissue[between] == A.DISC).any()  # a vertebral body between two discs
     assert all(long.labels[z].any() for z in range(long.labels.shape[0]))  # muscles on every level

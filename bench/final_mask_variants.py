@@ -49,7 +49,7 @@ from nnsam2_assets.core.masks import clean_labels
 from nnsam2_assets.ingest.convention import load_dataset
 from nnsam2_assets.metrics.quant import fat_ratio_of_sums
 from nnsam2_assets.propagation.boundary import BETA, walk
-from nnsam2_assets.propagation.registration import registration_intensities
+from nnsam2_assets.propagation.slice_registration import registration_intensities
 from nnsam2_assets.refinement.final_masks import consensus, refined_final
 from nnsam2_assets.refinement.finishing import finish_refined
 from nnsam2_assets.refinement.models import STAGES, current_model

@@ -27,8 +27,8 @@ from nnsam2_assets.ingest.annotation import read_annotation_meta
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans, prepare_scan, read_manifest
 from nnsam2_assets.propagation.base import Propagator, target_seed_slice
-from nnsam2_assets.propagation.registration import carry_slice_labels, registration_intensities
 from nnsam2_assets.propagation.settings import PropagationConfig
+from nnsam2_assets.propagation.slice_registration import carry_slice_labels, registration_intensities
 from nnsam2_assets.propagation.steps import mask_digest
 from nnsam2_assets.supervoxels import segments
 

@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnsam2_assets.propagation.registration import carry_slice_labels
+from nnsam2_assets.propagation.slice_registration import carry_slice_labels
 from nnsam2_assets.supervoxels import segments, steps
 from nnsam2_assets.supervoxels.automatic import AutomaticMaskGenerator, box_nms
 from nnsam2_assets.testing.cohorts import two_blob_annotation, two_blob_volume

@@ -216,7 +216,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from nnsam2_assets.ingest.convention import DatasetError, load_dataset, validate_dataset_key
+    from nnsam2_assets.ingest.convention import load_dataset, validate_dataset_key
+    from nnsam2_assets.ingest.errors import DatasetError
     from nnsam2_assets.runner import register_datasets
 
     instance = _instance()
@@ -279,7 +280,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from nnsam2_assets.core.layout import DatasetLayout
-    from nnsam2_assets.ingest.convention import DatasetError, load_dataset
+    from nnsam2_assets.ingest.convention import load_dataset
+    from nnsam2_assets.ingest.errors import DatasetError
     from nnsam2_assets.outputs.report import build_report
 
     try:
@@ -296,7 +298,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_propose(args: argparse.Namespace) -> int:
     from nnsam2_assets.core.layout import DatasetLayout
     from nnsam2_assets.defs.resources import build_resources, resolved
-    from nnsam2_assets.ingest.convention import DatasetError, load_dataset
+    from nnsam2_assets.ingest.convention import load_dataset
+    from nnsam2_assets.ingest.errors import DatasetError
     from nnsam2_assets.supervoxels.steps import method_for, propose_segments
 
     _set_roots(args)

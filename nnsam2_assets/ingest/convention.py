@@ -10,7 +10,7 @@ One folder per dataset under a data root; the folder name is the Dagster partiti
                               annotation.mrk.json / annotation.csv, ``ingest.clicks``)
       experts/<id>.nii.gz     optional expert labels (or <id>.seg.nrrd)
       corrections/<id>.nii.gz optional: the scan's final mask as the user corrected it (or .seg.nrrd)
-      regions.csv             optional per-scan regions: scan,first_slice,last_slice[,l4_l5]
+      regions.csv             optional per-scan regions: scan,first_slice,last_slice[,l4_l5] (``ingest.regions``)
 
 The region is the L3/L4 to L5/S1 stretch: ``first_slice`` and ``last_slice`` are the axial slices of those
 two discs (inclusive, either order, indices in the file's own slice order) and the optional ``l4_l5`` the
@@ -31,31 +31,24 @@ target stays inside those roots; a link to ``/etc/passwd`` or another user's fol
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-import pandas as pd
 import yaml
 
 from nnsam2_assets.core.imaging import NIFTI_SUFFIXES, ScanError
 from nnsam2_assets.core.labels import CLASSES_2, CLASSES_4, class_names
 from nnsam2_assets.core.layout import allowed_roots
+from nnsam2_assets.ingest.errors import DatasetError
+from nnsam2_assets.ingest.regions import Region, RegionTable, parse_region, read_regions
 from nnsam2_assets.ingest.slicer import SEG_SUFFIX
 
 MODALITIES = ("mri", "ct")
 SEQUENCES = ("dixon", "t1", "t2", "ct", "other")
-REGION_COLUMNS = ("scan", "first_slice", "last_slice")
-REGION_OPTIONAL_COLUMNS = ("l4_l5",)
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _SCAN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-class DatasetError(ValueError):
-    """A dataset folder or its description is invalid; the message names the file and the reason."""
 
 
 def validate_dataset_key(name: str) -> str:
@@ -76,23 +69,6 @@ def validate_scan_id(scan_id: str, path: Path) -> str:
     if not is_valid_scan_id(scan_id):
         raise ScanError(path, f"invalid scan id {scan_id!r}: use letters, digits, '.', '-' or '_'")
     return scan_id
-
-
-class Region(NamedTuple):
-    """Axial slice indices, in the scan file's own slice order, of the discs bounding the region (either
-    order) and, optionally, of the L4/L5 disc strictly between them."""
-
-    first: int
-    last: int
-    l4_l5: int | None = None
-
-    @property
-    def bounds(self) -> tuple[int, int]:
-        return (min(self.first, self.last), max(self.first, self.last))
-
-    def describe(self) -> str:
-        lo, hi = self.bounds
-        return f"{lo}-{hi}" + (f" (L4/L5 {self.l4_l5})" if self.l4_l5 is not None else "")
 
 
 @dataclass(frozen=True)
@@ -374,84 +350,6 @@ def _find_nifti(folder: Path, stem: str) -> Path | None:
         if p.is_file():
             return p
     return None
-
-
-@dataclass(frozen=True)
-class RegionTable:
-    """regions.csv, parsed: valid rows by scan, per-scan errors, and each scan's row number (1 = header)."""
-
-    regions: dict[str, Region]
-    errors: dict[str, str]
-    rows: dict[str, int]
-
-
-_INTEGER = re.compile(r"[+-]?\d+")
-
-
-def read_regions(path: Path) -> RegionTable:
-    """Strict regions.csv: integer slice indices only, one row per scan, ``l4_l5`` optional (may be empty).
-
-    A malformed table (unreadable, missing columns) refuses the dataset; a bad row only excludes its scan.
-    Every message names the file, the row (line number, header = 1) and the column."""
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except Exception as exc:  # noqa: BLE001 - pandas raises several types for malformed CSV
-        raise DatasetError(f"{path}: unreadable region table ({exc})") from exc
-    missing = set(REGION_COLUMNS) - set(table.columns)
-    if missing:
-        raise DatasetError(f"{path}: missing columns {sorted(missing)} (need {','.join(REGION_COLUMNS)})")
-    unknown = [c for c in table.columns if c not in REGION_COLUMNS + REGION_OPTIONAL_COLUMNS]
-    if unknown:
-        raise DatasetError(
-            f"{path}: unknown columns {unknown} (use {','.join(REGION_COLUMNS + REGION_OPTIONAL_COLUMNS)})"
-        )
-    regions: dict[str, Region] = {}
-    errors: dict[str, str] = {}
-    rows: dict[str, int] = {}
-    for line, record in enumerate(table.to_dict("records"), start=2):
-        scan = str(record["scan"]).strip()
-        if not scan:
-            raise DatasetError(f"{path} row {line}, column scan: empty scan name")
-        if scan in rows:
-            errors[scan] = f"{path} rows {rows[scan]} and {line}: two regions for scan {scan!r}; keep one row"
-            regions.pop(scan, None)
-            continue
-        rows[scan] = line
-        try:
-            regions[scan] = parse_region(record, f"{path} row {line}")
-        except DatasetError as exc:
-            errors[scan] = str(exc)
-    return RegionTable(regions, errors, rows)
-
-
-def parse_region(record: Mapping[str, object], where: str) -> Region:
-    """One region, from a regions.csv row or dataset.yaml's ``region`` (the same keys, the same rules)."""
-    for key in record:
-        if key not in REGION_COLUMNS + REGION_OPTIONAL_COLUMNS:
-            raise DatasetError(
-                f"{where}: unknown key {key!r} (use {', '.join(REGION_COLUMNS[1:] + REGION_OPTIONAL_COLUMNS)})"
-            )
-    first, last = (_slice_index(record.get(c, ""), where, c) for c in REGION_COLUMNS[1:])
-    raw = record.get("l4_l5")
-    l4_l5 = None if raw is None or str(raw).strip() == "" else _slice_index(raw, where, "l4_l5")
-    lo, hi = sorted((first, last))
-    if l4_l5 is not None and not lo < l4_l5 < hi:
-        raise DatasetError(
-            f"{where}, column l4_l5: the L4/L5 disc slice {l4_l5} must lie strictly between the region's "
-            f"discs {lo} and {hi}"
-        )
-    return Region(first, last, l4_l5)
-
-
-def _slice_index(value: object, where: str, column: str) -> int:
-    text = str(value).strip()
-    if not _INTEGER.fullmatch(text):
-        shown = "empty" if not text else f"{text!r} is not an integer slice index"
-        raise DatasetError(f"{where}, column {column}: {shown}")
-    index = int(text)
-    if index < 0:
-        raise DatasetError(f"{where}, column {column}: slice index {index} is negative")
-    return index
 
 
 def map_labels(arr: np.ndarray, label_map: dict[int, int], path: Path | str) -> np.ndarray:

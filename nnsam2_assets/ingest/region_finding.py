@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnsam2_assets.core.imaging import axial_axis, to_canonical
-from nnsam2_assets.ingest.convention import Region
+from nnsam2_assets.ingest.regions import Region
 
 VERSION = "region-finding-v1"
 GRID_MM = (4.0, 4.0, 2.0)

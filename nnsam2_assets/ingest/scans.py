@@ -38,11 +38,11 @@ from nnsam2_assets.core.storage import (
 from nnsam2_assets.ingest import region_finding
 from nnsam2_assets.ingest.convention import (
     DatasetSpec,
-    Region,
     ScanSource,
     is_valid_scan_id,
     map_labels_keep,
 )
+from nnsam2_assets.ingest.regions import Region
 from nnsam2_assets.ingest.slicer import is_slicer_segmentation, read_slicer_labels
 
 VERSION = "ingest-v3"

@@ -15,8 +15,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnsam2_assets.demo.phantom import generate_cohort
-from nnsam2_assets.ingest.convention import Region
 from nnsam2_assets.ingest.region_finding import FoundRegion, find_region
+from nnsam2_assets.ingest.regions import Region
 from nnsam2_assets.testing.realdata import TUM
 
 TUM_REFERENCE_REGION = Region(9, 19, 14)  # inside TUM02's 29 slices for every shift of -8..+8

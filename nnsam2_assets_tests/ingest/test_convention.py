@@ -7,13 +7,9 @@ import SimpleITK as sitk
 from nnsam2_assets.core.imaging import ScanError, read_image
 from nnsam2_assets.core.labels import merge_sides
 from nnsam2_assets.ingest.annotation import validate_annotation
-from nnsam2_assets.ingest.convention import (
-    DatasetError,
-    Region,
-    load_dataset,
-    map_labels,
-    validate_dataset_key,
-)
+from nnsam2_assets.ingest.convention import load_dataset, map_labels, validate_dataset_key
+from nnsam2_assets.ingest.errors import DatasetError
+from nnsam2_assets.ingest.regions import Region
 from nnsam2_assets.testing.realdata import write_yaml
 
 

@@ -1,0 +1,116 @@
+"""The region table: the L3/L4-L5/S1 stretch of a scan as slice indices, and the one parser of both places
+a user gives it (``regions.csv`` rows and dataset.yaml's ``region``: the same keys, the same rules).
+
+A malformed table (unreadable, missing or unknown columns) refuses the dataset; a bad row only excludes its
+scan. Every message names the file, the row (line number, header = 1) and the column.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import pandas as pd
+
+from nnsam2_assets.ingest.errors import DatasetError
+
+REGION_COLUMNS = ("scan", "first_slice", "last_slice")
+REGION_OPTIONAL_COLUMNS = ("l4_l5",)
+
+
+class Region(NamedTuple):
+    """Axial slice indices, in the scan file's own slice order, of the discs bounding the region (either
+    order) and, optionally, of the L4/L5 disc strictly between them."""
+
+    first: int
+    last: int
+    l4_l5: int | None = None
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        return (min(self.first, self.last), max(self.first, self.last))
+
+    def describe(self) -> str:
+        lo, hi = self.bounds
+        return f"{lo}-{hi}" + (f" (L4/L5 {self.l4_l5})" if self.l4_l5 is not None else "")
+
+
+@dataclass(frozen=True)
+class RegionTable:
+    """regions.csv, parsed: valid rows by scan, per-scan errors, and each scan's row number (1 = header)."""
+
+    regions: dict[str, Region]
+    errors: dict[str, str]
+    rows: dict[str, int]
+
+
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def read_regions(path: Path) -> RegionTable:
+    """Strict regions.csv: integer slice indices only, one row per scan, ``l4_l5`` optional (may be empty).
+
+    A malformed table (unreadable, missing columns) refuses the dataset; a bad row only excludes its scan.
+    Every message names the file, the row (line number, header = 1) and the column."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except Exception as exc:  # noqa: BLE001 - pandas raises several types for malformed CSV
+        raise DatasetError(f"{path}: unreadable region table ({exc})") from exc
+    missing = set(REGION_COLUMNS) - set(table.columns)
+    if missing:
+        raise DatasetError(f"{path}: missing columns {sorted(missing)} (need {','.join(REGION_COLUMNS)})")
+    unknown = [c for c in table.columns if c not in REGION_COLUMNS + REGION_OPTIONAL_COLUMNS]
+    if unknown:
+        raise DatasetError(
+            f"{path}: unknown columns {unknown} (use {','.join(REGION_COLUMNS + REGION_OPTIONAL_COLUMNS)})"
+        )
+    regions: dict[str, Region] = {}
+    errors: dict[str, str] = {}
+    rows: dict[str, int] = {}
+    for line, record in enumerate(table.to_dict("records"), start=2):
+        scan = str(record["scan"]).strip()
+        if not scan:
+            raise DatasetError(f"{path} row {line}, column scan: empty scan name")
+        if scan in rows:
+            errors[scan] = f"{path} rows {rows[scan]} and {line}: two regions for scan {scan!r}; keep one row"
+            regions.pop(scan, None)
+            continue
+        rows[scan] = line
+        try:
+            regions[scan] = parse_region(record, f"{path} row {line}")
+        except DatasetError as exc:
+            errors[scan] = str(exc)
+    return RegionTable(regions, errors, rows)
+
+
+def parse_region(record: Mapping[str, object], where: str) -> Region:
+    """One region, from a regions.csv row or dataset.yaml's ``region`` (the same keys, the same rules)."""
+    for key in record:
+        if key not in REGION_COLUMNS + REGION_OPTIONAL_COLUMNS:
+            raise DatasetError(
+                f"{where}: unknown key {key!r} (use {', '.join(REGION_COLUMNS[1:] + REGION_OPTIONAL_COLUMNS)})"
+            )
+    first, last = (_slice_index(record.get(c, ""), where, c) for c in REGION_COLUMNS[1:])
+    raw = record.get("l4_l5")
+    l4_l5 = None if raw is None or str(raw).strip() == "" else _slice_index(raw, where, "l4_l5")
+    lo, hi = sorted((first, last))
+    if l4_l5 is not None and not lo < l4_l5 < hi:
+        raise DatasetError(
+            f"{where}, column l4_l5: the L4/L5 disc slice {l4_l5} must lie strictly between the region's "
+            f"discs {lo} and {hi}"
+        )
+    return Region(first, last, l4_l5)
+
+
+def _slice_index(value: object, where: str, column: str) -> int:
+    text = str(value).strip()
+    if not _INTEGER.fullmatch(text):
+        shown = "empty" if not text else f"{text!r} is not an integer slice index"
+        raise DatasetError(f"{where}, column {column}: {shown}")
+    index = int(text)
+    if index < 0:
+        raise DatasetError(f"{where}, column {column}: slice index {index} is negative")
+    return index

@@ -146,6 +146,35 @@ def caudal_share_pivot(annotated: tuple[int, ...], n_classes: int) -> int | None
     return annotated[0] if n_classes == 4 and len(annotated) == 1 else None
 
 
+def compose_final(
+    prediction: np.ndarray,
+    k: int,
+    propagated: np.ndarray,
+    k_out: int,
+    image: sitk.Image,
+    modality: str,
+    use_refined: bool,
+    caudal_level: int | None,
+) -> np.ndarray:
+    """A scan's final mask in the dataset's ``k_out`` classes, before any user correction: the refined final
+    of the stage-3 ``prediction`` (pool classes ``k``) when the held-out check chose the refined masks, else the
+    cleaned ``propagated`` mask. A 2-class pool's sides are split along the propagated ES/MF interface for a
+    4-class dataset, and ``caudal_level`` (the target's annotated level; None: not applied) gives the
+    multifidus its caudal share."""
+    if use_refined:
+        final = refined_final(
+            finish_refined(prediction, image, modality, k), k, propagated, k_out, image, modality
+        )
+        if k_out > k:
+            spacing_zyx = tuple(reversed(image.GetSpacing()))
+            final = clean_labels(split_sides(final, propagated, spacing_zyx), k_out)
+    else:
+        final = clean_labels(propagated, k_out)
+    if caudal_level is not None:
+        final = apply_caudal_share(final, caudal_level, caudal_mm_per_slice(image))
+    return final
+
+
 def _correction_columns(corrected: AppliedCorrection | None, img: sitk.Image) -> dict:
     if corrected is None:
         return dict(NO_CORRECTION)
@@ -221,19 +250,10 @@ def make_final_masks(
         p1, p2, p3 = (read_array(path) for path in stage_paths(scan, img))
         propagated_own = read_array(layout.masks(scan))  # in the dataset's classes
         if not cache.is_fresh(scan, key, outputs):
-            final = (
-                refined_final(
-                    finish_refined(p3, img, spec.modality, k), k, propagated_own, k_out, img, spec.modality
-                )
-                if decision.use_refined
-                else clean_labels(propagated_own, k_out)
+            level = None if pivot is None else target_seed_slice(pivot, n_reference, img.GetSize()[2])
+            final = compose_final(
+                p3, k, propagated_own, k_out, img, spec.modality, decision.use_refined, level
             )
-            if decision.use_refined and k_out > k:
-                spacing_zyx = tuple(reversed(img.GetSpacing()))
-                final = clean_labels(split_sides(final, propagated_own, spacing_zyx), k_out)
-            if pivot is not None:
-                level = target_seed_slice(pivot, n_reference, img.GetSize()[2])
-                final = apply_caudal_share(final, level, caudal_mm_per_slice(img))
             corrected = apply_correction(final, layout, record, k_out)
             if corrected is not None:
                 final = corrected.mask

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,10 @@ from ._common import (
 from .planning import centre_foreground_on, plan_and_preprocess
 from .raw import TrainingCase, write_raw_dataset
 from .trainers import _unwrapped, nnsam_options, nnsam_trainer_class, trainer_class
+
+if TYPE_CHECKING:  # torch and nnU-Net load only when a model trains
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -230,61 +234,88 @@ def train_model(
                 if prof.final_validation:
                     trainer.perform_actual_validation(save_probabilities=False)
             train_seconds = time.perf_counter() - t_train
-            lg = trainer.logger
-            info_kwargs = dict(
-                configuration=prof.configuration,
-                fold=str(fold),
-                trainer_name=cls.__name__,
-                profile=prof.name,
-                class_names=list(class_names),
-                use_ignore=use_ignore,
-                num_training_cases=len(cases),
-                num_epochs=trainer.num_epochs,
-                iterations_per_epoch=prof.iterations_per_epoch,
-                seed=seed,
-                device=str(device),
-                patch_size=[int(i) for i in trainer.configuration_manager.patch_size],
-                batch_size=int(trainer.configuration_manager.batch_size),
-                spacing=[float(s) for s in trainer.configuration_manager.spacing],
-                features_per_stage=[
-                    int(f)
-                    for f in trainer.configuration_manager.network_arch_init_kwargs["features_per_stage"]
-                ],
-                train_seconds=round(train_seconds, 3),
-                seconds_per_iteration=round(trainer.train_seconds / max(trainer.train_iterations, 1), 4),
-                epoch_seconds=[round(t, 3) for t in trainer.epoch_seconds],
-                final_train_loss=_finite(lg.get_value("train_losses", step=-1)),
-                final_val_loss=_finite(lg.get_value("val_losses", step=-1)),
-                pseudo_dice=[float(x) for x in lg.get_value("dice_per_class_or_region", step=-1)],
-                case_ids=dict(raw.case_ids),
-                nnsam=trainer.nnsam_options.record(_unwrapped(trainer.network))
-                if prof.trainer == "nnsam"
-                else None,
-                warm_started_from=started_from,
-            )
-        # stage next to model_dir (same filesystem) so the final rename is atomic
-        model_dir.parent.mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(prefix=f".tmp-{model_dir.name}-", dir=model_dir.parent))
-        try:
-            for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
-                if (out_base / name).exists():
-                    shutil.copy2(out_base / name, staged / name)
-            fold_src, fold_dst = out_base / f"fold_{fold}", staged / f"fold_{fold}"
-            fold_dst.mkdir()
-            for f in fold_src.iterdir():  # final checkpoint, logs, progress plot; not best/latest ckpts
-                if f.is_file() and f.name not in ("checkpoint_best.pth", "checkpoint_latest.pth"):
-                    shutil.copy2(f, fold_dst / f.name)
-            info = ModelInfo(model_dir=model_dir, total_seconds=round(time.perf_counter() - t_start, 3),
-                             **info_kwargs)  # fmt: skip
-            (staged / MODEL_INFO_FILE).write_text(info.to_json())  # written last: marks a complete model
-            _publish(staged, model_dir)
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
+            record = _training_record(
+                trainer, prof, cls.__name__, fold, class_names, use_ignore, len(cases), seed, device,
+                train_seconds, dict(raw.case_ids), started_from,
+            )  # fmt: skip
+        info = _publish_model(out_base, fold, model_dir, record, t_start)
     finally:
         torch.set_num_threads(old_threads)
     log.info(
         "nnU-Net trained in %.1f s (%.3f s/iteration), published %s", info.train_seconds,
         info.seconds_per_iteration, model_dir,
     )  # fmt: skip
+    return info
+
+
+def _training_record(
+    trainer: nnUNetTrainer,
+    prof: Profile,
+    trainer_name: str,
+    fold: int | str,
+    class_names: Sequence[str],
+    use_ignore: bool,
+    n_cases: int,
+    seed: int,
+    device: torch.device,
+    train_seconds: float,
+    case_ids: dict,
+    started_from: str | None,
+) -> dict:
+    """What a trained model records (``ModelInfo``'s fields but its folder and total time)."""
+    lg = trainer.logger
+    return dict(
+        configuration=prof.configuration,
+        fold=str(fold),
+        trainer_name=trainer_name,
+        profile=prof.name,
+        class_names=list(class_names),
+        use_ignore=use_ignore,
+        num_training_cases=n_cases,
+        num_epochs=trainer.num_epochs,
+        iterations_per_epoch=prof.iterations_per_epoch,
+        seed=seed,
+        device=str(device),
+        patch_size=[int(i) for i in trainer.configuration_manager.patch_size],
+        batch_size=int(trainer.configuration_manager.batch_size),
+        spacing=[float(s) for s in trainer.configuration_manager.spacing],
+        features_per_stage=[
+            int(f) for f in trainer.configuration_manager.network_arch_init_kwargs["features_per_stage"]
+        ],
+        train_seconds=round(train_seconds, 3),
+        seconds_per_iteration=round(trainer.train_seconds / max(trainer.train_iterations, 1), 4),
+        epoch_seconds=[round(t, 3) for t in trainer.epoch_seconds],
+        final_train_loss=_finite(lg.get_value("train_losses", step=-1)),
+        final_val_loss=_finite(lg.get_value("val_losses", step=-1)),
+        pseudo_dice=[float(x) for x in lg.get_value("dice_per_class_or_region", step=-1)],
+        case_ids=case_ids,
+        nnsam=trainer.nnsam_options.record(_unwrapped(trainer.network)) if prof.trainer == "nnsam" else None,
+        warm_started_from=started_from,
+    )
+
+
+def _publish_model(
+    out_base: Path, fold: int | str, model_dir: Path, record: dict, t_start: float
+) -> ModelInfo:
+    """Copy the trained fold (final checkpoint, logs, progress plot) beside ``model_dir`` and rename it into
+    place, so the model only ever appears complete."""
+    # stage next to model_dir (same filesystem) so the final rename is atomic
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".tmp-{model_dir.name}-", dir=model_dir.parent))
+    try:
+        for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+            if (out_base / name).exists():
+                shutil.copy2(out_base / name, staged / name)
+        fold_src, fold_dst = out_base / f"fold_{fold}", staged / f"fold_{fold}"
+        fold_dst.mkdir()
+        for f in fold_src.iterdir():  # final checkpoint, logs, progress plot; not best/latest ckpts
+            if f.is_file() and f.name not in ("checkpoint_best.pth", "checkpoint_latest.pth"):
+                shutil.copy2(f, fold_dst / f.name)
+        info = ModelInfo(model_dir=model_dir, total_seconds=round(time.perf_counter() - t_start, 3),
+                         **record)  # fmt: skip
+        (staged / MODEL_INFO_FILE).write_text(info.to_json())  # written last: marks a complete model
+        _publish(staged, model_dir)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     return info

@@ -7,7 +7,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnsam2_assets.core.labels import mean_dice, to_class_space
-from nnsam2_assets.refinement.final_masks import consensus, refined_final
+from nnsam2_assets.refinement.final_masks import compose_final, consensus, refined_final
 from nnsam2_assets.refinement.finishing import finish_refined
 
 
@@ -64,3 +64,29 @@ def test_the_consensus_edges_are_placed_on_the_image_where_the_two_masks_cross()
     assert mean_dice(final, truth, 2) > 0.97
     # the image decides only within the edge band: nothing beyond it is claimed
     assert not final[:, :, :2].any() and not final[:, :, 62:].any()
+
+
+def test_the_final_mask_is_the_refined_consensus_split_into_the_datasets_own_classes_or_the_propagation():
+    # a 4-class dataset in a 2-class pool: the refined sides, cut to the propagated ones, carry the propagated
+    # ES/MF interface; with the propagated masks chosen, the final mask is the cleaned propagation itself
+    rng = np.random.default_rng(1)
+    shape = (3, 40, 64)
+    propagated = np.zeros(shape, np.uint8)
+    propagated[:, 10:30, 6:16], propagated[:, 10:30, 16:26] = 1, 2  # right ES, right MF
+    propagated[:, 10:30, 38:48], propagated[:, 10:30, 48:58] = 3, 4  # left MF, left ES
+    pixels = np.where(propagated > 0, 1000.0, 200.0) + rng.normal(0, 20, shape)
+    image = sitk.GetImageFromArray(pixels.astype(np.float32))
+    prediction = to_class_space(propagated, 4, 2)
+    prediction[:, 10:30, 30:34] = 1  # a right-side claim across the midline, which propagation does not make
+
+    refined = compose_final(prediction, 2, propagated, 4, image, "t1w", True, None)
+    assert set(np.unique(refined)) == {0, 1, 2, 3, 4}
+    assert not refined[:, :, 28:36].any()  # the claim only the prediction makes is not kept
+    assert mean_dice(refined, propagated, 4) > 0.95
+
+    kept = compose_final(prediction, 2, propagated, 4, image, "t1w", False, None)
+    assert np.array_equal(kept, propagated)
+    # the caudal multifidus share changes the ES/MF split only, never a side
+    caudal = compose_final(prediction, 2, propagated, 4, image, "t1w", True, 2)
+    assert np.array_equal(to_class_space(caudal, 4, 2), to_class_space(refined, 4, 2))
+    assert np.isin(caudal[0], (2, 3)).sum() > np.isin(refined[0], (2, 3)).sum()  # more multifidus caudally

@@ -84,31 +84,9 @@ def _train_and_predict(
             f"{stage}: no usable training case in {len(pool.layouts)} dataset(s) "
             f"({', '.join(pool.layouts) or 'none registered'}); every pseudo-label was dropped or missing"
         )
-    cases: list[nnunet.TrainingCase] = []
     recipe = recipe_key(profile)
-    parts = [stage, VERSION, recipe, pool.classes, use_ignore]
-    sampling: dict[str, dict[int, np.ndarray] | None] = {}
-    for (dataset, scan), arr in sorted(labels.items()):
-        layout = pool.layouts[dataset]
-        img = read_image(layout.scan_image(scan))
-        label = sitk.GetImageFromArray(arr.astype(np.uint8))
-        label.CopyInformation(img)
-        image_path, label_path = layout.scan_image(scan), staged_label(root, stage, dataset, scan)
-        roi = scan_roi(layout, scan, profile.roi_margin_mm)
-        if roi is not None:
-            image_path = staged_image(root, stage, dataset, scan)
-            atomic_write_image(roi.crop(img), image_path)
-            label = roi.crop(label)
-        atomic_write_image(label, label_path)
-        case_id = f"{dataset}__{scan}"
-        cases.append(nnunet.TrainingCase(case_id, image_path, label_path))
-        parts += [dataset, scan, input_key(scan_key(layout, scan), roi), sha256_file(label_path)[:16]]
-        if profile.foreground_sampling == "supervoxels":
-            points, digest = supervoxel_points(
-                layout, scan, roi, sitk.GetArrayFromImage(label), ignore_label(pool.classes)
-            )
-            sampling[case_id] = points
-            parts.append(digest)
+    cases, sampling, inputs = _stage_training_cases(stage, pool, root, profile, labels)
+    parts = [stage, VERSION, recipe, pool.classes, use_ignore, *inputs]
     warm_start, warm_version = _warm_start(stage, root, profile)
     if warm_start is not None:  # a fresh start's key stays as it was, so existing models stay current
         parts.append(warm_version)
@@ -177,6 +155,39 @@ def _train_and_predict(
         trainer_record(model_dir),
         label_source,
     )
+
+
+def _stage_training_cases(
+    stage: str, pool: Pool, root: Path, profile: nnunet.Profile, labels: dict
+) -> tuple[list[nnunet.TrainingCase], dict[str, dict[int, np.ndarray] | None], list]:
+    """The stage's training cases written in its staging folder (image and label cropped to each scan's muscle
+    box), their supervoxel patch centres (``foreground_sampling: supervoxels`` only) and what the model's
+    version depends on: each case's scan content, box and label digest."""
+    cases: list[nnunet.TrainingCase] = []
+    parts: list = []
+    sampling: dict[str, dict[int, np.ndarray] | None] = {}
+    for (dataset, scan), arr in sorted(labels.items()):
+        layout = pool.layouts[dataset]
+        img = read_image(layout.scan_image(scan))
+        label = sitk.GetImageFromArray(arr.astype(np.uint8))
+        label.CopyInformation(img)
+        image_path, label_path = layout.scan_image(scan), staged_label(root, stage, dataset, scan)
+        roi = scan_roi(layout, scan, profile.roi_margin_mm)
+        if roi is not None:
+            image_path = staged_image(root, stage, dataset, scan)
+            atomic_write_image(roi.crop(img), image_path)
+            label = roi.crop(label)
+        atomic_write_image(label, label_path)
+        case_id = f"{dataset}__{scan}"
+        cases.append(nnunet.TrainingCase(case_id, image_path, label_path))
+        parts += [dataset, scan, input_key(scan_key(layout, scan), roi), sha256_file(label_path)[:16]]
+        if profile.foreground_sampling == "supervoxels":
+            points, digest = supervoxel_points(
+                layout, scan, roi, sitk.GetArrayFromImage(label), ignore_label(pool.classes)
+            )
+            sampling[case_id] = points
+            parts.append(digest)
+    return cases, sampling, parts
 
 
 def _warm_start(stage: str, root: Path, profile: nnunet.Profile) -> tuple[nnunet.WarmStart | None, str]:

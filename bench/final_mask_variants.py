@@ -43,13 +43,14 @@ from scipy import ndimage
 from bench._common import cpu_model
 from bench.refinement_bench import CASES, score
 from nnsam2_assets.core.imaging import read_array, read_image
+from nnsam2_assets.core.intensities import registration_intensities
 from nnsam2_assets.core.labels import to_class_space
 from nnsam2_assets.core.layout import DatasetLayout, stage_prediction
 from nnsam2_assets.core.masks import clean_labels
+from nnsam2_assets.core.walker import walk
 from nnsam2_assets.ingest.convention import load_dataset
 from nnsam2_assets.metrics.quant import fat_ratio_of_sums
-from nnsam2_assets.propagation.boundary import BETA, walk
-from nnsam2_assets.propagation.slice_registration import registration_intensities
+from nnsam2_assets.propagation.boundary import BETA
 from nnsam2_assets.refinement.final_masks import consensus, refined_final
 from nnsam2_assets.refinement.finishing import finish_refined
 from nnsam2_assets.refinement.models import STAGES, current_model

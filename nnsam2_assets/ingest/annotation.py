@@ -24,11 +24,11 @@ from nnsam2_assets.core.imaging import (
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.masks import laterality_gap_voxels
 from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
+from nnsam2_assets.ingest.click_masks import mask_from_clicks
 from nnsam2_assets.ingest.clicks import SliceClicks, is_click_file, place_clicks, read_clicks
 from nnsam2_assets.ingest.convention import DatasetSpec, map_labels
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.ingest.slicer import is_slicer_segmentation, read_slicer_labels
-from nnsam2_assets.propagation.interactive import mask_from_clicks
 
 MAX_ANNOTATED_SLICES = 5  # each slice is a prompt; a label volume with more is an expert segmentation
 
@@ -128,7 +128,7 @@ def check_annotated_slice(
 
 def annotation_from_clicks(spec: DatasetSpec, layout: DatasetLayout) -> tuple[Annotation, SliceClicks]:
     """Click prompts placed on the reference's canonical crop, and the slice mask the weight-free random
-    walker makes of them (``propagation.interactive``)."""
+    walker makes of them (``ingest.click_masks``)."""
     reference = read_image(layout.scan_image(spec.reference))
     clicks = place_clicks(
         read_clicks(spec.annotation, spec.class_names),

@@ -13,7 +13,7 @@ with a leading ``-`` (``-right_mf``) is a negative point; a label that names no 
 list's ``name``. Every point must lie on one axial slice of the reference (within half a slice spacing) inside
 its region and in-plane extent, and every class needs at least one positive point.
 
-The clicks become a slice mask (``propagation.interactive``): the weight-free backend propagates that mask;
+The clicks become a slice mask (``ingest.click_masks``): the weight-free backend propagates that mask;
 the SAM2 backend prompts its video predictor with the points themselves.
 """
 

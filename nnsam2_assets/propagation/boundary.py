@@ -15,14 +15,13 @@ pixel of its side): that interface has little contrast, and a random walker move
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Container, Mapping
+from collections.abc import Container
 
 import numpy as np
 from scipy import ndimage
-from skimage.segmentation import random_walker
 
 from nnsam2_assets.core.labels import SIDE_MERGE, to_class_space
+from nnsam2_assets.core.walker import walk
 
 # the walker's reach around each side's edge, and its edge weight (scikit-image's default). 4 mm gained
 # 0.005-0.019 2-class Dice on 11 of 12 TUM propagations (three seeds, both directions and onto itself) and
@@ -74,43 +73,6 @@ def _walk(sides: np.ndarray, image: np.ndarray, band_px: int, beta: float) -> np
     reach = {side + 1: ndimage.distance_transform_edt(sides != side) <= band_px for side in (1, 2)}
     walked = walk(image, seeds, beta, within=~outside, allowed=reach)
     return np.where(walked > 1, walked - 1, 0).astype(sides.dtype)
-
-
-def walk(
-    image: np.ndarray,
-    seeds: np.ndarray,
-    beta: float,
-    within: np.ndarray,
-    allowed: Mapping[int, np.ndarray] | None = None,
-) -> np.ndarray:
-    """scikit-image's random walker on the box around ``within`` (plus one pixel; 0 outside it), answering
-    in the seeds' own values: it numbers the seed values it was given 1..n, so a slice where one side has no
-    seed would otherwise come back with the sides renamed.
-
-    ``allowed`` maps a seed value to the pixels it may be given; elsewhere the pixel takes the likeliest of
-    the other values. A value it does not name may be given anywhere. An ``image`` of shape (y, x, channels)
-    is walked on all its channels together."""
-    ys, xs = np.nonzero(within)
-    box = (
-        slice(max(0, ys.min() - 1), min(image.shape[0], ys.max() + 2)),
-        slice(max(0, xs.min() - 1), min(image.shape[1], xs.max() + 2)),
-    )
-    values = np.unique(seeds[box][seeds[box] > 0])
-    with warnings.catch_warnings():
-        # the conjugate-gradient solve stops at a relative tolerance of 1e-3, so a probability may end a
-        # hair outside [0, 1]; only the argmax over the labels is used, and the warning reached the console
-        # of every run
-        warnings.filterwarnings("ignore", "The probability range is outside", UserWarning)
-        probabilities = random_walker(
-            image[box], seeds[box], beta=beta, mode="cg_j", return_full_prob=True,
-            channel_axis=-1 if image.ndim == 3 else None,
-        )  # fmt: skip
-    for i, value in enumerate(values):
-        if allowed is not None and value in allowed:
-            probabilities[i][~allowed[value][box]] = -np.inf
-    out = np.zeros(seeds.shape, seeds.dtype)
-    out[box] = values[np.argmax(probabilities, axis=0)]
-    return out
 
 
 def _restore_muscles(sides: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:

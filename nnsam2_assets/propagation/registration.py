@@ -31,6 +31,7 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
+from nnsam2_assets.core.intensities import registration_intensities
 from nnsam2_assets.core.masks import largest_component
 from nnsam2_assets.ingest.clicks import SliceClicks
 from nnsam2_assets.propagation import boundary
@@ -50,7 +51,6 @@ from nnsam2_assets.propagation.slice_registration import (
     is_blank,
     mask_image,
     pixel_box,
-    registration_intensities,
     sitk_threads,
     slice_image,
     windowed_ncc,

@@ -1,5 +1,5 @@
-"""2-D registration in physical space (SimpleITK), the registration backend's primitives: a slice's
-registration intensities, linear (Mattes MI) and diffeomorphic demons steps, one link of a slice chain
+"""2-D registration in physical space (SimpleITK), the registration backend's primitives: linear (Mattes MI)
+and diffeomorphic demons steps on intensities scaled by ``core.intensities``, one link of a slice chain
 composed into a single displacement field, and the local NCC the confidence is measured with.
 
 ``carry_slice_labels`` carries any label map of one slice through its own scan with the same chain
@@ -17,12 +17,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from nnsam2_assets.core.intensities import registration_intensities
 from nnsam2_assets.propagation import boundary
-
-CT_WINDOW = (
-    -200.0,
-    300.0,
-)  # HU: soft tissue and bone edges, without air/metal extremes dominating the metric
 
 
 @dataclass(frozen=True)
@@ -58,22 +54,6 @@ def sitk_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
-
-
-# ----------------------------------------------------------------------------------------------- intensities
-def registration_intensities(arr: np.ndarray, modality: str) -> np.ndarray:
-    """Float32 copy scaled to ~[0, 1] for the metrics: CT windowed in HU, MRI robust percentiles."""
-    a = np.asarray(arr, dtype=np.float32)
-    if modality.lower() == "ct":
-        lo, hi = CT_WINDOW
-    else:
-        fg = a[a > 0]
-        if fg.size < 16:
-            return np.zeros_like(a)
-        lo, hi = (float(v) for v in np.percentile(fg, [0.5, 99.5]))
-    if hi <= lo:
-        return np.zeros_like(a)
-    return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
 def slice_image(vol: np.ndarray, z: int, like: sitk.Image) -> sitk.Image:

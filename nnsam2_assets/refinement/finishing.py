@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
+from nnsam2_assets.core.intensities import registration_intensities
 from nnsam2_assets.core.masks import clean_labels
 from nnsam2_assets.propagation.boundary import band_pixels, refine_side_boundaries
-from nnsam2_assets.propagation.slice_registration import registration_intensities
 
 
 def finish_refined(prediction: np.ndarray, image: sitk.Image, modality: str, k: int) -> np.ndarray:

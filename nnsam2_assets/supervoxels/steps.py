@@ -21,6 +21,7 @@ import SimpleITK as sitk
 from nnsam2_assets.core import Log, silent
 from nnsam2_assets.core.cache import ScanCache, cache_key
 from nnsam2_assets.core.imaging import axial_axis, read_array, read_image, to_original_grid
+from nnsam2_assets.core.intensities import registration_intensities
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_image, sha256_file
 from nnsam2_assets.ingest.annotation import read_annotation_meta
@@ -28,7 +29,7 @@ from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans, prepare_scan, read_manifest
 from nnsam2_assets.propagation.base import Propagator, target_seed_slice
 from nnsam2_assets.propagation.settings import PropagationConfig
-from nnsam2_assets.propagation.slice_registration import carry_slice_labels, registration_intensities
+from nnsam2_assets.propagation.slice_registration import carry_slice_labels
 from nnsam2_assets.propagation.steps import mask_digest
 from nnsam2_assets.supervoxels import segments
 

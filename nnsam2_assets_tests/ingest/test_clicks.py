@@ -12,8 +12,8 @@ import SimpleITK as sitk
 from nnsam2_assets.core.imaging import ScanError
 from nnsam2_assets.core.labels import class_names, mean_dice, to_class_space
 from nnsam2_assets.ingest.annotation import read_annotation_clicks, read_annotation_meta
+from nnsam2_assets.ingest.click_masks import mask_from_clicks
 from nnsam2_assets.ingest.clicks import Click, place_clicks, read_clicks
-from nnsam2_assets.propagation.interactive import mask_from_clicks
 from nnsam2_assets.testing.clicks import clicks_from_labels, write_click_csv, write_markups
 from nnsam2_assets.testing.direct import STEPS, DirectRun
 from nnsam2_assets.testing.realdata import TUM, tum_click_dataset

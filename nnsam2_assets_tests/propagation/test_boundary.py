@@ -8,7 +8,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from nnsam2_assets.core.labels import mean_dice
-from nnsam2_assets.propagation.boundary import BETA, refine_side_boundaries, walk
+from nnsam2_assets.core.walker import walk
+from nnsam2_assets.propagation.boundary import BETA, refine_side_boundaries
 from nnsam2_assets.propagation.registration import RegistrationPropagator
 
 BAND = 4

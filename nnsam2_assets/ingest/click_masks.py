@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from nnsam2_assets.core.intensities import registration_intensities
 from nnsam2_assets.core.masks import clean_labels
+from nnsam2_assets.core.walker import walk
 from nnsam2_assets.ingest.clicks import SliceClicks
-from nnsam2_assets.propagation.boundary import walk
-from nnsam2_assets.propagation.slice_registration import registration_intensities
 
 SEED_RADIUS_MM = 2.0
 RING_MM = 25.0

@@ -19,7 +19,7 @@ PREVIOUS = {"stage2": ("stage1", None), "stage3": ("stage2", "stage1")}
 
 
 class RefinementError(RuntimeError):
-    pass
+    """A stage cannot run: a previous stage's model or every training label is missing."""
 
 
 def current_model(root: Path, stage: str) -> dict:

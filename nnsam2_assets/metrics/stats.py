@@ -14,7 +14,6 @@ notebook uses and is the statistically usual choice, hence the default. Every re
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -66,7 +65,9 @@ AGREEMENT_COLUMNS = [
 ]
 
 
-def _paired(ai: Sequence[float] | pd.Series, manual: Sequence[float] | pd.Series) -> tuple[np.ndarray, ...]:
+def paired_values(
+    ai: Sequence[float] | pd.Series, manual: Sequence[float] | pd.Series
+) -> tuple[np.ndarray, ...]:
     """Pair two measurement vectors: Series are aligned on their index; rows with a NaN are dropped."""
     if isinstance(ai, pd.Series) and isinstance(manual, pd.Series):
         df = pd.concat({"ai": ai, "manual": manual}, axis=1, join="inner")
@@ -155,7 +156,7 @@ def tost_paired(
     """
     from statsmodels.stats.weightstats import ttost_paired
 
-    a, m = _paired(ai, manual)
+    a, m = paired_values(ai, manual)
     if a.size < 3:
         raise ValueError(f"TOST needs at least 3 paired values, got {a.size}")
     diff = a - m
@@ -206,7 +207,7 @@ def icc(ai: Sequence[float] | pd.Series, manual: Sequence[float] | pd.Series) ->
     """
     import pingouin as pg
 
-    a, m = _paired(ai, manual)
+    a, m = paired_values(ai, manual)
     n = a.size
     long = pd.DataFrame(
         {
@@ -264,7 +265,7 @@ def bland_altman(
 ) -> BlandAltman:
     """Bias, SD of differences (``ddof`` 0 = LPM_Segmentator golden table, 1 = nnsam2 notebook), limits of
     agreement bias ± z·SD and the number of differences strictly outside them."""
-    a, m = _paired(ai, manual)
+    a, m = paired_values(ai, manual)
     diff = a - m
     bias = float(diff.mean())
     sd = float(diff.std(ddof=ddof))
@@ -274,7 +275,7 @@ def bland_altman(
 
 
 def mae(ai: Sequence[float] | pd.Series, manual: Sequence[float] | pd.Series) -> float:
-    a, m = _paired(ai, manual)
+    a, m = paired_values(ai, manual)
     return float(np.mean(np.abs(a - m)))
 
 
@@ -282,7 +283,7 @@ def spearman(ai: Sequence[float] | pd.Series, manual: Sequence[float] | pd.Serie
     """Spearman ρ and its p-value; NaN for both when either side is constant (ρ is undefined there)."""
     from scipy import stats as sps
 
-    a, m = _paired(ai, manual)
+    a, m = paired_values(ai, manual)
     if a.size < 2 or np.ptp(a) == 0 or np.ptp(m) == 0:
         return float("nan"), float("nan")
     res = sps.spearmanr(a, m)
@@ -294,7 +295,7 @@ def ols_fit(ai: Sequence[float] | pd.Series, manual: Sequence[float] | pd.Series
     All NaN when the reference is constant: there is no slope to fit."""
     import statsmodels.api as sm
 
-    a, m = _paired(ai, manual)
+    a, m = paired_values(ai, manual)
     if a.size < 2 or np.ptp(m) == 0:
         return dict.fromkeys(("slope", "intercept", "slope_se", "intercept_se", "r2"), float("nan"))
     with np.errstate(divide="ignore", invalid="ignore"):  # R² of constant AI values is NaN, not a warning
@@ -327,7 +328,7 @@ def agreement_table(
     Keys, in order: ``AGREEMENT_COLUMNS`` (manual_sd/ai_sd use ddof=1; ``sd_diff`` uses ``ba_ddof``; ICCs
     are ICC(3,1) consistency and ICC(2,1) absolute agreement with 95 % CIs; TOST at ±``margin``).
     """
-    a, m = _paired(ai, manual)
+    a, m = paired_values(ai, manual)
     n = int(a.size)
     row: dict = {
         "measure": measure,
@@ -376,81 +377,3 @@ def agreement_table(
     for key, res in iccs.items():
         row[key], row[f"{key}_ci_low"], row[f"{key}_ci_high"] = res["icc"], res["ci_low"], res["ci_high"]
     return row
-
-
-def bland_altman_png(
-    ai: Sequence[float] | pd.Series,
-    manual: Sequence[float] | pd.Series,
-    title: str = "",
-    ddof: int = 1,
-    units: str = "",
-    size_px: tuple[int, int] = (600, 400),
-) -> bytes:
-    """Bland–Altman plot (mean vs difference, bias and LoA lines) as PNG bytes, ~600×400 px by default.
-
-    Uses the object-oriented Agg canvas, not pyplot, so it is safe in worker threads and leaks no figures.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    a, m = _paired(ai, manual)
-    ba = bland_altman(a, m, ddof=ddof)
-    dpi = 100
-    fig = Figure(figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    mean = (a + m) / 2
-    diff = a - m
-    outside = (diff < ba.loa_lower) | (diff > ba.loa_upper)
-    ax.scatter(mean[~outside], diff[~outside], s=10, alpha=0.6, color="tab:blue")
-    ax.scatter(
-        mean[outside], diff[outside], s=14, alpha=0.8, color="tab:red", label=f"outside LoA ({ba.n_outliers})"
-    )
-    ax.axhline(ba.bias, color="k", lw=1, label=f"bias {ba.bias:.3g}")
-    for y in (ba.loa_lower, ba.loa_upper):
-        ax.axhline(y, color="gray", ls="--", lw=1)
-    ax.axhline(0, color="lightgray", lw=0.8, zorder=0)
-    u = f" ({units})" if units else ""
-    ax.set_xlabel(f"mean of AI and manual{u}")
-    ax.set_ylabel(f"AI − manual{u}")
-    ax.set_title(
-        title or f"Bland–Altman (LoA {ba.loa_lower:.3g} to {ba.loa_upper:.3g}, SD ddof={ddof})", fontsize=10
-    )
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
-
-
-def scatter_png(
-    ai: Sequence[float] | pd.Series,
-    manual: Sequence[float] | pd.Series,
-    title: str = "",
-    units: str = "",
-    size_px: tuple[int, int] = (400, 400),
-) -> bytes:
-    """AI against manual with the identity line, as PNG bytes (the companion of ``bland_altman_png``)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    a, m = _paired(ai, manual)
-    dpi = 100
-    fig = Figure(figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.scatter(m, a, s=12, alpha=0.7, color="tab:blue")
-    lo, hi = float(min(a.min(), m.min())), float(max(a.max(), m.max()))
-    ax.plot([lo, hi], [lo, hi], color="gray", ls="--", lw=1, label="identity")
-    u = f" ({units})" if units else ""
-    ax.set_xlabel(f"manual{u}")
-    ax.set_ylabel(f"AI{u}")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------- LMM

@@ -21,7 +21,7 @@ from nnsam2_assets.core.masks import laterality_gap_voxels
 from nnsam2_assets.core.storage import atomic_write_dataframe, sha256_file
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans, read_manifest
-from nnsam2_assets.metrics import quant, stats
+from nnsam2_assets.metrics import agreement_plots, quant, stats
 from nnsam2_assets.metrics.qc import QC_FLAG_COLUMNS, QCConfig, mean_confidence, qc_flags
 from nnsam2_assets.metrics.store import SCHEMA, replace_dataset_rows
 from nnsam2_assets.refinement.corrections import NO_CORRECTION
@@ -247,7 +247,7 @@ def agreement_with_experts(rows: pd.DataFrame, name: str, run_id: str) -> tuple[
                 row = stats.agreement_table(group[measure], group[expert_col], measure, label, margin=margin)
                 out.append({"dataset": name, "scheme": scheme, **row})
             if plot is None and measure == "volume_ml" and group[expert_col].notna().sum() >= 3:
-                plot = stats.bland_altman_png(
+                plot = agreement_plots.bland_altman_png(
                     group[measure], group[expert_col], f"{name} {label} volume", units=UNITS[measure]
                 )
     table = pd.DataFrame(out)

@@ -25,7 +25,7 @@ from nnsam2_assets.core.storage import atomic_write_bytes, atomic_write_text
 from nnsam2_assets.ingest.annotation import MAX_ANNOTATED_SLICES, describe_split_source
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import read_manifest
-from nnsam2_assets.metrics import stats
+from nnsam2_assets.metrics import agreement_plots
 from nnsam2_assets.metrics.store import dataset_rows
 
 # v2: where the ES/MF split comes from, and the caution for one annotated level; v3: its wording is the final
@@ -311,13 +311,15 @@ def _agreement(labels: pd.DataFrame, agreement: pd.DataFrame, spec: DatasetSpec)
         pairs = labels[[measure, expert]].dropna()
         figures.append(
             _img(
-                stats.bland_altman_png(pairs[measure], pairs[expert], f"{spec.name}: {measure}, all classes"),
+                agreement_plots.bland_altman_png(
+                    pairs[measure], pairs[expert], f"{spec.name}: {measure}, all classes"
+                ),
                 f"Bland-Altman {measure}",
             )
         )
         figures.append(
             _img(
-                stats.scatter_png(pairs[measure], pairs[expert], f"{spec.name}: {measure}"),
+                agreement_plots.scatter_png(pairs[measure], pairs[expert], f"{spec.name}: {measure}"),
                 f"scatter {measure}",
             )
         )

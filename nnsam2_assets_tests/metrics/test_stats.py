@@ -8,7 +8,7 @@ import pandas as pd
 import pingouin as pg
 import pytest
 
-from nnsam2_assets.metrics import stats
+from nnsam2_assets.metrics import agreement_plots, stats
 from nnsam2_assets.testing.realdata import SHARED_DATA
 
 CSV = SHARED_DATA / "lpm_volumes" / "MRI_volume_internal_test331.csv"
@@ -103,7 +103,7 @@ def test_bootstrap_tost_is_seeded_and_decides() -> None:
 def test_pairing_by_index_and_small_n() -> None:
     ai = pd.Series([1.0, 2.0, np.nan, 4.0], index=list("abcd"))
     manual = pd.Series([4.1, 2.2, 1.0, 3.0], index=list("dbca"))
-    a, m = stats._paired(ai, manual)
+    a, m = stats.paired_values(ai, manual)
     np.testing.assert_array_equal(a, [1.0, 2.0, 4.0])
     np.testing.assert_array_equal(m, [3.0, 2.2, 4.1])
     row = stats.agreement_table(ai[:2], manual, "volume_ml", "right_lpm")
@@ -113,7 +113,7 @@ def test_pairing_by_index_and_small_n() -> None:
 def test_bland_altman_png() -> None:
     rng = np.random.default_rng(0)
     m = rng.uniform(50, 300, 40)
-    png = stats.bland_altman_png(m + rng.normal(0, 3, 40), m, title="label 1", units="mL")
+    png = agreement_plots.bland_altman_png(m + rng.normal(0, 3, 40), m, title="label 1", units="mL")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert (width, height) == (600, 400)

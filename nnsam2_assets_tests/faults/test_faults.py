@@ -38,9 +38,10 @@ from nnsam2_assets.core import storage
 from nnsam2_assets.defs.resources import build_resources
 from nnsam2_assets.demo.datasets import write_demo_dataset
 from nnsam2_assets.metrics import store as metrics_db
+from nnsam2_assets.pipeline import PER_DATASET
+from nnsam2_assets.testing.waits import HANG_GUARD_S
 
 SMALL = {"shape_yx": (64, 64), "spacing": (3.2, 3.2, 4.0)}
-from nnsam2_assets.pipeline import PER_DATASET  # noqa: E402
 
 LINEAGE = ["run_id", "computed_at"]
 NAME = "faulty"
@@ -142,10 +143,10 @@ def materialize_and_write(
         if kill_in_db:
             _install_kill_in_db(kill_in_db)
         data, store = Path(data_root), Path(storage_root)
-        with (
-            tempfile.TemporaryDirectory(prefix="faults-home-") as home,
-            dg.instance_for_test(temp_dir=home) as instance,
-        ):
+        # the instance's home beside the storage, under the test's own folder: a child killed mid-run never
+        # cleans up after itself, and a temporary folder of the system's would outlive the test
+        home = tempfile.mkdtemp(prefix="dagster-home-", dir=store.parent)
+        with dg.instance_for_test(temp_dir=home) as instance:
             instance.add_dynamic_partitions("datasets", [NAME])
             res = dg.materialize(
                 all_assets(),
@@ -167,8 +168,8 @@ def materialize_and_write(
 def _run_child(*args, **kwargs) -> int:
     proc = _ctx().Process(target=materialize_and_write, args=args, kwargs=kwargs)
     proc.start()
-    proc.join(300)
-    assert proc.exitcode is not None, "child hung"
+    proc.join(HANG_GUARD_S)
+    assert proc.exitcode is not None, f"child still running after {HANG_GUARD_S:.0f} s: hung (a hang guard)"
     return proc.exitcode
 
 
@@ -470,8 +471,8 @@ def test_two_partitions_write_metrics_at_once(tmp_path):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(240)
-        assert p.exitcode == 0, f"{p.name} exit {p.exitcode}"
+        p.join(HANG_GUARD_S)
+        assert p.exitcode == 0, f"{p.name} exit {p.exitcode} (None: still running after {HANG_GUARD_S:.0f} s)"
     for name in ("a", "b", "reader"):
         errors = json.loads((tmp_path / f"{name}.json").read_text())
         assert not errors, errors

@@ -17,7 +17,10 @@ import sys, time, duckdb
 con = duckdb.connect(sys.argv[1])   # a write connection: DuckDB's file lock, as a materialization holds it
 con.execute("INSERT INTO metrics.scan_metrics SELECT * FROM metrics.scan_metrics WHERE false")
 print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
+if sys.argv[2] == "until-told":
+    sys.stdin.readline()  # held until the test lets go: no machine is too slow for the lock to outlast it
+else:
+    time.sleep(float(sys.argv[2]))
 con.close()
 print("released", flush=True)
 time.sleep(30)
@@ -49,9 +52,14 @@ def db(tmp_path: Path) -> Path:
 def holder(db: Path):
     procs = []
 
-    def start(seconds: float) -> subprocess.Popen:
+    def start(seconds: float | None) -> subprocess.Popen:
+        """A writer holding the database's lock for ``seconds``, or until the test closes its stdin (None)."""
+        hold = "until-told" if seconds is None else str(seconds)
         proc = subprocess.Popen(
-            [sys.executable, "-c", HOLD, str(db), str(seconds)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", HOLD, str(db), hold],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         procs.append(proc)
         assert proc.stdout.readline().strip() == "locked"
@@ -83,8 +91,9 @@ def test_sql_waits_for_the_writer_to_let_go(db, holder):
 
 
 def test_sql_fails_clearly_when_the_writer_holds_past_wait(db, holder):
-    holder(60.0)
+    proc = holder(None)
     out = _cli("sql", "SELECT count(*) FROM metrics.scan_metrics", "--db", str(db), "--wait", "1")
+    assert proc.poll() is None  # the writer still held the lock when the CLI gave up
     assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
     assert str(db) in out.stderr and "still locked by another process" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr

@@ -187,6 +187,40 @@ def _correction_columns(corrected: AppliedCorrection | None, img: sitk.Image) ->
     }
 
 
+def _agreement_row(
+    layout: DatasetLayout,
+    scan: str,
+    stages: tuple[np.ndarray, np.ndarray, np.ndarray],
+    k: int,
+    propagated: np.ndarray,
+    k_out: int,
+    final: np.ndarray,
+    source: str,
+    correction: dict,
+) -> dict:
+    """A scan's row of the stage-to-stage agreement table: each stage's Dice with what it learnt from (pool
+    classes ``k``), which masks the final one came from, the published mask's size and digest, its correction
+    columns and, where the dataset has the scan's expert labels, the final and the propagated masks' Dice
+    against them (the dataset's ``k_out`` classes)."""
+    p1, p2, p3 = stages
+    row = {
+        "scan": scan,
+        "stage1_vs_propagation": mean_dice(p1, to_class_space(propagated, k_out, k), k),
+        "stage2_vs_stage1": mean_dice(p2, p1, k),
+        "stage3_vs_stage2": mean_dice(p3, p2, k),
+        "final_source": source,
+        "n_voxels": int((final > 0).sum()),
+        "mask_sha256": sha256_file(layout.final_mask_canonical(scan))[:16],
+        "expert_dice": np.nan,
+        **correction,
+    }
+    if layout.scan_expert(scan).exists():
+        truth = read_array(layout.scan_expert(scan))
+        row["expert_dice"] = mean_dice(final, truth, k_out)
+        row["propagation_expert_dice"] = mean_dice(propagated, truth, k_out)
+    return row
+
+
 def make_final_masks(
     spec: DatasetSpec,
     layout: DatasetLayout,
@@ -268,24 +302,21 @@ def make_final_masks(
             cache.record(scan, key, info=columns)
             computed += 1
         final = read_array(layout.final_mask_canonical(scan))
-        propagated = to_class_space(propagated_own, spec.n_classes, k)
         fragments[scan] = fragment_fraction(p3, k)  # of the raw prediction: cleaning hides it
-        row = {
-            "scan": scan,
-            "stage1_vs_propagation": mean_dice(p1, propagated, k),
-            "stage2_vs_stage1": mean_dice(p2, p1, k),
-            "stage3_vs_stage2": mean_dice(p3, p2, k),
-            "final_source": decision.source,
-            "n_voxels": int((final > 0).sum()),
-            "mask_sha256": sha256_file(layout.final_mask_canonical(scan))[:16],
-            "expert_dice": np.nan,
-            **(cache.info(scan) or NO_CORRECTION),
-        }
-        if layout.scan_expert(scan).exists():
-            truth = read_array(layout.scan_expert(scan))
-            row["expert_dice"] = mean_dice(final, truth, k_out)
-            row["propagation_expert_dice"] = mean_dice(propagated_own, truth, k_out)
-        rows.append(row)
+        correction = cache.info(scan) or NO_CORRECTION
+        rows.append(
+            _agreement_row(
+                layout,
+                scan,
+                (p1, p2, p3),
+                k,
+                propagated_own,
+                spec.n_classes,
+                final,
+                decision.source,
+                correction,
+            )
+        )
         if overlay is None:
             overlay = montage_png(sitk.GetArrayFromImage(img), final)
     cache.forget_others(set(scans))

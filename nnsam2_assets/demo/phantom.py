@@ -55,7 +55,7 @@ DEFAULT_PAD = (2, 3)  # extra slices below / above the region; unequal so a z fl
 class Phantom:
     """One synthetic subject on a canonical LPS grid.
 
-    ``labels``: uint8 [z, y, x] 4-class ground truth. ``tissue``: uint8 tissue codes (:data:`TISSUE_NAMES`).
+    ``labels``: uint8 [z, y, x] 4-class ground truth. ``tissue``: uint8 tissue codes (``demo.anatomy.TISSUE_NAMES``).
     ``images``: float32 canonical sitk images "water", "fat", "t2" (MRI units) and "ct" (HU), with noise.
     ``clean``: the same renderings before noise, as arrays. ``region``: (first, last) canonical slice of the
     L5/S1..L3/L4 region (inclusive). ``fat_ratio_truth``: per 4-class label, the Dixon fat ratio

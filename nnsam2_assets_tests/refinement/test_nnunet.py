@@ -207,7 +207,7 @@ def test_trainer_has_no_mirroring(trained, tmp_path):
 def test_a_warm_start_begins_at_the_checkpoints_weights_and_trains_its_own_epochs(trained, tmp_path):
     import torch
 
-    source = trained["info"].model_dir / "fold_all" / "checkpoint_final.pth"
+    source = trained["info"].checkpoint
     # a learning rate that leaves the weights where they started, so the start shows in the published model
     still = TINY.replace(initial_lr=1e-9)
     info = nn.train_model(trained["cases"], CLASSES, True, tmp_path / "work", tmp_path / "warm", still, seed=2,
@@ -215,15 +215,16 @@ def test_a_warm_start_begins_at_the_checkpoints_weights_and_trains_its_own_epoch
     assert info.warm_started_from == str(source) and info.num_epochs == 1 != TINY.num_epochs
     assert nn.ModelInfo.from_dir(info.model_dir) == info
 
-    def weights(path: Path) -> dict:
-        return torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+    def checkpoint(path: Path) -> dict:
+        return torch.load(path, map_location="cpu", weights_only=False)
 
-    before, after = weights(source), weights(info.model_dir / "fold_all" / "checkpoint_final.pth")
+    source_ckpt = checkpoint(source)
+    before, after = source_ckpt["network_weights"], checkpoint(info.checkpoint)["network_weights"]
     transferred = [k for k in before if ".seg_layers." not in k]  # nnU-Net leaves the output layers fresh
     assert transferred and all(torch.allclose(before[k], after[k], atol=1e-4) for k in transferred)
 
     # a checkpoint of another network: training starts fresh, for the profile's own epochs
-    other = dict(torch.load(source, map_location="cpu", weights_only=False))
+    other = dict(source_ckpt)
     key = transferred[0]
     other["network_weights"] = {**before, key: torch.zeros((1, *before[key].shape[1:]))}
     torch.save(other, tmp_path / "other.pth")

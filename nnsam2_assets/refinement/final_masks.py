@@ -147,24 +147,21 @@ def caudal_share_pivot(annotated: tuple[int, ...], n_classes: int) -> int | None
 
 
 def compose_final(
-    prediction: np.ndarray,
+    finished: np.ndarray | None,
     k: int,
     propagated: np.ndarray,
     k_out: int,
     image: sitk.Image,
     modality: str,
-    use_refined: bool,
     caudal_level: int | None,
 ) -> np.ndarray:
-    """A scan's final mask in the dataset's ``k_out`` classes, before any user correction: the refined final
-    of the stage-3 ``prediction`` (pool classes ``k``) when the held-out check chose the refined masks, else the
-    cleaned ``propagated`` mask. A 2-class pool's sides are split along the propagated ES/MF interface for a
-    4-class dataset, and ``caudal_level`` (the target's annotated level; None: not applied) gives the
-    multifidus its caudal share."""
-    if use_refined:
-        final = refined_final(
-            finish_refined(prediction, image, modality, k), k, propagated, k_out, image, modality
-        )
+    """A scan's final mask in the dataset's ``k_out`` classes, before any user correction: the refined final of
+    the stage-3 prediction already ``finished`` on the image (``finish_refined``; pool classes ``k``) when the
+    held-out check chose the refined masks, else (None) the cleaned ``propagated`` mask. A 2-class pool's
+    sides are split along the propagated ES/MF interface for a 4-class dataset, and ``caudal_level`` (the
+    target's annotated level; None: not applied) gives the multifidus its caudal share."""
+    if finished is not None:
+        final = refined_final(finished, k, propagated, k_out, image, modality)
         if k_out > k:
             spacing_zyx = tuple(reversed(image.GetSpacing()))
             final = clean_labels(split_sides(final, propagated, spacing_zyx), k_out)
@@ -285,9 +282,11 @@ def make_final_masks(
         propagated_own = read_array(layout.masks(scan))  # in the dataset's classes
         if not cache.is_fresh(scan, key, outputs):
             level = None if pivot is None else target_seed_slice(pivot, n_reference, img.GetSize()[2])
-            final = compose_final(
-                p3, k, propagated_own, k_out, img, spec.modality, decision.use_refined, level
-            )
+            finished = None
+            if decision.use_refined:  # the reference's prediction was finished for the held-out check already
+                is_reference = scan == spec.reference
+                finished = reference_prediction if is_reference else finish_refined(p3, img, spec.modality, k)
+            final = compose_final(finished, k, propagated_own, k_out, img, spec.modality, level)
             corrected = apply_correction(final, layout, record, k_out)
             if corrected is not None:
                 final = corrected.mask

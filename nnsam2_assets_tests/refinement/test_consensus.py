@@ -79,14 +79,15 @@ def test_the_final_mask_is_the_refined_consensus_split_into_the_datasets_own_cla
     prediction = to_class_space(propagated, 4, 2)
     prediction[:, 10:30, 30:34] = 1  # a right-side claim across the midline, which propagation does not make
 
-    refined = compose_final(prediction, 2, propagated, 4, image, "t1w", True, None)
+    finished = finish_refined(prediction, image, "t1w", 2)
+    refined = compose_final(finished, 2, propagated, 4, image, "t1w", None)
     assert set(np.unique(refined)) == {0, 1, 2, 3, 4}
     assert not refined[:, :, 28:36].any()  # the claim only the prediction makes is not kept
     assert mean_dice(refined, propagated, 4) > 0.95
 
-    kept = compose_final(prediction, 2, propagated, 4, image, "t1w", False, None)
+    kept = compose_final(None, 2, propagated, 4, image, "t1w", None)
     assert np.array_equal(kept, propagated)
     # the caudal multifidus share changes the ES/MF split only, never a side
-    caudal = compose_final(prediction, 2, propagated, 4, image, "t1w", True, 2)
+    caudal = compose_final(finished, 2, propagated, 4, image, "t1w", 2)
     assert np.array_equal(to_class_space(caudal, 4, 2), to_class_space(refined, 4, 2))
     assert np.isin(caudal[0], (2, 3)).sum() > np.isin(refined[0], (2, 3)).sum()  # more multifidus caudally

@@ -26,7 +26,10 @@ the Dixon fat-ratio errors, averaged over a dataset's scans, and how many scans 
   random walker on the scan's image decides, seeded by the voxels where they agree;
 - ``tissue walker`` (Dixon): the same walker on two channels, the water image and the fat fraction, so that
   a disputed voxel of fatty tissue (the masks' excess at the muscle edge) is told from muscle even where the
-  water image alone has no edge.
+  water image alone has no edge;
+- ``consensus, tissue finish`` (Dixon): the default rule with its last edge placement (the one after the
+  consensus) on those two channels instead of the water image alone: the excess that both masks agree on
+  never reaches the disagreement walker, but it does lie in the edge band.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from nnsam2_assets.core.masks import clean_labels
 from nnsam2_assets.core.walker import walk
 from nnsam2_assets.ingest.convention import load_dataset
 from nnsam2_assets.metrics.quant import fat_ratio_of_sums
-from nnsam2_assets.propagation.boundary import BETA
+from nnsam2_assets.propagation.boundary import BETA, band_pixels, refine_side_boundaries
 from nnsam2_assets.refinement.final_masks import consensus, refined_final
 from nnsam2_assets.refinement.finishing import finish_refined
 from nnsam2_assets.refinement.models import STAGES, current_model
@@ -143,6 +146,11 @@ def variants(
         fat_fraction = np.nan_to_num(fat_ratio_of_sums(fat, water))  # per voxel; 0 where there is no signal
         tissue = np.stack([intensities, fat_fraction.astype(np.float32)], axis=-1)
         masks["tissue walker"] = disagreement_walker(stage3_sides, propagated_sides, tissue)
+        bare = clean_labels(consensus(stage3, k_model, propagated, k_propagated), k_model)
+        band = band_pixels(image.GetSpacing()[0])
+        masks["consensus, tissue finish"] = sides(
+            clean_labels(refine_side_boundaries(bare, tissue, k_model, band), k_model), k_model
+        )
     return masks
 
 

@@ -68,15 +68,22 @@ def to_class_space(
     do ids outside the scheme.
     """
     if from_classes == to_classes:
-        return labels.astype(np.uint8)
-    if (from_classes, to_classes) != (4, 2):
+        mapping = {c: c for c in range(1, from_classes + 1)}
+    elif (from_classes, to_classes) == (4, 2):
+        mapping = dict(SIDE_MERGE)
+    else:
         raise ValueError(f"cannot convert {from_classes}-class labels to {to_classes} classes")
-    lut = np.zeros(256, dtype=np.uint8)
-    for src, dst in SIDE_MERGE.items():
-        lut[src] = dst
     if ignore:
-        lut[ignore_label(4)] = ignore_label(2)
-    return lut[labels.astype(np.uint8)]
+        mapping[ignore_label(from_classes)] = ignore_label(to_classes)
+    lut = np.zeros(256, dtype=np.uint8)
+    for src, dst in mapping.items():
+        lut[src] = dst
+    values = np.asarray(labels)
+    if values.dtype == np.uint8:
+        return lut[values]
+    # a wider integer type: an id outside 0..255 must not wrap onto a class (256 -> 0, 257 -> 1)
+    in_range = (values >= 0) & (values <= 255)
+    return np.where(in_range, lut[np.where(in_range, values, 0).astype(np.uint8)], 0).astype(np.uint8)
 
 
 def side_ids(n_classes: int, side: str) -> tuple[int, ...]:

@@ -19,13 +19,21 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def clean_labels(labels: np.ndarray, n_classes: int, fill_holes: bool = True) -> np.ndarray:
-    """Keep the largest component of each class and fill its holes slice by slice (never across classes)."""
+    """Keep the largest 3-D component of each class and fill its holes slice by slice (``labels``: z, y, x).
+
+    A hole is filled only where no class keeps a voxel, so a class lying inside another's outline on a slice
+    keeps every voxel whatever the two ids; a pocket enclosed by several classes goes to the innermost."""
+    kept = {c: largest_component(labels == c) for c in range(1, n_classes + 1)}
     out = np.zeros_like(labels, dtype=np.uint8)
-    for c in range(1, n_classes + 1):
-        comp = largest_component(labels == c)
-        if fill_holes and comp.any():
-            comp = np.stack([ndimage.binary_fill_holes(s) for s in comp])
-        out[comp & (out == 0)] = c
+    for c, component in kept.items():
+        out[component] = c
+    if not fill_holes:
+        return out
+    for z in range(out.shape[0]):
+        filled = {c: ndimage.binary_fill_holes(m[z]) for c, m in kept.items() if m[z].any()}
+        # the smallest filled outline is the innermost: a pocket inside class b inside class a is b's hole
+        for c in sorted(filled, key=lambda c: int(filled[c].sum())):
+            out[z][filled[c] & (out[z] == 0)] = c
     return out
 
 

@@ -15,11 +15,31 @@ def test_class_space_and_cleanup():
     four = np.array([0, 1, 2, 3, 4, 5], np.uint8)
     assert to_class_space(four, 4, 2).tolist() == [0, 1, 1, 2, 2, 0]
     assert to_class_space(four, 4, 2, ignore=True).tolist() == [0, 1, 1, 2, 2, 3]
+    # within one scheme too, an id outside it becomes background unless it is the carried ignore label, and a
+    # wider integer type never wraps onto a class
+    assert to_class_space(four, 4, 4).tolist() == [0, 1, 2, 3, 4, 0]
+    assert to_class_space(four, 4, 4, ignore=True).tolist() == [0, 1, 2, 3, 4, 5]
+    assert to_class_space(np.array([257, 2, -1, 3], np.int16), 2, 2).tolist() == [0, 2, 0, 0]
     labels = _labels()
     labels[0, 7, 7] = 1  # a stray fragment
     assert fragment_fraction(labels, 2) > 0
     cleaned = clean_labels(labels, 2)
     assert cleaned[0, 7, 7] == 0 and fragment_fraction(cleaned, 2) == 0
+
+
+def test_filling_a_hole_never_takes_another_class_and_a_pocket_goes_to_the_innermost_class():
+    # class 1 encloses class 2 on every slice, and class 2 is a ring around a background pocket; then the
+    # same with the ids swapped: the enclosed class keeps its voxels whichever id it has
+    for outer, inner in ((1, 2), (2, 1)):
+        labels = np.zeros((2, 11, 11), np.uint8)
+        labels[:, 1:10, 1:10] = outer
+        labels[:, 3:8, 3:8] = inner
+        labels[:, 5, 5] = 0  # the pocket inside the inner ring
+        labels[:, 2, 2] = 0  # a hole in the outer class alone
+        cleaned = clean_labels(labels, 2)
+        assert (cleaned[:, 3:8, 3:8] == inner).all(), (outer, inner)
+        assert (cleaned[:, 2, 2] == outer).all() and (cleaned == inner).sum() == 2 * 25
+    assert (clean_labels(labels, 2, fill_holes=False)[:, 5, 5] == 0).all()
 
 
 def test_split_sides_takes_the_muscle_interface_from_the_template_and_keeps_sides_apart():

@@ -24,6 +24,11 @@ MAX_OBLIQUE_DEG = 30.0
 NOTE_OBLIQUE_DEG = 10.0
 MIN_INPLANE_VOXELS = 64
 MIN_INPLANE_MM = 100.0
+# A DICOM series' slices must lie where its grid puts them, within a tenth of the slice spacing (floating
+# point in the exported positions stays far below that; a missing slice, or a tilt over a few slices, does not)
+POSITION_TAG = "0020|0032"  # Image Position (Patient)
+POSITION_TOLERANCE_SPACING = 0.1
+MIN_POSITION_TOLERANCE_MM = 0.05
 
 
 class ScanError(ValueError):
@@ -161,9 +166,40 @@ def dicom_series_files(folder: Path) -> list[str]:
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
+    files = dicom_series_files(folder)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(dicom_series_files(folder))
-    return reader.Execute()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # each slice's own position, for the grid check
+    img = reader.Execute()
+    _check_slice_positions(img, reader, files, folder)
+    return img
+
+
+def _check_slice_positions(
+    img: sitk.Image, reader: sitk.ImageSeriesReader, files: list[str], folder: Path
+) -> None:
+    """Refuse a series whose slices do not lie on the grid it was read onto.
+
+    SimpleITK stacks a series on a right-angled grid with one mean slice spacing. A gantry-tilted CT, or a
+    series with a missing or unevenly spaced slice, is not such a grid: its slices would be measured and
+    masked mm away from where they were acquired, and the NIfTI mask would disagree with the DICOM SEG,
+    which places each frame at its own position."""
+    n = img.GetSize()[2]
+    worst, at = 0.0, 0
+    for k in range(n):
+        if not reader.HasMetaDataKey(k, POSITION_TAG):
+            return  # no positions to hold the grid against
+        position = np.array([float(v) for v in reader.GetMetaData(k, POSITION_TAG).split("\\")])
+        off = float(np.linalg.norm(position - np.array(img.TransformIndexToPhysicalPoint((0, 0, k)))))
+        if off > worst:
+            worst, at = off, k
+    if worst > max(MIN_POSITION_TOLERANCE_MM, POSITION_TOLERANCE_SPACING * img.GetSpacing()[2]):
+        raise ScanError(
+            folder,
+            f"slice {at} ({Path(files[at]).name}) lies {worst:.2f} mm from where an evenly spaced grid normal "
+            "to the slices puts it: a gantry-tilted series, or one with missing or unevenly spaced slices; "
+            "resample it onto a regular grid first",
+        )
 
 
 def axial_axis(img: sitk.Image) -> int:
@@ -251,8 +287,20 @@ def pair_dixon(
 
     Real Dixon exports (MyoSegmenTUM) write the water image with an affine that lacks the true origin while
     the fat image carries it; the voxel grids are identical. So pairing is by array: shape and spacing must
-    match, and the fat image then adopts the water geometry.
+    match, and the fat image then adopts the water geometry. A fat file whose axes are stored flipped or
+    permuted against the water's (converters differ in row and slice order) is first put in the water's axis
+    order, or its voxels would pair with the mirrored anatomy: each side would get the other's fat. A fat
+    image at another angle than the water's is refused.
     """
+    if not np.allclose(water.GetDirection(), fat.GetDirection(), atol=GRID_TOLERANCE):
+        axes = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(water.GetDirection())
+        fat = sitk.DICOMOrient(fat, axes)
+        if not np.allclose(water.GetDirection(), fat.GetDirection(), atol=GRID_TOLERANCE):
+            raise ScanError(
+                fat_path,
+                f"Dixon fat direction {_rounded(fat.GetDirection())} is not the water's "
+                f"{_rounded(water.GetDirection())} up to flipped or swapped axes ({water_path})",
+            )
     if water.GetSize() != fat.GetSize():
         raise ScanError(
             fat_path, f"Dixon fat shape {fat.GetSize()} differs from water {water.GetSize()} ({water_path})"
@@ -266,6 +314,10 @@ def pair_dixon(
     paired = sitk.Cast(fat, sitk.sitkFloat32)
     paired.CopyInformation(water)
     return paired
+
+
+def _rounded(values: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(round(v, 3) + 0.0 for v in values)  # + 0.0: no "-0.0" in a message
 
 
 def to_original_grid(canonical_mask: sitk.Image, original: sitk.Image) -> sitk.Image:

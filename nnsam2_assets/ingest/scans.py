@@ -45,7 +45,9 @@ from nnsam2_assets.ingest.convention import (
 from nnsam2_assets.ingest.regions import Region
 from nnsam2_assets.ingest.slicer import is_slicer_segmentation, read_slicer_labels
 
-VERSION = "ingest-v3"
+# v4: a Dixon fat image stored with flipped or swapped axes is put in the water's axis order before pairing;
+# a DICOM series off a regular grid (gantry tilt, a missing slice) is refused
+VERSION = "ingest-v4"
 
 
 @dataclass
@@ -143,6 +145,10 @@ def prepare_scan(
         fat_img = read_source_image(source.fat)
         _check_contrast(fat_img, source.fat)
         fat_paired = pair_dixon(original, fat_img, source.image, source.fat)
+        if not np.allclose(fat_img.GetDirection(), original.GetDirection(), atol=1e-3):
+            notes.append(
+                "fat image stored with flipped or swapped axes against the water's; reoriented to pair"
+            )
         if not np.allclose(fat_img.GetOrigin(), original.GetOrigin(), atol=1e-2):
             notes.append("water and fat origins differ; paired by array index (shape and spacing match)")
         fat = to_canonical(crop(fat_paired, source.fat))

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 
@@ -9,11 +10,13 @@ from nnsam2_assets.core.imaging import (
     ScanError,
     align_labels,
     crop_region,
+    dicom_series_files,
     pair_dixon,
     read_image,
     to_canonical,
     to_original_grid,
 )
+from nnsam2_assets.testing.realdata import TS
 
 
 def _volume(direction: str = "LPS", shape=(6, 5, 4)) -> sitk.Image:
@@ -85,6 +88,29 @@ def test_dixon_pairing_by_array_index():
         pair_dixon(water, wrong_spacing, "w.nii.gz", "f.nii.gz")
 
 
+@pytest.mark.parametrize("fat_axes", ["RPS", "LAI", "PLS"])
+def test_a_fat_image_stored_with_other_axes_pairs_with_the_same_anatomy(fat_axes):
+    water = _volume()
+    marker = np.zeros(sitk.GetArrayViewFromImage(water).shape, np.float32)
+    marker[1, 2, 3] = 100.0  # one voxel at a known physical point
+    fat = sitk.GetImageFromArray(marker)
+    fat.CopyInformation(water)
+    point = water.TransformIndexToPhysicalPoint((3, 2, 1))
+    stored = sitk.DICOMOrient(fat, fat_axes)  # the same anatomy, the array flipped / permuted
+    assert not np.allclose(stored.GetDirection(), water.GetDirection())
+    paired = pair_dixon(water, stored, "w.nii.gz", "f.nii.gz")
+    found = np.argwhere(sitk.GetArrayViewFromImage(paired) == 100.0)
+    (z, y, x) = found[0]
+    assert len(found) == 1 and np.allclose(
+        paired.TransformIndexToPhysicalPoint((int(x), int(y), int(z))), point
+    )
+    oblique = sitk.Image(water)
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    oblique.SetDirection((c, -s_, 0.0, s_, c, 0.0, 0.0, 0.0, 1.0))
+    with pytest.raises(ScanError, match=r"f\.nii\.gz: Dixon fat direction .* is not the water's"):
+        pair_dixon(water, oblique, "w.nii.gz", "f.nii.gz")
+
+
 def test_unreadable_and_not_3d_files(tmp_path: Path):
     bad = tmp_path / "corrupt.nii.gz"
     bad.write_bytes(b"not a nifti at all")
@@ -113,3 +139,31 @@ def test_flipped_label_is_aligned_in_physical_space():
     far.SetOrigin((1000.0, 1000.0, 1000.0))
     with pytest.raises(ScanError, match="does not overlap the scan in physical space"):
         align_labels(far, image, "label.nii.gz")
+
+
+def _series_copy(
+    tmp_path: Path, name: str, shift_mm_per_slice: tuple[float, float, float] = (0, 0, 0)
+) -> Path:
+    """The real CT series, each slice's position moved by ``shift_mm_per_slice`` times its index."""
+    out = tmp_path / name
+    out.mkdir()
+    for k, source in enumerate(dicom_series_files(TS / "example_ct_dicom")):
+        ds = pydicom.dcmread(source)
+        ds.ImagePositionPatient = [
+            float(p) + k * d for p, d in zip(ds.ImagePositionPatient, shift_mm_per_slice, strict=True)
+        ]
+        ds.save_as(out / f"slice{k:03d}.dcm")
+    return out
+
+
+def test_a_dicom_series_off_a_regular_grid_is_refused_naming_the_slice(tmp_path: Path):
+    regular = read_image(_series_copy(tmp_path, "regular"))
+    assert regular.GetSize() == (512, 512, 20)
+    gapped = _series_copy(tmp_path, "gapped")
+    (gapped / "slice007.dcm").unlink()  # one missing slice: the mean spacing misplaces the others
+    with pytest.raises(ScanError, match=r"gapped: slice \d+ \(slice0\d\d\.dcm\) lies .* mm from where"):
+        read_image(gapped)
+    # the slices' positions drift sideways as a gantry tilt of about 14 degrees makes them (0.5 mm per 2 mm)
+    sheared = _series_copy(tmp_path, "sheared", (0.0, 0.5, 0.0))
+    with pytest.raises(ScanError, match="gantry-tilted series"):
+        read_image(sheared)

@@ -26,6 +26,7 @@ from nnsam2_assets.core.imaging import (
     read_source_image,
     to_canonical,
 )
+from nnsam2_assets.core.labels import class_map
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.overlays import sagittal_lines_png
 from nnsam2_assets.core.storage import (
@@ -46,7 +47,8 @@ from nnsam2_assets.ingest.regions import Region
 from nnsam2_assets.ingest.slicer import is_slicer_segmentation, read_slicer_labels
 
 # v4: a Dixon fat image stored with flipped or swapped axes is put in the water's axis order before pairing;
-# a DICOM series off a regular grid (gantry tilt, a missing slice) is refused
+# a DICOM series off a regular grid (gantry tilt, a missing slice) is refused; expert labels that leave a class
+# out get a warning
 VERSION = "ingest-v4"
 
 
@@ -163,6 +165,14 @@ def prepare_scan(
             expert = _prepare_expert(spec, source, original, crop)
         except ScanError as exc:  # optional: a bad expert file drops the comparison, never the scan
             warnings.append(f"expert labels ignored: {exc}")
+        else:
+            drawn = set(np.unique(sitk.GetArrayViewFromImage(expert)).tolist())
+            missing = [name for c, name in class_map(spec.n_classes).items() if c not in drawn]
+            if missing:
+                warnings.append(
+                    f"expert labels {source.expert} have no {', '.join(missing)} in the region: "
+                    "not annotated, so left out of the comparison with the expert"
+                )
     return PreparedScan(
         source.scan_id,
         image,

@@ -26,7 +26,9 @@ from nnsam2_assets.metrics.qc import QC_FLAG_COLUMNS, QCConfig, mean_confidence,
 from nnsam2_assets.metrics.store import SCHEMA, replace_dataset_rows
 from nnsam2_assets.refinement.corrections import NO_CORRECTION
 
-VERSION = "metrics-v4"  # v4: a dataset without QC flags still writes its (empty) qc_flags table
+# v4: a dataset without QC flags still writes its (empty) qc_flags table; v5: a class absent from a scan's
+# expert labels is not annotated there (its expert columns are NaN, not a volume of 0)
+VERSION = "metrics-v5"
 AGREEMENT_VERSION = "agreement-v1"
 MEASURES = {
     "volume_ml": "expert_volume_ml",
@@ -34,6 +36,20 @@ MEASURES = {
     "ct_mean_hu": "expert_ct_mean_hu",
 }
 UNITS = {"volume_ml": "mL", "fat_ratio": "", "ct_mean_hu": "HU"}
+# what the expert labels give a class's rows: unknown where the expert did not annotate the class
+EXPERT_COLUMNS = ("dice", *MEASURES.values())
+
+
+def unannotated_classes(expert: np.ndarray, k: int) -> dict[int, set[int]]:
+    """The classes a scan's expert labels (``k`` classes) leave out, per class scheme of its metrics (``k``, and
+    2 for a 4-class scan): a muscle the expert did not draw is not annotated, not absent, so its comparison
+    must not read a volume of 0; a side is not annotated when one of its muscles is not."""
+    present = set(np.unique(expert).tolist())
+    missing = {c for c in range(1, k + 1) if c not in present}
+    out = {k: missing}
+    if k == 4:
+        out[2] = {int(to_class_space(np.array([c], np.uint8), 4, 2)[0]) for c in missing}
+    return out
 
 
 def _scan_rows(
@@ -47,9 +63,10 @@ def _scan_rows(
         inputs["ct"] = image
     elif spec.is_dixon and layout.scan_fat(scan).exists():
         inputs["water"], inputs["fat"] = image, read_image(layout.scan_fat(scan))
-    expert = None
+    expert, unannotated = None, {}
     if layout.scan_expert(scan).exists():
         expert = to_class_space(read_array(layout.scan_expert(scan)), spec.n_classes, k)
+        unannotated = unannotated_classes(expert, k)
     mask_arr = sitk.GetArrayFromImage(mask)
     schemes = [(f"{k}-class", mask_arr, expert, k)]
     if k == 4:
@@ -65,6 +82,7 @@ def _scan_rows(
             rows["expert_volume_ml"] = ref.volume_ml.to_numpy()
             rows["expert_fat_ratio"] = ref.fat_ratio.to_numpy()
             rows["expert_ct_mean_hu"] = ref.ct_mean_hu.to_numpy()
+            rows.loc[rows.label.isin(unannotated[n]), list(EXPERT_COLUMNS)] = np.nan
         per_label.append(rows.assign(scheme=scheme))
         if l4_l5_slice is not None:
             levels = quant.quantify_levels(
@@ -75,9 +93,12 @@ def _scan_rows(
                     truth, names, l4_l5_slice, scan, spacing=spacing, **inputs
                 )
                 levels["expert_volume_ml"] = expert_levels.volume_ml.to_numpy()
+                levels.loc[levels.label.isin(unannotated[n]), ["dice", "expert_volume_ml"]] = np.nan
             per_level.append(levels.assign(scheme=scheme))
         if scheme == f"{k}-class":
             sl = quant.quantify_per_slice(arr, names, scan, expert=truth, spacing=spacing, **inputs)
+            if truth is not None:
+                sl.loc[sl.label.isin(unannotated[n]), "dice"] = np.nan
             per_slice.append(sl.assign(scheme=scheme))
     labels = pd.concat(per_label, ignore_index=True)
     labels["side"] = labels.class_name.map(side_of)

@@ -133,6 +133,21 @@ def test_invalid_partition_folder_is_refused_by_register(tmp_path):
         assert instance.get_dynamic_partitions("datasets") == ["good"]
 
 
+def test_expert_labels_without_a_class_warn_that_it_is_not_compared(tiny):
+    instance, data, storage, resources = tiny
+    path = data / "tiny" / "experts" / "subj01.nii.gz"
+    expert = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(expert)
+    arr[arr == 3] = 0  # the expert did not draw the left multifidus (label_map 3: left_mf)
+    edited = sitk.GetImageFromArray(arr)
+    edited.CopyInformation(expert)
+    sitk.WriteImage(edited, str(path))
+    assert _materialize(instance, resources, ["scans"]).success
+    warnings = pd.read_parquet(DatasetLayout(storage, "tiny").manifest).set_index("scan").warnings
+    assert f"expert labels {path} have no left_mf in the region" in warnings["subj01"]
+    assert "expert labels" not in warnings["subj00"] + warnings["subj02"]
+
+
 def test_an_outlying_reference_raises_a_warning_check_not_a_failure(tiny):
     instance, data, storage, resources = tiny
     reference = yaml.safe_load((data / "tiny" / "dataset.yaml").read_text())["reference"]

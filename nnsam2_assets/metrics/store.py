@@ -24,6 +24,7 @@ Tables (all carry ``dataset`` and lineage columns ``run_id``, ``computed_at``):
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -56,6 +57,18 @@ USER_SQL_CONFIG = {
     "autoload_known_extensions": False,
     "lock_configuration": True,
 }
+WHOLE_NUMBER_TYPES = {
+    "TINYINT",
+    "SMALLINT",
+    "INTEGER",
+    "BIGINT",
+    "HUGEINT",
+    "UTINYINT",
+    "USMALLINT",
+    "UINTEGER",
+    "UBIGINT",
+}
+FRACTION_TYPES = {"FLOAT", "DOUBLE"}
 _TABLE_NAME = re.compile(r"(?:(?P<schema>[A-Za-z_]\w*)\.)?(?P<table>[A-Za-z_]\w*)")
 
 
@@ -87,9 +100,14 @@ def check_one_select(sql: str) -> str:
     return sql
 
 
+# what DuckDB says when another process holds the file (POSIX lock; the Windows sharing violation)
+LOCK_MESSAGES = ("Could not set lock on file", "Conflicting lock is held", "being used by another process")
+
+
 def _is_lock_error(exc: Exception) -> bool:
-    text = str(exc).lower()
-    return "lock" in text or "conflicting" in text or "being used" in text
+    """Only DuckDB's own lock messages: a damaged file, or one whose path happens to contain "lock", fails at
+    once with its own error instead of being retried as "still locked"."""
+    return isinstance(exc, duckdb.IOException) and any(m in str(exc) for m in LOCK_MESSAGES)
 
 
 def connect(
@@ -116,19 +134,33 @@ def connect(
             time.sleep(poll_s)
 
 
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 def _ensure_table(con, table: str, df: pd.DataFrame) -> None:
+    """The table with every column of ``df``: created from its types, or grown by the columns a newer code
+    version adds (old rows read NULL there). A whole-number column that now carries fractions is widened to
+    DOUBLE, so no value is rounded on insert (pandas turns an integer column with a missing value into
+    float)."""
     con.register("_incoming", df)
     con.execute(f"CREATE TABLE IF NOT EXISTS {SCHEMA}.{table} AS SELECT * FROM _incoming LIMIT 0")
+    # the frame's column types, as DuckDB reads them from pandas (a frame without rows has them too)
+    incoming = {
+        col: sql_type for col, sql_type, *_ in con.execute("DESCRIBE SELECT * FROM _incoming").fetchall()
+    }
     described = con.execute(f"DESCRIBE {SCHEMA}.{table}").fetchall()
     for col, sql_type, *_ in described:
         if sql_type == '"NULL"':  # a column created from no values (an empty text column) holds text
-            con.execute(f'ALTER TABLE {SCHEMA}.{table} ALTER COLUMN "{col}" TYPE VARCHAR')
-    existing = {r[0] for r in described}
-    for col in df.columns:
-        if col not in existing:  # schema grows with new metrics; old rows read NULL there
-            dtype = con.execute(f'SELECT typeof("{col}") FROM _incoming LIMIT 1').fetchone()
-            sql_type = dtype[0] if dtype and dtype[0] != "NULL" else "VARCHAR"
-            con.execute(f'ALTER TABLE {SCHEMA}.{table} ADD COLUMN "{col}" {sql_type}')
+            con.execute(f"ALTER TABLE {SCHEMA}.{table} ALTER COLUMN {_quoted(col)} TYPE VARCHAR")
+    existing = {col.lower(): sql_type for col, sql_type, *_ in described}  # DuckDB's names ignore case
+    for col, sql_type in incoming.items():
+        have = existing.get(col.lower())
+        if have is None:
+            new_type = "VARCHAR" if sql_type in ("NULL", '"NULL"') else sql_type
+            con.execute(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN {_quoted(col)} {new_type}")
+        elif have in WHOLE_NUMBER_TYPES and sql_type in FRACTION_TYPES:
+            con.execute(f"ALTER TABLE {SCHEMA}.{table} ALTER COLUMN {_quoted(col)} TYPE DOUBLE")
     con.unregister("_incoming")
 
 
@@ -162,7 +194,9 @@ def replace_dataset_rows(con, dataset: str, tables: Mapping[str, pd.DataFrame]) 
             written[table] = len(df)
         con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        # a failed COMMIT has ended the transaction already; the error to report is the first one
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
         raise
     return written
 

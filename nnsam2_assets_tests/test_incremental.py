@@ -92,6 +92,18 @@ def test_a_touched_but_unchanged_source_is_rehashed_not_reingested(tmp_path):
     assert ingest_scans(spec, layout).computed == 1
 
 
+def test_a_new_ingest_version_reprepares_scans_whose_files_did_not_change(tmp_path, monkeypatch):
+    from nnsam2_assets.ingest import scans
+
+    data, storage = tmp_path / "data", tmp_path / "storage"
+    write_tiny_dataset(data, "ds", 2, seed=4)
+    spec, layout = load_dataset(data, "ds"), DatasetLayout(storage, "ds")
+    assert ingest_scans(spec, layout).computed == 2
+    assert ingest_scans(spec, layout).computed == 0
+    monkeypatch.setattr(scans, "VERSION", scans.VERSION + "-next")
+    assert ingest_scans(spec, layout).computed == 2  # the files' stat alone no longer vouches for them
+
+
 def test_an_in_place_rewrite_that_keeps_size_mtime_and_inode_is_reingested(tmp_path):
     """`cp -p` / `rsync -t` over an existing file keep size, mtime and inode; only ctime tells."""
     import os

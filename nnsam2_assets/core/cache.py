@@ -3,7 +3,8 @@
 Each per-dataset asset stores one output per scan. A scan's cache key combines everything its output
 depends on (scan content hash, annotation hash, code version, backend/model identity). A rematerialization
 recomputes only scans whose key changed, so a new scan costs one scan while Dagster still sees a partition.
-The key file is written *after* the outputs, so a crash in between only causes a recompute.
+A scan's key is removed *before* its outputs are rewritten (``invalidate``) and written again *after* them, so
+a crash in between only causes a recompute: outputs half-way to a new key are never taken for the old one's.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class ScanCache:
         p = self._key_path(scan_id)
         return p.is_file() and p.read_text().strip() == key and all(Path(o).exists() for o in outputs)
 
+    def invalidate(self, scan_id: str) -> None:
+        """Forget the scan's key before its outputs are rewritten: if the run dies before ``record``, the
+        outputs, part new and part old, must not pass for the old key's when the inputs go back to it."""
+        self._key_path(scan_id).unlink(missing_ok=True)
+        self._info_path(scan_id).unlink(missing_ok=True)
+
     def record(self, scan_id: str, key: str, info: dict[str, Any] | None = None) -> None:
         """Mark the scan's outputs current. ``info`` is a small per-scan summary (JSON) kept with the key, so
         later runs report on unchanged scans without reading their outputs again (new-scan cost stays O(1))."""
@@ -61,6 +68,7 @@ class ScanCache:
         info = self.info(scan_id) if self.is_fresh(scan_id, key, outputs) else None
         if info is not None:
             return info, False
+        self.invalidate(scan_id)
         info = compute()
         self.record(scan_id, key, info)
         return info, True

@@ -8,12 +8,14 @@ filesystem). A crash leaves at most a ``.tmp-*`` file, which no reader globs for
 from __future__ import annotations
 
 import errno
+import functools
 import gzip
 import hashlib
 import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable
@@ -30,6 +32,15 @@ class StorageError(RuntimeError):
     """A write failed; the message names the destination file."""
 
 
+@functools.cache
+def _new_file_mode() -> int:
+    """0666 less the process's umask, as open() creates a file (read once: os.umask can only be read by
+    setting it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None], keep_suffix: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,6 +54,9 @@ def _atomic_write(path: Path, write: Callable[[Path], None], keep_suffix: bool =
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp makes the file private (0600); the published file keeps the mode of the one it replaces,
+        # or gets what open() would give it, so a group sharing the storage root can still read it
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else _new_file_mode())
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)

@@ -312,6 +312,7 @@ def stat_signature(source: ScanSource, spec: DatasetSpec) -> str:
         if path is not None:
             parts += _file_stats(path)
     parts += [
+        VERSION,  # a new ingest version re-prepares the scans even where no file changed
         region_inputs(spec, source.scan_id, content=False),
         str(sorted(spec.label_map.items())),
         str(sorted(spec.segment_names.items())),
@@ -343,6 +344,7 @@ def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) ->
                 rows.append(info["row"])
                 continue
             prepared = prepare_scan(spec, source, reference)
+            cache.invalidate(scan_id)
             atomic_write_image(prepared.image, layout.scan_image(scan_id))
             if prepared.fat is not None:
                 atomic_write_image(prepared.fat, layout.scan_fat(scan_id))

@@ -129,6 +129,8 @@ def propagate_masks(
 
     scans = ok_scans(layout, manifest)
     stale = [s for s in scans if not cache.is_fresh(s, *key_and_outputs(s))]
+    for scan_id in stale:
+        cache.invalidate(scan_id)
     done: dict[str, PropagationResult] = {}
     n_workers = 1
     if workers > 1 and len(stale) > 1:

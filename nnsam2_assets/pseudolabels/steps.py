@@ -86,6 +86,7 @@ def select_pseudo_labels(spec: DatasetSpec, layout: DatasetLayout, cfg: Selectio
         kept = group.slice[group.kept].to_numpy()
         key = cache_key(VERSION, digests[scan_id], spec.n_classes, *kept.tolist())
         if not cache.is_fresh(scan_id, key, [layout.pseudo_label(scan_id)]):
+            cache.invalidate(scan_id)
             masks_img = read_image(layout.masks(scan_id))
             out = sitk.GetImageFromArray(
                 pseudo_label_volume(sitk.GetArrayFromImage(masks_img), kept, spec.n_classes)

@@ -291,6 +291,7 @@ def make_final_masks(
             if corrected is not None:
                 final = corrected.mask
             columns = _correction_columns(corrected, img)
+            cache.invalidate(scan)
             canonical = sitk.GetImageFromArray(final)
             canonical.CopyInformation(img)
             atomic_write_image(canonical, layout.final_mask_canonical(scan))

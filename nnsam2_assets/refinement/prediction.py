@@ -71,6 +71,7 @@ class StagePredictions:
             return path, False
         if self._predictor is None:
             self._predictor = nnunet.Predictor.load(self.model_dir, device=self.device)
+        cache.invalidate(scan)
         atomic_write_image(predict_scan(self._predictor, image(), roi), path)
         cache.record(scan, key)
         return path, True

@@ -47,6 +47,15 @@ def exact_and_held_out(
             label = np.full(truth.shape, ignore_value, np.uint8) if label is None else label.copy()
             label[slices] = truth[slices]
             out[(dataset, scan)] = label
+    return held_out(out, pool)
+
+
+def held_out(labels: dict[tuple[str, str], np.ndarray], pool: Pool) -> dict[tuple[str, str], np.ndarray]:
+    """The labels with each reference's annotated slab made "ignore"; a label left with nothing but ignore is
+    dropped (nnU-Net cannot sample from it)."""
+    ignore_value = ignore_label(pool.classes)
+    out = dict(labels)
+    for dataset, layout in pool.layouts.items():
         slab = held_out_slab(layout)
         if slab is None or (dataset, slab.scan) not in out:
             continue
@@ -118,6 +127,10 @@ def stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) -> 
     for row in selection[selection.selected & (selection.n_kept > 0)].itertuples():
         pred, agree = preds[(row.dataset, row.scan)]
         labels[(row.dataset, row.scan)] = finished_label(pool, row.dataset, row.scan, pred, agree)
+    if not held_out(labels, pool):
+        # nothing learned from the predictions outside the held-out slabs: no labels, so the caller falls
+        # back to the pseudo-labels, whatever exact labels (further annotated or corrected slices) exist
+        return selection, {}
     return selection, exact_and_held_out(labels, pool)
 
 

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 
 class _BoxPredictor:
@@ -40,9 +41,12 @@ def test_prediction_runs_in_the_muscle_box_and_lands_on_the_full_grid(tmp_path):
     assert labelled[:, 25:45, 15:55].all() and labelled.sum() == 5 * 20 * 40
 
 
-def test_a_stage_whose_inputs_agree_nowhere_trains_on_the_pseudo_labels(tmp_path):
+@pytest.mark.parametrize("exact_slice", [False, True])
+def test_a_stage_whose_inputs_agree_nowhere_trains_on_the_pseudo_labels(tmp_path, monkeypatch, exact_slice):
     """Models too weak to predict any muscle (a tiny training budget) leave a later stage no agreeing slice;
-    it then learns from the propagated pseudo-labels, as stage 1 does, and says so, instead of failing."""
+    it then learns from the propagated pseudo-labels, as stage 1 does, and says so, instead of failing. A
+    slice known exactly (a further annotated or a corrected slice) does not stand in for what the stage
+    would have learned: it falls back all the same, and the exact slice joins the pseudo-labels."""
     import SimpleITK as sitk
 
     from nnsam2_assets.core import silent
@@ -69,11 +73,21 @@ def test_a_stage_whose_inputs_agree_nowhere_trains_on_the_pseudo_labels(tmp_path
         pointer.parent.mkdir(parents=True, exist_ok=True)
         pointer.write_text(f'{{"model_dir": "{model_dir}"}}')
 
+    if exact_slice:  # the reference's lowest slice, outside its held-out slab, as drawn by a user
+        from nnsam2_assets.refinement.holdout import held_out_slab
+
+        layout = pool.layouts["weak"]
+        reference = held_out_slab(layout).scan
+        extra = [(reference, [0], layout.masks(reference))]
+        real = stage_labels.exact_labels
+        monkeypatch.setattr(
+            stage_labels, "exact_labels", lambda lay: real(lay) + (extra if lay is layout else [])
+        )
     first, pseudo_labels = stage_labels.stage_labels("stage1", pool, run.storage_root, None)
     selection, labels, source = stage_labels.next_stage_labels(
         "stage3", pool, run.storage_root, STAGE_RULES["stage3"], silent
     )
-    assert pseudo_labels and labels.keys() == pseudo_labels.keys()
+    assert pseudo_labels and labels.keys() == pseudo_labels.keys() and len(labels) == len(first)
     assert all(np.array_equal(labels[k], pseudo_labels[k]) for k in labels)
     assert "stage-1 pseudo-labels" in source and "stage2" in source
     assert selection.relaxed.all() and selection.selected.tolist() == first.selected.tolist()

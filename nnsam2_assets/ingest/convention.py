@@ -52,11 +52,13 @@ _SCAN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def validate_dataset_key(name: str) -> str:
-    """Partition keys are slugs: Dagster keys with ``,`` or ``|`` break backfills; ``/`` or ``..`` escape the root."""
-    if not _SLUG.match(name or ""):
+    """Partition keys are slugs: Dagster keys with ``,`` or ``|`` break backfills; ``/`` or ``..`` escape the root.
+    No ``__`` either: it joins a dataset and a scan into one training case of the pooled models, and with it in
+    a dataset's name two cases could share an id (dataset ``a`` scan ``b__c``, dataset ``a__b`` scan ``c``)."""
+    if not _SLUG.match(name or "") or "__" in name:
         raise DatasetError(
             f"invalid dataset name {name!r}: use 1-64 characters of lowercase letters, digits, '-' or '_', "
-            "starting with a letter or digit (no '/', '..', ',', '|' or spaces)"
+            "starting with a letter or digit (no '/', '..', ',', '|', '__' or spaces)"
         )
     return name
 

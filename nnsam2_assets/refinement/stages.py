@@ -178,7 +178,7 @@ def _stage_training_cases(
             atomic_write_image(roi.crop(img), image_path)
             label = roi.crop(label)
         atomic_write_image(label, label_path)
-        case_id = f"{dataset}__{scan}"
+        case_id = f"{dataset}__{scan}"  # unambiguous: a dataset name has no "__" (validate_dataset_key)
         cases.append(nnunet.TrainingCase(case_id, image_path, label_path))
         parts += [dataset, scan, input_key(scan_key(layout, scan), roi), sha256_file(label_path)[:16]]
         if profile.foreground_sampling == "supervoxels":

@@ -42,7 +42,7 @@ def _tiny_dataset(root: Path, annotation: np.ndarray | None = None, **cfg) -> Pa
     return folder
 
 
-@pytest.mark.parametrize("name", ["a/b", "..", "x,y", "p|q", "Upper", "", "-lead", "with space"])
+@pytest.mark.parametrize("name", ["a/b", "..", "x,y", "p|q", "Upper", "", "-lead", "with space", "a__b"])
 def test_partition_keys_must_be_slugs(name):
     with pytest.raises(DatasetError, match="invalid dataset name"):
         validate_dataset_key(name)

@@ -17,6 +17,7 @@ has not learnt the muscles never replaces them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -46,6 +47,13 @@ class HeldOutSlab:
         return out
 
 
+def slab_reach(slice_spacing_mm: float) -> int:
+    """Slices each side of the seed within the slab's half-width. A spacing stored in single precision (0.8 mm
+    is 0.800000011920929 in NIfTI) must still reach the slice exactly at the half-width, or that slice, next
+    to the one scored, would be trained on."""
+    return int(math.floor(HOLDOUT_HALF_WIDTH_MM / slice_spacing_mm + 1e-6))
+
+
 def held_out_slab(layout: DatasetLayout) -> HeldOutSlab | None:
     """The dataset's held-out slab, or None before the annotation is written."""
     if not layout.annotation_meta.exists():
@@ -53,7 +61,7 @@ def held_out_slab(layout: DatasetLayout) -> HeldOutSlab | None:
     meta = read_annotation_meta(layout)
     reference, z = meta["reference"], int(meta["seed_slice"])
     image = read_image(layout.scan_image(reference))
-    reach = int(HOLDOUT_HALF_WIDTH_MM // image.GetSpacing()[2])
+    reach = slab_reach(image.GetSpacing()[2])
     return HeldOutSlab(reference, z, max(0, z - reach), min(image.GetSize()[2] - 1, z + reach))
 
 

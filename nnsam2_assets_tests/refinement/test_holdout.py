@@ -111,3 +111,14 @@ def test_further_annotated_slices_are_exact_labels_of_every_stage(tmp_path):
 
     near = _annotated_dataset(tmp_path / "near", seed=5, more=(6,))
     assert exact_label_slices(near) == {}  # inside the held-out slab: held out with it
+
+
+def test_the_slab_reaches_the_slice_at_its_half_width_whatever_the_spacing_precision():
+    import numpy as np
+
+    from nnsam2_assets.refinement.holdout import HOLDOUT_HALF_WIDTH_MM, slab_reach
+
+    assert HOLDOUT_HALF_WIDTH_MM == 4.0
+    for spacing, reach in ((0.5, 8), (0.8, 5), (1.0, 4), (2.0, 2), (2.5, 1), (4.0, 1), (5.0, 0)):
+        assert slab_reach(float(np.float32(spacing))) == reach, spacing  # as a NIfTI header stores it
+        assert slab_reach(spacing) == reach, spacing

@@ -282,12 +282,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from nnsam2_assets.core.layout import DatasetLayout
     from nnsam2_assets.ingest.convention import load_dataset
     from nnsam2_assets.ingest.errors import DatasetError
+    from nnsam2_assets.metrics.store import MetricsDBError
     from nnsam2_assets.outputs.report import build_report
 
     try:
         spec = load_dataset(layout.data_root(), args.dataset)
         built = build_report(spec, DatasetLayout(layout.storage_root(), args.dataset), layout.duckdb_path())
-    except (DatasetError, OSError, ValueError) as exc:
+    except (DatasetError, MetricsDBError, OSError, ValueError) as exc:  # a locked or missing database too
         print(f"nnsam2 report: {exc}", file=sys.stderr)
         return 1
     print(built.html)

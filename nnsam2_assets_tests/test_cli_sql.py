@@ -130,3 +130,23 @@ def test_export_csv_and_parquet(db, tmp_path):
     pd.testing.assert_frame_equal(pq, want)
     res = _cli("export", "scan_metrics", str(tmp_path / "m.xlsx"), "--db", str(db))
     assert res.returncode != 0 and "m.xlsx" in res.stderr
+
+
+def test_report_without_a_database_says_so_without_a_traceback(tmp_path):
+    import os
+
+    from nnsam2_assets.testing.cohorts import write_tiny_dataset
+
+    write_tiny_dataset(tmp_path / "data", "ds", 2)
+    env = {
+        **os.environ,
+        "NNSAM2_HOME": str(tmp_path),
+        "NNSAM2_DATA_ROOT": str(tmp_path / "data"),
+        "NNSAM2_STORAGE_ROOT": str(tmp_path / "storage"),
+    }
+    env.pop("NNSAM2_DUCKDB", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "nnsam2_assets.cli", "report", "ds"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("nnsam2 report: ") and "no metrics database yet" in out.stderr

@@ -172,6 +172,14 @@ def compose_final(
     return final
 
 
+def _dicom_seg_current(spec: DatasetSpec, layout: DatasetLayout, scan: str) -> bool:
+    """A DICOM-sourced scan's Segmentation exists, unless its final mask is empty and so has none (else that
+    scan would be recomputed on every run)."""
+    if not spec.scans[scan].image.is_dir() or layout.final_mask_dicom_seg(scan).exists():
+        return True
+    return not read_array(layout.final_mask_canonical(scan)).any()
+
+
 def _correction_columns(corrected: AppliedCorrection | None, img: sitk.Image) -> dict:
     if corrected is None:
         return dict(NO_CORRECTION)
@@ -276,11 +284,9 @@ def make_final_masks(
             pivot,
         )
         outputs = [layout.final_mask(scan), layout.final_mask_canonical(scan)]
-        if spec.scans[scan].image.is_dir():
-            outputs.append(layout.final_mask_dicom_seg(scan))
         p1, p2, p3 = (read_array(path) for path in stage_paths(scan, img))
         propagated_own = read_array(layout.masks(scan))  # in the dataset's classes
-        if not cache.is_fresh(scan, key, outputs):
+        if not (cache.is_fresh(scan, key, outputs) and _dicom_seg_current(spec, layout, scan)):
             level = None if pivot is None else target_seed_slice(pivot, n_reference, img.GetSize()[2])
             finished = None
             if decision.use_refined:  # the reference's prediction was finished for the held-out check already

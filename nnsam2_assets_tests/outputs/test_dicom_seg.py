@@ -141,3 +141,26 @@ def test_final_masks_write_a_seg_for_the_dicom_scan_only(series_mask, tmp_path):
     assert write_on_original_grid(spec, layout, "ctsm", sitk.DICOMOrient(blank, "LPS"), "test") == []
     assert layout.final_mask("ctsm").exists() and not layout.final_mask_dicom_seg("ctsm").exists()
     assert not list(Path(layout.dir("final_masks")).glob("ctsm*.dcm"))
+
+
+def test_an_empty_final_mask_of_a_dicom_scan_has_no_seg_and_counts_as_current(series_mask, tmp_path):
+    from nnsam2_assets.core.storage import atomic_write_image
+    from nnsam2_assets.refinement.final_masks import _dicom_seg_current
+
+    data = tmp_path / "data"
+    ct_dataset(data)
+    spec = load_dataset(data, "ts-ct")
+    layout = DatasetLayout(tmp_path / "storage", "ts-ct")
+    canonical = sitk.DICOMOrient(series_mask, "LPS")
+    write_on_original_grid(spec, layout, "ctdicom", canonical, "test")
+    atomic_write_image(canonical, layout.final_mask_canonical("ctdicom"))
+    assert _dicom_seg_current(spec, layout, "ctdicom")
+    layout.final_mask_dicom_seg("ctdicom").unlink()
+    assert not _dicom_seg_current(spec, layout, "ctdicom")  # a lost SEG of a mask with content: recompute
+    empty = sitk.Image(canonical.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(canonical)
+    notes = write_on_original_grid(spec, layout, "ctdicom", empty, "test")
+    atomic_write_image(empty, layout.final_mask_canonical("ctdicom"))
+    assert notes == ["the final mask is empty: no DICOM Segmentation written"]
+    assert _dicom_seg_current(spec, layout, "ctdicom")  # nothing to write: not recomputed on every run
+    assert _dicom_seg_current(spec, layout, "ctsm")  # a NIfTI scan never has one

@@ -50,6 +50,22 @@ def exact_and_held_out(
     return held_out(out, pool)
 
 
+def exact_lineage(pool: Pool) -> dict[str, list[int]]:
+    """{dataset/scan: canonical slices} of the exact labels a stage of ``pool`` trains on: as
+    ``exact_and_held_out`` places them, so neither a scan outside the pool nor a corrected slice inside a
+    held-out slab is listed."""
+    out: dict[str, list[int]] = {}
+    for dataset, layout in pool.layouts.items():
+        slab = held_out_slab(layout)
+        for scan, slices, _ in exact_labels(layout):
+            hidden = range(slab.first, slab.last + 1) if slab is not None and scan == slab.scan else ()
+            trained = {z for z in slices if z not in hidden}
+            if scan in pool.scans[dataset] and trained:
+                key = f"{dataset}/{scan}"
+                out[key] = sorted(set(out.get(key, [])) | trained)
+    return out
+
+
 def held_out(labels: dict[tuple[str, str], np.ndarray], pool: Pool) -> dict[tuple[str, str], np.ndarray]:
     """The labels with each reference's annotated slab made "ignore"; a label left with nothing but ignore is
     dropped (nnU-Net cannot sample from it)."""

@@ -37,7 +37,7 @@ from nnsam2_assets.refinement.pool import Pool
 from nnsam2_assets.refinement.prediction import input_key, predict_pool, scan_key, scan_roi
 from nnsam2_assets.refinement.roi import Roi
 from nnsam2_assets.refinement.rules import StageRule
-from nnsam2_assets.refinement.stage_labels import exact_labels, next_stage_labels, stage_labels
+from nnsam2_assets.refinement.stage_labels import exact_lineage, next_stage_labels, stage_labels
 from nnsam2_assets.supervoxels.steps import sampling_points
 
 # v3: the annotated slab is held out of training; v4: later stages learn finished predictions; v5: in
@@ -113,12 +113,7 @@ def _train_and_predict(
     else:
         log(f"{stage}: model {version} already trained on these inputs; reusing it")
     n_pred = predict_pool(model_dir, pool, profile.device, log, profile.roi_margin_mm)
-    # lineage of the exact labels trained on: {dataset/scan: canonical slices}
-    exact: dict[str, list[int]] = {}
-    for dataset, layout in pool.layouts.items():
-        for scan, slices, _ in exact_labels(layout):
-            key = f"{dataset}/{scan}"
-            exact[key] = sorted(set(exact.get(key, [])) | set(slices))
+    exact = exact_lineage(pool)
     atomic_write_json(
         {
             "version": version,

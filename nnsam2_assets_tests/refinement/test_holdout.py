@@ -122,3 +122,17 @@ def test_the_slab_reaches_the_slice_at_its_half_width_whatever_the_spacing_preci
     for spacing, reach in ((0.5, 8), (0.8, 5), (1.0, 4), (2.0, 2), (2.5, 1), (4.0, 1), (5.0, 0)):
         assert slab_reach(float(np.float32(spacing))) == reach, spacing  # as a NIfTI header stores it
         assert slab_reach(spacing) == reach, spacing
+
+
+def test_the_exact_label_lineage_lists_only_what_a_stage_trains_on(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from nnsam2_assets.refinement import stage_labels
+
+    layout = _annotated_dataset(tmp_path, seed=5, more=(9,))  # slab 3..7: slice 9 is trained on
+    corrections = [("ref", [4, 10], Path("c.nii.gz")), ("gone", [2], Path("g.nii.gz"))]
+    real = stage_labels.exact_labels
+    monkeypatch.setattr(stage_labels, "exact_labels", lambda lay: real(lay) + corrections)
+    pool = Pool(layouts={"ds": layout}, n_classes={"ds": 2}, scans={"ds": ["ref", "other"]})
+    # slice 4 lies in the held-out slab and "gone" left the dataset: neither is trained on
+    assert stage_labels.exact_lineage(pool) == {"ds/ref": [9, 10]}

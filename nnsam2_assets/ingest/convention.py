@@ -47,15 +47,15 @@ from nnsam2_assets.ingest.slicer import SEG_SUFFIX
 MODALITIES = ("mri", "ct")
 SEQUENCES = ("dixon", "t1", "t2", "ct", "other")
 
-_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_SCAN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # fullmatch: "$" would let a final newline through
+_SCAN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def validate_dataset_key(name: str) -> str:
     """Partition keys are slugs: Dagster keys with ``,`` or ``|`` break backfills; ``/`` or ``..`` escape the root.
     No ``__`` either: it joins a dataset and a scan into one training case of the pooled models, and with it in
     a dataset's name two cases could share an id (dataset ``a`` scan ``b__c``, dataset ``a__b`` scan ``c``)."""
-    if not _SLUG.match(name or "") or "__" in name:
+    if not _SLUG.fullmatch(name or "") or "__" in name:
         raise DatasetError(
             f"invalid dataset name {name!r}: use 1-64 characters of lowercase letters, digits, '-' or '_', "
             "starting with a letter or digit (no '/', '..', ',', '|', '__' or spaces)"
@@ -64,7 +64,7 @@ def validate_dataset_key(name: str) -> str:
 
 
 def is_valid_scan_id(scan_id: str) -> bool:
-    return bool(_SCAN_ID.match(scan_id)) and ".." not in scan_id
+    return bool(_SCAN_ID.fullmatch(scan_id)) and ".." not in scan_id
 
 
 def validate_scan_id(scan_id: str, path: Path) -> str:
@@ -241,12 +241,16 @@ def parse_label_map(raw: object, cfg_path: Path) -> tuple[dict[int, int], dict[s
     segment_names: dict[str, int] = {}
     for key, value in raw.items():
         target = classes.index(str(value)) + 1
-        if isinstance(key, str) and not re.fullmatch(r"\s*[+-]?\d+\s*", key):
+        if isinstance(key, str) and not re.fullmatch(r"\s*[+-]?[0-9]+\s*", key):
             segment_names[key] = target  # a .seg.nrrd segment's name
             continue
+        if not isinstance(key, (int, str)) or isinstance(key, bool):  # YAML reads 1.5 as a float, yes as True
+            raise DatasetError(f"{cfg_path}: label_map key {key!r} must be a whole-number label id")
         user_id = int(key)
         if user_id <= 0:
             raise DatasetError(f"{cfg_path}: label id {user_id} must be positive (0 is background)")
+        if user_id in mapping:  # "1" and 1 are one id: the first class would be left without one
+            raise DatasetError(f"{cfg_path}: label id {user_id} appears twice in label_map")
         mapping[user_id] = target
     return mapping, segment_names, len(classes)
 

@@ -42,10 +42,19 @@ def _tiny_dataset(root: Path, annotation: np.ndarray | None = None, **cfg) -> Pa
     return folder
 
 
-@pytest.mark.parametrize("name", ["a/b", "..", "x,y", "p|q", "Upper", "", "-lead", "with space", "a__b"])
+@pytest.mark.parametrize(
+    "name", ["a/b", "..", "x,y", "p|q", "Upper", "", "-lead", "with space", "a__b", "tum\n"]
+)
 def test_partition_keys_must_be_slugs(name):
     with pytest.raises(DatasetError, match="invalid dataset name"):
         validate_dataset_key(name)
+
+
+def test_scan_ids_are_whole_matches():
+    from nnsam2_assets.ingest.convention import is_valid_scan_id
+
+    assert is_valid_scan_id("subj03") and is_valid_scan_id("TUM01.v2")
+    assert not is_valid_scan_id("subj03\n") and not is_valid_scan_id("a..b") and not is_valid_scan_id("_x")
 
 
 @pytest.mark.parametrize("name", ["tum", "demo-ct", "cohort_2025", "a1"])
@@ -76,6 +85,12 @@ def test_loads_a_valid_dataset(tmp_path):
         ({"reference": "zzz"}, "reference scan 'zzz' not found"),
         ({"label_map": {1: "right_lpm", 2: "left_es"}}, "must all be 2-class"),
         ({"label_map": {1: "right_lpm"}}, r"label_map lacks classes \['left_lpm'\]"),
+        (
+            {"label_map": {1.5: "right_lpm", 2: "left_lpm"}},
+            "label_map key 1.5 must be a whole-number label id",
+        ),
+        ({"label_map": {True: "right_lpm", 2: "left_lpm"}}, "label_map key True must be a whole-number"),
+        ({"label_map": {"1": "right_lpm", 1: "left_lpm"}}, "label id 1 appears twice in label_map"),
         ({"sequence": "ct"}, "does not fit modality"),
     ],
 )

@@ -206,7 +206,8 @@ def _muscle_split_caution(summary: dict) -> str:
 def _qc_summary(flags: pd.DataFrame) -> str:
     if not len(flags):
         return '<h2>Quality control</h2><p class="ok">No QC flag was raised.</p>'
-    counts = flags.groupby(["severity", "flag"]).size().reset_index(name="scans")
+    # a scan counts once per flag: several flags are raised per class (an empty class, an outlying one)
+    counts = flags.groupby(["severity", "flag"]).scan.nunique().reset_index(name="scans")
     return "<h2>Quality control</h2>" + _table(
         counts,
         {"severity": "severity", "flag": "flag", "scans": "scans"},
@@ -218,7 +219,8 @@ def _qc_summary(flags: pd.DataFrame) -> str:
 def _correction_note(row: pd.Series) -> str:
     """A corrected scan: how many slices a user corrected, the volume change and how well the uncorrected
     mask agreed with the correction there."""
-    if not bool(row.get("corrected", False)):
+    corrected = row.get("corrected", False)
+    if pd.isna(corrected) or not bool(corrected):  # NULL: rows written before corrections were recorded
         return ""
     return (
         f'<p class="corrected">corrected by a user on {int(row.n_corrected_slices)} slice(s): volume '

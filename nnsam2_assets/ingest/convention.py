@@ -103,6 +103,11 @@ class DatasetSpec:
     reference_region: Region | None = None  # dataset.yaml's region: the one other scans' are found from
     segment_names: dict[str, int] = field(default_factory=dict)  # a .seg.nrrd segment's name -> class id
 
+    def confined(self, path: Path) -> Path:
+        """``path`` resolved, if it lies under the data root or an allowed root (else a ScanError naming it):
+        for the files read after the description, an expert's labels or a user's correction."""
+        return confine(path, readable_roots(self.folder.parent))
+
     def region_origin(self, scan: str) -> str:
         """Where a given region comes from, for messages: the regions.csv row or dataset.yaml."""
         if scan in self.region_rows:
@@ -141,6 +146,8 @@ def load_dataset(data_root: Path, name: str, require_annotation: bool = True) ->
     cfg_path = folder / "dataset.yaml"
     if not cfg_path.is_file():
         raise DatasetError(f"{cfg_path}: missing dataset description")
+    roots = readable_roots(data_root)
+    confine_dataset_file(cfg_path, roots)
     try:
         cfg = yaml.safe_load(cfg_path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -158,7 +165,6 @@ def load_dataset(data_root: Path, name: str, require_annotation: bool = True) ->
         raise DatasetError(f"{cfg_path}: sequence {sequence!r} does not fit modality {modality!r}")
 
     label_map, segment_names, n_classes = parse_label_map(cfg.get("label_map"), cfg_path)
-    roots = readable_roots(data_root)
     scans, excluded = discover_scans(folder, is_dixon=sequence == "dixon", roots=roots)
     regions_path = folder / "regions.csv"
     regions, warnings, table = {}, [], RegionTable({}, {}, {})

@@ -162,6 +162,7 @@ def prepare_scan(
     expert = None
     if source.expert is not None:
         try:
+            spec.confined(source.expert)
             expert = _prepare_expert(spec, source, original, crop)
         except ScanError as exc:  # optional: a bad expert file drops the comparison, never the scan
             warnings.append(f"expert labels ignored: {exc}")

@@ -100,6 +100,7 @@ def _refused_marker(layout: DatasetLayout, scan: str) -> Path:
 def read_correction(spec: DatasetSpec, scan: str, canonical: sitk.Image) -> np.ndarray:
     """The correction file on the scan's canonical crop (our class ids); clear errors naming the file."""
     path = spec.scans[scan].correction
+    spec.confined(path)  # a link out of the data root is refused, as for every file the dataset names
     original = read_image(spec.scans[scan].image)
     k = spec.n_classes
     if is_slicer_segmentation(path):

@@ -1,0 +1,53 @@
+"""Every file a dataset names is read only from under the data root (or an allowed root): the description,
+an expert's labels and a user's correction too, not only the scans, annotation and regions.csv."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from nnsam2_assets.core.layout import DatasetLayout
+from nnsam2_assets.ingest.convention import load_dataset
+from nnsam2_assets.ingest.errors import DatasetError
+from nnsam2_assets.ingest.scans import ingest_scans
+from nnsam2_assets.refinement.corrections import record_corrections
+from nnsam2_assets.testing.cohorts import write_tiny_dataset
+
+
+def _link_out(path: Path, outside: Path) -> Path:
+    """Move ``path`` out of the data root and leave a symlink to it in its place."""
+    outside.mkdir(parents=True, exist_ok=True)
+    target = outside / path.name
+    shutil.move(path, target)
+    path.symlink_to(target)
+    return target
+
+
+def test_a_description_linked_out_of_the_data_root_is_refused(tmp_path):
+    folder = write_tiny_dataset(tmp_path / "data", "ds", 2)
+    _link_out(folder / "dataset.yaml", tmp_path / "outside")
+    with pytest.raises(DatasetError, match=r"dataset\.yaml: resolves to .*outside the data root"):
+        load_dataset(tmp_path / "data", "ds")
+
+
+def test_expert_labels_and_a_correction_linked_out_are_not_read(tmp_path):
+    data, storage = tmp_path / "data", tmp_path / "storage"
+    folder = write_tiny_dataset(data, "ds", 2)
+    expert = folder / "experts" / "subj01.nii.gz"
+    _link_out(expert, tmp_path / "outside")
+    spec, layout = load_dataset(data, "ds"), DatasetLayout(storage, "ds")
+    ingest_scans(spec, layout)
+    manifest = pd.read_parquet(layout.manifest).set_index("scan")
+    assert manifest.loc["subj01", "status"] == "ok" and not manifest.loc["subj01", "has_expert"]
+    assert f"expert labels ignored: {expert}: resolves to" in manifest.loc["subj01", "warnings"]
+    assert manifest.loc["subj00", "has_expert"]
+
+    (folder / "corrections").mkdir()
+    correction = folder / "corrections" / "subj00.nii.gz"
+    shutil.copy(folder / "experts" / "subj00.nii.gz", correction)
+    _link_out(correction, tmp_path / "outside2")
+    recorded = record_corrections(load_dataset(data, "ds"), layout)
+    assert not recorded.changed and "outside the data root" in recorded.refused["subj00"]

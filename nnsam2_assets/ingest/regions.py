@@ -7,13 +7,12 @@ scan. Every message names the file, the row (line number, header = 1) and the co
 
 from __future__ import annotations
 
+import csv
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
-
-import pandas as pd
 
 from nnsam2_assets.ingest.errors import DatasetError
 
@@ -47,31 +46,42 @@ class RegionTable:
     rows: dict[str, int]
 
 
-_INTEGER = re.compile(r"[+-]?\d+")
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: a regex's \d also takes other scripts' digits
 
 
 def read_regions(path: Path) -> RegionTable:
     """Strict regions.csv: integer slice indices only, one row per scan, ``l4_l5`` optional (may be empty).
 
-    A malformed table (unreadable, missing columns) refuses the dataset; a bad row only excludes its scan.
-    Every message names the file, the row (line number, header = 1) and the column."""
+    A malformed table (unreadable, missing or unknown columns) refuses the dataset; a bad row only excludes its
+    scan, a row with more or fewer values than the header included. Blank lines, and a spreadsheet's empty
+    rows, are skipped. Every message names the file, the row (line number in the file, header = 1) and the
+    column."""
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except Exception as exc:  # noqa: BLE001 - pandas raises several types for malformed CSV
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.reader(fh, skipinitialspace=True)
+            header = next(reader, None)
+            lines = [(reader.line_num, fields) for fields in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"{path}: unreadable region table ({exc})") from exc
-    missing = set(REGION_COLUMNS) - set(table.columns)
+    columns = [c.strip() for c in header or []]
+    missing = set(REGION_COLUMNS) - set(columns)
     if missing:
         raise DatasetError(f"{path}: missing columns {sorted(missing)} (need {','.join(REGION_COLUMNS)})")
-    unknown = [c for c in table.columns if c not in REGION_COLUMNS + REGION_OPTIONAL_COLUMNS]
+    unknown = [c for c in columns if c not in REGION_COLUMNS + REGION_OPTIONAL_COLUMNS]
     if unknown:
         raise DatasetError(
             f"{path}: unknown columns {unknown} (use {','.join(REGION_COLUMNS + REGION_OPTIONAL_COLUMNS)})"
         )
+    if len(set(columns)) != len(columns):
+        raise DatasetError(f"{path}: a column named twice in the header {','.join(columns)}")
     regions: dict[str, Region] = {}
     errors: dict[str, str] = {}
     rows: dict[str, int] = {}
-    for line, record in enumerate(table.to_dict("records"), start=2):
-        scan = str(record["scan"]).strip()
+    scan_at = columns.index("scan")
+    for line, fields in lines:
+        if not any(f.strip() for f in fields):
+            continue
+        scan = fields[scan_at].strip() if scan_at < len(fields) else ""
         if not scan:
             raise DatasetError(f"{path} row {line}, column scan: empty scan name")
         if scan in rows:
@@ -79,6 +89,13 @@ def read_regions(path: Path) -> RegionTable:
             regions.pop(scan, None)
             continue
         rows[scan] = line
+        if len(fields) != len(columns):  # a value without its column (or the reverse) shifts no other value
+            errors[scan] = (
+                f"{path} row {line}: {len(fields)} values where the header names {len(columns)} columns "
+                f"({','.join(columns)})"
+            )
+            continue
+        record = {c: v for c, v in zip(columns, fields, strict=True) if c != "scan"}
         try:
             regions[scan] = parse_region(record, f"{path} row {line}")
         except DatasetError as exc:
@@ -88,8 +105,8 @@ def read_regions(path: Path) -> RegionTable:
 
 def parse_region(record: Mapping[str, object], where: str) -> Region:
     """One region, from a regions.csv row or dataset.yaml's ``region`` (the same keys, the same rules)."""
-    for key in record:
-        if key not in REGION_COLUMNS + REGION_OPTIONAL_COLUMNS:
+    for key in record:  # "scan" too: dataset.yaml's region is the reference's, a row names its scan apart
+        if key not in REGION_COLUMNS[1:] + REGION_OPTIONAL_COLUMNS:
             raise DatasetError(
                 f"{where}: unknown key {key!r} (use {', '.join(REGION_COLUMNS[1:] + REGION_OPTIONAL_COLUMNS)})"
             )

@@ -185,6 +185,7 @@ def test_the_reference_region_in_dataset_yaml_and_the_l4_l5_column_follow_one_sc
         ({"first_slice": 1}, r"key region, column last_slice: empty"),
         ({"first_slice": 1, "last_slice": "x"}, r"key region, column last_slice: 'x' is not an integer"),
         ({"first_slice": 1, "last_slice": 4, "l3": 2}, r"key region: unknown key 'l3'"),
+        ({"first_slice": 1, "last_slice": 4, "scan": "b"}, r"key region: unknown key 'scan'"),
         ([1, 4], r"key region: expected first_slice, last_slice and optionally l4_l5"),
     ],
 )
@@ -206,6 +207,26 @@ def test_a_bad_l4_l5_cell_excludes_its_scan_and_an_unknown_column_refuses_the_ta
     csv.write_text("scan,first_slice,last_slice,l45\na,0,4,2\n")
     with pytest.raises(DatasetError, match=r"regions\.csv: unknown columns \['l45'\]"):
         load_dataset(tmp_path, "tiny")
+
+
+def test_region_rows_are_named_by_their_line_in_the_file_and_a_stray_value_shifts_nothing(tmp_path):
+    folder = _tiny_dataset(tmp_path)
+    csv = folder / "regions.csv"
+    # a blank line and a spreadsheet's empty row are skipped, and the rows keep their own line numbers
+    csv.write_text("\ufeffscan,first_slice,last_slice\n\na,0,4\n,,\nb,2.9,5\n")
+    spec = load_dataset(tmp_path, "tiny")
+    assert spec.regions == {"a": Region(0, 4)} and spec.region_rows == {"a": 3}
+    assert spec.excluded["b"] == f"{csv} row 5, column first_slice: '2.9' is not an integer slice index"
+    # an L4/L5 value without its header: the row is refused, not read one column to the left
+    csv.write_text("scan,first_slice,last_slice\na,0,4\nb,1,5,2\n")
+    spec = load_dataset(tmp_path, "tiny")
+    assert spec.regions == {"a": Region(0, 4)}
+    assert (
+        spec.excluded["b"]
+        == f"{csv} row 3: 4 values where the header names 3 columns (scan,first_slice,last_slice)"
+    )
+    csv.write_text("scan,first_slice,last_slice\na,0,4\nb,\u0663,4\n")  # an Arabic-Indic three
+    assert "is not an integer slice index" in load_dataset(tmp_path, "tiny").excluded["b"]
 
 
 def test_an_annotation_outside_the_yaml_region_names_dataset_yaml(tmp_path):

@@ -125,3 +125,73 @@ def test_an_in_place_rewrite_that_keeps_size_mtime_and_inode_is_reingested(tmp_p
     )
     spec, layout = load_dataset(data, "ds"), DatasetLayout(storage, "ds")
     assert ingest_scans(spec, layout).computed == 1
+
+
+def _rewrite(path: Path, change) -> None:
+    img = sitk.ReadImage(str(path))
+    out = change(img)
+    sitk.WriteImage(out, str(path))
+
+
+def test_a_changed_reference_image_repropagates_every_scan(tmp_path):
+    """Every target is registered to the reference's image: new content there (a re-export with another bias
+    correction) re-propagates them all, though their own files and the annotation did not change."""
+    data, storage = tmp_path / "data", tmp_path / "storage"
+    folder = write_tiny_dataset(data, "ds", 3, seed=4)
+    assert _chain(data, storage, "ds") == {"scans": 3, "masks": 3}
+    reference = load_dataset(data, "ds").reference
+
+    def brighter_to_the_left(img: sitk.Image) -> sitk.Image:
+        arr = sitk.GetArrayFromImage(img).astype(np.float32)
+        arr *= np.linspace(0.8, 1.2, arr.shape[2], dtype=np.float32)  # a smooth bias field
+        out = sitk.GetImageFromArray(arr)
+        out.CopyInformation(img)
+        return sitk.Cast(out, img.GetPixelID())
+
+    for part in ("water", "fat"):
+        _rewrite(folder / "scans" / f"{reference}_{part}.nii.gz", brighter_to_the_left)
+    assert _chain(data, storage, "ds") == {"scans": 1, "masks": 3}
+
+
+def test_a_scan_moved_in_space_gets_its_masks_on_its_new_grid(tmp_path):
+    """The registration works slice by slice, so a scan whose origin moved propagates to the same voxels;
+    its mask file must still move with it."""
+    data, storage = tmp_path / "data", tmp_path / "storage"
+    folder = write_tiny_dataset(data, "ds", 2, seed=4)
+    _chain(data, storage, "ds")
+    scan = next(s for s in ("subj00", "subj01") if s != load_dataset(data, "ds").reference)
+
+    def moved(img: sitk.Image) -> sitk.Image:
+        img.SetOrigin(tuple(np.add(img.GetOrigin(), (0.0, 0.0, 20.0))))
+        return img
+
+    for path in (*(folder / "scans").glob(f"{scan}_*.nii.gz"), folder / "experts" / f"{scan}.nii.gz"):
+        _rewrite(path, moved)
+    assert _chain(data, storage, "ds") == {"scans": 1, "masks": 1}
+    layout = DatasetLayout(storage, "ds")
+    image, masks = sitk.ReadImage(str(layout.scan_image(scan))), sitk.ReadImage(str(layout.masks(scan)))
+    pseudo = sitk.ReadImage(str(layout.pseudo_label(scan)))
+    assert np.allclose(masks.GetOrigin(), image.GetOrigin()) and np.allclose(
+        pseudo.GetOrigin(), image.GetOrigin()
+    )
+
+
+def test_new_expert_labels_reach_the_slice_table_though_the_masks_stay(tmp_path):
+    data, storage = tmp_path / "data", tmp_path / "storage"
+    folder = write_tiny_dataset(data, "ds", 2, seed=4)
+    _chain(data, storage, "ds")
+    layout = DatasetLayout(storage, "ds")
+    scan = next(s for s in ("subj00", "subj01") if s != load_dataset(data, "ds").reference)
+    before = pd.read_parquet(layout.pseudo_selection).query("scan == @scan").expert_dice
+    assert before.max() > 0.5
+
+    def shifted(img: sitk.Image) -> sitk.Image:  # the expert's labels moved 6 pixels to the side
+        arr = np.roll(sitk.GetArrayFromImage(img), 6, axis=2)
+        out = sitk.GetImageFromArray(arr)
+        out.CopyInformation(img)
+        return out
+
+    _rewrite(folder / "experts" / f"{scan}.nii.gz", shifted)
+    _chain(data, storage, "ds")
+    after = pd.read_parquet(layout.pseudo_selection).query("scan == @scan").expert_dice
+    assert after.mean() < before.mean() - 0.1

@@ -14,7 +14,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from nnsam2_assets.core.cache import ScanCache, cache_key
-from nnsam2_assets.core.imaging import read_array, read_image
+from nnsam2_assets.core.imaging import read_array, read_image, same_grid
 from nnsam2_assets.core.labels import mean_dice, to_class_space
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_image, sha256_file
@@ -64,8 +64,13 @@ def _mask_summary(
     }
 
 
-def _differs(path: Path, arr: np.ndarray) -> bool:
-    return not path.exists() or not np.array_equal(read_array(path), arr)
+def _differs(path: Path, arr: np.ndarray, target: sitk.Image) -> bool:
+    """Whether the stored mask must be rewritten: other voxels, or the same voxels on another grid (a scan
+    whose origin or spacing changed propagates slice by slice to the same array)."""
+    if not path.exists():
+        return True
+    stored = read_image(path)
+    return not np.array_equal(sitk.GetArrayViewFromImage(stored), arr) or not same_grid(stored, target)
 
 
 def propagate_masks(
@@ -88,6 +93,8 @@ def propagate_masks(
     prompts = annotated_slices(ann)
     # what is propagated: the canonical annotation (for clicks, the mask made of them) and the clicks
     annotation_digest = sha256_file(layout.annotation)
+    # every target is registered to (or tracked from) the reference's image: its content is an input of all
+    reference_digest = sha256_file(layout.scan_image(spec.reference))
     clicks_digest = sha256_file(layout.annotation_clicks) if clicks else ""
 
     @functools.cache
@@ -112,7 +119,7 @@ def propagate_masks(
                 clicks=clicks,
             )
         masks = result.masks.astype(np.uint8)
-        if _differs(layout.masks(scan_id), masks):  # an identical result keeps its file (and digest)
+        if _differs(layout.masks(scan_id), masks, target):  # an identical result keeps its file (and digest)
             mask = sitk.GetImageFromArray(masks)
             mask.CopyInformation(target)
             atomic_write_image(mask, layout.masks(scan_id))
@@ -123,7 +130,12 @@ def propagate_masks(
 
     def key_and_outputs(scan_id: str) -> tuple[str, list[Path]]:
         key = cache_key(
-            VERSION, manifest.loc[scan_id, "source_hash"], annotation_digest, clicks_digest, backend_id
+            VERSION,
+            manifest.loc[scan_id, "source_hash"],
+            reference_digest,
+            annotation_digest,
+            clicks_digest,
+            backend_id,
         )
         return key, [layout.masks(scan_id), layout.confidence(scan_id)]
 

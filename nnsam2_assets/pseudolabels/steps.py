@@ -13,7 +13,7 @@ from nnsam2_assets.core.cache import ScanCache, cache_key
 from nnsam2_assets.core.imaging import read_array, read_image
 from nnsam2_assets.core.labels import mean_dice
 from nnsam2_assets.core.layout import DatasetLayout
-from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_image
+from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_image, sha256_file
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.propagation.steps import mask_digest
@@ -52,7 +52,17 @@ def _slice_tables(
     by_scan = dict(tuple(previous.groupby("scan"))) if len(previous) else {}
     tables = []
     for scan_id, digest in digests.items():
-        key = cache_key(VERSION, digest, cfg.n_bands, cfg.area_ratio, cfg.smooth_direction)
+        # the rows read the mask, its confidence table and the expert labels (per-slice expert Dice)
+        expert = layout.scan_expert(scan_id)
+        key = cache_key(
+            VERSION,
+            digest,
+            sha256_file(layout.confidence(scan_id)),
+            sha256_file(expert) if expert.exists() else "",
+            cfg.n_bands,
+            cfg.area_ratio,
+            cfg.smooth_direction,
+        )
         if scan_id in by_scan and cache.is_fresh(scan_id, key, []):
             tables.append(by_scan[scan_id].reset_index(drop=True))
             continue

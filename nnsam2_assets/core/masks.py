@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from scipy import ndimage
 
@@ -19,14 +21,21 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def clean_labels(labels: np.ndarray, n_classes: int, fill_holes: bool = True) -> np.ndarray:
-    """Keep the largest 3-D component of each class and fill its holes slice by slice (``labels``: z, y, x).
-
-    A hole is filled only where no class keeps a voxel, so a class lying inside another's outline on a slice
-    keeps every voxel whatever the two ids; a pocket enclosed by several classes goes to the innermost."""
+    """Keep the largest 3-D component of each class and fill its holes slice by slice (``labels``: z, y, x;
+    ``place_classes``)."""
     kept = {c: largest_component(labels == c) for c in range(1, n_classes + 1)}
-    out = np.zeros_like(labels, dtype=np.uint8)
-    for c, component in kept.items():
-        out[component] = c
+    return place_classes(kept, labels.shape, fill_holes)
+
+
+def place_classes(
+    kept: Mapping[int, np.ndarray], shape: tuple[int, ...], fill_holes: bool = True
+) -> np.ndarray:
+    """A label volume (z, y, x) of each class's ``kept`` voxels (disjoint masks), then, slice by slice, each
+    class's holes filled where no class keeps a voxel: a class lying inside another's outline keeps every
+    voxel whatever the two ids, and a pocket enclosed by several classes goes to the innermost."""
+    out = np.zeros(shape, dtype=np.uint8)
+    for c, mask in kept.items():
+        out[mask] = c
     if not fill_holes:
         return out
     for z in range(out.shape[0]):

@@ -32,7 +32,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from nnsam2_assets.core.intensities import registration_intensities
-from nnsam2_assets.core.masks import largest_component
+from nnsam2_assets.core.masks import largest_component, place_classes
 from nnsam2_assets.ingest.clicks import SliceClicks
 from nnsam2_assets.propagation import boundary
 from nnsam2_assets.propagation.base import (
@@ -62,16 +62,13 @@ BACKEND_IDENTITY = f"registration|{MODEL_ID}"  # what its masks depend on beside
 
 # ------------------------------------------------------------------------------------------------ labelling
 def clean_class_masks(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Per class: largest component per slice (2-D) and in 3-D, holes filled; classes never overlap."""
-    out = np.zeros_like(labels, dtype=np.uint8)
-    for c in range(1, n_classes + 1):
-        m = labels == c
-        if not m.any():
-            continue
-        m = np.stack([ndimage.binary_fill_holes(largest_component(s)) for s in m])
-        m = largest_component(m)
-        out[m & (out == 0)] = c
-    return out
+    """Per class: largest component per slice (2-D) and in 3-D, then holes filled where no class keeps a
+    voxel (``core.masks.place_classes``); classes never overlap."""
+    kept = {
+        c: largest_component(np.stack([largest_component(s) for s in labels == c]))
+        for c in range(1, n_classes + 1)
+    }
+    return place_classes(kept, labels.shape)
 
 
 # -------------------------------------------------------------------------------------------------- backend
@@ -194,6 +191,8 @@ class RegistrationPropagator:
             labels, tgt_norm, n_classes, band, s.boundary_beta, keep_slices={t_seed} if own_seed else ()
         )
         labels = clean_class_masks(labels, n_classes)
+        if own_seed:  # after the clean-up too: an island or a hole the annotator drew is theirs to keep
+            labels[t_seed] = ann_slice
         return self._result(labels, ncc, t_seed, n_classes)
 
     @staticmethod

@@ -133,6 +133,26 @@ def test_clean_class_masks_non_overlapping_largest_component_filled():
     assert (out[:, 12:18, 2:8] == 2).all()
 
 
+def test_clean_class_masks_keeps_a_class_inside_another_whatever_the_ids():
+    for outer, inner in ((1, 2), (2, 1)):
+        lab = np.zeros((3, 20, 20), np.uint8)
+        lab[:, 4:16, 2:14] = outer
+        lab[:, 7:13, 5:11] = inner
+        out = clean_class_masks(lab, 2)
+        assert (out == inner).sum() == 3 * 36 and (out == outer).sum() == 3 * (144 - 36), (outer, inner)
+
+
+def test_propagated_onto_itself_the_annotated_slice_is_the_annotation_exactly():
+    ref, ref_lab = _phantom(7, 64, 72, spacing=(1.2, 1.2, 4.0))
+    seed = 3
+    drawn = ref_lab.copy()
+    drawn[seed, 2, 2] = 1  # an island the annotator drew
+    muscle = np.argwhere(drawn[seed] == 4)[len(np.argwhere(drawn[seed] == 4)) // 2]
+    drawn[seed, muscle[0], muscle[1]] = 0  # and a one-pixel hole in a muscle
+    res = RegistrationPropagator().propagate(ref, _annotation(drawn, seed, ref), seed, ref, "mri")
+    np.testing.assert_array_equal(res.masks[seed], drawn[seed])
+
+
 # ------------------------------------------------------------------------------------------------ real data
 def _load(case: str) -> tuple[sitk.Image, np.ndarray]:
     water, labels = tum_canonical(case)

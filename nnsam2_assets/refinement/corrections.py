@@ -17,19 +17,19 @@ published mask is downstream of the models that learn from the correction; the r
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from nnsam2_assets.core.cache import cache_key
-from nnsam2_assets.core.imaging import ScanError, read_image, read_source_image, same_grid
+from nnsam2_assets.core.imaging import ScanError, read_array, read_image, read_source_image, same_grid
 from nnsam2_assets.core.labels import class_names, mean_dice
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
 from nnsam2_assets.ingest.convention import DatasetSpec
-from nnsam2_assets.ingest.scans import ok_scans
+from nnsam2_assets.ingest.scans import ok_scans, read_manifest
 from nnsam2_assets.ingest.slicer import is_slicer_segmentation, read_slicer_labels
 
 # a scan's correction columns (the final masks' table, scan_metrics) when no user corrected it
@@ -49,6 +49,11 @@ class CorrectionRecord:
     base_mask_sha256: str | None  # the published final mask the user started from (None: none yet)
     corrected_slices: list[int]  # canonical crop z
     source_stat: str = ""  # the file's size and mtime when recorded
+    # the scan's ingest (manifest source_hash) the slices are numbered on: a new region or new content
+    # re-crops the scan, and the record is placed on the new crop before it is used again ("": before v2)
+    ingest_key: str = ""
+    # each corrected slice's position (the physical point of its first voxel), to place it on a new crop
+    slice_points: list[list[float]] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -66,6 +71,25 @@ def read_record(layout: DatasetLayout, scan: str) -> CorrectionRecord | None:
         return None
 
 
+def ingest_keys(layout: DatasetLayout) -> dict[str, str]:
+    """{scan: its current ingest's key} of the scans that passed ingest."""
+    manifest = read_manifest(layout)
+    return {scan: str(manifest.loc[scan, "source_hash"]) for scan in ok_scans(layout, manifest)}
+
+
+def current_record(
+    layout: DatasetLayout, scan: str, keys: dict[str, str] | None = None
+) -> CorrectionRecord | None:
+    """The scan's record if its slices are numbered on the scan's current crop; None while it waits to be
+    placed on a new one (the scan was ingested again since: ``record_corrections`` places it). ``keys``:
+    ``ingest_keys(layout)``, when the caller has it."""
+    record = read_record(layout, scan)
+    keys = ingest_keys(layout) if keys is None else keys
+    if record is None or record.ingest_key not in ("", keys.get(scan)):
+        return None
+    return record
+
+
 def source_stat(path: Path) -> str:
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
@@ -77,7 +101,8 @@ def pending_corrections(spec: DatasetSpec, layout: DatasetLayout) -> list[str]:
     if not layout.manifest.exists():
         return []
     pending = []
-    for scan in ok_scans(layout):
+    keys = ingest_keys(layout)
+    for scan in sorted(keys):
         source = spec.scans[scan].correction if scan in spec.scans else None
         record = read_record(layout, scan)
         if source is None:
@@ -88,7 +113,7 @@ def pending_corrections(spec: DatasetSpec, layout: DatasetLayout) -> list[str]:
         refused = _refused_marker(layout, scan)
         if refused.exists() and refused.read_text() == stat:
             continue
-        if record is None or record.source_stat != stat:
+        if record is None or record.source_stat != stat or record.ingest_key != keys[scan]:
             pending.append(scan)
     return pending
 
@@ -150,11 +175,11 @@ def record_corrections(spec: DatasetSpec, layout: DatasetLayout) -> RecordedCorr
     """Record each scan's new or changed correction against the final mask it was made from, and forget the
     records of corrections that were removed. A bad correction file is refused for its scan alone."""
     out = RecordedCorrections({}, {}, [])
-    scans = set(ok_scans(layout)) if layout.manifest.exists() else set()
-    for scan in sorted(scans):
+    keys = ingest_keys(layout) if layout.manifest.exists() else {}
+    for scan in sorted(keys):
         refused = _refused_marker(layout, scan)
         try:
-            record = _record_one(spec, layout, scan)
+            record = _record_one(spec, layout, scan, keys[scan])
         except Exception as exc:  # one bad file never stops the others' recording
             source = spec.scans[scan].correction
             out.refused[scan] = str(exc) if isinstance(exc, ScanError) else f"{source}: {exc!r}"
@@ -167,7 +192,8 @@ def record_corrections(spec: DatasetSpec, layout: DatasetLayout) -> RecordedCorr
         elif record is not None:
             out.changed[scan] = record
     for path in layout.dir("corrections").glob("*.json") if layout.dir("corrections").exists() else []:
-        if path.stem not in scans:  # the scan itself is gone
+        # the scan left the dataset; one that failed this ingest keeps its record for when it comes back
+        if path.stem not in spec.scans:
             path.unlink()
             layout.correction_labels(path.stem).unlink(missing_ok=True)
     return out
@@ -176,7 +202,9 @@ def record_corrections(spec: DatasetSpec, layout: DatasetLayout) -> RecordedCorr
 REMOVED = CorrectionRecord("", "", "", None, [])  # _record_one's answer for a correction taken away
 
 
-def _record_one(spec: DatasetSpec, layout: DatasetLayout, scan: str) -> CorrectionRecord | None:
+def _record_one(
+    spec: DatasetSpec, layout: DatasetLayout, scan: str, ingest_key: str
+) -> CorrectionRecord | None:
     source = spec.scans[scan].correction if scan in spec.scans else None
     previous = read_record(layout, scan)
     if source is None:
@@ -186,7 +214,8 @@ def _record_one(spec: DatasetSpec, layout: DatasetLayout, scan: str) -> Correcti
         layout.correction_labels(scan).unlink(missing_ok=True)
         return REMOVED
     digest = sha256_file(source)
-    if previous is not None and previous.correction_sha256 == digest:
+    same_file = previous is not None and previous.correction_sha256 == digest
+    if same_file and previous.ingest_key == ingest_key:
         if previous.source_stat != source_stat(source):  # touched, not changed
             atomic_write_json(
                 {**asdict(previous), "source_stat": source_stat(source)}, layout.correction_record(scan)
@@ -194,24 +223,55 @@ def _record_one(spec: DatasetSpec, layout: DatasetLayout, scan: str) -> Correcti
         return None
     canonical = read_image(layout.scan_image(scan))
     correction = read_correction(spec, scan, canonical)
-    published = layout.final_mask_canonical(scan)
-    base = sitk.GetArrayFromImage(read_image(published)) if published.exists() else np.zeros_like(correction)
-    slices = set(differing_slices(correction, base))
-    if previous is not None:
-        slices |= set(previous.corrected_slices)  # the published mask already carries those edits
+    if same_file:  # the scan was ingested again (a new region, new content): the same edits on its new crop
+        slices = set(_moved_slices(previous, canonical, correction, layout))
+        base_digest = previous.base_mask_sha256
+    else:
+        published = layout.final_mask_canonical(scan)
+        base = read_array(published) if published.exists() else np.zeros_like(correction)
+        if base.shape != correction.shape:  # a final mask of an earlier crop: nothing to compare with
+            base = np.zeros_like(correction)
+        slices = set(differing_slices(correction, base))
+        if previous is not None:  # the published mask already carries those edits
+            slices |= set(_moved_slices(previous, canonical, correction, layout))
+        base_digest = sha256_file(layout.final_mask(scan)) if layout.final_mask(scan).exists() else None
     record = CorrectionRecord(
         scan,
         str(source),
         digest,
-        sha256_file(layout.final_mask(scan)) if layout.final_mask(scan).exists() else None,
+        base_digest,
         sorted(slices),
         source_stat(source),
+        ingest_key,
+        [list(canonical.TransformIndexToPhysicalPoint((0, 0, z))) for z in sorted(slices)],
     )
     image = sitk.GetImageFromArray(correction)
     image.CopyInformation(canonical)
     atomic_write_image(image, layout.correction_labels(scan))
     atomic_write_json(asdict(record), layout.correction_record(scan))
     return record
+
+
+def _moved_slices(
+    previous: CorrectionRecord, canonical: sitk.Image, correction: np.ndarray, layout: DatasetLayout
+) -> list[int]:
+    """The previous record's corrected slices on the scan's current crop, by their positions; a slice the
+    crop no longer holds is dropped. A record from before positions were kept stands as it is where its
+    labels still fit the crop, and is refused where they do not."""
+    if not previous.slice_points:
+        labels = layout.correction_labels(previous.scan)
+        if labels.exists() and read_array(labels).shape == correction.shape:
+            return list(previous.corrected_slices)
+        raise ScanError(
+            previous.source,
+            "recorded on an earlier crop of the scan: save the correction again to re-record it",
+        )
+    n, out = canonical.GetSize()[2], set()
+    for point in previous.slice_points:
+        z = canonical.TransformPhysicalPointToContinuousIndex(point)[2]
+        if abs(z - round(z)) < 0.25 and 0 <= round(z) < n:
+            out.add(int(round(z)))
+    return sorted(out)
 
 
 @dataclass(frozen=True)
@@ -228,7 +288,9 @@ def apply_correction(
     """The final mask with the recorded corrected slices replaced, or None when the scan has none."""
     if record is None or not record.corrected_slices:
         return None
-    correction = sitk.GetArrayFromImage(read_image(layout.correction_labels(record.scan)))
+    correction = read_array(layout.correction_labels(record.scan))
+    if correction.shape != uncorrected.shape:  # numbered on another crop: placed on this one when recorded
+        return None
     slices = record.corrected_slices
     mask = uncorrected.copy()
     mask[slices] = correction[slices]
@@ -244,8 +306,9 @@ def corrected_exact_labels(layout: DatasetLayout) -> dict[str, tuple[list[int], 
     """{scan: (corrected slices, canonical label file)} of every recorded correction."""
     out = {}
     folder = layout.dir("corrections")
+    keys = ingest_keys(layout) if folder.exists() else {}
     for path in sorted(folder.glob("*.json")) if folder.exists() else []:
-        record = read_record(layout, path.stem)
+        record = current_record(layout, path.stem, keys)
         if record is not None and record.corrected_slices:
             out[record.scan] = (record.corrected_slices, layout.correction_labels(record.scan))
     return out

@@ -47,7 +47,8 @@ from nnsam2_assets.refinement.corrections import (
     NO_CORRECTION,
     AppliedCorrection,
     apply_correction,
-    read_record,
+    current_record,
+    ingest_keys,
 )
 from nnsam2_assets.refinement.finishing import finish_refined
 from nnsam2_assets.refinement.holdout import MIN_HELDOUT_DICE, RefinementDecision, decide
@@ -268,11 +269,12 @@ def make_final_masks(
         read_array(stage_paths(spec.reference, reference_img)[-1]), reference_img, spec.modality, k
     )
     decision = decide(reference_prediction, k, layout, spec.n_classes, min_heldout_dice)
+    scan_ingest_keys = ingest_keys(layout)  # a correction applies on the crop its slices are numbered on
     log(f"final masks of {spec.name}: {decision.source} (held-out slice Dice {decision.heldout_dice:.3f})")
 
     for scan in scans:
         img = reference_img if scan == spec.reference else read_image(layout.scan_image(scan))
-        record = read_record(layout, scan)
+        record = current_record(layout, scan, scan_ingest_keys)
         key = cache_key(
             CODE_VERSION,
             scan_key(layout, scan),

@@ -10,8 +10,10 @@ import SimpleITK as sitk
 from nnsam2_assets.core.imaging import read_image, to_original_grid
 from nnsam2_assets.core.storage import sha256_file
 from nnsam2_assets.ingest.convention import load_dataset
+from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.refinement.corrections import (
     apply_correction,
+    current_record,
     pending_corrections,
     read_record,
     record_corrections,
@@ -140,3 +142,71 @@ def test_pending_corrections_until_recorded_and_a_refused_file_until_it_changes(
     assert pending_corrections(spec, layout) == sorted([good, bad])
     recorded = record_corrections(spec, layout)
     assert recorded.removed == [good] and list(recorded.changed) == [bad]
+
+
+def _ingest_again(run: DirectRun) -> None:
+    STEPS["scans"](DirectRun(run.data_root, run.storage_root, ["ds"]), "ds")
+
+
+def test_a_new_region_places_the_recorded_edit_on_the_new_crop(ingested):
+    """The record numbers slices on the scan's crop; when a regions.csv row moves the crop, the same edit
+    (the same file slice) is placed on the new crop before it is used again, never at its old number."""
+    run, folder = ingested
+    layout, scan = run.layout("ds"), sorted(run.spec("ds").scans)[1]
+    published = _canonical_expert(run, scan)
+    _publish(run, scan, published)
+    nonempty = np.flatnonzero(published.reshape(len(published), -1).any(1))
+    z = int(nonempty[len(nonempty) // 2])
+    edited = published.copy()
+    edited[z] = 0
+    _drop(run, folder, scan, edited)
+    record_corrections(load_dataset(run.data_root, "ds"), layout)
+    point = read_image(layout.scan_image(scan)).TransformIndexToPhysicalPoint((0, 0, z))
+
+    regions = folder / "regions.csv"
+    rows = regions.read_text().splitlines()
+    row = next(r for r in rows if r.startswith(f"{scan},"))
+    _, first, last, *rest = row.split(",")
+    lo, hi = sorted((int(first), int(last)))
+    assert lo >= 2  # two more slices at the inferior end: every slice of the old crop moves up by two
+    rows[rows.index(row)] = ",".join([scan, str(lo - 2), str(hi), *rest])
+    regions.write_text("\n".join(rows) + "\n")
+    _ingest_again(run)
+    assert scan in ok_scans(layout)
+    assert current_record(layout, scan) is None  # numbered on the old crop: not used as it is
+    assert scan in pending_corrections(load_dataset(run.data_root, "ds"), layout)
+
+    recorded = record_corrections(load_dataset(run.data_root, "ds"), layout)
+    assert list(recorded.changed) == [scan]
+    moved = current_record(layout, scan)
+    crop = read_image(layout.scan_image(scan))
+    (new_z,) = moved.corrected_slices
+    assert new_z != z  # the crop moved under the edit
+    assert np.allclose(crop.TransformIndexToPhysicalPoint((0, 0, new_z)), point)  # the same slice of the scan
+    corrected = read_image(layout.correction_labels(scan))
+    assert not sitk.GetArrayViewFromImage(corrected)[new_z].any()  # erased there, as the user did
+    assert apply_correction(np.ones(corrected.GetSize()[::-1], np.uint8), layout, moved, 4).n_slices == 1
+
+
+def test_a_scan_that_fails_one_ingest_keeps_its_correction(ingested):
+    run, folder = ingested
+    layout, scan = run.layout("ds"), sorted(run.spec("ds").scans)[1]
+    published = _canonical_expert(run, scan)
+    _publish(run, scan, published)
+    nonempty = np.flatnonzero(published.reshape(len(published), -1).any(1))
+    z = int(nonempty[1])
+    edited = published.copy()
+    edited[z] = 0
+    _drop(run, folder, scan, edited)
+    record_corrections(load_dataset(run.data_root, "ds"), layout)
+
+    water = folder / "scans" / f"{scan}_water.nii.gz"
+    good = water.read_bytes()
+    water.write_bytes(good[: len(good) // 2])  # truncated for one run
+    _ingest_again(run)
+    recorded = record_corrections(load_dataset(run.data_root, "ds"), layout)
+    assert not recorded.removed and read_record(layout, scan).corrected_slices == [z]
+    water.write_bytes(good)
+    _ingest_again(run)  # back, though its final mask was removed with its other outputs
+    record_corrections(load_dataset(run.data_root, "ds"), layout)
+    assert current_record(layout, scan).corrected_slices == [z]  # the user's one edit, not every slice

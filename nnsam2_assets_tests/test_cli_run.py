@@ -206,7 +206,7 @@ def test_second_run_with_nothing_changed_recomputes_and_trains_nothing(runs: Run
         assert _metadata(runs.dagster_home, second.run_ids, asset, "good")["n_recomputed"] == 0, asset
     # a 4-class Dixon dataset annotated on one slice: the UI names the slice its ES/MF split comes from
     assert re.fullmatch(
-        r"annotated slice \d+",
+        r"annotated slice \d+ of the reference's region, from its inferior end",
         _metadata(runs.dagster_home, second.run_ids, "final_masks", "good")["es_mf_split_from"],
     )
 

@@ -174,7 +174,9 @@ def describe_split_source(slices: list[int] | None) -> str:
         return "unknown (final masks written before it was recorded: materialize final_masks again)"
     if not slices:
         return "none (2-class masks)"
-    return f"annotated slice{'s' if len(slices) > 1 else ''} {', '.join(str(z) for z in slices)}"
+    # the numbers are the region crop's (from its inferior end), not the reference file's own slice numbers
+    listed = ", ".join(str(z) for z in slices)
+    return f"annotated slice{'s' if len(slices) > 1 else ''} {listed} of the reference's region, from its inferior end"
 
 
 def read_annotation_clicks(layout: DatasetLayout) -> SliceClicks | None:

@@ -193,13 +193,19 @@ def test_a_four_class_dataset_annotated_on_one_slice_is_told_its_muscle_split_co
     (seed,) = summary["es_mf_split_slices"]
     page = report("demo-dixon")
     assert 'data-caution="es-mf-split"' in page
-    assert f'<td data-fact="ES/MF split from">annotated slice {seed}</td>' in page
+    assert (
+        f'<td data-fact="ES/MF split from">annotated slice {seed} of the reference&#x27;s region, from its inferior end</td>'
+        in page
+    )
 
     summary["es_mf_split_slices"] = [seed, seed + 2]
     layout.final_summary.write_text(json.dumps(summary))
     page = report("demo-dixon")
     assert 'data-caution="es-mf-split"' not in page
-    assert f'<td data-fact="ES/MF split from">annotated slices {seed}, {seed + 2}</td>' in page
+    assert (
+        f'<td data-fact="ES/MF split from">annotated slices {seed}, {seed + 2} of the reference&#x27;s region, from its inferior end</td>'
+        in page
+    )
 
     assert json.loads(DatasetLayout(storage, "demo-ct").final_summary.read_text())["es_mf_split_slices"] == []
     page = report("demo-ct")

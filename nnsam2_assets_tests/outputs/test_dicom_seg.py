@@ -122,11 +122,14 @@ def test_the_verhoeff_check_catches_a_wrong_digit():
     assert _verhoeff_valid("5709001") and not _verhoeff_valid("5709002") and not _verhoeff_valid("5790001")
 
 
+def _ct_dataset(tmp_path: Path) -> tuple:
+    """The real CT dataset (the DICOM series and a NIfTI CT): its description and an empty storage layout."""
+    ct_dataset(tmp_path / "data")
+    return load_dataset(tmp_path / "data", "ts-ct"), DatasetLayout(tmp_path / "storage", "ts-ct")
+
+
 def test_final_masks_write_a_seg_for_the_dicom_scan_only(series_mask, tmp_path):
-    data = tmp_path / "data"
-    ct_dataset(data)
-    spec = load_dataset(data, "ts-ct")
-    layout = DatasetLayout(tmp_path / "storage", "ts-ct")
+    spec, layout = _ct_dataset(tmp_path)
     # the DICOM scan: any mask on its canonical grid stands in for the stage-3 result
     canonical = sitk.DICOMOrient(series_mask, "LPS")
     write_on_original_grid(spec, layout, "ctdicom", canonical, "test")
@@ -147,10 +150,7 @@ def test_an_empty_final_mask_of_a_dicom_scan_has_no_seg_and_counts_as_current(se
     from nnsam2_assets.core.storage import atomic_write_image
     from nnsam2_assets.refinement.final_masks import _dicom_seg_current
 
-    data = tmp_path / "data"
-    ct_dataset(data)
-    spec = load_dataset(data, "ts-ct")
-    layout = DatasetLayout(tmp_path / "storage", "ts-ct")
+    spec, layout = _ct_dataset(tmp_path)
     canonical = sitk.DICOMOrient(series_mask, "LPS")
     write_on_original_grid(spec, layout, "ctdicom", canonical, "test")
     atomic_write_image(canonical, layout.final_mask_canonical("ctdicom"))

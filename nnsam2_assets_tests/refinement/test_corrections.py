@@ -148,19 +148,26 @@ def _ingest_again(run: DirectRun) -> None:
     STEPS["scans"](DirectRun(run.data_root, run.storage_root, ["ds"]), "ds")
 
 
-def test_a_new_region_places_the_recorded_edit_on_the_new_crop(ingested):
-    """The record numbers slices on the scan's crop; when a regions.csv row moves the crop, the same edit
-    (the same file slice) is placed on the new crop before it is used again, never at its old number."""
-    run, folder = ingested
+def _one_slice_erased(run: DirectRun, folder, middle: bool):
+    """A published final mask, and a recorded correction that erases one of its slices (the middle one of
+    the mask, or its second): (layout, scan, erased canonical slice)."""
     layout, scan = run.layout("ds"), sorted(run.spec("ds").scans)[1]
     published = _canonical_expert(run, scan)
     _publish(run, scan, published)
     nonempty = np.flatnonzero(published.reshape(len(published), -1).any(1))
-    z = int(nonempty[len(nonempty) // 2])
+    z = int(nonempty[len(nonempty) // 2] if middle else nonempty[1])
     edited = published.copy()
     edited[z] = 0
     _drop(run, folder, scan, edited)
     record_corrections(load_dataset(run.data_root, "ds"), layout)
+    return layout, scan, z
+
+
+def test_a_new_region_places_the_recorded_edit_on_the_new_crop(ingested):
+    """The record numbers slices on the scan's crop; when a regions.csv row moves the crop, the same edit
+    (the same file slice) is placed on the new crop before it is used again, never at its old number."""
+    run, folder = ingested
+    layout, scan, z = _one_slice_erased(run, folder, middle=True)
     point = read_image(layout.scan_image(scan)).TransformIndexToPhysicalPoint((0, 0, z))
 
     regions = folder / "regions.csv"
@@ -190,15 +197,7 @@ def test_a_new_region_places_the_recorded_edit_on_the_new_crop(ingested):
 
 def test_a_scan_that_fails_one_ingest_keeps_its_correction(ingested):
     run, folder = ingested
-    layout, scan = run.layout("ds"), sorted(run.spec("ds").scans)[1]
-    published = _canonical_expert(run, scan)
-    _publish(run, scan, published)
-    nonempty = np.flatnonzero(published.reshape(len(published), -1).any(1))
-    z = int(nonempty[1])
-    edited = published.copy()
-    edited[z] = 0
-    _drop(run, folder, scan, edited)
-    record_corrections(load_dataset(run.data_root, "ds"), layout)
+    layout, scan, z = _one_slice_erased(run, folder, middle=False)
 
     water = folder / "scans" / f"{scan}_water.nii.gz"
     good = water.read_bytes()

@@ -154,14 +154,15 @@ def _read_markups(path: Path, class_names: tuple[str, ...]) -> list[Click]:
 
 
 def _read_csv(path: Path, class_names: tuple[str, ...]) -> list[Click]:
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
         reader = csv.DictReader(f)
         columns = {c.strip().lower() for c in reader.fieldnames or []}
         missing = {"class", "x", "y", "z", "positive"} - columns
         if missing:
             raise ScanError(path, f"click CSV lacks column(s) {sorted(missing)} (class, x, y, z, positive)")
         clicks = []
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            line = reader.line_num  # the file's own line: blank lines are skipped, not counted away
             row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
             class_id = _class_id(row["class"], class_names)
             if class_id is None:

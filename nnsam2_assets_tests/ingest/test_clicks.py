@@ -52,6 +52,21 @@ def test_markups_and_csv_give_the_same_pixels(tmp_path, fmt):
     np.testing.assert_array_equal(labels, [1, 0])
 
 
+def test_a_spreadsheet_saved_click_csv_reads_and_names_the_files_own_line(tmp_path):
+    image = _grid()
+    path = write_click_csv(_clicks_on(image, 3, PIXELS), 4, tmp_path / "annotation.csv")
+    lines = path.read_text().splitlines()
+    path.write_text(
+        "\ufeff" + "\n\n".join(lines) + "\n", encoding="utf-8"
+    )  # a BOM, a blank line between rows
+    placed = place_clicks(read_clicks(path, NAMES), image, path, "the reference")
+    assert placed.class_ids == (1, 2, 3, 4, 2)
+    lines[3] = lines[3].replace("true", "maybe").replace("True", "maybe")
+    path.write_text("\n\n".join(lines) + "\n")
+    with pytest.raises(ScanError, match=r"line 7: positive must be true or false"):
+        read_clicks(path, NAMES)
+
+
 def test_a_markups_list_name_gives_the_class_of_unnamed_points(tmp_path):
     image = _grid()
     lists = []

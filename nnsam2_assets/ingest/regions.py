@@ -53,7 +53,8 @@ def read_regions(path: Path) -> RegionTable:
     """Strict regions.csv: integer slice indices only, one row per scan, ``l4_l5`` optional (may be empty).
 
     A malformed table (unreadable, missing or unknown columns) refuses the dataset; a bad row only excludes its
-    scan, a row with more or fewer values than the header included. Blank lines, and a spreadsheet's empty
+    scan, a row with more values than the header, or fewer where a required column is left off, included
+    (ending before an optional column leaves it empty). Blank lines, and a spreadsheet's empty
     rows, are skipped. Every message names the file, the row (line number in the file, header = 1) and the
     column."""
     try:
@@ -89,13 +90,16 @@ def read_regions(path: Path) -> RegionTable:
             regions.pop(scan, None)
             continue
         rows[scan] = line
-        if len(fields) != len(columns):  # a value without its column (or the reverse) shifts no other value
+        left_off = columns[len(fields) :]
+        # a value without its column shifts no other value; a row may end before optional trailing columns,
+        # as a hand-written row or a table that gained the l4_l5 column after its rows were written does
+        if len(fields) > len(columns) or not set(left_off) <= set(REGION_OPTIONAL_COLUMNS):
             errors[scan] = (
                 f"{path} row {line}: {len(fields)} values where the header names {len(columns)} columns "
                 f"({','.join(columns)})"
             )
             continue
-        record = {c: v for c, v in zip(columns, fields, strict=True) if c != "scan"}
+        record = {c: v for c, v in zip(columns, fields, strict=False) if c != "scan"}
         try:
             regions[scan] = parse_region(record, f"{path} row {line}")
         except DatasetError as exc:

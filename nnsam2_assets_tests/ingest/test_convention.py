@@ -225,6 +225,15 @@ def test_region_rows_are_named_by_their_line_in_the_file_and_a_stray_value_shift
         spec.excluded["b"]
         == f"{csv} row 3: 4 values where the header names 3 columns (scan,first_slice,last_slice)"
     )
+    # a row may end before an optional column, never before a required one
+    csv.write_text("scan,first_slice,last_slice,l4_l5\na,0,4\nb,1,5,3\n")
+    assert load_dataset(tmp_path, "tiny").regions == {"a": Region(0, 4), "b": Region(1, 5, 3)}
+    csv.write_text("scan,first_slice,last_slice,l4_l5\na,0,4\nb,1\n")
+    spec = load_dataset(tmp_path, "tiny")
+    assert spec.regions == {"a": Region(0, 4)}
+    assert spec.excluded["b"] == (
+        f"{csv} row 3: 2 values where the header names 4 columns (scan,first_slice,last_slice,l4_l5)"
+    )
     csv.write_text("scan,first_slice,last_slice\na,0,4\nb,\u0663,4\n")  # an Arabic-Indic three
     assert "is not an integer slice index" in load_dataset(tmp_path, "tiny").excluded["b"]
 

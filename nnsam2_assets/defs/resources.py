@@ -8,6 +8,7 @@ set. ``build_resources`` is the one way to make the resource set: definitions, t
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 from pathlib import Path
 from typing import TypeVar
@@ -74,10 +75,18 @@ class NnsamStorage(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # DefaultRunLauncher reports no worker health to run monitoring, so a step worker whose run process
-        # was killed marks the run failed itself and exits instead of hanging as an orphan
-        # (a Celery worker outlives runs by design and its pool processes serve many: Celery watches those)
+        # was killed marks the run failed itself and exits instead of hanging as an orphan. Only a step
+        # worker: an in-process run (``nnsam2 run``, ``dg.materialize``) would watch the user's shell, and
+        # ``nohup nnsam2 run &`` would die with it (a Celery worker outlives runs by design and its pool
+        # processes serve many: Celery watches those)
         run, instance = context.dagster_run, context.instance
-        if run is not None and instance is not None and run.run_id and executor_kind() != "celery":
+        if (
+            run is not None
+            and instance is not None
+            and run.run_id
+            and multiprocessing.parent_process() is not None
+            and executor_kind() != "celery"
+        ):
             exit_with_parent(lambda: mark_run_orphaned(instance, run.run_id))
 
     def layout(self, dataset: str) -> layout.DatasetLayout:

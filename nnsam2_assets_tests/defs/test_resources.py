@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from nnsam2_assets.core import layout
+from nnsam2_assets.core.lifecycle import alive
 from nnsam2_assets.defs.pseudolabels import PseudoLabelConfig
 from nnsam2_assets.defs.resources import (
     SAM2_CHECKPOINT_ENV,
@@ -100,3 +104,44 @@ def test_run_configuration_mirrors_the_domain_settings_and_their_defaults(schema
     other would be a setting the UI cannot change, or one silently dropped."""
     assert set(schema.model_fields) == {f.name for f in dataclasses.fields(domain)}
     assert schema().model_dump() == dataclasses.asdict(domain())
+
+
+IN_PROCESS_RUN = """
+import os, sys, time
+from pathlib import Path
+import dagster as dg
+from nnsam2_assets.defs.resources import NnsamStorage
+
+report, shell = Path(sys.argv[3]), os.getppid()
+
+@dg.asset
+def outlives_its_shell(storage: NnsamStorage) -> None:
+    print("running", flush=True)  # the shell exits now, as after `nohup nnsam2 run &` and logging out
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    while os.getppid() == shell:
+        time.sleep(0.1)
+    time.sleep(2)  # the old watch noticed within 0.5 s
+
+storage = NnsamStorage(data_root=sys.argv[1], storage_root=sys.argv[2])
+result = dg.materialize([outlives_its_shell], resources={"storage": storage}, raise_on_error=False)
+report.write_text(f"success {result.success}")
+"""
+
+SHELL = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", *sys.argv[1:]], start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+assert child.stdout.readline().strip() == "running"
+print(child.pid, flush=True)
+"""
+
+
+def test_an_in_process_run_outlives_the_shell_that_started_it(tmp_path):
+    """``nohup nnsam2 run &``, then logging out: the run goes on (the orphan watch is for step workers)."""
+    report = tmp_path / "report"
+    args = [IN_PROCESS_RUN, str(tmp_path / "data"), str(tmp_path / "store"), str(report)]
+    shell = subprocess.run([sys.executable, "-c", SHELL, *args], capture_output=True, text=True, check=True)
+    child = int(shell.stdout)
+    while alive({child}):  # no deadline: however slow the machine, it ends
+        time.sleep(0.2)
+    assert report.read_text() == "success True"

@@ -109,10 +109,16 @@ def _select_datasets(instance, names: list[str]) -> tuple[list[str], list[str]]:
 
 def run_pipeline(args: argparse.Namespace, names: list[str], command: str = "nnsam2 run") -> int:
     """Register and materialize ``names`` (every dataset folder when empty) end to end; print the summary.
-    Exit code 0 when everything succeeded, 1 when any dataset, scan, check or model failed."""
+    Exit code 0 when everything succeeded, 1 when any dataset, scan, check or model failed, 2 for an invalid
+    setting (found before anything runs)."""
     from nnsam2_assets.console import run_datasets
+    from nnsam2_assets.defs.resources import settings_problem
 
     t0 = time.perf_counter()
+    problem = settings_problem()
+    if problem:
+        print(f"{command}: invalid setting (NNSAM2_* environment variables): {problem}", file=sys.stderr)
+        return 2
     instance = _instance()
     try:
         datasets, refused = _select_datasets(instance, names)
@@ -216,7 +222,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from nnsam2_assets.ingest.convention import load_dataset, validate_dataset_key
+    from nnsam2_assets.ingest.convention import list_dataset_folders, load_dataset, validate_dataset_key
     from nnsam2_assets.ingest.errors import DatasetError
     from nnsam2_assets.runner import register_datasets
 
@@ -234,11 +240,18 @@ def cmd_register(args: argparse.Namespace) -> int:
             instance.add_dynamic_partitions("datasets", [name])
             print(f"registered {name}")
         return 1 if bad else 0
-    added, rejected = register_datasets(instance, layout.data_root())
+    data_root = layout.data_root()
+    if not list_dataset_folders(data_root):  # a mistyped NNSAM2_DATA_ROOT registers nothing: say so
+        what = "no dataset folder (a folder with a dataset.yaml) in" if data_root.is_dir() else "no data root"
+        print(f"nnsam2 register: {what} {data_root} (NNSAM2_DATA_ROOT)", file=sys.stderr)
+        return 1
+    added, rejected = register_datasets(instance, data_root)
     for name in added:
         print(f"registered {name}")
     for name, reason in rejected.items():
         print(f"refused {name}: {reason}", file=sys.stderr)
+    if not added and not rejected:
+        print(f"nnsam2 register: every dataset folder in {data_root} is registered already")
     return 1 if rejected else 0
 
 
@@ -320,6 +333,16 @@ def cmd_propose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number, 1 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnsam2", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -343,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common], help="nnsam2 run on a synthetic demo cohort")
     demo.add_argument("--fresh", action="store_true", help="rewrite the demo data even if present")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--scans", type=int, default=4, help="scans per demo dataset")
+    demo.add_argument("--scans", type=_at_least_one, default=4, help="scans per demo dataset")
     demo.set_defaults(func=cmd_demo)
     ui = sub.add_parser("ui", help="run the web UI, daemon and code server (dagster dev); Ctrl-C stops all")
     ui.add_argument("--host", default="127.0.0.1")

@@ -11,7 +11,7 @@ import dataclasses
 import multiprocessing
 import os
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
@@ -145,6 +145,32 @@ def _as_dataclass(resource: dg.ConfigurableResource, cls: type[T]) -> T:
 def resolved(resource: dg.ConfigurableResource) -> dg.ConfigurableResource:
     """The resource with its ``dg.EnvVar`` fields read, for code outside a Dagster run (the console, the CLI)."""
     return resource.process_config_and_initialize()
+
+
+def settings_problem() -> str | None:
+    """What the environment's settings get wrong, as one line naming the setting; None when all are valid.
+    Asked before a long run starts: a typo in ``NNSAM2_NNUNET_PROFILE`` used to surface after every dataset
+    was ingested and propagated, as a traceback."""
+    try:
+        executor_kind()
+        resources = build_resources()
+        resolved(resources["storage"])
+        resolved(resources["propagation"]).config()
+        resolved(resources["refinement"]).config().profile_obj()
+    except dg.DagsterInvalidConfigError as exc:
+        return "; ".join(_config_error_line(error) for error in exc.errors) or str(exc).splitlines()[0]
+    except KeyError as exc:
+        return str(exc.args[0]) if exc.args else repr(exc)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
+def _config_error_line(error: Any) -> str:
+    """Dagster's message for one invalid config value, without its exception class and stack trace."""
+    text = (error.error_data.message if error.error_data is not None else error.message).strip()
+    first = text.splitlines()[0]
+    return first.split("Error: ", 1)[1] if "Error: " in first else first
 
 
 def build_resources(

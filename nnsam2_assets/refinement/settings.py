@@ -41,6 +41,18 @@ class RefinementConfig:
     # rule (``Profile.warm_start_epochs``)
     warm_start_epochs: int = 0
 
+    def __post_init__(self) -> None:
+        for name in (
+            "num_epochs",
+            "iterations_per_epoch",
+            "base_features",
+            "training_seed",
+            "warm_start_epochs",
+        ):
+            value = getattr(self, name)
+            if value < 0:  # a negative count would be taken as an override and train nothing
+                raise ValueError(f"refinement setting {name} is {value}: use 0 (the profile's own) or more")
+
     def profile_obj(self) -> Profile:
         overrides: dict = {"device": self.device, "foreground_sampling": self.foreground_sampling}
         if self.trainer != "plain":

@@ -1,0 +1,68 @@
+"""The CLI's answers to ordinary mistakes: one line naming the problem, a failing exit code, nothing run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nnsam2_assets.testing.cohorts import write_tiny_dataset
+
+
+def _cli(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {
+        **os.environ,
+        "NNSAM2_HOME": str(home),
+        "NNSAM2_DATA_ROOT": str(home / "data"),
+        "NNSAM2_STORAGE_ROOT": str(home / "storage"),
+        **env,
+    }
+    for name in ("NNSAM2_DUCKDB", "DAGSTER_HOME"):
+        environ.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-m", "nnsam2_assets.cli", *args], capture_output=True, text=True, env=environ
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("NNSAM2_NNUNET_PROFILE", "bogus", "unknown nnU-Net profile 'bogus'"),
+        ("NNSAM2_NNUNET_EPOCHS", "abc", '"NNSAM2_NNUNET_EPOCHS" cannot be coerced into an int'),
+        ("NNSAM2_NNUNET_EPOCHS", "-3", "num_epochs is -3"),
+        ("NNSAM2_EXECUTOR", "Celery", "NNSAM2_EXECUTOR='Celery'"),
+    ],
+)
+def test_an_invalid_setting_stops_the_run_before_anything_runs(tmp_path, variable, value, said):
+    """It had surfaced as a traceback after every dataset was ingested and propagated."""
+    write_tiny_dataset(tmp_path / "data", "ds", 2)
+    out = _cli(tmp_path, "run", **{variable: value})
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("nnsam2 run: invalid setting (NNSAM2_* environment variables): ") and said in line
+    assert not (tmp_path / "storage").exists()
+
+
+def test_register_says_when_there_is_nothing_to_register(tmp_path):
+    missing = _cli(tmp_path, "register")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"nnsam2 register: no data root {tmp_path / 'data'} (NNSAM2_DATA_ROOT)"
+    (tmp_path / "data").mkdir()
+    empty = _cli(tmp_path, "register")
+    assert empty.returncode == 1 and "no dataset folder (a folder with a dataset.yaml) in" in empty.stderr
+    write_tiny_dataset(tmp_path / "data", "ds", 2)
+    first = _cli(tmp_path, "register")
+    assert first.returncode == 0 and first.stdout.strip() == "registered ds"
+    again = _cli(tmp_path, "register")
+    assert again.returncode == 0 and "registered already" in again.stdout
+
+
+@pytest.mark.parametrize("scans", ["0", "-1", "two"])
+def test_demo_refuses_a_cohort_without_scans(tmp_path, scans):
+    out = _cli(tmp_path, "demo", "--scans", scans)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"--scans: {scans!r}: a whole number, 1 or more" in out.stderr
+    assert not (tmp_path / "data").exists()

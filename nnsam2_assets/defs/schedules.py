@@ -20,18 +20,35 @@ from nnsam2_assets.defs.sensors import scan_data_root, selection_for
 def nightly_sweep_schedule(context: dg.ScheduleEvaluationContext, storage: NnsamStorage):
     current, _ = scan_data_root(storage)
     known = set(context.instance.get_dynamic_partitions(datasets_partitions.name))
+    # one key per night: a dataset put back as it was on an earlier night is swept again
+    night = f":{context.scheduled_execution_time:%Y-%m-%d}" if context.scheduled_execution_time else ""
     requests = []
     for name in sorted(set(current) & known):
         last = latest_metadata(context.instance, "scans", name).get("input_fingerprint")
-        if last != current[name]:
+        if last != current[name] and not _in_flight(context.instance, name):
             requests.append(
                 dg.RunRequest(
                     partition_key=name,
-                    run_key=f"sweep:{name}:{current[name]}",
+                    run_key=f"sweep:{name}:{current[name]}{night}",
                     asset_selection=selection_for(storage),
                 )
             )
-    return requests or dg.SkipReason("every registered dataset is up to date")
+    return requests or dg.SkipReason("every registered dataset is up to date or has a run under way")
+
+
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def _in_flight(instance: dg.DagsterInstance, dataset: str) -> bool:
+    """A run that ingests the dataset is queued or under way (the sensor's, from the evening): it will take the
+    change, and a second one would only compete with it."""
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": dataset}, statuses=IN_FLIGHT))
+    return any(run.asset_selection is None or dg.AssetKey("scans") in run.asset_selection for run in runs)
 
 
 @dg.schedule(

@@ -3,7 +3,7 @@
 One mechanism launches runs for new data: ``new_data_sensor``. It registers a new dataset folder as a
 ``datasets`` partition and requests one run per changed dataset (new dataset, new or changed scan, edited
 annotation, a new, changed or removed correction, which it records first: ``refinement.corrections``),
-keyed by the folder fingerprint so a change is run exactly once. ``scans`` has no automation
+keyed by the folder fingerprint and the dataset's request count, so a change is run exactly once. ``scans`` has no automation
 condition of its own, so the automation sensor never launches a second run for the same data; it only
 reacts to code-version bumps and to upstream materializations (e.g. a retrained stage-3 model).
 
@@ -84,7 +84,7 @@ def scan_data_root(storage: NnsamStorage) -> tuple[dict[str, str], dict[str, str
     description="Registers new dataset folders as partitions and runs new or changed data once.",
 )
 def new_data_sensor(context: dg.SensorEvaluationContext, storage: NnsamStorage) -> dg.SensorResult:
-    seen = json.loads(context.cursor) if context.cursor else {}
+    seen, requests_made = read_cursor(context.cursor)
     current, refused = scan_data_root(storage)
     for name, reason in refused.items():
         context.log.warning(f"dataset folder {name} refused: {reason}")
@@ -98,13 +98,16 @@ def new_data_sensor(context: dg.SensorEvaluationContext, storage: NnsamStorage) 
     requested = changed[: max_runs_per_tick()]
     if len(changed) > len(requested):
         context.log.info(f"{len(changed) - len(requested)} changed datasets wait for the next tick")
-    # the cursor records only what was requested, so the datasets left over are requested on later ticks
-    cursor = {name: fp for name, fp in seen.items() if name in current}
-    cursor.update({name: current[name] for name in requested})
+    # the cursor records only what was requested, so the datasets left over are requested on later ticks;
+    # a folder missing for a tick (an unmounted share) keeps its entry, or its return would run it again
+    fingerprints = {**seen, **{name: current[name] for name in requested}}
+    requests_made.update({name: requests_made.get(name, 0) + 1 for name in requested})
     selection = selection_for(storage)
     run_keys = {}
     for name in requested:
-        run_keys[name] = f"{name}:{current[name]}"
+        # the daemon skips a run key it has seen: the request's number keeps a dataset put back as it was
+        # (fingerprint A, then B, then A again) from being skipped as A's first run
+        run_keys[name] = f"{name}:{current[name]}:{requests_made[name]}"
         if name not in known:  # a new dataset has no scans ingested yet, hence nothing corrected
             continue
         try:
@@ -125,8 +128,17 @@ def new_data_sensor(context: dg.SensorEvaluationContext, storage: NnsamStorage) 
             dg.RunRequest(partition_key=name, run_key=run_keys[name], asset_selection=selection)
             for name in requested
         ],
-        cursor=json.dumps(cursor, sort_keys=True),
+        cursor=json.dumps({"fingerprints": fingerprints, "requests": requests_made}, sort_keys=True),
     )
+
+
+def read_cursor(cursor: str | None) -> tuple[dict[str, str], dict[str, int]]:
+    """The sensor's cursor: each dataset's fingerprint when last requested, and how many runs it requested.
+    A cursor written before the counts is the fingerprints alone."""
+    state = json.loads(cursor) if cursor else {}
+    if isinstance(state.get("fingerprints"), dict):
+        return dict(state["fingerprints"]), {name: int(n) for name, n in state.get("requests", {}).items()}
+    return state, {}
 
 
 automation_sensor = dg.AutomationConditionSensorDefinition(

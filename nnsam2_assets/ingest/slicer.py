@@ -81,6 +81,15 @@ def read_slicer_labels(
         )
     if image.GetDimension() != 3:
         raise ScanError(path, f"expected a 3-D segmentation, got {image.GetDimension()}-D")
+    by_value: dict[int, str] = {}
+    for segment in segments:  # a merge of files can leave two segments on one value: whose voxels are they?
+        other = by_value.setdefault(segment.label_value, segment.name)
+        if other != segment.name:
+            raise ScanError(
+                path,
+                f"segments {other!r} and {segment.name!r} share label value {segment.label_value}: give each "
+                "its own value (in Slicer, export the segmentation again)",
+            )
     values = sitk.GetArrayFromImage(image)
     classes = np.zeros(values.shape, np.uint8)
     for segment in segments:

@@ -49,12 +49,13 @@ def segment_descriptions(class_names: tuple[str, ...], version: str) -> list[hd.
     return out
 
 
-def _repaired(sources: list[pydicom.Dataset]) -> tuple[list[pydicom.Dataset], list[str]]:
+def _repaired(series: Path, sources: list[pydicom.Dataset]) -> tuple[list[pydicom.Dataset], list[str]]:
     """Fill what anonymisers blank and a SEG must copy, in the in-memory copies only (never the user's
-    files): the SOP class and instance UIDs from each file's meta header (the same facts), and a missing
-    study, series or frame-of-reference UID derived from the instances' UIDs, so it is the same on every
-    run. Returns the notes to show: a SEG of a series without its own UIDs cannot be paired with it by a
-    viewer automatically."""
+    files): the SOP class and instance UIDs from each file's meta header (the same facts); a study, series
+    or frame-of-reference UID that some instances lack from the others (a viewer overlays a SEG only on
+    the frame of reference it names), and one that all lack derived from the instances' UIDs, so it is the
+    same on every run. Returns the notes to show: a SEG of a series without its own UIDs cannot be paired
+    with it by a viewer automatically."""
     notes = []
     for source in sources:
         for attr, meta in (
@@ -65,11 +66,24 @@ def _repaired(sources: list[pydicom.Dataset]) -> tuple[list[pydicom.Dataset], li
                 setattr(source, attr, source.file_meta.get(meta, ""))
     instances = sorted(str(s.SOPInstanceUID) for s in sources)
     for attr in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
-        if any(not str(s.get(attr, "")).strip() for s in sources):
-            derived = pydicom.uid.generate_uid(entropy_srcs=[attr, *instances])
-            for source in sources:
-                setattr(source, attr, derived)
-            notes.append(f"the series has no {attr}; the SEG uses {derived}, derived from its instances")
+        blank = [s for s in sources if not str(s.get(attr, "")).strip()]
+        if not blank:
+            continue
+        given = sorted({str(s.get(attr)).strip() for s in sources} - {"", "None"})
+        if len(given) > 1:
+            raise ScanError(
+                series, f"its instances name {len(given)} different {attr}s ({', '.join(given[:3])})"
+            )
+        if given:  # the instances that name it say what the blank ones belong to
+            value = given[0]
+            notes.append(
+                f"{len(blank)} of {len(sources)} instances have no {attr}; the SEG uses the others' {value}"
+            )
+        else:
+            value = pydicom.uid.generate_uid(entropy_srcs=[attr, *instances])
+            notes.append(f"the series has no {attr}; the SEG uses {value}, derived from its instances")
+        for source in blank:
+            setattr(source, attr, value)
     return sources, notes
 
 
@@ -79,7 +93,7 @@ def write_dicom_seg(
     """Write ``mask`` (class ids on the series' own grid, as ``read_image`` stacks it) as a DICOM SEG;
     returns notes on identifiers the series lacked (see ``_repaired``)."""
     files = dicom_series_files(series)
-    sources, notes = _repaired([pydicom.dcmread(f) for f in files])
+    sources, notes = _repaired(series, [pydicom.dcmread(f) for f in files])
     stacked = sitk.ReadImage(files)
     if not same_grid(mask, stacked):
         raise ScanError(out, "the mask is not on the DICOM series' grid")

@@ -84,7 +84,8 @@ def write_on_original_grid(
     source = spec.scans[scan].image
     on_original = to_original_grid(canonical, read_image(source))
     atomic_write_image(on_original, layout.final_mask(scan))
-    if not source.is_dir():
+    if not source.is_dir():  # a scan once read from a series may now be a NIfTI file: its old SEG must go
+        layout.final_mask_dicom_seg(scan).unlink(missing_ok=True)
         return []
     if not sitk.GetArrayViewFromImage(on_original).any():
         layout.final_mask_dicom_seg(scan).unlink(missing_ok=True)

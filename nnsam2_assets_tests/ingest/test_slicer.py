@@ -115,6 +115,10 @@ def test_bad_segmentations_get_clear_errors_naming_the_file(tmp_path):
     write_seg(grid, path, names={1: "R", 2: "L"}, layers={2: 1})
     with pytest.raises(ScanError, match=rf"{path}: overlapping segments \(2 layers\)"):
         read_slicer_labels(path, {}, {"R": 1, "L": 2}, grid=grid)
+    # a merge of files left both segments on one value: every R voxel had silently become L
+    write_seg(grid, path, names={1: "R", 2: "L"}, values={1: 1, 2: 1})
+    with pytest.raises(ScanError, match=rf"{path}: segments 'R' and 'L' share label value 1"):
+        read_slicer_labels(path, {}, {"R": 1, "L": 2}, grid=grid)
     write_seg(grid, path, names={1: "R", 2: "L"})
     other = sitk.Image(grid)
     other.SetSpacing((1.0, 1.0, 2.5))

@@ -8,7 +8,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from nnsam2_assets.core.imaging import align_labels, dicom_series_files, read_image
+from nnsam2_assets.core.imaging import ScanError, align_labels, dicom_series_files, read_image
 from nnsam2_assets.core.labels import CLASSES_2, CLASSES_4, LATERALITY_CODES, MUSCLE_CODES
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.ingest.convention import load_dataset
@@ -141,6 +141,8 @@ def test_final_masks_write_a_seg_for_the_dicom_scan_only(series_mask, tmp_path):
     nifti = read_image(spec.scans["ctsm"].image)
     blank = sitk.GetImageFromArray(np.ones(sitk.GetArrayViewFromImage(nifti).shape, np.uint8))
     blank.CopyInformation(nifti)
+    # as if "ctsm" had been a DICOM series on an earlier run: its SEG goes with the series
+    layout.final_mask_dicom_seg("ctsm").write_bytes(layout.final_mask_dicom_seg("ctdicom").read_bytes())
     assert write_on_original_grid(spec, layout, "ctsm", sitk.DICOMOrient(blank, "LPS"), "test") == []
     assert layout.final_mask("ctsm").exists() and not layout.final_mask_dicom_seg("ctsm").exists()
     assert not list(Path(layout.dir("final_masks")).glob("ctsm*.dcm"))
@@ -164,3 +166,24 @@ def test_an_empty_final_mask_of_a_dicom_scan_has_no_seg_and_counts_as_current(se
     assert notes == ["the final mask is empty: no DICOM Segmentation written"]
     assert _dicom_seg_current(spec, layout, "ctdicom")  # nothing to write: not recomputed on every run
     assert _dicom_seg_current(spec, layout, "ctsm")  # a NIfTI scan never has one
+
+
+def test_a_uid_some_instances_lack_is_taken_from_the_others():
+    """One blank StudyInstanceUID had replaced the series' real one by a derived UID in every instance, so
+    the SEG named a study (or frame of reference) that does not exist."""
+    from nnsam2_assets.outputs.dicom_seg import _repaired
+
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in dicom_series_files(SERIES)]
+    for source in sources:
+        source.StudyInstanceUID = "1.2.3.4"
+        source.FrameOfReferenceUID = "1.2.3.5"
+    sources[0].StudyInstanceUID = sources[0].FrameOfReferenceUID = ""
+    repaired, notes = _repaired(SERIES, sources)
+    assert {str(s.StudyInstanceUID) for s in repaired} == {"1.2.3.4"}
+    assert {str(s.FrameOfReferenceUID) for s in repaired} == {"1.2.3.5"}
+    assert (
+        f"1 of {len(sources)} instances have no StudyInstanceUID; the SEG uses the others' 1.2.3.4" in notes
+    )
+    sources[0].FrameOfReferenceUID, sources[1].FrameOfReferenceUID = "", "1.2.3.6"
+    with pytest.raises(ScanError, match=r"its instances name 2 different FrameOfReferenceUIDs"):
+        _repaired(SERIES, sources)

@@ -9,6 +9,7 @@ from nnsam2_assets.defs.ingest import reference_annotation, scans
 from nnsam2_assets.defs.metadata import table
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.resources import NnsamStorage, PropagationSettings
+from nnsam2_assets.metrics.qc import confidence_threshold
 from nnsam2_assets.propagation import steps as propagation_steps
 
 
@@ -59,13 +60,17 @@ def propagated_masks(
         last = summary.scan.iloc[-1]
         image, masks = read_array(layout.scan_image(last)), read_array(layout.masks(last))
         metadata["overlay"] = dg.MetadataValue.md(markdown_image(montage_png(image, masks), last))
+    # the per-scan QC flag's threshold: the backends' confidences live on different scales (0.5 had flagged
+    # every good registration-backend dataset, whose confidences are about 0.3)
+    threshold = confidence_threshold(metadata["backend"])
     check = dg.AssetCheckResult(
         check_name="propagation_confident",
-        passed=bool(mean_conf >= 0.5),
+        passed=bool(mean_conf >= threshold),
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"mean_confidence": mean_conf},
-        description="mean slice confidence below 0.5: review the annotation or the backend"
-        if mean_conf < 0.5
+        metadata={"mean_confidence": mean_conf, "threshold": threshold},
+        description=f"mean slice confidence {mean_conf:.2f} below {threshold} ({metadata['backend']} backend): "
+        "review the annotation or the backend"
+        if mean_conf < threshold
         else "",
     )
     return dg.MaterializeResult(

@@ -22,6 +22,12 @@ GOOD_DICE = 0.85
 MIN_CONFIDENCE = {"sam2": 0.5, "registration": 0.156}
 
 
+def confidence_threshold(backend: str, thresholds: Mapping[str, float] = MIN_CONFIDENCE) -> float:
+    """The mean propagation confidence below which a scan's propagation wants review, on its backend's scale
+    (an unknown backend is held to SAM2's)."""
+    return float(thresholds.get(backend, thresholds.get("sam2", MIN_CONFIDENCE["sam2"])))
+
+
 def mean_confidence(confidence: pd.DataFrame) -> float:
     """A scan's propagation confidence: the mean over slices of the per-slice mean over classes."""
     return float(confidence.groupby("slice").confidence.mean().mean())
@@ -84,7 +90,7 @@ def qc_flags(scans: pd.DataFrame, labels: pd.DataFrame, cfg: QCConfig = QCConfig
 
     for row in scans.itertuples():
         backend = getattr(row, "backend", "sam2")
-        threshold = cfg.min_confidence.get(backend, MIN_CONFIDENCE["sam2"])
+        threshold = confidence_threshold(backend, cfg.min_confidence)
         if pd.notna(row.mean_confidence) and row.mean_confidence < threshold:
             add(
                 row,

@@ -266,7 +266,16 @@ class SAM2Propagator:
         missing = sorted(set(range(n_tgt)) - set(per_slice))
         if missing:  # cannot happen by construction (every target slice is in one direction); guard anyway
             raise RuntimeError(f"SAM2 propagation produced no output for target slices {missing}")
+        # propagating onto the reference itself: its annotated slice is known exactly, as registration has it
+        # (SAM2's track there is logits upsampled from a quarter of the frame, not what the annotator drew)
+        own_seed = tgt.shape == ref.shape and np.array_equal(tgt[t_seed], ref[seed_slice])
+        if own_seed:
+            masks[t_seed] = seed_mask
         confidence = self._confidence_table(masks, per_slice, class_ids, t_seed)
+        if own_seed:
+            at_seed = confidence["slice"] == t_seed
+            confidence.loc[at_seed, "confidence"] = 1.0
+            confidence.loc[at_seed, "present"] = True
         return PropagationResult(
             masks=masks, confidence=confidence, backend=self.backend, model_id=self.model_id
         )

@@ -29,8 +29,10 @@ from nnsam2_assets.propagation.base import PropagationResult, Propagator
 from nnsam2_assets.propagation.parallel import propagate_in_workers
 from nnsam2_assets.propagation.prompts import propagate_from_slices
 
-# v2: every annotated slice a prompt; v3: a side's edge moves no further than the band from its own edge
-VERSION = "propagation-v3"
+# v2: every annotated slice a prompt; v3: a side's edge moves no further than the band from its own edge;
+# v4: SAM2 keeps the reference's annotated slice exactly (registration masks are unchanged, and so are the
+# digests downstream assets key on: only SAM2 references recompute further)
+VERSION = "propagation-v4"
 
 
 @dataclass

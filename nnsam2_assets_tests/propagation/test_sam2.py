@@ -240,6 +240,21 @@ def test_presence_gating_with_forced_object_scores(propagator, case, bias):
         assert len(shown) > 0 and shown["present"].all() and (shown["confidence"] > 0).all()
 
 
+def test_the_reference_propagated_onto_itself_keeps_its_annotated_slice_exactly(propagator, case):
+    """As the registration backend does: the held-out check and the reference's final mask take that slice
+    for the annotation itself, where it had been SAM2's upsampled track (random weights: thousands of pixels
+    off)."""
+    ref, ann, seed, _ = case
+    res = propagator.propagate(_img(ref), _img(ann), seed, _img(ref), "mri")
+    np.testing.assert_array_equal(res.masks[seed], ann[seed])
+    df = res.confidence
+    at_seed = df[df["slice"] == seed]
+    assert at_seed["present"].all() and (at_seed["confidence"] == 1.0).all()
+    assert list(at_seed["area"]) == [int((ann[seed] == c).sum()) for c in (1, 2)]
+    tracked = df[(df["slice"] != seed) & df["present"]]  # the other slices stay SAM2's, IoU as confidence
+    np.testing.assert_allclose(tracked["confidence"], tracked["predicted_iou"].clip(0, 1))
+
+
 def test_model_built_once_for_several_targets(case):
     ref, ann, seed, _ = case
     torch.manual_seed(0)

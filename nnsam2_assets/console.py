@@ -306,12 +306,13 @@ def run_datasets(
         for dataset in datasets:
             report.failures += _scan_failures(storage_root, dataset)
         ok = [d for d in datasets if d not in report.failed_datasets]
-        refinement = resolved(build_resources()["refinement"])
+        resources = build_resources()
+        refinement = resolved(resources["refinement"])
         if ok and refinement.foreground_sampling == "supervoxels":
             phase("supervoxels", ok)  # the models centre their patches on them
             ok = [d for d in ok if d not in report.failed_datasets]
         if ok:
-            recipe = recipe_key(refinement.config().profile_obj())
+            recipe = recipe_key(refinement.profile_for(resolved(resources["propagation"])))
             state = models_state(storage_root, ok, recipe)
             reason = "--retrain" if retrain else state.reason
             if retrain or not state.current:

@@ -18,7 +18,7 @@ from nnsam2_assets.defs.metadata import table
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.propagation import propagated_masks
 from nnsam2_assets.defs.pseudolabels import pseudo_labels
-from nnsam2_assets.defs.resources import NnsamStorage, RefinementSettings
+from nnsam2_assets.defs.resources import NnsamStorage, PropagationSettings, RefinementSettings
 from nnsam2_assets.ingest.annotation import describe_split_source
 from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.refinement import stages as refine
@@ -112,12 +112,15 @@ def _stage_asset_kwargs(stage: str, deps: list) -> dict:
     )
 )
 def nnunet_stage1(
-    context: dg.AssetExecutionContext, storage: NnsamStorage, refinement: RefinementSettings
+    context: dg.AssetExecutionContext,
+    storage: NnsamStorage,
+    refinement: RefinementSettings,
+    propagation: PropagationSettings,
 ) -> dg.MaterializeResult:
     """Stage 1: nnU-Net trained on the pseudo-labels of every dataset (ignore label on dropped slices),
     then its predictions for every scan."""
     pool = _pool(context, storage)
-    info = refine.run_stage1(pool, storage.root, refinement.config().profile_obj(), log=context.log.info)
+    info = refine.run_stage1(pool, storage.root, refinement.profile_for(propagation), log=context.log.info)
     return _result(info)
 
 
@@ -129,10 +132,11 @@ def _next_stage_asset(stage: str, deps: list, description: str) -> dg.AssetsDefi
         context: dg.AssetExecutionContext,
         storage: NnsamStorage,
         refinement: RefinementSettings,
+        propagation: PropagationSettings,
         config: StageSelectionConfig,
     ) -> dg.MaterializeResult:
         pool = _pool(context, storage)
-        profile = refinement.config().profile_obj()
+        profile = refinement.profile_for(propagation)
         info = refine.run_next_stage(
             stage, pool, storage.root, profile, config.rule(stage), log=context.log.info
         )

@@ -21,6 +21,7 @@ from nnsam2_assets.core.lifecycle import exit_with_parent
 from nnsam2_assets.executors import executor_kind
 from nnsam2_assets.ingest.convention import DatasetSpec, load_dataset
 from nnsam2_assets.propagation.settings import PropagationConfig
+from nnsam2_assets.refinement.nnunet import Profile
 from nnsam2_assets.refinement.settings import RefinementConfig
 
 T = TypeVar("T")
@@ -132,6 +133,19 @@ class RefinementSettings(dg.ConfigurableResource):
     def config(self) -> RefinementConfig:
         return _as_dataclass(self, RefinementConfig)
 
+    def profile_for(self, propagation: PropagationSettings) -> Profile:
+        """The recipe the stages train with. nnSAM's encoder is the propagation resource's SAM2 checkpoint
+        unless this resource names its own: one set on ``propagation`` in the launchpad had reached only the
+        propagation, and nnSAM quietly trained its shape head alone."""
+        config = self.config()
+        if not config.sam2_checkpoint and propagation.sam2_checkpoint:
+            config = dataclasses.replace(
+                config,
+                sam2_checkpoint=propagation.sam2_checkpoint,
+                sam2_config=config.sam2_config or propagation.sam2_config,
+            )
+        return config.profile_obj()
+
 
 def _as_dataclass(resource: dg.ConfigurableResource, cls: type[T]) -> T:
     """The resource's fields as the domain dataclass of the same field names (a field the dataclass lacks,
@@ -155,8 +169,9 @@ def settings_problem() -> str | None:
         executor_kind()
         resources = build_resources()
         resolved(resources["storage"])
-        resolved(resources["propagation"]).config()
-        resolved(resources["refinement"]).config().profile_obj()
+        propagation = resolved(resources["propagation"])
+        propagation.config()
+        resolved(resources["refinement"]).profile_for(propagation)
     except dg.DagsterInvalidConfigError as exc:
         return "; ".join(_config_error_line(error) for error in exc.errors) or str(exc).splitlines()[0]
     except KeyError as exc:

@@ -145,3 +145,17 @@ def test_an_in_process_run_outlives_the_shell_that_started_it(tmp_path):
     while alive({child}):  # no deadline: however slow the machine, it ends
         time.sleep(0.2)
     assert report.read_text() == "success True"
+
+
+def test_nnsam_takes_the_propagation_resources_checkpoint_set_in_the_launchpad():
+    """A checkpoint set on ``propagation`` in run config had reached only the propagation: nnSAM trained the
+    shape head alone, and its metadata said ``sam_encoder: none``."""
+    from nnsam2_assets.refinement.models import recipe_key
+
+    launchpad = PropagationSettings(backend="sam2", sam2_checkpoint="/weights/sam2.1_hiera_tiny.pt")
+    nnsam = RefinementSettings(trainer="nnsam")
+    assert nnsam.profile_for(launchpad).sam2_checkpoint == "/weights/sam2.1_hiera_tiny.pt"
+    own = RefinementSettings(trainer="nnsam", sam2_checkpoint="/weights/own.pt")
+    assert own.profile_for(launchpad).sam2_checkpoint == "/weights/own.pt"
+    plain = RefinementSettings()  # the plain trainer's recipe, and so its models' versions, do not move
+    assert recipe_key(plain.profile_for(launchpad)) == recipe_key(plain.config().profile_obj())

@@ -183,6 +183,20 @@ def test_trainer_and_its_weights_enter_the_model_identity(tmp_path):
         quick.replace(trainer="nnsamm")
 
 
+def test_the_sam2_encoder_is_refused_for_a_3d_configuration_before_anything_runs():
+    """The encoder embeds 2-D images: the paper profile's 3d_fullres patches failed on the first training step,
+    after ingest, propagation and the pseudo-labels had run."""
+    with pytest.raises(
+        ValueError, match="nnsam with a SAM2 encoder needs a 2d configuration, not 3d_fullres"
+    ):
+        nnunet.get_profile("paper", trainer="nnsam", sam2_checkpoint="/weights/sam2.1_hiera_tiny.pt")
+    with pytest.raises(ValueError, match="needs a 2d configuration"):
+        nnunet.get_profile("paper", trainer="nnsam", sam2_random_weights=True)
+    shape_head_only = nnunet.get_profile("paper", trainer="nnsam")
+    assert shape_head_only.configuration == "3d_fullres" and not shape_head_only.uses_sam_encoder
+    assert nnunet.get_profile("quick", trainer="nnsam", sam2_random_weights=True).uses_sam_encoder
+
+
 # ------------------------------------------------------------------------------------------ a tiny real run
 def test_nnsam_trains_and_predicts_through_the_wrapper(tmp_path):
     cases = _cases(tmp_path / "data", 4, ignore=True)

@@ -103,6 +103,13 @@ class Profile:
                 f"the {self.configuration} configuration with a rewritten plan: in-plane spacing, patch and "
                 "batch caps and the network width are implemented for 2d only"
             )
+        if self.trainer == "nnsam" and self.uses_sam_encoder and self.configuration != "2d":
+            # the encoder embeds 2-D images (nnSAM's own design): a 3-D patch failed on the first training step,
+            # after the whole chain had run
+            raise ValueError(
+                f"nnsam with a SAM2 encoder needs a 2d configuration, not {self.configuration} (profile "
+                f"{self.name!r}): use the quick profile, or no checkpoint for the shape head alone"
+            )
         if self.warm_start_epochs < 0:
             raise ValueError(f"warm_start_epochs {self.warm_start_epochs}: 0 (off) or more")
         if self.base_features is not None and self.base_features < 4:
@@ -110,6 +117,10 @@ class Profile:
 
     def replace(self, **changes: Any) -> Profile:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def uses_sam_encoder(self) -> bool:
+        return bool(self.sam2_checkpoint or self.sam2_random_weights)
 
     @property
     def rewrites_plan(self) -> bool:

@@ -38,7 +38,7 @@ from nnsam2_assets.refinement.prediction import input_key, predict_pool, scan_ke
 from nnsam2_assets.refinement.roi import Roi
 from nnsam2_assets.refinement.rules import StageRule
 from nnsam2_assets.refinement.stage_labels import exact_lineage, next_stage_labels, stage_labels
-from nnsam2_assets.supervoxels.steps import sampling_points
+from nnsam2_assets.supervoxels.steps import SAMPLING_VERSION, sampling_points
 
 # v3: the annotated slab is held out of training; v4: later stages learn finished predictions; v5: in
 # those, a side's edge moves no further than the band from its own edge (``propagation.boundary``)
@@ -205,7 +205,7 @@ def supervoxel_points(
         return None, "no-supervoxels"
     image = read_image(path)
     supervoxels = sitk.GetArrayFromImage(roi.crop(image) if roi is not None else image)
-    return sampling_points(supervoxels, labels, ignore_label), sha256_file(path)[:16]
+    return sampling_points(supervoxels, labels, ignore_label), f"{SAMPLING_VERSION}:{sha256_file(path)[:16]}"
 
 
 def run_stage1(pool: Pool, root: Path, profile: nnunet.Profile, log: Log = print) -> StageResult:

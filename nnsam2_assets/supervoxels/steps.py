@@ -174,13 +174,17 @@ def build_supervoxels(
 
 
 # --------------------------------------------------------------------------------- foreground sampling
+# v2: each point is a pixel of the class it is filed under; in the stages' model versions
+SAMPLING_VERSION = "points-v2"
+
+
 def sampling_points(
     supervoxels: np.ndarray, labels: np.ndarray, ignore_label: int | None
 ) -> dict[int, np.ndarray]:
     """Patch centres for nnU-Net's foreground oversampling: one point per (supervoxel, labelled slice) that is at
-    least ``MIN_FOREGROUND_SHARE`` muscle, for its most frequent class, at its pixel nearest its centre. Every
-    supervoxel counts once however large, so small and border segments (where the errors are) are drawn as
-    often as the bulk of a muscle.
+    least ``MIN_FOREGROUND_SHARE`` muscle, for its most frequent class, at that class's pixel nearest the
+    supervoxel's centre. Every supervoxel counts once however large, so small and border segments (where the
+    errors are) are drawn as often as the bulk of a muscle.
     Returns {class id: [N, 3] (z, y, x) indices}."""
     points: dict[int, list[tuple[int, int, int]]] = {}
     for z in range(labels.shape[0]):
@@ -193,7 +197,12 @@ def sampling_points(
             if len(classes) < 2 or classes[1:].sum() < MIN_FOREGROUND_SHARE * len(ys):
                 continue
             majority = int(np.argmax(classes[1:])) + 1
-            nearest = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+            # nnU-Net takes a class's points for pixels of that class: the nearest pixel of the majority
+            # class, not of any (a supervoxel a quarter muscle had filed a background pixel under it)
+            own = lab[ys, xs] == majority
+            cy, cx = ys.mean(), xs.mean()
+            ys, xs = ys[own], xs[own]
+            nearest = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
             points.setdefault(majority, []).append((z, int(ys[nearest]), int(xs[nearest])))
     return {c: np.asarray(p, np.int64) for c, p in points.items()}
 

@@ -79,6 +79,17 @@ def test_sampling_points_are_one_per_supervoxel_and_slice_with_its_foreground_cl
         zyx = points[label]
         assert zyx.shape == (2, 3) and sorted(zyx[:, 0]) == [0, 1]  # slices 0 and 1, never the ignored one
         assert all(supervoxels[z, y, x] == segment for z, y, x in zyx)  # inside its own supervoxel
+        assert all(labels[z, y, x] == label for z, y, x in zyx)  # and a pixel of its own class
+
+
+def test_a_point_is_a_pixel_of_its_class_even_where_the_supervoxel_centre_is_not():
+    """nnU-Net takes a class's points for that class's pixels; a supervoxel 40 % muscle on one side had filed
+    its centre, a background pixel, under the muscle."""
+    labels = np.zeros((1, 10, 10), np.uint8)
+    labels[0, :, :4] = 1
+    supervoxels = np.ones_like(labels, np.uint16)
+    (point,) = steps.sampling_points(supervoxels, labels, ignore_label=None)[1]
+    assert labels[tuple(point)] == 1 and tuple(point) in {(0, 4, 3), (0, 5, 3)}
 
 
 def test_box_nms_keeps_the_best_of_overlapping_boxes():

@@ -34,6 +34,7 @@ def _cli(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
         ("NNSAM2_NNUNET_EPOCHS", "abc", '"NNSAM2_NNUNET_EPOCHS" cannot be coerced into an int'),
         ("NNSAM2_NNUNET_EPOCHS", "-3", "num_epochs is -3"),
         ("NNSAM2_EXECUTOR", "Celery", "NNSAM2_EXECUTOR='Celery'"),
+        ("NNSAM2_PROPAGATION_WORKERS", "-3", "NNSAM2_PROPAGATION_WORKERS='-3': a whole number"),
     ],
 )
 def test_an_invalid_setting_stops_the_run_before_anything_runs(tmp_path, variable, value, said):

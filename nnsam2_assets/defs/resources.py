@@ -20,6 +20,7 @@ from nnsam2_assets.core import layout
 from nnsam2_assets.core.lifecycle import exit_with_parent
 from nnsam2_assets.executors import executor_kind
 from nnsam2_assets.ingest.convention import DatasetSpec, load_dataset
+from nnsam2_assets.propagation.parallel import default_workers
 from nnsam2_assets.propagation.settings import PropagationConfig
 from nnsam2_assets.refinement.nnunet import Profile
 from nnsam2_assets.refinement.settings import RefinementConfig
@@ -167,6 +168,7 @@ def settings_problem() -> str | None:
     was ingested and propagated, as a traceback."""
     try:
         executor_kind()
+        default_workers()
         resources = build_resources()
         resolved(resources["storage"])
         propagation = resolved(resources["propagation"])

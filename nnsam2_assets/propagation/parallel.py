@@ -29,8 +29,13 @@ _job: dict = {}
 
 
 def default_workers() -> int:
-    """``NNSAM2_PROPAGATION_WORKERS`` if set, else the core count."""
-    return max(1, int(os.environ.get(WORKERS_ENV) or os.cpu_count() or 1))
+    """``NNSAM2_PROPAGATION_WORKERS`` if set (a whole number, 1 or more), else the core count."""
+    raw = os.environ.get(WORKERS_ENV, "").strip()
+    if not raw:
+        return max(1, os.cpu_count() or 1)
+    if not raw.isascii() or not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{WORKERS_ENV}={raw!r}: a whole number of worker processes, 1 or more")
+    return int(raw)
 
 
 def _start(

@@ -16,6 +16,7 @@ import dagster as dg
 
 from bench._common import Workdir, all_assets, register, row, row_counts, run_selection, step_durations
 from nnsam2_assets.core.layout import duckdb_path
+from nnsam2_assets.core.storage import sha256_file
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.resources import RefinementSettings, build_resources
 from nnsam2_assets.demo.datasets import write_demo_cohort
@@ -176,6 +177,7 @@ def bench_demo_overhead(base: Path, quick: bool) -> list[dict]:
         totals: dict[str, list[float]] = {"dagster": [], "direct": []}
         stages: dict[str, list[float]] = {"dagster": [], "direct": []}
         counts: dict[str, dict] = {}
+        masks: dict[str, dict[str, str]] = {}
         for i, impl in enumerate(order):
             storage = wd.storage(f"s-{impl}-{i}")
             t0 = time.perf_counter()
@@ -194,8 +196,11 @@ def bench_demo_overhead(base: Path, quick: bool) -> list[dict]:
             totals[impl].append(time.perf_counter() - t0)
             stages[impl].append(parts.get("models", 0.0))
             counts.setdefault(impl, row_counts(duckdb_path(storage)))
+            masks.setdefault(impl, _propagated_masks(storage))
             shutil.rmtree(storage)
         assert counts["dagster"] == counts["direct"], f"the two paths wrote different rows: {counts}"
+        # the per-dataset phase writes no rows (--quick runs only that): its masks are what the paths share
+        assert masks["dagster"] == masks["direct"] and masks["direct"], "the two paths propagated differently"
     finally:
         wd.close()
     d, x = statistics.mean(totals["dagster"]), statistics.mean(totals["direct"])
@@ -214,10 +219,18 @@ def bench_demo_overhead(base: Path, quick: bool) -> list[dict]:
                 else f"demo cohort, 2 x 4 scans, all {len(all_assets())} assets, nnU-Net {refinement.num_epochs} x "
                 f"{refinement.iterations_per_epoch} it; the three stages {md:.1f} vs {mx:.1f} s"
             )
-            + f"); same DuckDB row counts ({sum(counts['direct'].values())} rows)"
-            + ("" if quick else "; untimed warm-up first"),
+            + f"); same DuckDB row counts ({sum(counts['direct'].values())} rows) and the same "
+            f"{len(masks['direct'])} propagated masks" + ("" if quick else "; untimed warm-up first"),
         )
     ]
+
+
+def _propagated_masks(storage: Path) -> dict[str, str]:
+    """Digest of every propagated mask under a storage root, by its path there."""
+    return {
+        str(path.relative_to(storage)): sha256_file(path)
+        for path in sorted(storage.glob("datasets/*/propagated_masks/*.nii.gz"))
+    }
 
 
 CLI_DATASET = "cli"

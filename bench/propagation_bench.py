@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from bench._common import cpu_model
 from nnsam2_assets.core.labels import mean_dice, mean_slice_dice, merge_sides, slice_dice
 from nnsam2_assets.propagation.backends import build_propagator
 from nnsam2_assets.testing.realdata import slice_annotation, tum_canonical
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = run_propagation_bench(quick=args.quick, backend=args.backend)
     print(format_table(rows))
+    print(f"CPU: {cpu_model()}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))

@@ -1,5 +1,5 @@
-"""Fresh-process worker of the peak-memory bench (``python -m bench.rss_child DATA STORAGE NAME``): materialize one partition's per-dataset chain in-process and
-print one JSON line with its wall time and the peak RSS during that run (so runs of different sizes compare)."""
+"""Fresh-process worker of the peak-memory bench (``python -m bench.rss_child DATA STORAGE NAME``): materialize one partition's per-dataset chain in-process (propagation
+too, on one worker) and print one JSON line with its wall time and the peak RSS during that run (so runs of different sizes compare)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ def main(argv: list[str]) -> int:
     import dagster as dg
 
     from bench._common import peak_rss_mb, register, reset_peak_rss, rss_mb, run_selection
-    from nnsam2_assets.defs.resources import build_resources
+    from nnsam2_assets.defs.resources import PropagationSettings, build_resources
     from nnsam2_assets.pipeline import PER_DATASET
     from nnsam2_assets.testing.cohorts import write_tiny_dataset
 
     data_root, storage_root, name = Path(argv[0]), Path(argv[1]), argv[2]
+    # one propagation worker: the scans propagate in this process, whose high-water mark is what is read
+    # (worker processes, the default on more than one core, would take their memory out of the measure)
+    in_process = PropagationSettings(workers=1)
     import_peak = peak_rss_mb()
     with (
         tempfile.TemporaryDirectory(prefix="nnsam2-bench-home-") as home,
@@ -29,14 +32,14 @@ def main(argv: list[str]) -> int:
         warm = Path(home) / "warm"
         write_tiny_dataset(warm / "data", "warm", 1, seed=99)
         register(instance, ["warm"])
-        assert run_selection(
-            instance, build_resources(warm / "data", warm / "storage"), "warm", PER_DATASET
-        ).result.success
+        warm_resources = build_resources(warm / "data", warm / "storage", propagation=in_process)
+        assert run_selection(instance, warm_resources, "warm", PER_DATASET).result.success
         base_rss = rss_mb()  # after imports and the warm-up
         reset = reset_peak_rss()
         register(instance, [name])
         t0 = time.perf_counter()
-        run = run_selection(instance, build_resources(data_root, storage_root), name, PER_DATASET)
+        resources = build_resources(data_root, storage_root, propagation=in_process)
+        run = run_selection(instance, resources, name, PER_DATASET)
         seconds = time.perf_counter() - t0
     print(
         json.dumps(

@@ -23,6 +23,7 @@ import SimpleITK as sitk
 import torch
 
 import nnsam2_assets.propagation.sam2 as sam2_backend  # also installs the Hydra shim before sam2 imports
+from bench._common import cpu_model
 from nnsam2_assets.propagation.frames import build_frame_sequence, normalise_for_frames, write_frame_stack
 from nnsam2_assets.propagation.sam2 import SAM2Propagator, build_sam2_video_predictor, target_seed_slice
 from nnsam2_assets.testing.cohorts import two_blob_annotation, two_blob_volume
@@ -223,6 +224,7 @@ def main() -> None:
     print(
         f"model builds for {builds['targets']} targets: {builds['builds']} (target 1: {'OK' if builds['ok'] else 'MISSED'})"
     )
+    print(f"CPU: {cpu_model()}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from bench._common import cpu_model
 from nnsam2_assets.core.labels import mean_dice, merge_sides
 from nnsam2_assets.propagation.registration import RegistrationPropagator
 from nnsam2_assets.pseudolabels.selection import SelectionConfig, select_slices, slice_table
@@ -77,6 +78,7 @@ def main() -> int:
     args = parser.parse_args()
     rows = run_selection_bench()
     print(pd.DataFrame(rows).round(3).to_string(index=False))
+    print(f"CPU: {cpu_model()}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -77,13 +77,8 @@ def read_source_image(path: Path | str) -> sitk.Image:
     an empty mask and a wrong volume; only the user knows what the missing values were.
     """
     path = Path(path)
-    if path.is_file() and path.name.endswith(".gz"):
-        try:
-            verify_gzip_stream(path)
-        except GZIP_ERRORS as exc:
-            raise ScanError(
-                path, f"truncated or corrupt gzip stream ({exc}); the file is incomplete"
-            ) from exc
+    if path.is_file() and path.name.endswith(NIFTI_SUFFIXES):
+        _check_nifti_size(path)
     img = read_image(path)
     if path.is_file() and path.name.endswith(NIFTI_SUFFIXES):
         bad = nonfinite_voxels_in_nifti(path)
@@ -95,6 +90,41 @@ def read_source_image(path: Path | str) -> sitk.Image:
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         raise ScanError(path, "image holds NaN or infinite values")
     return img
+
+
+# 512 x 512 x 2048 voxels: far above a lumbar scan, and what one ingest worker can hold several copies of
+MAX_VOXELS = 1 << 29
+
+
+def _check_nifti_size(path: Path) -> None:
+    """Refuse a NIfTI file whose header claims more voxels than ``MAX_VOXELS`` (a few hundred bytes can claim
+    terabytes), or whose data is shorter than its header says: a truncated or corrupt gzip stream, or a
+    complete one holding too little (the reader pads both with zeros, which become an empty mask)."""
+    import nibabel as nib
+
+    try:
+        proxy = nib.load(str(path)).dataobj  # its offset is where the data starts (the header may say 0)
+        shape = tuple(int(n) for n in proxy.shape)
+        needed = int(proxy.offset) + int(np.prod(shape, dtype=np.int64)) * np.dtype(proxy.dtype).itemsize
+    except Exception:  # noqa: BLE001 - nibabel raises many types; the stream check and read_image name it
+        shape, needed = (), None
+    if shape and int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:
+        raise ScanError(
+            path, f"its header claims {'x'.join(map(str, shape))} voxels, more than {MAX_VOXELS:,}"
+        )
+    if path.name.endswith(".gz"):
+        try:
+            stored = verify_gzip_stream(path, limit=None if needed is None else needed + (1 << 20))
+        except GZIP_ERRORS as exc:
+            raise ScanError(
+                path, f"truncated or corrupt gzip stream ({exc}); the file is incomplete"
+            ) from exc
+    else:
+        stored = path.stat().st_size
+    if needed is not None and stored < needed:
+        raise ScanError(
+            path, f"holds {stored:,} bytes where its header needs {needed:,}: the file is incomplete"
+        )
 
 
 def nonfinite_voxels_in_nifti(path: Path) -> int:

@@ -81,14 +81,20 @@ def atomic_write_json(obj: Any, path: Path) -> Path:
 GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
 
 
-def verify_gzip_stream(path: Path) -> None:
-    """Decompress the whole file, raising one of ``GZIP_ERRORS`` if the stream is cut short or corrupt.
+def verify_gzip_stream(path: Path, limit: int | None = None) -> int:
+    """Decompress the whole file, raising one of ``GZIP_ERRORS`` if the stream is cut short or corrupt;
+    returns the decompressed length, or stops once it passes ``limit`` bytes (a stream that inflates
+    without end is then refused by the caller, not read to the end).
 
     SimpleITK's NIfTI reader pads a truncated ``.nii.gz`` with zeros instead of failing, so neither a short
     write nor a truncated download would otherwise show."""
+    total = 0
     with gzip.open(path, "rb") as fh:
-        while fh.read(1 << 20):
-            pass
+        while chunk := fh.read(1 << 20):
+            total += len(chunk)
+            if limit is not None and total > limit:
+                break
+    return total
 
 
 def _write_image_checked(img: sitk.Image, tmp: Path) -> None:

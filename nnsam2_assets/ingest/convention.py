@@ -139,6 +139,36 @@ def dataset_folder(data_root: Path, name: str) -> Path:
     return folder
 
 
+MAX_YAML_BYTES = 1 << 16  # a dataset.yaml is a few hundred bytes; the sensor reads every one on every tick
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` without anchors and aliases: nested aliases let a 500-byte file expand to gigabytes
+    when read (a "billion laughs"), and a dataset description never needs them."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted here", mark)
+        return super().compose_node(parent, index)
+
+
+def read_dataset_yaml(path: Path) -> dict:
+    """dataset.yaml as a mapping, refused when too large, malformed or using aliases."""
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise DatasetError(
+            f"{path}: {size:,} bytes, more than a dataset description needs ({MAX_YAML_BYTES:,})"
+        )
+    try:
+        cfg = yaml.load(path.read_text(), Loader=_NoAliasLoader) or {}  # a SafeLoader subclass
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise DatasetError(f"{path}: expected a mapping of keys")
+    return cfg
+
+
 def load_dataset(data_root: Path, name: str, require_annotation: bool = True) -> DatasetSpec:
     """The dataset's description; ``require_annotation=False`` reads one that is not annotated yet
     (``nnsam2 propose`` helps make the annotation)."""
@@ -148,12 +178,7 @@ def load_dataset(data_root: Path, name: str, require_annotation: bool = True) ->
         raise DatasetError(f"{cfg_path}: missing dataset description")
     roots = readable_roots(data_root)
     confine_dataset_file(cfg_path, roots)
-    try:
-        cfg = yaml.safe_load(cfg_path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DatasetError(f"{cfg_path}: not valid YAML ({exc})") from exc
-    if not isinstance(cfg, dict):
-        raise DatasetError(f"{cfg_path}: expected a mapping of keys")
+    cfg = read_dataset_yaml(cfg_path)
 
     modality = str(cfg.get("modality", "")).lower()
     if modality not in MODALITIES:
@@ -291,6 +316,26 @@ def confine_dataset_file(path: Path, roots: tuple[Path, ...]) -> Path:
         raise DatasetError(str(exc)) from exc
 
 
+def _dixon_stem(stem: str) -> str:
+    """The scan id part of a Dixon file name: one ``_water`` or ``_fat`` suffix off, never both."""
+    for suffix in ("_water", "_fat"):
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def _dixon_scan_id(scan_id: str, entry: Path) -> str:
+    """A Dixon scan's id, which may not end in ``_fat``: scan ``x``'s fat image is stored as ``x_fat``, and
+    a scan ``x_fat`` would overwrite it (each then measured the other's image)."""
+    scan_id = validate_scan_id(scan_id, entry)
+    if scan_id.endswith("_fat"):
+        raise ScanError(
+            entry,
+            f"a Dixon scan id may not end in '_fat' ({scan_id!r}): rename the pair, e.g. {scan_id[:-4]}-fat",
+        )
+    return scan_id
+
+
 def discover_scans(
     folder: Path, is_dixon: bool, roots: tuple[Path, ...]
 ) -> tuple[dict[str, ScanSource], dict[str, str]]:
@@ -321,13 +366,13 @@ def discover_scans(
             if not is_dixon:
                 found[validate_scan_id(stem, entry)] = entry
             elif stem.endswith("_water"):
-                found[validate_scan_id(stem[: -len("_water")], entry)] = entry
+                found[_dixon_scan_id(_dixon_stem(stem), entry)] = entry
             elif stem.endswith("_fat"):
-                fats[validate_scan_id(stem[: -len("_fat")], entry)] = entry
+                fats[_dixon_scan_id(_dixon_stem(stem), entry)] = entry
             else:
                 raise ScanError(entry, "Dixon scans must be named <id>_water / <id>_fat")
         except ScanError as exc:
-            name = stem.removesuffix("_water").removesuffix("_fat") if is_dixon else stem
+            name = _dixon_stem(stem) if is_dixon else stem
             excluded[name] = str(exc)
     for scan_id in sorted(set(fats) - set(found) - set(excluded)):
         excluded[scan_id] = f"{fats[scan_id]}: fat image without a matching {scan_id}_water image"

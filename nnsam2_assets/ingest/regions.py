@@ -46,6 +46,7 @@ class RegionTable:
     rows: dict[str, int]
 
 
+MAX_TABLE_BYTES = 1 << 24  # 16 MiB: some 400,000 rows, far beyond any cohort
 _INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: a regex's \d also takes other scripts' digits
 
 
@@ -58,6 +59,11 @@ def read_regions(path: Path) -> RegionTable:
     rows, are skipped. Every message names the file, the row (line number in the file, header = 1) and the
     column."""
     try:
+        size = path.stat().st_size
+        if size > MAX_TABLE_BYTES:  # read whole on every sensor tick: a huge file would hold gigabytes
+            raise DatasetError(
+                f"{path}: {size:,} bytes, more than a region table needs ({MAX_TABLE_BYTES:,})"
+            )
         with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark
             reader = csv.reader(fh, skipinitialspace=True)
             header = next(reader, None)

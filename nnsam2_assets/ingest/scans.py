@@ -30,6 +30,7 @@ from nnsam2_assets.core.labels import class_map
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.overlays import sagittal_lines_png
 from nnsam2_assets.core.storage import (
+    StorageError,
     atomic_write_bytes,
     atomic_write_dataframe,
     atomic_write_image,
@@ -376,7 +377,14 @@ def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) ->
             cache.record(scan_id, key, {"stat": signature, "row": row})
             computed += 1
             rows.append(row)
-        except ScanError as exc:
+        except (ScanError, RuntimeError, MemoryError) as exc:
+            # SimpleITK raises RuntimeError, and a scan too large for the machine MemoryError, deep in the
+            # preparation: one scan's failure stays its own (it had failed the dataset's whole ingest). A
+            # failed write is the storage's, not the scan's: it fails the step
+            if isinstance(exc, StorageError):
+                raise
+            if not isinstance(exc, ScanError):
+                exc = ScanError(source.image, f"could not be prepared ({type(exc).__name__}: {exc})")
             log(f"scan {scan_id} excluded: {exc}")
             rows.append({"scan": scan_id, "status": "error", "error": str(exc), "source": str(source.image)})
             remove_scan_outputs(layout, scan_id)

@@ -58,6 +58,9 @@ def read_segments(image: sitk.Image, path: Path | str) -> list[Segment]:
     return segments
 
 
+MAX_SEGMENTS = 255  # more than a uint8 class map can tell apart
+
+
 def read_slicer_labels(
     path: Path | str,
     label_map: dict[int, int],
@@ -71,6 +74,8 @@ def read_slicer_labels(
     except RuntimeError as exc:
         raise ScanError(path, f"unreadable segmentation ({str(exc).strip().splitlines()[-1][:200]})") from exc
     segments = read_segments(image, path)
+    if len(segments) > MAX_SEGMENTS:  # each is a pass over the volume: a crafted header lists thousands
+        raise ScanError(path, f"{len(segments)} segments in the header; a muscle segmentation has a few")
     layers = sorted({s.layer for s in segments})
     if image.GetNumberOfComponentsPerPixel() > 1 or len(layers) > 1:
         raise ScanError(

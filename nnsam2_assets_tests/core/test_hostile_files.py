@@ -1,0 +1,126 @@
+"""Hostile files: a NIfTI header claiming more voxels than any scan (a few hundred bytes can claim
+terabytes), a complete gzip stream holding less data than its header needs, a scan whose preparation fails
+inside SimpleITK (its error stays its own), a Dixon id that would share a stored file with another scan, and
+a dataset.yaml, region table or Slicer header built to exhaust memory or time."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnsam2_assets.core.imaging import MAX_VOXELS, ScanError, read_source_image
+from nnsam2_assets.core.layout import DatasetLayout
+from nnsam2_assets.ingest import scans as ingest
+from nnsam2_assets.ingest.convention import MAX_YAML_BYTES, load_dataset
+from nnsam2_assets.ingest.errors import DatasetError
+from nnsam2_assets.ingest.regions import MAX_TABLE_BYTES, read_regions
+from nnsam2_assets.ingest.slicer import MAX_SEGMENTS, read_slicer_labels
+from nnsam2_assets.testing.cohorts import write_tiny_dataset
+
+
+def _nifti_claiming(path: Path, shape: tuple[int, ...], payload: bytes) -> Path:
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.int16)
+    header["vox_offset"] = 352
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + payload))
+    return path
+
+
+def test_a_header_claiming_more_voxels_than_any_scan_is_refused_before_reading(tmp_path):
+    path = _nifti_claiming(tmp_path / "huge.nii.gz", (4096, 4096, 4096), b"\0" * 64)
+    with pytest.raises(ScanError, match=rf"{path}: its header claims 4096x4096x4096 voxels, more than"):
+        read_source_image(path)
+    assert MAX_VOXELS < 4096**3
+
+
+def test_a_complete_stream_with_too_little_data_is_refused(tmp_path):
+    """The reader pads the missing voxels with zeros: an empty mask and a wrong volume, without a word."""
+    path = _nifti_claiming(tmp_path / "short.nii.gz", (8, 8, 8), b"\1\0" * 100)
+    with pytest.raises(ScanError, match=rf"{path}: holds 552 bytes where its header needs 1,376"):
+        read_source_image(path)
+    whole = _nifti_claiming(tmp_path / "whole.nii.gz", (8, 8, 8), b"\1\0" * 512)
+    assert read_source_image(whole).GetSize() == (8, 8, 8)
+
+
+def test_a_scan_failing_inside_simpleitk_is_excluded_alone(tmp_path, monkeypatch):
+    """A RuntimeError (or MemoryError) deep in one scan's preparation had failed the dataset's whole ingest,
+    and no manifest was written for the good scans."""
+    write_tiny_dataset(tmp_path / "data", "ds", 3, seed=1)
+    spec = load_dataset(tmp_path / "data", "ds")
+    prepare = ingest.prepare_scan
+
+    def failing_for_subj02(spec, source, reference):
+        if source.image.name.startswith("subj02"):
+            raise RuntimeError("Exception thrown in SimpleITK DICOMOrient: std::bad_alloc")
+        return prepare(spec, source, reference)
+
+    monkeypatch.setattr(ingest, "prepare_scan", failing_for_subj02)
+    report = ingest.ingest_scans(spec, DatasetLayout(tmp_path / "storage", "ds"))
+    manifest = report.manifest.set_index("scan")
+    assert list(manifest.status) == ["ok", "ok", "error"]
+    assert manifest.loc["subj02", "error"].endswith(
+        "could not be prepared (RuntimeError: Exception thrown in SimpleITK DICOMOrient: std::bad_alloc)"
+    )
+
+
+def test_a_dixon_scan_id_ending_in_fat_is_refused(tmp_path):
+    """Scan ``subj01_fat``'s image and scan ``subj01``'s fat image were one file under the storage root: each
+    scan was measured on the other's image."""
+    folder = write_tiny_dataset(tmp_path / "data", "ds", 2, seed=1)
+    scans = folder / "scans"
+    for part in ("water", "fat"):
+        (scans / f"subj01_fat_{part}.nii.gz").write_bytes((scans / f"subj00_{part}.nii.gz").read_bytes())
+    spec = load_dataset(tmp_path / "data", "ds")
+    assert "subj01" in spec.scans and "subj01_fat" not in spec.scans
+    why = spec.excluded["subj01_fat"]
+    assert why.startswith(str(scans / "subj01_fat_")) and why.endswith(
+        ".nii.gz: a Dixon scan id may not end in '_fat' ('subj01_fat'): rename the pair, e.g. subj01-fat"
+    )
+
+
+def test_a_dataset_yaml_with_aliases_or_too_many_bytes_is_refused(tmp_path):
+    """Nested aliases let a 475-byte dataset.yaml expand to 400 MB when read (9x per level), on every
+    sensor tick and for every dataset; a description never needs them."""
+    folder = write_tiny_dataset(tmp_path / "data", "ds", 2, seed=1)
+    cfg = folder / "dataset.yaml"
+    original = cfg.read_text()
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 7)]
+    cfg.write_text("\n".join(levels) + "\nmodality: *a6\n")
+    with pytest.raises(
+        DatasetError, match=rf"{cfg}: not valid YAML \(aliases \(\*name\) are not accepted here"
+    ):
+        load_dataset(tmp_path / "data", "ds")
+    cfg.write_text(original + "#" * MAX_YAML_BYTES)
+    with pytest.raises(DatasetError, match=rf"{cfg}: [\d,]+ bytes, more than a dataset description needs"):
+        load_dataset(tmp_path / "data", "ds")
+    cfg.write_text(original)
+    assert load_dataset(tmp_path / "data", "ds").name == "ds"
+
+
+def test_a_region_table_too_large_to_be_one_is_refused_unread(tmp_path):
+    path = tmp_path / "regions.csv"
+    with open(path, "w") as fh:
+        fh.write("scan,first_slice,last_slice\n")
+        fh.truncate(MAX_TABLE_BYTES + 1)
+    with pytest.raises(DatasetError, match=rf"{path}: [\d,]+ bytes, more than a region table needs"):
+        read_regions(path)
+
+
+def test_a_segmentation_listing_thousands_of_segments_is_refused(tmp_path):
+    """Each listed segment was a pass over the volume: 200,000 in a header would take the ingest for minutes."""
+    labels = sitk.Image(8, 8, 4, sitk.sitkUInt8)
+    for i in range(MAX_SEGMENTS + 1):
+        labels.SetMetaData(f"Segment{i}_Name", "ES right")
+        labels.SetMetaData(f"Segment{i}_LabelValue", "1")
+        labels.SetMetaData(f"Segment{i}_Layer", "0")
+    path = tmp_path / "many.seg.nrrd"
+    sitk.WriteImage(labels, str(path))
+    with pytest.raises(ScanError, match=rf"{path}: {MAX_SEGMENTS + 1} segments in the header"):
+        read_slicer_labels(path, {}, {"ES right": 1})

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from nnsam2_assets.core import layout
+from nnsam2_assets.core.terminal import terminal_safe
 
 INSTANCE_YAML = """\
 # Local Dagster instance for nnsam2 (sqlite storage under this folder).
@@ -126,7 +127,7 @@ def run_pipeline(args: argparse.Namespace, names: list[str], command: str = "nns
         print(f"{command}: data root {layout.data_root()}, storage root {storage_root}")
         if not datasets:
             for line in refused:
-                print(f"FAILED {line}")
+                print(terminal_safe(f"FAILED {line}"))
             print(
                 f"{command}: no dataset to run (a dataset is a folder with a dataset.yaml in the data root)"
             )
@@ -140,7 +141,7 @@ def run_pipeline(args: argparse.Namespace, names: list[str], command: str = "nns
     report.failures[:0] = refused
     print(f"\nsummary ({time.perf_counter() - t0:.0f} s, {len(report.run_ids)} Dagster runs)")
     for line in report.summary():
-        print(f"  {line}")
+        print(terminal_safe(f"  {line}"))
     if report.ok:
         print(f"{command}: finished")
         return 0
@@ -234,7 +235,7 @@ def cmd_register(args: argparse.Namespace) -> int:
                 validate_dataset_key(name)
                 load_dataset(layout.data_root(), name)
             except (DatasetError, ValueError) as exc:
-                print(f"refused {name}: {exc}", file=sys.stderr)
+                print(terminal_safe(f"refused {name}: {exc}"), file=sys.stderr)
                 bad += 1
                 continue
             instance.add_dynamic_partitions("datasets", [name])
@@ -249,7 +250,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     for name in added:
         print(f"registered {name}")
     for name, reason in rejected.items():
-        print(f"refused {name}: {reason}", file=sys.stderr)
+        print(terminal_safe(f"refused {name}: {reason}"), file=sys.stderr)
     if not added and not rejected:
         print(f"nnsam2 register: every dataset folder in {data_root} is registered already")
     return 1 if rejected else 0

@@ -21,6 +21,8 @@ from pathlib import Path
 import dagster as dg
 from tqdm import tqdm
 
+from nnsam2_assets.core.terminal import terminal_safe
+
 PACKAGE_LOGGER = "nnsam2_assets"
 # the runs' Dagster events are re-logged here (a child of the package logger, so its handlers get them)
 DAGSTER_EVENTS_LOGGER = "nnsam2_assets.run.dagster"
@@ -42,7 +44,7 @@ class _ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=sys.stderr)
+            tqdm.write(terminal_safe(self.format(record)), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging never raises
             self.handleError(record)
 
@@ -280,7 +282,7 @@ def run_datasets(
             report.failures.append(f"{what}: {failure_message(result)}")
             if dataset:
                 report.failed_datasets.add(dataset)
-            tqdm.write(f"FAILED {report.failures[-1]}", file=sys.stderr)
+            tqdm.write(terminal_safe(f"FAILED {report.failures[-1]}"), file=sys.stderr)
         elif dataset is not None and phase.name == "outputs":
             report.outputs.append(dataset)
         if phase.name in bars:

@@ -67,3 +67,15 @@ def test_demo_refuses_a_cohort_without_scans(tmp_path, scans):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"--scans: {scans!r}: a whole number, 1 or more" in out.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_escape_sequences_in_users_names_never_reach_the_terminal(tmp_path):
+    """A folder named with an escape sequence could retitle or clear the user's terminal through a message."""
+    from nnsam2_assets.core.terminal import terminal_safe
+
+    assert terminal_safe("a\x1b]0;PWNED\x07\x1b[2J b\nc") == "a\\x1b]0;PWNED\\x07\\x1b[2J b\nc"
+    write_tiny_dataset(tmp_path / "data", "ds", 2)
+    (tmp_path / "data" / "ds").rename(tmp_path / "data" / "x\x1b[2J")
+    out = _cli(tmp_path, "register")
+    assert out.returncode == 1 and "refused x\\x1b[2J: invalid dataset name" in out.stderr
+    assert "\x1b" not in out.stderr + out.stdout

@@ -97,13 +97,23 @@ def region_inputs(spec: DatasetSpec, scan_id: str, content: bool) -> str:
     return f"found:{region_finding.VERSION}:{spec.reference_region}:{fingerprint}"
 
 
+def _expert_digest(path: Path, spec: DatasetSpec) -> str:
+    """The expert file's content hash, or its path when it lies outside the readable roots: such a file is
+    refused by ``prepare_scan`` and must not be read first (a link to a huge or never-ending file)."""
+    try:
+        spec.confined(path)
+    except ScanError:
+        return f"outside the readable roots: {path}"
+    return sha256_path(path)
+
+
 def source_hash(source: ScanSource, spec: DatasetSpec) -> str:
     """Content hash of everything a scan's ingest depends on (files, region, label map, modality)."""
     parts = [sha256_path(source.image)]
     if source.fat:
         parts.append(sha256_path(source.fat))
     if source.expert:
-        parts.append(sha256_path(source.expert))
+        parts.append(_expert_digest(source.expert, spec))
     parts += [
         region_inputs(spec, source.scan_id, content=True),
         str(sorted(spec.label_map.items())),

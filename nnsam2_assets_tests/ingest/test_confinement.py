@@ -33,6 +33,22 @@ def test_a_description_linked_out_of_the_data_root_is_refused(tmp_path):
         load_dataset(tmp_path / "data", "ds")
 
 
+def test_expert_labels_linked_out_are_not_even_hashed(tmp_path, monkeypatch):
+    """The refusal came after the file had been read whole for the cache key: a link to a huge or a
+    never-ending file (a FIFO, a device) stalled the dataset's ingest."""
+    from nnsam2_assets.ingest import scans
+
+    data = tmp_path / "data"
+    folder = write_tiny_dataset(data, "ds", 2)
+    outside = _link_out(folder / "experts" / "subj01.nii.gz", tmp_path / "outside")
+    read, hash_path = [], scans.sha256_path
+    monkeypatch.setattr(
+        scans, "sha256_path", lambda path: read.append(Path(path).resolve()) or hash_path(path)
+    )
+    ingest_scans(load_dataset(data, "ds"), DatasetLayout(tmp_path / "storage", "ds"))
+    assert read and outside.resolve() not in read
+
+
 def test_expert_labels_and_a_correction_linked_out_are_not_read(tmp_path):
     data, storage = tmp_path / "data", tmp_path / "storage"
     folder = write_tiny_dataset(data, "ds", 2)

@@ -152,6 +152,17 @@ class _NoAliasLoader(yaml.SafeLoader):
             raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted here", mark)
         return super().compose_node(parent, index)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int | str:
+        # YAML 1.1 reads 010 as 8, 0x1A as 26 and 1:20 as 80: a slice index, label id or scan id written so
+        # would be silently another one. Only plain decimals are numbers; the rest stay the text written,
+        # which the region and label-map parsers read as decimal and scan ids keep as they are ("007").
+        text = self.construct_scalar(node)
+        return int(text) if _PLAIN_DECIMAL.fullmatch(text) else text
+
+
+_PLAIN_DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+_NoAliasLoader.add_constructor("tag:yaml.org,2002:int", _NoAliasLoader.construct_yaml_int)
+
 
 def read_dataset_yaml(path: Path) -> dict:
     """dataset.yaml as a mapping, refused when too large, malformed or using aliases."""

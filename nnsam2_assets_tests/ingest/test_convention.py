@@ -248,3 +248,24 @@ def test_an_annotation_outside_the_yaml_region_names_dataset_yaml(tmp_path):
             read_image(spec.annotation), read_image(spec.scans["a"].image), spec, spec.annotation
         )
     assert folder.exists()
+
+
+def test_dataset_yaml_numbers_are_read_as_written_not_as_yaml_1_1_octal_hex_or_base_60(tmp_path):
+    folder = _tiny_dataset(tmp_path)
+    _write(np.zeros((6, 16, 16), np.float32), folder / "scans" / "007.nii.gz")
+    description = "modality: mri\nsequence: t2\nreference: 007\nlabel_map: {010: right_lpm, 011: left_lpm}\n"
+    (folder / "dataset.yaml").write_text(
+        description + "region: {first_slice: 010, last_slice: 014, l4_l5: 012}\n"
+    )
+    spec = load_dataset(tmp_path, "tiny")
+    # YAML 1.1 had read these as reference 7 (not found), label ids 8 and 9, and region 8..12 with L4/L5 at 10
+    assert spec.reference == "007"
+    assert spec.label_map == {10: 1, 11: 2}
+    assert spec.regions["007"] == Region(10, 14, 12)
+
+    for written, shown in (("0x0A", "'0x0A'"), ("1:20", "'1:20'"), ("1_0", "'1_0'")):
+        (folder / "dataset.yaml").write_text(
+            description + f"region: {{first_slice: 2, last_slice: {written}}}\n"
+        )
+        with pytest.raises(DatasetError, match=rf"key region, column last_slice: {shown} is not an integer"):
+            load_dataset(tmp_path, "tiny")

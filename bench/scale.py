@@ -15,7 +15,7 @@ from bench._common import Workdir, all_assets, register, row, run_selection, ste
 from bench.incremental import peak_rss_of_chain
 from nnsam2_assets.core.layout import duckdb_path
 from nnsam2_assets.defs.resources import RefinementSettings, build_resources
-from nnsam2_assets.metrics.store import TABLES, dataset_rows, replace_dataset
+from nnsam2_assets.metrics.store import TABLES, dataset_tables, replace_dataset
 from nnsam2_assets.pipeline import MODELS, PER_DATASET
 from nnsam2_assets.runner import failure_message
 from nnsam2_assets.testing.cohorts import hide_scan, restore_scan, write_tiny_dataset
@@ -62,7 +62,7 @@ def bench_scale(base: Path, quick: bool) -> list[dict]:
 
         name = f"scale{large}"
         db = duckdb_path(wd.storage())
-        tables = {t: dataset_rows(db, t, name) for t in TABLES}
+        tables = dataset_tables(db, TABLES, name)
         tables = {t: df for t, df in tables.items() if len(df)}
         t0 = time.perf_counter()
         replace_dataset(db, name, tables)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -251,13 +251,25 @@ def query(path: Path, sql: str, wait_s: float = 30.0) -> pd.DataFrame:
 def dataset_rows(path: Path, table: str, dataset: str, wait_s: float = 30.0) -> pd.DataFrame:
     """Every row of ``dataset`` in one metrics table, read with the dataset as a bound parameter (never spliced
     into the SQL) on a user-SQL connection. A table that no dataset has written yet reads as empty."""
-    if table not in TABLES:
-        raise MetricsDBError(f"unknown table {table!r}; one of {', '.join(TABLES)}")
+    return dataset_tables(path, (table,), dataset, wait_s)[table]
 
-    def rows(con) -> pd.DataFrame:
-        if not _table_exists(con, table):
-            return pd.DataFrame()
-        return con.execute(f"SELECT * FROM {SCHEMA}.{table} WHERE dataset = ?", [dataset]).df()
+
+def dataset_tables(
+    path: Path, tables: Sequence[str], dataset: str, wait_s: float = 30.0
+) -> dict[str, pd.DataFrame]:
+    """``dataset``'s rows in each of ``tables``, read on one connection: one committed state of the file, so
+    that a writer committing between two tables' reads cannot mix two runs' rows in one report."""
+    unknown = [t for t in tables if t not in TABLES]
+    if unknown:
+        raise MetricsDBError(f"unknown table {unknown[0]!r}; one of {', '.join(TABLES)}")
+
+    def rows(con) -> dict[str, pd.DataFrame]:
+        return {
+            table: con.execute(f"SELECT * FROM {SCHEMA}.{table} WHERE dataset = ?", [dataset]).df()
+            if _table_exists(con, table)
+            else pd.DataFrame()
+            for table in tables
+        }
 
     return _read(path, wait_s, rows)
 

@@ -26,7 +26,7 @@ from nnsam2_assets.ingest.annotation import MAX_ANNOTATED_SLICES, describe_split
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import read_manifest
 from nnsam2_assets.metrics import agreement_plots
-from nnsam2_assets.metrics.store import dataset_rows
+from nnsam2_assets.metrics.store import dataset_tables
 
 # v2: where the ES/MF split comes from, and the caution for one annotated level; v3: its wording is the final
 # masks' own, and click-prompted datasets are told to draw
@@ -99,14 +99,12 @@ def build_report(spec: DatasetSpec, layout: DatasetLayout, db: Path) -> Report:
     """Write the dataset's report.html, its CSVs and report.xlsx under ``cohort_report/``; return their paths."""
     name = spec.name
     k = spec.n_classes
-    labels = dataset_rows(db, "scan_metrics", name)
+    rows = dataset_tables(db, ("scan_metrics", "level_metrics", "qc_flags", "agreement"), name)
+    labels, levels, flags, agreement = rows.values()
     labels = labels[labels.scheme == f"{k}-class"] if len(labels) else labels
-    levels = dataset_rows(db, "level_metrics", name)
     levels = levels[levels.scheme == f"{k}-class"] if len(levels) else levels
-    flags = dataset_rows(db, "qc_flags", name)
     if not len(flags):  # no dataset raised a flag yet: the table may not even exist
         flags = pd.DataFrame(columns=["dataset", "scan", "flag", "severity", "detail"])
-    agreement = dataset_rows(db, "agreement", name)
     manifest = read_manifest(layout)
     excluded = manifest[manifest.status != "ok"].reset_index() if len(manifest) else pd.DataFrame()
     summary = json.loads(layout.final_summary.read_text()) if layout.final_summary.exists() else {}

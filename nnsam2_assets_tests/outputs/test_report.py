@@ -226,3 +226,40 @@ def test_a_four_class_dataset_annotated_on_one_slice_is_told_its_muscle_split_co
     assert (
         'data-caution="es-mf-split"' in page and "replace the click prompts with a drawn annotation" in page
     )
+
+
+def test_a_report_reads_one_committed_state_of_the_database(demo_cohort, tmp_path, monkeypatch):
+    """A rerun committing between two of the report's table reads once gave a page whose scans came from
+    one run and whose levels, flags and agreement came from the next. Here a writer empties the dataset's
+    rows before every read but the first: every table must still be the first state's."""
+    import shutil
+
+    from nnsam2_assets.ingest.convention import load_dataset
+    from nnsam2_assets.metrics import store
+    from nnsam2_assets.outputs.report import build_report
+
+    storage = tmp_path / "storage"
+    shutil.copytree(demo_cohort.storage_root / "datasets" / "demo-dixon", storage / "datasets" / "demo-dixon")
+    db = storage / "nnsam2.duckdb"
+    shutil.copy(demo_cohort.duckdb, db)
+    tables = ("scan_metrics", "level_metrics", "qc_flags", "agreement")
+    before = store.dataset_tables(db, tables, "demo-dixon")
+    assert all(len(before[t]) for t in ("scan_metrics", "level_metrics", "agreement"))
+
+    reads, read = [], store._read
+
+    def read_after_a_rerun(*args, **kwargs):
+        if reads:
+            store.replace_dataset(db, "demo-dixon", {t: before[t].iloc[:0] for t in tables})
+        reads.append(1)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_read", read_after_a_rerun)
+    spec = load_dataset(demo_cohort.data_root, "demo-dixon")
+    built = build_report(spec, DatasetLayout(storage, "demo-dixon"), db)
+    scans, levels = (pd.read_csv(built.csv[key]) for key in ("scans", "levels"))
+    agreement = pd.read_excel(built.xlsx, sheet_name="agreement")
+    k = f"{spec.n_classes}-class"
+    assert len(scans) == (before["scan_metrics"].scheme == k).sum()
+    assert len(levels) == (before["level_metrics"].scheme == k).sum()
+    assert len(agreement) == len(before["agreement"]) and built.n_flags == len(before["qc_flags"])

@@ -143,11 +143,30 @@ def read_correction(spec: DatasetSpec, scan: str, canonical: sitk.Image) -> np.n
     foreign = [int(v) for v in values if not 0 <= v <= k or v != int(v)]
     if foreign:
         raise ScanError(path, f"label values {foreign} are not classes 1..{k} of the final masks")
-    # the canonical crop's voxels are the original's, reordered and cut to the region: nearest is exact
-    on_crop = sitk.Resample(
+    return on_crop(labels, canonical)
+
+
+def on_crop(labels: sitk.Image, canonical: sitk.Image) -> np.ndarray:
+    """Labels on the scan's original grid, on its canonical crop: the crop's voxels are the original's,
+    reordered and cut to the region, so nearest neighbour is exact."""
+    resampled = sitk.Resample(
         sitk.Cast(labels, sitk.sitkUInt8), canonical, sitk.Transform(), sitk.sitkNearestNeighbor, 0
     )
-    return sitk.GetArrayFromImage(on_crop)
+    return sitk.GetArrayFromImage(resampled)
+
+
+def published_on_crop(
+    spec: DatasetSpec, layout: DatasetLayout, scan: str, canonical: sitk.Image
+) -> np.ndarray:
+    """The published final mask, the file a user edits, on the scan's current crop. Read on the original
+    grid, as the correction is: the canonical copy may be on an earlier crop of the same length, where a
+    slice-by-slice comparison would set each slice against another level's."""
+    published = layout.final_mask(scan)
+    if published.exists():
+        mask = read_image(published)
+        if same_grid(mask, read_image(spec.scans[scan].image)):
+            return on_crop(mask, canonical)
+    return np.zeros(canonical.GetSize()[::-1], np.uint8)  # nothing published for this scan's grid
 
 
 def differing_slices(a: np.ndarray, b: np.ndarray) -> list[int]:
@@ -227,11 +246,7 @@ def _record_one(
         slices = set(_moved_slices(previous, canonical, correction, layout))
         base_digest = previous.base_mask_sha256
     else:
-        published = layout.final_mask_canonical(scan)
-        base = read_array(published) if published.exists() else np.zeros_like(correction)
-        if base.shape != correction.shape:  # a final mask of an earlier crop: nothing to compare with
-            base = np.zeros_like(correction)
-        slices = set(differing_slices(correction, base))
+        slices = set(differing_slices(correction, published_on_crop(spec, layout, scan, canonical)))
         if previous is not None:  # the published mask already carries those edits
             slices |= set(_moved_slices(previous, canonical, correction, layout))
         base_digest = sha256_file(layout.final_mask(scan)) if layout.final_mask(scan).exists() else None

@@ -209,3 +209,48 @@ def test_a_scan_that_fails_one_ingest_keeps_its_correction(ingested):
     _ingest_again(run)  # back, though its final mask was removed with its other outputs
     record_corrections(load_dataset(run.data_root, "ds"), layout)
     assert current_record(layout, scan).corrected_slices == [z]  # the user's one edit, not every slice
+
+
+def test_a_first_correction_after_the_region_moved_is_compared_with_the_published_mask_slice_by_position(
+    ingested,
+):
+    """The region moved by one slice at both ends (the same length) and the scan was ingested again before
+    final_masks ran: the published canonical mask is on the old crop with the new crop's shape. A
+    correction erasing one slice of the published mask is that one slice, not every slice of the crop."""
+    run, folder = ingested
+    layout, scan = run.layout("ds"), sorted(run.spec("ds").scans)[1]
+    _publish(run, scan, _canonical_expert(run, scan))
+    old_crop = read_image(layout.scan_image(scan))
+
+    regions = folder / "regions.csv"
+    rows = regions.read_text().splitlines()
+    row = next(r for r in rows if r.startswith(f"{scan},"))
+    _, first, last, *rest = row.split(",")
+    lo, hi = sorted((int(first), int(last)))
+    assert lo >= 1
+    shifted = [str(int(v) - 1) if v.strip() else v for v in rest]  # an L4/L5 slice moves with the crop
+    rows[rows.index(row)] = ",".join([scan, str(lo - 1), str(hi - 1), *shifted])
+    regions.write_text("\n".join(rows) + "\n")
+    _ingest_again(run)
+    new_crop = read_image(layout.scan_image(scan))
+    assert new_crop.GetSize() == old_crop.GetSize() and new_crop.GetOrigin() != old_crop.GetOrigin()
+
+    # the user edits final_masks/<scan>.nii.gz, the published mask on the original grid: one slice erased
+    published = read_image(layout.final_mask(scan))
+    edited = sitk.GetArrayFromImage(published)
+    z_axis = int(np.argmax(np.abs(np.array(published.GetDirection()).reshape(3, 3)[2])))
+    with_muscle = np.flatnonzero(
+        np.moveaxis(edited, 2 - z_axis, 0).reshape(edited.shape[2 - z_axis], -1).any(1)
+    )
+    erased = int(with_muscle[len(with_muscle) // 2])
+    np.moveaxis(edited, 2 - z_axis, 0)[erased] = 0
+    correction = sitk.GetImageFromArray(edited)
+    correction.CopyInformation(published)
+    sitk.WriteImage(correction, str(folder / "corrections" / f"{scan}.nii.gz"))
+
+    record_corrections(load_dataset(run.data_root, "ds"), layout)
+    (z,) = read_record(layout, scan).corrected_slices
+    index = [0, 0, 0]
+    index[z_axis] = erased
+    point = published.TransformIndexToPhysicalPoint(index)
+    assert abs(new_crop.TransformPhysicalPointToContinuousIndex(point)[2] - z) < 1e-3

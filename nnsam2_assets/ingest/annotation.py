@@ -105,11 +105,20 @@ def validate_annotation(
     return Annotation(sitk.Cast(canonical, sitk.sitkUInt8), seed, present, slices)
 
 
+LABELS_SWAPPED = "right and left are swapped in the labels or in dataset.yaml's label_map"
+# click files carry no label_map; the likely slip is coordinates copied from Slicer's display, which is RAS
+CLICKS_SWAPPED = (
+    "right and left are swapped in the click classes, or the points are in RAS: a click CSV's x, y, z are "
+    "LPS (negate x and y of RAS), and a markups file says its coordinateSystem"
+)
+
+
 def check_annotated_slice(
-    labels: np.ndarray, spec: DatasetSpec, path: Path, where: str = ""
+    labels: np.ndarray, spec: DatasetSpec, path: Path, where: str = "", swapped: str = LABELS_SWAPPED
 ) -> tuple[int, ...]:
     """Every class present on a canonical annotated slice, right and left where they belong; returns the
-    classes present. ``where`` names the slice in messages when there are several."""
+    classes present. ``where`` names the slice in messages when there are several; ``swapped`` says what
+    a swap of the sides most likely is in this kind of file."""
     present = tuple(int(v) for v in np.unique(labels) if v)
     missing = sorted(set(range(1, spec.n_classes + 1)) - set(present))
     if missing:
@@ -120,8 +129,7 @@ def check_annotated_slice(
         raise ScanError(
             path,
             f"the right-side classes lie on the patient's left of the left-side classes{where} (in the "
-            f"scan's own patient coordinates, by {-gap:.0f} voxels): right and left are swapped in the labels "
-            "or in dataset.yaml's label_map",
+            f"scan's own patient coordinates, by {-gap:.0f} voxels): {swapped}",
         )
     return present
 
@@ -141,7 +149,7 @@ def annotation_from_clicks(spec: DatasetSpec, layout: DatasetLayout) -> tuple[An
     labels[clicks.slice] = mask_from_clicks(
         volume, clicks, spec.n_classes, spec.modality, reference.GetSpacing()[:2]
     )
-    present = check_annotated_slice(labels[clicks.slice], spec, spec.annotation)
+    present = check_annotated_slice(labels[clicks.slice], spec, spec.annotation, swapped=CLICKS_SWAPPED)
     image = sitk.GetImageFromArray(labels)
     image.CopyInformation(reference)
     return Annotation(image, clicks.slice, present, (clicks.slice,)), clicks

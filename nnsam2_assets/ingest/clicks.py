@@ -9,8 +9,9 @@ Two file formats, both in physical millimetres:
   the scan file's origin and direction are written in), ``positive`` true/false (also 1/0, yes/no).
 
 A point's class is one of the dataset's class names (``right_es`` ...) or its id. In a markups file a label
-with a leading ``-`` (``-right_mf``) is a negative point; a label that names no class takes the class of its
-list's ``name``. Every point must lie on one axial slice of the reference (within half a slice spacing) inside
+with a leading ``-`` (``-right_mf``) is a negative point. Slicer labels a list's points after the list
+(``right_mf-1``, ``right_mf-2``: the class is the list's name), and a label that names no class takes the class
+of the list's ``name`` where the file has one. Points Slicer lists but never placed are skipped. Every point must lie on one axial slice of the reference (within half a slice spacing) inside
 its region and in-plane extent, and every class needs at least one positive point.
 
 The clicks become a slice mask (``ingest.click_masks``): the weight-free backend propagates that mask;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +111,20 @@ def _class_id(token: str, class_names: tuple[str, ...]) -> int | None:
     return None
 
 
+def _point_class(token: str, list_name: str, class_names: tuple[str, ...]) -> int | None:
+    """A markups point's class: its label as a class name; the name Slicer numbers its points from (labels
+    "%N-%d": ``right_es-3``; Slicer writes no list name to the file); the list's name in a file that has one;
+    then the label as a class id."""
+    numbered = _SLICER_NUMBERED.fullmatch(token.strip())
+    for candidate in (token, numbered and numbered["name"], list_name):
+        if candidate and candidate.strip() in class_names:
+            return class_names.index(candidate.strip()) + 1
+    return _class_id(token, class_names)
+
+
+_SLICER_NUMBERED = re.compile(r"(?P<name>.+)-[0-9]+")
+
+
 def _unknown(path: Path, token: str, where: str, class_names: tuple[str, ...]) -> ScanError:
     return ScanError(
         path,
@@ -135,12 +151,11 @@ def _read_markups(path: Path, class_names: tuple[str, ...]) -> list[Click]:
         for p, point in enumerate(markup.get("controlPoints", [])):
             if not isinstance(point, dict):
                 raise ScanError(path, f"markup {m} point {p} is not a control point")
+            if str(point.get("positionStatus", "defined")) != "defined":
+                continue  # a point Slicer lists but was never placed (written with "position": "")
             label = str(point.get("label", ""))
             positive = not label.startswith("-")
-            token = label.lstrip("-")
-            class_id = _class_id(token, class_names)
-            if class_id is None:
-                class_id = _class_id(str(markup.get("name", "")), class_names)
+            class_id = _point_class(label.lstrip("-"), str(markup.get("name", "")), class_names)
             if class_id is None:
                 raise _unknown(path, label, f"markup {m} point {p}", class_names)
             try:

@@ -80,6 +80,46 @@ def test_a_markups_list_name_gives_the_class_of_unnamed_points(tmp_path):
     assert [c.class_id for c in read_clicks(path, NAMES)] == [1, 2, 3, 4]
 
 
+def test_a_markups_file_as_slicer_saves_it_reads_its_classes_from_the_point_labels(tmp_path):
+    """Slicer writes no list name, labels a list's points "%N-%d" after the list (right_es-1, -right_mf-2
+    for a list named -right_mf) and writes a listed but unplaced point with an empty position: once every
+    such file was refused ("unknown class 'right_es-1'"; "position must be 3 numbers")."""
+    image = _grid()
+    lists = []
+    for c, x, y, positive in PIXELS:
+        name = NAMES[c - 1] if positive else f"-{NAMES[c - 1]}"
+        point = image.TransformIndexToPhysicalPoint((x, y, 2))
+        points = [
+            {"id": "1", "label": f"{name}-1", "position": list(point), "positionStatus": "defined"},
+            {"id": "2", "label": f"{name}-2", "position": "", "positionStatus": "undefined"},
+        ]
+        lists.append(
+            {"type": "Fiducial", "coordinateSystem": "LPS", "labelFormat": "%N-%d", "controlPoints": points}
+        )
+    path = tmp_path / "a.mrk.json"
+    path.write_text(json.dumps({"markups": lists}))
+    clicks = read_clicks(path, NAMES)
+    assert [(c.class_id, c.positive) for c in clicks] == [(c, p) for c, _, _, p in PIXELS]
+
+
+def test_a_markups_list_name_wins_over_numbered_point_labels(tmp_path):
+    """Points numbered 1, 2 in a list named left_es are left_es, not classes 1 and 2."""
+    image = _grid()
+    right = [{"label": "1", "position": image.TransformIndexToPhysicalPoint((5, 10, 2))}]
+    left = [
+        {"label": str(i), "position": image.TransformIndexToPhysicalPoint((33, 10 + i, 2))} for i in (1, 2)
+    ]
+    lists = [{"type": "Fiducial", "name": NAMES[0], "controlPoints": right}]
+    lists += [
+        {"type": "Fiducial", "name": n, "controlPoints": [{"label": "7", "position": right[0]["position"]}]}
+        for n in NAMES[1:3]
+    ]
+    lists.append({"type": "Fiducial", "name": NAMES[3], "controlPoints": left})
+    path = tmp_path / "a.mrk.json"
+    path.write_text(json.dumps({"markups": lists}))
+    assert [c.class_id for c in read_clicks(path, NAMES)] == [1, 2, 3, 4, 4]
+
+
 def _csv(tmp_path, rows: list[str], header: str = "class,x,y,z,positive"):
     path = tmp_path / "annotation.csv"
     path.write_text("\n".join([header, *rows]) + "\n")
@@ -165,6 +205,25 @@ def test_a_click_dataset_is_annotated_and_propagated(tmp_path):
     target = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.masks("TUM01"))))
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.scan_expert("TUM01"))))
     assert mean_dice(to_class_space(target, 4, 2), to_class_space(truth, 4, 2), 2) >= 0.85
+
+
+def test_clicks_with_the_sides_swapped_are_refused_with_what_is_likely_wrong_in_a_click_file(tmp_path):
+    """A click file has no label_map: the message names the click classes and RAS coordinates instead."""
+    data = tmp_path / "data"
+    folder = tum_click_dataset(data, "clicks", "TUM02", "csv")
+    csv_path = folder / "annotation.csv"
+    flip = {"right": "left", "left": "right"}
+    rows = csv_path.read_text().splitlines()
+    swapped = [rows[0]] + [flip[r.split("_", 1)[0]] + "_" + r.split("_", 1)[1] for r in rows[1:]]
+    csv_path.write_text("\n".join(swapped) + "\n")
+    run = DirectRun(data, tmp_path / "storage", ["clicks"])
+    STEPS["scans"](run, "clicks")
+    with pytest.raises(
+        ScanError, match=r"annotation\.csv: the right-side classes lie on the patient's left"
+    ) as err:
+        STEPS["reference_annotation"](run, "clicks")
+    assert "swapped in the click classes, or the points are in RAS" in str(err.value)
+    assert "label_map" not in str(err.value)
 
 
 @pytest.mark.parametrize(

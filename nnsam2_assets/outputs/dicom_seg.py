@@ -49,13 +49,16 @@ def segment_descriptions(class_names: tuple[str, ...], version: str) -> list[hd.
     return out
 
 
-def _repaired(series: Path, sources: list[pydicom.Dataset]) -> tuple[list[pydicom.Dataset], list[str]]:
+def _repaired(
+    series: Path, sources: list[pydicom.Dataset], slice_spacing: float
+) -> tuple[list[pydicom.Dataset], list[str]]:
     """Fill what anonymisers blank and a SEG must copy, in the in-memory copies only (never the user's
     files): the SOP class and instance UIDs from each file's meta header (the same facts); a study, series
     or frame-of-reference UID that some instances lack from the others (a viewer overlays a SEG only on
     the frame of reference it names), and one that all lack derived from the instances' UIDs, so it is the
-    same on every run. Returns the notes to show: a SEG of a series without its own UIDs cannot be paired
-    with it by a viewer automatically."""
+    same on every run. Patient and study attributes the SEG copies (type 2) that an anonymiser deleted are
+    present and empty, and a missing SliceThickness is the slices' spacing. Returns the notes to show: a SEG
+    of a series without its own UIDs cannot be paired with it by a viewer automatically."""
     notes = []
     for source in sources:
         for attr, meta in (
@@ -84,7 +87,36 @@ def _repaired(series: Path, sources: list[pydicom.Dataset]) -> tuple[list[pydico
             notes.append(f"the series has no {attr}; the SEG uses {value}, derived from its instances")
         for source in blank:
             setattr(source, attr, value)
+    absent = sorted({attr for s in sources for attr in COPIED_TYPE_2 if attr not in s})
+    for source in sources:
+        for attr in absent:
+            if attr not in source:
+                setattr(source, attr, "")  # type 2: present and empty is what the standard allows
+    if absent:
+        notes.append(f"the series lacks {', '.join(absent)}; the SEG has them empty")
+    thin = [s for s in sources if not str(s.get("SliceThickness", "") or "").strip()]
+    if thin:  # the SEG's pixel measures need one; the slices' spacing is the nearest fact we have
+        for source in thin:
+            source.SliceThickness = f"{slice_spacing:.6g}"
+        notes.append(
+            f"the series has no SliceThickness; the SEG gives the slice spacing, {slice_spacing:.6g} mm"
+        )
     return sources, notes
+
+
+# type 2 attributes highdicom copies from the source instances into the SEG; anonymisers that delete them
+# rather than blank them left it failing with a bare AttributeError
+COPIED_TYPE_2 = (
+    "AccessionNumber",
+    "PatientBirthDate",
+    "PatientID",
+    "PatientName",
+    "PatientSex",
+    "ReferringPhysicianName",
+    "StudyDate",
+    "StudyID",
+    "StudyTime",
+)
 
 
 def write_dicom_seg(
@@ -93,15 +125,28 @@ def write_dicom_seg(
     """Write ``mask`` (class ids on the series' own grid, as ``read_image`` stacks it) as a DICOM SEG;
     returns notes on identifiers the series lacked (see ``_repaired``)."""
     files = dicom_series_files(series)
-    sources, notes = _repaired(series, [pydicom.dcmread(f) for f in files])
     stacked = sitk.ReadImage(files)
     if not same_grid(mask, stacked):
         raise ScanError(out, "the mask is not on the DICOM series' grid")
+    sources, notes = _repaired(series, [pydicom.dcmread(f) for f in files], stacked.GetSpacing()[2])
     labels = sitk.GetArrayFromImage(mask).astype(np.uint8)  # [slice, row, column], slices in file order
     present = [n for n in range(1, len(class_names) + 1) if (labels == n).any()]
     if not present:
         raise ScanError(out, "the mask is empty: a DICOM Segmentation needs at least one segment")
-    seg = hd.seg.Segmentation(
+    try:
+        seg = _segmentation(sources, labels, class_names, version)
+    except (AttributeError, TypeError, ValueError) as exc:  # what highdicom raises on a source it cannot use
+        raise ScanError(series, f"cannot make a DICOM Segmentation of this series: {exc}") from exc
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    atomic_write_bytes(buffer.getvalue(), out)
+    return notes
+
+
+def _segmentation(
+    sources: list[pydicom.Dataset], labels: np.ndarray, class_names: tuple[str, ...], version: str
+) -> hd.seg.Segmentation:
+    return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=labels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -117,10 +162,6 @@ def write_dicom_seg(
         series_description="nnsam2 lumbar paraspinal muscles",
         omit_empty_frames=True,
     )
-    buffer = io.BytesIO()
-    seg.save_as(buffer)
-    atomic_write_bytes(buffer.getvalue(), out)
-    return notes
 
 
 def source_uid(path: str) -> str:

@@ -28,7 +28,7 @@ import SimpleITK as sitk
 
 from nnsam2_assets.core import Log
 from nnsam2_assets.core.cache import ScanCache, cache_key
-from nnsam2_assets.core.imaging import read_array, read_image, to_original_grid
+from nnsam2_assets.core.imaging import ScanError, read_array, read_image, to_original_grid
 from nnsam2_assets.core.labels import class_names, mean_dice, to_class_space
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.masks import clean_labels, fragment_fraction, split_sides
@@ -94,9 +94,13 @@ def write_on_original_grid(
     from nnsam2_assets.outputs.dicom_seg import write_dicom_seg
 
     # final masks are in the dataset's own classes (a 2-class pool's sides are split for a 4-class dataset)
-    return write_dicom_seg(
-        on_original, source, class_names(spec.n_classes), layout.final_mask_dicom_seg(scan), version
-    )
+    try:
+        return write_dicom_seg(
+            on_original, source, class_names(spec.n_classes), layout.final_mask_dicom_seg(scan), version
+        )
+    except ScanError as exc:  # the NIfTI mask stands; one series a SEG cannot be made of fails no other scan
+        layout.final_mask_dicom_seg(scan).unlink(missing_ok=True)
+        return [f"no DICOM Segmentation written: {exc}"]
 
 
 # v3: the consensus of the refined and the propagated sides; v4: the caudal multifidus share; v5: the

@@ -178,7 +178,7 @@ def test_a_uid_some_instances_lack_is_taken_from_the_others():
         source.StudyInstanceUID = "1.2.3.4"
         source.FrameOfReferenceUID = "1.2.3.5"
     sources[0].StudyInstanceUID = sources[0].FrameOfReferenceUID = ""
-    repaired, notes = _repaired(SERIES, sources)
+    repaired, notes = _repaired(SERIES, sources, 2.5)
     assert {str(s.StudyInstanceUID) for s in repaired} == {"1.2.3.4"}
     assert {str(s.FrameOfReferenceUID) for s in repaired} == {"1.2.3.5"}
     assert (
@@ -186,4 +186,50 @@ def test_a_uid_some_instances_lack_is_taken_from_the_others():
     )
     sources[0].FrameOfReferenceUID, sources[1].FrameOfReferenceUID = "", "1.2.3.6"
     with pytest.raises(ScanError, match=r"its instances name 2 different FrameOfReferenceUIDs"):
-        _repaired(SERIES, sources)
+        _repaired(SERIES, sources, 2.5)
+
+
+def test_a_series_whose_anonymiser_deleted_patient_and_study_attributes_still_gets_its_seg(
+    series_mask, tmp_path
+):
+    """highdicom copies PatientName, StudyDate, SliceThickness ... from the sources: a series without them
+    (deleted, not blanked) failed with a bare AttributeError that named neither the series nor the field."""
+    deleted = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime")
+    deleted += ("AccessionNumber", "StudyID", "ReferringPhysicianName", "SliceThickness")
+    series = tmp_path / "series"
+    series.mkdir()
+    for f in dicom_series_files(SERIES):
+        ds = pydicom.dcmread(f)
+        for attr in deleted:
+            if attr in ds:
+                delattr(ds, attr)
+        ds.save_as(series / Path(f).name)
+    out = tmp_path / "ct.seg.dcm"
+    notes = write_dicom_seg(series_mask, series, CLASSES_2, out, "test")
+    np.testing.assert_array_equal(read_dicom_seg(out, series), sitk.GetArrayFromImage(series_mask))
+    seg = pydicom.dcmread(out)
+    assert str(seg.PatientName) == "" and seg.StudyDate == ""
+    thickness = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness
+    assert float(thickness) == pytest.approx(series_mask.GetSpacing()[2], abs=1e-4)
+    assert any("lacks AccessionNumber" in note and "the SEG has them empty" in note for note in notes)
+    assert any("no SliceThickness; the SEG gives the slice spacing" in note for note in notes)
+
+
+def test_a_series_no_seg_can_be_made_of_keeps_its_nifti_mask_and_fails_no_other_scan(series_mask, tmp_path):
+    """Instances naming two frames of reference: no SEG can say which one it overlays. That error once
+    escaped the scan and failed the final masks of every scan of the dataset."""
+    spec, layout = _ct_dataset(tmp_path)
+    canonical = sitk.DICOMOrient(series_mask, "LPS")
+    write_on_original_grid(spec, layout, "ctdicom", canonical, "test")  # an earlier SEG, now stale
+    folder = spec.scans["ctdicom"].image
+    assert folder.is_symlink()  # to the shared series, which is never written
+    folder.unlink()
+    folder.mkdir()
+    for n, f in enumerate(dicom_series_files(SERIES)):
+        ds = pydicom.dcmread(f)
+        ds.FrameOfReferenceUID = "" if n == 0 else f"1.2.3.{n % 2}"
+        ds.save_as(folder / Path(f).name)
+    notes = write_on_original_grid(spec, layout, "ctdicom", canonical, "test")
+    assert layout.final_mask("ctdicom").exists() and not layout.final_mask_dicom_seg("ctdicom").exists()
+    (note,) = notes
+    assert note.startswith(f"no DICOM Segmentation written: {folder}: its instances name 2 different")

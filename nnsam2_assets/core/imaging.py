@@ -201,6 +201,8 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's own position, for the grid check
     img = reader.Execute()
+    if img.GetDimension() == 4 and img.GetSize()[3] == 1:  # one multi-frame file reads as [x, y, frame, 1]
+        img = img[:, :, :, 0]
     _check_slice_positions(img, reader, files, folder)
     return img
 
@@ -215,21 +217,55 @@ def _check_slice_positions(
     masked mm away from where they were acquired, and the NIfTI mask would disagree with the DICOM SEG,
     which places each frame at its own position."""
     n = img.GetSize()[2]
+    if all(reader.HasMetaDataKey(k, POSITION_TAG) for k in range(n)):
+        positions = [[float(v) for v in reader.GetMetaData(k, POSITION_TAG).split("\\")] for k in range(n)]
+        names = [Path(f).name for f in files]
+    elif len(files) == 1:
+        positions = _frame_positions(Path(files[0]), n)
+        names = [f"{Path(files[0]).name} frame {k + 1}" for k in range(n)]
+    else:
+        return  # no positions to hold the grid against
     worst, at = 0.0, 0
-    for k in range(n):
-        if not reader.HasMetaDataKey(k, POSITION_TAG):
-            return  # no positions to hold the grid against
-        position = np.array([float(v) for v in reader.GetMetaData(k, POSITION_TAG).split("\\")])
-        off = float(np.linalg.norm(position - np.array(img.TransformIndexToPhysicalPoint((0, 0, k)))))
+    for k, position in enumerate(positions):
+        off = float(
+            np.linalg.norm(np.array(position) - np.array(img.TransformIndexToPhysicalPoint((0, 0, k))))
+        )
         if off > worst:
             worst, at = off, k
     if worst > max(MIN_POSITION_TOLERANCE_MM, POSITION_TOLERANCE_SPACING * img.GetSpacing()[2]):
         raise ScanError(
             folder,
-            f"slice {at} ({Path(files[at]).name}) lies {worst:.2f} mm from where an evenly spaced grid normal "
-            "to the slices puts it: a gantry-tilted series, or one with missing or unevenly spaced slices; "
-            "resample it onto a regular grid first",
+            f"slice {at} ({names[at]}) lies {worst:.2f} mm from where an evenly spaced grid normal to the "
+            "slices puts it: a gantry-tilted series, one with missing or unevenly spaced slices, or a "
+            "multi-frame file holding frames out of order or several per position; resample it onto a "
+            "regular grid first",
         )
+
+
+def _frame_positions(path: Path, n: int) -> list[list[float]]:
+    """Each frame's Image Position (Patient) of a multi-frame (enhanced) file, which keeps them per frame,
+    not at the top level where the series reader looks; refused when they cannot be read, because the
+    reader stacks the frames as stored on an evenly spaced grid whatever their positions."""
+    import pydicom  # 0.3 s: only for a series in one multi-frame file
+
+    ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
+    frames = ds.get("PerFrameFunctionalGroupsSequence", [])
+    positions = []
+    for group in frames:
+        plane = group.get("PlanePositionSequence") or (
+            shared.get("PlanePositionSequence") if shared else None
+        )
+        if not plane or "ImagePositionPatient" not in plane[0]:
+            break
+        positions.append([float(v) for v in plane[0].ImagePositionPatient])
+    if len(positions) != n:
+        raise ScanError(
+            path,
+            f"a multi-frame file whose {n} frames' positions cannot be read ({len(positions)} found): its "
+            "slices cannot be placed; export the series one file per slice",
+        )
+    return positions
 
 
 def axial_axis(img: sitk.Image) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from nnsam2_assets.core.imaging import ScanError, dicom_series_files, same_grid
+from nnsam2_assets.core.imaging import ScanError, dicom_series_files, read_image, same_grid
 from nnsam2_assets.core.labels import ANATOMICAL_STRUCTURE, segment_codes
 from nnsam2_assets.core.storage import atomic_write_bytes
 
@@ -125,7 +125,7 @@ def write_dicom_seg(
     """Write ``mask`` (class ids on the series' own grid, as ``read_image`` stacks it) as a DICOM SEG;
     returns notes on identifiers the series lacked (see ``_repaired``)."""
     files = dicom_series_files(series)
-    stacked = sitk.ReadImage(files)
+    stacked = read_image(series)  # as ingest read it: one multi-frame file is [x, y, frame], not 4-D
     if not same_grid(mask, stacked):
         raise ScanError(out, "the mask is not on the DICOM series' grid")
     sources, notes = _repaired(series, [pydicom.dcmread(f) for f in files], stacked.GetSpacing()[2])
@@ -177,9 +177,11 @@ def read_dicom_seg(path: Path, series: Path) -> np.ndarray:
     files = dicom_series_files(series)
     index = {source_uid(f): z for z, f in enumerate(files)}
     frames = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
-    labels = np.zeros((len(files), int(seg.Rows), int(seg.Columns)), np.uint8)
+    labels = np.zeros((read_image(series).GetSize()[2], int(seg.Rows), int(seg.Columns)), np.uint8)
     for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
-        source = group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        source = group.DerivationImageSequence[0].SourceImageSequence[0]
+        # a source that is one multi-frame file is referenced frame by frame
+        z = index[source.ReferencedSOPInstanceUID] + int(source.get("ReferencedFrameNumber", 1)) - 1
         number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        labels[index[source]][frame > 0] = number
+        labels[z][frame > 0] = number
     return labels

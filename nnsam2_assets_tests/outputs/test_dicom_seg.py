@@ -233,3 +233,65 @@ def test_a_series_no_seg_can_be_made_of_keeps_its_nifti_mask_and_fails_no_other_
     assert layout.final_mask("ctdicom").exists() and not layout.final_mask_dicom_seg("ctdicom").exists()
     (note,) = notes
     assert note.startswith(f"no DICOM Segmentation written: {folder}: its instances name 2 different")
+
+
+def _multiframe(series_dir: Path, order: list[int] | None = None) -> Path:
+    """The real series as one enhanced (multi-frame) CT file, highdicom's legacy conversion; ``order``
+    restacks its frames (pixels and per-frame positions together)."""
+    import highdicom as hd
+    from pydicom.sequence import Sequence
+
+    sources = [pydicom.dcmread(f) for f in dicom_series_files(SERIES)]
+    for source in sources:  # this anonymised series keeps its UIDs only in the meta headers, or nowhere
+        source.SOPClassUID = source.file_meta.MediaStorageSOPClassUID
+        source.SOPInstanceUID = source.file_meta.MediaStorageSOPInstanceUID
+        for attr, uid in (("StudyInstanceUID", "1.2.3.1"), ("SeriesInstanceUID", "1.2.3.2")):
+            setattr(source, attr, str(source.get(attr, "")).strip() or uid)
+        source.FrameOfReferenceUID = str(source.get("FrameOfReferenceUID", "")).strip() or "1.2.3.3"
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        sources, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1
+    )
+    if order is not None:
+        pixels = enhanced.pixel_array[order]
+        groups = list(enhanced.PerFrameFunctionalGroupsSequence)
+        enhanced.PerFrameFunctionalGroupsSequence = Sequence([groups[i] for i in order])
+        enhanced.NumberOfFrames = len(order)
+        enhanced.PixelData = pixels.astype(enhanced.pixel_array.dtype).tobytes()
+        enhanced.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian  # the pixels as written
+    series_dir.mkdir()
+    enhanced.save_as(series_dir / "enhanced.dcm")
+    return series_dir
+
+
+def test_a_multi_frame_series_is_read_on_its_frames_positions_and_gets_its_seg(series_mask, tmp_path):
+    """A series kept in one enhanced multi-frame file: read as the same scan as its one-file-per-slice
+    original, its frames' positions held against the grid (they were never checked: two frames per position
+    or frames out of order were stacked on an even grid, slices mm from where they were acquired), and its
+    SEG written and read back frame by frame (the writer compared the mask with a 4-D reading and refused)."""
+    original = read_image(SERIES)
+    enhanced_dir = _multiframe(tmp_path / "enhanced")
+    enhanced = read_image(enhanced_dir)  # its frames are stored head to feet: the same voxels, z reversed
+    same = sitk.DICOMOrient(enhanced, "LPS")
+    assert same.GetSize() == original.GetSize()
+    np.testing.assert_allclose(same.GetOrigin(), original.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(same.GetSpacing(), original.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(same.GetDirection(), original.GetDirection(), atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(same), sitk.GetArrayFromImage(original))
+
+    mask = sitk.Resample(series_mask, enhanced, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    out = tmp_path / "enhanced.seg.dcm"
+    write_dicom_seg(mask, enhanced_dir, CLASSES_2, out, "test")
+    np.testing.assert_array_equal(read_dicom_seg(out, enhanced_dir), sitk.GetArrayFromImage(mask))
+    assert (sitk.GetArrayFromImage(mask) == sitk.GetArrayFromImage(series_mask)[::-1]).all()
+
+    n = original.GetSize()[2]
+    swapped = [0, 2, 1, *range(3, n)]
+    with pytest.raises(
+        ScanError, match=r"swapped: slice [0-9]+ \(enhanced\.dcm frame [0-9]+\) lies [0-9.]+ mm from where"
+    ):
+        read_image(_multiframe(tmp_path / "swapped", swapped))
+    doubled = [k // 2 for k in range(n)]  # two frames per position, as two echoes are stored
+    with pytest.raises(
+        ScanError, match=r"multi-frame file holding frames out of order or several per position"
+    ):
+        read_image(_multiframe(tmp_path / "doubled", doubled))

@@ -195,3 +195,22 @@ def test_new_expert_labels_reach_the_slice_table_though_the_masks_stay(tmp_path)
     _chain(data, storage, "ds")
     after = pd.read_parquet(layout.pseudo_selection).query("scan == @scan").expert_dice
     assert after.mean() < before.mean() - 0.1
+
+
+def test_expert_labels_removed_from_the_dataset_leave_no_expert_numbers_behind(tmp_path):
+    """The stored expert file outlived the user's: the scan was re-ingested without expert labels, yet every
+    later step found the old file and kept comparing with labels the user had deleted."""
+    data, storage = tmp_path / "data", tmp_path / "storage"
+    folder = write_tiny_dataset(data, "ds", 2, seed=4)
+    _chain(data, storage, "ds")
+    layout = DatasetLayout(storage, "ds")
+    scan = next(s for s in ("subj00", "subj01") if s != load_dataset(data, "ds").reference)
+    assert pd.read_parquet(layout.pseudo_selection).query("scan == @scan").expert_dice.notna().all()
+
+    (folder / "experts" / f"{scan}.nii.gz").unlink()
+    _chain(data, storage, "ds")
+    assert not layout.scan_expert(scan).exists()
+    assert (
+        not ingest_scans(load_dataset(data, "ds"), layout).manifest.set_index("scan").loc[scan, "has_expert"]
+    )
+    assert pd.read_parquet(layout.pseudo_selection).query("scan == @scan").expert_dice.isna().all()

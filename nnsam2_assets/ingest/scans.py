@@ -358,10 +358,16 @@ def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) ->
             prepared = prepare_scan(spec, source, reference)
             cache.invalidate(scan_id)
             atomic_write_image(prepared.image, layout.scan_image(scan_id))
-            if prepared.fat is not None:
-                atomic_write_image(prepared.fat, layout.scan_fat(scan_id))
-            if prepared.expert is not None:
-                atomic_write_image(prepared.expert, layout.scan_expert(scan_id))
+            # a fat image or expert labels the scan no longer has (removed, or now refused) must not stay
+            # behind: every later step takes the stored file's presence as the scan having one
+            for image, stored in (
+                (prepared.fat, layout.scan_fat(scan_id)),
+                (prepared.expert, layout.scan_expert(scan_id)),
+            ):
+                if image is not None:
+                    atomic_write_image(image, stored)
+                else:
+                    stored.unlink(missing_ok=True)
             atomic_write_bytes(prepared.region_preview, layout.scan_region_preview(scan_id))
             size = prepared.image.GetSize()
             row = {

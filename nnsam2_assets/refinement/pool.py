@@ -1,7 +1,7 @@
 """The pool the stages train on: every ingested dataset's passing scans, in the classes all of them have.
 
 Datasets may differ in modality and class count, so the pool trains on the classes every dataset has: 4-class
-only when every dataset is 4-class, otherwise the 2-class side merge (``final_masks`` splits a 4-class
+only when every dataset that brings scans is 4-class, otherwise the 2-class side merge (``final_masks`` splits a 4-class
 dataset's sides again). MRI and CT share one input channel normalised per case (the wrapper's channel name is
 not "CT").
 """
@@ -30,7 +30,10 @@ class Pool:
 
     @property
     def classes(self) -> int:
-        return 4 if self.n_classes and all(k == 4 for k in self.n_classes.values()) else 2
+        # only datasets that bring scans: one whose every scan failed ingest trains nothing, and must not
+        # take the 4-class datasets' muscle split from the models
+        bringing = [self.n_classes[d] for d, scans in self.scans.items() if scans]
+        return 4 if bringing and all(k == 4 for k in bringing) else 2
 
     def items(self) -> Iterator[tuple[str, str, DatasetLayout]]:
         for dataset, scans in self.scans.items():

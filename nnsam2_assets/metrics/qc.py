@@ -129,8 +129,14 @@ def qc_flags(scans: pd.DataFrame, labels: pd.DataFrame, cfg: QCConfig = QCConfig
         if {"right", "left"} <= set(sides.index) and min(sides) > 0:
             ratio = max(sides) / min(sides)
             if ratio > cfg.max_asymmetry:
-                row = group.iloc[0]
-                add(row, "asymmetry", WARN, f"left/right volume ratio {ratio:.2f} > {cfg.max_asymmetry}")
+                larger, smaller = ("right", "left") if sides["right"] > sides["left"] else ("left", "right")
+                add(
+                    group.iloc[0],
+                    "asymmetry",
+                    WARN,
+                    f"the {larger} side is {ratio:.2f} times the {smaller} side's volume (right "
+                    f"{sides['right']:.1f} ml, left {sides['left']:.1f} ml; > {cfg.max_asymmetry})",
+                )
         side_fat = _side_fat_ratio(group)
         if {"right", "left"} <= set(side_fat.index):
             gap = abs(side_fat["right"] - side_fat["left"])

@@ -76,7 +76,17 @@ def test_each_flag_fires_with_its_reason_and_severity():
     assert ("s_asym", "asymmetry", "WARN") in got
     assert ("s_big", "volume_ml_outlier", "WARN") in got
     assert ("s_empty", "empty_mask", "ERROR") in got
-    assert "ratio 2.50 > 1.5" in flags[flags.flag == "asymmetry"].detail.iloc[0]
+    detail = flags[flags.flag == "asymmetry"].detail.iloc[0]
+    assert detail == "the right side is 2.50 times the left side's volume (right 100.0 ml, left 40.0 ml; > 1.5)"
+
+
+def test_the_asymmetry_flag_names_the_larger_side():
+    """It had said "left/right volume ratio 2.50" whichever side was larger: 2.50 with the right side the
+    larger one sent the reviewer to the wrong side."""
+    vols = {f"s{i}": (100.0 + i, 99.0) for i in range(6)} | {"s_left": (40.0, 100.0)}
+    flags = qc_flags(_scans(vols), _labels(vols, hu=40.0), QCConfig())
+    (detail,) = flags[flags.flag == "asymmetry"].detail
+    assert detail.startswith("the left side is 2.50 times the right side's volume (right 40.0 ml, left 100.0")
 
 
 def test_fat_asymmetry_compares_volume_weighted_side_fat_ratios():

@@ -39,10 +39,11 @@ SLICE_COLUMNS_ADDED = ("eligible", "kept")  # select_slices' columns, not part o
 
 def _slice_tables(
     spec: DatasetSpec, layout: DatasetLayout, cfg: SelectionConfig, digests: dict[str, str]
-) -> list[pd.DataFrame]:
-    """Every scan's slice table (confidence, plausibility, expert Dice per slice). A scan whose mask and
-    table settings are unchanged takes its rows from the previous selection file (one read for all scans);
-    only new or changed scans read their mask."""
+) -> tuple[list[pd.DataFrame], dict[str, str]]:
+    """Every scan's slice table (confidence, plausibility, expert Dice per slice), and the keys of the tables
+    computed anew, to record once the selection file holds their rows. A scan whose mask and table settings
+    are unchanged takes its rows from the previous selection file (one read for all scans); only new or
+    changed scans read their mask."""
     cache = ScanCache(layout.slice_tables)
     previous = (
         pd.read_parquet(layout.pseudo_selection).drop(columns=list(SLICE_COLUMNS_ADDED), errors="ignore")
@@ -50,7 +51,7 @@ def _slice_tables(
         else pd.DataFrame(columns=["scan"])
     )
     by_scan = dict(tuple(previous.groupby("scan"))) if len(previous) else {}
-    tables = []
+    tables, computed = [], {}
     for scan_id, digest in digests.items():
         # the rows read the mask, its confidence table and the expert labels (per-slice expert Dice)
         expert = layout.scan_expert(scan_id)
@@ -75,9 +76,12 @@ def _slice_tables(
             table["expert_dice"] = [
                 mean_dice(masks[z], truth[z], spec.n_classes) for z in range(masks.shape[0])
             ]
-        cache.record(scan_id, key)  # the rows themselves are published with the selection file
+        # recorded only after the selection file is written: a run dying in between must not leave the
+        # new key beside the old rows, which a later run would take as this table
+        cache.invalidate(scan_id)
+        computed[scan_id] = key
         tables.append(table)
-    return tables
+    return tables, computed
 
 
 def select_pseudo_labels(spec: DatasetSpec, layout: DatasetLayout, cfg: SelectionConfig) -> PseudoLabelReport:
@@ -86,7 +90,7 @@ def select_pseudo_labels(spec: DatasetSpec, layout: DatasetLayout, cfg: Selectio
     The selection is dataset-wide (a new scan can change which slices of the others are kept), but only scans
     whose kept slices or mask changed are rewritten."""
     digests = {scan_id: mask_digest(layout, scan_id) for scan_id in ok_scans(layout)}
-    tables = _slice_tables(spec, layout, cfg, digests)
+    tables, table_keys = _slice_tables(spec, layout, cfg, digests)
     if not tables:
         return PseudoLabelReport(pd.DataFrame(), pd.DataFrame(), 0)
     table = select_slices(pd.concat(tables, ignore_index=True), cfg)
@@ -113,6 +117,9 @@ def select_pseudo_labels(spec: DatasetSpec, layout: DatasetLayout, cfg: Selectio
             row["all_slice_dice"] = float(group.expert_dice.mean())
         rows.append(row)
     cache.forget_others(set(table.scan))
-    ScanCache(layout.slice_tables).forget_others(set(table.scan))
+    slice_tables = ScanCache(layout.slice_tables)
+    slice_tables.forget_others(set(table.scan))
     atomic_write_dataframe(table, layout.pseudo_selection)
+    for scan_id, key in table_keys.items():
+        slice_tables.record(scan_id, key)
     return PseudoLabelReport(table, pd.DataFrame(rows), rewritten)

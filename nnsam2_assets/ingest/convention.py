@@ -375,11 +375,11 @@ def discover_scans(
         try:
             confine(entry, roots)
             if not is_dixon:
-                found[validate_scan_id(stem, entry)] = entry
+                _claim(found, validate_scan_id(stem, entry), entry)
             elif stem.endswith("_water"):
-                found[_dixon_scan_id(_dixon_stem(stem), entry)] = entry
+                _claim(found, _dixon_scan_id(_dixon_stem(stem), entry), entry)
             elif stem.endswith("_fat"):
-                fats[_dixon_scan_id(_dixon_stem(stem), entry)] = entry
+                _claim(fats, _dixon_scan_id(_dixon_stem(stem), entry), entry)
             else:
                 raise ScanError(entry, "Dixon scans must be named <id>_water / <id>_fat")
         except ScanError as exc:
@@ -398,6 +398,14 @@ def discover_scans(
         corrected = _find_nifti(corrections, scan_id) or _find_slicer(corrections, scan_id)
         sources[scan_id] = ScanSource(scan_id, image, fats.get(scan_id), expert, corrected)
     return sources, excluded
+
+
+def _claim(taken: dict[str, Path], scan_id: str, entry: Path) -> None:
+    """``entry`` as ``scan_id``'s file, unless another file already is (``a.nii`` beside ``a.nii.gz``, a
+    DICOM folder beside a NIfTI file): which one the user means is theirs to say, so the scan is excluded."""
+    if scan_id in taken:
+        raise ScanError(entry, f"{taken[scan_id].name} is the same scan {scan_id!r}: keep one of the two")
+    taken[scan_id] = entry
 
 
 def _strip_nifti(name: str) -> str:

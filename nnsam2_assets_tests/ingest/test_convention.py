@@ -269,3 +269,28 @@ def test_dataset_yaml_numbers_are_read_as_written_not_as_yaml_1_1_octal_hex_or_b
         )
         with pytest.raises(DatasetError, match=rf"key region, column last_slice: {shown} is not an integer"):
             load_dataset(tmp_path, "tiny")
+
+
+@pytest.mark.parametrize("dixon", [False, True])
+def test_two_files_of_one_scan_exclude_that_scan_naming_both(tmp_path, dixon):
+    """``a.nii`` beside ``a.nii.gz`` (or a second fat image): the later name in sort order had silently won."""
+    from nnsam2_assets.ingest.convention import discover_scans
+
+    scans = tmp_path / "ds" / "scans"
+    image = np.zeros((4, 8, 8), np.float32)
+    names = (
+        ["a_water.nii.gz", "a_fat.nii", "a_fat.nii.gz", "b_water.nii.gz", "b_fat.nii.gz"]
+        if dixon
+        else [
+            "a.nii",
+            "a.nii.gz",
+            "b.nii.gz",
+        ]
+    )
+    for name in names:
+        _write(image, scans / name)
+    found, excluded = discover_scans(tmp_path / "ds", is_dixon=dixon, roots=(tmp_path.resolve(),))
+    assert sorted(found) == ["b"]
+    second = "a_fat.nii.gz" if dixon else "a.nii.gz"
+    first = "a_fat.nii" if dixon else "a.nii"
+    assert excluded["a"] == f"{scans / second}: {first} is the same scan 'a': keep one of the two"

@@ -218,7 +218,7 @@ def _check_slice_positions(
     which places each frame at its own position."""
     n = img.GetSize()[2]
     if all(reader.HasMetaDataKey(k, POSITION_TAG) for k in range(n)):
-        positions = [[float(v) for v in reader.GetMetaData(k, POSITION_TAG).split("\\")] for k in range(n)]
+        positions = [_position(reader.GetMetaData(k, POSITION_TAG), Path(files[k])) for k in range(n)]
         names = [Path(f).name for f in files]
     elif len(files) == 1:
         positions = _frame_positions(Path(files[0]), n)
@@ -242,6 +242,20 @@ def _check_slice_positions(
         )
 
 
+def _position(value: str, path: Path) -> list[float]:
+    """An Image Position (Patient) value: three numbers, or the file is refused naming what it holds."""
+    parts = value.strip().split("\\")
+    try:
+        numbers = [float(v) for v in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 3 or not np.isfinite(numbers).all():
+        raise ScanError(
+            path, f"Image Position (Patient) holds {', '.join(map(repr, parts))}, not three numbers"
+        )
+    return numbers
+
+
 def _frame_positions(path: Path, n: int) -> list[list[float]]:
     """Each frame's Image Position (Patient) of a multi-frame (enhanced) file, which keeps them per frame,
     not at the top level where the series reader looks; refused when they cannot be read, because the
@@ -258,7 +272,7 @@ def _frame_positions(path: Path, n: int) -> list[list[float]]:
         )
         if not plane or "ImagePositionPatient" not in plane[0]:
             break
-        positions.append([float(v) for v in plane[0].ImagePositionPatient])
+        positions.append(_position("\\".join(str(v) for v in plane[0].ImagePositionPatient), path))
     if len(positions) != n:
         raise ScanError(
             path,

@@ -393,10 +393,11 @@ def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) ->
             cache.record(scan_id, key, {"stat": signature, "row": row})
             computed += 1
             rows.append(row)
-        except (ScanError, RuntimeError, MemoryError) as exc:
-            # SimpleITK raises RuntimeError, and a scan too large for the machine MemoryError, deep in the
-            # preparation: one scan's failure stays its own (it had failed the dataset's whole ingest). A
-            # failed write is the storage's, not the scan's: it fails the step
+        except (ValueError, RuntimeError, MemoryError) as exc:
+            # SimpleITK raises RuntimeError, a value a file holds that the readers cannot parse ValueError,
+            # and a scan too large for the machine MemoryError, deep in the preparation: one scan's failure
+            # stays its own (it had failed the dataset's whole ingest). A failed write is the storage's, not
+            # the scan's: it fails the step
             if isinstance(exc, StorageError):
                 raise
             if not isinstance(exc, ScanError):

@@ -69,6 +69,48 @@ def test_a_scan_failing_inside_simpleitk_is_excluded_alone(tmp_path, monkeypatch
     )
 
 
+def _series_with_a_two_value_position(folder: Path) -> Path:
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    for k in range(4):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "p", k + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0, 0, 2.0 * k] if k != 2 else [0, 0]  # one file's position is two numbers
+        ds.PixelSpacing, ds.SliceThickness, ds.Rows, ds.Columns = [1, 1], 2, 8, 8
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.PixelData = np.full((8, 8), k, np.int16).tobytes()
+        pydicom.dcmwrite(folder / f"{k}.dcm", ds, enforce_file_format=True)
+    return folder
+
+
+def test_a_dicom_series_with_a_malformed_position_is_excluded_alone(tmp_path):
+    """numpy's ValueError on a two-number Image Position (Patient) escaped the scan and failed the whole
+    dataset's ingest: no manifest, every good scan lost."""
+    folder = write_tiny_dataset(tmp_path / "data", "ds", 2, seed=1, kind="ct")
+    _series_with_a_two_value_position(folder / "scans" / "zz")
+    report = ingest.ingest_scans(
+        load_dataset(tmp_path / "data", "ds"), DatasetLayout(tmp_path / "storage", "ds")
+    )
+    manifest = report.manifest.set_index("scan")
+    assert list(manifest.status) == ["ok", "ok", "error"]
+    assert (
+        manifest.loc["zz", "error"]
+        == f"{folder / 'scans' / 'zz' / '2.dcm'}: Image Position (Patient) holds '0.0', '0.0', not three numbers"
+    )
+
+
 def test_a_dixon_scan_id_ending_in_fat_is_refused(tmp_path):
     """Scan ``subj01_fat``'s image and scan ``subj01``'s fat image were one file under the storage root: each
     scan was measured on the other's image."""

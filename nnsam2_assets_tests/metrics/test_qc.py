@@ -77,7 +77,9 @@ def test_each_flag_fires_with_its_reason_and_severity():
     assert ("s_big", "volume_ml_outlier", "WARN") in got
     assert ("s_empty", "empty_mask", "ERROR") in got
     detail = flags[flags.flag == "asymmetry"].detail.iloc[0]
-    assert detail == "the right side is 2.50 times the left side's volume (right 100.0 ml, left 40.0 ml; > 1.5)"
+    assert (
+        detail == "the right side is 2.50 times the left side's volume (right 100.0 ml, left 40.0 ml; > 1.5)"
+    )
 
 
 def test_the_asymmetry_flag_names_the_larger_side():

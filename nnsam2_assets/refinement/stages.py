@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from nnsam2_assets.core import Log
 from nnsam2_assets.core.cache import cache_key
-from nnsam2_assets.core.imaging import read_image
+from nnsam2_assets.core.imaging import read_image, same_grid
 from nnsam2_assets.core.labels import class_names, ignore_label
 from nnsam2_assets.core.layout import (
     DatasetLayout,
@@ -204,6 +204,10 @@ def supervoxel_points(
     if not path.exists():
         return None, "no-supervoxels"
     image = read_image(path)
+    if not same_grid(image, read_image(layout.scan_image(scan))):
+        # made of an earlier crop (a new region, a re-exported scan) and not materialized since: the supervoxels
+        # asset is not upstream of the stages, so its files may lag; their points would land elsewhere
+        return None, "stale-supervoxels"
     supervoxels = sitk.GetArrayFromImage(roi.crop(image) if roi is not None else image)
     return sampling_points(supervoxels, labels, ignore_label), f"{SAMPLING_VERSION}:{sha256_file(path)[:16]}"
 

@@ -40,3 +40,32 @@ def test_shape_head_alone_and_supervoxel_sampling_in_stage1(tmp_path):
     again = stages.run_stage1(run.pool(), storage, plain.profile_obj(), log=lambda _: None)
     assert again.version != result.version
     assert set(json.loads(model_pointer(storage, "stage1").read_text())["supervoxel_points"]) == set()
+
+
+def test_supervoxels_of_an_earlier_crop_give_no_sampling_points(tmp_path):
+    """The supervoxels asset is not upstream of the stages: after a new region its files are those of the
+    old crop until it is materialized again. Their points had been taken as they were (another crop's
+    positions; a crop of another size failed the stage)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from nnsam2_assets.core.storage import atomic_write_image
+
+    data, storage = tmp_path / "data", tmp_path / "storage"
+    write_tiny_dataset(data, "ds", 2, seed=3)
+    run = direct.DirectRun(data, storage, ["ds"])
+    direct.run_direct(run, phases=("datasets", "supervoxels"))
+    layout = run.layout("ds")
+    scan = "subj01"
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.pseudo_label(scan))))
+    points, digest = stages.supervoxel_points(layout, scan, None, labels, 255)
+    assert points and digest.startswith(stages.SAMPLING_VERSION)
+
+    current = sitk.ReadImage(str(layout.supervoxels(scan)))
+    shorter = current[:, :, 1:]  # as of a crop one slice shorter at its inferior end
+    atomic_write_image(shorter, layout.supervoxels(scan))
+    assert stages.supervoxel_points(layout, scan, None, labels, 255) == (None, "stale-supervoxels")
+    moved = sitk.Image(current)
+    moved.SetOrigin(tuple(np.add(current.GetOrigin(), (0.0, 0.0, 3.0))))  # the same size, another level
+    atomic_write_image(moved, layout.supervoxels(scan))
+    assert stages.supervoxel_points(layout, scan, None, labels, 255) == (None, "stale-supervoxels")

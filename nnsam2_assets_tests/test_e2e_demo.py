@@ -98,18 +98,32 @@ def test_final_masks_beat_the_copy_slice_floor(demo_cohort):
     assert final >= floor + 0.10
 
 
-def _refined_copy(demo_cohort, tmp_path, name: str) -> DatasetLayout:
+def _refined_copy(demo_cohort, tmp_path, name: str, refined: bool = True) -> DatasetLayout:
     """One dataset's final masks made again in a copy of its storage with the held-out bar at 0 (always the
-    refined masks), reading the session's trained models and their cached predictions."""
+    refined masks; above 1 with ``refined=False``: never), reading the session's trained models and their
+    cached predictions."""
     root = tmp_path / "storage"
     shutil.copytree(DatasetLayout(demo_cohort.storage_root, name).base, DatasetLayout(root, name).base)
     (root / "models").symlink_to(demo_cohort.storage_root / "models")
     layout = DatasetLayout(root, name)
+    bar = 0.0 if refined else 1.01
     out = make_final_masks(
-        load_dataset(demo_cohort.data_root, name), layout, ok_scans(layout), root, "cpu", min_heldout_dice=0.0
+        load_dataset(demo_cohort.data_root, name), layout, ok_scans(layout), root, "cpu", min_heldout_dice=bar
     )
-    assert out.decision.use_refined
+    assert out.decision.use_refined == refined
     return layout
+
+
+def test_the_fragment_fraction_is_the_published_masks_source_only(demo_cohort, tmp_path):
+    """The fragmented_mask flag asks the user to review a final mask; with the propagated masks published,
+    the stage-3 prediction's fragments had raised it on masks that were never written."""
+    refined = json.loads(_refined_copy(demo_cohort, tmp_path / "r", "demo-ct").final_summary.read_text())
+    kept = json.loads(
+        _refined_copy(demo_cohort, tmp_path / "p", "demo-ct", refined=False).final_summary.read_text()
+    )
+    assert set(refined["fragment_fraction"]) == set(kept["fragment_fraction"])
+    assert all(np.isfinite(v) for v in refined["fragment_fraction"].values())
+    assert all(np.isnan(v) for v in kept["fragment_fraction"].values())
 
 
 def test_a_4_class_dataset_keeps_4_classes_in_a_mixed_pool(demo_cohort, tmp_path):
@@ -445,3 +459,28 @@ def _sensor_tick(instance, storage, cursor):
     return new_data_sensor(
         dg.build_sensor_context(instance=instance, resources={"storage": storage}, cursor=cursor)
     )
+
+
+def test_a_scan_stored_in_another_axis_order_gets_its_final_mask_on_its_new_grid(demo_cohort, tmp_path):
+    """The same scan re-exported in another axis order: the same crop, the same propagated mask, so the
+    final masks' key was unchanged, and final_masks/<scan>.nii.gz stayed on the old file's grid."""
+    from nnsam2_assets.core.imaging import same_grid
+    from nnsam2_assets.testing.direct import STEPS, DirectRun
+
+    name = "demo-ct"
+    data, root = tmp_path / "data", tmp_path / "storage"
+    shutil.copytree(demo_cohort.data_root / name, data / name)
+    shutil.copytree(DatasetLayout(demo_cohort.storage_root, name).base, DatasetLayout(root, name).base)
+    (root / "models").symlink_to(demo_cohort.storage_root / "models")
+    spec = load_dataset(data, name)
+    scan = next(s for s in sorted(spec.scans) if s != spec.reference)
+    source = spec.scans[scan].image
+    reordered = sitk.DICOMOrient(sitk.ReadImage(str(source)), "RAS")  # the same voxels in space
+    sitk.WriteImage(reordered, str(source))
+
+    run = DirectRun(data, root, [name])
+    for step in ("scans", "propagated_masks"):
+        STEPS[step](run, name)
+    layout = DatasetLayout(root, name)
+    make_final_masks(load_dataset(data, name), layout, ok_scans(layout), root, "cpu")
+    assert same_grid(read_image(layout.final_mask(scan)), read_image(source))

@@ -283,6 +283,9 @@ def make_final_masks(
         key = cache_key(
             CODE_VERSION,
             scan_key(layout, scan),
+            # the source file: the mask is also written on its grid (a scan stored in another axis order, or
+            # converted from a DICOM series, has the same crop and a new original grid)
+            scan_ingest_keys.get(scan, ""),
             models["stage3"]["version"],
             k_out,
             decision.source,
@@ -315,7 +318,9 @@ def make_final_masks(
             cache.record(scan, key, info=columns)
             computed += 1
         final = read_array(layout.final_mask_canonical(scan))
-        fragments[scan] = fragment_fraction(p3, k)  # of the raw prediction: cleaning hides it
+        # of the raw prediction (cleaning hides it), and only where that prediction is what was published:
+        # the fragmented_mask flag asks the user to review the final mask
+        fragments[scan] = fragment_fraction(p3, k) if decision.use_refined else float("nan")
         correction = cache.info(scan) or NO_CORRECTION
         rows.append(
             _agreement_row(

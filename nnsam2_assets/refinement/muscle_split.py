@@ -42,9 +42,13 @@ def caudal_mm_per_slice(image: sitk.Image) -> float:
 
 def ordered_split(side: np.ndarray, multifidus: np.ndarray, share: float) -> np.ndarray:
     """The multifidus inside a side with the given share of it: the side's voxels ordered by their signed
-    distance to the current multifidus (inside first), the first ``share`` of them taken, so the interface
-    moves parallel to itself. Distances are taken over the whole array given."""
-    inside = ndimage.distance_transform_edt(multifidus)
+    distance to the interface (the multifidus' voxels by their distance to the erector spinae, the erector
+    spinae's by theirs to the multifidus), the first ``share`` of them taken, so the interface moves parallel
+    to itself whichever way it goes. Distances are taken over the whole array given."""
+    erector = side & ~multifidus
+    # to the erector spinae, not to anything outside the multifidus: a shrinking multifidus had given up its
+    # rim on the background first (the lamina, the midline), wrapping erector spinae around it
+    inside = ndimage.distance_transform_edt(~erector) if erector.any() else np.zeros(side.shape)
     outside = ndimage.distance_transform_edt(~multifidus)
     signed = np.where(multifidus, -inside, outside)[side]
     keep = np.zeros(signed.size, dtype=bool)
@@ -96,7 +100,7 @@ def apply_caudal_share(
     least (logit per mm; ``caudal_mm`` per slice step, from ``caudal_mm_per_slice``): a side whose fitted
     slope falls short gets the difference, added per slice by mm caudal of ``seed_slice``.
 
-    The seed slice and the side masks stay as they are; a side slice without multifidus is left alone (there
+    The seed slice and the side masks stay as they are; a side slice all of one muscle is left alone (there
     is no interface to move)."""
     out = labels.copy()
     if slope_per_mm <= 0:
@@ -108,9 +112,11 @@ def apply_caudal_share(
         mf, es = _muscle_ids(side_name)
         for z, logit in _logit_shares(labels, mf, es).items():
             shift = missing * (z - seed_slice) * caudal_mm
-            if shift == 0:
-                continue
             side = np.isin(labels[z], (mf, es))
+            # a slice all multifidus has a share of 1 that the fit's clipping made 0.98: moved from there, it
+            # would gain erector spinae it never had
+            if shift == 0 or not (labels[z] == es).any():
+                continue
             new_mf = split_slice(side, labels[z] == mf, 1.0 / (1.0 + np.exp(-(logit + shift))))
             out[z][side] = np.where(new_mf[side], mf, es)
     return out

@@ -52,6 +52,34 @@ def test_the_share_rises_caudally_and_the_sides_stay():
         assert (out[0][lab[0] == mf] == mf).all()
 
 
+def test_a_shrinking_multifidus_gives_up_its_interface_not_its_rim():
+    """Ranked by their distance to anything outside the multifidus, its voxels next to the background (the
+    lamina, the midline) had gone to the erector spinae first: a band of erector spinae wrapped round it."""
+    lab = _sides()
+    out = apply_caudal_share(lab, seed_slice=4, caudal_mm=-4.0, slope_per_mm=0.02)
+    for z in range(5, 9):  # cranial of the seed: the share falls
+        right, left = out[z][10:30, 4:32], out[z][10:30, 32:60]
+        # each row is one run of multifidus on the midline and one of erector spinae laterally
+        assert (right[:, -1] == RIGHT_MF).all() and (right[:, 0] == RIGHT_ES).all()
+        assert (left[:, 0] == LEFT_MF).all() and (left[:, -1] == LEFT_ES).all()
+        for row in right:
+            assert (np.diff((row == RIGHT_MF).astype(int)) >= 0).all()  # ES ... ES MF ... MF
+        for row in left:
+            assert (np.diff((row == LEFT_MF).astype(int)) <= 0).all()  # MF ... MF ES ... ES
+    assert _share(out, RIGHT_MF, RIGHT_ES)[-1] < _share(lab, RIGHT_MF, RIGHT_ES)[-1]
+
+
+def test_a_side_slice_all_multifidus_gains_no_erector_spinae():
+    """Its share, clipped to 0.98 for the slope fit, had been moved from 0.98: erector spinae appeared on a
+    slice that had none, though the share was to rise."""
+    lab = _sides(40)
+    lab[0][lab[0] == RIGHT_ES] = RIGHT_MF  # the most caudal right side all multifidus
+    assert 0 < caudal_slope(lab, "right", -3.0) < 0.015  # the one slice does not make the fitted rise enough
+    out = apply_caudal_share(lab, seed_slice=20, caudal_mm=-3.0, slope_per_mm=0.015)
+    assert (out[1] == RIGHT_MF).sum() > (lab[1] == RIGHT_MF).sum()  # the rise was applied to that side
+    assert np.array_equal(out[0][lab[0] > 0] == RIGHT_MF, lab[0][lab[0] > 0] == RIGHT_MF)
+
+
 def test_no_slope_or_no_multifidus_changes_nothing():
     lab = _sides()
     assert np.array_equal(apply_caudal_share(lab, 4, -4.0, 0.0), lab)

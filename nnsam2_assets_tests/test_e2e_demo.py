@@ -484,3 +484,17 @@ def test_a_scan_stored_in_another_axis_order_gets_its_final_mask_on_its_new_grid
     layout = DatasetLayout(root, name)
     make_final_masks(load_dataset(data, name), layout, ok_scans(layout), root, "cpu")
     assert same_grid(read_image(layout.final_mask(scan)), read_image(source))
+
+
+def test_the_references_drawn_slices_are_its_final_mask_there(demo_cohort, tmp_path):
+    """The refined masks published: the reference's annotated slices had come from the stage-3 prediction,
+    not from what the user drew (a correction's slices are the user's; the drawn ones were not)."""
+    from nnsam2_assets.ingest.annotation import annotated_slices, read_annotation_meta
+
+    for name in ("demo-dixon", "demo-ct"):
+        layout = _refined_copy(demo_cohort, tmp_path / name, name)
+        reference = load_dataset(demo_cohort.data_root, name).reference
+        slices = list(annotated_slices(read_annotation_meta(layout)))
+        drawn = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.annotation)))[slices]
+        final = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.final_mask_canonical(reference))))[slices]
+        np.testing.assert_array_equal(final, drawn)

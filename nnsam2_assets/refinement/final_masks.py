@@ -104,8 +104,9 @@ def write_on_original_grid(
 
 
 # v3: the consensus of the refined and the propagated sides; v4: the caudal multifidus share; v5: the
-# consensus' side edges re-placed on the image
-FINAL_MASKS_VERSION = "final-v5"
+# consensus' side edges re-placed on the image; v6: the caudal share moves the ES/MF interface parallel to
+# itself when the multifidus shrinks, and the reference's drawn slices are its final mask's there
+FINAL_MASKS_VERSION = "final-v6"
 # the final_masks asset's code version: its own rules and the refinement code that finishes the predictions
 CODE_VERSION = f"{FINAL_MASKS_VERSION}+{VERSION}"
 # what the final masks are when refined
@@ -275,6 +276,8 @@ def make_final_masks(
     )
     decision = decide(reference_prediction, k, layout, spec.n_classes, min_heldout_dice)
     scan_ingest_keys = ingest_keys(layout)  # a correction applies on the crop its slices are numbered on
+    # the slices the user drew are the reference's truth there, as a correction is; a click-made mask is not
+    drawn = None if read_annotation_clicks(layout) else read_array(layout.annotation)
     log(f"final masks of {spec.name}: {decision.source} (held-out slice Dice {decision.heldout_dice:.3f})")
 
     for scan in scans:
@@ -303,6 +306,8 @@ def make_final_masks(
                 is_reference = scan == spec.reference
                 finished = reference_prediction if is_reference else finish_refined(p3, img, spec.modality, k)
             final = compose_final(finished, k, propagated_own, k_out, img, spec.modality, level)
+            if scan == spec.reference and drawn is not None:
+                final[list(annotated)] = drawn[list(annotated)]
             corrected = apply_correction(final, layout, record, k_out)
             if corrected is not None:
                 final = corrected.mask

@@ -15,7 +15,9 @@ def registration_intensities(arr: np.ndarray, modality: str) -> np.ndarray:
     if modality.lower() == "ct":
         lo, hi = CT_WINDOW
     else:
-        fg = a[a > 0]
+        # the foreground lies above the image's floor: 0 for a magnitude image, its minimum for one stored
+        # shifted or z-scored (where "above 0" had left out the muscle, or every voxel)
+        fg = a[a > min(float(a.min()), 0.0)]
         if fg.size < 16:
             return np.zeros_like(a)
         lo, hi = (float(v) for v in np.percentile(fg, [0.5, 99.5]))

@@ -8,13 +8,12 @@ import io
 import numpy as np
 from PIL import Image
 
-# right side warm, left side cool; ES darker than MF so 4-class maps stay readable
+# right side warm, left side cool, nnU-Net's ignore label grey; ES darker than MF so 4-class maps stay
+# readable. Per class count: drawn with the 4-class colours, a 2-class left side (id 2) came out the right
+# multifidus' orange and the 2-class ignore label (3) the left multifidus' cyan
 _COLOURS = {
-    1: (230, 60, 40),
-    2: (250, 170, 40),
-    3: (60, 200, 230),
-    4: (40, 80, 230),
-    5: (160, 160, 160),
+    4: {1: (230, 60, 40), 2: (250, 170, 40), 3: (60, 200, 230), 4: (40, 80, 230), 5: (160, 160, 160)},
+    2: {1: (230, 60, 40), 2: (40, 80, 230), 3: (160, 160, 160)},
 }
 
 
@@ -25,11 +24,13 @@ def to_uint8(slice2d: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> 
     return (np.clip((slice2d - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
 
 
-def overlay_rgb(image2d: np.ndarray, labels2d: np.ndarray | None, alpha: float = 0.45) -> np.ndarray:
+def overlay_rgb(
+    image2d: np.ndarray, labels2d: np.ndarray | None, n_classes: int = 4, alpha: float = 0.45
+) -> np.ndarray:
     grey = to_uint8(np.asarray(image2d, dtype=np.float32))
     rgb = np.stack([grey] * 3, axis=-1).astype(np.float32)
     if labels2d is not None:
-        for value, colour in _COLOURS.items():
+        for value, colour in _COLOURS[n_classes].items():
             m = labels2d == value
             rgb[m] = (1 - alpha) * rgb[m] + alpha * np.array(colour, dtype=np.float32)
     # canonical arrays are [y, x] with y growing posterior and x growing to the patient's left, so row 0 is
@@ -46,19 +47,25 @@ def png_bytes(rgb: np.ndarray, max_size: int = 256) -> bytes:
     return buf.getvalue()
 
 
-def overlay_png(image2d: np.ndarray, labels2d: np.ndarray | None, max_size: int = 256) -> bytes:
-    return png_bytes(overlay_rgb(image2d, labels2d), max_size)
+def overlay_png(
+    image2d: np.ndarray, labels2d: np.ndarray | None, n_classes: int = 4, max_size: int = 256
+) -> bytes:
+    return png_bytes(overlay_rgb(image2d, labels2d, n_classes), max_size)
 
 
 def montage_png(
-    volume: np.ndarray, labels: np.ndarray | None, slices: list[int] | None = None, tile: int = 160
+    volume: np.ndarray,
+    labels: np.ndarray | None,
+    n_classes: int = 4,
+    slices: list[int] | None = None,
+    tile: int = 160,
 ) -> bytes:
     """A row of overlays at a few slice levels (default: bottom, middle, top)."""
     n = volume.shape[0]
     slices = slices if slices is not None else sorted({0, n // 2, n - 1})
     tiles = []
     for z in slices:
-        rgb = overlay_rgb(volume[z], None if labels is None else labels[z])
+        rgb = overlay_rgb(volume[z], None if labels is None else labels[z], n_classes)
         im = Image.fromarray(rgb)
         im.thumbnail((tile, tile))
         tiles.append(np.asarray(im))

@@ -160,7 +160,7 @@ def reference_annotation(context: dg.AssetExecutionContext, storage: NnsamStorag
             "n_slices_in_region": report.n_slices,
             "class_areas_px": dg.MetadataValue.json(areas),
             "overlay": dg.MetadataValue.md(
-                markdown_image(overlay_png(report.reference_slice, labels), "annotated slice")
+                markdown_image(overlay_png(report.reference_slice, labels, spec.n_classes), "annotated slice")
             ),
             "path": dg.MetadataValue.path(str(layout.annotation)),
         },

@@ -34,8 +34,9 @@ def propagated_masks(
     level from the annotated slice, both directions, quality 95) and keeps them, with their frame maps, in
     ``frames/<scan>/`` of this asset's folder; the registration backend works on the volumes directly."""
     layout, choice = storage.layout(context.partition_key), propagation.config()
+    spec = storage.dataset(context.partition_key)
     report = propagation_steps.propagate_masks(
-        storage.dataset(context.partition_key),
+        spec,
         layout,
         choice.build,
         choice.identity(),
@@ -59,7 +60,9 @@ def propagated_masks(
     if len(summary):
         last = summary.scan.iloc[-1]
         image, masks = read_array(layout.scan_image(last)), read_array(layout.masks(last))
-        metadata["overlay"] = dg.MetadataValue.md(markdown_image(montage_png(image, masks), last))
+        metadata["overlay"] = dg.MetadataValue.md(
+            markdown_image(montage_png(image, masks, spec.n_classes), last)
+        )
     # the per-scan QC flag's threshold: the backends' confidences live on different scales (0.5 had flagged
     # every good registration-backend dataset, whose confidences are about 0.3)
     threshold = confidence_threshold(metadata["backend"])

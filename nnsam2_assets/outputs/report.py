@@ -245,7 +245,9 @@ def _scans(
         if layout.final_mask_canonical(scan).exists():
             figure = _img(
                 montage_png(
-                    read_array(layout.scan_image(scan)), read_array(layout.final_mask_canonical(scan))
+                    read_array(layout.scan_image(scan)),
+                    read_array(layout.final_mask_canonical(scan)),
+                    spec.n_classes,
                 ),
                 f"{scan} final mask",
             )

@@ -341,7 +341,7 @@ def make_final_masks(
             )
         )
         if overlay is None:
-            overlay = montage_png(sitk.GetArrayFromImage(img), final)
+            overlay = montage_png(sitk.GetArrayFromImage(img), final, k_out)
     cache.forget_others(set(scans))
     table = pd.DataFrame(rows)
     atomic_write_dataframe(table.assign(dataset=spec.name), layout.stage_agreement)

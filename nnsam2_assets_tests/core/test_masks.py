@@ -92,3 +92,17 @@ def test_overlays_read_like_a_radiology_axial_view():
     labels[7, 0] = 1  # most posterior row, patient's right column: a right-side posterior muscle
     rgb = overlay_rgb(image, labels)
     assert rgb[7, 0].any() and not rgb[0, 0].any()  # drawn at the bottom left
+
+
+def test_overlays_colour_a_two_class_left_side_cool_and_its_ignore_label_grey():
+    """The 4-class palette drawn on 2-class masks gave the left side (id 2) the right multifidus' orange and
+    the ignore label (3) the left multifidus' cyan."""
+    from nnsam2_assets.core.overlays import overlay_rgb
+
+    image = np.zeros((1, 3), np.float32)
+    labels = np.array([[1, 2, 3]], np.uint8)
+    right, left, ignore = overlay_rgb(image, labels, n_classes=2)[0].astype(int)
+    assert right[0] > right[2] and left[2] > left[0]  # right warm, left cool
+    assert ignore[0] == ignore[1] == ignore[2]  # grey
+    four = overlay_rgb(image, np.array([[1, 4, 5]], np.uint8), n_classes=4)[0].astype(int)
+    assert four[0][0] > four[0][2] and four[1][2] > four[1][0] and four[2][0] == four[2][2]

@@ -68,8 +68,26 @@ def report_paths(layout: DatasetLayout) -> dict[str, Path]:
     }
 
 
-def cell(value: object, column: str) -> str:
-    """A number as the report prints it (the test reads the page back through this same rule)."""
+# agreement columns in the units of the row's measure: a fat-ratio bias of -0.0004 had printed as -0.000
+IN_MEASURE_UNITS = ("bias", "loa_lower", "loa_upper", "mae")
+ALPHA = 0.05  # the TOST level the agreement table's "equivalent" column is decided at
+
+
+def p_value(p: float) -> str:
+    """A p-value with the significant digits it needs never to print on the other side of ``ALPHA`` than it
+    lies (0.0496 and 0.0504 had both printed 0.050 beside "yes" and "no"), and "<0.001" below 0.001."""
+    if p < 0.001:
+        return "<0.001"
+    for digits in range(2, 9):
+        text = f"{p:.{digits}g}"
+        if (float(text) < ALPHA) == (p < ALPHA):
+            return text
+    return f"{p:.8g}"
+
+
+def cell(value: object, column: str, measure: str | None = None) -> str:
+    """A number as the report prints it (the test reads the page back through this same rule); ``measure``
+    is an agreement row's measure, whose units its bias, limits and error are in."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "–"
     if column == "tost_equivalent" or isinstance(value, (bool, np.bool_)):
@@ -77,7 +95,10 @@ def cell(value: object, column: str) -> str:
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
-        return f"{float(value):.{DIGITS.get(column, 3)}f}"
+        if column == "tost_p":
+            return p_value(float(value))
+        digits = DIGITS.get(measure or "", 3) if column in IN_MEASURE_UNITS else DIGITS.get(column, 3)
+        return f"{float(value):.{digits}f}"
     return str(value)
 
 
@@ -90,7 +111,9 @@ def _table(df: pd.DataFrame, columns: dict[str, str], row_attrs=None, css: str =
     body = []
     for _, row in df.iterrows():
         attrs = row_attrs(row) if row_attrs else ""
-        cells = "".join(f'<td data-col="{c}">{html.escape(cell(row.get(c), c))}</td>' for c in columns)
+        cells = "".join(
+            f'<td data-col="{c}">{html.escape(cell(row.get(c), c, row.get("measure")))}</td>' for c in columns
+        )
         body.append(f"<tr{attrs}>{cells}</tr>")
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 

@@ -64,6 +64,7 @@ def report_paths(layout: DatasetLayout) -> dict[str, Path]:
         "scans": base / "scans.csv",
         "levels": base / "levels.csv",
         "qc": base / "qc.csv",
+        "sides": base / "sides.csv",
         "xlsx": base / "report.xlsx",
     }
 
@@ -124,6 +125,8 @@ def build_report(spec: DatasetSpec, layout: DatasetLayout, db: Path) -> Report:
     k = spec.n_classes
     rows = dataset_tables(db, ("scan_metrics", "level_metrics", "qc_flags", "agreement"), name)
     labels, levels, flags, agreement = rows.values()
+    # per side for every dataset: a 4-class dataset's sides do not depend on its muscle split (the caution)
+    sides = labels[labels.scheme == "2-class"] if len(labels) else labels
     labels = labels[labels.scheme == f"{k}-class"] if len(labels) else labels
     levels = levels[levels.scheme == f"{k}-class"] if len(levels) else levels
     if not len(flags):  # no dataset raised a flag yet: the table may not even exist
@@ -137,7 +140,7 @@ def build_report(spec: DatasetSpec, layout: DatasetLayout, db: Path) -> Report:
         _provenance(spec, labels, summary),
         _muscle_split_caution(summary),
         _qc_summary(flags),
-        _scans(spec, layout, labels, levels, flags),
+        _scans(spec, layout, labels, levels, flags, sides if k == 4 else sides.iloc[:0]),
     ]
     if len(excluded):
         sections.append(
@@ -153,6 +156,7 @@ def build_report(spec: DatasetSpec, layout: DatasetLayout, db: Path) -> Report:
         "scans": scan_rows,
         "levels": levels.drop(columns=["computed_at"], errors="ignore"),
         "qc": flags,
+        "sides": sides.drop(columns=["computed_at"], errors="ignore"),
     }
     for key, df in tables.items():
         atomic_write_text(df.to_csv(index=False), paths[key])
@@ -220,7 +224,7 @@ def _muscle_split_caution(summary: dict) -> str:
         "the split between the two muscles from the one annotated slice to every level, raised caudally only by "
         "the least rise the anatomy shows; the multifidus' share of a side grows several-fold from L3 to S1, by "
         "an amount that differs between people, so per-muscle volumes and fat ratios can be far off away "
-        f"from that level. Per-side numbers do not depend on it. {advice}</p>"
+        f"from that level. Per-side numbers (\"Per side\" under each scan, sides.csv) do not depend on it. {advice}</p>"
     )
 
 
@@ -251,7 +255,12 @@ def _correction_note(row: pd.Series) -> str:
 
 
 def _scans(
-    spec: DatasetSpec, layout: DatasetLayout, labels: pd.DataFrame, levels: pd.DataFrame, flags: pd.DataFrame
+    spec: DatasetSpec,
+    layout: DatasetLayout,
+    labels: pd.DataFrame,
+    levels: pd.DataFrame,
+    flags: pd.DataFrame,
+    sides: pd.DataFrame,
 ) -> str:
     measures = {
         "class_name": "class",
@@ -298,10 +307,22 @@ def _scans(
                 ),
                 css="levels",
             )
+        side_rows = sides[sides.scan == scan] if len(sides) else sides
+        side_html = ""
+        if len(side_rows):  # a 4-class dataset's per-side numbers, the same as a 2-class dataset's rows
+            side_cols = {c: t for c, t in measures.items() if c in side_rows and side_rows[c].notna().any()}
+            side_html = "<h4>Per side</h4>" + _table(
+                side_rows,
+                side_cols,
+                row_attrs=lambda r, s=scan: (
+                    f' data-scan="{html.escape(s)}" data-class="{html.escape(r.class_name)}"'
+                ),
+                css="sides",
+            )
         blocks.append(
             f'<section class="scan qc-{worst}" data-scan="{html.escape(scan)}"><h3>{html.escape(scan)}</h3>'
             f'<p class="flags">{html.escape(shown)}</p>{_correction_note(rows.iloc[0])}'
-            f'<div class="row">{figure}<div>{table}{level_html}</div></div></section>'
+            f'<div class="row">{figure}<div>{table}{side_html}{level_html}</div></div></section>'
         )
     return "\n".join(blocks)
 

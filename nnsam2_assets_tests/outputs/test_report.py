@@ -120,6 +120,24 @@ def test_the_demo_report_renders_offline_with_every_figure_and_duckdb_numbers(de
         )
         checked += 1
     assert checked == len(rows) * len(measured) + len(levels) and len(levels) == 2 * len(rows)
+    # every dataset's per-side rows beside the page; a 4-class dataset's on it too ("Per side"), whose caution
+    # points there: they had been in no table, CSV or sheet
+    sides = query(
+        demo_cohort.duckdb,
+        f"SELECT * FROM metrics.scan_metrics WHERE dataset = '{dataset}' AND scheme = '2-class'",
+    )
+    assert len(sides) == 2 * rows.scan.nunique()
+    on_page = {key: text for key, text in cells.cells.items() if key[0] == "sides"}
+    if k == 4:
+        for row in sides.itertuples():
+            for column in ("volume_ml", "fat_ratio"):
+                assert on_page[("sides", row.scan, "", row.class_name, column)] == cell(
+                    getattr(row, column), column
+                )
+        assert len(on_page) == len(sides) * len({key[4] for key in on_page})
+    else:
+        assert not on_page  # the scans' own rows are the sides
+    assert len(pd.read_csv(paths["sides"])) == len(sides)
 
     screenshot = REPO / "test-artifacts" / f"report_{dataset}.png"
     screenshot.parent.mkdir(exist_ok=True)
@@ -130,7 +148,7 @@ def test_the_demo_report_renders_offline_with_every_figure_and_duckdb_numbers(de
     assert len(pd.read_csv(paths["scans"])) == len(rows)
     assert len(pd.read_csv(paths["levels"])) == len(levels)
     book = openpyxl.load_workbook(paths["xlsx"], read_only=True)
-    assert {"scans", "levels", "qc", "agreement"} <= set(book.sheetnames)
+    assert {"scans", "levels", "qc", "sides", "agreement"} <= set(book.sheetnames)
     assert book["scans"].max_row == len(rows) + 1
 
 

@@ -224,7 +224,7 @@ def _muscle_split_caution(summary: dict) -> str:
         "the split between the two muscles from the one annotated slice to every level, raised caudally only by "
         "the least rise the anatomy shows; the multifidus' share of a side grows several-fold from L3 to S1, by "
         "an amount that differs between people, so per-muscle volumes and fat ratios can be far off away "
-        f"from that level. Per-side numbers (\"Per side\" under each scan, sides.csv) do not depend on it. {advice}</p>"
+        f'from that level. Per-side numbers ("Per side" under each scan, sides.csv) do not depend on it. {advice}</p>'
     )
 
 
@@ -283,48 +283,44 @@ def _scans(
                 ),
                 f"{scan} final mask",
             )
-        table = _table(
-            rows,
-            measures,
-            row_attrs=lambda r, s=scan: (
-                f' data-scan="{html.escape(s)}" data-class="{html.escape(r.class_name)}"'
-            ),
-            css="measures",
-        )
+
+        def class_attrs(r, s=scan):
+            return f' data-scan="{html.escape(s)}" data-class="{html.escape(r.class_name)}"'
+
+        table = _table(rows, measures, row_attrs=class_attrs, css="measures")
         level_rows = levels[levels.scan == scan] if len(levels) else levels
-        level_html = ""
-        if len(level_rows):
-            cols = {
-                "level": "level",
-                "class_name": "class",
-                **{c: t for c, t in LEVEL_COLUMNS.items() if level_rows[c].notna().any()},
-            }
-            level_html = "<h4>Per level</h4>" + _table(
-                level_rows,
-                cols,
-                row_attrs=lambda r, s=scan: (
-                    f' data-scan="{html.escape(s)}" data-level="{html.escape(r.level)}" data-class="{html.escape(r.class_name)}"'
-                ),
-                css="levels",
-            )
-        side_rows = sides[sides.scan == scan] if len(sides) else sides
-        side_html = ""
-        if len(side_rows):  # a 4-class dataset's per-side numbers, the same as a 2-class dataset's rows
-            side_cols = {c: t for c, t in measures.items() if c in side_rows and side_rows[c].notna().any()}
-            side_html = "<h4>Per side</h4>" + _table(
-                side_rows,
-                side_cols,
-                row_attrs=lambda r, s=scan: (
-                    f' data-scan="{html.escape(s)}" data-class="{html.escape(r.class_name)}"'
-                ),
-                css="sides",
-            )
+        level_html = _part(
+            "Per level",
+            level_rows,
+            {"level": "level", "class_name": "class", **LEVEL_COLUMNS},
+            lambda r, s=scan: (
+                f' data-scan="{html.escape(s)}" data-level="{html.escape(r.level)}"'
+                f' data-class="{html.escape(r.class_name)}"'
+            ),
+            "levels",
+        )
+        # a 4-class dataset's per-side numbers, the same as a 2-class dataset's own rows
+        side_html = _part(
+            "Per side", sides[sides.scan == scan] if len(sides) else sides, measures, class_attrs, "sides"
+        )
         blocks.append(
             f'<section class="scan qc-{worst}" data-scan="{html.escape(scan)}"><h3>{html.escape(scan)}</h3>'
             f'<p class="flags">{html.escape(shown)}</p>{_correction_note(rows.iloc[0])}'
             f'<div class="row">{figure}<div>{table}{side_html}{level_html}</div></div></section>'
         )
     return "\n".join(blocks)
+
+
+def _part(title: str, rows: pd.DataFrame, columns: dict[str, str], row_attrs, css: str) -> str:
+    """A scan's sub-table under its heading, with the columns that hold a value in its rows; "" without rows."""
+    if not len(rows):
+        return ""
+    shown = {
+        c: t
+        for c, t in columns.items()
+        if c in rows and (c in ("level", "class_name") or rows[c].notna().any())
+    }
+    return f"<h4>{html.escape(title)}</h4>" + _table(rows, shown, row_attrs=row_attrs, css=css)
 
 
 def _agreement(labels: pd.DataFrame, agreement: pd.DataFrame, spec: DatasetSpec) -> str:

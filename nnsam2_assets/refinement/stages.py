@@ -178,7 +178,7 @@ def _stage_training_cases(
         parts += [dataset, scan, input_key(scan_key(layout, scan), roi), sha256_file(label_path)[:16]]
         if profile.foreground_sampling == "supervoxels":
             points, digest = supervoxel_points(
-                layout, scan, roi, sitk.GetArrayFromImage(label), ignore_label(pool.classes)
+                layout, scan, img, roi, sitk.GetArrayFromImage(label), ignore_label(pool.classes)
             )
             sampling[case_id] = points
             parts.append(digest)
@@ -196,20 +196,26 @@ def _warm_start(stage: str, root: Path, profile: nnunet.Profile) -> tuple[nnunet
 
 
 def supervoxel_points(
-    layout: DatasetLayout, scan: str, roi: Roi | None, labels: np.ndarray, ignore_label: int
+    layout: DatasetLayout,
+    scan: str,
+    image: sitk.Image,
+    roi: Roi | None,
+    labels: np.ndarray,
+    ignore_label: int,
 ) -> tuple[dict[int, np.ndarray] | None, str]:
     """The scan's supervoxel patch centres on its training crop, and what they were made from. A scan without
-    supervoxels (the asset not materialized, or the scan added since) keeps nnU-Net's own draw: None."""
+    supervoxels (the asset not materialized, or the scan added since) keeps nnU-Net's own draw: None.
+    ``image`` is the scan's canonical crop, which the supervoxels must lie on."""
     path = layout.supervoxels(scan)
     if not path.exists():
         return None, "no-supervoxels"
-    image = read_image(path)
-    if not same_grid(image, read_image(layout.scan_image(scan))):
+    supervoxels = read_image(path)
+    if not same_grid(supervoxels, image):
         # made of an earlier crop (a new region, a re-exported scan) and not materialized since: the supervoxels
         # asset is not upstream of the stages, so its files may lag; their points would land elsewhere
         return None, "stale-supervoxels"
-    supervoxels = sitk.GetArrayFromImage(roi.crop(image) if roi is not None else image)
-    return sampling_points(supervoxels, labels, ignore_label), f"{SAMPLING_VERSION}:{sha256_file(path)[:16]}"
+    on_crop = sitk.GetArrayFromImage(roi.crop(supervoxels) if roi is not None else supervoxels)
+    return sampling_points(on_crop, labels, ignore_label), f"{SAMPLING_VERSION}:{sha256_file(path)[:16]}"
 
 
 def run_stage1(pool: Pool, root: Path, profile: nnunet.Profile, log: Log = print) -> StageResult:

@@ -58,14 +58,15 @@ def test_supervoxels_of_an_earlier_crop_give_no_sampling_points(tmp_path):
     layout = run.layout("ds")
     scan = "subj01"
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.pseudo_label(scan))))
-    points, digest = stages.supervoxel_points(layout, scan, None, labels, 255)
+    image = sitk.ReadImage(str(layout.scan_image(scan)))
+    points, digest = stages.supervoxel_points(layout, scan, image, None, labels, 255)
     assert points and digest.startswith(stages.SAMPLING_VERSION)
 
     current = sitk.ReadImage(str(layout.supervoxels(scan)))
     shorter = current[:, :, 1:]  # as of a crop one slice shorter at its inferior end
     atomic_write_image(shorter, layout.supervoxels(scan))
-    assert stages.supervoxel_points(layout, scan, None, labels, 255) == (None, "stale-supervoxels")
+    assert stages.supervoxel_points(layout, scan, image, None, labels, 255) == (None, "stale-supervoxels")
     moved = sitk.Image(current)
     moved.SetOrigin(tuple(np.add(current.GetOrigin(), (0.0, 0.0, 3.0))))  # the same size, another level
     atomic_write_image(moved, layout.supervoxels(scan))
-    assert stages.supervoxel_points(layout, scan, None, labels, 255) == (None, "stale-supervoxels")
+    assert stages.supervoxel_points(layout, scan, image, None, labels, 255) == (None, "stale-supervoxels")

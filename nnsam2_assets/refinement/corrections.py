@@ -122,11 +122,11 @@ def _refused_marker(layout: DatasetLayout, scan: str) -> Path:
     return layout.dir("corrections") / f"{scan}.refused"
 
 
-def read_correction(spec: DatasetSpec, scan: str, canonical: sitk.Image) -> np.ndarray:
-    """The correction file on the scan's canonical crop (our class ids); clear errors naming the file."""
+def read_correction(spec: DatasetSpec, scan: str, original: sitk.Image, canonical: sitk.Image) -> np.ndarray:
+    """The correction file, on the scan's ``original`` grid, brought onto its canonical crop (our class ids);
+    clear errors naming the file."""
     path = spec.scans[scan].correction
     spec.confined(path)  # a link out of the data root is refused, as for every file the dataset names
-    original = read_image(spec.scans[scan].image)
     k = spec.n_classes
     if is_slicer_segmentation(path):
         names = {name: i for i, name in enumerate(class_names(k), start=1)}
@@ -156,7 +156,7 @@ def on_crop(labels: sitk.Image, canonical: sitk.Image) -> np.ndarray:
 
 
 def published_on_crop(
-    spec: DatasetSpec, layout: DatasetLayout, scan: str, canonical: sitk.Image
+    layout: DatasetLayout, scan: str, original: sitk.Image, canonical: sitk.Image
 ) -> np.ndarray:
     """The published final mask, the file a user edits, on the scan's current crop. Read on the original
     grid, as the correction is: the canonical copy may be on an earlier crop of the same length, where a
@@ -164,7 +164,7 @@ def published_on_crop(
     published = layout.final_mask(scan)
     if published.exists():
         mask = read_image(published)
-        if same_grid(mask, read_image(spec.scans[scan].image)):
+        if same_grid(mask, original):
             return on_crop(mask, canonical)
     return np.zeros(canonical.GetSize()[::-1], np.uint8)  # nothing published for this scan's grid
 
@@ -240,13 +240,13 @@ def _record_one(
                 {**asdict(previous), "source_stat": source_stat(source)}, layout.correction_record(scan)
             )
         return None
-    canonical = read_image(layout.scan_image(scan))
-    correction = read_correction(spec, scan, canonical)
+    canonical, original = read_image(layout.scan_image(scan)), read_image(spec.scans[scan].image)
+    correction = read_correction(spec, scan, original, canonical)
     if same_file:  # the scan was ingested again (a new region, new content): the same edits on its new crop
         slices = set(_moved_slices(previous, canonical, correction, layout))
         base_digest = previous.base_mask_sha256
     else:
-        slices = set(differing_slices(correction, published_on_crop(spec, layout, scan, canonical)))
+        slices = set(differing_slices(correction, published_on_crop(layout, scan, original, canonical)))
         if previous is not None:  # the published mask already carries those edits
             slices |= set(_moved_slices(previous, canonical, correction, layout))
         base_digest = sha256_file(layout.final_mask(scan)) if layout.final_mask(scan).exists() else None

@@ -7,6 +7,7 @@ reference notebooks' per-pid ``rot90`` string hacks with one geometric rule that
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def read_image(path: Path | str) -> sitk.Image:
         if path.is_dir():
             img = _read_dicom_series(path)
         else:
-            img = sitk.ReadImage(str(path))
+            img = _without_singleton_fourth_axis(sitk.ReadImage(str(path)))
     except ScanError:
         raise
     except RuntimeError as exc:
@@ -59,9 +60,6 @@ def read_image(path: Path | str) -> sitk.Image:
         raise ScanError(
             path, f"expected a single-channel image, got {img.GetNumberOfComponentsPerPixel()} channels"
         )
-    if img.GetDimension() == 4 and img.GetSize()[3] == 1:
-        # some writers store 3-D volumes with a singleton 4th axis
-        img = img[:, :, :, 0]
     if img.GetDimension() != 3:
         raise ScanError(path, f"expected a 3-D volume, got {img.GetDimension()}-D of size {img.GetSize()}")
     if min(img.GetSize()) < 1:
@@ -200,11 +198,14 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's own position, for the grid check
-    img = reader.Execute()
-    if img.GetDimension() == 4 and img.GetSize()[3] == 1:  # one multi-frame file reads as [x, y, frame, 1]
-        img = img[:, :, :, 0]
+    img = _without_singleton_fourth_axis(reader.Execute())  # one multi-frame file reads as [x, y, frame, 1]
     _check_slice_positions(img, reader, files, folder)
     return img
+
+
+def _without_singleton_fourth_axis(img: sitk.Image) -> sitk.Image:
+    """A 3-D volume stored with a 4th axis of size 1 (some NIfTI writers, a multi-frame DICOM file) as 3-D."""
+    return img[:, :, :, 0] if img.GetDimension() == 4 and img.GetSize()[3] == 1 else img
 
 
 def _check_slice_positions(
@@ -218,7 +219,10 @@ def _check_slice_positions(
     which places each frame at its own position."""
     n = img.GetSize()[2]
     if all(reader.HasMetaDataKey(k, POSITION_TAG) for k in range(n)):
-        positions = [_position(reader.GetMetaData(k, POSITION_TAG), Path(files[k])) for k in range(n)]
+        positions = [
+            _position(reader.GetMetaData(k, POSITION_TAG).strip().split("\\"), Path(files[k]))
+            for k in range(n)
+        ]
         names = [Path(f).name for f in files]
     elif len(files) == 1:
         positions = _frame_positions(Path(files[0]), n)
@@ -242,9 +246,9 @@ def _check_slice_positions(
         )
 
 
-def _position(value: str, path: Path) -> list[float]:
-    """An Image Position (Patient) value: three numbers, or the file is refused naming what it holds."""
-    parts = value.strip().split("\\")
+def _position(parts: Sequence[object], path: Path) -> list[float]:
+    """An Image Position (Patient) value's parts: three numbers, or the file is refused naming what it holds."""
+    parts = [str(v).strip() for v in parts]
     try:
         numbers = [float(v) for v in parts]
     except ValueError:
@@ -272,7 +276,7 @@ def _frame_positions(path: Path, n: int) -> list[list[float]]:
         )
         if not plane or "ImagePositionPatient" not in plane[0]:
             break
-        positions.append(_position("\\".join(str(v) for v in plane[0].ImagePositionPatient), path))
+        positions.append(_position(list(plane[0].ImagePositionPatient), path))
     if len(positions) != n:
         raise ScanError(
             path,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,12 +82,19 @@ class AutomaticMaskGenerator:
         pred_iou_thresh: float = PRED_IOU_THRESHOLD,
         stability_score_thresh: float = STABILITY_THRESHOLD,
         box_nms_thresh: float = BOX_NMS_THRESHOLD,
+        model: Any = None,
     ) -> None:
         path = sam2_models.checked_checkpoint(checkpoint, allow_random_weights, "AutomaticMaskGenerator")
         self.image_size = sam2_models.checked_image_size(image_size)
         self.device = sam2_models.resolve_device(device)
         self.model_id = sam2_models.model_id(config, path, self.image_size)
-        self.model = sam2_models.build_image_model(config, path, self.image_size, self.device)
+        # ``model``: one already built from this config and checkpoint (the propagator's video predictor is a
+        # SAM2Base with the same encoder and decoders), so a run loads the weights once
+        self.model = (
+            model
+            if model is not None
+            else sam2_models.build_image_model(config, path, self.image_size, self.device)
+        )
         self.points = build_point_grid(points_per_side)  # [N, 2] (x, y) in [0, 1]
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh

@@ -61,11 +61,9 @@ def slic_method() -> SupervoxelMethod:
     )
 
 
-def sam2_method(generator, propagator: Callable[[], Propagator], model_id: str) -> SupervoxelMethod:
+def sam2_method(generator, propagator: Propagator, model_id: str) -> SupervoxelMethod:
     """SAM2's automatic masks (``automatic.AutomaticMaskGenerator``) carried by the SAM2 propagator, each
-    segment one object prompted by its mask. The propagator is built on first use (a proposal never needs it);
-    ``model_id`` is its identity."""
-    built = functools.cache(propagator)
+    segment one object prompted by its mask. ``model_id`` is the propagator's identity."""
 
     def segment(grey: np.ndarray, spacing: tuple[float, float], within: np.ndarray | None) -> np.ndarray:
         return segments.paint_candidates(generator.generate(grey), grey.shape, within)
@@ -75,7 +73,7 @@ def sam2_method(generator, propagator: Callable[[], Propagator], model_id: str) 
         prompt[seed] = labels
         annotation = sitk.GetImageFromArray(prompt)
         annotation.CopyInformation(scan)
-        volume = built().propagate(scan, annotation, seed, scan, modality).masks.astype(np.uint16)
+        volume = propagator.propagate(scan, annotation, seed, scan, modality).masks.astype(np.uint16)
         volume[seed] = labels  # the seed slice is the cut itself, as the registration chain keeps it
         return volume
 
@@ -84,15 +82,17 @@ def sam2_method(generator, propagator: Callable[[], Propagator], model_id: str) 
 
 def method_for(config: PropagationConfig) -> SupervoxelMethod:
     """SAM2's automatic masks carried by SAM2 when a checkpoint is configured, else SLIC carried by the
-    registration chain. Builds the models (once per call)."""
+    registration chain. SAM2 is built once per call: the mask generator runs on the propagator's model."""
     if config.resolved_backend() != "sam2":
         return slic_method()
     from nnsam2_assets.supervoxels.automatic import AutomaticMaskGenerator
 
+    propagator = config.build()
     generator = AutomaticMaskGenerator(
-        config.sam2_config, config.sam2_checkpoint or None, config.sam2_image_size, config.device
-    )
-    return sam2_method(generator, config.build, config.identity())
+        config.sam2_config, config.sam2_checkpoint or None, config.sam2_image_size, config.device,
+        model=propagator.predictor,
+    )  # fmt: skip
+    return sam2_method(generator, propagator, config.identity())
 
 
 def method_id_for(config: PropagationConfig) -> str:

@@ -139,7 +139,7 @@ def test_sam2_supervoxels_reach_the_sampling_locations(random_generator, tmp_pat
         (c.predicted_iou for c in candidates), reverse=True
     )
     propagator = SAM2Propagator(image_size=SAM_SIZE, allow_random_weights=True, device="cpu", threads=1)
-    method = steps.sam2_method(random_generator, lambda: propagator, propagator.model_id)
+    method = steps.sam2_method(random_generator, propagator, propagator.model_id)
     assert method.name == "sam2" and method.model_id.count("random") == 2
     labels = np.stack([two_blob_annotation(vol, z)[z] for z in range(vol.shape[0])])
     scan = _image(vol, spacing=(2.0, 2.0, 4.0))  # the region margin (10 mm) is 5 pixels here
@@ -152,3 +152,36 @@ def test_sam2_supervoxels_reach_the_sampling_locations(random_generator, tmp_pat
     assert supervoxels.shape == vol.shape and np.array_equal(supervoxels[2], seed_labels)
     points = steps.sampling_points(supervoxels, labels, ignore_label=3)
     assert sum(len(p) for p in points.values()) >= 1
+
+
+def test_the_sam2_supervoxels_load_sam2_once_and_cut_with_the_propagators_model(tmp_path, monkeypatch):
+    """The house rule "load models once per run": the mask generator runs on the video predictor's encoder and
+    decoders (a SAM2Base of the same config and checkpoint) instead of building a second model."""
+    from nnsam2_assets.core import sam2_models
+    from nnsam2_assets.propagation import sam2 as sam2_backend
+    from nnsam2_assets.propagation.settings import PropagationConfig
+
+    torch.manual_seed(0)
+    saved = sam2_backend.SAM2Propagator(
+        image_size=SAM_SIZE, allow_random_weights=True, device="cpu", threads=1
+    )
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save({"model": saved.predictor.state_dict()}, checkpoint)
+
+    def second_build(*args, **kwargs):
+        raise AssertionError("a second SAM2 model was built")
+
+    monkeypatch.setattr(sam2_models, "build_image_model", second_build)
+    before = sam2_backend.MODEL_BUILDS
+    config = PropagationConfig(sam2_checkpoint=str(checkpoint), sam2_image_size=SAM_SIZE, device="cpu")
+    method = steps.method_for(config)
+    assert sam2_backend.MODEL_BUILDS - before == 1
+    assert method.name == "sam2" and "random" not in method.model_id
+
+    vol = two_blob_volume(5)
+    labels = two_blob_annotation(vol, 2)[2]
+    scan = _image(vol, spacing=(2.0, 2.0, 4.0))
+    seed_labels = steps.seed_segments(method, scan, "mri", 2, near=labels > 0)
+    assert seed_labels.shape == labels.shape
+    assert method.carry(scan, labels, 2, "mri").shape == vol.shape
+    assert sam2_backend.MODEL_BUILDS - before == 1

@@ -233,6 +233,24 @@ def test_a_warm_start_begins_at_the_checkpoints_weights_and_trains_its_own_epoch
     assert fresh.warm_started_from is None and fresh.num_epochs == TINY.num_epochs
 
 
+def test_training_with_background_data_workers_is_reproduced_by_its_seed(trained, tmp_path):
+    """A GPU trains with augmentation workers (``data_workers`` None is up to 8 there): each worker's numpy and
+    torch streams and the order their batches arrive in follow the training seed, so a rerun reproduces the
+    model, as it does with the in-process loader."""
+    import torch
+
+    profile = TINY.replace(num_epochs=1, data_workers=2)
+    weights = [
+        torch.load(
+            nn.train_model(trained["cases"], CLASSES, True, tmp_path / f"work{run}", tmp_path / f"m{run}",
+                           profile, seed=3).checkpoint,
+            map_location="cpu", weights_only=False,
+        )["network_weights"]
+        for run in range(2)
+    ]  # fmt: skip
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_predict_round_trip_loads_once(trained):
     n0 = nn.PREDICTOR_LOADS
     pred = nn.Predictor.load(trained["info"].model_dir, device="auto")

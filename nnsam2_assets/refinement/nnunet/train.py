@@ -215,6 +215,7 @@ def train_model(
             out_base = Path(trainer.output_folder_base)
             trainer.progress_model_dir = model_dir
             trainer.compile_network = prof.compile_network
+            trainer.data_seed = seed
             trainer.num_epochs = prof.num_epochs
             trainer.num_iterations_per_epoch = prof.iterations_per_epoch
             trainer.num_val_iterations_per_epoch = prof.val_iterations_per_epoch

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ import numpy as np
 from ._common import (
     TRAINER_NAME,
     Profile,
+    _env_override,
     log,
 )
 
@@ -59,6 +60,41 @@ def _unwrapped(network: Any) -> Any:
     return getattr(network, "_orig_mod", network)
 
 
+class _SeededWorkerLoader:
+    """nnU-Net's data loader as one background worker runs it. batchgenerators seeds only numpy's stream in a
+    worker; the augmentations also draw from torch's, which a forked worker inherits, the same in every worker."""
+
+    def __init__(self, loader: Any, seeds: Sequence[int]) -> None:
+        self.loader = loader
+        self.seeds = [int(s) for s in seeds]
+
+    def set_thread_id(self, thread_id: int) -> None:  # batchgenerators calls it first thing in the worker
+        import torch
+
+        torch.manual_seed(self.seeds[thread_id])
+        self.loader.set_thread_id(thread_id)
+
+    def __iter__(self) -> _SeededWorkerLoader:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self.loader)
+
+
+def _seeded_workers(loader: Any, workers: int, seed: int, stream: int, cached: int, pin_memory: bool) -> Any:
+    """``loader`` in ``workers`` processes seeded from the training seed (``stream`` keeps the training and
+    validation loaders' seeds apart), their batches taken in turn (batchgenerators' deterministic
+    ``MultiThreadedAugmenter``, where nnU-Net's takes whichever batch is ready first)."""
+    from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+
+    seeds = np.random.SeedSequence([seed, stream]).generate_state(workers).tolist()
+    augmenter = MultiThreadedAugmenter(
+        _SeededWorkerLoader(loader, seeds), None, workers, cached, seeds=seeds, pin_memory=pin_memory
+    )
+    next(augmenter)  # starts the workers now, as nnU-Net does
+    return augmenter
+
+
 _TRAINER_CLS: type | None = None
 # in-plane rotation augmentation limit: beyond ~90 degrees a rotation swaps the sides (see trainer_class)
 MAX_ROTATION_DEG = 15.0
@@ -82,6 +118,7 @@ def trainer_class() -> type:
             self._epoch_t0 = 0.0
             self.progress_model_dir: Path | None = None  # set by train_model: progress listeners get it
             self.compile_network: bool | None = None  # set by train_model from the profile
+            self.data_seed = 0  # set by train_model: the training seed, which the data workers' seeds follow
             self._iterations_done = 0
             # progress.png is redrawn by matplotlib every epoch (~0.3 s); draw it once at the end instead
             self._plot_progress = self.logger.plot_progress_png
@@ -107,6 +144,25 @@ def trainer_class() -> type:
             self.inference_allowed_mirroring_axes = None  # saved in the checkpoint
             self.rotation_for_DA_used = rot
             return rot, dummy_2d, initial_patch, None
+
+        def get_dataloaders(self) -> tuple[Any, Any]:
+            # nnU-Net's background workers start unseeded and hand over whichever batch is ready first, so a
+            # rerun with workers (a GPU's default) trained another model. Build nnU-Net's own loaders, then run
+            # them in seeded workers whose batches arrive in a fixed order.
+            from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+            workers = get_allowed_n_proc_DA()
+            if workers == 0:
+                return super().get_dataloaders()
+            with _env_override({"nnUNet_n_proc_DA": "0"}):
+                train, val = super().get_dataloaders()
+            pin = self.device.type == "cuda"
+            return (
+                _seeded_workers(train.data_loader, workers, self.data_seed, 0, max(6, workers // 2), pin),
+                _seeded_workers(
+                    val.data_loader, max(1, workers // 2), self.data_seed, 1, max(3, workers // 4), pin
+                ),
+            )
 
         def print_to_log_file(
             self, *args: Any, also_print_to_console: bool = True, add_timestamp: bool = True

@@ -100,6 +100,7 @@ class DatasetLayout:
             self.pseudo_label(scan),
             self.final_mask(scan),
             self.final_mask_dicom_seg(scan),
+            self.final_mask_dicom_seg_refusal(scan),
             self.final_mask_canonical(scan),
         ]
         outputs += [self.scan_metric_rows(scan, table) for table in SCAN_METRIC_TABLES]
@@ -182,6 +183,11 @@ class DatasetLayout:
     def final_mask_dicom_seg(self, scan: str) -> Path:
         """The final mask as a DICOM Segmentation object (scans ingested from a DICOM series only)."""
         return self.dir("final_masks") / f"{scan}.seg.dcm"
+
+    def final_mask_dicom_seg_refusal(self, scan: str) -> Path:
+        """Why a DICOM-sourced scan's final mask has no Segmentation object (an empty mask, a series no SEG can
+        be made of): it stands in for the SEG while the final mask is current."""
+        return self.dir("final_masks") / f"{scan}.seg.refused.txt"
 
     def final_mask_canonical(self, scan: str) -> Path:
         return self.dir("final_masks") / "canonical" / f"{scan}.nii.gz"

@@ -37,6 +37,7 @@ from nnsam2_assets.core.storage import (
     atomic_write_dataframe,
     atomic_write_image,
     atomic_write_json,
+    atomic_write_text,
     sha256_file,
 )
 from nnsam2_assets.ingest.annotation import annotated_slices, read_annotation_clicks, read_annotation_meta
@@ -80,27 +81,32 @@ def write_on_original_grid(
     spec: DatasetSpec, layout: DatasetLayout, scan: str, canonical: sitk.Image, version: str
 ) -> list[str]:
     """The final mask on the scan's original grid (NIfTI), and for a scan ingested from a DICOM series also
-    as a DICOM Segmentation object referencing that series. Returns notes on the series' identifiers."""
+    as a DICOM Segmentation object referencing that series, or, where none can be made, the reason in its
+    place (``layout.final_mask_dicom_seg_refusal``). Returns notes on the series' identifiers."""
     source = spec.scans[scan].image
     on_original = to_original_grid(canonical, read_image(source))
     atomic_write_image(on_original, layout.final_mask(scan))
+    seg, refusal = layout.final_mask_dicom_seg(scan), layout.final_mask_dicom_seg_refusal(scan)
+    refusal.unlink(missing_ok=True)
     if not source.is_dir():  # a scan once read from a series may now be a NIfTI file: its old SEG must go
-        layout.final_mask_dicom_seg(scan).unlink(missing_ok=True)
+        seg.unlink(missing_ok=True)
         return []
+
+    def refused(reason: str) -> list[str]:
+        seg.unlink(missing_ok=True)
+        atomic_write_text(reason + "\n", refusal)
+        return [reason]
+
     if not sitk.GetArrayViewFromImage(on_original).any():
-        layout.final_mask_dicom_seg(scan).unlink(missing_ok=True)
-        return ["the final mask is empty: no DICOM Segmentation written"]
+        return refused("the final mask is empty: no DICOM Segmentation written")
     # highdicom and pydicom (0.4 s to import) only for DICOM-sourced scans, not in every process loading the defs
     from nnsam2_assets.outputs.dicom_seg import write_dicom_seg
 
     # final masks are in the dataset's own classes (a 2-class pool's sides are split for a 4-class dataset)
     try:
-        return write_dicom_seg(
-            on_original, source, class_names(spec.n_classes), layout.final_mask_dicom_seg(scan), version
-        )
+        return write_dicom_seg(on_original, source, class_names(spec.n_classes), seg, version)
     except ScanError as exc:  # the NIfTI mask stands; one series a SEG cannot be made of fails no other scan
-        layout.final_mask_dicom_seg(scan).unlink(missing_ok=True)
-        return [f"no DICOM Segmentation written: {exc}"]
+        return refused(f"no DICOM Segmentation written: {exc}")
 
 
 # v3: the consensus of the refined and the propagated sides; v4: the caudal multifidus share; v5: the
@@ -180,11 +186,11 @@ def compose_final(
 
 
 def _dicom_seg_current(spec: DatasetSpec, layout: DatasetLayout, scan: str) -> bool:
-    """A DICOM-sourced scan's Segmentation exists, unless its final mask is empty and so has none (else that
-    scan would be recomputed on every run)."""
-    if not spec.scans[scan].image.is_dir() or layout.final_mask_dicom_seg(scan).exists():
+    """A DICOM-sourced scan has its Segmentation, or the reason it has none (else a scan without one would be
+    recomputed on every run)."""
+    if not spec.scans[scan].image.is_dir():
         return True
-    return not read_array(layout.final_mask_canonical(scan)).any()
+    return layout.final_mask_dicom_seg(scan).exists() or layout.final_mask_dicom_seg_refusal(scan).exists()
 
 
 def _correction_columns(corrected: AppliedCorrection | None, img: sitk.Image) -> dict:

@@ -165,6 +165,7 @@ def test_an_empty_final_mask_of_a_dicom_scan_has_no_seg_and_counts_as_current(se
     atomic_write_image(empty, layout.final_mask_canonical("ctdicom"))
     assert notes == ["the final mask is empty: no DICOM Segmentation written"]
     assert _dicom_seg_current(spec, layout, "ctdicom")  # nothing to write: not recomputed on every run
+    assert layout.final_mask_dicom_seg_refusal("ctdicom").read_text().strip() == notes[0]
     assert _dicom_seg_current(spec, layout, "ctsm")  # a NIfTI scan never has one
 
 
@@ -233,6 +234,19 @@ def test_a_series_no_seg_can_be_made_of_keeps_its_nifti_mask_and_fails_no_other_
     assert layout.final_mask("ctdicom").exists() and not layout.final_mask_dicom_seg("ctdicom").exists()
     (note,) = notes
     assert note.startswith(f"no DICOM Segmentation written: {folder}: its instances name 2 different")
+    # the reason stands in for the SEG: the scan is not recomputed on every run, and the user can read why
+    from nnsam2_assets.refinement.final_masks import _dicom_seg_current
+
+    assert layout.final_mask_dicom_seg_refusal("ctdicom").read_text().strip() == note
+    assert _dicom_seg_current(spec, layout, "ctdicom")
+    # the series mended: its SEG is written and the reason goes
+    for f in dicom_series_files(folder):
+        ds = pydicom.dcmread(f)
+        ds.FrameOfReferenceUID = "1.2.3.0"
+        ds.save_as(f)
+    write_on_original_grid(spec, layout, "ctdicom", canonical, "test")
+    assert layout.final_mask_dicom_seg("ctdicom").exists()
+    assert not layout.final_mask_dicom_seg_refusal("ctdicom").exists()
 
 
 def _multiframe(series_dir: Path, order: list[int] | None = None) -> Path:

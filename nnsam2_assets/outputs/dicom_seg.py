@@ -120,12 +120,15 @@ COPIED_TYPE_2 = (
 
 
 def write_dicom_seg(
-    mask: sitk.Image, series: Path, class_names: tuple[str, ...], out: Path, version: str
-) -> list[str]:
+    mask: sitk.Image, series: Path, class_names: tuple[str, ...], out: Path, version: str,
+    stacked: sitk.Image | None = None,
+) -> list[str]:  # fmt: skip
     """Write ``mask`` (class ids on the series' own grid, as ``read_image`` stacks it) as a DICOM SEG;
-    returns notes on identifiers the series lacked (see ``_repaired``)."""
+    returns notes on identifiers the series lacked (see ``_repaired``). ``stacked``: the series as
+    ``read_image`` stacked it, where the caller holds it already (it is read otherwise)."""
     files = dicom_series_files(series)
-    stacked = read_image(series)  # as ingest read it: one multi-frame file is [x, y, frame], not 4-D
+    if stacked is None:  # as ingest read it: one multi-frame file is [x, y, frame], not 4-D
+        stacked = read_image(series)
     if not same_grid(mask, stacked):
         raise ScanError(out, "the mask is not on the DICOM series' grid")
     sources, notes = _repaired(series, [pydicom.dcmread(f) for f in files], stacked.GetSpacing()[2])

@@ -84,7 +84,8 @@ def write_on_original_grid(
     as a DICOM Segmentation object referencing that series, or, where none can be made, the reason in its
     place (``layout.final_mask_dicom_seg_refusal``). Returns notes on the series' identifiers."""
     source = spec.scans[scan].image
-    on_original = to_original_grid(canonical, read_image(source))
+    original = read_image(source)
+    on_original = to_original_grid(canonical, original)
     atomic_write_image(on_original, layout.final_mask(scan))
     seg, refusal = layout.final_mask_dicom_seg(scan), layout.final_mask_dicom_seg_refusal(scan)
     refusal.unlink(missing_ok=True)
@@ -104,7 +105,7 @@ def write_on_original_grid(
 
     # final masks are in the dataset's own classes (a 2-class pool's sides are split for a 4-class dataset)
     try:
-        return write_dicom_seg(on_original, source, class_names(spec.n_classes), seg, version)
+        return write_dicom_seg(on_original, source, class_names(spec.n_classes), seg, version, original)
     except ScanError as exc:  # the NIfTI mask stands; one series a SEG cannot be made of fails no other scan
         return refused(f"no DICOM Segmentation written: {exc}")
 

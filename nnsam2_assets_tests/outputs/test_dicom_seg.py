@@ -309,3 +309,23 @@ def test_a_multi_frame_series_is_read_on_its_frames_positions_and_gets_its_seg(s
         ScanError, match=r"multi-frame file holding frames out of order or several per position"
     ):
         read_image(_multiframe(tmp_path / "doubled", doubled))
+
+
+def test_writing_a_series_scans_final_mask_reads_the_series_image_once(series_mask, tmp_path, monkeypatch):
+    """The original grid and the SEG's grid check share one reading of the series (a CT series is hundreds of
+    files; it had been read twice, besides pydicom's reading that highdicom needs)."""
+    from nnsam2_assets.outputs import dicom_seg
+    from nnsam2_assets.refinement import final_masks
+
+    spec, layout = _ct_dataset(tmp_path)
+    reads = []
+
+    def counted(path, *args, **kwargs):
+        reads.append(Path(path))
+        return read_image(path, *args, **kwargs)
+
+    monkeypatch.setattr(final_masks, "read_image", counted)
+    monkeypatch.setattr(dicom_seg, "read_image", counted)
+    write_on_original_grid(spec, layout, "ctdicom", sitk.DICOMOrient(series_mask, "LPS"), "test")
+    assert layout.final_mask_dicom_seg("ctdicom").exists()
+    assert reads == [spec.scans["ctdicom"].image]

@@ -333,6 +333,11 @@ def stat_signature(source: ScanSource, spec: DatasetSpec) -> str:
     return sha256_strings(parts)
 
 
+def _under_storage(exc: BaseException, layout: DatasetLayout) -> bool:
+    name = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
+    return name is not None and Path(os.fsdecode(name)).resolve().is_relative_to(Path(layout.root).resolve())
+
+
 def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) -> IngestReport:
     """Every scan reoriented to LPS and cropped to its region; a bad scan becomes an error row, not a failure."""
     cache = ScanCache(layout.dir("scans"))
@@ -393,12 +398,13 @@ def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) ->
             cache.record(scan_id, key, {"stat": signature, "row": row})
             computed += 1
             rows.append(row)
-        except (ValueError, RuntimeError, MemoryError) as exc:
+        except (ValueError, RuntimeError, MemoryError, OSError) as exc:
             # SimpleITK raises RuntimeError, a value a file holds that the readers cannot parse ValueError,
-            # and a scan too large for the machine MemoryError, deep in the preparation: one scan's failure
-            # stays its own (it had failed the dataset's whole ingest). A failed write is the storage's, not
-            # the scan's: it fails the step
-            if isinstance(exc, StorageError):
+            # a scan too large for the machine MemoryError, and a file the process may not read (another
+            # user's, on a shared data root) OSError, deep in the preparation: one scan's failure stays its
+            # own (it had failed the dataset's whole ingest). A failed write or read under the storage root is
+            # the storage's, not the scan's: it fails the step
+            if isinstance(exc, StorageError) or _under_storage(exc, layout):
                 raise
             if not isinstance(exc, ScanError):
                 exc = ScanError(source.image, f"could not be prepared ({type(exc).__name__}: {exc})")

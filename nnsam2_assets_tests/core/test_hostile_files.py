@@ -69,6 +69,45 @@ def test_a_scan_failing_inside_simpleitk_is_excluded_alone(tmp_path, monkeypatch
     )
 
 
+def test_a_scan_file_the_process_may_not_read_is_excluded_alone_and_a_storage_read_error_fails(
+    tmp_path, monkeypatch
+):
+    """A file another user owns on a shared data root raised PermissionError while its content was hashed:
+    it escaped the scan and failed the dataset's whole ingest, with no manifest for the good scans. An
+    error reading the storage root is not a scan's: it fails the step, and no scan's outputs are removed."""
+    write_tiny_dataset(tmp_path / "data", "ds", 3, seed=1)
+    spec = load_dataset(tmp_path / "data", "ds")
+    layout = DatasetLayout(tmp_path / "storage", "ds")
+    hashed = ingest.sha256_path
+
+    def unreadable_subj02(path):
+        if Path(path).name.startswith("subj02"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return hashed(path)
+
+    monkeypatch.setattr(ingest, "sha256_path", unreadable_subj02)
+    manifest = ingest.ingest_scans(spec, layout).manifest.set_index("scan")
+    assert list(manifest.status) == ["ok", "ok", "error"]
+    image = spec.scans["subj02"].image
+    assert manifest.loc["subj02", "error"] == (
+        f"{image}: could not be prepared (PermissionError: [Errno 13] Permission denied: '{image}')"
+    )
+
+    monkeypatch.setattr(ingest, "sha256_path", hashed)
+    ingest.ingest_scans(spec, layout)
+    stored = layout.scan_image("subj00")
+    cache_info = ingest.ScanCache.info
+
+    def unreadable_cache(self, scan_id):
+        raise PermissionError(13, "Permission denied", str(self.folder / f"{scan_id}.json"))
+
+    monkeypatch.setattr(ingest.ScanCache, "info", unreadable_cache)
+    with pytest.raises(PermissionError):
+        ingest.ingest_scans(spec, layout)
+    monkeypatch.setattr(ingest.ScanCache, "info", cache_info)
+    assert stored.exists() and layout.manifest.exists()
+
+
 def _series_with_a_two_value_position(folder: Path) -> Path:
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset

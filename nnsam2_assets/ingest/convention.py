@@ -30,6 +30,7 @@ target stays inside those roots; a link to ``/etc/passwd`` or another user's fol
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +183,16 @@ def read_dataset_yaml(path: Path) -> dict:
 
 def load_dataset(data_root: Path, name: str, require_annotation: bool = True) -> DatasetSpec:
     """The dataset's description; ``require_annotation=False`` reads one that is not annotated yet
-    (``nnsam2 propose`` helps make the annotation)."""
+    (``nnsam2 propose`` helps make the annotation). A file or folder of it the process may not read is the
+    dataset's error, so a sensor, the sweep or ``nnsam2 run`` refuses this dataset alone and goes on."""
+    try:
+        return _read_dataset(data_root, name, require_annotation)
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else Path(data_root) / name
+        raise DatasetError(f"{os.fsdecode(where)}: cannot be read ({exc.strerror or exc})") from exc
+
+
+def _read_dataset(data_root: Path, name: str, require_annotation: bool) -> DatasetSpec:
     folder = dataset_folder(data_root, name)
     cfg_path = folder / "dataset.yaml"
     if not cfg_path.is_file():

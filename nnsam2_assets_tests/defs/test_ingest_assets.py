@@ -12,7 +12,7 @@ import yaml
 
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.definitions import all_assets
-from nnsam2_assets.defs.resources import build_resources
+from nnsam2_assets.defs.resources import NnsamStorage, build_resources
 from nnsam2_assets.demo.datasets import write_demo_dataset
 from nnsam2_assets.pipeline import INGEST
 
@@ -131,6 +131,32 @@ def test_invalid_partition_folder_is_refused_by_register(tmp_path):
         assert added == ["good"]
         assert "invalid dataset name 'Bad Name'" in rejected["Bad Name"]
         assert instance.get_dynamic_partitions("datasets") == ["good"]
+
+
+def test_a_dataset_folder_the_process_may_not_read_is_refused_alone(tmp_path, monkeypatch):
+    """A dataset.yaml another user owns on a shared data root raised PermissionError out of registration and
+    out of every sensor tick: no dataset was registered or run."""
+    from nnsam2_assets.defs.sensors import scan_data_root
+    from nnsam2_assets.ingest import convention
+    from nnsam2_assets.runner import register_datasets
+
+    for name in ("good", "locked"):
+        write_demo_dataset(tmp_path, name, "t2", 2, seed=1, shape_yx=(48, 48), spacing=(4.0, 4.0, 4.0))
+    read_yaml = convention.read_dataset_yaml
+    locked = tmp_path / "locked" / "dataset.yaml"
+
+    def permission_denied(path):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_yaml(path)
+
+    monkeypatch.setattr(convention, "read_dataset_yaml", permission_denied)
+    with dg.instance_for_test() as instance:
+        added, rejected = register_datasets(instance, tmp_path)
+        assert added == ["good"]
+        assert rejected == {"locked": f"{locked}: cannot be read (Permission denied)"}
+    valid, refused = scan_data_root(NnsamStorage(data_root=str(tmp_path), storage_root=str(tmp_path / "s")))
+    assert list(valid) == ["good"] and refused == rejected
 
 
 def test_expert_labels_without_a_class_warn_that_it_is_not_compared(tiny):

@@ -218,7 +218,8 @@ def _check_slice_positions(
     masked mm away from where they were acquired, and the NIfTI mask would disagree with the DICOM SEG,
     which places each frame at its own position."""
     n = img.GetSize()[2]
-    if all(reader.HasMetaDataKey(k, POSITION_TAG) for k in range(n)):
+    # the reader keeps one dictionary per file: a multi-frame file's frames have none of their own
+    if len(files) == n and all(reader.HasMetaDataKey(k, POSITION_TAG) for k in range(n)):
         positions = [
             _position(reader.GetMetaData(k, POSITION_TAG).strip().split("\\"), Path(files[k]))
             for k in range(n)
@@ -266,17 +267,23 @@ def _frame_positions(path: Path, n: int) -> list[list[float]]:
     reader stacks the frames as stored on an evenly spaced grid whatever their positions."""
     import pydicom  # 0.3 s: only for a series in one multi-frame file
 
-    ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-    shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
-    frames = ds.get("PerFrameFunctionalGroupsSequence", [])
     positions = []
-    for group in frames:
-        plane = group.get("PlanePositionSequence") or (
-            shared.get("PlanePositionSequence") if shared else None
-        )
-        if not plane or "ImagePositionPatient" not in plane[0]:
-            break
-        positions.append(_position(list(plane[0].ImagePositionPatient), path))
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        # an empty shared group is legal (type 2): everything is then per frame
+        shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+        for group in ds.get("PerFrameFunctionalGroupsSequence") or []:
+            plane = group.get("PlanePositionSequence") or (
+                shared.get("PlanePositionSequence") if shared else None
+            )
+            if not plane or "ImagePositionPatient" not in plane[0]:
+                break
+            value = plane[0].ImagePositionPatient  # one number is stored as a number, not a list
+            positions.append(_position(list(value) if isinstance(value, Sequence) else [value], path))
+    except ScanError:
+        raise
+    except Exception as exc:  # pydicom's errors on a malformed file are many types: each is this file's
+        raise ScanError(path, f"its frames' positions cannot be read ({type(exc).__name__}: {exc})") from exc
     if len(positions) != n:
         raise ScanError(
             path,

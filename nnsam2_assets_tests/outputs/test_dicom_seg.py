@@ -311,6 +311,46 @@ def test_a_multi_frame_series_is_read_on_its_frames_positions_and_gets_its_seg(s
         read_image(_multiframe(tmp_path / "doubled", doubled))
 
 
+def test_a_multi_frame_file_with_an_empty_shared_group_is_read_on_its_frames_own_attributes(tmp_path):
+    """The shared functional group is type 2: a file may leave it empty and give every frame its own plane,
+    pixel measures and rescale. Taking its first item raised IndexError, which escaped the scan and failed the
+    dataset's whole ingest."""
+    from pydicom.sequence import Sequence
+
+    folder = _multiframe(tmp_path / "per_frame")
+    path = folder / "enhanced.dcm"
+    as_shared = read_image(folder)
+    ds = pydicom.dcmread(path)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    for group in ds.PerFrameFunctionalGroupsSequence:
+        for element in shared:
+            group[element.tag] = element
+    ds.SharedFunctionalGroupsSequence = Sequence([])
+    ds.save_as(path)
+    per_frame = read_image(folder)
+    assert per_frame.GetSize() == as_shared.GetSize()
+    np.testing.assert_allclose(per_frame.GetOrigin(), as_shared.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(per_frame.GetSpacing(), as_shared.GetSpacing(), atol=1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(per_frame), sitk.GetArrayFromImage(as_shared))
+
+    # a top-level position too, as some converters write: the reader's one dictionary is the file's, not a
+    # frame's (asking it for frame 2's had failed the read as a corrupt file)
+    ds.ImagePositionPatient = (
+        ds.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient
+    )
+    ds.save_as(path)
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(read_image(folder)), sitk.GetArrayFromImage(as_shared)
+    )
+
+    ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence[0].ImagePositionPatient = 7  # one number
+    ds.save_as(path)
+    with pytest.raises(
+        ScanError, match=r"enhanced\.dcm: Image Position \(Patient\) holds '7.0', not three numbers"
+    ):
+        read_image(folder)
+
+
 def test_writing_a_series_scans_final_mask_reads_the_series_image_once(series_mask, tmp_path, monkeypatch):
     """The original grid and the SEG's grid check share one reading of the series (a CT series is hundreds of
     files; it had been read twice, besides pydicom's reading that highdicom needs)."""

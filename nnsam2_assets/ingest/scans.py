@@ -97,14 +97,19 @@ def region_inputs(spec: DatasetSpec, scan_id: str, content: bool) -> str:
     return f"found:{region_finding.VERSION}:{spec.reference_region}:{fingerprint}"
 
 
-def _expert_digest(path: Path, spec: DatasetSpec) -> str:
-    """The expert file's content hash, or its path when it lies outside the readable roots: such a file is
-    refused by ``prepare_scan`` and must not be read first (a link to a huge or never-ending file)."""
+def _readable(path: Path, spec: DatasetSpec) -> bool:
+    """Whether ``path`` lies under the data root or an allowed root (``NNSAM2_ALLOWED_ROOTS``)."""
     try:
         spec.confined(path)
     except ScanError:
-        return f"outside the readable roots: {path}"
-    return sha256_path(path)
+        return False
+    return True
+
+
+def _expert_digest(path: Path, spec: DatasetSpec) -> str:
+    """The expert file's content hash, or its path when it lies outside the readable roots: such a file is
+    refused by ``prepare_scan`` and must not be read first (a link to a huge or never-ending file)."""
+    return sha256_path(path) if _readable(path, spec) else f"outside the readable roots: {path}"
 
 
 def source_hash(source: ScanSource, spec: DatasetSpec) -> str:
@@ -323,6 +328,8 @@ def stat_signature(source: ScanSource, spec: DatasetSpec) -> str:
     for path in (source.image, source.fat, source.expert):
         if path is not None:
             parts += _file_stats(path)
+    if source.expert is not None:  # allowing or removing a root changes whether it is read, not its stats
+        parts.append(f"expert readable: {_readable(source.expert, spec)}")
     parts += [
         VERSION,  # a new ingest version re-prepares the scans even where no file changed
         region_inputs(spec, source.scan_id, content=False),

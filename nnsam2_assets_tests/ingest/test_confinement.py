@@ -49,6 +49,28 @@ def test_expert_labels_linked_out_are_not_even_hashed(tmp_path, monkeypatch):
     assert read and outside.resolve() not in read
 
 
+def test_allowing_the_expert_labels_root_reads_them_on_the_next_run(tmp_path, monkeypatch):
+    """The ingest cache's file stats did not say whether the expert file was readable: after the user listed
+    its folder in NNSAM2_ALLOWED_ROOTS, as the warning told them to, the rerun kept the scan without expert
+    labels and repeated the warning, until the file itself was touched. Removing the root works alike."""
+    from nnsam2_assets.core.layout import ALLOWED_ROOTS_ENV
+
+    data = tmp_path / "data"
+    folder = write_tiny_dataset(data, "ds", 2)
+    outside = _link_out(folder / "experts" / "subj01.nii.gz", tmp_path / "outside")
+    layout = DatasetLayout(tmp_path / "storage", "ds")
+
+    def has_expert() -> bool:
+        report = ingest_scans(load_dataset(data, "ds"), layout)
+        return bool(report.manifest.set_index("scan").loc["subj01", "has_expert"])
+
+    assert not has_expert()
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, str(outside.parent))
+    assert has_expert()
+    monkeypatch.delenv(ALLOWED_ROOTS_ENV)
+    assert not has_expert() and not layout.scan_expert("subj01").exists()
+
+
 def test_expert_labels_and_a_correction_linked_out_are_not_read(tmp_path):
     data, storage = tmp_path / "data", tmp_path / "storage"
     folder = write_tiny_dataset(data, "ds", 2)

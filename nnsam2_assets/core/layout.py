@@ -87,12 +87,13 @@ class DatasetLayout:
     def scan_expert(self, scan: str) -> Path:
         return self.dir("scans") / "experts" / f"{scan}.nii.gz"
 
-    def scan_outputs(self, scan: str) -> list[Path]:
-        """Every per-scan artefact of every stage, cache entries included (to remove a scan's results)."""
+    def scan_outputs(self, scan: str, dixon: bool) -> list[Path]:
+        """Every per-scan artefact of every stage, cache entries included (to remove a scan's results). Only a
+        Dixon dataset stores fat images: elsewhere ``<scan>_fat`` may be another scan's own image."""
         outputs = [
             self.scan_image(scan),
             self.scan_region_preview(scan),
-            self.scan_fat(scan),
+            *([self.scan_fat(scan)] if dixon else []),
             self.scan_expert(scan),
             self.frames(scan),
             self.masks(scan),

@@ -265,11 +265,11 @@ def _check_contrast(img: sitk.Image, path: object) -> None:
         raise ScanError(str(path), f"image is constant ({float(arr.max()):g} everywhere: no contrast)")
 
 
-def remove_scan_outputs(layout: DatasetLayout, scan_id: str) -> list[Path]:
+def remove_scan_outputs(layout: DatasetLayout, scan_id: str, dixon: bool) -> list[Path]:
     """Delete every artefact and cache entry of a scan that no longer ingests, so nothing downstream
     reads a result of the scan's earlier, now unreadable, content."""
     removed = []
-    for path in layout.scan_outputs(scan_id):
+    for path in layout.scan_outputs(scan_id, dixon):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -372,10 +372,10 @@ def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) ->
             atomic_write_image(prepared.image, layout.scan_image(scan_id))
             # a fat image or expert labels the scan no longer has (removed, or now refused) must not stay
             # behind: every later step takes the stored file's presence as the scan having one
-            for image, stored in (
-                (prepared.fat, layout.scan_fat(scan_id)),
-                (prepared.expert, layout.scan_expert(scan_id)),
-            ):
+            stores = [(prepared.expert, layout.scan_expert(scan_id))]
+            if spec.is_dixon:  # elsewhere <scan>_fat may be another scan's own image
+                stores.append((prepared.fat, layout.scan_fat(scan_id)))
+            for image, stored in stores:
                 if image is not None:
                     atomic_write_image(image, stored)
                 else:
@@ -417,12 +417,12 @@ def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) ->
                 exc = ScanError(source.image, f"could not be prepared ({type(exc).__name__}: {exc})")
             log(f"scan {scan_id} excluded: {exc}")
             rows.append({"scan": scan_id, "status": "error", "error": str(exc), "source": str(source.image)})
-            remove_scan_outputs(layout, scan_id)
+            remove_scan_outputs(layout, scan_id, spec.is_dixon)
     for name, reason in spec.excluded.items():
         log(f"scan {name} excluded: {reason}")
         rows.append({"scan": name, "status": "error", "error": reason, "source": ""})
         if is_valid_scan_id(name):  # an invalid name never had outputs (and may not even be a file name)
-            remove_scan_outputs(layout, name)
+            remove_scan_outputs(layout, name, spec.is_dixon)
     cache.forget_others({row["scan"] for row in rows if row["status"] == "ok"})
     manifest = pd.DataFrame(rows).fillna({"error": "", "notes": "", "warnings": ""})
     atomic_write_dataframe(manifest, layout.manifest)

@@ -117,12 +117,12 @@ def _cached_scan_rows(
     sources = (
         layout.final_mask_canonical(scan),
         layout.scan_image(scan),
-        layout.scan_fat(scan),
+        layout.scan_fat(scan) if spec.is_dixon else None,  # elsewhere <scan>_fat may be another scan
         layout.scan_expert(scan),
     )
     key = cache_key(
         VERSION, k, l4_l5_slice, spec.modality, spec.is_dixon, spec.n_classes,
-        *(sha256_file(p) if p.exists() else "-" for p in sources),
+        *(sha256_file(p) if p is not None and p.exists() else "-" for p in sources),
     )  # fmt: skip
     outputs = [layout.scan_metric_rows(scan, table) for table in SCAN_METRIC_TABLES]
 

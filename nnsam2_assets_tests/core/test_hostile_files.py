@@ -165,6 +165,33 @@ def test_a_dixon_scan_id_ending_in_fat_is_refused(tmp_path):
     )
 
 
+def test_outside_dixon_a_scan_named_like_a_fat_image_keeps_its_image_when_the_other_scan_fails(tmp_path):
+    """Scan ``subj01_fat`` of a CT dataset is stored where a Dixon dataset keeps scan ``subj01``'s fat image:
+    re-ingesting or excluding ``subj01`` deleted ``subj01_fat``'s ingested image, which the manifest still
+    listed as ok."""
+    folder = write_tiny_dataset(tmp_path / "data", "ds", 2, seed=1, kind="ct")
+    scans = folder / "scans"
+    (scans / "subj01_fat.nii.gz").write_bytes((scans / "subj01.nii.gz").read_bytes())
+    regions = folder / "regions.csv"
+    if regions.exists():
+        row = next(line for line in regions.read_text().splitlines() if line.startswith("subj01,"))
+        regions.write_text(
+            regions.read_text().rstrip("\n") + "\n" + row.replace("subj01,", "subj01_fat,") + "\n"
+        )
+    layout = DatasetLayout(tmp_path / "storage", "ds")
+    first = ingest.ingest_scans(load_dataset(tmp_path / "data", "ds"), layout).manifest.set_index("scan")
+    assert list(first.status) == ["ok", "ok", "ok"]
+    for change in ("the scan", "its regions.csv row"):  # re-ingested, then excluded
+        if change == "the scan":
+            (scans / "subj01.nii.gz").write_bytes((scans / "subj00.nii.gz").read_bytes())
+        else:
+            regions.write_text(regions.read_text().replace("subj01,12,", "subj01,twelve,"))
+        spec = load_dataset(tmp_path / "data", "ds")
+        manifest = ingest.ingest_scans(spec, layout).manifest.set_index("scan")
+        assert manifest.loc["subj01_fat", "status"] == "ok" and layout.scan_image("subj01_fat").exists()
+    assert manifest.loc["subj01", "status"] == "error" and not layout.scan_image("subj01").exists()
+
+
 def test_a_dataset_yaml_with_aliases_or_too_many_bytes_is_refused(tmp_path):
     """Nested aliases let a 475-byte dataset.yaml expand to 400 MB when read (9x per level), on every
     sensor tick and for every dataset; a description never needs them."""

@@ -32,6 +32,11 @@ telemetry:
 concurrency:
   runs:
     max_concurrent_runs: 2
+    tag_concurrency_limits:  # one run per dataset at a time: two would write its files side by side
+      - key: dagster/partition
+        value:
+          applyLimitPerUniqueValue: true
+        limit: 1
   pools:
     default_limit: 1   # one GPU step (propagation, training, prediction) and one DuckDB writer at a time
 run_monitoring:        # the daemon fails runs that never start, hang while cancelling or outlive a limit

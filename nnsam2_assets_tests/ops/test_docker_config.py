@@ -192,6 +192,32 @@ def test_instance_configs_are_accepted_by_dagster():
     assert not errors, errors
 
 
+def test_both_instances_queue_a_second_run_of_a_dataset_behind_the_first():
+    """Two runs of one dataset (a sensor tick per 30 s during a slow copy, a UI run beside the nightly sweep)
+    wrote its manifest and per-scan files side by side, and a run that saw a half-copied file removed outputs
+    the other was writing. The run queue holds a second run of the same partition, not of another one."""
+    import dagster as dg
+    from dagster._utils.tags import TagConcurrencyLimitsCounter
+
+    from nnsam2_assets.cli import INSTANCE_YAML
+
+    docker_cfg = _yaml("dagster.yaml")
+    docker_cfg.pop("storage")
+    for name, cfg in (
+        ("docker/dagster.yaml", docker_cfg),
+        ("cli INSTANCE_YAML", yaml.safe_load(INSTANCE_YAML)),
+    ):
+        with dg.instance_for_test(overrides=cfg) as instance:
+            limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
+
+        def run(dataset: str) -> dg.DagsterRun:
+            return dg.DagsterRun(job_name="dataset_job", tags={"dagster/partition": dataset})
+
+        counter = TagConcurrencyLimitsCounter(limits, [run("tum")])
+        assert counter.is_blocked(run("tum")), name
+        assert not counter.is_blocked(run("demo_ct")), name
+
+
 def test_gpu_and_duckdb_pools_cover_exactly_their_assets():
     graph = defs().resolve_asset_graph()
     pools = {key.to_user_string(): graph.get(key).pools for key in graph.get_all_asset_keys()}

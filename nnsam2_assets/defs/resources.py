@@ -139,12 +139,11 @@ class RefinementSettings(dg.ConfigurableResource):
         unless this resource names its own: one set on ``propagation`` in the launchpad had reached only the
         propagation, and nnSAM quietly trained its shape head alone."""
         config = self.config()
-        if not config.sam2_checkpoint and propagation.sam2_checkpoint:
-            config = dataclasses.replace(
-                config,
-                sam2_checkpoint=propagation.sam2_checkpoint,
-                sam2_config=config.sam2_config or propagation.sam2_config,
-            )
+        config = dataclasses.replace(
+            config,
+            sam2_checkpoint=config.sam2_checkpoint or propagation.sam2_checkpoint,
+            sam2_config=config.sam2_config or propagation.sam2_config,
+        )
         return config.profile_obj()
 
 
@@ -218,9 +217,7 @@ def build_resources(
             training_seed=env_int_or(NNUNET_SEED_ENV, 0),
             warm_start_epochs=env_int_or(NNUNET_WARM_START_ENV, 0),
             foreground_sampling=env_or(FOREGROUND_SAMPLING_ENV, "pseudo_labels"),
-            sam2_checkpoint=propagation.sam2_checkpoint,
-            sam2_config=propagation.sam2_config,
-        ),
+        ),  # nnSAM's SAM2 checkpoint and config: the propagation resource's, as run (``profile_for``)
         "metrics_db": DuckDBResource(database=database),
     }
 

@@ -19,6 +19,7 @@ from nnsam2_assets.defs.resources import (
     PropagationSettings,
     RefinementSettings,
     build_resources,
+    resolved,
 )
 from nnsam2_assets.propagation.settings import PropagationConfig
 from nnsam2_assets.pseudolabels.selection import SelectionConfig
@@ -159,3 +160,23 @@ def test_nnsam_takes_the_propagation_resources_checkpoint_set_in_the_launchpad()
     assert own.profile_for(launchpad).sam2_checkpoint == "/weights/own.pt"
     plain = RefinementSettings()  # the plain trainer's recipe, and so its models' versions, do not move
     assert recipe_key(plain.profile_for(launchpad)) == recipe_key(plain.config().profile_obj())
+
+
+def test_nnsam_takes_the_checkpoint_and_config_set_on_propagation_even_with_the_environments(monkeypatch):
+    """The default resources copied the environment's checkpoint and propagation's default config into the
+    refinement resource: a checkpoint and its config set on ``propagation`` in the launchpad then gave nnSAM
+    the environment's checkpoint, or the new checkpoint with the tiny model's config (a load failure)."""
+    monkeypatch.setenv(SAM2_CHECKPOINT_ENV, "/weights/sam2.1_hiera_tiny.pt")
+    refinement = resolved(build_resources()["refinement"]).model_copy(update={"trainer": "nnsam"})
+    launchpad = PropagationSettings(
+        backend="sam2",
+        sam2_checkpoint="/weights/sam2.1_hiera_base_plus.pt",
+        sam2_config="configs/sam2.1/sam2.1_hiera_b+.yaml",
+    )
+    profile = refinement.profile_for(launchpad)
+    assert (profile.sam2_checkpoint, profile.sam2_config) == (
+        "/weights/sam2.1_hiera_base_plus.pt",
+        "configs/sam2.1/sam2.1_hiera_b+.yaml",
+    )
+    as_run = resolved(build_resources()["propagation"])  # nothing set in the launchpad: the environment's
+    assert refinement.profile_for(as_run).sam2_checkpoint == "/weights/sam2.1_hiera_tiny.pt"

@@ -35,6 +35,11 @@ def _cli(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
         ("NNSAM2_NNUNET_EPOCHS", "-3", "num_epochs is -3"),
         ("NNSAM2_EXECUTOR", "Celery", "NNSAM2_EXECUTOR='Celery'"),
         ("NNSAM2_PROPAGATION_WORKERS", "-3", "NNSAM2_PROPAGATION_WORKERS='-3': a whole number"),
+        (
+            "NNSAM2_SAM2_CHECKPOINT",
+            "/no/such/sam2.1_hiera_tiny.pt",
+            "/no/such/sam2.1_hiera_tiny.pt (NNSAM2_SAM",
+        ),
     ],
 )
 def test_an_invalid_setting_stops_the_run_before_anything_runs(tmp_path, variable, value, said):
@@ -59,6 +64,18 @@ def test_register_says_when_there_is_nothing_to_register(tmp_path):
     assert first.returncode == 0 and first.stdout.strip() == "registered ds"
     again = _cli(tmp_path, "register")
     assert again.returncode == 0 and "registered already" in again.stdout
+
+
+def test_a_report_of_a_dataset_never_run_is_refused(tmp_path):
+    """It exited 0 with an empty report where the metrics database existed (another dataset had been run)."""
+    import duckdb
+
+    write_tiny_dataset(tmp_path / "data", "ds", 2)
+    (tmp_path / "storage").mkdir()
+    duckdb.connect(str(tmp_path / "storage" / "nnsam2.duckdb")).close()
+    out = _cli(tmp_path, "report", "ds")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == "nnsam2 report: dataset 'ds' has not been run yet: `nnsam2 run` first"
 
 
 @pytest.mark.parametrize("scans", ["0", "-1", "two"])

@@ -172,6 +172,9 @@ def settings_problem() -> str | None:
         resolved(resources["storage"])
         propagation = resolved(resources["propagation"])
         propagation.config()
+        checkpoint = propagation.sam2_checkpoint
+        if checkpoint and not Path(checkpoint).is_file():  # else every dataset failed at propagation
+            return f"the SAM2 checkpoint {checkpoint} ({SAM2_CHECKPOINT_ENV} or the propagation resource) is not a file"
         resolved(resources["refinement"]).profile_for(propagation)
     except dg.DagsterInvalidConfigError as exc:
         return "; ".join(_config_error_line(error) for error in exc.errors) or str(exc).splitlines()[0]

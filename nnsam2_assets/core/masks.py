@@ -27,6 +27,16 @@ def clean_labels(labels: np.ndarray, n_classes: int, fill_holes: bool = True) ->
     return place_classes(kept, labels.shape, fill_holes)
 
 
+def clean_class_masks(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """A propagated mask as either backend leaves it: per class, the largest component per slice (2-D) and
+    in 3-D, then holes filled where no class keeps a voxel (``place_classes``); classes never overlap."""
+    kept = {
+        c: largest_component(np.stack([largest_component(s) for s in labels == c]))
+        for c in range(1, n_classes + 1)
+    }
+    return place_classes(kept, labels.shape)
+
+
 def place_classes(
     kept: Mapping[int, np.ndarray], shape: tuple[int, ...], fill_holes: bool = True
 ) -> np.ndarray:

@@ -9,6 +9,7 @@ Importing this module installs the Hydra shim; import it before anything from ``
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -66,9 +67,20 @@ def checked_checkpoint(
     return path
 
 
+def checkpoint_digest(checkpoint: Path) -> str:
+    """The checkpoint's sha256, read once per process while its size and mtime stay (a run asks per step)."""
+    stat = Path(checkpoint).stat()
+    return _digest(str(Path(checkpoint).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
 def model_id(config: str, checkpoint: Path | None, image_size: int) -> str:
     """``<config stem>:<checkpoint sha256[:12] or 'random'>:<input size>``: what a SAM2 output depends on."""
-    tag = sha256_file(checkpoint)[:12] if checkpoint is not None else "random"
+    tag = checkpoint_digest(checkpoint)[:12] if checkpoint is not None else "random"
     return f"{Path(config).stem}:{tag}:{image_size}"
 
 

@@ -32,7 +32,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from nnsam2_assets.core.intensities import registration_intensities
-from nnsam2_assets.core.masks import largest_component, place_classes
+from nnsam2_assets.core.masks import clean_class_masks
 from nnsam2_assets.ingest.clicks import SliceClicks
 from nnsam2_assets.propagation import boundary
 from nnsam2_assets.propagation.base import (
@@ -58,17 +58,6 @@ from nnsam2_assets.propagation.slice_registration import (
 
 MODEL_ID = "sitk-demons-v2"  # v2: side edges refined on the target image
 BACKEND_IDENTITY = f"registration|{MODEL_ID}"  # what its masks depend on besides the data
-
-
-# ------------------------------------------------------------------------------------------------ labelling
-def clean_class_masks(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Per class: largest component per slice (2-D) and in 3-D, then holes filled where no class keeps a
-    voxel (``core.masks.place_classes``); classes never overlap."""
-    kept = {
-        c: largest_component(np.stack([largest_component(s) for s in labels == c]))
-        for c in range(1, n_classes + 1)
-    }
-    return place_classes(kept, labels.shape)
 
 
 # -------------------------------------------------------------------------------------------------- backend

@@ -37,6 +37,7 @@ from sam2.build_sam import build_sam2_video_predictor
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 # isort: on
 
+from nnsam2_assets.core.masks import clean_class_masks
 from nnsam2_assets.ingest.clicks import SliceClicks
 from nnsam2_assets.propagation.base import (
     CONFIDENCE_COLUMNS,
@@ -50,6 +51,9 @@ DEFAULT_CONFIG = sam2_models.DEFAULT_CONFIG
 
 # Instrumentation for benchmarks/tests: how many SAM2 models this process has built (should be 1 per run).
 MODEL_BUILDS = 0
+# what the masks depend on besides the weights, the config and the input size (the propagation cache's
+# identity); v2: each class's largest component per slice and in 3-D, as the registration backend's
+MASKS_VERSION = "sam2-masks-v2"
 
 
 class SAM2VideoPredictorIoU(SAM2VideoPredictor):
@@ -266,6 +270,10 @@ class SAM2Propagator:
         missing = sorted(set(range(n_tgt)) - set(per_slice))
         if missing:  # cannot happen by construction (every target slice is in one direction); guard anyway
             raise RuntimeError(f"SAM2 propagation produced no output for target slices {missing}")
+        # each class one piece per slice and in 3-D, as the registration backend leaves its masks: a track that
+        # jumps or leaks onto the other side keeps a high predicted IoU, and pseudo-label selection would take
+        # that slice as an exact training label
+        masks = clean_class_masks(masks, max(class_ids))
         # propagating onto the reference itself: its annotated slice is known exactly, as registration has it
         # (SAM2's track there is logits upsampled from a quarter of the frame, not what the annotator drew)
         own_seed = tgt.shape == ref.shape and np.array_equal(tgt[t_seed], ref[seed_slice])

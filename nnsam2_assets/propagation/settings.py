@@ -34,15 +34,19 @@ class PropagationConfig:
         return self.backend
 
     def identity(self) -> str:
-        """What the propagated masks depend on besides data: backend, config, weights (by size and mtime)."""
+        """What the propagated masks depend on besides data: backend, mask rules, config, weights (by content:
+        a checkpoint copied or downloaded again, the same bytes, must not re-propagate every scan)."""
         backend = self.resolved_backend()
         if backend != "sam2":
             from nnsam2_assets.propagation.registration import BACKEND_IDENTITY
 
             return BACKEND_IDENTITY
+        from nnsam2_assets.core.sam2_models import checkpoint_digest
+        from nnsam2_assets.propagation.sam2 import MASKS_VERSION
+
         ckpt = Path(self.sam2_checkpoint)
-        stamp = f"{ckpt.stat().st_size}:{int(ckpt.stat().st_mtime)}" if ckpt.is_file() else "missing"
-        return f"sam2|{self.sam2_config}|{ckpt.name}|{stamp}|{self.sam2_image_size}"
+        weights = checkpoint_digest(ckpt) if ckpt.is_file() else "missing"
+        return f"sam2|{MASKS_VERSION}|{self.sam2_config}|{weights}|{self.sam2_image_size}"
 
     def build(self) -> Propagator:
         backend = self.resolved_backend()

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
+from nnsam2_assets.core.masks import clean_class_masks
 from nnsam2_assets.propagation.backends import build_propagator
 from nnsam2_assets.propagation.base import (
     CONFIDENCE_COLUMNS,
@@ -14,7 +15,7 @@ from nnsam2_assets.propagation.base import (
     Propagator,
     target_seed_slice,
 )
-from nnsam2_assets.propagation.registration import RegistrationPropagator, clean_class_masks
+from nnsam2_assets.propagation.registration import RegistrationPropagator
 from nnsam2_assets.testing.realdata import slice_annotation, tum_canonical
 
 MERGE_4_TO_2 = np.array([0, 1, 1, 2, 2], dtype=np.uint8)

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 import torch
 
 import nnsam2_assets.propagation.sam2 as sam2_backend
+from nnsam2_assets.core.masks import largest_component
 from nnsam2_assets.ingest.clicks import SliceClicks
 from nnsam2_assets.propagation.frames import FRAME_MAP_FILE
 from nnsam2_assets.propagation.sam2 import (
@@ -60,6 +61,10 @@ def _check_result(res, tgt: np.ndarray, class_ids=(1, 2), t_seed: int | None = N
     ]
     for row in df.itertuples():
         assert row.area == np.count_nonzero(res.masks[row.slice] == row.class_id)
+        # one piece per class and slice, as the registration backend leaves its masks: a leak onto the other
+        # side keeps a high predicted IoU and would be selected as an exact training label
+        piece = res.masks[row.slice] == row.class_id
+        assert largest_component(piece).sum() == row.area
         assert 0.0 <= row.predicted_iou <= 1.0  # captured decoder IoU on every tracked target frame
         assert np.isfinite(row.object_score)
         assert row.present == (row.object_score > 0 and row.area > 0)
@@ -316,6 +321,25 @@ def test_registry_builds_protocol_conformant_backend():
     )
     assert isinstance(prop, SAM2Propagator) and isinstance(prop, Propagator)
     assert prop.backend == "sam2"
+
+
+def test_the_cache_identity_follows_the_checkpoints_content_not_its_file_times(propagator, tmp_path):
+    """The identity was the checkpoint's size and mtime: a checkpoint downloaded again or copied without -p,
+    the same bytes, re-propagated every scan of every SAM2 dataset; the mask rules are in it too."""
+    from nnsam2_assets.propagation.sam2 import MASKS_VERSION
+    from nnsam2_assets.propagation.settings import PropagationConfig
+
+    ckpt = tmp_path / "sam2.pt"
+    torch.save({"model": propagator.predictor.state_dict()}, ckpt)
+    before = PropagationConfig(sam2_checkpoint=str(ckpt)).identity()
+    copy = tmp_path / "again" / "sam2.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(ckpt.read_bytes())
+    os.utime(copy, (1, 1))
+    assert PropagationConfig(sam2_checkpoint=str(copy)).identity() == before
+    assert MASKS_VERSION in before
+    copy.write_bytes(ckpt.read_bytes() + b"\0")
+    assert PropagationConfig(sam2_checkpoint=str(copy)).identity() != before
 
 
 def test_checkpoint_is_loaded_and_hashed_into_model_id(propagator, tmp_path):

@@ -5,6 +5,7 @@ and backend are unchanged is neither propagated nor read again."""
 from __future__ import annotations
 
 import functools
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,9 @@ def propagate_masks(
 
     def propagate(scan_id: str) -> dict:
         nonlocal rewritten
+        # frames of an earlier run (another backend, or prompts on other slices) must not stand beside masks
+        # they did not make
+        shutil.rmtree(layout.frames(scan_id), ignore_errors=True)
         target = read_image(layout.scan_image(scan_id))
         result = done.pop(scan_id, None)
         if result is None:

@@ -150,7 +150,9 @@ def test_only_reference_seed_frame_is_prompted(propagator, case, monkeypatch, tm
 
 
 def test_the_asset_keeps_the_frames_sam2_tracked_and_registration_writes_none(propagator, tmp_path):
-    """``propagated_masks`` passes each scan's frame folder: the frames a user finds are the ones SAM2 read."""
+    """``propagated_masks`` passes each scan's frame folder: the frames a user finds are the ones SAM2 read.
+    Switching the same storage to registration leaves none of them behind (they had stayed, beside masks
+    they no longer made)."""
     from nnsam2_assets.core.layout import DatasetLayout
     from nnsam2_assets.ingest.annotation import write_reference_annotation
     from nnsam2_assets.ingest.convention import load_dataset
@@ -161,16 +163,16 @@ def test_the_asset_keeps_the_frames_sam2_tracked_and_registration_writes_none(pr
 
     write_tiny_dataset(tmp_path / "data", "ds", 2, seed=2)
     spec = load_dataset(tmp_path / "data", "ds")
+    layout = DatasetLayout(tmp_path / "storage", "ds")
+    ingest_scans(spec, layout)
+    write_reference_annotation(spec, layout)
     for backend in ("sam2", "registration"):
-        layout = DatasetLayout(tmp_path / backend, "ds")
-        ingest_scans(spec, layout)
-        write_reference_annotation(spec, layout)
         build = (lambda: propagator) if backend == "sam2" else (lambda: build_propagator("registration"))
         propagate_masks(spec, layout, build, backend)
         for scan in ok_scans(layout):
             maps = sorted(layout.frames(scan).glob(f"*/{FRAME_MAP_FILE}"))
             if backend == "registration":
-                assert maps == []
+                assert maps == [] and not layout.frames(scan).exists()
                 continue
             assert [m.parent.name for m in maps] == ["inferior", "superior"]
             n_slices = sitk.ReadImage(str(layout.masks(scan))).GetSize()[2]

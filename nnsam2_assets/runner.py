@@ -14,9 +14,8 @@ from pathlib import Path
 import dagster as dg
 
 from nnsam2_assets.definitions import defs
-from nnsam2_assets.defs.ingest import record_dataset_corrections
 from nnsam2_assets.defs.partitions import datasets_partitions
-from nnsam2_assets.defs.resources import NnsamStorage, resolved
+from nnsam2_assets.defs.resources import resolved
 from nnsam2_assets.ingest.convention import (
     DatasetError,
     list_dataset_folders,
@@ -146,24 +145,7 @@ def materialize_cohort(
                 out.failed[key] = failure_message(res)
                 progress(f"[{name}] {phase.name} FAILED: {out.failed[key]}")
                 ok.remove(name)
-            elif phase is PHASES[0]:  # scans ingested: corrections can be placed before models and outputs
-                _record_corrections(instance, resources, name, progress)
     return out
-
-
-def _record_corrections(
-    instance: dg.DagsterInstance, resources: dict, name: str, progress: Callable[[str], None]
-) -> None:
-    """Record the dataset's corrections before the models and outputs, as the new-data sensor does."""
-    storage = resources.get("storage")
-    if not isinstance(storage, NnsamStorage):
-        return
-    # resolved as a run resolves it: the roots may be dg.EnvVar, readable only through config processing
-    recorded = record_dataset_corrections(instance, resolved(storage), name)
-    if recorded.scans:
-        progress(f"[{name}] corrections recorded: {', '.join(recorded.scans)}")
-    for scan, reason in recorded.refused.items():
-        progress(f"[{name}] correction of {scan} refused: {reason}")
 
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str:

@@ -49,7 +49,12 @@ def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.Materi
     """
     spec = storage.dataset(context.partition_key)
     layout = storage.layout(context.partition_key)
+    # taken before the files are read: one that arrives during the ingest is a change the sweep still sees
+    fingerprint = folder_fingerprint(spec.folder)
     report = ingest.ingest_scans(spec, layout, log=context.log.error)
+    # corrections placed on the crops just ingested, before any model or final mask of this run reads them
+    # (a sensor records them before its run, on the crops the run may then change)
+    _place_corrections(context, storage, context.partition_key)
     manifest, failed, good = report.manifest, report.failed, report.good
     warnings = list(spec.warnings) + [f"{r.scan}: {r.warnings}" for r in good.itertuples() if r.warnings]
     metadata: dict[str, object] = {
@@ -57,7 +62,7 @@ def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.Materi
         "n_ok": len(good),
         "n_failed": len(failed),
         "n_recomputed": report.computed,
-        "input_fingerprint": folder_fingerprint(spec.folder),
+        "input_fingerprint": fingerprint,
         "modality": spec.modality,
         "sequence": spec.sequence,
         "classes": ", ".join(spec.class_names),
@@ -223,6 +228,18 @@ corrections = dg.AssetSpec(
         "the final masks it corrects."
     ),
 )
+
+
+def _place_corrections(context: dg.AssetExecutionContext, storage: NnsamStorage, name: str) -> None:
+    try:
+        recorded = record_dataset_corrections(context.instance, storage, name)
+    except Exception as exc:  # the corrections never fail the ingest; they wait for the next run
+        context.log.warning(f"corrections not recorded: {type(exc).__name__}: {exc}")
+        return
+    if recorded.scans:
+        context.log.info(f"corrections recorded for {', '.join(recorded.scans)}")
+    for scan, reason in recorded.refused.items():
+        context.log.warning(f"correction of {scan} refused: {reason}")
 
 
 def record_dataset_corrections(

@@ -159,6 +159,29 @@ def test_a_dataset_folder_the_process_may_not_read_is_refused_alone(tmp_path, mo
     assert list(valid) == ["good"] and refused == rejected
 
 
+def test_a_file_arriving_during_the_ingest_is_still_a_change_for_the_nightly_sweep(tiny, monkeypatch):
+    """The fingerprint the sweep compares with was taken after the ingest: a scan copied in while the files
+    were being read counted as ingested, and no later sweep ran it."""
+    from nnsam2_assets.ingest import scans as ingest_module
+    from nnsam2_assets.ingest.convention import folder_fingerprint
+
+    instance, data, _storage, resources = tiny
+    ingest_scans = ingest_module.ingest_scans
+    scans_folder = data / "tiny" / "scans"
+
+    def a_copy_arrives_meanwhile(spec, layout, log):
+        report = ingest_scans(spec, layout, log=log)
+        for part in ("water", "fat"):
+            (scans_folder / f"late_{part}.nii.gz").write_bytes(
+                (scans_folder / f"subj01_{part}.nii.gz").read_bytes()
+            )
+        return report
+
+    monkeypatch.setattr(ingest_module, "ingest_scans", a_copy_arrives_meanwhile)
+    result = _materialize(instance, resources, selection="scans")
+    assert _metadata(result, "scans")["input_fingerprint"] != folder_fingerprint(data / "tiny")
+
+
 def test_expert_labels_without_a_class_warn_that_it_is_not_compared(tiny):
     instance, data, storage, resources = tiny
     path = data / "tiny" / "experts" / "subj01.nii.gz"

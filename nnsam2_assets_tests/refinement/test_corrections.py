@@ -195,6 +195,37 @@ def test_a_new_region_places_the_recorded_edit_on_the_new_crop(ingested):
     assert apply_correction(np.ones(corrected.GetSize()[::-1], np.uint8), layout, moved, 4).n_slices == 1
 
 
+def test_the_scans_asset_places_a_correction_recorded_before_its_run_moved_the_crop(ingested):
+    """The new-data sensor records corrections before the run it requests. Where that run's ingest moved the
+    crop (a regions.csv row changed with the correction), its stages and final masks found the record
+    numbered on the old crop and published the uncorrected mask, until the next sensor tick."""
+    import dagster as dg
+
+    from nnsam2_assets.definitions import all_assets
+    from nnsam2_assets.defs.resources import build_resources
+
+    run, folder = ingested
+    layout, scan, z = _one_slice_erased(run, folder, middle=True)  # recorded, as the sensor does
+    regions = folder / "regions.csv"
+    rows = regions.read_text().splitlines()
+    row = next(r for r in rows if r.startswith(f"{scan},"))
+    _, first, last, *rest = row.split(",")
+    lo, hi = sorted((int(first), int(last)))
+    rows[rows.index(row)] = ",".join([scan, str(lo - 2), str(hi), *rest])
+    regions.write_text("\n".join(rows) + "\n")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("datasets", ["ds"])
+        dg.materialize(
+            all_assets(),
+            selection="scans",
+            partition_key="ds",
+            instance=instance,
+            resources=build_resources(run.data_root, run.storage_root),
+        )
+    placed = current_record(layout, scan)
+    assert placed is not None and placed.corrected_slices == [z + 2]  # the same file slice, two further up
+
+
 def test_a_scan_that_fails_one_ingest_keeps_its_correction(ingested):
     run, folder = ingested
     layout, scan, z = _one_slice_erased(run, folder, middle=False)

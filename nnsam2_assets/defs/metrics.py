@@ -106,7 +106,9 @@ def scan_metrics(
         metadata["mean_dice_vs_expert"] = float(shown.dice.mean())
     if len(shown):
         metadata["mean_volume_ml"] = float(shown.volume_ml.mean())
-    return dg.MaterializeResult(metadata=metadata, check_results=checks)
+    return dg.MaterializeResult(
+        metadata=metadata, check_results=checks, data_version=dg.DataVersion(result.data_version)
+    )
 
 
 def _flag_check(name: str, flags: pd.DataFrame, level: str, severity) -> dg.AssetCheckResult:

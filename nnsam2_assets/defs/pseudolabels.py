@@ -59,4 +59,4 @@ def pseudo_labels(
     for col in ("kept_slice_dice", "all_slice_dice"):
         if col in per_scan and per_scan[col].notna().any():
             metadata[f"mean_{col}"] = float(per_scan[col].mean())
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(report.data_version))

@@ -137,6 +137,9 @@ def _cached_scan_rows(
     return per_label, per_slice, per_level, info["laterality_gap"]
 
 
+RUN_COLUMNS = ("run_id", "computed_at")  # which run wrote a row, and when: not what the row says
+
+
 @dataclass
 class DatasetMetrics:
     """The dataset's rows for every table ``scan_metrics`` owns, plus what its metadata shows."""
@@ -156,6 +159,17 @@ class DatasetMetrics:
     @property
     def levels(self) -> pd.DataFrame:
         return self.tables["level_metrics"]
+
+    @property
+    def data_version(self) -> str:
+        """The rows written, without the run's id and time: a rerun with other QC thresholds that flags
+        other scans is a change for the agreement and the report, and an identical rerun is not."""
+        return cache_key(
+            *(
+                f"{name}\n{frame.drop(columns=list(RUN_COLUMNS), errors='ignore').to_csv(index=False)}"
+                for name, frame in sorted(self.tables.items())
+            )
+        )
 
 
 def _correction_of(stage_row: pd.DataFrame) -> dict:

@@ -3,7 +3,7 @@ labels, every other voxel nnU-Net's ignore label (full-size volumes)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,17 @@ class PseudoLabelReport:
     table: pd.DataFrame  # one row per slice of every scan, with eligible/kept
     per_scan: pd.DataFrame
     rewritten: int
+    keys: dict[str, str] = field(
+        default_factory=dict
+    )  # each scan's pseudo-label key (its mask and kept slices)
+
+    @property
+    def data_version(self) -> str:
+        """What the stages read: each scan's pseudo-label file, so a run with other thresholds that keeps
+        other slices is a change downstream, and one that keeps the same slices is not."""
+        return (
+            cache_key(*sorted(f"{scan}:{key}" for scan, key in self.keys.items())) if self.keys else "empty"
+        )
 
 
 SLICE_COLUMNS_ADDED = ("eligible", "kept")  # select_slices' columns, not part of a scan's slice table
@@ -95,10 +106,10 @@ def select_pseudo_labels(spec: DatasetSpec, layout: DatasetLayout, cfg: Selectio
         return PseudoLabelReport(pd.DataFrame(), pd.DataFrame(), 0)
     table = select_slices(pd.concat(tables, ignore_index=True), cfg)
     cache = ScanCache(layout.dir("pseudo_labels"))
-    rows, rewritten = [], 0
+    rows, rewritten, keys = [], 0, {}
     for scan_id, group in table.groupby("scan"):
         kept = group.slice[group.kept].to_numpy()
-        key = cache_key(VERSION, digests[scan_id], spec.n_classes, *kept.tolist())
+        key = keys[scan_id] = cache_key(VERSION, digests[scan_id], spec.n_classes, *kept.tolist())
         if not cache.is_fresh(scan_id, key, [layout.pseudo_label(scan_id)]):
             cache.invalidate(scan_id)
             masks_img = read_image(layout.masks(scan_id))
@@ -122,4 +133,4 @@ def select_pseudo_labels(spec: DatasetSpec, layout: DatasetLayout, cfg: Selectio
     atomic_write_dataframe(table, layout.pseudo_selection)
     for scan_id, key in table_keys.items():
         slice_tables.record(scan_id, key)
-    return PseudoLabelReport(table, pd.DataFrame(rows), rewritten)
+    return PseudoLabelReport(table, pd.DataFrame(rows), rewritten, keys)

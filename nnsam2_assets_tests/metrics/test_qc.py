@@ -195,3 +195,19 @@ def test_registration_confidence_flag_is_quiet_on_good_masks_and_fires_on_a_targ
     assert good, dice  # the check is about good masks: there must be some
     assert not good & flagged, (dice, scans)
     assert "no_anatomy" in flagged
+
+
+def test_the_metrics_data_version_follows_the_rows_written_not_the_run_that_wrote_them():
+    """``scan_metrics`` had no data version of its own: a rerun with other QC thresholds, flagging other
+    scans, was no change for the agreement and the report, which then disagreed with the database."""
+    from nnsam2_assets.metrics.steps import DatasetMetrics
+
+    def written(run_id: str, flags: list[str]) -> DatasetMetrics:
+        lineage = {"run_id": run_id, "computed_at": pd.Timestamp.now(tz="UTC")}
+        labels = pd.DataFrame({"scan": ["a", "b"], "volume_ml": [101.5, 98.25]}).assign(**lineage)
+        qc = pd.DataFrame({"scan": ["a"] * len(flags), "flag": flags}).assign(**lineage)
+        return DatasetMetrics({"scan_metrics": labels, "qc_flags": qc}, 2, 2)
+
+    first = written("run-1", ["asymmetry"])
+    assert written("run-2", ["asymmetry"]).data_version == first.data_version
+    assert written("run-3", []).data_version != first.data_version

@@ -51,3 +51,20 @@ def test_a_run_that_dies_before_the_selection_is_written_leaves_no_stale_slice_t
     monkeypatch.setattr(steps, "atomic_write_image", real)
     table = steps.select_pseudo_labels(spec, layout, cfg).table
     assert table[table.scan == "a"].confidence.unique().tolist() == [0.9]  # it had stayed 0.5
+
+
+def test_the_data_version_follows_the_kept_slices_not_the_run(tmp_path):
+    """The asset had no data version of its own: Dagster derived one from its code version and inputs, so a
+    rerun with other thresholds, keeping other slices, was no change for the stages downstream."""
+    layout = DatasetLayout(tmp_path, "d")
+    spec = types.SimpleNamespace(name="d", n_classes=2)
+    manifest = pd.DataFrame({"scan": ["a", "b"], "status": "ok", "source_hash": ["x", "y"]})
+    atomic_write_dataframe(manifest, layout.manifest)
+    for scan, confidence in (("a", 0.5), ("b", 0.7)):
+        _propagated(layout, scan, confidence, 0)
+    first = steps.select_pseudo_labels(spec, layout, SelectionConfig())
+    again = steps.select_pseudo_labels(spec, layout, SelectionConfig())
+    assert again.data_version == first.data_version and again.rewritten == 0
+    more = steps.select_pseudo_labels(spec, layout, SelectionConfig(top_fraction=0.5))
+    assert more.table.kept.sum() > first.table.kept.sum()
+    assert more.data_version != first.data_version

@@ -15,7 +15,7 @@ from nnsam2_assets.executors import GPU_QUEUE
 #     version is the same (the automation tests show it). Otherwise the same as
 #     eager(): newly missing partitions run, deps requested on this tick pull this asset into the same run
 #     (will_be_requested), never while a dep is missing or in progress, once per change (since_last_handled);
-#   * OR its own code version changed (eager() alone ignores code-version bumps).
+#   * OR its own code version changed (eager() alone ignores code-version bumps), under the same guards.
 def eager(ignoring: tuple[str, ...] = ()) -> dg.AutomationCondition:
     """The policy above; ``ignoring`` names dependencies that neither trigger nor hold back the asset (an
     external asset reported only now and then, such as ``corrections``, would otherwise count as missing
@@ -31,17 +31,19 @@ def eager(ignoring: tuple[str, ...] = ()) -> dg.AutomationCondition:
     if ignoring:
         changed = changed.ignore(dg.AssetSelection.assets(*ignoring))
         missing = missing.ignore(dg.AssetSelection.assets(*ignoring))
+    # code_version_changed() is true for every partition: it shares the guards, or a bump requested datasets
+    # never ingested (failing runs) and ones with a run under way
     return (
-        (
-            dg.AutomationCondition.in_latest_time_window()
-            & (
+        dg.AutomationCondition.in_latest_time_window()
+        & (
+            (
                 dg.AutomationCondition.newly_missing() | changed.with_label("any_deps_data_version_changed")
             ).since_last_handled()
-            & ~missing
-            & ~dg.AutomationCondition.any_deps_in_progress()
-            & ~dg.AutomationCondition.in_progress()
-        ).with_label("eager_on_data_version_change")
-        | dg.AutomationCondition.code_version_changed()
+            | dg.AutomationCondition.code_version_changed()
+        )
+        & ~missing
+        & ~dg.AutomationCondition.any_deps_in_progress()
+        & ~dg.AutomationCondition.in_progress()
     ).with_label("eager_or_code_version_changed")
 
 

@@ -160,6 +160,22 @@ def test_code_version_bump_requests_the_asset(pipeline):
     assert ticker.tick(new_defs) == {}
 
 
+def test_a_code_version_bump_requests_only_partitions_whose_inputs_exist(pipeline):
+    """Dagster's code_version_changed() is true for every partition: ORed outside the policy's guards, a
+    bump requested datasets that were never ingested (failing runs) and ones with a run under way."""
+    ticker, materialize, _, _, assets = pipeline
+    _settle(ticker)
+    ticker.instance.add_dynamic_partitions("datasets", ["never_ingested"])
+    assert ticker.tick() == {}
+    propagation = next(a for a in assets if isinstance(a, dg.AssetsDefinition) and PROPAGATED in a.keys)
+    bumped = propagation.map_asset_specs(lambda spec: spec.replace_attributes(code_version="propagation-2"))
+    new_defs = dg.Definitions(
+        assets=[bumped if a is propagation else a for a in assets], resources=ticker.defs.resources
+    )
+    assert ticker.tick(new_defs) == CHAIN
+    assert ticker.tick(new_defs) == {}
+
+
 def test_final_masks_follow_a_retrained_model_without_any_correction_reported():
     """corrections is external and reported only when a user drops one: a partition it was never reported
     for must not count as missing, or final masks would never follow a retrained stage-3 model."""

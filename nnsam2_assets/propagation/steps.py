@@ -45,7 +45,12 @@ class PropagationReport:
 
     @property
     def data_version(self) -> str:
-        return cache_key(*self.summary.mask_sha256) if len(self.summary) else "empty"
+        """The masks and their confidence tables: pseudo-label selection ranks slices by confidence, so new
+        confidences on the same masks are a change for it (a summary cached before lacks their digest)."""
+        if not len(self.summary):
+            return "empty"
+        confidences = self.summary.get("confidence_sha256", pd.Series(dtype=object)).fillna("")
+        return cache_key(*self.summary.mask_sha256, *confidences)
 
 
 def _mask_summary(
@@ -64,6 +69,7 @@ def _mask_summary(
         "backend": str(conf.backend.iloc[0]),
         "model_id": str(conf.model_id.iloc[0]),
         "mask_sha256": sha256_file(layout.masks(scan_id)),
+        "confidence_sha256": sha256_file(layout.confidence(scan_id)),
     }
 
 

@@ -37,3 +37,18 @@ def test_two_workers_write_the_masks_one_worker_writes(tmp_path):
     # a rerun with nothing changed propagates nothing and starts no worker
     _, again = _propagated(tmp_path, data, 2)
     assert (again.computed, again.workers) == (0, 1)
+
+
+def test_the_data_version_follows_the_confidence_tables_as_well_as_the_masks():
+    """Pseudo-label selection ranks slices by confidence: new confidences on the same masks had left the
+    data version as it was, so the selection downstream was not run again."""
+    from nnsam2_assets.propagation.steps import PropagationReport
+
+    def report(confidence: str) -> PropagationReport:
+        return PropagationReport(
+            pd.DataFrame({"mask_sha256": ["m1"], "confidence_sha256": [confidence]}), 1, 0
+        )
+
+    assert report("c1").data_version == report("c1").data_version != report("c2").data_version
+    cached_before = PropagationReport(pd.DataFrame({"mask_sha256": ["m1"]}), 0, 0)  # no confidence digest
+    assert cached_before.data_version != "empty"

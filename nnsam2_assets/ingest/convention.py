@@ -233,8 +233,11 @@ def _read_dataset(data_root: Path, name: str, require_annotation: bool) -> Datas
             raise DatasetError(
                 f"{cfg_path} key region: expected first_slice, last_slice and optionally l4_l5 (slice indices)"
             )
-        reference_region = parse_region(cfg["region"], f"{cfg_path} key region")
-        regions.setdefault(reference, reference_region)  # a regions.csv row for the reference wins
+        # a regions.csv row for the reference wins, for its own crop and for the region the others are found
+        # from: the two had differed, and every found region was placed from discs the user had corrected
+        reference_region = regions.setdefault(
+            reference, parse_region(cfg["region"], f"{cfg_path} key region")
+        )
     if reference in excluded:
         raise DatasetError(f"{cfg_path}: reference scan {reference!r} is excluded: {excluded[reference]}")
     if reference not in scans:

@@ -167,11 +167,13 @@ def test_the_reference_region_in_dataset_yaml_and_the_l4_l5_column_follow_one_sc
     spec = load_dataset(tmp_path, "tiny")
     assert spec.reference_region == Region(5, 1, 3) and spec.regions == {"a": Region(5, 1, 3)}
     assert spec.region_origin("a") == f"{folder / 'dataset.yaml'} key region"
-    # a regions.csv row overrides the found region of its scan, and the reference's too; l4_l5 may be empty
-    (folder / "regions.csv").write_text("scan,first_slice,last_slice,l4_l5\na,0,4,\nb,1,5,2\n")
+    # a regions.csv row overrides the found region of its scan, and the reference's too, which the others'
+    # regions are then found from (they had been found from the yaml's discs the row corrected); l4_l5 may be
+    # empty
+    (folder / "regions.csv").write_text("scan,first_slice,last_slice,l4_l5\na,0,4,2\nb,1,5,\n")
     spec = load_dataset(tmp_path, "tiny")
-    assert spec.regions == {"a": Region(0, 4), "b": Region(1, 5, 2)}
-    assert spec.reference_region == Region(5, 1, 3)
+    assert spec.regions == {"a": Region(0, 4, 2), "b": Region(1, 5)}
+    assert spec.reference_region == Region(0, 4, 2)
 
 
 @pytest.mark.parametrize(

@@ -306,10 +306,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     try:
         spec = load_dataset(layout.data_root(), args.dataset)
-        where = DatasetLayout(layout.storage_root(), args.dataset)
-        if not where.manifest.exists():  # else an empty report, and exit status 0
-            raise DatasetError(f"dataset {args.dataset!r} has not been run yet: `nnsam2 run` first")
-        built = build_report(spec, where, layout.duckdb_path())
+        built = build_report(spec, DatasetLayout(layout.storage_root(), args.dataset), layout.duckdb_path())
     except (DatasetError, MetricsDBError, OSError, ValueError) as exc:  # a locked or missing database too
         print(f"nnsam2 report: {exc}", file=sys.stderr)
         return 1

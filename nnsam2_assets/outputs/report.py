@@ -24,6 +24,7 @@ from nnsam2_assets.core.overlays import montage_png
 from nnsam2_assets.core.storage import atomic_write_bytes, atomic_write_text
 from nnsam2_assets.ingest.annotation import MAX_ANNOTATED_SLICES, describe_split_source
 from nnsam2_assets.ingest.convention import DatasetSpec
+from nnsam2_assets.ingest.errors import DatasetError
 from nnsam2_assets.ingest.scans import read_manifest
 from nnsam2_assets.metrics import agreement_plots
 from nnsam2_assets.metrics.store import dataset_tables
@@ -124,6 +125,8 @@ def build_report(spec: DatasetSpec, layout: DatasetLayout, db: Path) -> Report:
     name = spec.name
     k = spec.n_classes
     rows = dataset_tables(db, ("scan_metrics", "level_metrics", "qc_flags", "agreement"), name)
+    if not layout.manifest.exists():  # another dataset's run made the database: this one has nothing yet
+        raise DatasetError(f"dataset {name!r} has not been run yet: `nnsam2 run` first")
     labels, levels, flags, agreement = rows.values()
     # per side for every dataset: a 4-class dataset's sides do not depend on its muscle split (the caution)
     sides = labels[labels.scheme == "2-class"] if len(labels) else labels

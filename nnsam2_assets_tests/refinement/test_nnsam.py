@@ -226,7 +226,7 @@ def test_the_encoder_is_the_one_the_propagation_resource_names(tmp_path):
         sam2_checkpoint=str(checkpoint), sam2_config="configs/sam2.1/sam2.1_hiera_b+.yaml"
     )
     refinement = build_resources(tmp_path, tmp_path, propagation=propagation)["refinement"]
-    profile = refinement.model_copy(update={"trainer": "nnsam"}).config().profile_obj()
+    profile = refinement.model_copy(update={"trainer": "nnsam"}).profile_for(propagation)
     assert (profile.sam2_checkpoint, profile.sam2_config) == (str(checkpoint), propagation.sam2_config)
     assert nnunet.trainer_identity(profile).startswith("nnsam|0.1|sam2.1_hiera_b+:")
     plain = refinement.config().profile_obj()  # the plain trainer carries no encoder settings into its recipe

@@ -105,8 +105,17 @@ def _write_image_checked(img: sitk.Image, tmp: Path) -> None:
         try:
             verify_gzip_stream(tmp)
         except GZIP_ERRORS as exc:
-            code = errno.ENOSPC if shutil.disk_usage(tmp.parent).free < (1 << 20) else errno.EIO
-            raise OSError(code, f"{os.strerror(code)} (short NIfTI write: {exc})") from exc
+            raise _short_write(tmp, str(exc)) from exc
+        return
+    # uncompressed: the file holds at least every voxel's bytes, or the write was cut short
+    data_bytes = img.GetNumberOfPixels() * img.GetNumberOfComponentsPerPixel() * img.GetSizeOfPixelComponent()
+    if tmp.stat().st_size < data_bytes:
+        raise _short_write(tmp, f"{tmp.stat().st_size:,} of at least {data_bytes:,} bytes")
+
+
+def _short_write(tmp: Path, detail: str) -> OSError:
+    code = errno.ENOSPC if shutil.disk_usage(tmp.parent).free < (1 << 20) else errno.EIO
+    return OSError(code, f"{os.strerror(code)} (short NIfTI write: {detail})")
 
 
 def atomic_write_image(img: sitk.Image, path: Path) -> Path:

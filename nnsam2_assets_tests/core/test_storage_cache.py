@@ -50,3 +50,26 @@ def test_a_recompute_that_dies_leaves_no_key_for_its_half_written_outputs(tmp_pa
     assert not cache.is_fresh("s0", "K1", [out])
     assert cache.get_or_compute("s0", "K1", [out], compute("from K1")) == ({"content": "from K1"}, True)
     assert out.read_text() == "from K1"
+
+
+@pytest.mark.parametrize("name", ["image.nii", "image.nii.gz"])
+def test_a_short_image_write_is_refused_and_nothing_is_published(tmp_path, monkeypatch, name):
+    """SimpleITK's NIfTI writer only prints a short write (a full disk, a file size limit). The compressed
+    stream was verified; an uncompressed file was published truncated, as if complete."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from nnsam2_assets.core import storage
+
+    write = sitk.WriteImage
+
+    def cut_short(image, path, *args, **kwargs):
+        write(image, path, *args, **kwargs)
+        with open(path, "r+b") as fh:
+            fh.truncate(os.path.getsize(path) // 2)
+
+    monkeypatch.setattr(storage.sitk, "WriteImage", cut_short)
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(8, 64, 64)).astype(np.float32))
+    with pytest.raises(storage.StorageError, match="short NIfTI write"):
+        storage.atomic_write_image(image, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []

@@ -40,6 +40,15 @@ def slice_annotation(labels: np.ndarray, z: int, like: sitk.Image) -> sitk.Image
     return one_slice_annotation(image, z)
 
 
+def shared_file(path: Path) -> Path:
+    """``path`` under the shared data, which must be there: a real-data test fails, never skips, without it."""
+    if not Path(path).exists():
+        raise FileNotFoundError(
+            f"{path}: the real data is missing (set NNSAM2_SHARED_DATA to the shared data folder)"
+        )
+    return Path(path)
+
+
 def allow_shared_data() -> None:
     """Let datasets built here read through their symlinks into the shared data (``NNSAM2_ALLOWED_ROOTS``);
     child processes inherit it."""

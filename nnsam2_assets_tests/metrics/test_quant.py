@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from nnsam2_assets.core.imaging import read_image
 from nnsam2_assets.metrics import quant
-from nnsam2_assets.testing.realdata import TS, TUM, TUM_LABEL_MAP
+from nnsam2_assets.testing.realdata import TS, TUM, TUM_LABEL_MAP, shared_file
 
 # the shared data's MANIFEST.md: (volume mL, fat ratio as region sum) per label.
 TUM_GOLDEN = {
@@ -17,14 +17,10 @@ TUM_GOLDEN = {
     "TUM02": {1: (150.1034, 0.16229), 2: (81.3774, 0.16264), 3: (76.8795, 0.16719), 4: (175.8917, 0.16884)},
 }
 
-needs_tum = pytest.mark.skipif(not (TUM / "TUM01_water.nii.gz").exists(), reason="shared TUM data missing")
-needs_ts = pytest.mark.skipif(not (TS / "example_ct_sm.nii.gz").exists(), reason="shared CT data missing")
 
-
-@needs_tum
 @pytest.mark.parametrize("case", sorted(TUM_GOLDEN))
 def test_tum_manual_labels_reproduce_manifest(case: str) -> None:
-    water, fat = read_image(TUM / f"{case}_water.nii.gz"), read_image(TUM / f"{case}_fat.nii.gz")
+    water, fat = read_image(shared_file(TUM / f"{case}_water.nii.gz")), read_image(TUM / f"{case}_fat.nii.gz")
     quant.check_dixon_pair(water, fat, f"{case}_water", f"{case}_fat")
     labels = sitk.ReadImage(str(TUM / f"{case}_label_watergrid.nii.gz"))
     df = quant.quantify(labels, TUM_LABEL_MAP, case, water=water, fat=fat, expert=labels)
@@ -50,9 +46,8 @@ def test_tum_manual_labels_reproduce_manifest(case: str) -> None:
     assert per_slice["fat_ratio"].between(0, 1).all()
 
 
-@needs_ts
 def test_ct_autochthon_mean_hu() -> None:
-    ct = sitk.ReadImage(str(TS / "example_ct_sm.nii.gz"))
+    ct = sitk.ReadImage(str(shared_file(TS / "example_ct_sm.nii.gz")))
     seg = sitk.ReadImage(str(TS / "example_ct_sm_seg_total.nii.gz"))
     df = quant.quantify(seg, {87: "right_lpm", 86: "left_lpm"}, "example_ct_sm", ct=ct).set_index("label")
     assert df.loc[86, "n_voxels"] == 7050 and df.loc[87, "n_voxels"] == 6635

@@ -9,10 +9,9 @@ import pingouin as pg
 import pytest
 
 from nnsam2_assets.metrics import agreement_plots, stats
-from nnsam2_assets.testing.realdata import SHARED_DATA
+from nnsam2_assets.testing.realdata import SHARED_DATA, shared_file
 
 CSV = SHARED_DATA / "lpm_volumes" / "MRI_volume_internal_test331.csv"
-needs_csv = pytest.mark.skipif(not CSV.exists(), reason="shared lpm_volumes CSV missing")
 
 # label: (KS p, t_lo, t_hi, bias, SD ddof0, LoA lo, LoA hi, outliers, MAE, Spearman ρ, TOST method)
 GOLDEN = {
@@ -25,13 +24,12 @@ GOLDEN = {
 
 @pytest.fixture(scope="module")
 def volumes() -> pd.DataFrame:
-    df = pd.read_csv(CSV)
+    df = pd.read_csv(shared_file(CSV))
     # columns: Data_set, CT_id, volume{k}_gd (manual), volume{k}_ai (automatic), k = 1..4
     assert {f"volume{k}_{s}" for k in range(1, 5) for s in ("gd", "ai")} <= set(df.columns)
     return df.set_index("CT_id")
 
 
-@needs_csv
 @pytest.mark.parametrize("label", sorted(GOLDEN))
 def test_golden_agreement_table(volumes: pd.DataFrame, label: int) -> None:
     ks_p, t_lo, t_hi, bias, sd0, lo, hi, n_out, mae, rho, method = GOLDEN[label]
@@ -59,7 +57,6 @@ def test_golden_agreement_table(volumes: pd.DataFrame, label: int) -> None:
         assert row["manual_mean"] == pytest.approx(250.81, abs=5e-3)
 
 
-@needs_csv
 def test_icc_matches_pingouin_directly(volumes: pd.DataFrame) -> None:
     ai, manual = volumes["volume1_ai"], volumes["volume1_gd"]
     long = pd.concat(
@@ -76,7 +73,6 @@ def test_icc_matches_pingouin_directly(volumes: pd.DataFrame) -> None:
     assert out["icc3_1"]["icc"] > 0.99
 
 
-@needs_csv
 def test_ddof_switch_and_margins(volumes: pd.DataFrame) -> None:
     ai, manual = volumes["volume1_ai"], volumes["volume1_gd"]
     ba0, ba1 = stats.bland_altman(ai, manual, ddof=0), stats.bland_altman(ai, manual, ddof=1)

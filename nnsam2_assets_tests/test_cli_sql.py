@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -13,17 +12,13 @@ import pytest
 from nnsam2_assets.metrics.store import replace_dataset
 
 HOLD = """
-import sys, time, duckdb
+import sys, duckdb
 con = duckdb.connect(sys.argv[1])   # a write connection: DuckDB's file lock, as a materialization holds it
 con.execute("INSERT INTO metrics.scan_metrics SELECT * FROM metrics.scan_metrics WHERE false")
 print("locked", flush=True)
-if sys.argv[2] == "until-told":
-    sys.stdin.readline()  # held until the test lets go: no machine is too slow for the lock to outlast it
-else:
-    time.sleep(float(sys.argv[2]))
+sys.stdin.readline()  # held until the test lets go: no machine is too slow for the lock to outlast it
 con.close()
 print("released", flush=True)
-time.sleep(30)
 """
 
 
@@ -52,11 +47,10 @@ def db(tmp_path: Path) -> Path:
 def holder(db: Path):
     procs = []
 
-    def start(seconds: float | None) -> subprocess.Popen:
-        """A writer holding the database's lock for ``seconds``, or until the test closes its stdin (None)."""
-        hold = "until-told" if seconds is None else str(seconds)
+    def start() -> subprocess.Popen:
+        """A writer holding the database's lock until the test closes its stdin."""
         proc = subprocess.Popen(
-            [sys.executable, "-c", HOLD, str(db), hold],
+            [sys.executable, "-c", HOLD, str(db)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -71,27 +65,36 @@ def holder(db: Path):
         proc.wait()
 
 
-def test_sql_waits_for_the_writer_to_let_go(db, holder):
-    proc = holder(2.0)
-    t0 = time.perf_counter()
-    out = _cli(
-        "sql",
-        "SELECT scan, volume_ml FROM metrics.scan_metrics ORDER BY scan",
-        "--db",
-        str(db),
-        "--wait",
-        "20",
-    )
-    waited = time.perf_counter() - t0
-    assert out.returncode == 0, out.stderr
-    assert proc.poll() is None and proc.stdout.readline().strip() == "released"
-    lines = out.stdout.split()
+def test_sql_waits_for_the_writer_to_let_go(db, holder, monkeypatch, capsys):
+    """The writer lets go only once the CLI has found the lock held, so the CLI must have waited; no clock
+    decides the outcome (a 2 s hold against a 20 s wait had raced a slow machine's start-up)."""
+    from nnsam2_assets import cli
+    from nnsam2_assets.metrics import store
+
+    proc = holder()
+    connect, lock_errors = store.duckdb.connect, []
+
+    def connect_and_release_on_the_first_lock_error(*args, **kwargs):
+        try:
+            return connect(*args, **kwargs)
+        except store.duckdb.Error as exc:
+            if store._is_lock_error(exc):
+                lock_errors.append(exc)
+                if len(lock_errors) == 1:
+                    proc.stdin.close()  # the writer lets go
+                    assert proc.stdout.readline().strip() == "released"
+            raise
+
+    monkeypatch.setattr(store.duckdb, "connect", connect_and_release_on_the_first_lock_error)
+    sql = "SELECT scan, volume_ml FROM metrics.scan_metrics ORDER BY scan"
+    assert cli.main(["sql", sql, "--db", str(db), "--wait", "inf"]) == 0
+    assert lock_errors  # it met the writer's lock, and waited it out
+    lines = capsys.readouterr().out.split()
     assert lines[:2] == ["scan", "volume_ml"] and "s0" in lines and "9.25" in lines
-    assert waited >= 1.0, f"returned after {waited:.1f} s although the writer held the lock for 2 s"
 
 
 def test_sql_fails_clearly_when_the_writer_holds_past_wait(db, holder):
-    proc = holder(None)
+    proc = holder()
     out = _cli("sql", "SELECT count(*) FROM metrics.scan_metrics", "--db", str(db), "--wait", "1")
     assert proc.poll() is None  # the writer still held the lock when the CLI gave up
     assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)

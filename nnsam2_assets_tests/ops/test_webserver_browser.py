@@ -26,7 +26,7 @@ from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 from nnsam2_assets.core.lifecycle import alive, descendants
 from nnsam2_assets.defs.sensors import SENSOR_INTERVAL_ENV
 from nnsam2_assets.testing.browser import chromium
-from nnsam2_assets.testing.waits import HANG_GUARD_S, wait_for
+from nnsam2_assets.testing.waits import wait_for
 from nnsam2_assets_tests.ops import INGEST, REPO, free_port, write_tiny
 
 ARTIFACTS = REPO / "test-artifacts"
@@ -86,7 +86,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         def up():
             assert ui.poll() is None, f"nnsam2 ui exited early: see {logs}"
             try:
-                return requests.get(f"{url}/server_info", timeout=HANG_GUARD_S).ok
+                return requests.get(f"{url}/server_info").ok
             except requests.RequestException:
                 return False
 
@@ -98,10 +98,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             shutil.copy(logs / "ui.log", ARTIFACTS / "ui.log")
 
 
+def _up(stack: Stack) -> bool:
+    """The waits have no deadline: each fails at once if the UI's process tree is gone."""
+    assert stack.ui.poll() is None, f"nnsam2 ui exited: see {stack.logs}"
+    return True
+
+
 def _graphql(stack: Stack, query: str, variables: dict | None = None) -> dict:
-    r = requests.post(
-        f"{stack.url}/graphql", json={"query": query, "variables": variables or {}}, timeout=HANG_GUARD_S
-    )
+    r = requests.post(f"{stack.url}/graphql", json={"query": query, "variables": variables or {}})
     r.raise_for_status()
     body = r.json()
     assert "errors" not in body, body
@@ -124,12 +128,13 @@ def test_sensor_registers_dataset_graphql_run_and_ui_renders(stack: Stack, tmp_p
         # 1. drop a dataset: the daemon's new_data_sensor registers it as a partition and launches ONE run
         write_tiny(stack.data_root, "webtiny", n_scans=2)
         wait_for(
-            lambda: "webtiny" in instance.get_dynamic_partitions("datasets"),
+            lambda: _up(stack) and "webtiny" in instance.get_dynamic_partitions("datasets"),
             "new_data_sensor to register the partition",
             interval=2,
         )
 
         def sensor_runs():
+            _up(stack)
             return instance.get_runs(
                 dg.RunsFilter(tags={"dagster/sensor_name": "new_data_sensor", "dagster/partition": "webtiny"})
             )
@@ -146,6 +151,7 @@ def test_sensor_registers_dataset_graphql_run_and_ui_renders(stack: Stack, tmp_p
         )
 
         def finished():
+            _up(stack)
             try:
                 status = client.get_run_status(run_id)
             except DagsterGraphQLClientError:
@@ -184,7 +190,7 @@ def test_ctrl_c_stops_every_process_while_a_run_is_in_flight(stack: Stack):
     instance = dg.DagsterInstance.from_config(str(stack.home))
     try:
         wait_for(
-            lambda: "stoptiny" in instance.get_dynamic_partitions("datasets"),
+            lambda: _up(stack) and "stoptiny" in instance.get_dynamic_partitions("datasets"),
             "new_data_sensor to register stoptiny",
             interval=2,
         )
@@ -200,6 +206,7 @@ def test_ctrl_c_stops_every_process_while_a_run_is_in_flight(stack: Stack):
         recorded: set[int] = set()
 
         def record_until_in_flight() -> bool:
+            _up(stack)
             recorded.update(descendants(stack.ui.pid))
             return in_flight()
 

@@ -27,12 +27,19 @@ class Pool:
     n_classes: dict[str, int]
     scans: dict[str, list[str]]
     modality: dict[str, str] = field(default_factory=dict)  # how a later stage finishes its labels
+    # the datasets whose scans have pseudo-labels to train on; None: every dataset that brings scans
+    labelled: frozenset[str] | None = None
 
     @property
     def classes(self) -> int:
-        # only datasets that bring scans: one whose every scan failed ingest trains nothing, and must not
-        # take the 4-class datasets' muscle split from the models
-        bringing = [self.n_classes[d] for d, scans in self.scans.items() if scans]
+        # only datasets that bring labels: one whose every scan failed ingest, or whose annotation was refused
+        # or never propagated, trains nothing, and must not take the 4-class datasets' muscle split from
+        # the models
+        bringing = [
+            self.n_classes[d]
+            for d, scans in self.scans.items()
+            if scans and (self.labelled is None or d in self.labelled)
+        ]
         return 4 if bringing and all(k == 4 for k in bringing) else 2
 
     def items(self) -> Iterator[tuple[str, str, DatasetLayout]]:
@@ -48,19 +55,29 @@ def build_pool(root: Path, datasets: list[str], spec_of: Callable[[str], Dataset
     """The pool of every ingested dataset among ``datasets`` (its scans that passed ingest).
 
     ``spec_of`` reads a dataset's description (its class count and modality); a dataset whose folder was
-    removed or broke since ingest is left out, and ``log`` says so.
+    removed or broke since ingest, or whose reference scan no longer passes ingest (its annotation and held-out
+    slab are on a scan that is gone), is left out, and ``log`` says so: it never stops the others' models.
     """
     layouts = {k: DatasetLayout(root, k) for k in sorted(datasets)}
     layouts = {k: v for k, v in layouts.items() if v.manifest.exists()}
-    specs = {}
+    specs, scans = {}, {}
     for name in layouts:
         try:
-            specs[name] = spec_of(name)
+            spec = spec_of(name)
         except Exception as exc:  # any failure to read the description leaves only this dataset out
             log(f"dataset {name} left out of the pool: {exc}")
+            continue
+        passing = ok_scans(layouts[name])
+        if spec.reference not in passing:
+            log(
+                f"dataset {name} left out of the pool: its reference scan {spec.reference} did not pass ingest"
+            )
+            continue
+        specs[name], scans[name] = spec, passing
     return Pool(
         layouts={k: v for k, v in layouts.items() if k in specs},
         n_classes={k: spec.n_classes for k, spec in specs.items()},
-        scans={k: ok_scans(layouts[k]) for k in specs},
+        scans=scans,
         modality={k: spec.modality for k, spec in specs.items()},
+        labelled=frozenset(k for k in specs if any(layouts[k].pseudo_label(s).exists() for s in scans[k])),
     )

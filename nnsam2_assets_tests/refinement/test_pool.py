@@ -16,3 +16,37 @@ def test_a_dataset_without_passing_scans_does_not_merge_the_pools_muscles():
     assert _pool({"four": 4, "two": 2}, {"four": ["s1"], "two": ["t1"]}).classes == 2
     assert _pool({"four": 4, "other": 4}, {"four": ["s1"], "other": ["t1"]}).classes == 4
     assert _pool({"four": 4}, {"four": []}).classes == 2  # nothing to train on: the side merge, as before
+
+
+def test_a_dataset_bringing_no_labels_or_no_reference_leaves_the_pool_as_it_was(tmp_path):
+    """A 2-class dataset whose annotation was refused, or never propagated, brings scans but no label: it had
+    made the pool 2-class all the same. A dataset whose reference scan no longer passes ingest kept its
+    annotation on a scan that is gone, and reading its held-out slab failed every dataset's models."""
+    import types
+
+    import pandas as pd
+
+    from nnsam2_assets.core.layout import DatasetLayout
+    from nnsam2_assets.core.storage import atomic_write_dataframe
+    from nnsam2_assets.refinement.pool import build_pool
+
+    def dataset(name: str, statuses: dict[str, str], labelled: bool) -> None:
+        layout = DatasetLayout(tmp_path, name)
+        manifest = pd.DataFrame({"scan": list(statuses), "status": list(statuses.values())})
+        atomic_write_dataframe(manifest.assign(source_hash="x"), layout.manifest)
+        for scan in statuses if labelled else ():
+            layout.pseudo_label(scan).parent.mkdir(parents=True, exist_ok=True)
+            layout.pseudo_label(scan).write_bytes(b"")
+
+    dataset("four", {"r4": "ok", "s4": "ok"}, labelled=True)
+    dataset("unlabelled", {"r2": "ok", "s2": "ok"}, labelled=False)
+    dataset("refless", {"r3": "error", "s3": "ok"}, labelled=True)
+    specs = {
+        "four": types.SimpleNamespace(n_classes=4, modality="mri", reference="r4"),
+        "unlabelled": types.SimpleNamespace(n_classes=2, modality="mri", reference="r2"),
+        "refless": types.SimpleNamespace(n_classes=2, modality="ct", reference="r3"),
+    }
+    said = []
+    pool = build_pool(tmp_path, list(specs), specs.__getitem__, log=said.append)
+    assert pool.classes == 4 and pool.scans == {"four": ["r4", "s4"], "unlabelled": ["r2", "s2"]}
+    assert said == ["dataset refless left out of the pool: its reference scan r3 did not pass ingest"]

@@ -48,9 +48,17 @@ def trained_on(pointer: dict, datasets: list[str]) -> set[str]:
     return {d for d in datasets if any(key.startswith(f"{d}__") for key in keys)}
 
 
+# where and how the network runs, not what it learns: a model trained on the GPU serves a CPU run, and the
+# other way round (a device change had retrained all three stages and rewritten every final mask)
+EXECUTION_FIELDS = ("device", "num_threads", "data_workers")
+
+
 def recipe_key(profile: nnunet.Profile) -> str:
     """What a model's training recipe is, beyond its data: the profile (trainer, sampling, budget) and the
-    trainer's weights."""
+    trainer's weights. The execution fields count as the named profile's own, so its key stays as it was."""
+    base = nnunet.PROFILES.get(profile.name)
+    if base is not None:
+        profile = profile.replace(**{name: getattr(base, name) for name in EXECUTION_FIELDS})
     extra = (f"seed {profile.seed}",) if profile.seed else ()
     if profile.warm_start_epochs:
         extra += (f"warm start {profile.warm_start_epochs}",)

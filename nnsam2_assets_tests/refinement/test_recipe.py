@@ -78,3 +78,18 @@ def test_the_warm_start_reaches_the_profile_and_is_checked(monkeypatch):
     assert resolved(build_resources()["refinement"]).config().profile_obj().warm_start_epochs == 3
     with pytest.raises(ValueError, match="warm_start_epochs"):
         nnunet.get_profile("quick", warm_start_epochs=-1)
+
+
+def test_where_and_how_the_network_runs_is_not_part_of_the_recipe():
+    """The device, torch's threads and the augmentation workers were in the key: switching device between
+    auto, cpu and cuda retrained all three stages and rewrote every final mask. The default key stays."""
+    from nnsam2_assets.core.cache import cache_key
+    from nnsam2_assets.refinement import nnunet
+    from nnsam2_assets.refinement.models import recipe_key
+
+    quick = nnunet.get_profile("quick")
+    before = cache_key(repr(quick), nnunet.trainer_identity(quick))[:16]  # how the key was made
+    assert recipe_key(quick) == before
+    for execution in ({"device": "cpu"}, {"device": "cuda"}, {"num_threads": 2, "data_workers": 4}):
+        assert recipe_key(quick.replace(**execution)) == before
+    assert recipe_key(quick.replace(num_epochs=9)) != before  # what it learns still counts

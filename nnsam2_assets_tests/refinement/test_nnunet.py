@@ -152,6 +152,17 @@ def test_quick_plan_caps_patch_and_batch_and_resamples(tmp_path):
     assert fpe.num_foreground_voxels_for_intensitystats == 2 * nn.planning.FINGERPRINT_SAMPLES_PER_CASE
 
 
+def test_a_thin_slice_scan_is_still_planned_in_axial_slices(tmp_path):
+    """nnU-Net puts the axis of coarsest spacing first: slices thinner than the pixels (a thin-slice CT) were
+    planned as coronal 2d slices, z resampled to 2 mm, and the muscle box no longer held both sides."""
+    cases = _cases(tmp_path / "d", 2, shape=(24, 48, 48), spacing=(0.8, 0.8, 0.6))
+    raw = nn.write_raw_dataset(tmp_path / "raw", 4, "thin", cases, CLASSES, False)
+    with nn.nnunet_env(tmp_path / "raw", tmp_path / "pre", tmp_path / "res"):
+        plans = nn.plan_and_preprocess(raw, tmp_path / "pre", nn.get_profile("quick"))
+    assert plans["transpose_forward"] == [0, 1, 2]
+    assert plans["configurations"]["2d"]["spacing"] == [2.0, 2.0]  # y and x, each coarsened to 2 mm
+
+
 def test_failed_training_publishes_nothing(tmp_path):
     cases = _cases(tmp_path / "d", 2)
     bad = nn.get_profile("quick", configuration="3d_lowres", target_inplane_spacing_mm=None, max_patch=None,

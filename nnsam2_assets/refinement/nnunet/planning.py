@@ -73,6 +73,21 @@ def fingerprint_extractor_class() -> type:
     return SampledFingerprintExtractor
 
 
+def axial_planner_class() -> type:
+    """nnU-Net's planner with its axes kept as stored (z, y, x): a 2d network then learns axial slices, where
+    the muscle box holds both sides. nnU-Net puts the axis of coarsest spacing first, so a thin-slice scan
+    (z 0.6 mm, in-plane 0.8 mm) was cut into coronal slices, with z resampled to the quick profile's 2 mm."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import (
+        ExperimentPlanner,
+    )
+
+    class AxialExperimentPlanner(ExperimentPlanner):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "suppress_transpose": True})
+
+    return AxialExperimentPlanner
+
+
 def plan_and_preprocess(raw: RawDataset, preprocessed_root: Path, profile: Profile) -> dict:
     """Fingerprint, plan (rewritten for the quick profile) and preprocess one configuration in-process.
 
@@ -90,13 +105,10 @@ def plan_and_preprocess(raw: RawDataset, preprocessed_root: Path, profile: Profi
         extract_fingerprint_dataset(raw.dataset_id, fingerprint_extractor_class(), num_processes=1,
                                     check_dataset_integrity=False, clean=True, verbose=False,
                                     show_progress_bar=False)  # fmt: skip
-        from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import (
-            ExperimentPlanner,
-        )
-
-        plans, _ = plan_experiment_dataset(raw.dataset_id, ExperimentPlanner)
+        planner_class = axial_planner_class()
+        plans, _ = plan_experiment_dataset(raw.dataset_id, planner_class)
         if profile.rewrites_plan:  # a 2d profile: ``Profile`` refuses the others
-            planner = ExperimentPlanner(raw.dataset_id)
+            planner = planner_class(raw.dataset_id)
             planner.dataset_fingerprint = json.loads(
                 (Path(preprocessed_root) / raw.name / "dataset_fingerprint.json").read_text()
             )

@@ -1,6 +1,7 @@
 """Per-scan, per-label quantification of paraspinal muscle masks (docs/method.md, "Measurements"), free of Dagster.
 
-Everything is measured in original units on the grid the caller passes (normally the original scan grid):
+Everything is measured in original units on the grid the caller passes (the pipeline passes each scan's
+stored crop, LPS with slice 0 the most caudal slice of its region):
 volumes in mL from the voxel spacing, CT attenuation in HU from the UNCLIPPED CT, Dixon fat ratio from the
 raw water/fat intensities, and Dice against expert labels.
 
@@ -258,8 +259,8 @@ def quantify_per_slice(
     """Per-slice metrics, one row per (scan, label, axial slice), every slice included (columns:
     ``SLICE_COLUMNS``).
 
-    ``slice`` is the index along the mask's axial axis (for images the index axis closest to S-I, so it
-    matches the file's slice numbering on the original grid; for arrays axis 0). ``area_mm2`` is the
+    ``slice`` is the index along the mask's axial axis (for images the index axis closest to S-I; for
+    arrays axis 0): on the pipeline's stored crop, counted from the region's most caudal slice. ``area_mm2`` is the
     cross-sectional area (voxel count × in-plane pixel area). Empty slices have area 0, NaN CT/fat ratio
     and Dice 1.0 when the expert slice is also empty.
     """

@@ -288,7 +288,12 @@ def agreement_with_experts(rows: pd.DataFrame, name: str, run_id: str) -> tuple[
     table = pd.DataFrame(out)
     if len(table):
         table = table.assign(
-            code_version=AGREEMENT_VERSION, run_id=run_id, computed_at=pd.Timestamp.now(tz="UTC")
+            # yes, no or not computed (n < 3): a boolean column whatever rows the first writer had, where
+            # all-missing rows had typed it DOUBLE and every later dataset's answer became 1.0 or 0.0
+            tost_equivalent=table.tost_equivalent.astype("boolean"),
+            code_version=AGREEMENT_VERSION,
+            run_id=run_id,
+            computed_at=pd.Timestamp.now(tz="UTC"),
         )
     return table, plot
 

@@ -161,6 +161,9 @@ def _ensure_table(con, table: str, df: pd.DataFrame) -> None:
             con.execute(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN {_quoted(col)} {new_type}")
         elif have in WHOLE_NUMBER_TYPES and sql_type in FRACTION_TYPES:
             con.execute(f"ALTER TABLE {SCHEMA}.{table} ALTER COLUMN {_quoted(col)} TYPE DOUBLE")
+        elif sql_type == "BOOLEAN" and (have in WHOLE_NUMBER_TYPES or have in FRACTION_TYPES):
+            # a yes/no column first written with no answer was typed a number: its 1.0 / 0.0 become yes / no
+            con.execute(f"ALTER TABLE {SCHEMA}.{table} ALTER COLUMN {_quoted(col)} TYPE BOOLEAN")
     con.unregister("_incoming")
 
 

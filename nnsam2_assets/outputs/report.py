@@ -90,7 +90,8 @@ def p_value(p: float) -> str:
 def cell(value: object, column: str, measure: str | None = None) -> str:
     """A number as the report prints it (the test reads the page back through this same rule); ``measure``
     is an agreement row's measure, whose units its bias, limits and error are in."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    # a missing value: None, NaN, or pandas' NA, which a BOOLEAN column read back from DuckDB holds
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
         return "–"
     if column == "tost_equivalent" or isinstance(value, (bool, np.bool_)):
         return "yes" if bool(value) else "no"
@@ -351,9 +352,11 @@ def _agreement(labels: pd.DataFrame, agreement: pd.DataFrame, spec: DatasetSpec)
         ("fat_ratio", "expert_fat_ratio"),
         ("ct_mean_hu", "expert_ct_mean_hu"),
     ):
-        if expert not in labels or labels[expert].notna().sum() < 3:
+        if expert not in labels:
             continue
         pairs = labels[[measure, expert]].dropna()
+        if len(pairs) < 3:  # expert values, but too few AI values beside them (empty masks): no figure
+            continue
         figures.append(
             _img(
                 agreement_plots.bland_altman_png(

@@ -57,3 +57,48 @@ def test_a_damaged_file_in_a_folder_named_blocks_fails_at_once_with_its_own_erro
     lock = duckdb.IOException('IO Error: Could not set lock on file "/x/m.duckdb": Conflicting lock is held')
     assert store._is_lock_error(lock)
     assert not store._is_lock_error(duckdb.IOException('Corrupt database file "/data/blocks/lock.duckdb"'))
+
+
+def test_tost_equivalent_stays_yes_or_no_whichever_dataset_is_written_first(tmp_path):
+    """A pilot dataset with fewer than 3 expert scans, written first, typed ``tost_equivalent`` DOUBLE: every
+    later answer became 1.0 or 0.0 in the CSVs and SQL. Read back as pandas' NA, a missing answer crashed the
+    report."""
+    import numpy as np
+
+    from nnsam2_assets.metrics.steps import agreement_with_experts
+    from nnsam2_assets.outputs.report import cell
+
+    def rows(dataset: str, n: int) -> pd.DataFrame:
+        volumes = 100.0 + np.arange(n)
+        return pd.DataFrame(
+            {
+                "dataset": dataset,
+                "scan": [f"s{i}" for i in range(n)],
+                "scheme": "2-class",
+                "class_name": "right_lpm",
+                "volume_ml": volumes * 1.001,
+                "expert_volume_ml": volumes,
+            }
+        )
+
+    db = tmp_path / "m.duckdb"
+    for dataset, n in (("pilot", 2), ("main", 5)):
+        table, _ = agreement_with_experts(rows(dataset, n), dataset, "r1")
+        store.replace_dataset(db, dataset, {"agreement": table})
+    assert _types(db, "agreement")["tost_equivalent"] == "BOOLEAN"
+    read = store.query(db, "SELECT dataset, tost_equivalent FROM metrics.agreement ORDER BY dataset")
+    shown = {(r.dataset, cell(r.tost_equivalent, "tost_equivalent")) for r in read.itertuples()}
+    assert shown == {("pilot", "–"), ("main", "yes")}
+
+    # a database written before: the DOUBLE column is turned back into yes / no
+    old = tmp_path / "old.duckdb"
+    store.replace_dataset(
+        old, "pilot", {"agreement": pd.DataFrame({"dataset": ["pilot"], "tost_equivalent": [np.nan]})}
+    )
+    store.replace_dataset(
+        old, "main", {"agreement": pd.DataFrame({"dataset": ["main"], "tost_equivalent": [1.0]})}
+    )
+    assert _types(old, "agreement")["tost_equivalent"] == "DOUBLE"
+    table, _ = agreement_with_experts(rows("main", 5), "main", "r2")
+    store.replace_dataset(old, "main", {"agreement": table})
+    assert _types(old, "agreement")["tost_equivalent"] == "BOOLEAN"

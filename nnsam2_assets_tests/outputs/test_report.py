@@ -281,3 +281,26 @@ def test_a_report_reads_one_committed_state_of_the_database(demo_cohort, tmp_pat
     assert len(scans) == (before["scan_metrics"].scheme == k).sum()
     assert len(levels) == (before["level_metrics"].scheme == k).sum()
     assert len(agreement) == len(before["agreement"]) and built.n_flags == len(before["qc_flags"])
+
+
+def test_expert_values_without_ai_values_beside_them_draw_no_figure_and_do_not_fail_the_report():
+    """Expert fat ratios on three scans whose AI masks were empty: the figure was drawn from no pair at all
+    and the report failed (ZeroDivisionError), exactly for the broken dataset whose flags it must show."""
+    import types
+
+    from nnsam2_assets.outputs.report import _agreement
+
+    labels = pd.DataFrame(
+        {
+            "scan": ["a", "b", "c"],
+            "volume_ml": [10.0, 11.0, 12.0],
+            "expert_volume_ml": [10.5, 11.5, 12.5],
+            "fat_ratio": [float("nan")] * 3,
+            "expert_fat_ratio": [0.1, 0.2, 0.15],
+        }
+    )
+    agreement = pd.DataFrame(
+        {"scheme": ["2-class"], "label": ["right_lpm"], "measure": ["volume_ml"], "n": [3]}
+    )
+    page = _agreement(labels, agreement, types.SimpleNamespace(name="ds", n_classes=2))
+    assert "Bland-Altman volume_ml" in page and "Bland-Altman fat_ratio" not in page

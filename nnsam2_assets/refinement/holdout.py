@@ -46,6 +46,21 @@ class HeldOutSlab:
         out[self.first : self.last + 1] = ignore_value
         return out
 
+    def record(self) -> list:
+        """As a stage's ``current.json`` keeps it: [scan, first, last]."""
+        return [self.scan, self.first, self.last]
+
+
+def slab_changed(pointer: dict, dataset: str, layout: DatasetLayout) -> bool:
+    """Whether the models of ``pointer`` (a stage's ``current.json``) held out another slab of ``dataset``
+    than its annotation holds out now: an edit that moved the primary annotated slice onto one the models
+    trained on as an exact label. Models recorded before slabs were kept count as unchanged."""
+    trained = pointer.get("held_out_slabs", {}).get(dataset)
+    if trained is None:
+        return False
+    slab = held_out_slab(layout)
+    return slab is None or slab.record() != list(trained)
+
 
 def slab_reach(slice_spacing_mm: float) -> int:
     """Slices each side of the seed within the slab's half-width. A spacing stored in single precision (0.8 mm
@@ -80,6 +95,7 @@ class RefinementDecision:
     heldout_dice: float
     min_heldout_dice: float
     use_refined: bool
+    reason: str = ""  # why the refined masks are not used although the held-out Dice says they could be
 
     @property
     def source(self) -> str:
@@ -95,13 +111,18 @@ def decide(
     layout: DatasetLayout,
     annotation_classes: int,
     min_dice: float = MIN_HELDOUT_DICE,
+    trained_on_it: bool = False,
 ) -> RefinementDecision:
     """Score the stage-3 prediction of the reference scan on the held-out annotated slice (side Dice);
-    ``min_dice`` 0 always takes the refined masks, above 1 always the propagated ones."""
+    ``min_dice`` 0 always takes the refined masks, above 1 always the propagated ones. ``trained_on_it``
+    (``slab_changed``): the models learned that slice, so its score proves nothing and propagation stands."""
     z = int(read_annotation_meta(layout)["seed_slice"])
     refined = clean_labels(reference_prediction, model_classes)[z]
     truth = read_array(layout.annotation)[z]
     score = mean_dice(
         to_class_space(refined, model_classes, 2), to_class_space(truth, annotation_classes, 2), 2
     )
+    if trained_on_it:
+        reason = "the models trained on the slice now held out (the annotation changed): retrain them"
+        return RefinementDecision(float(score), min_dice, False, reason)
     return RefinementDecision(float(score), min_dice, bool(score >= min_dice))

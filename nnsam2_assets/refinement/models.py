@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nnsam2_assets.core.cache import cache_key
-from nnsam2_assets.core.layout import model_pointer
+from nnsam2_assets.core.layout import DatasetLayout, model_pointer
 from nnsam2_assets.refinement import nnunet
+from nnsam2_assets.refinement.holdout import slab_changed
 
 STAGES = ("stage1", "stage2", "stage3")
 STAGE_IDS = {"stage1": 901, "stage2": 902, "stage3": 903}
@@ -88,6 +89,14 @@ def models_state(root: Path, datasets: list[str], recipe: str | None = None) -> 
         if missing:
             return ModelsState(
                 False, f"{', '.join(missing)} had no case in the {stage} training set", versions
+            )
+        moved = sorted(d for d in datasets if slab_changed(pointer, d, DatasetLayout(root, d)))
+        if moved:
+            return ModelsState(
+                False,
+                f"the annotated slice held out in {', '.join(moved)} changed since the {stage} model trained "
+                "(it trained on the new one)",
+                versions,
             )
         versions[stage] = pointer["version"]
     return ModelsState(True, "", versions)

@@ -25,6 +25,7 @@ from nnsam2_assets.core.layout import (
 )
 from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
 from nnsam2_assets.refinement import nnunet
+from nnsam2_assets.refinement.holdout import held_out_slab
 from nnsam2_assets.refinement.models import (
     PREVIOUS,
     STAGE_IDS,
@@ -125,6 +126,13 @@ def _train_and_predict(
             # the datasets with a case in this version's training set (``models_state`` reads it)
             "training_datasets": sorted({dataset for dataset, _ in labels}),
             "exact_label_slices": exact,
+            # each dataset's slab no stage trained on: an annotation edit that moves it makes these models
+            # stale for that dataset's held-out check (``holdout.slab_changed``)
+            "held_out_slabs": {
+                dataset: slab.record()
+                for dataset, layout in pool.layouts.items()
+                if (slab := held_out_slab(layout)) is not None
+            },
             # per training case, the supervoxel patch centres it had (None: no supervoxels, nnU-Net's own draw)
             "supervoxel_points": {
                 case: None if points is None else int(sum(len(p) for p in points.values()))

@@ -136,3 +136,36 @@ def test_the_exact_label_lineage_lists_only_what_a_stage_trains_on(tmp_path, mon
     pool = Pool(layouts={"ds": layout}, n_classes={"ds": 2}, scans={"ds": ["ref", "other"]})
     # slice 4 lies in the held-out slab and "gone" left the dataset: neither is trained on
     assert stage_labels.exact_lineage(pool) == {"ds/ref": [9, 10]}
+
+
+def test_models_that_trained_on_the_slice_now_held_out_are_neither_current_nor_trusted(tmp_path):
+    """The annotation had slices 5 (primary) and 9; the user removed slice 5, so 9 is held out now. Every
+    stage had trained on 9 as an exact label: scoring them there inflated the held-out Dice and could publish
+    refined masks that had not earned it, and ``models_state`` still called the models current."""
+    from nnsam2_assets.core.layout import model_pointer
+    from nnsam2_assets.refinement.holdout import slab_changed
+    from nnsam2_assets.refinement.models import STAGES, models_state
+
+    layout = _annotated_dataset(tmp_path, seed=5, more=(9,))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "nnsam2_model.json").write_text("{}")
+    pointer = {
+        "version": "v1",
+        "model_dir": str(tmp_path / "model"),
+        "training_datasets": ["ds"],
+        "held_out_slabs": {"ds": held_out_slab(layout).record()},
+    }
+    for stage in STAGES:
+        model_pointer(tmp_path, stage).parent.mkdir(parents=True, exist_ok=True)
+        model_pointer(tmp_path, stage).write_text(json.dumps(pointer))
+    assert not slab_changed(pointer, "ds", layout) and models_state(tmp_path, ["ds"]).current
+
+    _annotated_dataset(tmp_path, seed=9)  # slice 5 removed: 9 is the primary slice now
+    assert slab_changed(pointer, "ds", layout)
+    state = models_state(tmp_path, ["ds"])
+    assert not state.current and "ds" in state.reason and "held" in state.reason
+    truth = np.zeros((11, 40, 40), np.uint8)
+    truth[9, 10:30, 5:15], truth[9, 10:30, 25:35] = 1, 2
+    decision = decide(truth, 2, layout, 2, trained_on_it=True)
+    assert decision.heldout_dice == 1.0 and not decision.use_refined and "retrain" in decision.reason
+    assert not slab_changed({k: v for k, v in pointer.items() if k != "held_out_slabs"}, "ds", layout)

@@ -258,7 +258,11 @@ def make_final_masks(
     k = int(models["stage3"]["n_classes"])  # the pooled models' class space
     k_out = spec.n_classes  # the dataset's own: a 2-class pool's sides are split for a 4-class dataset
     if k_out < k:
-        raise ValueError(f"dataset {spec.name} has {k_out} classes but the stage-3 model predicts {k}")
+        raise ValueError(
+            f"dataset {spec.name} has {k_out} classes but the stage-3 model predicts {k}: the models were "
+            "trained before this dataset joined the pool; materialize nnunet_stage1..3 (or `nnsam2 run`) so "
+            "that they train on the pool's common classes"
+        )
     predictions = {s: StagePredictions(Path(models[s]["model_dir"]), device) for s in STAGES}
     cache = ScanCache(layout.dir("final_masks"))
     rows, computed, overlay = [], 0, None

@@ -95,6 +95,14 @@ class DatasetLayout:
             self.scan_region_preview(scan),
             *([self.scan_fat(scan)] if dixon else []),
             self.scan_expert(scan),
+        ]
+        outputs += self._cache_entries(scan, ("scans", "reference_ranking"))
+        return outputs + self.propagation_outputs(scan)
+
+    def propagation_outputs(self, scan: str) -> list[Path]:
+        """Every per-scan artefact from propagation on, cache entries included (to remove them when the scan's
+        propagation fails: no earlier result may stand for it downstream)."""
+        outputs = [
             self.frames(scan),
             self.masks(scan),
             self.confidence(scan),
@@ -105,16 +113,17 @@ class DatasetLayout:
             self.final_mask_canonical(scan),
         ]
         outputs += [self.scan_metric_rows(scan, table) for table in SCAN_METRIC_TABLES]
-        for folder in (
-            "scans",
-            "propagated_masks",
-            "pseudo_labels",
-            "final_masks",
-            "reference_ranking",
-            "scan_metrics",
-        ):
-            outputs += [self.dir(folder) / "_keys" / f"{scan}{suffix}" for suffix in (".key", ".json")]
+        outputs += self._cache_entries(
+            scan, ("propagated_masks", "pseudo_labels", "final_masks", "scan_metrics")
+        )
         return outputs + [self.slice_tables / "_keys" / f"{scan}{suffix}" for suffix in (".key", ".json")]
+
+    def _cache_entries(self, scan: str, folders: tuple[str, ...]) -> list[Path]:
+        return [
+            self.dir(folder) / "_keys" / f"{scan}{suffix}"
+            for folder in folders
+            for suffix in (".key", ".json")
+        ]
 
     @property
     def annotation(self) -> Path:

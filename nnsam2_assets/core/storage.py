@@ -135,6 +135,20 @@ def atomic_write_dataframe(df: pd.DataFrame, path: Path) -> Path:
     raise ValueError(f"unsupported table suffix for {path}: use .parquet or .csv")
 
 
+def remove_outputs(paths: Iterable[Path]) -> list[Path]:
+    """Delete each file or folder that exists (a scan's results that must not outlive it); returns those."""
+    removed = []
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(path)
+    return removed
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -54,7 +54,11 @@ def propagated_masks(
         "mean_confidence": mean_conf,
         "n_empty_slices": int(summary.empty_slices.sum()) if len(summary) else 0,
         "scans": table(summary, ["scan", "mean_confidence", "empty_slices", "expert_dice", "backend"]),
+        "n_failed": len(report.failed),
+        "failed": dg.MetadataValue.json(report.failed),
     }
+    for scan, why in report.failed.items():
+        context.log.error(f"scan {scan} not propagated (left out of the later steps this run): {why}")
     if len(summary) and summary.expert_dice.notna().any():
         metadata["mean_expert_dice"] = float(summary.expert_dice.mean())
     if len(summary):

@@ -20,7 +20,7 @@ from nnsam2_assets.defs.propagation import propagated_masks
 from nnsam2_assets.defs.pseudolabels import pseudo_labels
 from nnsam2_assets.defs.resources import NnsamStorage, PropagationSettings, RefinementSettings
 from nnsam2_assets.ingest.annotation import describe_split_source
-from nnsam2_assets.ingest.scans import ok_scans
+from nnsam2_assets.propagation.steps import propagated_scans
 from nnsam2_assets.refinement import stages as refine
 from nnsam2_assets.refinement.final_masks import CODE_VERSION as FINAL_MASKS_CODE_VERSION
 from nnsam2_assets.refinement.final_masks import make_final_masks
@@ -212,7 +212,7 @@ def final_masks(
     masks stand instead when the stage-3 model fails the held-out annotated slice."""
     name = context.partition_key
     layout = storage.layout(name)
-    scan_ids = ok_scans(layout)
+    scan_ids = propagated_scans(layout)  # a scan whose propagation failed has nothing to compose
     out = make_final_masks(
         storage.dataset(name),
         layout,

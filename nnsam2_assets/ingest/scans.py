@@ -4,7 +4,6 @@ labels; the ``scans`` asset's per-dataset step (``ingest_scans``) and the reader
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from nnsam2_assets.core.storage import (
     atomic_write_bytes,
     atomic_write_dataframe,
     atomic_write_image,
+    remove_outputs,
     sha256_path,
     sha256_strings,
 )
@@ -268,15 +268,7 @@ def _check_contrast(img: sitk.Image, path: object) -> None:
 def remove_scan_outputs(layout: DatasetLayout, scan_id: str, dixon: bool) -> list[Path]:
     """Delete every artefact and cache entry of a scan that no longer ingests, so nothing downstream
     reads a result of the scan's earlier, now unreadable, content."""
-    removed = []
-    for path in layout.scan_outputs(scan_id, dixon):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-        elif path.exists():
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+    return remove_outputs(layout.scan_outputs(scan_id, dixon))
 
 
 def read_manifest(layout: DatasetLayout) -> pd.DataFrame:

@@ -70,11 +70,14 @@ def propagate_in_workers(
     targets: dict[str, Path],
     workers: int,
 ) -> dict[str, PropagationResult]:
-    """{scan: result} for every target, computed by ``workers`` processes (``START_METHOD``)."""
+    """{scan: result} for the targets ``workers`` processes (``START_METHOD``) propagated. A target whose
+    propagation failed there (its own error, or a worker killed for memory) is left out: the caller
+    propagates it in its own process, where its error is that scan's alone."""
     with ProcessPoolExecutor(
         workers,
         mp_context=multiprocessing.get_context(START_METHOD),
         initializer=_start,
         initargs=(propagator, reference, annotation, prompts, modality),
     ) as pool:
-        return dict(zip(targets, pool.map(_propagate, targets.values()), strict=True))
+        futures = {scan: pool.submit(_propagate, path) for scan, path in targets.items()}
+        return {scan: future.result() for scan, future in futures.items() if future.exception() is None}

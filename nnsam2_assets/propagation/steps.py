@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,13 @@ from nnsam2_assets.core.cache import ScanCache, cache_key
 from nnsam2_assets.core.imaging import read_array, read_image, same_grid
 from nnsam2_assets.core.labels import mean_dice, to_class_space
 from nnsam2_assets.core.layout import DatasetLayout
-from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_image, sha256_file
+from nnsam2_assets.core.storage import (
+    StorageError,
+    atomic_write_dataframe,
+    atomic_write_image,
+    remove_outputs,
+    sha256_file,
+)
 from nnsam2_assets.ingest.annotation import (
     annotated_slices,
     read_annotation_clicks,
@@ -36,12 +42,18 @@ from nnsam2_assets.propagation.prompts import propagate_from_slices
 VERSION = "propagation-v4"
 
 
+# what one scan's propagation may raise (SimpleITK's RuntimeError, a CUDA out-of-memory, a value a reader
+# refuses): that scan fails alone. A failed write is the storage's (``StorageError``) and fails the step
+SCAN_ERRORS = (RuntimeError, ValueError, MemoryError)
+
+
 @dataclass
 class PropagationReport:
     summary: pd.DataFrame  # one row per scan: confidence, empty slices, expert Dice, backend, mask digest
     computed: int
     rewritten: int
     workers: int = 1  # processes that propagated this run's scans
+    failed: dict[str, str] = field(default_factory=dict)  # scan -> why it has no mask this run
 
     @property
     def data_version(self) -> str:
@@ -171,14 +183,29 @@ def propagate_masks(
                 n_workers,
             )
 
-    rows, computed = [], 0
+    rows, computed, failed = [], 0, {}
     for scan_id in scans:
         key, outputs = key_and_outputs(scan_id)
-        info, was_computed = cache.get_or_compute(scan_id, key, outputs, lambda s=scan_id: propagate(s))
+        try:
+            info, was_computed = cache.get_or_compute(scan_id, key, outputs, lambda s=scan_id: propagate(s))
+        except SCAN_ERRORS as exc:
+            if isinstance(exc, StorageError):
+                raise
+            # this scan has no mask this run: no earlier mask, label, final mask or row may stand for it
+            remove_outputs(layout.propagation_outputs(scan_id))
+            failed[scan_id] = f"{type(exc).__name__}: {exc}"
+            continue
         rows.append(info)
         computed += was_computed
     cache.forget_unseen()
-    return PropagationReport(pd.DataFrame(rows), computed, rewritten, n_workers)
+    if failed and not rows:
+        raise RuntimeError(f"no scan of {spec.name} could be propagated: {failed}")
+    return PropagationReport(pd.DataFrame(rows), computed, rewritten, n_workers, failed)
+
+
+def propagated_scans(layout: DatasetLayout) -> list[str]:
+    """The scans that passed ingest and have a propagated mask: one whose propagation failed has none."""
+    return [scan for scan in ok_scans(layout) if layout.masks(scan).exists()]
 
 
 def mask_digest(layout: DatasetLayout, scan_id: str) -> str:

@@ -15,8 +15,7 @@ from nnsam2_assets.core.labels import mean_dice
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_image, sha256_file
 from nnsam2_assets.ingest.convention import DatasetSpec
-from nnsam2_assets.ingest.scans import ok_scans
-from nnsam2_assets.propagation.steps import mask_digest
+from nnsam2_assets.propagation.steps import mask_digest, propagated_scans
 from nnsam2_assets.pseudolabels.selection import (
     SelectionConfig,
     pseudo_label_volume,
@@ -100,7 +99,7 @@ def select_pseudo_labels(spec: DatasetSpec, layout: DatasetLayout, cfg: Selectio
 
     The selection is dataset-wide (a new scan can change which slices of the others are kept), but only scans
     whose kept slices or mask changed are rewritten."""
-    digests = {scan_id: mask_digest(layout, scan_id) for scan_id in ok_scans(layout)}
+    digests = {scan_id: mask_digest(layout, scan_id) for scan_id in propagated_scans(layout)}
     tables, table_keys = _slice_tables(spec, layout, cfg, digests)
     if not tables:
         return PseudoLabelReport(pd.DataFrame(), pd.DataFrame(), 0)

@@ -26,11 +26,11 @@ from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_image, sha256_file
 from nnsam2_assets.ingest.annotation import read_annotation_meta
 from nnsam2_assets.ingest.convention import DatasetSpec
-from nnsam2_assets.ingest.scans import ok_scans, prepare_scan, read_manifest
+from nnsam2_assets.ingest.scans import prepare_scan, read_manifest
 from nnsam2_assets.propagation.base import Propagator, target_seed_slice
 from nnsam2_assets.propagation.settings import PropagationConfig
 from nnsam2_assets.propagation.slice_registration import carry_slice_labels
-from nnsam2_assets.propagation.steps import mask_digest
+from nnsam2_assets.propagation.steps import mask_digest, propagated_scans
 from nnsam2_assets.supervoxels import segments
 
 VERSION = "supervoxels-v1"
@@ -158,7 +158,7 @@ def build_supervoxels(
 
     rows, computed = [], 0
     annotation = sha256_file(layout.annotation)  # the seed slices come from it
-    for scan_id in ok_scans(layout, manifest):
+    for scan_id in propagated_scans(layout):  # a scan whose propagation failed has no mask to cut within
         key = cache_key(
             VERSION, manifest.loc[scan_id, "source_hash"], annotation, mask_digest(layout, scan_id), method_id
         )

@@ -18,14 +18,14 @@ from nnsam2_assets.core import silent
 from nnsam2_assets.core.layout import DatasetLayout, duckdb_path
 from nnsam2_assets.ingest import annotation, ranking
 from nnsam2_assets.ingest.convention import DatasetSpec, load_dataset
-from nnsam2_assets.ingest.scans import ingest_scans, ok_scans
+from nnsam2_assets.ingest.scans import ingest_scans
 from nnsam2_assets.metrics.qc import QCConfig
 from nnsam2_assets.metrics.steps import dataset_metrics, write_agreement
 from nnsam2_assets.metrics.store import replace_dataset
 from nnsam2_assets.outputs.report import build_report
 from nnsam2_assets.pipeline import PHASES, default_phases
 from nnsam2_assets.propagation.settings import PropagationConfig
-from nnsam2_assets.propagation.steps import propagate_masks
+from nnsam2_assets.propagation.steps import propagate_masks, propagated_scans
 from nnsam2_assets.pseudolabels.selection import SelectionConfig
 from nnsam2_assets.pseudolabels.steps import select_pseudo_labels
 from nnsam2_assets.refinement import stages
@@ -98,7 +98,7 @@ STEPS: dict[str, Callable[[DirectRun, str | None], object]] = {
     "final_masks": lambda run, n: make_final_masks(
         run.spec(n),
         run.layout(n),
-        ok_scans(run.layout(n)),
+        propagated_scans(run.layout(n)),
         run.storage_root,
         run.refinement.device,
         log=silent,

@@ -29,7 +29,9 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
 fi
 echo "bootstrap: building .venv (about 2 minutes)"
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
-pip_q() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored" || true; }
+# pip's own failure must fail the bootstrap: only grep's "nothing left to print" is tolerated (a `|| true` after
+# the pipe had swallowed a failed install, and the stamp then marked the old packages as the lock's)
+pip_q() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored" || true; }; }
 pip_q "$TORCH"
 # --no-deps: the lock is a complete, solved set. Resolving afresh would pull torchvision (required by sam2's
 # metadata), which breaks beside the CPU torch wheel, and an ANTLR runtime that breaks Dagster's selections.

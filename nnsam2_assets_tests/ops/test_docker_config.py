@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import tomllib
 
+import pytest
 import yaml
 
 from nnsam2_assets.definitions import defs
@@ -239,3 +240,26 @@ def test_both_instance_files_enable_run_monitoring():
         monitoring = cfg["run_monitoring"]
         assert monitoring["enabled"] is True, name
         assert monitoring["start_timeout_seconds"] > 0 and monitoring["poll_interval_seconds"] > 0, name
+
+
+@pytest.mark.parametrize(("pip_exit", "bootstrap_fails"), [(1, True), (0, False)])
+def test_a_failed_pip_install_fails_the_bootstrap(tmp_path, pip_exit, bootstrap_fails):
+    """``pip ... | grep -v ... || true`` swallowed pip's failure: after a lock change the old packages stayed,
+    the import check passed on them, and the stamp marked them as the lock's for every later run."""
+    script = (REPO / ".ci" / "bootstrap.sh").read_text()
+    (definition,) = [line for line in script.splitlines() if line.startswith("pip_q()")]
+    fake = tmp_path / ".venv" / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(
+        f"#!/bin/sh\necho 'pip: something is ignored'\necho 'pip: a real message'\nexit {pip_exit}\n"
+    )
+    fake.chmod(0o755)
+    run = subprocess.run(
+        ["bash", "-c", f"set -euo pipefail\n{definition}\npip_q somepackage\necho continued"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert (run.returncode != 0) == bootstrap_fails, run
+    assert ("continued" in run.stdout) != bootstrap_fails
+    assert "a real message" in run.stdout and "is ignored" not in run.stdout

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -187,11 +189,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def stop_on_signals(stopping: threading.Event) -> list[signal.Signals]:
+    """Set ``stopping`` on Ctrl-C, SIGTERM and a hangup (the terminal closed, an SSH session dropped): the
+    default hangup killed only this process, and ``dagster dev`` in its own session ran on, holding the
+    port. A hangup already ignored (``nohup nnsam2 ui &``) stays ignored. Returns the signals handled."""
+    handled = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        handled.append(signal.SIGHUP)
+    for sig in handled:
+        signal.signal(sig, lambda *_: stopping.set())
+    return handled
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
-    """``dagster dev`` in its own session; Ctrl-C, SIGINT or SIGTERM stop it and every process it started."""
-    import signal
+    """``dagster dev`` in its own session; Ctrl-C, SIGINT, SIGTERM or a hangup stop it and every process it
+    started."""
     import subprocess
-    import threading
 
     from nnsam2_assets.core.lifecycle import stop_session
 
@@ -209,12 +222,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
         str(args.port),
     ]
     stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
+    handled = stop_on_signals(stopping)
 
     def default_signals() -> None:  # a backgrounded shell job starts with SIGINT ignored
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig in handled:
+            signal.signal(sig, signal.SIG_DFL)
 
     leader = subprocess.Popen(cmd, start_new_session=True, preexec_fn=default_signals)
     print(

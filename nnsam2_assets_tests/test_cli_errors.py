@@ -96,3 +96,38 @@ def test_escape_sequences_in_users_names_never_reach_the_terminal(tmp_path):
     out = _cli(tmp_path, "register")
     assert out.returncode == 1 and "refused x\\x1b[2J: invalid dataset name" in out.stderr
     assert "\x1b" not in out.stderr + out.stdout
+
+
+STOP_ON_SIGNALS = """
+import threading
+from nnsam2_assets.cli import stop_on_signals
+stopping = threading.Event()
+print(",".join(sig.name for sig in stop_on_signals(stopping)), flush=True)
+stopping.wait()
+print("stopping", flush=True)
+"""
+
+
+@pytest.mark.parametrize("nohup", [False, True])
+def test_nnsam2_ui_stops_its_session_on_a_hangup_unless_started_under_nohup(nohup):
+    """Closing the terminal (or a dropped SSH session) killed only ``nnsam2 ui``: ``dagster dev``, in its own
+    session, ran on with its daemon, code server and runs, holding the port."""
+    import signal
+
+    def hangup_ignored() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STOP_ON_SIGNALS],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=hangup_ignored if nohup else None,
+    )
+    handled = proc.stdout.readline().strip().split(",")
+    assert handled[:2] == ["SIGINT", "SIGTERM"] and ("SIGHUP" in handled) != nohup
+    if nohup:
+        proc.kill()
+        proc.wait()
+        return
+    proc.send_signal(signal.SIGHUP)
+    assert proc.stdout.readline().strip() == "stopping" and proc.wait() == 0

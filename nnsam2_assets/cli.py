@@ -424,7 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:  # Ctrl-C: the runs so far are recorded as they ended; no traceback
+        print("\nnnsam2: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

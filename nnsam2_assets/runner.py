@@ -56,6 +56,27 @@ def register_datasets(instance: dg.DagsterInstance, data_root: Path) -> tuple[li
 def _run(
     assets, selection, instance, resources, partition_key=None, run_config=None, tags=None, loggers=None
 ):
+    """One in-process run. Ctrl-C during a step ends the run as a failure and Dagster returns normally: it is
+    raised again here as ``KeyboardInterrupt``, so the command stops instead of going on with the next
+    dataset and the models (hours of training)."""
+    result = _execute(assets, selection, instance, resources, partition_key, run_config, tags, loggers)
+    if interrupted(result):
+        raise KeyboardInterrupt
+    return result
+
+
+def interrupted(result: dg.ExecuteInProcessResult) -> bool:
+    """Whether a step of the run failed because the run was interrupted (Ctrl-C, SIGINT)."""
+    for event in result.all_events:
+        err = event.step_failure_data.error if event.is_step_failure and event.step_failure_data else None
+        while err is not None:
+            if err.cls_name in ("DagsterExecutionInterruptedError", "KeyboardInterrupt"):
+                return True
+            err = err.cause
+    return False
+
+
+def _execute(assets, selection, instance, resources, partition_key, run_config, tags, loggers):
     if not loggers:
         return dg.materialize(
             assets,

@@ -131,3 +131,34 @@ def test_nnsam2_ui_stops_its_session_on_a_hangup_unless_started_under_nohup(nohu
         return
     proc.send_signal(signal.SIGHUP)
     assert proc.stdout.readline().strip() == "stopping" and proc.wait() == 0
+
+
+INTERRUPTED_RUN = """
+import os, signal, threading, time
+import dagster as dg
+from nnsam2_assets.runner import _run
+
+@dg.asset
+def slow() -> None:
+    threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT)).start()  # Ctrl-C during the step
+    while True:
+        time.sleep(0.1)
+
+@dg.asset
+def after() -> None:
+    print("the next run started", flush=True)
+
+instance = dg.DagsterInstance.ephemeral()
+try:
+    for assets in ([slow], [after]):
+        _run(assets, None, instance, {})
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_during_a_step_stops_nnsam2_run_instead_of_starting_the_next_run():
+    """Dagster ends an interrupted in-process run as a failure and returns normally: ``nnsam2 run`` recorded
+    the dataset as failed and went on with the next one, then the models (hours of training)."""
+    out = subprocess.run([sys.executable, "-c", INTERRUPTED_RUN], capture_output=True, text=True)
+    assert out.stdout.splitlines() == ["interrupted"], (out.stdout, out.stderr[-2000:])

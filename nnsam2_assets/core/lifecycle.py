@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import subprocess
@@ -64,9 +65,16 @@ def exit_with_parent(on_orphaned: Callable[[], None] = lambda: None, poll_s: flo
                 try:
                     report_once()
                 finally:
+                    # its own workers (a propagation pool, nnU-Net's augmentation workers) would block on
+                    # their queues for ever once this process is gone
+                    for pid in descendants(os.getpid()):
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.kill(pid, signal.SIGKILL)
                     os._exit(ORPHAN_EXIT_CODE)
 
     atexit.register(report_once)
+    # a forkserver or fork child leaves through os._exit, past atexit: multiprocessing's own finalizers run
+    multiprocessing.util.Finalize(None, report_once, exitpriority=10)
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
     return True
 

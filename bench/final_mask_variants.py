@@ -44,7 +44,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from bench._common import cpu_model
-from bench.refinement_bench import CASES, score
+from bench.refinement_bench import CASES, cohort_scores, score
 from nnsam2_assets.core.imaging import read_array, read_image
 from nnsam2_assets.core.intensities import registration_intensities
 from nnsam2_assets.core.labels import to_class_space
@@ -185,7 +185,7 @@ def score_run(run: Path, dataset: str, scans: list[str] | None, label: str) -> l
             {
                 "case": label,
                 "variant": name,
-                **pd.DataFrame(scores).mean().to_dict(),
+                **cohort_scores(scores),
                 "scans_below_propagation": f"{below} of {len(scores)}",
             }
         )

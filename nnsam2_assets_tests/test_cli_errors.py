@@ -114,23 +114,24 @@ def test_nnsam2_ui_stops_its_session_on_a_hangup_unless_started_under_nohup(nohu
     session, ran on with its daemon, code server and runs, holding the port."""
     import signal
 
-    def hangup_ignored() -> None:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    def hangup_as_a_terminal_or_nohup_leaves_it() -> None:  # not as this test process happens to have it
+        signal.signal(signal.SIGHUP, signal.SIG_IGN if nohup else signal.SIG_DFL)
 
     proc = subprocess.Popen(
         [sys.executable, "-c", STOP_ON_SIGNALS],
         stdout=subprocess.PIPE,
         text=True,
-        preexec_fn=hangup_ignored if nohup else None,
+        preexec_fn=hangup_as_a_terminal_or_nohup_leaves_it,
     )
-    handled = proc.stdout.readline().strip().split(",")
-    assert handled[:2] == ["SIGINT", "SIGTERM"] and ("SIGHUP" in handled) != nohup
-    if nohup:
+    try:
+        handled = proc.stdout.readline().strip().split(",")
+        assert handled[:2] == ["SIGINT", "SIGTERM"] and ("SIGHUP" in handled) != nohup
+        if not nohup:
+            proc.send_signal(signal.SIGHUP)
+            assert proc.stdout.readline().strip() == "stopping" and proc.wait() == 0
+    finally:
         proc.kill()
         proc.wait()
-        return
-    proc.send_signal(signal.SIGHUP)
-    assert proc.stdout.readline().strip() == "stopping" and proc.wait() == 0
 
 
 INTERRUPTED_RUN = """

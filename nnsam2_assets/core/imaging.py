@@ -40,6 +40,9 @@ class ScanError(ValueError):
         self.reason = reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self) -> tuple:  # crosses process boundaries (worker pools) with both of its arguments
+        return type(self), (self.path, self.reason)
+
 
 def read_image(path: Path | str) -> sitk.Image:
     """Read a NIfTI file or a DICOM series folder as a 3-D image, with clear errors."""

@@ -50,6 +50,15 @@ def _start(
     )
 
 
+def _propagate_or_none(target: Path) -> PropagationResult | None:
+    """The target's result, or None where it failed here: no exception object crosses back (one that cannot
+    be unpickled broke the whole pool, and a worker still sending its result then blocked for ever)."""
+    try:
+        return _propagate(target)
+    except Exception:  # the caller propagates this target again in its own process, where its error is told
+        return None
+
+
 def _propagate(target: Path) -> PropagationResult:
     return propagate_from_slices(
         _job["propagator"],
@@ -79,5 +88,8 @@ def propagate_in_workers(
         initializer=_start,
         initargs=(propagator, reference, annotation, prompts, modality),
     ) as pool:
-        futures = {scan: pool.submit(_propagate, path) for scan, path in targets.items()}
-        return {scan: future.result() for scan, future in futures.items() if future.exception() is None}
+        futures = {scan: pool.submit(_propagate_or_none, path) for scan, path in targets.items()}
+        outcomes = {
+            scan: future.result() if future.exception() is None else None for scan, future in futures.items()
+        }
+    return {scan: result for scan, result in outcomes.items() if result is not None}

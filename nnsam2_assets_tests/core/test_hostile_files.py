@@ -232,3 +232,16 @@ def test_a_segmentation_listing_thousands_of_segments_is_refused(tmp_path):
     sitk.WriteImage(labels, str(path))
     with pytest.raises(ScanError, match=rf"{path}: {MAX_SEGMENTS + 1} segments in the header"):
         read_slicer_labels(path, {}, {"ES right": 1})
+
+
+def test_a_scan_error_crosses_a_process_boundary_whole():
+    """ScanError could not be unpickled (its two arguments came back as one): raised in a propagation worker,
+    it broke the pool, and a worker still sending its result blocked for ever, hanging the step."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(ScanError("/data/scan.nii.gz", "holds 12 bytes")))
+    assert isinstance(error, ScanError) and (error.path, error.reason) == (
+        "/data/scan.nii.gz",
+        "holds 12 bytes",
+    )
+    assert str(error) == "/data/scan.nii.gz: holds 12 bytes"

@@ -56,8 +56,10 @@ def slab_changed(pointer: dict, dataset: str, layout: DatasetLayout) -> bool:
     than its annotation holds out now: an edit that moved the primary annotated slice onto one the models
     trained on as an exact label. Models recorded before slabs were kept count as unchanged."""
     trained = pointer.get("held_out_slabs", {}).get(dataset)
-    if trained is None:
+    if trained is None or not layout.annotation_meta.exists():
         return False
+    if not layout.scan_image(read_annotation_meta(layout)["reference"]).exists():
+        return False  # the reference no longer ingests: the dataset is out of the pool, nothing to judge
     slab = held_out_slab(layout)
     return slab is None or slab.record() != list(trained)
 

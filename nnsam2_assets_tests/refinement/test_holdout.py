@@ -169,3 +169,8 @@ def test_models_that_trained_on_the_slice_now_held_out_are_neither_current_nor_t
     decision = decide(truth, 2, layout, 2, trained_on_it=True)
     assert decision.heldout_dice == 1.0 and not decision.use_refined and "retrain" in decision.reason
     assert not slab_changed({k: v for k, v in pointer.items() if k != "held_out_slabs"}, "ds", layout)
+    # a reference that no longer ingests leaves the dataset out of the pool: nothing to judge, and no read of
+    # the removed scan (models_state had failed on it)
+    layout.scan_image("ref").unlink()
+    assert not slab_changed(pointer, "ds", layout)
+    assert models_state(tmp_path, ["ds"]).current

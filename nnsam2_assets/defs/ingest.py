@@ -1,5 +1,7 @@
 """Ingest assets: scans, the one reference annotation, and the advisory reference ranking."""
 
+from typing import Any
+
 import dagster as dg
 
 from nnsam2_assets.core.imaging import read_array
@@ -54,7 +56,7 @@ def scans(context: dg.AssetExecutionContext, storage: NnsamStorage) -> dg.Materi
     report = ingest.ingest_scans(spec, layout, log=context.log.error)
     # corrections placed on the crops just ingested, before any model or final mask of this run reads them
     # (a sensor records them before its run, on the crops the run may then change)
-    _place_corrections(context, storage, context.partition_key)
+    place_corrections(context.instance, context.log, storage, context.partition_key)
     manifest, failed, good = report.manifest, report.failed, report.good
     warnings = list(spec.warnings) + [f"{r.scan}: {r.warnings}" for r in good.itertuples() if r.warnings]
     metadata: dict[str, object] = {
@@ -230,16 +232,21 @@ corrections = dg.AssetSpec(
 )
 
 
-def _place_corrections(context: dg.AssetExecutionContext, storage: NnsamStorage, name: str) -> None:
+def place_corrections(
+    instance: dg.DagsterInstance, log: Any, storage: NnsamStorage, name: str
+) -> RecordedCorrections | None:
+    """``record_dataset_corrections``, logged on ``log`` (a context's logger); None where recording failed:
+    one dataset's corrections never fail an ingest or stop the others' runs, they wait for the next run."""
     try:
-        recorded = record_dataset_corrections(context.instance, storage, name)
-    except Exception as exc:  # the corrections never fail the ingest; they wait for the next run
-        context.log.warning(f"corrections not recorded: {type(exc).__name__}: {exc}")
-        return
+        recorded = record_dataset_corrections(instance, storage, name)
+    except Exception as exc:
+        log.warning(f"{name}: corrections not recorded: {type(exc).__name__}: {exc}")
+        return None
     if recorded.scans:
-        context.log.info(f"corrections recorded for {', '.join(recorded.scans)}")
+        log.info(f"{name}: corrections recorded for {', '.join(recorded.scans)}")
     for scan, reason in recorded.refused.items():
-        context.log.warning(f"correction of {scan} refused: {reason}")
+        log.warning(f"{name}: correction of {scan} refused: {reason}")
+    return recorded
 
 
 def record_dataset_corrections(

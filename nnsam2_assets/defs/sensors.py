@@ -17,7 +17,7 @@ import os
 import dagster as dg
 
 from nnsam2_assets.core.layout import model_pointer
-from nnsam2_assets.defs.ingest import record_dataset_corrections
+from nnsam2_assets.defs.ingest import place_corrections
 from nnsam2_assets.defs.jobs import NEW_DATA_SELECTION
 from nnsam2_assets.defs.partitions import datasets_partitions
 from nnsam2_assets.defs.resources import NnsamStorage
@@ -110,16 +110,9 @@ def new_data_sensor(context: dg.SensorEvaluationContext, storage: NnsamStorage) 
         run_keys[name] = f"{name}:{current[name]}:{requests_made[name]}"
         if name not in known:  # a new dataset has no scans ingested yet, hence nothing corrected
             continue
-        try:
-            recorded = record_dataset_corrections(context.instance, storage, name)
-        except Exception as exc:  # one dataset's corrections never stop the others' runs
-            context.log.warning(f"{name}: corrections not recorded: {type(exc).__name__}: {exc}")
-            continue
-        if recorded.scans:
-            context.log.info(f"{name}: corrections recorded for {', '.join(recorded.scans)}")
+        recorded = place_corrections(context.instance, context.log, storage, name)
+        if recorded is not None and recorded.scans:
             run_keys[name] += ":" + recorded.key
-        for scan, reason in recorded.refused.items():
-            context.log.warning(f"{name}: correction of {scan} refused: {reason}")
     return dg.SensorResult(
         dynamic_partitions_requests=[datasets_partitions.build_add_request(new_partitions)]
         if new_partitions

@@ -52,7 +52,13 @@ from nnsam2_assets.refinement.corrections import (
     ingest_keys,
 )
 from nnsam2_assets.refinement.finishing import finish_refined
-from nnsam2_assets.refinement.holdout import MIN_HELDOUT_DICE, RefinementDecision, decide, slab_changed
+from nnsam2_assets.refinement.holdout import (
+    MIN_HELDOUT_DICE,
+    RefinementDecision,
+    decide,
+    held_out_slab,
+    slab_changed,
+)
 from nnsam2_assets.refinement.models import STAGES, current_model
 from nnsam2_assets.refinement.muscle_split import (
     CAUDAL_SHARE_SLOPE_PER_MM,
@@ -285,7 +291,7 @@ def make_final_masks(
     reference_prediction = finish_refined(
         read_array(stage_paths(spec.reference, reference_img)[-1]), reference_img, spec.modality, k
     )
-    trained_on_it = slab_changed(models["stage3"], spec.name, layout)
+    trained_on_it = slab_changed(models["stage3"], spec.name, held_out_slab(layout))
     decision = decide(reference_prediction, k, layout, spec.n_classes, min_heldout_dice, trained_on_it)
     if decision.reason:
         log(f"final masks of {spec.name}: propagated masks kept: {decision.reason}")

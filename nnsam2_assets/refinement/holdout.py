@@ -51,17 +51,13 @@ class HeldOutSlab:
         return [self.scan, self.first, self.last]
 
 
-def slab_changed(pointer: dict, dataset: str, layout: DatasetLayout) -> bool:
+def slab_changed(pointer: dict, dataset: str, slab: HeldOutSlab | None) -> bool:
     """Whether the models of ``pointer`` (a stage's ``current.json``) held out another slab of ``dataset``
-    than its annotation holds out now: an edit that moved the primary annotated slice onto one the models
-    trained on as an exact label. Models recorded before slabs were kept count as unchanged."""
+    than ``slab``, the one its annotation holds out now (``held_out_slab``): an edit that moved the primary
+    annotated slice onto one the models trained on as an exact label. Models recorded before slabs were kept,
+    and a dataset with no slab now, count as unchanged."""
     trained = pointer.get("held_out_slabs", {}).get(dataset)
-    if trained is None or not layout.annotation_meta.exists():
-        return False
-    if not layout.scan_image(read_annotation_meta(layout)["reference"]).exists():
-        return False  # the reference no longer ingests: the dataset is out of the pool, nothing to judge
-    slab = held_out_slab(layout)
-    return slab is None or slab.record() != list(trained)
+    return trained is not None and slab is not None and slab.record() != list(trained)
 
 
 def slab_reach(slice_spacing_mm: float) -> int:
@@ -72,11 +68,14 @@ def slab_reach(slice_spacing_mm: float) -> int:
 
 
 def held_out_slab(layout: DatasetLayout) -> HeldOutSlab | None:
-    """The dataset's held-out slab, or None before the annotation is written."""
+    """The dataset's held-out slab, or None before the annotation is written or once its reference scan no
+    longer ingests (the dataset is then out of the pool)."""
     if not layout.annotation_meta.exists():
         return None
     meta = read_annotation_meta(layout)
     reference, z = meta["reference"], int(meta["seed_slice"])
+    if not layout.scan_image(reference).exists():
+        return None
     image = read_image(layout.scan_image(reference))
     reach = slab_reach(image.GetSpacing()[2])
     return HeldOutSlab(reference, z, max(0, z - reach), min(image.GetSize()[2] - 1, z + reach))

@@ -10,7 +10,7 @@ from pathlib import Path
 from nnsam2_assets.core.cache import cache_key
 from nnsam2_assets.core.layout import DatasetLayout, model_pointer
 from nnsam2_assets.refinement import nnunet
-from nnsam2_assets.refinement.holdout import slab_changed
+from nnsam2_assets.refinement.holdout import held_out_slab, slab_changed
 
 STAGES = ("stage1", "stage2", "stage3")
 STAGE_IDS = {"stage1": 901, "stage2": 902, "stage3": 903}
@@ -72,6 +72,7 @@ def models_state(root: Path, datasets: list[str], recipe: str | None = None) -> 
     to a dataset since do not make a model stale: they get predictions from it.) Dagster-free: reads the
     stages' ``current.json`` and model folders."""
     versions: dict[str, str] = {}
+    slabs = {d: held_out_slab(DatasetLayout(root, d)) for d in datasets}  # read once, compared per stage
     for stage in STAGES:
         pointer_path = model_pointer(root, stage)
         if not pointer_path.exists():
@@ -90,7 +91,7 @@ def models_state(root: Path, datasets: list[str], recipe: str | None = None) -> 
             return ModelsState(
                 False, f"{', '.join(missing)} had no case in the {stage} training set", versions
             )
-        moved = sorted(d for d in datasets if slab_changed(pointer, d, DatasetLayout(root, d)))
+        moved = sorted(d for d in datasets if slab_changed(pointer, d, slabs[d]))
         if moved:
             return ModelsState(
                 False,

@@ -158,19 +158,21 @@ def test_models_that_trained_on_the_slice_now_held_out_are_neither_current_nor_t
     for stage in STAGES:
         model_pointer(tmp_path, stage).parent.mkdir(parents=True, exist_ok=True)
         model_pointer(tmp_path, stage).write_text(json.dumps(pointer))
-    assert not slab_changed(pointer, "ds", layout) and models_state(tmp_path, ["ds"]).current
+    assert not slab_changed(pointer, "ds", held_out_slab(layout)) and models_state(tmp_path, ["ds"]).current
 
     _annotated_dataset(tmp_path, seed=9)  # slice 5 removed: 9 is the primary slice now
-    assert slab_changed(pointer, "ds", layout)
+    assert slab_changed(pointer, "ds", held_out_slab(layout))
     state = models_state(tmp_path, ["ds"])
     assert not state.current and "ds" in state.reason and "held" in state.reason
     truth = np.zeros((11, 40, 40), np.uint8)
     truth[9, 10:30, 5:15], truth[9, 10:30, 25:35] = 1, 2
     decision = decide(truth, 2, layout, 2, trained_on_it=True)
     assert decision.heldout_dice == 1.0 and not decision.use_refined and "retrain" in decision.reason
-    assert not slab_changed({k: v for k, v in pointer.items() if k != "held_out_slabs"}, "ds", layout)
+    assert not slab_changed(
+        {k: v for k, v in pointer.items() if k != "held_out_slabs"}, "ds", held_out_slab(layout)
+    )
     # a reference that no longer ingests leaves the dataset out of the pool: nothing to judge, and no read of
     # the removed scan (models_state had failed on it)
     layout.scan_image("ref").unlink()
-    assert not slab_changed(pointer, "ds", layout)
+    assert not slab_changed(pointer, "ds", held_out_slab(layout))
     assert models_state(tmp_path, ["ds"]).current

@@ -31,9 +31,8 @@ class PseudoLabelReport:
     table: pd.DataFrame  # one row per slice of every scan, with eligible/kept
     per_scan: pd.DataFrame
     rewritten: int
-    keys: dict[str, str] = field(
-        default_factory=dict
-    )  # each scan's pseudo-label key (its mask and kept slices)
+    # each scan's pseudo-label key (its mask and kept slices)
+    keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def data_version(self) -> str:

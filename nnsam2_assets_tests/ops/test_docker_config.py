@@ -263,3 +263,14 @@ def test_a_failed_pip_install_fails_the_bootstrap(tmp_path, pip_exit, bootstrap_
     assert (run.returncode != 0) == bootstrap_fails, run
     assert ("continued" in run.stdout) != bootstrap_fails
     assert "a real message" in run.stdout and "is ignored" not in run.stdout
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.user_code", "Dockerfile.dagster"])
+def test_images_run_the_python_the_lock_is_solved_for(dockerfile):
+    """The lock is a pip freeze on the bootstrap's Python; an image must start from that Python, not ask a
+    distribution's apt for it (Ubuntu 24.04 ships 3.12 alone, so ``apt-get install python3.11`` fails)."""
+    (lock_python,) = re.findall(r"NNSAM2_PYTHON:-python(3\.\d+)", (REPO / ".ci/bootstrap.sh").read_text())
+    text = (DOCKER / dockerfile).read_text()
+    bases = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert bases == [f"python:{lock_python}-slim-bookworm"], f"{dockerfile}: base {bases}"
+    assert set(re.findall(r"python(3\.\d+)", text)) <= {lock_python}, f"{dockerfile}: another Python named"

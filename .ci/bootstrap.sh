@@ -4,12 +4,15 @@
 #   .ci/bootstrap.sh --system   also Debian's chromium, postgresql and redis-server (browser, Postgres and
 #                               Celery tests)
 # A second run with unchanged lock files does nothing. GPU machines: NNSAM2_TORCH="torch==2.14.1".
+# A machine without a local CPU wheel: NNSAM2_TORCH_INDEX=https://download.pytorch.org/whl/cpu (PyPI's
+# torch==2.13.0 is the CUDA-linked build: it runs on CPU, with some 3 GB of nvidia-* wheels beside it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${NNSAM2_PYTHON:-python3.11}"
 TORCH="${NNSAM2_TORCH:-torch==2.13.0}"
+TORCH_INDEX="${NNSAM2_TORCH_INDEX:-}"
 STAMP=.venv/.nnsam2-bootstrap
-want="$(cat docker/requirements-cpu.lock pyproject.toml | sha256sum | cut -c1-16) $TORCH"
+want="$(cat docker/requirements-cpu.lock pyproject.toml | sha256sum | cut -c1-16) $TORCH${TORCH_INDEX:+ $TORCH_INDEX}"
 
 if [[ "${1:-}" == "--system" ]]; then
   need=()
@@ -32,7 +35,7 @@ echo "bootstrap: building .venv (about 2 minutes)"
 # pip's own failure must fail the bootstrap: only grep's "nothing left to print" is tolerated (a `|| true` after
 # the pipe had swallowed a failed install, and the stamp then marked the old packages as the lock's)
 pip_q() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored" || true; }; }
-pip_q "$TORCH"
+if [[ -n "$TORCH_INDEX" ]]; then pip_q "$TORCH" --index-url "$TORCH_INDEX"; else pip_q "$TORCH"; fi
 # --no-deps: the lock is a complete, solved set. Resolving afresh would pull torchvision (required by sam2's
 # metadata), which breaks beside the CPU torch wheel, and an ANTLR runtime that breaks Dagster's selections.
 pip_q --no-deps -r docker/requirements-cpu.lock

@@ -4,8 +4,9 @@
 modules, on the machine of the run. ``celery``: every step is a task on a Celery broker (``dagster-celery``),
 picked up by worker processes that may run on other machines; GPU steps carry the ``gpu`` queue tag
 (``defs.automation.GPU_TAGS``), so a worker started on that queue alone, with concurrency 1 on a GPU
-machine, serialises them while CPU workers take the rest. Kubernetes (``dagster_k8s.k8s_job_executor``)
-is configured in the deployment, not here (README, *Operating it*).
+machine, serialises them while CPU workers take the rest. ``k8s``: every step is a Kubernetes pod
+(``dagster_k8s.k8s_job_executor``), where GPU steps request ``nvidia.com/gpu`` through the same tags; the
+image, namespace and volumes come from the instance's ``K8sRunLauncher`` (README, *Operating it*).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from nnsam2_assets.refinement.nnunet._common import HEAVY_MODULES
 
 EXECUTOR_ENV = "NNSAM2_EXECUTOR"
 CELERY_BROKER_ENV = "NNSAM2_CELERY_BROKER"  # e.g. redis://127.0.0.1:6379/0; also the result backend
-EXECUTORS = ("multiprocess", "celery")
+EXECUTORS = ("multiprocess", "celery", "k8s")
 CPU_QUEUE, GPU_QUEUE = "dagster", "gpu"  # dagster-celery's default queue, and the GPU steps' queue
 
 # Each step is its own process (a crashing step fails alone, and GPU memory is freed between steps), forked
@@ -72,15 +73,29 @@ def celery_executor() -> dg.ExecutorDefinition:
     return dagster_celery_executor.configured({"broker": broker, "backend": broker})
 
 
+def k8s_executor() -> dg.ExecutorDefinition:
+    """dagster-k8s's executor: a pod per step. It takes the job image, namespace, service account and volumes
+    from the ``K8sRunLauncher`` the run was launched with, so this project adds only the GPU steps' tags."""
+    from dagster_k8s import k8s_job_executor
+
+    return k8s_job_executor
+
+
+def _distributed_executor() -> dg.ExecutorDefinition | None:
+    """The engine named by ``NNSAM2_EXECUTOR`` when it is not this machine's fork server."""
+    kind = executor_kind()
+    return celery_executor() if kind == "celery" else k8s_executor() if kind == "k8s" else None
+
+
 def code_location_executor() -> dg.ExecutorDefinition:
-    return celery_executor() if executor_kind() == "celery" else STEP_EXECUTOR
+    return _distributed_executor() or STEP_EXECUTOR
 
 
 def job_executor(job_name: str) -> dg.ExecutorDefinition | None:
     """A job's own engine: the chain's lighter fork server for ``CHAIN_JOBS``, else the code location's."""
     if job_name not in CHAIN_JOBS:
         return None
-    return celery_executor() if executor_kind() == "celery" else CHAIN_STEP_EXECUTOR
+    return _distributed_executor() or CHAIN_STEP_EXECUTOR
 
 
 def step_server_preload(job_name: str) -> list[str]:

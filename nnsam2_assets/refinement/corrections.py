@@ -2,8 +2,9 @@
 ``<dataset>/corrections/<scan>.nii.gz`` (or ``.seg.nrrd``), on the scan's original grid, in our class ids.
 
 A slice is corrected when it differs from the final mask the user started from: the published final mask
-when the correction is first seen (its digest is recorded beside the correction), the slices corrected
-before included, so editing a corrected mask again keeps the earlier edits. Erasing a slice is a
+when the correction is recorded (its digest is kept beside the correction; a retrain that republishes the
+mask before then makes the slices it changed count too), the slices corrected before included, so editing a
+corrected mask again keeps the earlier edits. Erasing a slice is a
 correction. Recording happens outside any run (the new-data sensor, or ``nnsam2 run``), because the
 published mask is downstream of the models that learn from the correction; the record is the
 ``corrections`` asset. Then:
@@ -54,6 +55,9 @@ class CorrectionRecord:
     ingest_key: str = ""
     # each corrected slice's position (the physical point of its first voxel), to place it on a new crop
     slice_points: list[list[float]] = field(default_factory=list)
+    # the file was taken away: the record stays, unused, so that a file put back before the final mask
+    # without it is published is compared with that mask knowing which of its slices carry these edits
+    removed: bool = False
 
     @property
     def key(self) -> str:
@@ -85,7 +89,7 @@ def current_record(
     ``ingest_keys(layout)``, when the caller has it."""
     record = read_record(layout, scan)
     keys = ingest_keys(layout) if keys is None else keys
-    if record is None or record.ingest_key not in ("", keys.get(scan)):
+    if record is None or record.removed or record.ingest_key not in ("", keys.get(scan)):
         return None
     return record
 
@@ -106,14 +110,14 @@ def pending_corrections(spec: DatasetSpec, layout: DatasetLayout) -> list[str]:
         source = spec.scans[scan].correction if scan in spec.scans else None
         record = read_record(layout, scan)
         if source is None:
-            if record is not None:
+            if record is not None and not record.removed:
                 pending.append(scan)
             continue
         stat = source_stat(source)
         refused = _refused_marker(layout, scan)
         if refused.exists() and refused.read_text() == stat:
             continue
-        if record is None or record.source_stat != stat or record.ingest_key != keys[scan]:
+        if record is None or record.removed or record.source_stat != stat or record.ingest_key != keys[scan]:
             pending.append(scan)
     return pending
 
@@ -143,6 +147,8 @@ def read_correction(spec: DatasetSpec, scan: str, original: sitk.Image, canonica
     foreign = [int(v) for v in values if not 0 <= v <= k or v != int(v)]
     if foreign:
         raise ScanError(path, f"label values {foreign} are not classes 1..{k} of the final masks")
+    if not values.any():  # an empty layer saved by mistake would erase every slice of the final mask
+        raise ScanError(path, "correction holds no labelled voxel: to undo a correction, remove the file")
     return on_crop(labels, canonical)
 
 
@@ -201,9 +207,10 @@ def record_corrections(spec: DatasetSpec, layout: DatasetLayout) -> RecordedCorr
             record = _record_one(spec, layout, scan, keys[scan])
         except Exception as exc:  # one bad file never stops the others' recording
             source = spec.scans[scan].correction
-            out.refused[scan] = str(exc) if isinstance(exc, ScanError) else f"{source}: {exc!r}"
-            refused.parent.mkdir(parents=True, exist_ok=True)
-            refused.write_text(source_stat(source))  # not pending again until the file changes
+            out.refused[scan] = str(exc) if isinstance(exc, ScanError) else f"{source or scan}: {exc!r}"
+            if source is not None and source.exists():  # not pending again until the file changes
+                refused.parent.mkdir(parents=True, exist_ok=True)
+                refused.write_text(source_stat(source))
             continue
         refused.unlink(missing_ok=True)
         if record is REMOVED:
@@ -211,8 +218,9 @@ def record_corrections(spec: DatasetSpec, layout: DatasetLayout) -> RecordedCorr
         elif record is not None:
             out.changed[scan] = record
     for path in layout.dir("corrections").glob("*.json") if layout.dir("corrections").exists() else []:
-        # the scan left the dataset; one that failed this ingest keeps its record for when it comes back
-        if path.stem not in spec.scans:
+        # the scan left the dataset; one that failed this ingest, or that the dataset excludes for now (a bad
+        # regions.csv row, a second file of the same name), keeps its record for when it comes back
+        if path.stem not in spec.scans and path.stem not in spec.excluded:
             path.unlink()
             layout.correction_labels(path.stem).unlink(missing_ok=True)
     return out
@@ -227,14 +235,13 @@ def _record_one(
     source = spec.scans[scan].correction if scan in spec.scans else None
     previous = read_record(layout, scan)
     if source is None:
-        if previous is None:
+        if previous is None or previous.removed:
             return None
-        layout.correction_record(scan).unlink()
-        layout.correction_labels(scan).unlink(missing_ok=True)
+        atomic_write_json({**asdict(previous), "removed": True}, layout.correction_record(scan))
         return REMOVED
     digest = sha256_file(source)
     same_file = previous is not None and previous.correction_sha256 == digest
-    if same_file and previous.ingest_key == ingest_key:
+    if same_file and previous.ingest_key == ingest_key and not previous.removed:
         if previous.source_stat != source_stat(source):  # touched, not changed
             atomic_write_json(
                 {**asdict(previous), "source_stat": source_stat(source)}, layout.correction_record(scan)
@@ -242,13 +249,16 @@ def _record_one(
         return None
     canonical, original = read_image(layout.scan_image(scan)), read_image(spec.scans[scan].image)
     correction = read_correction(spec, scan, original, canonical)
-    if same_file:  # the scan was ingested again (a new region, new content): the same edits on its new crop
+    if same_file and not previous.removed:  # ingested again (a new region, new content): the same edits
         slices = set(_moved_slices(previous, canonical, correction, layout))
         base_digest = previous.base_mask_sha256
     else:
-        slices = set(differing_slices(correction, published_on_crop(layout, scan, original, canonical)))
-        if previous is not None:  # the published mask already carries those edits
+        published = published_on_crop(layout, scan, original, canonical)
+        slices = set(differing_slices(correction, published))
+        if previous is not None and not previous.removed:  # the published mask already carries those edits
             slices |= set(_moved_slices(previous, canonical, correction, layout))
+        elif previous is not None:  # taken away and put back: its edits count where they are still published
+            slices |= set(_still_published(previous, published, layout, ingest_key))
         base_digest = sha256_file(layout.final_mask(scan)) if layout.final_mask(scan).exists() else None
     record = CorrectionRecord(
         scan,
@@ -265,6 +275,21 @@ def _record_one(
     atomic_write_image(image, layout.correction_labels(scan))
     atomic_write_json(asdict(record), layout.correction_record(scan))
     return record
+
+
+def _still_published(
+    previous: CorrectionRecord, published: np.ndarray, layout: DatasetLayout, ingest_key: str
+) -> list[int]:
+    """A removed record's slices that the published mask still carries (the final mask without them was not
+    published yet). Without them, a file put back in the meantime would match the published mask there and
+    its edits would be lost; once the mask without them is published, they are ordinary differences again."""
+    labels = layout.correction_labels(previous.scan)
+    if previous.ingest_key != ingest_key or not labels.exists():
+        return []
+    old = read_array(labels)
+    if old.shape != published.shape:
+        return []
+    return [z for z in previous.corrected_slices if np.array_equal(old[z], published[z])]
 
 
 def _moved_slices(

@@ -87,11 +87,12 @@ def test_corrected_slices_are_those_that_differ_from_the_mask_the_user_started_f
     _drop(run, folder, scan, again)
     record_corrections(load_dataset(run.data_root, "ds"), layout)
     assert read_record(layout, scan).corrected_slices == sorted([first, second])
-    # removed: the record and its labels go, the final mask is the model's again
+    # removed: the record is no longer used, the final mask is the model's again
     (folder / "corrections" / f"{scan}.nii.gz").unlink()
-    record_corrections(load_dataset(run.data_root, "ds"), layout)
-    assert read_record(layout, scan) is None and not layout.correction_labels(scan).exists()
-    assert apply_correction(published, layout, read_record(layout, scan), 4) is None
+    assert record_corrections(load_dataset(run.data_root, "ds"), layout).removed == [scan]
+    assert current_record(layout, scan) is None and read_record(layout, scan).removed
+    assert apply_correction(published, layout, current_record(layout, scan), 4) is None
+    assert not pending_corrections(load_dataset(run.data_root, "ds"), layout)
 
 
 def test_without_a_published_mask_every_labelled_slice_is_corrected(ingested):
@@ -285,3 +286,75 @@ def test_a_first_correction_after_the_region_moved_is_compared_with_the_publishe
     index[z_axis] = erased
     point = published.TransformIndexToPhysicalPoint(index)
     assert abs(new_crop.TransformPhysicalPointToContinuousIndex(point)[2] - z) < 1e-3
+
+
+def _erase_and_record(run: DirectRun, folder, scan: str, base: np.ndarray, z: int) -> np.ndarray:
+    edited = base.copy()
+    edited[z] = 0
+    _drop(run, folder, scan, edited)
+    record_corrections(load_dataset(run.data_root, "ds"), layout=run.layout("ds"))
+    return edited
+
+
+def test_a_correction_put_back_before_its_removal_is_published_keeps_its_edits(ingested):
+    """The user takes the file away and puts it back (or saves it again) before the final mask without it is
+    published: the published mask still carries the edits, so comparing with it alone found no slice and the
+    correction was silently lost. Once the mask without them is published, a new file counts only its own."""
+    run, folder = ingested
+    layout, scan = run.layout("ds"), sorted(run.spec("ds").scans)[1]
+    model = _canonical_expert(run, scan)
+    _publish(run, scan, model)
+    nonempty = np.flatnonzero(model.reshape(len(model), -1).any(1))
+    first, second = int(nonempty[1]), int(nonempty[-2])
+    edited = _erase_and_record(run, folder, scan, model, first)
+    _publish(run, scan, edited)  # final_masks ran with the correction
+    saved = (folder / "corrections" / f"{scan}.nii.gz").read_bytes()
+
+    (folder / "corrections" / f"{scan}.nii.gz").unlink()
+    assert record_corrections(load_dataset(run.data_root, "ds"), layout).removed == [scan]
+    (folder / "corrections" / f"{scan}.nii.gz").write_bytes(saved)  # back before final_masks ran
+    assert pending_corrections(load_dataset(run.data_root, "ds"), layout) == [scan]
+    recorded = record_corrections(load_dataset(run.data_root, "ds"), layout)
+    assert list(recorded.changed) == [scan] and current_record(layout, scan).corrected_slices == [first]
+
+    (folder / "corrections" / f"{scan}.nii.gz").unlink()
+    record_corrections(load_dataset(run.data_root, "ds"), layout)
+    _publish(run, scan, model)  # final_masks ran without it: the model's mask again
+    _erase_and_record(run, folder, scan, model, second)  # a new correction from that mask
+    assert current_record(layout, scan).corrected_slices == [second]
+
+
+def test_a_scan_the_dataset_excludes_for_a_while_keeps_its_correction(ingested):
+    """A second file of the same scan (``x.nii`` beside ``x.nii.gz``) excludes the scan until it is resolved;
+    its record was deleted as if the scan had left, and the correction came back as no slice at all."""
+    run, folder = ingested
+    layout, scan = run.layout("ds"), sorted(run.spec("ds").scans)[1]
+    model = _canonical_expert(run, scan)
+    _publish(run, scan, model)
+    z = int(np.flatnonzero(model.reshape(len(model), -1).any(1))[1])
+    edited = _erase_and_record(run, folder, scan, model, z)
+    _publish(run, scan, edited)
+
+    water = folder / "scans" / f"{scan}_water.nii.gz"
+    duplicate = water.with_name(f"{scan}_water.nii")
+    sitk.WriteImage(read_image(water), str(duplicate))
+    spec = load_dataset(run.data_root, "ds")
+    assert scan in spec.excluded and scan not in spec.scans
+    record_corrections(spec, layout)
+    assert read_record(layout, scan) is not None
+    duplicate.unlink()
+    record_corrections(load_dataset(run.data_root, "ds"), layout)
+    assert current_record(layout, scan).corrected_slices == [z]
+
+
+def test_an_empty_correction_is_refused_not_taken_as_every_slice_erased(ingested):
+    """An empty layer saved by mistake (ITK-SNAP's new segmentation) had become a correction of every
+    labelled slice to background: the scan's final mask was erased and trained on as exact labels."""
+    run, folder = ingested
+    layout, scan = run.layout("ds"), sorted(run.spec("ds").scans)[0]
+    model = _canonical_expert(run, scan)
+    _publish(run, scan, model)
+    _drop(run, folder, scan, np.zeros_like(model))
+    recorded = record_corrections(load_dataset(run.data_root, "ds"), layout)
+    assert not recorded.changed and "holds no labelled voxel" in recorded.refused[scan]
+    assert f"{scan}.nii.gz" in recorded.refused[scan] and read_record(layout, scan) is None

@@ -1,4 +1,4 @@
-"""``nnsam2``: run, demo, ui, register, sql, export, report.
+"""``nnsam2``: run, demo, ui, register, sql, export, report, propose.
 
 nnsam2 run [DATASET ...]     materialize the data root's datasets (all when none named) end to end: each
                              dataset's chain, the pooled nnU-Net models (only when missing, when a dataset
@@ -12,6 +12,8 @@ nnsam2 register [NAME ...]   add dataset folders of the data root as Dagster par
 nnsam2 sql "SELECT ..."      query the metrics (read-only; waits for a writer to let go)
 nnsam2 export TABLE OUT      export a table or query to .csv / .parquet
 nnsam2 report DATASET        (re)write the dataset's cohort report (HTML, CSV, XLSX) and print its path
+nnsam2 propose DATASET       candidate segments of one reference slice, to relabel into the annotation
+Every command takes --data-root / --storage-root, so the commands after `nnsam2 run --storage-root X` find X.
 """
 
 from __future__ import annotations
@@ -162,16 +164,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from nnsam2_assets.demo.datasets import write_demo_cohort
+    from nnsam2_assets.defs.resources import settings_problem
+    from nnsam2_assets.demo.datasets import DEMO_DATASETS, DemoFolderError, write_demo_cohort
     from nnsam2_assets.metrics.store import query
 
     _set_roots(args)
+    problem = settings_problem()  # before the cohort is written, as before any run
+    if problem:
+        print(f"nnsam2 demo: invalid setting (NNSAM2_* environment variables): {problem}", file=sys.stderr)
+        return 2
     data_root = layout.data_root()
     print(f"nnsam2 demo: home {layout.home()}")
-    if args.fresh or not any(data_root.glob("demo-*/dataset.yaml")):
-        folders = write_demo_cohort(data_root, seed=args.seed, scans_per_dataset=args.scans)
+    present = all((data_root / name / "dataset.yaml").is_file() for name in DEMO_DATASETS)
+    if args.fresh or not present:
+        try:
+            folders = write_demo_cohort(data_root, seed=args.seed, scans_per_dataset=args.scans)
+        except DemoFolderError as exc:
+            print(f"nnsam2 demo: {exc}", file=sys.stderr)
+            return 2
         print(f"wrote demo cohort: {', '.join(p.name for p in folders)} under {data_root}")
-    names = sorted(p.name for p in data_root.glob("demo-*") if (p / "dataset.yaml").is_file())
+    elif (args.seed, args.scans) != (DEMO_SEED, DEMO_SCANS):
+        print(f"nnsam2 demo: the cohort under {data_root} is kept (--seed / --scans apply with --fresh)")
+    names = list(DEMO_DATASETS)
     code = run_pipeline(args, names, command="nnsam2 demo")
     if code:
         return code
@@ -201,6 +215,26 @@ def stop_on_signals(stopping: threading.Event) -> list[signal.Signals]:
     return handled
 
 
+# the code location's name: sensor and schedule state, and run history, are kept under it
+CODE_LOCATION = "nnsam2"
+
+
+def _workspace_file() -> Path:
+    """``workspace.yaml`` of the working directory (the repository's), else one written into the Dagster home
+    that loads this package under the same location name: ``nnsam2 ui`` from any other folder had failed
+    with "Path 'workspace.yaml' does not exist"."""
+    here = Path("workspace.yaml")
+    if here.is_file():
+        return here
+    import yaml
+
+    path = layout.dagster_home() / "workspace.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"python_module": {"module_name": f"{__package__}.definitions", "location_name": CODE_LOCATION}}
+    path.write_text(yaml.safe_dump({"load_from": [entry]}, sort_keys=False))
+    return path
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """``dagster dev`` in its own session; Ctrl-C, SIGINT, SIGTERM or a hangup stop it and every process it
     started."""
@@ -215,7 +249,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "dagster",
         "dev",
         "-w",
-        args.workspace,
+        str(args.workspace or _workspace_file()),
         "-h",
         args.host,
         "-p",
@@ -351,6 +385,19 @@ def cmd_propose(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_SEED, DEMO_SCANS = 0, 4
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number, 0 or more")
+    return value
+
+
 def _at_least_one(text: str) -> int:
     try:
         value = int(text)
@@ -366,9 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nnsam2", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-root", help="the folder of dataset folders (sets NNSAM2_DATA_ROOT)")
-    common.add_argument("--storage-root", help="where artefacts and metrics go (sets NNSAM2_STORAGE_ROOT)")
+    roots = argparse.ArgumentParser(add_help=False)  # every command: one run's roots are the next command's
+    roots.add_argument("--data-root", help="the folder of dataset folders (sets NNSAM2_DATA_ROOT)")
+    roots.add_argument("--storage-root", help="where artefacts and metrics go (sets NNSAM2_STORAGE_ROOT)")
+    common = argparse.ArgumentParser(add_help=False, parents=[roots])
     common.add_argument(
         "--retrain",
         action="store_true",
@@ -383,25 +431,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", parents=[common], help="nnsam2 run on a synthetic demo cohort")
     demo.add_argument("--fresh", action="store_true", help="rewrite the demo data even if present")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--scans", type=_at_least_one, default=4, help="scans per demo dataset")
+    demo.add_argument("--seed", type=_non_negative, default=DEMO_SEED, help="the phantoms' random seed")
+    demo.add_argument("--scans", type=_at_least_one, default=DEMO_SCANS, help="scans per demo dataset")
     demo.set_defaults(func=cmd_demo)
-    ui = sub.add_parser("ui", help="run the web UI, daemon and code server (dagster dev); Ctrl-C stops all")
+    ui = sub.add_parser(
+        "ui", parents=[roots], help="run the web UI, daemon and code server (dagster dev); Ctrl-C stops all"
+    )
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
-    ui.add_argument("--workspace", default="workspace.yaml")
+    ui.add_argument(
+        "--workspace",
+        default=None,
+        help="a Dagster workspace file (default: workspace.yaml here if present, else this package's code "
+        "location)",
+    )
     ui.add_argument("--grace", type=float, default=30.0, help="seconds for an orderly stop before SIGKILL")
     ui.set_defaults(func=cmd_ui)
-    reg = sub.add_parser("register", help="register dataset folders as partitions")
+    reg = sub.add_parser("register", parents=[roots], help="register dataset folders as partitions")
     reg.add_argument("names", nargs="*")
     reg.set_defaults(func=cmd_register)
-    sql = sub.add_parser("sql", help="query the metrics read-only")
+    sql = sub.add_parser("sql", parents=[roots], help="query the metrics read-only")
     sql.add_argument("query")
     sql.add_argument("--db", default="")
     sql.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a writer's lock")
     sql.add_argument("--csv", action="store_true")
     sql.set_defaults(func=cmd_sql)
-    exp = sub.add_parser("export", help="export a table or query to CSV/Parquet")
+    exp = sub.add_parser("export", parents=[roots], help="export a table or query to CSV/Parquet")
     exp.add_argument("what", help="table name (e.g. scan_metrics) or a SELECT statement")
     exp.add_argument("out")
     exp.add_argument("--db", default="")
@@ -409,14 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export)
     pro = sub.add_parser(
         "propose",
-        parents=[common],
+        parents=[roots],
         help="candidate segments of one reference slice to relabel into the annotation (no annotation needed)",
     )
     pro.add_argument("dataset")
     pro.add_argument("--slice", type=int, default=None, metavar="Z",
-                     help="slice in the region crop, as annotation.json counts (default: the region's middle)")  # fmt: skip
+                     help="slice of the region crop, 0 at its inferior end (default: the region's middle)")  # fmt: skip
     pro.set_defaults(func=cmd_propose)
-    rep = sub.add_parser("report", help="write a dataset's cohort report (HTML, CSV, XLSX); print its path")
+    rep = sub.add_parser(
+        "report", parents=[roots], help="write a dataset's cohort report (HTML, CSV, XLSX); print its path"
+    )
     rep.add_argument("dataset")
     rep.set_defaults(func=cmd_report)
     return parser
@@ -424,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _set_roots(args)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:  # Ctrl-C: the runs so far are recorded as they ended; no traceback

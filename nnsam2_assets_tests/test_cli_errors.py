@@ -163,3 +163,95 @@ def test_ctrl_c_during_a_step_stops_nnsam2_run_instead_of_starting_the_next_run(
     the dataset as failed and went on with the next one, then the models (hours of training)."""
     out = subprocess.run([sys.executable, "-c", INTERRUPTED_RUN], capture_output=True, text=True)
     assert out.stdout.splitlines() == ["interrupted"], (out.stdout, out.stderr[-2000:])
+
+
+def test_a_sam2_model_the_package_does_not_ship_stops_the_run_before_anything_runs(tmp_path):
+    """The CLI read only the checkpoint: a large model's checkpoint ran with the tiny model's config and
+    failed every dataset's propagation after its ingest. Its config and frame size are settings now."""
+    write_tiny_dataset(tmp_path / "data", "ds", 2)
+    checkpoint = tmp_path / "sam2.1_hiera_large.pt"
+    checkpoint.write_bytes(b"weights")
+    for variable, value, said in (
+        (
+            "NNSAM2_SAM2_CONFIG",
+            "configs/sam2.1/sam2.1_hiera_huge.yaml",
+            "'configs/sam2.1/sam2.1_hiera_huge.yaml'",
+        ),
+        ("NNSAM2_SAM2_IMAGE_SIZE", "1000", "image size 1000 (NNSAM2_SAM2_IMAGE_SIZE"),
+    ):
+        out = _cli(tmp_path, "run", NNSAM2_SAM2_CHECKPOINT=str(checkpoint), **{variable: value})
+        assert out.returncode == 2 and said in out.stderr, out.stderr
+        assert not (tmp_path / "storage").exists()
+
+
+def test_the_sam2_settings_reach_the_propagation_resource(monkeypatch):
+    from nnsam2_assets.defs.resources import build_resources, resolved
+
+    monkeypatch.setenv("NNSAM2_SAM2_CONFIG", "configs/sam2.1/sam2.1_hiera_l.yaml")
+    monkeypatch.setenv("NNSAM2_SAM2_IMAGE_SIZE", "1024")
+    config = resolved(build_resources()["propagation"]).config()
+    assert (config.sam2_config, config.sam2_image_size) == ("configs/sam2.1/sam2.1_hiera_l.yaml", 1024)
+
+
+def test_demo_checks_its_settings_and_seed_before_writing_the_cohort(tmp_path):
+    out = _cli(tmp_path, "demo", NNSAM2_PROPAGATION_WORKERS="abc")
+    assert out.returncode == 2 and "nnsam2 demo: invalid setting" in out.stderr
+    seed = _cli(tmp_path, "demo", "--seed", "-1")
+    assert seed.returncode == 2 and "--seed: '-1': a whole number, 0 or more" in seed.stderr
+    assert "Traceback" not in out.stderr + seed.stderr and not (tmp_path / "data").exists()
+
+
+def test_a_fresh_demo_cohort_replaces_the_earlier_one_whole_and_never_a_users_folder(tmp_path):
+    from nnsam2_assets.demo.datasets import DEMO_DATASETS, DemoFolderError, write_demo_cohort
+    from nnsam2_assets.ingest.convention import load_dataset
+
+    write_demo_cohort(tmp_path, scans_per_dataset=3)
+    write_demo_cohort(tmp_path, scans_per_dataset=2)  # the third scans had stayed beside the new ones
+    for name in DEMO_DATASETS:
+        assert len(load_dataset(tmp_path, name).scans) == 2, name
+    users = tmp_path / "other" / DEMO_DATASETS[0]  # a user's own dataset that happens to have the name
+    (users / "scans").mkdir(parents=True)
+    (users / "dataset.yaml").write_text("modality: ct\ndescription: our lumbar CT\n")
+    with pytest.raises(DemoFolderError, match="not a demo dataset"):
+        write_demo_cohort(tmp_path / "other")
+    assert (users / "scans").is_dir() and "our lumbar CT" in (users / "dataset.yaml").read_text()
+
+
+def test_every_command_takes_the_roots_that_run_was_given(tmp_path):
+    """``nnsam2 demo --storage-root X`` ends by suggesting ``nnsam2 sql``, which took no root and looked in the
+    default storage root."""
+    import duckdb
+
+    storage = tmp_path / "elsewhere"
+    storage.mkdir()
+    with duckdb.connect(str(storage / "nnsam2.duckdb")) as db:
+        db.execute("CREATE SCHEMA metrics; CREATE TABLE metrics.scan_metrics AS SELECT 41 + 1 AS answer")
+    out = _cli(tmp_path, "sql", "--storage-root", str(storage), "SELECT answer FROM metrics.scan_metrics")
+    assert out.returncode == 0 and out.stdout.split() == ["answer", "42"], out.stderr
+    from nnsam2_assets.cli import build_parser
+
+    for command in (
+        ["register"],
+        ["ui"],
+        ["export", "scan_metrics", "o.csv"],
+        ["report", "ds"],
+        ["propose", "ds"],
+    ):
+        args = build_parser().parse_args(
+            [command[0], "--data-root", "d", "--storage-root", "s", *command[1:]]
+        )
+        assert (args.data_root, args.storage_root) == ("d", "s"), command
+
+
+def test_nnsam2_ui_outside_the_repository_loads_the_code_location_under_its_name(tmp_path, monkeypatch):
+    """``nnsam2 ui`` from any folder but the repository's had failed: "Path 'workspace.yaml' does not exist"."""
+    import yaml
+
+    from nnsam2_assets.cli import _workspace_file
+    from nnsam2_assets_tests.ops import REPO
+
+    monkeypatch.setenv("NNSAM2_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    written = yaml.safe_load(_workspace_file().read_text())
+    assert written == yaml.safe_load((REPO / "workspace.yaml").read_text())

@@ -28,6 +28,8 @@ from nnsam2_assets.refinement.settings import RefinementConfig
 T = TypeVar("T")
 
 SAM2_CHECKPOINT_ENV = "NNSAM2_SAM2_CHECKPOINT"
+SAM2_CONFIG_ENV = "NNSAM2_SAM2_CONFIG"  # the checkpoint's model config, e.g. configs/sam2.1/sam2.1_hiera_l.yaml
+SAM2_IMAGE_SIZE_ENV = "NNSAM2_SAM2_IMAGE_SIZE"  # the frames' side in pixels (the weights were trained at 1024)
 # the nnU-Net recipe of RefinementSettings: a profile name, and epoch / iteration counts overriding it
 NNUNET_PROFILE_ENV = "NNSAM2_NNUNET_PROFILE"
 NNUNET_EPOCHS_ENV = "NNSAM2_NNUNET_EPOCHS"
@@ -175,6 +177,8 @@ def settings_problem() -> str | None:
         checkpoint = propagation.sam2_checkpoint
         if checkpoint and not Path(checkpoint).is_file():  # else every dataset failed at propagation
             return f"the SAM2 checkpoint {checkpoint} ({SAM2_CHECKPOINT_ENV} or the propagation resource) is not a file"
+        if checkpoint and (problem := _sam2_model_problem(propagation)):
+            return problem
         resolved(resources["refinement"]).profile_for(propagation)
     except dg.DagsterInvalidConfigError as exc:
         return "; ".join(_config_error_line(error) for error in exc.errors) or str(exc).splitlines()[0]
@@ -182,6 +186,24 @@ def settings_problem() -> str | None:
         return str(exc.args[0]) if exc.args else repr(exc)
     except (ValueError, TypeError) as exc:
         return str(exc)
+    return None
+
+
+def _sam2_model_problem(propagation: PropagationSettings) -> str | None:
+    """A SAM2 model config the sam2 package does not ship, or a frame size it cannot take: either failed
+    every dataset's propagation after its ingest."""
+    from importlib.util import find_spec
+
+    spec = find_spec("sam2")  # not imported: its import sets up Hydra, which the SAM2 backend does itself
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not any((Path(folder) / propagation.sam2_config).is_file() for folder in folders):
+        return (
+            f"the SAM2 config {propagation.sam2_config!r} ({SAM2_CONFIG_ENV} or the propagation resource) is not "
+            "one the sam2 package ships (e.g. configs/sam2.1/sam2.1_hiera_l.yaml)"
+        )
+    size = propagation.sam2_image_size
+    if size < 64 or size % 16:
+        return f"the SAM2 image size {size} ({SAM2_IMAGE_SIZE_ENV} or the propagation resource): a multiple of 16"
     return None
 
 
@@ -206,7 +228,11 @@ def build_resources(
         storage = env_or(layout.STORAGE_ROOT_ENV, str(layout.storage_root()))
         database = env_or(layout.DUCKDB_ENV, str(layout.duckdb_path()))
     data = str(data_root) if data_root is not None else env_or(layout.DATA_ROOT_ENV, str(layout.data_root()))
-    propagation = propagation or PropagationSettings(sam2_checkpoint=env_or(SAM2_CHECKPOINT_ENV, ""))
+    propagation = propagation or PropagationSettings(
+        sam2_checkpoint=env_or(SAM2_CHECKPOINT_ENV, ""),
+        sam2_config=env_or(SAM2_CONFIG_ENV, PropagationConfig.sam2_config),
+        sam2_image_size=env_int_or(SAM2_IMAGE_SIZE_ENV, PropagationConfig.sam2_image_size),
+    )
     return {
         "storage": NnsamStorage(data_root=data, storage_root=storage),
         "propagation": propagation,

@@ -152,6 +152,10 @@ def test_sam2_supervoxels_reach_the_sampling_locations(random_generator, tmp_pat
     assert supervoxels.shape == vol.shape and np.array_equal(supervoxels[2], seed_labels)
     points = steps.sampling_points(supervoxels, labels, ignore_label=3)
     assert sum(len(p) for p in points.values()) >= 1
+    # a seed slice where no mask passed the thresholds (real weights, a low-contrast slice): no supervoxel,
+    # as SLIC's chain carries an empty cut; the propagator had refused the empty prompt and failed the dataset
+    nothing = method.carry(scan, np.zeros_like(seed_labels), 2, "mri")
+    assert nothing.shape == vol.shape and not nothing.any()
 
 
 def test_the_sam2_supervoxels_load_sam2_once_and_cut_with_the_propagators_model(tmp_path, monkeypatch):

@@ -60,10 +60,13 @@ def recipe_key(profile: nnunet.Profile) -> str:
     base = nnunet.PROFILES.get(profile.name)
     if base is not None:
         profile = profile.replace(**{name: getattr(base, name) for name in EXECUTION_FIELDS})
+    trainer = nnunet.trainer_identity(profile)  # the SAM2 weights by content
+    if profile.sam2_checkpoint:  # so not by path: the same weights moved or copied are the same recipe
+        profile = profile.replace(sam2_checkpoint="(by content)")
     extra = (f"seed {profile.seed}",) if profile.seed else ()
     if profile.warm_start_epochs:
         extra += (f"warm start {profile.warm_start_epochs}",)
-    return cache_key(repr(profile), nnunet.trainer_identity(profile), *extra)[:16]
+    return cache_key(repr(profile), trainer, *extra)[:16]
 
 
 def models_state(root: Path, datasets: list[str], recipe: str | None = None) -> ModelsState:

@@ -93,3 +93,16 @@ def test_where_and_how_the_network_runs_is_not_part_of_the_recipe():
     for execution in ({"device": "cpu"}, {"device": "cuda"}, {"num_threads": 2, "data_workers": 4}):
         assert recipe_key(quick.replace(**execution)) == before
     assert recipe_key(quick.replace(num_epochs=9)) != before  # what it learns still counts
+
+
+def test_nnsams_encoder_counts_by_its_weights_not_where_the_checkpoint_lies(tmp_path):
+    """The propagation keys a checkpoint by content, so moving it re-propagates nothing; the models' recipe
+    had its path as well, and the same weights in another folder retrained all three stages."""
+    first, moved, other = tmp_path / "a" / "sam2.pt", tmp_path / "b" / "sam2.pt", tmp_path / "c" / "sam2.pt"
+    for path, content in ((first, b"weights"), (moved, b"weights"), (other, b"other weights")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    nnsam = nnunet.get_profile("quick").replace(trainer="nnsam")
+    key = {path: recipe_key(nnsam.replace(sam2_checkpoint=str(path))) for path in (first, moved, other)}
+    assert key[first] == key[moved] != key[other]
+    assert key[first] != recipe_key(nnsam)  # with an encoder against the shape head alone

@@ -92,6 +92,24 @@ def test_ignored_samples_do_not_count():
     assert float(level_set.level_set_loss(noisy, target, torch.tensor([False, False]))) == 0.0
 
 
+def test_a_3d_patch_trains_the_shape_head_on_its_labelled_slices():
+    """The paper profile's 3-D patches hold a labelled slice among ignored ones (the sparse pseudo-labels):
+    judged per patch, none was usable, and nnSAM's shape head trained nothing in 3d_fullres."""
+    from types import SimpleNamespace
+
+    mask, _ = _disc()
+    seg = torch.full((1, 1, 3, *mask.shape), 3, dtype=torch.int64)  # [B, 1, D, H, W], all ignored ...
+    seg[0, 0, 1] = torch.from_numpy(mask.astype(np.int64))  # ... but the middle slice
+    predicted = torch.zeros((1, 2, 3, *mask.shape), requires_grad=True)
+    loss = LevelSetAugmentedLoss(
+        lambda output, target: torch.zeros(()), SimpleNamespace(last_level_set=predicted), [1, 2], 3, 1.0
+    )(None, seg)
+    loss.backward()
+    assert float(loss) > 0
+    touched = predicted.grad.abs().sum(dim=(0, 1, 3, 4))
+    assert touched[1] > 0 and touched[0] == 0 == touched[2]  # the labelled slice alone
+
+
 # ------------------------------------------------------------------------------------------ network
 def _unet(stages: int) -> PlainConvUNet:
     features = [8 * 2**i for i in range(stages)]

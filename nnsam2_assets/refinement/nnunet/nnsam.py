@@ -3,8 +3,9 @@
 A frozen SAM-family image encoder runs beside nnU-Net's encoder; its embedding is resized to and concatenated
 with nnU-Net's features of one encoder level, and the decoder layer that reads that level is widened to take
 it. The paper concatenates at ``skips[3]`` (1/8 resolution, MobileSAM's 256-channel embedding); we use the same
-level, or the deepest the plan has when it has fewer stages: the quick profile's 4-stage 2d plan has its
-bottleneck there, so the first transposed convolution reads the concatenation. The encoder is SAM2's Hiera
+level, or the deepest the plan has when it has fewer stages (a 4-stage plan's bottleneck: the first
+transposed convolution then reads the concatenation). The quick profile's plan on the TUM crops has 5 stages,
+so there ``skips[3]`` is a true skip and the first convolution of decoder stage 0 is widened. The encoder is SAM2's Hiera
 image encoder with its FPN neck (256 channels, 1/16 of its input), from the checkpoint the propagation
 resource names, built once per training run and never fine-tuned.
 
@@ -214,5 +215,16 @@ class LevelSetAugmentedLoss(nn.Module):
         if predicted is None or self.weight <= 0:
             return loss
         full = target[0] if isinstance(target, list | tuple) else target
+        predicted, full = as_slices(predicted), as_slices(full)
         wanted, usable = level_set_targets(full, self.foreground, self.ignore_label)
         return loss + self.weight * level_set_loss(predicted, wanted, usable)
+
+
+def as_slices(maps: torch.Tensor) -> torch.Tensor:
+    """[B, C, D, H, W] 3-D patches as [B * D, C, H, W] slices; 2-D batches as they are. The level set is a
+    slice's: judged per patch, a 3-D patch of the sparse pseudo-labels (a labelled slice among ignored ones)
+    was never usable, and the 3-D profile's shape head trained nothing."""
+    if maps.ndim != 5:
+        return maps
+    b, c, d, h, w = maps.shape
+    return maps.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)

@@ -283,4 +283,7 @@ def trainer_identity(profile: Profile) -> str:
     if profile.trainer != "nnsam":
         return profile.trainer
     options = nnsam_options(profile)
-    return f"nnsam|{options.level_set_weight}|{options.encoder_id()}"
+    identity = f"nnsam|{options.level_set_weight}|{options.encoder_id()}"
+    # a 3-D profile's shape head learns per slice since it learns at all (before, it trained nothing): its
+    # earlier models are another recipe; the 2d keys stay as they were
+    return identity if profile.configuration == "2d" else f"{identity}|level set per slice"

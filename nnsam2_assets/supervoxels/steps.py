@@ -69,7 +69,9 @@ def sam2_method(generator, propagator: Propagator, model_id: str) -> SupervoxelM
         return segments.paint_candidates(generator.generate(grey), grey.shape, within)
 
     def carry(scan: sitk.Image, labels: np.ndarray, seed: int, modality: str) -> np.ndarray:
-        if not labels.any():  # no mask passed the thresholds: no supervoxel, as the chain carries an empty cut
+        if (
+            not labels.any()
+        ):  # no mask passed the thresholds: no supervoxel, as the chain carries an empty cut
             return np.zeros(sitk.GetArrayViewFromImage(scan).shape, np.uint16)
         prompt = np.zeros(sitk.GetArrayViewFromImage(scan).shape, np.uint8)
         prompt[seed] = labels

@@ -179,6 +179,8 @@ def _read_csv(path: Path, class_names: tuple[str, ...]) -> list[Click]:
         for row in reader:
             line = reader.line_num  # the file's own line: blank lines are skipped, not counted away
             row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            if not any(row.values()):  # a spreadsheet's filler row (",,,,"), as regions.csv skips it
+                continue
             class_id = _class_id(row["class"], class_names)
             if class_id is None:
                 raise _unknown(path, row["class"], f"line {line}", class_names)

@@ -226,6 +226,7 @@ def _read_dataset(data_root: Path, name: str, require_annotation: bool) -> Datas
             if scan not in scans and scan not in excluded
         ]
     scans = {scan_id: source for scan_id, source in scans.items() if scan_id not in excluded}
+    warnings += _unmatched_files(folder, set(scans) | set(excluded))
     reference = str(cfg.get("reference", ""))
     reference_region = None
     if cfg.get("region") is not None:
@@ -426,6 +427,29 @@ def _strip_nifti(name: str) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def _unmatched_files(folder: Path, scan_ids: set[str]) -> list[str]:
+    """Files of ``experts/`` and ``corrections/`` that name no scan: Slicer's default ``Segmentation.seg.nrrd``,
+    a labelmap saved as ``.nrrd``, ``S1.nii.gz`` for scan ``s1``. They were skipped without a word, and a
+    user waited for a correction that was never read."""
+    out = []
+    for sub in ("experts", "corrections"):
+        place = folder / sub
+        if not place.is_dir():
+            continue
+        for entry in sorted(place.iterdir()):
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            stem = next(
+                (entry.name[: -len(s)] for s in (*NIFTI_SUFFIXES, SEG_SUFFIX) if entry.name.endswith(s)), ""
+            )
+            if stem not in scan_ids:
+                out.append(
+                    f"{entry}: names no scan (expected <scan id>.nii.gz, .nii or {SEG_SUFFIX} for one of "
+                    f"{sorted(scan_ids)[:5]}{' ...' if len(scan_ids) > 5 else ''}); not read"
+                )
+    return out
 
 
 def _find_slicer(folder: Path, stem: str) -> Path | None:

@@ -61,6 +61,8 @@ def test_a_spreadsheet_saved_click_csv_reads_and_names_the_files_own_line(tmp_pa
     )  # a BOM, a blank line between rows
     placed = place_clicks(read_clicks(path, NAMES), image, path, "the reference")
     assert placed.class_ids == (1, 2, 3, 4, 2)
+    path.write_text("\n".join([*lines, ",,,,", " , , , , "]) + "\n")  # filler rows a spreadsheet keeps
+    assert place_clicks(read_clicks(path, NAMES), image, path, "the reference").class_ids == (1, 2, 3, 4, 2)
     lines[3] = lines[3].replace("true", "maybe").replace("True", "maybe")
     path.write_text("\n\n".join(lines) + "\n")
     with pytest.raises(ScanError, match=r"line 7: positive must be true or false"):

@@ -10,6 +10,7 @@ from nnsam2_assets.ingest.annotation import validate_annotation
 from nnsam2_assets.ingest.convention import load_dataset, map_labels, validate_dataset_key
 from nnsam2_assets.ingest.errors import DatasetError
 from nnsam2_assets.ingest.regions import Region
+from nnsam2_assets.testing.cohorts import write_tiny_dataset
 from nnsam2_assets.testing.realdata import write_yaml
 
 
@@ -296,3 +297,15 @@ def test_two_files_of_one_scan_exclude_that_scan_naming_both(tmp_path, dixon):
     second = "a_fat.nii.gz" if dixon else "a.nii.gz"
     first = "a_fat.nii" if dixon else "a.nii"
     assert excluded["a"] == f"{scans / second}: {first} is the same scan 'a': keep one of the two"
+
+
+def test_a_correction_or_expert_file_that_names_no_scan_is_reported_not_skipped_silently(tmp_path):
+    folder = write_tiny_dataset(tmp_path, "ds", 2)
+    (folder / "corrections").mkdir()
+    for name in ("Segmentation.seg.nrrd", "subj01.nrrd", "subj01.nii.gz", ".DS_Store"):
+        (folder / "corrections" / name).write_bytes(b"x")
+    (folder / "experts" / "SUBJ00.nii.gz").write_bytes(b"x")
+    warnings = load_dataset(tmp_path, "ds").warnings
+    named = sorted(Path(line.split(": names no scan")[0]).relative_to(folder).as_posix() for line in warnings)
+    assert named == ["corrections/Segmentation.seg.nrrd", "corrections/subj01.nrrd", "experts/SUBJ00.nii.gz"]
+    assert all("names no scan" in line and "not read" in line for line in warnings)

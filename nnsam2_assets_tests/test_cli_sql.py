@@ -133,6 +133,12 @@ def test_export_csv_and_parquet(db, tmp_path):
     pd.testing.assert_frame_equal(pq, want)
     res = _cli("export", "scan_metrics", str(tmp_path / "m.xlsx"), "--db", str(db))
     assert res.returncode != 0 and "m.xlsx" in res.stderr
+    # a place it cannot write (its "folder" is a file): named as the output; it had named a temporary file,
+    # as a query's failure
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "m.csv"
+    res = _cli("export", "scan_metrics", str(out), "--db", str(db))
+    assert res.returncode == 2 and res.stderr.strip().startswith(f"nnsam2 export: {out}: cannot be written")
 
 
 def test_report_without_a_database_says_so_without_a_traceback(tmp_path):

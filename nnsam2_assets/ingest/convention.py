@@ -101,7 +101,8 @@ class DatasetSpec:
     # dataset-level problems that exclude nothing (e.g. a regions.csv row for a scan that does not exist)
     warnings: tuple[str, ...] = ()
     region_rows: dict[str, int] = field(default_factory=dict)  # scan -> its regions.csv line
-    reference_region: Region | None = None  # dataset.yaml's region: the one other scans' are found from
+    # the reference's region (its regions.csv row, else dataset.yaml's): the one other scans' are found from
+    reference_region: Region | None = None
     segment_names: dict[str, int] = field(default_factory=dict)  # a .seg.nrrd segment's name -> class id
 
     def confined(self, path: Path) -> Path:
@@ -239,6 +240,8 @@ def _read_dataset(data_root: Path, name: str, require_annotation: bool) -> Datas
         reference_region = regions.setdefault(
             reference, parse_region(cfg["region"], f"{cfg_path} key region")
         )
+    else:  # the reference's row alone is its region too: without it the other scans had stayed whole, unsaid
+        reference_region = regions.get(reference)
     if reference in excluded:
         raise DatasetError(f"{cfg_path}: reference scan {reference!r} is excluded: {excluded[reference]}")
     if reference not in scans:

@@ -97,6 +97,17 @@ def region_inputs(spec: DatasetSpec, scan_id: str, content: bool) -> str:
     return f"found:{region_finding.VERSION}:{spec.reference_region}:{fingerprint}"
 
 
+def given_region_source(spec: DatasetSpec, scan_id: str) -> str:
+    return "regions.csv" if scan_id in spec.region_rows else "dataset.yaml"
+
+
+def _with_current_source(row: dict, spec: DatasetSpec, scan_id: str) -> dict:
+    """A kept row with its given region's current source: the same region moved from dataset.yaml into
+    regions.csv (or back) is the same crop, so the row is kept, but the manifest had gone on naming the old
+    file."""
+    return {**row, "region_source": given_region_source(spec, scan_id)} if scan_id in spec.regions else row
+
+
 def _readable(path: Path, spec: DatasetSpec) -> bool:
     """Whether ``path`` lies under the data root or an allowed root (``NNSAM2_ALLOWED_ROOTS``)."""
     try:
@@ -138,7 +149,7 @@ def prepare_scan(
     confidence, uncertain = None, False
     if region:
         _check_region(spec, source, original)
-        region_source = "regions.csv" if source.scan_id in spec.region_rows else "dataset.yaml"
+        region_source = given_region_source(spec, source.scan_id)
     elif spec.reference_region is not None:
         reference = reference or ReferenceForRegions(spec)
         found = region_finding.find_region(reference.image, spec.reference_region, original)
@@ -352,12 +363,13 @@ def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) ->
                 and info.get("stat") == signature
                 and cache.is_fresh(scan_id, info["row"]["source_hash"], outputs)
             ):
-                rows.append(info["row"])
+                rows.append(_with_current_source(info["row"], spec, scan_id))
                 continue
             key = cache_key(VERSION, source_hash(source, spec))
             if info and cache.is_fresh(scan_id, key, outputs):  # touched, same content
-                cache.record(scan_id, key, {"stat": signature, "row": info["row"]})
-                rows.append(info["row"])
+                row = _with_current_source(info["row"], spec, scan_id)
+                cache.record(scan_id, key, {"stat": signature, "row": row})
+                rows.append(row)
                 continue
             prepared = prepare_scan(spec, source, reference)
             cache.invalidate(scan_id)

@@ -177,6 +177,15 @@ def test_the_reference_region_in_dataset_yaml_and_the_l4_l5_column_follow_one_sc
     assert spec.reference_region == Region(0, 4, 2)
 
 
+def test_the_references_regions_row_alone_is_the_region_others_are_found_from(tmp_path):
+    """Without a region in dataset.yaml the reference's row had cropped the reference alone: every scan without
+    a row of its own stayed whole, without a warning, beside a cropped reference."""
+    folder = _tiny_dataset(tmp_path)
+    (folder / "regions.csv").write_text("scan,first_slice,last_slice,l4_l5\na,0,4,2\n")
+    spec = load_dataset(tmp_path, "tiny")
+    assert spec.regions == {"a": Region(0, 4, 2)} and spec.reference_region == Region(0, 4, 2)
+
+
 @pytest.mark.parametrize(
     ("region", "message"),
     [
@@ -309,3 +318,21 @@ def test_a_correction_or_expert_file_that_names_no_scan_is_reported_not_skipped_
     named = sorted(Path(line.split(": names no scan")[0]).relative_to(folder).as_posix() for line in warnings)
     assert named == ["corrections/Segmentation.seg.nrrd", "corrections/subj01.nrrd", "experts/SUBJ00.nii.gz"]
     assert all("names no scan" in line and "not read" in line for line in warnings)
+
+
+def test_the_manifest_names_where_a_kept_region_comes_from_now(tmp_path):
+    """The same region moved from regions.csv to dataset.yaml is the same crop, so the scan is not ingested
+    again; its manifest row had gone on saying regions.csv."""
+    from nnsam2_assets.ingest.scans import ingest_scans, read_manifest
+    from nnsam2_assets.testing.direct import DirectRun
+
+    folder = write_tiny_dataset(tmp_path / "data", "ds", 2)
+    run = DirectRun(tmp_path / "data", tmp_path / "storage", ["ds"])
+    layout = run.layout("ds")
+    ingest_scans(load_dataset(run.data_root, "ds"), layout)
+    assert read_manifest(layout).loc["subj00", "region_source"] == "regions.csv"
+    rows = (folder / "regions.csv").read_text().splitlines()
+    (folder / "regions.csv").write_text("\n".join(r for r in rows if not r.startswith("subj00,")) + "\n")
+    again = ingest_scans(load_dataset(run.data_root, "ds"), layout)
+    assert again.computed == 0  # dataset.yaml holds the same region: the same crop
+    assert read_manifest(layout).loc["subj00", "region_source"] == "dataset.yaml"

@@ -71,6 +71,8 @@ def read_regions(path: Path) -> RegionTable:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"{path}: unreadable region table ({exc})") from exc
     columns = [c.strip() for c in header or []]
+    while columns and not columns[-1]:  # a spreadsheet's used range wider than its table: empty header cells
+        columns.pop()
     missing = set(REGION_COLUMNS) - set(columns)
     if missing:
         raise DatasetError(f"{path}: missing columns {sorted(missing)} (need {','.join(REGION_COLUMNS)})")
@@ -96,6 +98,8 @@ def read_regions(path: Path) -> RegionTable:
             regions.pop(scan, None)
             continue
         rows[scan] = line
+        if not any(f.strip() for f in fields[len(columns) :]):  # empty cells past the table are no values
+            fields = fields[: len(columns)]
         left_off = columns[len(fields) :]
         # a value without its column shifts no other value; a row may end before optional trailing columns,
         # as a hand-written row or a table that gained the l4_l5 column after its rows were written does

@@ -237,6 +237,10 @@ def test_region_rows_are_named_by_their_line_in_the_file_and_a_stray_value_shift
         spec.excluded["b"]
         == f"{csv} row 3: 4 values where the header names 3 columns (scan,first_slice,last_slice)"
     )
+    # a spreadsheet's used range wider than the table: empty header cells and empty cells past it are no values
+    csv.write_text("scan,first_slice,last_slice,,\na,0,4,,\nb,1,5,\n")
+    spec = load_dataset(tmp_path, "tiny")
+    assert spec.regions == {"a": Region(0, 4), "b": Region(1, 5)} and not spec.excluded
     # a row may end before an optional column, never before a required one
     csv.write_text("scan,first_slice,last_slice,l4_l5\na,0,4\nb,1,5,3\n")
     assert load_dataset(tmp_path, "tiny").regions == {"a": Region(0, 4), "b": Region(1, 5, 3)}

@@ -261,12 +261,13 @@ def _check_region(spec: DatasetSpec, source: ScanSource, original: sitk.Image) -
     region = spec.regions[source.scan_id]
     n = original.GetSize()[axial_axis(original)]
     if max(region.bounds) >= n:
-        where, _, row = spec.region_origin(source.scan_id).partition(" row ")
+        row = spec.region_rows.get(source.scan_id)
+        where = spec.folder / ("regions.csv" if row is not None else "dataset.yaml")
         raise ScanError(
             where,
-            (f"row {row}, " if row else "")
-            + f"columns first_slice/last_slice: slices {region.first}..{region.last} lie outside the "
-            f"{n} axial slices (0..{n - 1}) of {source.image}",
+            (f"row {row}, columns first_slice/last_slice" if row is not None else "key region")
+            + f": slices {region.first}..{region.last} lie outside the {n} axial slices (0..{n - 1}) of "
+            f"{source.image}",
         )
 
 

@@ -340,3 +340,19 @@ def test_the_manifest_names_where_a_kept_region_comes_from_now(tmp_path):
     again = ingest_scans(load_dataset(run.data_root, "ds"), layout)
     assert again.computed == 0  # dataset.yaml holds the same region: the same crop
     assert read_manifest(layout).loc["subj00", "region_source"] == "dataset.yaml"
+
+
+def test_a_region_beyond_the_scan_names_its_file_and_row_whatever_the_folders_are_called(tmp_path):
+    """The file was cut out of the message at " row ", so a folder named "my row scans" garbled it."""
+    from nnsam2_assets.ingest.scans import ingest_scans, read_manifest
+    from nnsam2_assets.testing.direct import DirectRun
+
+    root = tmp_path / "my row scans"
+    folder = write_tiny_dataset(root, "ds", 2)
+    (folder / "regions.csv").write_text("scan,first_slice,last_slice\nsubj01,1,999\n")
+    run = DirectRun(root, tmp_path / "storage", ["ds"])
+    ingest_scans(load_dataset(root, "ds"), run.layout("ds"))
+    error = read_manifest(run.layout("ds")).loc["subj01", "error"]
+    assert error.startswith(
+        f"{folder / 'regions.csv'}: row 2, columns first_slice/last_slice: slices 1..999 lie"
+    )

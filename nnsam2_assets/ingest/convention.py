@@ -68,6 +68,13 @@ def is_valid_scan_id(scan_id: str) -> bool:
     return bool(_SCAN_ID.fullmatch(scan_id)) and ".." not in scan_id
 
 
+def owns_outputs(scan_id: str, dixon: bool) -> bool:
+    """Whether ``scan_id`` names stored files of its own: a valid id, and in a Dixon dataset not one ending in
+    ``_fat`` in any case (those are the stored fat images of the scan before it: removing an excluded
+    ``x_fat``'s outputs had deleted scan ``x``'s fat image)."""
+    return is_valid_scan_id(scan_id) and not (dixon and scan_id.casefold().endswith("_fat"))
+
+
 def validate_scan_id(scan_id: str, path: Path) -> str:
     if not is_valid_scan_id(scan_id):
         raise ScanError(path, f"invalid scan id {scan_id!r}: use letters, digits, '.', '-' or '_'")
@@ -356,7 +363,7 @@ def _dixon_scan_id(scan_id: str, entry: Path) -> str:
     """A Dixon scan's id, which may not end in ``_fat``: scan ``x``'s fat image is stored as ``x_fat``, and
     a scan ``x_fat`` would overwrite it (each then measured the other's image)."""
     scan_id = validate_scan_id(scan_id, entry)
-    if scan_id.endswith("_fat"):
+    if scan_id.casefold().endswith("_fat"):
         raise ScanError(
             entry,
             f"a Dixon scan id may not end in '_fat' ({scan_id!r}): rename the pair, e.g. {scan_id[:-4]}-fat",
@@ -404,6 +411,8 @@ def discover_scans(
             excluded[name] = str(exc)
     for scan_id in sorted(set(fats) - set(found) - set(excluded)):
         excluded[scan_id] = f"{fats[scan_id]}: fat image without a matching {scan_id}_water image"
+    for name, why in _case_clashes({**fats, **found}, set(excluded)).items():
+        excluded.setdefault(name, why)
     for scan_id in set(found) & set(excluded):
         del found[scan_id]  # its fat image is bad: the pair is excluded together
     if not found:
@@ -415,6 +424,23 @@ def discover_scans(
         corrected = _find_nifti(corrections, scan_id) or _find_slicer(corrections, scan_id)
         sources[scan_id] = ScanSource(scan_id, image, fats.get(scan_id), expert, corrected)
     return sources, excluded
+
+
+def _case_clashes(files: dict[str, Path], excluded: set[str]) -> dict[str, str]:
+    """Scans whose ids differ only in case (``S1`` beside ``s1``), each excluded: on a case-insensitive file
+    system (macOS, Windows, Docker Desktop) their stored files are one file, and one scan's image and metrics
+    had overwritten the other's."""
+    groups: dict[str, list[str]] = {}
+    for scan_id in sorted(set(files) | excluded):
+        groups.setdefault(scan_id.casefold(), []).append(scan_id)
+    out = {}
+    for names in (g for g in groups.values() if len(g) > 1):
+        for name in names:
+            where = files.get(name, name)
+            out[name] = (
+                f"{where}: scans {', '.join(names)} differ only in case (one file where case is not told apart): rename all but one"
+            )
+    return out
 
 
 def _claim(taken: dict[str, Path], scan_id: str, entry: Path) -> None:

@@ -41,8 +41,8 @@ from nnsam2_assets.ingest import region_finding
 from nnsam2_assets.ingest.convention import (
     DatasetSpec,
     ScanSource,
-    is_valid_scan_id,
     map_labels_keep,
+    owns_outputs,
 )
 from nnsam2_assets.ingest.regions import Region
 from nnsam2_assets.ingest.slicer import is_slicer_segmentation, read_slicer_labels
@@ -426,7 +426,7 @@ def ingest_scans(spec: DatasetSpec, layout: DatasetLayout, log: Log = silent) ->
     for name, reason in spec.excluded.items():
         log(f"scan {name} excluded: {reason}")
         rows.append({"scan": name, "status": "error", "error": reason, "source": ""})
-        if is_valid_scan_id(name):  # an invalid name never had outputs (and may not even be a file name)
+        if owns_outputs(name, spec.is_dixon):  # an invalid name never had outputs, nor has a Dixon x_fat
             remove_scan_outputs(layout, name, spec.is_dixon)
     cache.forget_others({row["scan"] for row in rows if row["status"] == "ok"})
     manifest = pd.DataFrame(rows).fillna({"error": "", "notes": "", "warnings": ""})

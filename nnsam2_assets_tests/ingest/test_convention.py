@@ -356,3 +356,37 @@ def test_a_region_beyond_the_scan_names_its_file_and_row_whatever_the_folders_ar
     assert error.startswith(
         f"{folder / 'regions.csv'}: row 2, columns first_slice/last_slice: slices 1..999 lie"
     )
+
+
+def test_a_misnamed_dixon_file_never_deletes_another_scans_fat_image(tmp_path):
+    """``subj01_fat_water.nii.gz`` is excluded as scan ``subj01_fat``; removing that name's outputs had deleted
+    ``scans/subj01_fat.nii.gz``, which is scan subj01's stored fat image, while its manifest row said ok."""
+    import shutil
+
+    from nnsam2_assets.ingest.scans import ingest_scans, read_manifest
+    from nnsam2_assets.testing.direct import DirectRun
+
+    folder = write_tiny_dataset(tmp_path / "data", "ds", 2)
+    run = DirectRun(tmp_path / "data", tmp_path / "storage", ["ds"])
+    layout = run.layout("ds")
+    ingest_scans(load_dataset(run.data_root, "ds"), layout)
+    assert layout.scan_fat("subj01").exists()
+    shutil.copy(folder / "scans" / "subj01_water.nii.gz", folder / "scans" / "subj01_fat_water.nii.gz")
+    spec = load_dataset(run.data_root, "ds")
+    assert "subj01_fat" in spec.excluded
+    ingest_scans(spec, layout)
+    assert read_manifest(layout).loc["subj01", "status"] == "ok" and layout.scan_fat("subj01").exists()
+
+
+def test_scans_whose_ids_differ_only_in_case_are_all_excluded(tmp_path):
+    """On a case-insensitive file system (macOS, Windows) ``S1`` and ``s1`` are stored as one file."""
+    import shutil
+
+    folder = write_tiny_dataset(tmp_path, "ds", 3)
+    for kind in ("water", "fat"):
+        shutil.copy(folder / "scans" / f"subj02_{kind}.nii.gz", folder / "scans" / f"SUBJ02_{kind}.nii.gz")
+    spec = load_dataset(tmp_path, "ds")
+    assert "subj02" not in spec.scans and "SUBJ02" not in spec.scans and "subj01" in spec.scans
+    assert (
+        "differ only in case" in spec.excluded["subj02"] and "differ only in case" in spec.excluded["SUBJ02"]
+    )

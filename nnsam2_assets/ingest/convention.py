@@ -175,6 +175,8 @@ _NoAliasLoader.add_constructor("tag:yaml.org,2002:int", _NoAliasLoader.construct
 
 def read_dataset_yaml(path: Path) -> dict:
     """dataset.yaml as a mapping, refused when too large, malformed or using aliases."""
+    if not path.is_file():  # a pipe would block every sensor tick's read
+        raise DatasetError(f"{path}: not a regular file")
     size = path.stat().st_size
     if size > MAX_YAML_BYTES:
         raise DatasetError(
@@ -184,6 +186,12 @@ def read_dataset_yaml(path: Path) -> dict:
         cfg = yaml.load(path.read_text(), Loader=_NoAliasLoader) or {}  # a SafeLoader subclass
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: not valid YAML ({exc})") from exc
+    except (
+        RecursionError
+    ) as exc:  # thousands of nested brackets: it had escaped and stopped every dataset's tick
+        raise DatasetError(f"{path}: nested too deeply to be a dataset description") from exc
+    except ValueError as exc:  # a date that does not exist, an integer of thousands of digits
+        raise DatasetError(f"{path}: a value cannot be read ({exc})") from exc
     if not isinstance(cfg, dict):
         raise DatasetError(f"{path}: expected a mapping of keys")
     return cfg
@@ -222,7 +230,7 @@ def _read_dataset(data_root: Path, name: str, require_annotation: bool) -> Datas
     scans, excluded = discover_scans(folder, is_dixon=sequence == "dixon", roots=roots)
     regions_path = folder / "regions.csv"
     regions, warnings, table = {}, [], RegionTable({}, {}, {})
-    if regions_path.exists():
+    if regions_path.exists() or regions_path.is_symlink():  # a broken link is refused, not taken as no table
         confine_dataset_file(regions_path, roots)
         table = read_regions(regions_path)
         regions = {scan: region for scan, region in table.regions.items() if scan in scans}

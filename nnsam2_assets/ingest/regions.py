@@ -58,6 +58,8 @@ def read_regions(path: Path) -> RegionTable:
     (ending before an optional column leaves it empty). Blank lines, and a spreadsheet's empty
     rows, are skipped. Every message names the file, the row (line number in the file, header = 1) and the
     column."""
+    if not path.is_file():  # a pipe would block every sensor tick's read; a broken link is no table
+        raise DatasetError(f"{path}: not a regular file")
     try:
         size = path.stat().st_size
         if size > MAX_TABLE_BYTES:  # read whole on every sensor tick: a huge file would hold gigabytes
@@ -136,11 +138,18 @@ def parse_region(record: Mapping[str, object], where: str) -> Region:
     return Region(first, last, l4_l5)
 
 
+MAX_INDEX_DIGITS = 9  # a slice index of a real scan has at most 4 or 5
+
+
 def _slice_index(value: object, where: str, column: str) -> int:
     text = str(value).strip()
     if not _INTEGER.fullmatch(text):
         shown = "empty" if not text else f"{text!r} is not an integer slice index"
         raise DatasetError(f"{where}, column {column}: {shown}")
+    if (
+        len(text.lstrip("+-")) > MAX_INDEX_DIGITS
+    ):  # Python refuses to read 4,300 digits; floats overflow sooner
+        raise DatasetError(f"{where}, column {column}: {text[:20]}... is no slice index ({len(text)} digits)")
     index = int(text)
     if index < 0:
         raise DatasetError(f"{where}, column {column}: slice index {index} is negative")

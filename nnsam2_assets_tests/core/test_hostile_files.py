@@ -212,6 +212,46 @@ def test_a_dataset_yaml_with_aliases_or_too_many_bytes_is_refused(tmp_path):
     assert load_dataset(tmp_path / "data", "ds").name == "ds"
 
 
+def test_a_dataset_description_nested_too_deeply_or_naming_no_real_value_is_the_datasets_error(tmp_path):
+    """20,000 nested brackets (far under the size cap) raised RecursionError, which escaped every caller: no
+    dataset was registered or run. A date that does not exist named no file."""
+    folder = write_tiny_dataset(tmp_path / "data", "ds", 2, seed=1)
+    cfg = folder / "dataset.yaml"
+    original = cfg.read_text()
+    cfg.write_text(original + "x: " + "[" * 20000 + "]" * 20000 + "\n")
+    with pytest.raises(DatasetError, match=rf"{cfg}: nested too deeply"):
+        load_dataset(tmp_path / "data", "ds")
+    cfg.write_text(original + "acquired: 2024-02-30\n")
+    with pytest.raises(DatasetError, match=rf"{cfg}: a value cannot be read"):
+        load_dataset(tmp_path / "data", "ds")
+
+
+def test_a_region_index_of_thousands_of_digits_excludes_its_scan_alone_naming_the_row(tmp_path):
+    """It raised a bare ValueError (Python reads at most 4,300 digits) that refused the dataset naming no
+    file; from dataset.yaml a 400-digit one overflowed a float in region finding and failed every scan."""
+    folder = write_tiny_dataset(tmp_path / "data", "ds", 2, seed=1)
+    (folder / "regions.csv").write_text(f"scan,first_slice,last_slice\nsubj01,1,{'9' * 5000}\n")
+    spec = load_dataset(tmp_path / "data", "ds")
+    assert "subj00" in spec.scans and "subj01" in spec.excluded
+    assert spec.excluded["subj01"].startswith(f"{folder / 'regions.csv'} row 2, column last_slice: 99999")
+
+
+def test_a_region_table_that_is_a_pipe_or_a_broken_link_is_refused_unread(tmp_path):
+    """A pipe named regions.csv blocked the sensor's tick for ever: every dataset stalled."""
+    import os
+
+    folder = write_tiny_dataset(tmp_path / "data", "ds", 2, seed=1)
+    table = folder / "regions.csv"
+    table.unlink()
+    os.mkfifo(table)
+    with pytest.raises(DatasetError, match=rf"{table}: not a regular file"):
+        load_dataset(tmp_path / "data", "ds")
+    table.unlink()
+    table.symlink_to(folder / "gone.csv")
+    with pytest.raises(DatasetError, match=rf"{table}: not a regular file"):
+        load_dataset(tmp_path / "data", "ds")
+
+
 def test_a_region_table_too_large_to_be_one_is_refused_unread(tmp_path):
     path = tmp_path / "regions.csv"
     with open(path, "w") as fh:

@@ -50,13 +50,20 @@ TABLES = (
 )
 
 
-# DuckDB settings of every connection that runs user SQL; lock_configuration keeps a SET from undoing them.
+# DuckDB settings of every connection that runs user SQL.
 USER_SQL_CONFIG = {
     "enable_external_access": False,
     "autoinstall_known_extensions": False,
     "autoload_known_extensions": False,
-    "lock_configuration": True,
+    # the metrics are thousands of rows: a runaway join fails at these bounds instead of taking the machine's
+    # memory and its disk under the storage root (DuckDB's own defaults are 80 % of memory, 90 % of free disk)
+    "memory_limit": "4GB",
+    "max_temp_directory_size": "4GB",
 }
+# then set on each of those connections, in this order: DuckDB draws its progress bar on stdout even into a
+# pipe (`nnsam2 sql --csv ... > out.csv` began with it), and lock_configuration, last, keeps a user's SET from
+# undoing any of these
+USER_SQL_SESSION = {"enable_progress_bar": False, "lock_configuration": True}
 WHOLE_NUMBER_TYPES = {
     "TINYINT",
     "SMALLINT",
@@ -229,6 +236,8 @@ def _read(path: Path, wait_s: float, work: Callable[[Any], T], poll_s: float = 0
             path, read_only=True, wait_s=max(deadline - time.monotonic(), 0.0), config=USER_SQL_CONFIG
         )
         try:
+            for name, value in USER_SQL_SESSION.items():
+                con.execute(f"SET {name} = {str(value).lower()}")  # our constants, never user text
             return work(con)
         except duckdb.IOException as exc:
             if time.monotonic() >= deadline:

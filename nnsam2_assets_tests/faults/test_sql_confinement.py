@@ -173,3 +173,17 @@ def test_the_cli_prints_one_line_refusals_without_tracebacks(db, tmp_path):
     res = _cli("export", "scan_metrics", str(tmp_path / "out.xlsx"), "--db", str(db))
     assert res.returncode == 2 and "unknown output suffix" in res.stderr and "Traceback" not in res.stderr
     assert _digest(db) == before and not (tmp_path / "out.csv").exists()
+
+
+def test_user_sql_runs_bounded_and_without_a_progress_bar_in_its_output(db):
+    """DuckDB's defaults let one statement take 80 % of memory and 90 % of free disk under the storage root,
+    and its progress bar went to stdout, into ``nnsam2 sql --csv``'s file."""
+    settings = query(
+        db,
+        "SELECT current_setting('enable_progress_bar') AS bar, current_setting('memory_limit') AS memory, "
+        "current_setting('max_temp_directory_size') AS spill",
+    ).iloc[0]
+    assert not settings.bar
+    for limit in (settings.memory, settings.spill):
+        number, unit = limit.split()
+        assert unit in ("MiB", "GiB") and float(number) * (1 if unit == "MiB" else 1024) <= 4 * 1024, limit

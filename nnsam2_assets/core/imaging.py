@@ -27,6 +27,7 @@ MIN_INPLANE_VOXELS = 64
 MIN_INPLANE_MM = 100.0
 # A DICOM series' slices must lie where its grid puts them, within a tenth of the slice spacing (floating
 # point in the exported positions stays far below that; a missing slice, or a tilt over a few slices, does not)
+PIXEL_SPACING_TAG = "0028|0030"
 POSITION_TAG = "0020|0032"  # Image Position (Patient)
 POSITION_TOLERANCE_SPACING = 0.1
 MIN_POSITION_TOLERANCE_MM = 0.05
@@ -80,7 +81,9 @@ def read_source_image(path: Path | str) -> sitk.Image:
     path = Path(path)
     if path.is_file() and path.name.endswith(NIFTI_SUFFIXES):
         _check_nifti_size(path)
+        _check_nifti_pixdim(path)
     img = read_image(path)
+    _check_spacing(img, path)
     if path.is_file() and path.name.endswith(NIFTI_SUFFIXES):
         bad = nonfinite_voxels_in_nifti(path)
         if bad:
@@ -91,6 +94,34 @@ def read_source_image(path: Path | str) -> sitk.Image:
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         raise ScanError(path, "image holds NaN or infinite values")
     return img
+
+
+# a voxel side beyond this is no scan's (thick CT slabs are 10 mm): a header's nonsense, not a voxel size
+MAX_SPACING_MM = 50.0
+
+
+def _check_spacing(img: sitk.Image, path: Path) -> None:
+    """Refuse a voxel size that cannot be one: every volume and HU mean would be computed on it."""
+    spacing = img.GetSpacing()
+    if not all(0.0 < s <= MAX_SPACING_MM for s in spacing):  # NaN fails every comparison
+        raise ScanError(
+            path, f"voxel spacing {tuple(spacing)} mm: each must be above 0 and at most {MAX_SPACING_MM:g}"
+        )
+
+
+def _check_nifti_pixdim(path: Path) -> None:
+    """The header's own voxel sizes: the reader takes 1 mm for a NaN, zero or infinite one, without a word."""
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+        pixdim = np.asarray(header["pixdim"][1 : 1 + min(3, int(header["dim"][0]))], dtype=float)
+    except Exception:  # noqa: BLE001 - nibabel raises many types; read_image names the file if it is bad
+        return
+    if not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
+        raise ScanError(
+            path, f"header voxel sizes (pixdim) {tuple(pixdim.tolist())}: each must be a size in mm"
+        )
 
 
 # 512 x 512 x 2048 voxels: far above a lumbar scan, and what one ingest worker can hold several copies of
@@ -203,6 +234,11 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's own position, for the grid check
     img = _without_singleton_fourth_axis(reader.Execute())  # one multi-frame file reads as [x, y, frame, 1]
     _check_slice_positions(img, reader, files, folder)
+    if len(files) > 1 and not reader.HasMetaDataKey(0, PIXEL_SPACING_TAG):
+        raise ScanError(
+            files[0],
+            "no Pixel Spacing (0028,0030): the reader would take 1 x 1 mm, and every volume would be a guess",
+        )
     return img
 
 
@@ -231,6 +267,13 @@ def _check_slice_positions(
     elif len(files) == 1:
         positions = _frame_positions(Path(files[0]), n)
         names = [f"{Path(files[0]).name} frame {k + 1}" for k in range(n)]
+    elif len(files) == n:  # one slice without a position had switched the check off for the whole series
+        k = next(k for k in range(n) if not reader.HasMetaDataKey(k, POSITION_TAG))
+        raise ScanError(
+            files[k],
+            "no Image Position (Patient) (0020,0032): the slice cannot be placed, so neither can the series' "
+            "grid be checked (a missing slice would go unseen)",
+        )
     else:
         return  # no positions to hold the grid against
     worst, at = 0.0, 0

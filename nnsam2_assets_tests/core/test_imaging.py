@@ -13,6 +13,7 @@ from nnsam2_assets.core.imaging import (
     dicom_series_files,
     pair_dixon,
     read_image,
+    read_source_image,
     to_canonical,
     to_original_grid,
 )
@@ -167,3 +168,36 @@ def test_a_dicom_series_off_a_regular_grid_is_refused_naming_the_slice(tmp_path:
     sheared = _series_copy(tmp_path, "sheared", (0.0, 0.5, 0.0))
     with pytest.raises(ScanError, match="gantry-tilted series"):
         read_image(sheared)
+
+
+def test_a_dicom_series_that_cannot_be_measured_is_refused_naming_the_file(tmp_path: Path):
+    """A slice without a position switched the grid check off for the whole series (a missing slice then
+    passed at 1 mm spacing); a series without Pixel Spacing was read as 1 x 1 mm. Every volume would be
+    wrong without a word."""
+    gapped = _series_copy(tmp_path, "gapped")
+    (gapped / "slice007.dcm").unlink()
+    ds = pydicom.dcmread(gapped / "slice003.dcm")
+    del ds.ImagePositionPatient
+    ds.save_as(gapped / "slice003.dcm")
+    with pytest.raises(ScanError, match=r"slice003\.dcm: no Image Position \(Patient\)"):
+        read_image(gapped)
+    unmeasured = _series_copy(tmp_path, "unmeasured")
+    for path in unmeasured.iterdir():
+        ds = pydicom.dcmread(path)
+        del ds.PixelSpacing
+        ds.save_as(path)
+    with pytest.raises(ScanError, match=r"slice000\.dcm: no Pixel Spacing"):
+        read_image(unmeasured)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_a_voxel_size_that_cannot_be_one_is_refused(tmp_path: Path, bad: float):
+    """SimpleITK reads a NaN or infinite NIfTI slice thickness as 1 mm, and 1e30 mm passed as it was."""
+    import nibabel as nib
+
+    path = tmp_path / "scan.nii.gz"
+    image = nib.Nifti1Image(np.ones((80, 80, 6), np.float32), np.diag([1.0, 1.0, 3.0, 1.0]))
+    image.header["pixdim"][3] = bad
+    nib.save(image, str(path))
+    with pytest.raises(ScanError, match=r"scan\.nii\.gz: (header voxel sizes|voxel spacing)"):
+        read_source_image(path)

@@ -30,8 +30,10 @@ target stays inside those roots; a link to ``/etc/passwd`` or another user's fol
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -337,10 +339,9 @@ def readable_roots(data_root: Path) -> tuple[Path, ...]:
 def confine(path: Path, roots: tuple[Path, ...]) -> Path:
     """The resolved path of ``path`` (every file inside, for a DICOM folder), if it lies under ``roots``."""
     path = Path(path)
-    targets = (
-        [path, *(p for p in path.rglob("*") if p.is_file() or p.is_symlink())] if path.is_dir() else [path]
-    )
-    for target in targets:
+    # the path itself first, lazily after it: a link to / was refused only after a walk of the whole file
+    # system, on every sensor tick
+    for target in itertools.chain([path], _files_below(path)):
         resolved = target.resolve()
         if not any(resolved.is_relative_to(root) for root in roots):
             raise ScanError(
@@ -350,6 +351,12 @@ def confine(path: Path, roots: tuple[Path, ...]) -> Path:
                 + "; copy the file in, or list its folder in NNSAM2_ALLOWED_ROOTS",
             )
     return path.resolve()
+
+
+def _files_below(path: Path) -> Iterator[Path]:
+    """Every file and link under a folder, listed only when asked for."""
+    if path.is_dir():
+        yield from (p for p in path.rglob("*") if p.is_file() or p.is_symlink())
 
 
 def confine_dataset_file(path: Path, roots: tuple[Path, ...]) -> Path:

@@ -89,3 +89,23 @@ def test_expert_labels_and_a_correction_linked_out_are_not_read(tmp_path):
     _link_out(correction, tmp_path / "outside2")
     recorded = record_corrections(load_dataset(data, "ds"), layout)
     assert not recorded.changed and "outside the data root" in recorded.refused["subj00"]
+
+
+def test_a_folder_linked_out_of_the_data_root_is_refused_before_its_tree_is_walked(tmp_path, monkeypatch):
+    """A scan folder linked to ``/`` (or ``/usr``) was refused only after every file below it was listed, on
+    every sensor tick."""
+    folder = write_tiny_dataset(tmp_path / "data", "ds", 2)
+    outside = tmp_path / "outside"
+    (outside / "deep" / "deeper").mkdir(parents=True)
+    (folder / "scans" / "linked_water").symlink_to(outside, target_is_directory=True)
+    walked: list[Path] = []
+    real_rglob = Path.rglob
+
+    def recording_rglob(self, pattern):
+        walked.append(self)
+        return real_rglob(self, pattern)
+
+    monkeypatch.setattr(Path, "rglob", recording_rglob)
+    spec = load_dataset(tmp_path / "data", "ds")
+    assert "outside the data root" in spec.excluded["linked"]
+    assert not any(p.resolve().is_relative_to(outside) for p in walked)

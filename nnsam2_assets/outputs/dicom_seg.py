@@ -119,6 +119,14 @@ COPIED_TYPE_2 = (
 )
 
 
+def _read_source(path: str) -> pydicom.Dataset:
+    """One file of the series; GDCM reads files that pydicom will not (no preamble), which ingest accepted."""
+    try:
+        return pydicom.dcmread(path)
+    except (pydicom.errors.InvalidDicomError, OSError, ValueError) as exc:
+        raise ScanError(path, f"pydicom cannot read this file of the series ({exc})") from exc
+
+
 def write_dicom_seg(
     mask: sitk.Image, series: Path, class_names: tuple[str, ...], out: Path, version: str,
     stacked: sitk.Image | None = None,
@@ -131,7 +139,7 @@ def write_dicom_seg(
         stacked = read_image(series)
     if not same_grid(mask, stacked):
         raise ScanError(out, "the mask is not on the DICOM series' grid")
-    sources, notes = _repaired(series, [pydicom.dcmread(f) for f in files], stacked.GetSpacing()[2])
+    sources, notes = _repaired(series, [_read_source(f) for f in files], stacked.GetSpacing()[2])
     labels = sitk.GetArrayFromImage(mask).astype(np.uint8)  # [slice, row, column], slices in file order
     present = [n for n in range(1, len(class_names) + 1) if (labels == n).any()]
     if not present:

@@ -369,3 +369,26 @@ def test_writing_a_series_scans_final_mask_reads_the_series_image_once(series_ma
     write_on_original_grid(spec, layout, "ctdicom", sitk.DICOMOrient(series_mask, "LPS"), "test")
     assert layout.final_mask_dicom_seg("ctdicom").exists()
     assert reads == [spec.scans["ctdicom"].image]
+
+
+def test_a_series_file_pydicom_cannot_read_refuses_the_seg_alone(series_mask, tmp_path):
+    """A file without the 128-byte preamble: GDCM reads it (ingest accepted the series) and pydicom does not.
+    Its InvalidDicomError escaped the scan and failed the final masks of every scan of the dataset."""
+    spec, layout = _ct_dataset(tmp_path)
+    canonical = sitk.DICOMOrient(series_mask, "LPS")
+    folder = spec.scans["ctdicom"].image
+    folder.unlink()
+    folder.mkdir()
+    files = dicom_series_files(SERIES)
+    for f in files:
+        (folder / Path(f).name).write_bytes(Path(f).read_bytes())
+    raw = (folder / Path(files[2]).name).read_bytes()
+    (folder / Path(files[2]).name).write_bytes(raw[132:])  # preamble and "DICM" gone
+    with pytest.raises(pydicom.errors.InvalidDicomError):
+        pydicom.dcmread(folder / Path(files[2]).name)
+    notes = write_on_original_grid(spec, layout, "ctdicom", canonical, "test")
+    assert layout.final_mask("ctdicom").exists() and not layout.final_mask_dicom_seg("ctdicom").exists()
+    (note,) = notes
+    assert note.startswith(
+        f"no DICOM Segmentation written: {folder / Path(files[2]).name}: pydicom cannot read"
+    )

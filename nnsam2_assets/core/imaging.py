@@ -128,6 +128,23 @@ def _check_nifti_pixdim(path: Path) -> None:
 MAX_VOXELS = 1 << 29
 
 
+def check_claimed_voxels(path: Path | str, files: int = 1) -> None:
+    """Refuse a file (or ``files`` files of a DICOM series, each like this one) whose header claims more than
+    ``MAX_VOXELS`` voxels, before its data is read: an 862-byte DICOM file claimed 24000 x 24000 pixels, a
+    560 KB compressed .seg.nrrd 576 million voxels (1.8 GB)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # unreadable: the read that follows names the file and the reason
+    size = reader.GetSize()
+    claimed = int(np.prod(size, dtype=np.int64)) * reader.GetNumberOfComponents() * files
+    if claimed > MAX_VOXELS:
+        shown = "x".join(map(str, size)) + (f" in each of {files} files" if files > 1 else "")
+        raise ScanError(path, f"its header claims {shown} voxels, more than {MAX_VOXELS:,}")
+
+
 def _check_nifti_size(path: Path) -> None:
     """Refuse a NIfTI file whose header claims more voxels than ``MAX_VOXELS`` (a few hundred bytes can claim
     terabytes), or whose data is shorter than its header says: a truncated or corrupt gzip stream, or a
@@ -229,6 +246,7 @@ def dicom_series_files(folder: Path) -> list[str]:
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
     files = dicom_series_files(folder)
+    check_claimed_voxels(files[0], len(files))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's own position, for the grid check

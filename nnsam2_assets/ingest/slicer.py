@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnsam2_assets.core.imaging import ScanError
+from nnsam2_assets.core.imaging import ScanError, check_claimed_voxels
 
 SEG_SUFFIX = ".seg.nrrd"
 _SEGMENT_KEY = re.compile(r"^Segment(\d+)_(Name|LabelValue|Layer)$")
@@ -69,6 +69,7 @@ def read_slicer_labels(
 ) -> sitk.Image:
     """The segmentation in our class ids (uint8): on ``grid`` when given (a cropped file is padded onto it),
     else on the file's own grid."""
+    check_claimed_voxels(path)  # a few hundred KB compressed can claim gigabytes
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:

@@ -285,3 +285,27 @@ def test_a_scan_error_crosses_a_process_boundary_whole():
         "holds 12 bytes",
     )
     assert str(error) == "/data/scan.nii.gz: holds 12 bytes"
+
+
+def test_a_dicom_file_or_segmentation_claiming_gigabytes_is_refused_before_reading(tmp_path):
+    """NIfTI headers were held to MAX_VOXELS; an 862-byte DICOM file claiming 24000 x 24000 pixels and a
+    small compressed .seg.nrrd claiming 576 million voxels were read, and could take the run's memory."""
+    import pydicom
+
+    from nnsam2_assets.core.imaging import dicom_series_files
+    from nnsam2_assets.testing.realdata import TS
+
+    series = tmp_path / "series"
+    series.mkdir()
+    ds = pydicom.dcmread(dicom_series_files(TS / "example_ct_dicom")[0])
+    ds.Rows = ds.Columns = 24000
+    ds.save_as(series / "slice.dcm")
+    with pytest.raises(ScanError, match=r"slice\.dcm: its header claims 24000x24000x1 voxels, more than"):
+        read_source_image(series)
+    seg = tmp_path / "bomb.seg.nrrd"
+    seg.write_bytes(
+        b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 2400 2400 100\nencoding: gzip\n\n"
+        + gzip.compress(bytes(1 << 16))
+    )
+    with pytest.raises(ScanError, match=r"bomb\.seg\.nrrd: its header claims 2400x2400x100 voxels"):
+        read_slicer_labels(seg, {1: 1}, {})

@@ -93,6 +93,10 @@ def read_clicks(path: Path, class_names: tuple[str, ...]) -> list[Click]:
         clicks = reader(path, class_names)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
         raise ScanError(path, f"cannot read the click file: {exc}") from exc
+    except RecursionError as exc:  # thousands of nested brackets
+        raise ScanError(path, "cannot read the click file: nested too deeply") from exc
+    except ValueError as exc:  # a number of thousands of digits, a value of the wrong kind
+        raise ScanError(path, f"cannot read the click file: {exc}") from exc
     if not clicks:
         raise ScanError(path, "the click file has no points")
     positives = {c.class_id for c in clicks if c.positive}
@@ -106,7 +110,7 @@ def _class_id(token: str, class_names: tuple[str, ...]) -> int | None:
     token = token.strip()
     if token in class_names:
         return class_names.index(token) + 1
-    if token.isdigit() and 1 <= int(token) <= len(class_names):
+    if token.isascii() and token.isdigit() and 1 <= int(token) <= len(class_names):  # "²" is a digit too
         return int(token)
     return None
 

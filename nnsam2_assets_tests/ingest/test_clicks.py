@@ -251,3 +251,22 @@ def test_malformed_markups_are_refused_naming_the_file(tmp_path, markups, reason
     with pytest.raises(ScanError) as err:
         read_clicks(path, NAMES)
     assert str(path) in str(err.value) and reason in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("annotation.csv", "class,x,y,z,positive\n\u00b2,1,2,3,true\n"),  # a superscript two is a "digit"
+        ("annotation.mrk.json", "[" * 50000 + "]" * 50000),
+        (
+            "annotation.mrk.json",
+            '{"markups": [{"controlPoints": [{"position": [' + "9" * 5000 + ", 0, 0]}]}]}",
+        ),
+    ],
+)
+def test_a_hostile_click_file_is_refused_naming_it(tmp_path, name, text):
+    """They raised a bare ValueError or RecursionError that named no file and failed the dataset's step."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ScanError, match=rf"^{path}: "):
+        read_clicks(path, NAMES)

@@ -239,6 +239,7 @@ def _record_one(
             return None
         atomic_write_json({**asdict(previous), "removed": True}, layout.correction_record(scan))
         return REMOVED
+    spec.confined(source)  # before it is read whole for its digest: a link out of the data root is refused
     digest = sha256_file(source)
     same_file = previous is not None and previous.correction_sha256 == digest
     if same_file and previous.ingest_key == ingest_key and not previous.removed:

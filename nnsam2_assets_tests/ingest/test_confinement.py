@@ -71,7 +71,7 @@ def test_allowing_the_expert_labels_root_reads_them_on_the_next_run(tmp_path, mo
     assert not has_expert() and not layout.scan_expert("subj01").exists()
 
 
-def test_expert_labels_and_a_correction_linked_out_are_not_read(tmp_path):
+def test_expert_labels_and_a_correction_linked_out_are_not_read(tmp_path, monkeypatch):
     data, storage = tmp_path / "data", tmp_path / "storage"
     folder = write_tiny_dataset(data, "ds", 2)
     expert = folder / "experts" / "subj01.nii.gz"
@@ -87,8 +87,16 @@ def test_expert_labels_and_a_correction_linked_out_are_not_read(tmp_path):
     correction = folder / "corrections" / "subj00.nii.gz"
     shutil.copy(folder / "experts" / "subj00.nii.gz", correction)
     _link_out(correction, tmp_path / "outside2")
+    from nnsam2_assets.refinement import corrections
+
+    hashed: list[Path] = []
+    real_sha256 = corrections.sha256_file
+    monkeypatch.setattr(
+        corrections, "sha256_file", lambda path: hashed.append(Path(path)) or real_sha256(path)
+    )
     recorded = record_corrections(load_dataset(data, "ds"), layout)
     assert not recorded.changed and "outside the data root" in recorded.refused["subj00"]
+    assert correction not in hashed  # it had been read whole for its digest before it was refused
 
 
 def test_a_folder_linked_out_of_the_data_root_is_refused_before_its_tree_is_walked(tmp_path, monkeypatch):

@@ -512,6 +512,11 @@ def _find_nifti(folder: Path, stem: str) -> Path | None:
 def map_labels(arr: np.ndarray, label_map: dict[int, int], path: Path | str) -> np.ndarray:
     """User label ids -> our class ids. Unmapped non-zero values are an error, never silently dropped."""
     values = np.unique(arr)
+    fractions = [float(v) for v in values if v != int(v)]
+    if fractions:  # a float label file: int() had rounded 1.5 to 1 for the check, and the voxels were dropped
+        raise ScanError(
+            path, f"label values {fractions[:10]} are not whole numbers: save the labels as integers"
+        )
     unknown = sorted(int(v) for v in values if v != 0 and int(v) not in label_map)
     if unknown:
         raise ScanError(

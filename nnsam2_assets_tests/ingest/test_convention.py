@@ -70,6 +70,10 @@ def test_label_maps_and_side_merge():
         ScanError, match=r"lab\.nii\.gz: label values \[5\] are not in the dataset's label_map"
     ):
         map_labels(np.array([0, 1, 5]), {1: 1, 2: 2}, "lab.nii.gz")
+    # a float label file (an interpolating resampler's output): 1.5 had passed as 1 and its voxels were dropped
+    assert map_labels(np.array([0.0, 1.0, 2.0]), {1: 1, 2: 2}, "x").tolist() == [0, 1, 2]
+    with pytest.raises(ScanError, match=r"lab\.nii\.gz: label values \[1\.5\] are not whole numbers"):
+        map_labels(np.array([0.0, 1.0, 1.5]), {1: 1, 2: 2}, "lab.nii.gz")
     assert merge_sides(np.array([0, 1, 2, 3, 4])).tolist() == [0, 1, 1, 2, 2]
 
 

@@ -91,6 +91,8 @@ def read_clicks(path: Path, class_names: tuple[str, ...]) -> list[Click]:
     reader = _read_markups if str(path).lower().endswith(".mrk.json") else _read_csv
     try:
         clicks = reader(path, class_names)
+    except ScanError:  # already names the file and the line
+        raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
         raise ScanError(path, f"cannot read the click file: {exc}") from exc
     except RecursionError as exc:  # thousands of nested brackets

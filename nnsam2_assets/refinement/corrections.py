@@ -107,6 +107,8 @@ def pending_corrections(spec: DatasetSpec, layout: DatasetLayout) -> list[str]:
     pending = []
     keys = ingest_keys(layout)
     for scan in sorted(keys):
+        if scan in spec.excluded:  # its record waits for it, untouched
+            continue
         source = spec.scans[scan].correction if scan in spec.scans else None
         record = read_record(layout, scan)
         if source is None:
@@ -147,9 +149,13 @@ def read_correction(spec: DatasetSpec, scan: str, original: sitk.Image, canonica
     foreign = [int(v) for v in values if not 0 <= v <= k or v != int(v)]
     if foreign:
         raise ScanError(path, f"label values {foreign} are not classes 1..{k} of the final masks")
-    if not values.any():  # an empty layer saved by mistake would erase every slice of the final mask
-        raise ScanError(path, "correction holds no labelled voxel: to undo a correction, remove the file")
-    return on_crop(labels, canonical)
+    on_region = on_crop(labels, canonical)
+    if not on_region.any():  # an empty layer saved by mistake would erase every slice of the final mask
+        raise ScanError(
+            path,
+            "correction holds no labelled voxel in the scan's region: to undo a correction, remove the file",
+        )
+    return on_region
 
 
 def on_crop(labels: sitk.Image, canonical: sitk.Image) -> np.ndarray:
@@ -206,7 +212,7 @@ def record_corrections(spec: DatasetSpec, layout: DatasetLayout) -> RecordedCorr
         try:
             record = _record_one(spec, layout, scan, keys[scan])
         except Exception as exc:  # one bad file never stops the others' recording
-            source = spec.scans[scan].correction
+            source = spec.scans[scan].correction if scan in spec.scans else None
             out.refused[scan] = str(exc) if isinstance(exc, ScanError) else f"{source or scan}: {exc!r}"
             if source is not None and source.exists():  # not pending again until the file changes
                 refused.parent.mkdir(parents=True, exist_ok=True)
@@ -232,6 +238,8 @@ REMOVED = CorrectionRecord("", "", "", None, [])  # _record_one's answer for a c
 def _record_one(
     spec: DatasetSpec, layout: DatasetLayout, scan: str, ingest_key: str
 ) -> CorrectionRecord | None:
+    if scan in spec.excluded:  # out for now, by the sensor's reading before the run re-ingests: not a removal
+        return None
     source = spec.scans[scan].correction if scan in spec.scans else None
     previous = read_record(layout, scan)
     if source is None:

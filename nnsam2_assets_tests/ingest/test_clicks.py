@@ -268,5 +268,14 @@ def test_a_hostile_click_file_is_refused_naming_it(tmp_path, name, text):
     """They raised a bare ValueError or RecursionError that named no file and failed the dataset's step."""
     path = tmp_path / name
     path.write_text(text)
-    with pytest.raises(ScanError, match=rf"^{path}: "):
+    with pytest.raises(ScanError, match=rf"^{path}: ") as refused:
         read_clicks(path, NAMES)
+    assert str(refused.value).count(str(path)) == 1  # named once, not wrapped in a second message
+
+
+def test_a_click_files_own_error_is_not_wrapped_again(tmp_path):
+    path = tmp_path / "annotation.csv"
+    path.write_text("class,x,y,z,positive\nbogus,1,2,3,true\n")
+    with pytest.raises(ScanError) as refused:
+        read_clicks(path, NAMES)
+    assert str(refused.value).startswith(f"{path}: line 2: unknown class 'bogus'")

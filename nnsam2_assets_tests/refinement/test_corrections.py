@@ -340,9 +340,14 @@ def test_a_scan_the_dataset_excludes_for_a_while_keeps_its_correction(ingested):
     sitk.WriteImage(read_image(water), str(duplicate))
     spec = load_dataset(run.data_root, "ds")
     assert scan in spec.excluded and scan not in spec.scans
-    record_corrections(spec, layout)
-    assert read_record(layout, scan) is not None
+    # the sensor records before its run ingests: the manifest still lists the scan as ingested
+    assert not pending_corrections(spec, layout)
+    recorded = record_corrections(spec, layout)
+    assert scan not in recorded.removed and not read_record(layout, scan).removed
+    _ingest_again(run)  # the run: the scan is excluded and its outputs go
+    assert not record_corrections(load_dataset(run.data_root, "ds"), layout).scans
     duplicate.unlink()
+    _ingest_again(run)
     record_corrections(load_dataset(run.data_root, "ds"), layout)
     assert current_record(layout, scan).corrected_slices == [z]
 

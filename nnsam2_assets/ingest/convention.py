@@ -512,17 +512,23 @@ def _find_nifti(folder: Path, stem: str) -> Path | None:
 def map_labels(arr: np.ndarray, label_map: dict[int, int], path: Path | str) -> np.ndarray:
     """User label ids -> our class ids. Unmapped non-zero values are an error, never silently dropped."""
     values = np.unique(arr)
-    fractions = [float(v) for v in values if v != int(v)]
-    if fractions:  # a float label file: int() had rounded 1.5 to 1 for the check, and the voxels were dropped
-        raise ScanError(
-            path, f"label values {fractions[:10]} are not whole numbers: save the labels as integers"
-        )
+    check_whole_labels(values, path)
     unknown = sorted(int(v) for v in values if v != 0 and int(v) not in label_map)
     if unknown:
         raise ScanError(
             path, f"label values {unknown[:10]} are not in the dataset's label_map {sorted(label_map)}"
         )
     return map_labels_keep(arr, label_map)
+
+
+def check_whole_labels(values: np.ndarray, path: Path | str) -> None:
+    """A float label file (an interpolating resampler's output) is refused: a cast or int() turns 1.5 into 1
+    and 0.6 into 0, and those voxels land in another class or none without a word."""
+    fractions = [float(v) for v in np.unique(values) if v != int(v)]
+    if fractions:
+        raise ScanError(
+            path, f"label values {fractions[:10]} are not whole numbers: save the labels as integers"
+        )
 
 
 def map_labels_keep(arr: np.ndarray, label_map: dict[int, int]) -> np.ndarray:

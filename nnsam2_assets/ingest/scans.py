@@ -41,6 +41,7 @@ from nnsam2_assets.ingest import region_finding
 from nnsam2_assets.ingest.convention import (
     DatasetSpec,
     ScanSource,
+    check_whole_labels,
     map_labels_keep,
     owns_outputs,
 )
@@ -249,6 +250,7 @@ def _prepare_expert(spec: DatasetSpec, source: ScanSource, original: sitk.Image,
         arr = sitk.GetArrayFromImage(align_labels(classes, original, source.expert))
     else:
         raw = read_source_image(source.expert)
+        check_whole_labels(sitk.GetArrayViewFromImage(raw), source.expert)
         aligned = align_labels(sitk.Cast(raw, sitk.sitkInt32), original, source.expert)
         arr = map_labels_keep(sitk.GetArrayFromImage(aligned), spec.label_map)
     mapped = sitk.GetImageFromArray(arr)

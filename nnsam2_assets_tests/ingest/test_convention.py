@@ -394,3 +394,24 @@ def test_scans_whose_ids_differ_only_in_case_are_all_excluded(tmp_path):
     assert (
         "differ only in case" in spec.excluded["subj02"] and "differ only in case" in spec.excluded["SUBJ02"]
     )
+
+
+def test_an_expert_file_of_fractional_labels_is_ignored_with_the_reason(tmp_path):
+    """Expert labels were cast to integers: 1.5 became 1 and 0.6 became 0, and the comparison with the
+    expert ran on other voxels than the expert drew, without a word."""
+    from nnsam2_assets.ingest.scans import ingest_scans, read_manifest
+    from nnsam2_assets.testing.direct import DirectRun
+
+    folder = write_tiny_dataset(tmp_path / "data", "ds", 2)
+    expert = folder / "experts" / "subj01.nii.gz"
+    labels = read_image(expert)
+    values = sitk.GetArrayFromImage(labels).astype(np.float32)
+    values[values == 1] = 1.5  # an interpolating resampler's edge
+    resampled = sitk.GetImageFromArray(values)
+    resampled.CopyInformation(labels)
+    sitk.WriteImage(resampled, str(expert))
+    run = DirectRun(tmp_path / "data", tmp_path / "storage", ["ds"])
+    ingest_scans(load_dataset(run.data_root, "ds"), run.layout("ds"))
+    row = read_manifest(run.layout("ds")).loc["subj01"]
+    assert row.status == "ok" and not row.has_expert
+    assert f"expert labels ignored: {expert}: label values [1.5] are not whole numbers" in row.warnings

@@ -110,15 +110,24 @@ def _check_spacing(img: sitk.Image, path: Path) -> None:
 
 
 def _check_nifti_pixdim(path: Path) -> None:
-    """The header's own voxel sizes: the reader takes 1 mm for a NaN, zero or infinite one, without a word."""
+    """The header's own voxel sizes, read raw: nibabel's loader and SimpleITK both take 1 mm for a zero one,
+    SimpleITK for a NaN or infinite one too, without a word."""
+    import gzip
+
     import nibabel as nib
 
+    opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        header = nib.load(str(path)).header
+        header = None
+        for kind in (nib.Nifti1Header, nib.Nifti2Header):
+            with opener(path, "rb") as fh:
+                header = kind.from_fileobj(fh, check=False)
+            if int(header["sizeof_hdr"]) == kind.sizeof_hdr:
+                break
         pixdim = np.asarray(header["pixdim"][1 : 1 + min(3, int(header["dim"][0]))], dtype=float)
     except Exception:  # noqa: BLE001 - nibabel raises many types; read_image names the file if it is bad
         return
-    if not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
+    if not (np.isfinite(pixdim).all() and (pixdim != 0).all()):  # negative: its absolute value, as readers do
         raise ScanError(
             path, f"header voxel sizes (pixdim) {tuple(pixdim.tolist())}: each must be a size in mm"
         )

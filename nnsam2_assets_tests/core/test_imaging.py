@@ -190,9 +190,9 @@ def test_a_dicom_series_that_cannot_be_measured_is_refused_naming_the_file(tmp_p
         read_image(unmeasured)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, float("inf"), 1e30])
 def test_a_voxel_size_that_cannot_be_one_is_refused(tmp_path: Path, bad: float):
-    """SimpleITK reads a NaN or infinite NIfTI slice thickness as 1 mm, and 1e30 mm passed as it was."""
+    """SimpleITK reads a NaN, zero or infinite NIfTI slice thickness as 1 mm, and 1e30 mm passed as it was."""
     import nibabel as nib
 
     path = tmp_path / "scan.nii.gz"

@@ -148,7 +148,9 @@ def check_claimed_voxels(path: Path | str, files: int = 1) -> None:
     except RuntimeError:
         return  # unreadable: the read that follows names the file and the reason
     size = reader.GetSize()
-    claimed = int(np.prod(size, dtype=np.int64)) * reader.GetNumberOfComponents() * files
+    claimed = (
+        int(np.prod(size, dtype=np.int64)) * files
+    )  # voxels, as for NIfTI (a layered file has a few each)
     if claimed > MAX_VOXELS:
         shown = "x".join(map(str, size)) + (f" in each of {files} files" if files > 1 else "")
         raise ScanError(path, f"its header claims {shown} voxels, more than {MAX_VOXELS:,}")
@@ -261,7 +263,8 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's own position, for the grid check
     img = _without_singleton_fourth_axis(reader.Execute())  # one multi-frame file reads as [x, y, frame, 1]
     _check_slice_positions(img, reader, files, folder)
-    if len(files) > 1 and not reader.HasMetaDataKey(0, PIXEL_SPACING_TAG):
+    # the reader's 1 x 1 mm when no file says: an enhanced file's spacing, in its functional groups, is read
+    if img.GetSpacing()[:2] == (1.0, 1.0) and not reader.HasMetaDataKey(0, PIXEL_SPACING_TAG):
         raise ScanError(
             files[0],
             "no Pixel Spacing (0028,0030): the reader would take 1 x 1 mm, and every volume would be a guess",
@@ -294,7 +297,9 @@ def _check_slice_positions(
     elif len(files) == 1:
         positions = _frame_positions(Path(files[0]), n)
         names = [f"{Path(files[0]).name} frame {k + 1}" for k in range(n)]
-    elif len(files) == n:  # one slice without a position had switched the check off for the whole series
+    elif len(files) == n and any(reader.HasMetaDataKey(k, POSITION_TAG) for k in range(n)):
+        # one slice without a position had switched the check off for the whole series (a series whose files
+        # keep their positions in functional groups, as enhanced ones do, has none at the top: not checked)
         k = next(k for k in range(n) if not reader.HasMetaDataKey(k, POSITION_TAG))
         raise ScanError(
             files[k],

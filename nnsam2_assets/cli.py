@@ -159,33 +159,40 @@ def run_pipeline(args: argparse.Namespace, names: list[str], command: str = "nns
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _set_roots(args)
     return run_pipeline(args, list(args.datasets))
+
+
+def demo_datasets(data_root: Path, fresh: bool, seed: int | None, scans: int | None) -> list[str]:
+    """The demo cohort's datasets under ``data_root``, written first when none is there or ``fresh``. A cohort
+    partly there is the user's to keep (a correction dropped into it, another seed): it runs as it is."""
+    from nnsam2_assets.demo.datasets import DEMO_DATASETS, write_demo_cohort
+
+    present = [name for name in DEMO_DATASETS if (data_root / name / "dataset.yaml").is_file()]
+    if fresh or not present:
+        given = {"seed": seed, "scans_per_dataset": scans}  # else the writer's own defaults
+        folders = write_demo_cohort(data_root, **{k: v for k, v in given.items() if v is not None})
+        print(f"wrote demo cohort: {', '.join(p.name for p in folders)} under {data_root}")
+        return sorted(p.name for p in folders)
+    if seed is not None or scans is not None:
+        print(f"nnsam2 demo: the cohort under {data_root} is kept (--seed / --scans apply with --fresh)")
+    return present
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from nnsam2_assets.defs.resources import settings_problem
-    from nnsam2_assets.demo.datasets import DEMO_DATASETS, DemoFolderError, write_demo_cohort
+    from nnsam2_assets.demo.datasets import DemoFolderError
     from nnsam2_assets.metrics.store import query
 
-    _set_roots(args)
     problem = settings_problem()  # before the cohort is written, as before any run
     if problem:
         print(f"nnsam2 demo: invalid setting (NNSAM2_* environment variables): {problem}", file=sys.stderr)
         return 2
-    data_root = layout.data_root()
     print(f"nnsam2 demo: home {layout.home()}")
-    present = all((data_root / name / "dataset.yaml").is_file() for name in DEMO_DATASETS)
-    if args.fresh or not present:
-        try:
-            folders = write_demo_cohort(data_root, seed=args.seed, scans_per_dataset=args.scans)
-        except DemoFolderError as exc:
-            print(f"nnsam2 demo: {exc}", file=sys.stderr)
-            return 2
-        print(f"wrote demo cohort: {', '.join(p.name for p in folders)} under {data_root}")
-    elif (args.seed, args.scans) != (DEMO_SEED, DEMO_SCANS):
-        print(f"nnsam2 demo: the cohort under {data_root} is kept (--seed / --scans apply with --fresh)")
-    names = list(DEMO_DATASETS)
+    try:
+        names = demo_datasets(layout.data_root(), args.fresh, args.seed, args.scans)
+    except DemoFolderError as exc:
+        print(f"nnsam2 demo: {exc}", file=sys.stderr)
+        return 2
     code = run_pipeline(args, names, command="nnsam2 demo")
     if code:
         return code
@@ -368,7 +375,6 @@ def cmd_propose(args: argparse.Namespace) -> int:
     from nnsam2_assets.ingest.errors import DatasetError
     from nnsam2_assets.supervoxels.steps import method_for, propose_segments
 
-    _set_roots(args)
     try:
         spec = load_dataset(layout.data_root(), args.dataset, require_annotation=False)
         method = method_for(resolved(build_resources()["propagation"]).config())
@@ -383,9 +389,6 @@ def cmd_propose(args: argparse.Namespace) -> int:
         "rest, and save the slice as the dataset's annotation."
     )
     return 0
-
-
-DEMO_SEED, DEMO_SCANS = 0, 4
 
 
 def _non_negative(text: str) -> int:
@@ -431,8 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", parents=[common], help="nnsam2 run on a synthetic demo cohort")
     demo.add_argument("--fresh", action="store_true", help="rewrite the demo data even if present")
-    demo.add_argument("--seed", type=_non_negative, default=DEMO_SEED, help="the phantoms' random seed")
-    demo.add_argument("--scans", type=_at_least_one, default=DEMO_SCANS, help="scans per demo dataset")
+    demo.add_argument("--seed", type=_non_negative, help="the phantoms' random seed")
+    demo.add_argument("--scans", type=_at_least_one, help="scans per demo dataset")
     demo.set_defaults(func=cmd_demo)
     ui = sub.add_parser(
         "ui", parents=[roots], help="run the web UI, daemon and code server (dagster dev); Ctrl-C stops all"

@@ -217,6 +217,24 @@ def test_a_fresh_demo_cohort_replaces_the_earlier_one_whole_and_never_a_users_fo
     assert (users / "scans").is_dir() and "our lumbar CT" in (users / "dataset.yaml").read_text()
 
 
+def test_a_demo_cohort_partly_there_is_kept_and_run_as_it_is(tmp_path):
+    """With one demo dataset deleted, ``nnsam2 demo`` had rewritten both, deleting a correction the user had
+    dropped into the other."""
+    import shutil
+
+    from nnsam2_assets.cli import demo_datasets
+    from nnsam2_assets.demo.datasets import DEMO_DATASETS
+
+    assert demo_datasets(tmp_path, False, None, 2) == sorted(DEMO_DATASETS)
+    kept, gone = DEMO_DATASETS
+    correction = tmp_path / kept / "corrections" / "subj01.nii.gz"
+    correction.parent.mkdir()
+    correction.write_bytes(b"the user's edit")
+    shutil.rmtree(tmp_path / gone)
+    assert demo_datasets(tmp_path, False, None, None) == [kept] and correction.exists()
+    assert demo_datasets(tmp_path, True, None, 2) == sorted(DEMO_DATASETS) and not correction.exists()
+
+
 def test_every_command_takes_the_roots_that_run_was_given(tmp_path):
     """``nnsam2 demo --storage-root X`` ends by suggesting ``nnsam2 sql``, which took no root and looked in the
     default storage root."""

@@ -236,8 +236,11 @@ def _read(path: Path, wait_s: float, work: Callable[[Any], T], poll_s: float = 0
             path, read_only=True, wait_s=max(deadline - time.monotonic(), 0.0), config=USER_SQL_CONFIG
         )
         try:
-            for name, value in USER_SQL_SESSION.items():
-                con.execute(f"SET {name} = {str(value).lower()}")  # our constants, never user text
+            # connections to one file in one process share its instance: a second reader beside the first
+            # finds the configuration locked already, with these set, and may set nothing more
+            if not con.execute("SELECT current_setting('lock_configuration')").fetchone()[0]:
+                for name, value in USER_SQL_SESSION.items():
+                    con.execute(f"SET {name} = {str(value).lower()}")  # our constants, never user text
             return work(con)
         except duckdb.IOException as exc:
             if time.monotonic() >= deadline:

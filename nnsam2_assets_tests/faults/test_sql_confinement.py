@@ -187,3 +187,17 @@ def test_user_sql_runs_bounded_and_without_a_progress_bar_in_its_output(db):
     for limit in (settings.memory, settings.spill):
         number, unit = limit.split()
         assert unit in ("MiB", "GiB") and float(number) * (1 if unit == "MiB" else 1024) <= 4 * 1024, limit
+
+
+def test_a_second_reader_beside_the_first_in_one_process_reads(db):
+    """Connections to one file in one process share an instance: a reader opened while another was open
+    found the configuration locked and failed setting it again."""
+    from nnsam2_assets.metrics.store import _read
+
+    inner: list[int] = []
+
+    def outer(con):
+        inner.append(int(query(db, "SELECT count(*) AS n FROM metrics.scan_metrics").n.iloc[0]))
+        return con.execute("SELECT count(*) FROM metrics.scan_metrics").fetchone()[0]
+
+    assert _read(db, 5.0, outer) == 2 and inner == [2]

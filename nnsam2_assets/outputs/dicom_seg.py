@@ -120,10 +120,17 @@ COPIED_TYPE_2 = (
 
 
 def _read_source(path: str) -> pydicom.Dataset:
-    """One file of the series; GDCM reads files that pydicom will not (no preamble), which ingest accepted."""
+    """One file of the series. GDCM, which ingest reads with, takes a file without the preamble and "DICM"
+    marker; pydicom does when forced, and a file it cannot read even so refuses the SEG alone."""
     try:
         return pydicom.dcmread(path)
-    except (pydicom.errors.InvalidDicomError, OSError, ValueError) as exc:
+    except pydicom.errors.InvalidDicomError:
+        pass
+    except (OSError, ValueError) as exc:
+        raise ScanError(path, f"pydicom cannot read this file of the series ({exc})") from exc
+    try:
+        return pydicom.dcmread(path, force=True)
+    except Exception as exc:  # noqa: BLE001 - a forced read raises whatever the bytes provoke
         raise ScanError(path, f"pydicom cannot read this file of the series ({exc})") from exc
 
 

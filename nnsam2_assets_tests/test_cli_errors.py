@@ -177,7 +177,11 @@ def test_a_sam2_model_the_package_does_not_ship_stops_the_run_before_anything_ru
             "configs/sam2.1/sam2.1_hiera_huge.yaml",
             "'configs/sam2.1/sam2.1_hiera_huge.yaml'",
         ),
-        ("NNSAM2_SAM2_IMAGE_SIZE", "1000", "image size 1000 (NNSAM2_SAM2_IMAGE_SIZE"),
+        (
+            "NNSAM2_SAM2_IMAGE_SIZE",
+            "1000",
+            "(NNSAM2_SAM2_IMAGE_SIZE or the propagation resource): image_size must be",
+        ),
     ):
         out = _cli(tmp_path, "run", NNSAM2_SAM2_CHECKPOINT=str(checkpoint), **{variable: value})
         assert out.returncode == 2 and said in out.stderr, out.stderr

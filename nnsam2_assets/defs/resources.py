@@ -205,9 +205,12 @@ def _sam2_model_problem(propagation: PropagationSettings) -> str | None:
             f"the SAM2 config {propagation.sam2_config!r} ({SAM2_CONFIG_ENV} or the propagation resource) is not "
             "one the sam2 package ships (e.g. configs/sam2.1/sam2.1_hiera_l.yaml)"
         )
-    size = propagation.sam2_image_size
-    if size < 64 or size % 16:
-        return f"the SAM2 image size {size} ({SAM2_IMAGE_SIZE_ENV} or the propagation resource): a multiple of 16"
+    from nnsam2_assets.core.sam2_models import checked_image_size
+
+    try:
+        checked_image_size(propagation.sam2_image_size)
+    except ValueError as exc:
+        return f"the SAM2 image size ({SAM2_IMAGE_SIZE_ENV} or the propagation resource): {exc}"
     return None
 
 

@@ -119,11 +119,14 @@ class DatasetSpec:
         for the files read after the description, an expert's labels or a user's correction."""
         return confine(path, readable_roots(self.folder.parent))
 
+    def region_file(self, scan: str) -> str:
+        """The file a given region comes from: its regions.csv row wins over dataset.yaml's region."""
+        return "regions.csv" if scan in self.region_rows else "dataset.yaml"
+
     def region_origin(self, scan: str) -> str:
-        """Where a given region comes from, for messages: the regions.csv row or dataset.yaml."""
-        if scan in self.region_rows:
-            return f"{self.folder / 'regions.csv'} row {self.region_rows[scan]}"
-        return f"{self.folder / 'dataset.yaml'} key region"
+        """Where a given region comes from, for messages: the regions.csv row or dataset.yaml's key."""
+        where = "row " + str(self.region_rows[scan]) if scan in self.region_rows else "key region"
+        return f"{self.folder / self.region_file(scan)} {where}"
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -244,7 +247,8 @@ def _read_dataset(data_root: Path, name: str, require_annotation: bool) -> Datas
             if scan not in scans and scan not in excluded
         ]
     scans = {scan_id: source for scan_id, source in scans.items() if scan_id not in excluded}
-    warnings += _unmatched_files(folder, set(scans) | set(excluded))
+    read = [p for source in scans.values() for p in (source.expert, source.correction) if p is not None]
+    warnings += _unmatched_files(folder, set(scans) | set(excluded), read)
     reference = str(cfg.get("reference", ""))
     reference_region = None
     if cfg.get("region") is not None:
@@ -473,10 +477,11 @@ def _strip_nifti(name: str) -> str:
     return name
 
 
-def _unmatched_files(folder: Path, scan_ids: set[str]) -> list[str]:
+def _unmatched_files(folder: Path, scan_ids: set[str], read: list[Path]) -> list[str]:
     """Files of ``experts/`` and ``corrections/`` that name no scan: Slicer's default ``Segmentation.seg.nrrd``,
     a labelmap saved as ``.nrrd``, ``S1.nii.gz`` for scan ``s1``. They were skipped without a word, and a
-    user waited for a correction that was never read."""
+    user waited for a correction that was never read. ``read``: the files the scans do read (on a file
+    system that does not tell case apart, ``S1.nii.gz`` is scan s1's, and is not reported)."""
     out = []
     for sub in ("experts", "corrections"):
         place = folder / sub
@@ -488,7 +493,7 @@ def _unmatched_files(folder: Path, scan_ids: set[str]) -> list[str]:
             stem = next(
                 (entry.name[: -len(s)] for s in (*NIFTI_SUFFIXES, SEG_SUFFIX) if entry.name.endswith(s)), ""
             )
-            if stem not in scan_ids:
+            if stem not in scan_ids and not any(entry.samefile(used) for used in read):
                 out.append(
                     f"{entry}: names no scan (expected <scan id>.nii.gz, .nii or {SEG_SUFFIX} for one of "
                     f"{sorted(scan_ids)[:5]}{' ...' if len(scan_ids) > 5 else ''}); not read"

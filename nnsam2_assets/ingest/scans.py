@@ -98,15 +98,11 @@ def region_inputs(spec: DatasetSpec, scan_id: str, content: bool) -> str:
     return f"found:{region_finding.VERSION}:{spec.reference_region}:{fingerprint}"
 
 
-def given_region_source(spec: DatasetSpec, scan_id: str) -> str:
-    return "regions.csv" if scan_id in spec.region_rows else "dataset.yaml"
-
-
 def _with_current_source(row: dict, spec: DatasetSpec, scan_id: str) -> dict:
     """A kept row with its given region's current source: the same region moved from dataset.yaml into
     regions.csv (or back) is the same crop, so the row is kept, but the manifest had gone on naming the old
     file."""
-    return {**row, "region_source": given_region_source(spec, scan_id)} if scan_id in spec.regions else row
+    return {**row, "region_source": spec.region_file(scan_id)} if scan_id in spec.regions else row
 
 
 def _readable(path: Path, spec: DatasetSpec) -> bool:
@@ -150,7 +146,7 @@ def prepare_scan(
     confidence, uncertain = None, False
     if region:
         _check_region(spec, source, original)
-        region_source = given_region_source(spec, source.scan_id)
+        region_source = spec.region_file(source.scan_id)
     elif spec.reference_region is not None:
         reference = reference or ReferenceForRegions(spec)
         found = region_finding.find_region(reference.image, spec.reference_region, original)
@@ -264,9 +260,8 @@ def _check_region(spec: DatasetSpec, source: ScanSource, original: sitk.Image) -
     n = original.GetSize()[axial_axis(original)]
     if max(region.bounds) >= n:
         row = spec.region_rows.get(source.scan_id)
-        where = spec.folder / ("regions.csv" if row is not None else "dataset.yaml")
         raise ScanError(
-            where,
+            spec.folder / spec.region_file(source.scan_id),
             (f"row {row}, columns first_slice/last_slice" if row is not None else "key region")
             + f": slices {region.first}..{region.last} lie outside the {n} axial slices (0..{n - 1}) of "
             f"{source.image}",

@@ -326,6 +326,11 @@ def test_a_correction_or_expert_file_that_names_no_scan_is_reported_not_skipped_
     named = sorted(Path(line.split(": names no scan")[0]).relative_to(folder).as_posix() for line in warnings)
     assert named == ["corrections/Segmentation.seg.nrrd", "corrections/subj01.nrrd", "experts/SUBJ00.nii.gz"]
     assert all("names no scan" in line and "not read" in line for line in warnings)
+    # the file a scan does read under another name (what a case-insensitive file system makes of SUBJ00.nii.gz
+    # beside scan subj00; a hard link here) is not reported as unread
+    (folder / "experts" / "SUBJ00.nii.gz").unlink()
+    (folder / "experts" / "SUBJ00.nii.gz").hardlink_to(folder / "experts" / "subj00.nii.gz")
+    assert not any("SUBJ00" in line for line in load_dataset(tmp_path, "ds").warnings)
 
 
 def test_the_manifest_names_where_a_kept_region_comes_from_now(tmp_path):

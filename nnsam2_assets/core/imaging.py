@@ -148,9 +148,8 @@ def check_claimed_voxels(path: Path | str, files: int = 1) -> None:
     except RuntimeError:
         return  # unreadable: the read that follows names the file and the reason
     size = reader.GetSize()
-    claimed = (
-        int(np.prod(size, dtype=np.int64)) * files
-    )  # voxels, as for NIfTI (a layered file has a few each)
+    # voxels, as for NIfTI: a layered segmentation's few layers are not counted
+    claimed = int(np.prod(size, dtype=np.int64)) * files
     if claimed > MAX_VOXELS:
         shown = "x".join(map(str, size)) + (f" in each of {files} files" if files > 1 else "")
         raise ScanError(path, f"its header claims {shown} voxels, more than {MAX_VOXELS:,}")

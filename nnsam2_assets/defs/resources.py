@@ -28,12 +28,10 @@ from nnsam2_assets.refinement.settings import RefinementConfig
 T = TypeVar("T")
 
 SAM2_CHECKPOINT_ENV = "NNSAM2_SAM2_CHECKPOINT"
-SAM2_CONFIG_ENV = (
-    "NNSAM2_SAM2_CONFIG"  # the checkpoint's model config, e.g. configs/sam2.1/sam2.1_hiera_l.yaml
-)
-SAM2_IMAGE_SIZE_ENV = (
-    "NNSAM2_SAM2_IMAGE_SIZE"  # the frames' side in pixels (the weights were trained at 1024)
-)
+# the checkpoint's model config (e.g. configs/sam2.1/sam2.1_hiera_l.yaml) and the frames' side in pixels (the
+# weights were trained at 1024)
+SAM2_CONFIG_ENV = "NNSAM2_SAM2_CONFIG"
+SAM2_IMAGE_SIZE_ENV = "NNSAM2_SAM2_IMAGE_SIZE"
 # the nnU-Net recipe of RefinementSettings: a profile name, and epoch / iteration counts overriding it
 NNUNET_PROFILE_ENV = "NNSAM2_NNUNET_PROFILE"
 NNUNET_EPOCHS_ENV = "NNSAM2_NNUNET_EPOCHS"

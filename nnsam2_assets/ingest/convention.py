@@ -191,9 +191,8 @@ def read_dataset_yaml(path: Path) -> dict:
         cfg = yaml.load(path.read_text(), Loader=_NoAliasLoader) or {}  # a SafeLoader subclass
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: not valid YAML ({exc})") from exc
-    except (
-        RecursionError
-    ) as exc:  # thousands of nested brackets: it had escaped and stopped every dataset's tick
+    except RecursionError as exc:
+        # thousands of nested brackets: it had escaped every caller and stopped every dataset's tick
         raise DatasetError(f"{path}: nested too deeply to be a dataset description") from exc
     except ValueError as exc:  # a date that does not exist, an integer of thousands of digits
         raise DatasetError(f"{path}: a value cannot be read ({exc})") from exc
@@ -457,7 +456,8 @@ def _case_clashes(files: dict[str, Path], excluded: set[str]) -> dict[str, str]:
         for name in names:
             where = files.get(name, name)
             out[name] = (
-                f"{where}: scans {', '.join(names)} differ only in case (one file where case is not told apart): rename all but one"
+                f"{where}: scans {', '.join(names)} differ only in case (one stored file where case is not "
+                "told apart): rename all but one"
             )
     return out
 

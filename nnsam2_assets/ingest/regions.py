@@ -146,9 +146,8 @@ def _slice_index(value: object, where: str, column: str) -> int:
     if not _INTEGER.fullmatch(text):
         shown = "empty" if not text else f"{text!r} is not an integer slice index"
         raise DatasetError(f"{where}, column {column}: {shown}")
-    if (
-        len(text.lstrip("+-")) > MAX_INDEX_DIGITS
-    ):  # Python refuses to read 4,300 digits; floats overflow sooner
+    # Python refuses to read 4,300 digits, and a float of a few hundred overflows in region finding
+    if len(text.lstrip("+-")) > MAX_INDEX_DIGITS:
         raise DatasetError(f"{where}, column {column}: {text[:20]}... is no slice index ({len(text)} digits)")
     index = int(text)
     if index < 0:

@@ -313,7 +313,5 @@ def export(path: Path, sql_or_table: str, out: Path, wait_s: float = 30.0) -> Pa
     rows = query(path, export_query(sql_or_table), wait_s)
     try:
         return atomic_write_dataframe(rows, out)
-    except (
-        OSError
-    ) as exc:  # named as the output, not as the temporary file beside it, and not a query's failure
+    except OSError as exc:  # named as the output, not as the temporary file beside it, nor a failed query
         raise MetricsDBError(f"{out}: cannot be written ({exc.strerror or type(exc).__name__})") from exc

@@ -56,13 +56,18 @@ def _drop(run: DirectRun, folder, scan: str, canonical: np.ndarray) -> None:
     sitk.WriteImage(to_original_grid(image, original), str(folder / "corrections" / f"{scan}.nii.gz"))
 
 
+def _published_model(run: DirectRun):
+    """A scan's model mask published as final_masks would, and two of its labelled slices to edit."""
+    layout, scan = run.layout("ds"), sorted(run.spec("ds").scans)[1]
+    model = _canonical_expert(run, scan)
+    _publish(run, scan, model)
+    nonempty = np.flatnonzero(model.reshape(len(model), -1).any(1))
+    return layout, scan, model, int(nonempty[1]), int(nonempty[-2])
+
+
 def test_corrected_slices_are_those_that_differ_from_the_mask_the_user_started_from(ingested):
     run, folder = ingested
-    layout, scan = run.layout("ds"), sorted(run.spec("ds").scans)[1]
-    published = _canonical_expert(run, scan)
-    _publish(run, scan, published)
-    nonempty = np.flatnonzero(published.reshape(len(published), -1).any(1))
-    first, second = int(nonempty[1]), int(nonempty[-2])
+    layout, scan, published, first, second = _published_model(run)
 
     edited = published.copy()
     edited[first] = 0  # erasing a slice is a correction
@@ -301,11 +306,7 @@ def test_a_correction_put_back_before_its_removal_is_published_keeps_its_edits(i
     published: the published mask still carries the edits, so comparing with it alone found no slice and the
     correction was silently lost. Once the mask without them is published, a new file counts only its own."""
     run, folder = ingested
-    layout, scan = run.layout("ds"), sorted(run.spec("ds").scans)[1]
-    model = _canonical_expert(run, scan)
-    _publish(run, scan, model)
-    nonempty = np.flatnonzero(model.reshape(len(model), -1).any(1))
-    first, second = int(nonempty[1]), int(nonempty[-2])
+    layout, scan, model, first, second = _published_model(run)
     edited = _erase_and_record(run, folder, scan, model, first)
     _publish(run, scan, edited)  # final_masks ran with the correction
     saved = (folder / "corrections" / f"{scan}.nii.gz").read_bytes()
@@ -328,10 +329,7 @@ def test_a_scan_the_dataset_excludes_for_a_while_keeps_its_correction(ingested):
     """A second file of the same scan (``x.nii`` beside ``x.nii.gz``) excludes the scan until it is resolved;
     its record was deleted as if the scan had left, and the correction came back as no slice at all."""
     run, folder = ingested
-    layout, scan = run.layout("ds"), sorted(run.spec("ds").scans)[1]
-    model = _canonical_expert(run, scan)
-    _publish(run, scan, model)
-    z = int(np.flatnonzero(model.reshape(len(model), -1).any(1))[1])
+    layout, scan, model, z, _ = _published_model(run)
     edited = _erase_and_record(run, folder, scan, model, z)
     _publish(run, scan, edited)
 
@@ -356,9 +354,7 @@ def test_an_empty_correction_is_refused_not_taken_as_every_slice_erased(ingested
     """An empty layer saved by mistake (ITK-SNAP's new segmentation) had become a correction of every
     labelled slice to background: the scan's final mask was erased and trained on as exact labels."""
     run, folder = ingested
-    layout, scan = run.layout("ds"), sorted(run.spec("ds").scans)[0]
-    model = _canonical_expert(run, scan)
-    _publish(run, scan, model)
+    layout, scan, model, _, _ = _published_model(run)
     _drop(run, folder, scan, np.zeros_like(model))
     recorded = record_corrections(load_dataset(run.data_root, "ds"), layout)
     assert not recorded.changed and "holds no labelled voxel" in recorded.refused[scan]

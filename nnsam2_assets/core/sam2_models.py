@@ -43,9 +43,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+# Hiera tiles its 8 x 8 window position embedding over the stride-4 patch grid: a size that is a multiple of 16
+# but not of 32 (48, 80, 112, ...) failed at the first forward pass, after the chain before it had run
+IMAGE_SIZE_MULTIPLE = 32
+
+
 def checked_image_size(image_size: int) -> int:
-    if image_size <= 0 or image_size % EMBEDDING_STRIDE:
-        raise ValueError(f"image_size must be a positive multiple of {EMBEDDING_STRIDE}, got {image_size}")
+    if image_size <= 0 or image_size % IMAGE_SIZE_MULTIPLE:
+        raise ValueError(f"image_size must be a positive multiple of {IMAGE_SIZE_MULTIPLE}, got {image_size}")
     return int(image_size)
 
 

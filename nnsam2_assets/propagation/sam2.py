@@ -125,7 +125,7 @@ class SAM2Propagator:
 
     The model is built ONCE here and reused by every ``propagate`` call. ``checkpoint=None`` gives random
     weights and is refused unless ``allow_random_weights=True`` (tests and benchmarks only). ``image_size``
-    overrides SAM2's input size (multiple of 16; 512 is the CPU-friendly default, real weights were trained at
+    overrides SAM2's input size (multiple of 32; 512 is the CPU-friendly default, real weights were trained at
     1024). ``threads`` sets torch's CPU threads while building/propagating (None: leave torch's setting).
     ``work_dir``: keep the JPEG frames and frame maps under ``work_dir/<direction>/`` (overwritten per call)
     instead of a temporary folder. Inference is fp32 on every device (no autocast), as the reference.

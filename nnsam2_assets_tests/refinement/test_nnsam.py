@@ -21,7 +21,7 @@ from nnsam2_assets.refinement.nnunet.nnsam import (
 from nnsam2_assets_tests.refinement.test_nnunet import CLASSES, _cases
 
 RADIUS = 12.0
-SAM_SIZE = 64  # SAM2's input size in these tests: a multiple of 16, tiny on purpose
+SAM_SIZE = 64  # SAM2's input size in these tests: a multiple of 32, tiny on purpose
 
 
 def _disc(size: int = 64, radius: float = RADIUS) -> tuple[np.ndarray, np.ndarray]:

@@ -148,8 +148,8 @@ def check_claimed_voxels(path: Path | str, files: int = 1) -> None:
     except RuntimeError:
         return  # unreadable: the read that follows names the file and the reason
     size = reader.GetSize()
-    # voxels, as for NIfTI: a layered segmentation's few layers are not counted
-    claimed = int(np.prod(size, dtype=np.int64)) * files
+    # every value the file claims: components too (a layered segmentation is refused once read, anyway)
+    claimed = int(np.prod(size, dtype=np.int64)) * reader.GetNumberOfComponents() * files
     if claimed > MAX_VOXELS:
         shown = "x".join(map(str, size)) + (f" in each of {files} files" if files > 1 else "")
         raise ScanError(path, f"its header claims {shown} voxels, more than {MAX_VOXELS:,}")
@@ -262,8 +262,8 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's own position, for the grid check
     img = _without_singleton_fourth_axis(reader.Execute())  # one multi-frame file reads as [x, y, frame, 1]
     _check_slice_positions(img, reader, files, folder)
-    # the reader's 1 x 1 mm when no file says: an enhanced file's spacing, in its functional groups, is read
-    if img.GetSpacing()[:2] == (1.0, 1.0) and not reader.HasMetaDataKey(0, PIXEL_SPACING_TAG):
+    # without the tag the reader takes 1 x 1 mm; an enhanced file keeps it in functional groups, which GDCM reads
+    if not reader.HasMetaDataKey(0, PIXEL_SPACING_TAG) and not _uses_functional_groups(files[0]):
         raise ScanError(
             files[0],
             "no Pixel Spacing (0028,0030): the reader would take 1 x 1 mm, and every volume would be a guess",
@@ -296,15 +296,18 @@ def _check_slice_positions(
     elif len(files) == 1:
         positions = _frame_positions(Path(files[0]), n)
         names = [f"{Path(files[0]).name} frame {k + 1}" for k in range(n)]
-    elif len(files) == n and any(reader.HasMetaDataKey(k, POSITION_TAG) for k in range(n)):
-        # one slice without a position had switched the check off for the whole series (a series whose files
-        # keep their positions in functional groups, as enhanced ones do, has none at the top: not checked)
-        k = next(k for k in range(n) if not reader.HasMetaDataKey(k, POSITION_TAG))
-        raise ScanError(
-            files[k],
-            "no Image Position (Patient) (0020,0032): the slice cannot be placed, so neither can the series' "
-            "grid be checked (a missing slice would go unseen)",
-        )
+    elif len(files) == n:
+        # a classic slice without a position had switched the check off for the whole series; enhanced files
+        # (one frame each) keep theirs in functional groups, which GDCM reads and this check does not
+        missing = [k for k in range(n) if not reader.HasMetaDataKey(k, POSITION_TAG)]
+        classic = next((k for k in missing if not _uses_functional_groups(files[k])), None)
+        if classic is not None:
+            raise ScanError(
+                files[classic],
+                "no Image Position (Patient) (0020,0032): the slice cannot be placed, so neither can the "
+                "series' grid be checked (a missing slice would go unseen)",
+            )
+        return
     else:
         return  # no positions to hold the grid against
     worst, at = 0.0, 0
@@ -336,6 +339,17 @@ def _position(parts: Sequence[object], path: Path) -> list[float]:
             path, f"Image Position (Patient) holds {', '.join(map(repr, parts))}, not three numbers"
         )
     return numbers
+
+
+def _uses_functional_groups(path: str | Path) -> bool:
+    """Whether a DICOM file keeps its geometry in functional groups (an enhanced file), not at the top level."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - pydicom's errors are many types; unreadable means no groups to trust
+        return False
+    return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
 
 
 def _frame_positions(path: Path, n: int) -> list[list[float]]:

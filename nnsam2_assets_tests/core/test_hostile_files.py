@@ -309,3 +309,10 @@ def test_a_dicom_file_or_segmentation_claiming_gigabytes_is_refused_before_readi
     )
     with pytest.raises(ScanError, match=r"bomb\.seg\.nrrd: its header claims 2400x2400x100 voxels"):
         read_slicer_labels(seg, {1: 1}, {})
+    layered = tmp_path / "layers.seg.nrrd"  # 64 layers of 512 x 512 x 100: 1.7 billion values
+    layered.write_bytes(
+        b"NRRD0004\ntype: uint8\ndimension: 4\nsizes: 64 512 512 100\nkinds: vector domain domain domain\n"
+        b"encoding: gzip\n\n" + gzip.compress(bytes(1 << 16))
+    )
+    with pytest.raises(ScanError, match=r"layers\.seg\.nrrd: its header claims 512x512x100 voxels"):
+        read_slicer_labels(layered, {1: 1}, {})

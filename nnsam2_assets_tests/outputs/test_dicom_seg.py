@@ -389,3 +389,27 @@ def test_a_series_file_without_its_preamble_still_gets_its_seg(series_mask, tmp_
     notes = write_on_original_grid(spec, layout, "ctdicom", canonical, "test")
     assert not any(note.startswith("no DICOM Segmentation written") for note in notes), notes
     assert layout.final_mask("ctdicom").exists() and layout.final_mask_dicom_seg("ctdicom").exists()
+
+
+def test_an_enhanced_file_at_one_millimetre_is_read_and_a_classic_series_without_positions_is_not(tmp_path):
+    """An enhanced file keeps its Pixel Spacing in functional groups: at a true 1 x 1 mm it had been refused as
+    spacing the reader made up. A classic series with no position on any slice (and one slice missing) had
+    been taken as an enhanced one and read at a made-up 1 mm slice spacing."""
+    folder = _multiframe(tmp_path / "enhanced")
+    ds = pydicom.dcmread(folder / "enhanced.dcm")
+    for group in (ds.SharedFunctionalGroupsSequence[0], *ds.PerFrameFunctionalGroupsSequence):
+        if "PixelMeasuresSequence" in group:
+            group.PixelMeasuresSequence[0].PixelSpacing = [1.0, 1.0]
+    ds.save_as(folder / "enhanced.dcm")
+    assert read_image(folder).GetSpacing()[:2] == (1.0, 1.0)
+
+    classic = tmp_path / "classic"
+    classic.mkdir()
+    for k, f in enumerate(dicom_series_files(SERIES)):
+        if k == 7:
+            continue  # a missing slice
+        ds = pydicom.dcmread(f)
+        del ds.ImagePositionPatient
+        ds.save_as(classic / Path(f).name)
+    with pytest.raises(ScanError, match=rf"^{classic}/[^:]+: no Image Position \(Patient\)"):
+        read_image(classic)

@@ -117,13 +117,9 @@ def _check_nifti_pixdim(path: Path) -> None:
     import nibabel as nib
 
     opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        header = None
-        for kind in (nib.Nifti1Header, nib.Nifti2Header):
-            with opener(path, "rb") as fh:
-                header = kind.from_fileobj(fh, check=False)
-            if int(header["sizeof_hdr"]) == kind.sizeof_hdr:
-                break
+    try:  # NIfTI-1: the SimpleITK reader takes no NIfTI-2 file
+        with opener(path, "rb") as fh:
+            header = nib.Nifti1Header.from_fileobj(fh, check=False)
         pixdim = np.asarray(header["pixdim"][1 : 1 + min(3, int(header["dim"][0]))], dtype=float)
     except Exception:  # noqa: BLE001 - nibabel raises many types; read_image names the file if it is bad
         return

@@ -483,6 +483,7 @@ def _unmatched_files(folder: Path, scan_ids: set[str], read: list[Path]) -> list
     user waited for a correction that was never read. ``read``: the files the scans do read (on a file
     system that does not tell case apart, ``S1.nii.gz`` is scan s1's, and is not reported)."""
     out = []
+    read_ids = {_identity(path) for path in read}
     for sub in ("experts", "corrections"):
         place = folder / sub
         if not place.is_dir():
@@ -493,12 +494,18 @@ def _unmatched_files(folder: Path, scan_ids: set[str], read: list[Path]) -> list
             stem = next(
                 (entry.name[: -len(s)] for s in (*NIFTI_SUFFIXES, SEG_SUFFIX) if entry.name.endswith(s)), ""
             )
-            if stem not in scan_ids and not any(entry.samefile(used) for used in read):
+            if stem not in scan_ids and _identity(entry) not in read_ids:
                 out.append(
                     f"{entry}: names no scan (expected <scan id>.nii.gz, .nii or {SEG_SUFFIX} for one of "
                     f"{sorted(scan_ids)[:5]}{' ...' if len(scan_ids) > 5 else ''}); not read"
                 )
     return out
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """The file itself (device and inode), whatever name reaches it."""
+    st = path.stat()
+    return st.st_dev, st.st_ino
 
 
 def _find_slicer(folder: Path, stem: str) -> Path | None:

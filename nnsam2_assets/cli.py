@@ -168,7 +168,9 @@ def demo_datasets(data_root: Path, fresh: bool, seed: int | None, scans: int | N
     from nnsam2_assets.demo.datasets import DEMO_DATASETS, write_demo_cohort
 
     present = [name for name in DEMO_DATASETS if (data_root / name / "dataset.yaml").is_file()]
-    if fresh or not present:
+    # a folder without its dataset.yaml is a first write that was interrupted (it writes that file last)
+    interrupted = any((data_root / name).is_dir() and name not in present for name in DEMO_DATASETS)
+    if fresh or not present or interrupted:
         given = {"seed": seed, "scans_per_dataset": scans}  # else the writer's own defaults
         folders = write_demo_cohort(data_root, **{k: v for k, v in given.items() if v is not None})
         print(f"wrote demo cohort: {', '.join(p.name for p in folders)} under {data_root}")

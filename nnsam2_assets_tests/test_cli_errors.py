@@ -237,6 +237,9 @@ def test_a_demo_cohort_partly_there_is_kept_and_run_as_it_is(tmp_path):
     shutil.rmtree(tmp_path / gone)
     assert demo_datasets(tmp_path, False, None, None) == [kept] and correction.exists()
     assert demo_datasets(tmp_path, True, None, 2) == sorted(DEMO_DATASETS) and not correction.exists()
+    # a first write interrupted (Ctrl-C) before the second dataset's dataset.yaml: written again, both
+    (tmp_path / gone / "dataset.yaml").unlink()
+    assert demo_datasets(tmp_path, False, None, 2) == sorted(DEMO_DATASETS)
 
 
 def test_every_command_takes_the_roots_that_run_was_given(tmp_path):

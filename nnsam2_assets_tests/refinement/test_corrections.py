@@ -359,3 +359,24 @@ def test_an_empty_correction_is_refused_not_taken_as_every_slice_erased(ingested
     recorded = record_corrections(load_dataset(run.data_root, "ds"), layout)
     assert not recorded.changed and "holds no labelled voxel" in recorded.refused[scan]
     assert f"{scan}.nii.gz" in recorded.refused[scan] and read_record(layout, scan) is None
+
+
+def test_a_correction_labelled_only_outside_the_scans_region_is_refused(ingested):
+    """Its labels lie where the region crop has no slice: on the crop it is empty, and every labelled slice of
+    the final mask would have been erased, as by an empty file."""
+    run, folder = ingested
+    layout, scan, model, _, _ = _published_model(run)
+    original = read_image(run.spec("ds").scans[scan].image)
+    inside = np.zeros(original.GetSize()[::-1], bool)  # [k, j, i] of the file
+    on_crop = sitk.GetImageFromArray(np.ones_like(model))
+    on_crop.CopyInformation(read_image(layout.scan_image(scan)))
+    inside |= sitk.GetArrayFromImage(to_original_grid(on_crop, original)) > 0
+    axis = next(a for a in range(3) if not inside.any(axis=tuple(b for b in range(3) if b != a)).all())
+    outside_index = int(np.flatnonzero(~inside.any(axis=tuple(b for b in range(3) if b != axis)))[0])
+    labels = np.zeros(inside.shape, np.uint8)
+    np.moveaxis(labels, axis, 0)[outside_index] = 1
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(original)
+    sitk.WriteImage(image, str(folder / "corrections" / f"{scan}.nii.gz"))
+    recorded = record_corrections(load_dataset(run.data_root, "ds"), layout)
+    assert not recorded.changed and "no labelled voxel in the scan's region" in recorded.refused[scan]

@@ -222,6 +222,18 @@ def replace_dataset(
         con.close()
 
 
+def _configure_session(con: Any) -> None:
+    """USER_SQL_SESSION on a connection, in order; a reader opened at the same moment in another thread may
+    lock the shared configuration first, which then holds what these set."""
+    for name, value in USER_SQL_SESSION.items():
+        try:
+            con.execute(f"SET {name} = {str(value).lower()}")  # our constants, never user text
+        except duckdb.InvalidInputException:
+            if not con.execute("SELECT current_setting('lock_configuration')").fetchone()[0]:
+                raise
+            return
+
+
 def _read(path: Path, wait_s: float, work: Callable[[Any], T], poll_s: float = 0.2) -> T:
     """``work`` on a fresh read-only user-SQL connection, again on a fresh one after an I/O error, until
     ``wait_s`` has passed.
@@ -239,8 +251,7 @@ def _read(path: Path, wait_s: float, work: Callable[[Any], T], poll_s: float = 0
             # connections to one file in one process share its instance: a second reader beside the first
             # finds the configuration locked already, with these set, and may set nothing more
             if not con.execute("SELECT current_setting('lock_configuration')").fetchone()[0]:
-                for name, value in USER_SQL_SESSION.items():
-                    con.execute(f"SET {name} = {str(value).lower()}")  # our constants, never user text
+                _configure_session(con)
             return work(con)
         except duckdb.IOException as exc:
             if time.monotonic() >= deadline:

@@ -201,3 +201,19 @@ def test_a_second_reader_beside_the_first_in_one_process_reads(db):
         return con.execute("SELECT count(*) FROM metrics.scan_metrics").fetchone()[0]
 
     assert _read(db, 5.0, outer) == 2 and inner == [2]
+
+
+def test_a_session_locked_by_another_reader_in_between_is_left_as_it_is(db):
+    """Two readers in two threads: the other may lock the shared configuration between this one's check and
+    its own settings. The setting then failed the query; the lock already holds the bounds."""
+    import duckdb
+
+    from nnsam2_assets.metrics.store import USER_SQL_CONFIG, _configure_session
+
+    con = duckdb.connect(str(db), read_only=True, config=USER_SQL_CONFIG)
+    try:
+        con.execute("SET lock_configuration = true")  # the other thread, first
+        _configure_session(con)
+        assert con.execute("SELECT count(*) FROM metrics.scan_metrics").fetchone()[0] == 2
+    finally:
+        con.close()

@@ -35,6 +35,8 @@ def _cli(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
         ("NNSAM2_NNUNET_EPOCHS", "-3", "num_epochs is -3"),
         ("NNSAM2_EXECUTOR", "Celery", "NNSAM2_EXECUTOR='Celery'"),
         ("NNSAM2_PROPAGATION_WORKERS", "-3", "NNSAM2_PROPAGATION_WORKERS='-3': a whole number"),
+        ("NNSAM2_SENSOR_INTERVAL_S", "30s", "NNSAM2_SENSOR_INTERVAL_S='30s': a whole number, 1 or more"),
+        ("NNSAM2_MAX_RUNS_PER_TICK", "0", "NNSAM2_MAX_RUNS_PER_TICK='0': a whole number, 1 or more"),
         (
             "NNSAM2_SAM2_CHECKPOINT",
             "/no/such/sam2.1_hiera_tiny.pt",

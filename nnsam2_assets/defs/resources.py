@@ -172,6 +172,11 @@ def settings_problem() -> str | None:
     try:
         executor_kind()
         default_workers()
+        # its module reads both when it loads, as the code location does: a bad value raises there
+        from nnsam2_assets.defs.sensors import max_runs_per_tick, sensor_interval_s
+
+        sensor_interval_s()
+        max_runs_per_tick()
         resources = build_resources()
         resolved(resources["storage"])
         propagation = resolved(resources["propagation"])

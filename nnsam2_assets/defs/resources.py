@@ -165,6 +165,37 @@ def resolved(resource: dg.ConfigurableResource) -> dg.ConfigurableResource:
     return resource.process_config_and_initialize()
 
 
+# the new-data sensor's pace (defs/sensors.py), read when the code location loads
+MAX_RUNS_PER_TICK_ENV = "NNSAM2_MAX_RUNS_PER_TICK"
+DEFAULT_MAX_RUNS_PER_TICK = 2
+
+
+SENSOR_INTERVAL_ENV = "NNSAM2_SENSOR_INTERVAL_S"
+DEFAULT_SENSOR_INTERVAL_S = 30
+
+
+def _whole_number_setting(name: str, default: int) -> int:
+    """A positive whole number from the environment, ``default`` when unset. A typo had silently given the
+    default; it is refused naming the variable (``settings_problem`` asks before a run, the code location
+    fails to load with it)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise ValueError(f"{name}={raw!r}: a whole number, 1 or more")
+    return int(raw)
+
+
+def sensor_interval_s() -> int:
+    """How often new_data_sensor looks at the data root: a slow network share wants longer, a demo shorter.
+    Read when the code location loads."""
+    return _whole_number_setting(SENSOR_INTERVAL_ENV, DEFAULT_SENSOR_INTERVAL_S)
+
+
+def max_runs_per_tick() -> int:
+    return _whole_number_setting(MAX_RUNS_PER_TICK_ENV, DEFAULT_MAX_RUNS_PER_TICK)
+
+
 def settings_problem() -> str | None:
     """What the environment's settings get wrong, as one line naming the setting; None when all are valid.
     Asked before a long run starts: a typo in ``NNSAM2_NNUNET_PROFILE`` used to surface after every dataset
@@ -172,9 +203,6 @@ def settings_problem() -> str | None:
     try:
         executor_kind()
         default_workers()
-        # its module reads both when it loads, as the code location does: a bad value raises there
-        from nnsam2_assets.defs.sensors import max_runs_per_tick, sensor_interval_s
-
         sensor_interval_s()
         max_runs_per_tick()
         resources = build_resources()

@@ -12,7 +12,6 @@ on a fresh instance with many dataset folders, the rest follow on later ticks in
 """
 
 import json
-import os
 
 import dagster as dg
 
@@ -20,7 +19,11 @@ from nnsam2_assets.core.layout import model_pointer
 from nnsam2_assets.defs.ingest import place_corrections
 from nnsam2_assets.defs.jobs import NEW_DATA_SELECTION
 from nnsam2_assets.defs.partitions import datasets_partitions
-from nnsam2_assets.defs.resources import NnsamStorage
+from nnsam2_assets.defs.resources import (
+    NnsamStorage,
+    max_runs_per_tick,
+    sensor_interval_s,
+)
 from nnsam2_assets.ingest.convention import (
     DatasetError,
     folder_fingerprint,
@@ -29,35 +32,6 @@ from nnsam2_assets.ingest.convention import (
 )
 from nnsam2_assets.pipeline import OUTPUTS, PER_DATASET
 from nnsam2_assets.refinement.corrections import pending_corrections
-
-MAX_RUNS_PER_TICK_ENV = "NNSAM2_MAX_RUNS_PER_TICK"
-DEFAULT_MAX_RUNS_PER_TICK = 2
-
-
-SENSOR_INTERVAL_ENV = "NNSAM2_SENSOR_INTERVAL_S"
-DEFAULT_SENSOR_INTERVAL_S = 30
-
-
-def _whole_number_setting(name: str, default: int) -> int:
-    """A positive whole number from the environment, ``default`` when unset. A typo had silently given the
-    default; it is refused naming the variable (``settings_problem`` asks before a run, the code location
-    fails to load with it)."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-        raise ValueError(f"{name}={raw!r}: a whole number, 1 or more")
-    return int(raw)
-
-
-def sensor_interval_s() -> int:
-    """How often new_data_sensor looks at the data root: a slow network share wants longer, a demo shorter.
-    Read when the code location loads."""
-    return _whole_number_setting(SENSOR_INTERVAL_ENV, DEFAULT_SENSOR_INTERVAL_S)
-
-
-def max_runs_per_tick() -> int:
-    return _whole_number_setting(MAX_RUNS_PER_TICK_ENV, DEFAULT_MAX_RUNS_PER_TICK)
 
 
 def selection_for(storage: NnsamStorage) -> list[dg.AssetKey]:

@@ -24,7 +24,7 @@ import requests
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
 from nnsam2_assets.core.lifecycle import alive, descendants
-from nnsam2_assets.defs.sensors import SENSOR_INTERVAL_ENV
+from nnsam2_assets.defs.resources import SENSOR_INTERVAL_ENV
 from nnsam2_assets.testing.browser import chromium
 from nnsam2_assets.testing.waits import wait_for
 from nnsam2_assets_tests.ops import INGEST, REPO, free_port, write_tiny

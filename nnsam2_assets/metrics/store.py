@@ -223,8 +223,9 @@ def replace_dataset(
 
 
 def _configure_session(con: Any) -> None:
-    """USER_SQL_SESSION on a connection, in order; a reader opened at the same moment in another thread may
-    lock the shared configuration first, which then holds what these set."""
+    """USER_SQL_SESSION on a connection, in order. Connections to one file in one process share its instance:
+    one opened beside another (in this thread or, at the same moment, in another) finds the configuration
+    locked already, holding what these set, and is left as it is."""
     for name, value in USER_SQL_SESSION.items():
         try:
             con.execute(f"SET {name} = {str(value).lower()}")  # our constants, never user text
@@ -248,10 +249,7 @@ def _read(path: Path, wait_s: float, work: Callable[[Any], T], poll_s: float = 0
             path, read_only=True, wait_s=max(deadline - time.monotonic(), 0.0), config=USER_SQL_CONFIG
         )
         try:
-            # connections to one file in one process share its instance: a second reader beside the first
-            # finds the configuration locked already, with these set, and may set nothing more
-            if not con.execute("SELECT current_setting('lock_configuration')").fetchone()[0]:
-                _configure_session(con)
+            _configure_session(con)
             return work(con)
         except duckdb.IOException as exc:
             if time.monotonic() >= deadline:

@@ -26,6 +26,17 @@ ALLOWED_ROOTS_ENV = "NNSAM2_ALLOWED_ROOTS"
 DUCKDB_FILE = "nnsam2.duckdb"
 
 
+def env_whole_number(name: str, default: int, what: str = "a whole number") -> int:
+    """A setting of 1 or more from the environment, ``default`` when unset; anything else is refused naming the
+    variable (a typo must not quietly become the default)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise ValueError(f"{name}={raw!r}: {what}, 1 or more")
+    return int(raw)
+
+
 def home() -> Path:
     return Path(os.environ.get(HOME_ENV, Path.cwd() / ".nnsam2")).resolve()
 

@@ -165,7 +165,8 @@ def resolved(resource: dg.ConfigurableResource) -> dg.ConfigurableResource:
     return resource.process_config_and_initialize()
 
 
-# the new-data sensor's pace (defs/sensors.py), read when the code location loads
+# the new-data sensor's pace (defs/sensors.py), read when the code location loads; a bad value is refused
+# (``settings_problem`` asks before a run, and the code location fails to load with it)
 MAX_RUNS_PER_TICK_ENV = "NNSAM2_MAX_RUNS_PER_TICK"
 DEFAULT_MAX_RUNS_PER_TICK = 2
 
@@ -174,26 +175,14 @@ SENSOR_INTERVAL_ENV = "NNSAM2_SENSOR_INTERVAL_S"
 DEFAULT_SENSOR_INTERVAL_S = 30
 
 
-def _whole_number_setting(name: str, default: int) -> int:
-    """A positive whole number from the environment, ``default`` when unset. A typo had silently given the
-    default; it is refused naming the variable (``settings_problem`` asks before a run, the code location
-    fails to load with it)."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-        raise ValueError(f"{name}={raw!r}: a whole number, 1 or more")
-    return int(raw)
-
-
 def sensor_interval_s() -> int:
     """How often new_data_sensor looks at the data root: a slow network share wants longer, a demo shorter.
     Read when the code location loads."""
-    return _whole_number_setting(SENSOR_INTERVAL_ENV, DEFAULT_SENSOR_INTERVAL_S)
+    return layout.env_whole_number(SENSOR_INTERVAL_ENV, DEFAULT_SENSOR_INTERVAL_S)
 
 
 def max_runs_per_tick() -> int:
-    return _whole_number_setting(MAX_RUNS_PER_TICK_ENV, DEFAULT_MAX_RUNS_PER_TICK)
+    return layout.env_whole_number(MAX_RUNS_PER_TICK_ENV, DEFAULT_MAX_RUNS_PER_TICK)
 
 
 def settings_problem() -> str | None:

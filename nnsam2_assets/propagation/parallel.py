@@ -16,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from nnsam2_assets.core.imaging import read_image
+from nnsam2_assets.core.layout import env_whole_number
 from nnsam2_assets.propagation.base import PropagationResult, Propagator
 from nnsam2_assets.propagation.prompts import propagate_from_slices
 
@@ -30,12 +31,7 @@ _job: dict = {}
 
 def default_workers() -> int:
     """``NNSAM2_PROPAGATION_WORKERS`` if set (a whole number, 1 or more), else the core count."""
-    raw = os.environ.get(WORKERS_ENV, "").strip()
-    if not raw:
-        return max(1, os.cpu_count() or 1)
-    if not raw.isascii() or not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{WORKERS_ENV}={raw!r}: a whole number of worker processes, 1 or more")
-    return int(raw)
+    return env_whole_number(WORKERS_ENV, max(1, os.cpu_count() or 1), "a whole number of worker processes")
 
 
 def _start(

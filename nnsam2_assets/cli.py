@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from nnsam2_assets.core import layout
@@ -393,24 +394,19 @@ def cmd_propose(args: argparse.Namespace) -> int:
     return 0
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a whole number, 0 or more")
-    return value
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of ``minimum`` or more, else one line naming the value."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: a whole number, {minimum} or more")
+        return value
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: a whole number, 1 or more")
-    return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", parents=[common], help="nnsam2 run on a synthetic demo cohort")
     demo.add_argument("--fresh", action="store_true", help="rewrite the demo data even if present")
-    demo.add_argument("--seed", type=_non_negative, help="the phantoms' random seed")
-    demo.add_argument("--scans", type=_at_least_one, help="scans per demo dataset")
+    demo.add_argument("--seed", type=_whole_number(0), help="the phantoms' random seed")
+    demo.add_argument("--scans", type=_whole_number(1), help="scans per demo dataset")
     demo.set_defaults(func=cmd_demo)
     ui = sub.add_parser(
         "ui", parents=[roots], help="run the web UI, daemon and code server (dagster dev); Ctrl-C stops all"

@@ -536,6 +536,9 @@ def map_labels(arr: np.ndarray, label_map: dict[int, int], path: Path | str) -> 
 def check_whole_labels(values: np.ndarray, path: Path | str) -> None:
     """A float label file (an interpolating resampler's output) is refused: a cast or int() turns 1.5 into 1
     and 0.6 into 0, and those voxels land in another class or none without a word."""
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.floating):  # an integer volume holds no fraction: no pass over it
+        return
     fractions = [float(v) for v in np.unique(values) if v != int(v)]
     if fractions:
         raise ScanError(

@@ -29,7 +29,7 @@ from nnsam2_assets.core.imaging import ScanError, read_array, read_image, read_s
 from nnsam2_assets.core.labels import class_names, mean_dice
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
-from nnsam2_assets.ingest.convention import DatasetSpec
+from nnsam2_assets.ingest.convention import DatasetSpec, check_whole_labels
 from nnsam2_assets.ingest.scans import ok_scans, read_manifest
 from nnsam2_assets.ingest.slicer import is_slicer_segmentation, read_slicer_labels
 
@@ -146,7 +146,8 @@ def read_correction(spec: DatasetSpec, scan: str, original: sitk.Image, canonica
                 f"{spec.scans[scan].image} size {original.GetSize()}): edit the final mask of final_masks/",
             )
     values = np.unique(sitk.GetArrayViewFromImage(labels))
-    foreign = [int(v) for v in values if not 0 <= v <= k or v != int(v)]
+    check_whole_labels(values, path)
+    foreign = [int(v) for v in values if not 0 <= v <= k]
     if foreign:
         raise ScanError(path, f"label values {foreign} are not classes 1..{k} of the final masks")
     on_region = on_crop(labels, canonical)

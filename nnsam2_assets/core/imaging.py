@@ -133,14 +133,20 @@ def _check_nifti_pixdim(path: Path) -> None:
 MAX_VOXELS = 1 << 29
 
 
+def read_header(path: Path | str) -> sitk.ImageFileReader:
+    """A file's header (size, spacing, components) without its voxel data."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
 def check_claimed_voxels(path: Path | str, files: int = 1) -> None:
     """Refuse a file (or ``files`` files of a DICOM series, each like this one) whose header claims more than
     ``MAX_VOXELS`` voxels, before its data is read: an 862-byte DICOM file claimed 24000 x 24000 pixels, a
     560 KB compressed .seg.nrrd 576 million voxels (1.8 GB)."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        reader = read_header(path)
     except RuntimeError:
         return  # unreadable: the read that follows names the file and the reason
     size = reader.GetSize()

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from nnsam2_assets.core.imaging import read_array, read_image
+from nnsam2_assets.core.imaging import read_array, read_header
 from nnsam2_assets.core.labels import mean_dice, to_class_space
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.masks import clean_labels
@@ -76,9 +76,9 @@ def held_out_slab(layout: DatasetLayout) -> HeldOutSlab | None:
     reference, z = meta["reference"], int(meta["seed_slice"])
     if not layout.scan_image(reference).exists():
         return None
-    image = read_image(layout.scan_image(reference))
-    reach = slab_reach(image.GetSpacing()[2])
-    return HeldOutSlab(reference, z, max(0, z - reach), min(image.GetSize()[2] - 1, z + reach))
+    header = read_header(layout.scan_image(reference))  # its size and spacing only, not the scan itself
+    reach = slab_reach(header.GetSpacing()[2])
+    return HeldOutSlab(reference, z, max(0, z - reach), min(header.GetSize()[2] - 1, z + reach))
 
 
 def exact_label_slices(layout: DatasetLayout) -> dict[str, list[int]]:

@@ -8,13 +8,17 @@ scan. Every message names the file, the row (line number, header = 1) and the co
 from __future__ import annotations
 
 import csv
+import io
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from nnsam2_assets.ingest.errors import DatasetError
+
+if TYPE_CHECKING:
+    from _csv import _reader
 
 REGION_COLUMNS = ("scan", "first_slice", "last_slice")
 REGION_OPTIONAL_COLUMNS = ("l4_l5",)
@@ -57,7 +61,10 @@ def read_regions(path: Path) -> RegionTable:
     scan, a row with more values than the header, or fewer where a required column is left off, included
     (ending before an optional column leaves it empty). Blank lines, and a spreadsheet's empty
     rows, are skipped. Every message names the file, the row (line number in the file, header = 1) and the
-    column."""
+    column.
+
+    The table is UTF-8 (a byte-order mark allowed) or, failing that, Windows-1252: what a spreadsheet on
+    Windows saves as "CSV (Comma delimited)", the usual way a regions.csv is made."""
     if not path.is_file():  # a pipe would block every sensor tick's read; a broken link is no table
         raise DatasetError(f"{path}: not a regular file")
     try:
@@ -66,10 +73,9 @@ def read_regions(path: Path) -> RegionTable:
             raise DatasetError(
                 f"{path}: {size:,} bytes, more than a region table needs ({MAX_TABLE_BYTES:,})"
             )
-        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark
-            reader = csv.reader(fh, skipinitialspace=True)
-            header = next(reader, None)
-            lines = [(reader.line_num, fields) for fields in reader]
+        reader = csv.reader(io.StringIO(_decoded(path.read_bytes()), newline=""), skipinitialspace=True)
+        header = next(reader, None)
+        lines = list(_records_by_first_line(reader))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"{path}: unreadable region table ({exc})") from exc
     columns = [c.strip() for c in header or []]
@@ -117,6 +123,24 @@ def read_regions(path: Path) -> RegionTable:
         except DatasetError as exc:
             errors[scan] = str(exc)
     return RegionTable(regions, errors, rows)
+
+
+def _decoded(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")  # -sig: a spreadsheet's byte-order mark
+    except UnicodeDecodeError:
+        # not UTF-8: ASCII is the same in both, so only names with accents or umlauts read differently, and
+        # those read as the spreadsheet wrote them; five bytes Windows-1252 leaves undefined still refuse it
+        return raw.decode("cp1252")
+
+
+def _records_by_first_line(reader: _reader) -> Iterator[tuple[int, list[str]]]:
+    """Each record with the line it starts on: a quoted value holding a line break spans lines, and the
+    reader's own count is the record's last line."""
+    previous = reader.line_num
+    for fields in reader:
+        yield previous + 1, fields
+        previous = reader.line_num
 
 
 def parse_region(record: Mapping[str, object], where: str) -> Region:

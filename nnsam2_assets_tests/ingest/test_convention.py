@@ -420,3 +420,21 @@ def test_an_expert_file_of_fractional_labels_is_ignored_with_the_reason(tmp_path
     row = read_manifest(run.layout("ds")).loc["subj01"]
     assert row.status == "ok" and not row.has_expert
     assert f"expert labels ignored: {expert}: label values [1.5] are not whole numbers" in row.warnings
+
+
+def test_a_windows_regions_csv_is_read_and_a_quoted_line_break_keeps_the_rows_first_line(tmp_path):
+    """Excel on Windows saves "CSV (Comma delimited)" in Windows-1252: a name with an umlaut made the whole
+    table unreadable. A quoted value spanning lines was named by its last line, not the line the row starts on."""
+    folder = _tiny_dataset(tmp_path)
+    csv = folder / "regions.csv"
+    csv.write_bytes("scan,first_slice,last_slice\na,0,4\nb\u00fc,1,5\n".encode("cp1252"))
+    spec = load_dataset(tmp_path, "tiny")
+    assert spec.regions == {"a": Region(0, 4)}
+    assert f"{csv} row 3: no scan named 'b\u00fc'" in " ".join(spec.warnings)
+    csv.write_bytes(b"scan,first_slice,last_slice\na,0,4\nb,\x81,5\n")  # undefined in Windows-1252 too
+    with pytest.raises(DatasetError, match="unreadable region table"):
+        load_dataset(tmp_path, "tiny")
+    csv.write_text('scan,first_slice,last_slice\na,"0\n",4\nb,x,5\n')
+    spec = load_dataset(tmp_path, "tiny")
+    assert spec.region_rows == {"a": 2}
+    assert spec.excluded["b"] == f"{csv} row 4, column first_slice: 'x' is not an integer slice index"

@@ -7,6 +7,7 @@ reference notebooks' per-pid ``rot90`` string hacks with one geometric rule that
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,7 +254,38 @@ def dicom_series_files(folder: Path) -> list[str]:
         raise ScanError(folder, "folder holds no DICOM series")
     if len(series_ids) > 1:
         raise ScanError(folder, f"folder holds {len(series_ids)} DICOM series; put one series per folder")
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+    _check_no_file_left_out(folder, files)
+    return files
+
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # a media directory: an index, never a slice
+
+
+def _check_no_file_left_out(folder: Path, files: list[str]) -> None:
+    """Refuse a series whose folder holds a DICOM file the series reader passed over.
+
+    GDCM's scanner drops a file it cannot parse (a truncated copy, a cut-off transfer) without a word: the
+    volume is then a slice short at its end, or has a gap, and every volume measured on it is wrong."""
+    import pydicom  # 0.3 s: only where the folder holds a file outside the series
+
+    in_series = {os.path.realpath(f) for f in files}
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_file() or os.path.realpath(entry) in in_series:
+            continue
+        if not pydicom.misc.is_dicom(entry):  # a note, a thumbnail, a spreadsheet beside the slices
+            continue
+        try:
+            meta = pydicom.filereader.read_file_meta_info(entry)
+        except Exception:  # noqa: BLE001 - pydicom's errors on a malformed file are many types; each is this
+            meta = None  # file's, and a DICOM file with an unreadable header is no index either
+        if meta is not None and meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS:
+            continue
+        raise ScanError(
+            entry,
+            f"a DICOM file the series reader could not read as part of {folder.name}'s series (truncated or "
+            "corrupt?): the volume would silently lack its slice; replace the file or move it out of the folder",
+        )
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

@@ -190,6 +190,20 @@ def test_a_dicom_series_that_cannot_be_measured_is_refused_naming_the_file(tmp_p
         read_image(unmeasured)
 
 
+@pytest.mark.parametrize("cut_bytes", [10, 100_000])
+def test_a_truncated_end_slice_of_a_dicom_series_is_refused_not_dropped(tmp_path: Path, cut_bytes: int):
+    """The series reader passes over a file it cannot parse: a cut-off end slice left a volume one slice
+    short, whose spacing and positions still agreed, and every volume measured on it was wrong."""
+    series = _series_copy(tmp_path, "series")
+    (series / "notes.txt").write_text("acquired on the second scanner\n")  # not DICOM: no slice missing
+    assert read_image(series).GetSize() == (512, 512, 20)
+    end = series / "slice000.dcm"
+    with open(end, "r+b") as fh:
+        fh.truncate(end.stat().st_size - cut_bytes)
+    with pytest.raises(ScanError, match=r"slice000\.dcm: a DICOM file the series reader could not read"):
+        read_image(series)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), 0.0, float("inf"), 1e30])
 def test_a_voxel_size_that_cannot_be_one_is_refused(tmp_path: Path, bad: float):
     """SimpleITK reads a NaN, zero or infinite NIfTI slice thickness as 1 mm, and 1e30 mm passed as it was."""

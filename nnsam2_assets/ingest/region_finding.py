@@ -82,13 +82,15 @@ def find_region(reference: sitk.Image, reference_region: Region, scan: sitk.Imag
         found[name] = int(np.clip(index, 0, n - 1))
     lo, hi = sorted((found["first"], found["last"]))
     l4_l5 = found.get("l4_l5")
-    if l4_l5 is not None and not lo < l4_l5 < hi:
-        l4_l5 = None
     detail = (
         f"shift {', '.join(f'{v:+.1f}' for v in fit.offset)} mm, match {fit.ncc:.3f}, runner-up "
         f"{fit.runner_up:.3f}; per-disc z corrections "
         + ", ".join(f"{name} {offsets[name][2] - fit.offset[2]:+.1f} mm" for name in planes)
     )
+    if l4_l5 is not None and not lo < l4_l5 < hi:
+        # on thick slices the disc rounds onto a bounding one: the region holds no level boundary to name
+        detail += f"; L4/L5 falls on slice {l4_l5}, not strictly between {lo} and {hi}: left out"
+        l4_l5 = None
     if off_scan:
         detail += f"; runs off the scan's {n} slices ({', '.join(off_scan)})"
     mapped = {name: point + offsets[name] for name, point in planes.items()}

@@ -102,8 +102,27 @@ def models_state(root: Path, datasets: list[str], recipe: str | None = None) -> 
                 "(it trained on the new one)",
                 versions,
             )
+        unsampled = _sampled_without_supervoxels(root, pointer, datasets)
+        if unsampled:
+            return ModelsState(
+                False,
+                f"the {stage} model drew its patches without supervoxels in {', '.join(unsampled)}, which has "
+                "them now",
+                versions,
+            )
         versions[stage] = pointer["version"]
     return ModelsState(True, "", versions)
+
+
+def _sampled_without_supervoxels(root: Path, pointer: dict, datasets: list[str]) -> list[str]:
+    """The datasets with a training case that a supervoxel-sampled model trained on with nnU-Net's own draw
+    (no supervoxels then) and whose supervoxels exist now: a stage trained on them would learn otherwise."""
+    stale: set[str] = set()
+    for case, points in pointer.get("supervoxel_points", {}).items():  # empty unless the recipe samples so
+        dataset, _, scan = case.partition("__")  # case ids are "<dataset>__<scan>"
+        if points is None and dataset in datasets and DatasetLayout(root, dataset).supervoxels(scan).exists():
+            stale.add(dataset)
+    return sorted(stale)
 
 
 def trainer_record(model_dir: Path) -> dict:

@@ -106,3 +106,28 @@ def test_nnsams_encoder_counts_by_its_weights_not_where_the_checkpoint_lies(tmp_
     key = {path: recipe_key(nnsam.replace(sam2_checkpoint=str(path))) for path in (first, moved, other)}
     assert key[first] == key[moved] != key[other]
     assert key[first] != recipe_key(nnsam)  # with an encoder against the shape head alone
+
+
+def test_models_that_sampled_without_supervoxels_are_stale_once_the_supervoxels_exist(tmp_path):
+    """A dataset whose supervoxels were not made when the stages trained (the asset failed or was not run) got
+    nnU-Net's own draw; ``nnsam2 run`` went on reusing those models after the supervoxels appeared."""
+    from nnsam2_assets.core.layout import DatasetLayout
+
+    recipe = recipe_key(nnunet.get_profile("quick").replace(foreground_sampling="supervoxels"))
+    for stage in STAGES:
+        model_dir = model_version_dir(tmp_path, stage, "v1")
+        model_dir.mkdir(parents=True)
+        (model_dir / nnunet.MODEL_INFO_FILE).write_text("{}")
+        pointer = {"version": "v1", "model_dir": str(model_dir), "training_datasets": ["a", "b"],
+                   "recipe": recipe, "supervoxel_points": {"a__s1": 12, "b__s1": None}}  # fmt: skip
+        model_pointer(tmp_path, stage).parent.mkdir(parents=True, exist_ok=True)
+        model_pointer(tmp_path, stage).write_text(json.dumps(pointer))
+    assert models_state(tmp_path, ["a", "b"], recipe).current
+    made = DatasetLayout(tmp_path, "b").supervoxels("s1")
+    made.parent.mkdir(parents=True)
+    made.write_bytes(b"")
+    assert models_state(tmp_path, ["a"], recipe).current  # only b's case went without
+    state = models_state(tmp_path, ["a", "b"], recipe)
+    assert not state.current and state.reason == (
+        "the stage1 model drew its patches without supervoxels in b, which has them now"
+    )

@@ -15,7 +15,7 @@ pixel of its side): that interface has little contrast, and a random walker move
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Container, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -31,7 +31,21 @@ BETA = 130.0
 
 
 def band_pixels(spacing_x_mm: float, band_mm: float = BAND_MM) -> int:
+    """The band in column pixels; ``row_aspect`` scales rows to them."""
     return int(round(band_mm / spacing_x_mm))
+
+
+def row_aspect(spacing: Sequence[float]) -> float:
+    """A slice's row spacing over its column spacing (SimpleITK order x, y, ...): on rectangular pixels a band
+    counted in column pixels alone reaches further in mm along the longer side."""
+    return float(spacing[1]) / float(spacing[0])
+
+
+def band_key(spacing: Sequence[float]) -> str:
+    """What a mask's cache key adds for the band's geometry: nothing on square pixels, which the band has
+    always measured alike, so their cached masks stay current."""
+    aspect = row_aspect(spacing)
+    return "" if aspect == 1.0 else f"band-rows-scaled {aspect:.6g}"
 
 
 def refine_side_boundaries(
@@ -41,9 +55,11 @@ def refine_side_boundaries(
     band_px: int,
     beta: float = BETA,
     keep_slices: Container[int] = (),
+    aspect: float = 1.0,
 ) -> np.ndarray:
     """Per axial slice, each side's edge re-placed within ``band_px`` of the propagated edge by a random walker
-    on ``image`` (intensities scaled to about [0, 1]). Slices in ``keep_slices`` and empty slices are left as
+    on ``image`` (intensities scaled to about [0, 1]); ``band_px`` counts column pixels and ``aspect`` is
+    ``row_aspect`` of the slices' spacing. Slices in ``keep_slices`` and empty slices are left as
     they are; the result is not cleaned (the caller's component and hole rules apply after)."""
     if band_px < 1:
         return labels
@@ -52,25 +68,32 @@ def refine_side_boundaries(
     for z in range(labels.shape[0]):
         if z in keep_slices or not sides[z].any():
             continue
-        new_sides = _walk(sides[z], image[z], band_px, beta)
+        new_sides = _walk(sides[z], image[z], band_px, beta, (aspect, 1.0))
         if new_sides is not None:
             out[z] = new_sides if n_classes == 2 else _restore_muscles(new_sides, labels[z], n_classes)
     return out
 
 
-def _walk(sides: np.ndarray, image: np.ndarray, band_px: int, beta: float) -> np.ndarray | None:
-    """The random walker's side labels on one slice, or None where a side is too thin to keep an interior."""
+def _walk(
+    sides: np.ndarray, image: np.ndarray, band_px: int, beta: float, sampling: tuple[float, float]
+) -> np.ndarray | None:
+    """The random walker's side labels on one slice, or None where a side is too thin to keep an interior.
+    Distances are in column pixels (``sampling``: rows, columns)."""
+
+    def distance(mask: np.ndarray) -> np.ndarray:
+        return ndimage.distance_transform_edt(mask, sampling=sampling)
+
     seeds = np.zeros(sides.shape, np.int32)
-    outside = ndimage.distance_transform_edt(sides == 0) > band_px
+    outside = distance(sides == 0) > band_px
     seeds[outside] = 1
     for side in (1, 2):
-        interior = ndimage.distance_transform_edt(sides == side) > band_px
+        interior = distance(sides == side) > band_px
         if (sides == side).any() and not interior.any():
             return None
         seeds[interior] = side + 1
     # a side reaches no further than the band from its own edge: where the sides abut, a pixel in the band of
     # one side but beyond the band of the other is never given to the other side
-    reach = {side + 1: ndimage.distance_transform_edt(sides != side) <= band_px for side in (1, 2)}
+    reach = {side + 1: distance(sides != side) <= band_px for side in (1, 2)}
     walked = walk(image, seeds, beta, within=~outside, allowed=reach)
     return np.where(walked > 1, walked - 1, 0).astype(sides.dtype)
 

@@ -61,6 +61,13 @@ BACKEND_IDENTITY = f"registration|{MODEL_ID}"  # what its masks depend on beside
 
 
 # -------------------------------------------------------------------------------------------------- backend
+def ncc_window(spacing: tuple[float, ...], window_mm: float) -> tuple[int, int]:
+    """The confidence's NCC box in pixels (rows, columns): ``window_mm`` on each side, odd, at least 3, so that
+    rectangular pixels get a square box in mm."""
+    rows, columns = (max(3, int(round(window_mm / mm)) | 1) for mm in (spacing[1], spacing[0]))
+    return rows, columns
+
+
 class RegistrationPropagator:
     """Slice-wise registration propagation (see module docstring). Stateless between targets."""
 
@@ -177,8 +184,9 @@ class RegistrationPropagator:
             labels[t_seed] = ann_slice
         band = boundary.band_pixels(target.GetSpacing()[0], s.boundary_band_mm)
         labels = boundary.refine_side_boundaries(
-            labels, tgt_norm, n_classes, band, s.boundary_beta, keep_slices={t_seed} if own_seed else ()
-        )
+            labels, tgt_norm, n_classes, band, s.boundary_beta, keep_slices={t_seed} if own_seed else (),
+            aspect=boundary.row_aspect(target.GetSpacing()),
+        )  # fmt: skip
         labels = clean_class_masks(labels, n_classes)
         if own_seed:  # after the clean-up too: an island or a hole the annotator drew is theirs to keep
             labels[t_seed] = ann_slice
@@ -212,7 +220,7 @@ class RegistrationPropagator:
             sitk.Resample(ref_img, grid, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         )
         fixed = sitk.GetArrayViewFromImage(grid)
-        window = max(3, int(round(self.settings.ncc_window_mm / grid.GetSpacing()[0])) | 1)
+        window = ncc_window(grid.GetSpacing(), self.settings.ncc_window_mm)
         local = windowed_ncc(fixed, warped_img, window)
         for k in range(len(soft)):
             band = ndimage.binary_dilation(probs[k, z, y0:y1, x0:x1] > 0.5, iterations=2)

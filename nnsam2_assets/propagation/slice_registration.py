@@ -228,8 +228,9 @@ def pixel_box(
     )
 
 
-def windowed_ncc(a: np.ndarray, b: np.ndarray, window: int) -> np.ndarray:
-    """Local normalised cross-correlation map of two 2-D arrays (box window, pixels)."""
+def windowed_ncc(a: np.ndarray, b: np.ndarray, window: int | tuple[int, int]) -> np.ndarray:
+    """Local normalised cross-correlation map of two 2-D arrays (box window in pixels: one side, or rows and
+    columns)."""
     a = a.astype(np.float64)
     b = b.astype(np.float64)
     mu_a = ndimage.uniform_filter(a, window)

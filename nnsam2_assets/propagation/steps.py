@@ -15,7 +15,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from nnsam2_assets.core.cache import ScanCache, cache_key
-from nnsam2_assets.core.imaging import read_array, read_image, same_grid
+from nnsam2_assets.core.imaging import read_array, read_header, read_image, same_grid
 from nnsam2_assets.core.labels import mean_dice, to_class_space
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.storage import (
@@ -33,6 +33,7 @@ from nnsam2_assets.ingest.annotation import (
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.ingest.scans import ok_scans, read_manifest
 from nnsam2_assets.propagation.base import PropagationResult, Propagator
+from nnsam2_assets.propagation.boundary import band_key
 from nnsam2_assets.propagation.parallel import propagate_in_workers
 from nnsam2_assets.propagation.prompts import propagate_from_slices
 
@@ -160,6 +161,7 @@ def propagate_masks(
             annotation_digest,
             clicks_digest,
             backend_id,
+            band_key(read_header(layout.scan_image(scan_id)).GetSpacing()),
         )
         return key, [layout.masks(scan_id), layout.confidence(scan_id)]
 

@@ -43,6 +43,7 @@ from nnsam2_assets.core.storage import (
 from nnsam2_assets.ingest.annotation import annotated_slices, read_annotation_clicks, read_annotation_meta
 from nnsam2_assets.ingest.convention import DatasetSpec
 from nnsam2_assets.propagation.base import target_seed_slice
+from nnsam2_assets.propagation.boundary import band_key
 from nnsam2_assets.propagation.steps import mask_digest
 from nnsam2_assets.refinement.corrections import (
     NO_CORRECTION,
@@ -315,6 +316,7 @@ def make_final_masks(
             mask_digest(layout, scan),  # the final mask when propagated, and its ES/MF interface
             record.key if record else "",
             pivot,
+            band_key(img.GetSpacing()),  # the edges are placed on the scan's image
         )
         outputs = [layout.final_mask(scan), layout.final_mask_canonical(scan)]
         p1, p2, p3 = (read_array(path) for path in stage_paths(scan, img))

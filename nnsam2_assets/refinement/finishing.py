@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from nnsam2_assets.core.intensities import registration_intensities
 from nnsam2_assets.core.masks import clean_labels
-from nnsam2_assets.propagation.boundary import band_pixels, refine_side_boundaries
+from nnsam2_assets.propagation.boundary import band_pixels, refine_side_boundaries, row_aspect
 
 
 def finish_refined(prediction: np.ndarray, image: sitk.Image, modality: str, k: int) -> np.ndarray:
@@ -25,4 +25,5 @@ def finish_refined(prediction: np.ndarray, image: sitk.Image, modality: str, k: 
     cleaned = clean_labels(prediction, k)
     intensities = registration_intensities(sitk.GetArrayViewFromImage(image), modality)
     band = band_pixels(image.GetSpacing()[0])
-    return clean_labels(refine_side_boundaries(cleaned, intensities, k, band), k)
+    aspect = row_aspect(image.GetSpacing())
+    return clean_labels(refine_side_boundaries(cleaned, intensities, k, band, aspect=aspect), k)

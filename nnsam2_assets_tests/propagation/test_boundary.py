@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from nnsam2_assets.core.labels import mean_dice
 from nnsam2_assets.core.walker import walk
-from nnsam2_assets.propagation.boundary import BETA, refine_side_boundaries
+from nnsam2_assets.propagation.boundary import BETA, band_key, refine_side_boundaries
 from nnsam2_assets.propagation.registration import RegistrationPropagator
 
 BAND = 4
@@ -55,6 +55,23 @@ def test_a_lagging_edge_moves_onto_the_image_edge(n_classes):
     if n_classes == 4:
         inner = truth4 > 0
         np.testing.assert_array_equal(refined[0][inner], truth4[inner])
+
+
+def test_on_rectangular_pixels_the_band_is_measured_in_mm_along_both_axes():
+    """Rows twice as long as columns: the band had been counted in pixels of either axis, so the edge moved
+    8 mm along the rows where the band is 4 mm, and a 1.2 x 0.6 mm scan got twice its band one way."""
+    image, truth = _two_muscles()
+    truth = np.array([0, 1, 1, 2, 2], np.uint8)[truth]
+    lagging = _grow(truth, 3)  # 3 rows: 6 mm along y at 2 mm per row, beyond a 4 mm band
+    refined = refine_side_boundaries(lagging[None], image[None], 2, BAND, aspect=2.0)[0]
+    moved_out = (lagging > 0) & (refined == 0)
+    assert moved_out.sum() > 0  # the edge still moves within its band
+    depth_mm = ndimage.distance_transform_edt(lagging > 0, sampling=(2.0, 1.0))
+    assert depth_mm[moved_out].max() <= BAND, depth_mm[moved_out].max()
+    square = refine_side_boundaries(lagging[None], image[None], 2, BAND)[0]  # square pixels: as before
+    assert ndimage.distance_transform_edt(lagging > 0)[(lagging > 0) & (square == 0)].max() == 3
+    # the masks' cache keys: square pixels' cached masks stay current, rectangular ones' are made again
+    assert band_key((1.019, 1.019, 4.0)) == "" and band_key((0.5, 1.0, 4.0)) != ""
 
 
 def test_kept_slices_band_zero_and_empty_slices_are_untouched():

@@ -15,7 +15,7 @@ from nnsam2_assets.propagation.base import (
     Propagator,
     target_seed_slice,
 )
-from nnsam2_assets.propagation.registration import RegistrationPropagator
+from nnsam2_assets.propagation.registration import RegistrationPropagator, ncc_window
 from nnsam2_assets.testing.realdata import slice_annotation, tum_canonical
 
 MERGE_4_TO_2 = np.array([0, 1, 1, 2, 2], dtype=np.uint8)
@@ -206,3 +206,11 @@ def test_propagation_is_reproducible_run_to_run():
     )
     assert np.array_equal(first.masks, second.masks)
     pd.testing.assert_frame_equal(first.confidence, second.confidence)
+
+
+def test_the_confidence_window_is_square_in_mm_on_rectangular_pixels():
+    """The window was sized from the column spacing alone: on 0.5 x 1 mm pixels it spanned 2.5 times the
+    setting along the rows. Square pixels keep the window they had."""
+    assert ncc_window((1.0, 1.0), 15.0) == (15, 15)
+    assert ncc_window((0.5, 1.0), 15.0) == (15, 31)  # rows of 1 mm, columns of 0.5 mm
+    assert ncc_window((4.0, 4.0), 4.0) == (3, 3)  # never below 3

@@ -343,6 +343,9 @@ def agreement_table(
     # text columns stay text: a first dataset with < 3 pairs must not create a numeric column in DuckDB
     # that a later "parametric"/"bootstrap" cannot be inserted into
     row["tost_method"] = "not computed (n < 3)"
+    # the margin the row stands for, computed or not: a dataset's two rows per measure (5 and 10 %) had come
+    # out identical with fewer than 3 pairs, and a filter on the margin lost them
+    row["tost_margin"] = float(margin)
     if n < 3:
         return row
     ba = bland_altman(a, m, ddof=ba_ddof)

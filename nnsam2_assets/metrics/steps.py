@@ -29,7 +29,7 @@ from nnsam2_assets.refinement.corrections import NO_CORRECTION
 # v4: a dataset without QC flags still writes its (empty) qc_flags table; v5: a class absent from a scan's
 # expert labels is not annotated there (its expert columns are NaN, not a volume of 0)
 VERSION = "metrics-v5"
-AGREEMENT_VERSION = "agreement-v1"
+AGREEMENT_VERSION = "agreement-v2"
 MEASURES = {
     "volume_ml": "expert_volume_ml",
     "fat_ratio": "expert_fat_ratio",

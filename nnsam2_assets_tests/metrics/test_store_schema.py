@@ -89,6 +89,13 @@ def test_tost_equivalent_stays_yes_or_no_whichever_dataset_is_written_first(tmp_
     read = store.query(db, "SELECT dataset, tost_equivalent FROM metrics.agreement ORDER BY dataset")
     shown = {(r.dataset, cell(r.tost_equivalent, "tost_equivalent")) for r in read.itertuples()}
     assert shown == {("pilot", "–"), ("main", "yes")}
+    # each measure's two rows say their margin, computed or not: the pilot's had been identical twins
+    margins = store.query(
+        db, "SELECT dataset, tost_margin FROM metrics.agreement ORDER BY dataset, tost_margin"
+    )
+    assert list(margins.itertuples(index=False, name=None)) == [
+        ("main", 0.05), ("main", 0.10), ("pilot", 0.05), ("pilot", 0.10)
+    ]  # fmt: skip
 
     # a database written before: the DOUBLE column is turned back into yes / no
     old = tmp_path / "old.duckdb"

@@ -10,6 +10,8 @@ muscles' extent do not inflate it (see ``slice_dice``).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 
 CLASSES_4 = ("right_es", "right_mf", "left_mf", "left_es")
@@ -111,9 +113,23 @@ def dice_per_class(a: np.ndarray, b: np.ndarray, n_classes: int) -> list[float]:
     return [dice(a == c, b == c) for c in range(1, n_classes + 1)]
 
 
-def mean_dice(a: np.ndarray, b: np.ndarray, n_classes: int) -> float:
-    """Mean over classes of the per-class Dice (volume Dice when given volumes)."""
-    return float(np.mean(dice_per_class(a, b, n_classes)))
+def mean_dice(a: np.ndarray, b: np.ndarray, n_classes: int, skip: Collection[int] = ()) -> float:
+    """Mean over classes of the per-class Dice (volume Dice when given volumes); the classes in ``skip`` (an
+    expert's ``unannotated_classes``) are left out, and with none left it is NaN."""
+    scores = [d for c, d in enumerate(dice_per_class(a, b, n_classes), start=1) if c not in skip]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def unannotated_classes(expert: np.ndarray, k: int) -> dict[int, set[int]]:
+    """The classes a scan's expert labels (``k`` classes) leave out, per class scheme of its metrics (``k``, and
+    2 for a 4-class scan): a muscle the expert did not draw is not annotated, not absent, so its comparison
+    must not read a volume of 0; a side is not annotated when one of its muscles is not."""
+    present = set(np.unique(expert).tolist())
+    missing = {c for c in range(1, k + 1) if c not in present}
+    out = {k: missing}
+    if k == 4:
+        out[2] = {int(to_class_space(np.array([c], np.uint8), 4, 2)[0]) for c in missing}
+    return out
 
 
 def slice_dice(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from nnsam2_assets.core.cache import ScanCache, cache_key
 from nnsam2_assets.core.imaging import read_array, read_image
-from nnsam2_assets.core.labels import class_map, side_of, to_class_space
+from nnsam2_assets.core.labels import class_map, side_of, to_class_space, unannotated_classes
 from nnsam2_assets.core.layout import SCAN_METRIC_TABLES, DatasetLayout
 from nnsam2_assets.core.masks import laterality_gap_voxels
 from nnsam2_assets.core.storage import atomic_write_dataframe, sha256_file
@@ -38,18 +38,6 @@ MEASURES = {
 UNITS = {"volume_ml": "mL", "fat_ratio": "", "ct_mean_hu": "HU"}
 # what the expert labels give a class's rows: unknown where the expert did not annotate the class
 EXPERT_COLUMNS = ("dice", *MEASURES.values())
-
-
-def unannotated_classes(expert: np.ndarray, k: int) -> dict[int, set[int]]:
-    """The classes a scan's expert labels (``k`` classes) leave out, per class scheme of its metrics (``k``, and
-    2 for a 4-class scan): a muscle the expert did not draw is not annotated, not absent, so its comparison
-    must not read a volume of 0; a side is not annotated when one of its muscles is not."""
-    present = set(np.unique(expert).tolist())
-    missing = {c for c in range(1, k + 1) if c not in present}
-    out = {k: missing}
-    if k == 4:
-        out[2] = {int(to_class_space(np.array([c], np.uint8), 4, 2)[0]) for c in missing}
-    return out
 
 
 def _scan_rows(

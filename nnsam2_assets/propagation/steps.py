@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from nnsam2_assets.core.cache import ScanCache, cache_key
 from nnsam2_assets.core.imaging import read_array, read_header, read_image, same_grid
-from nnsam2_assets.core.labels import mean_dice, to_class_space
+from nnsam2_assets.core.labels import mean_dice, to_class_space, unannotated_classes
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.storage import (
     StorageError,
@@ -66,14 +66,26 @@ class PropagationReport:
         return cache_key(*self.summary.mask_sha256, *confidences)
 
 
+def _band_key(scan_image: Path) -> str:
+    """The edge band's part of a scan's mask key, from the crop's header (``boundary.band_key``)."""
+    try:
+        spacing = read_header(scan_image).GetSpacing()
+    except RuntimeError:  # an unreadable crop fails its own propagation, naming the file: its key is moot
+        return ""
+    return band_key(spacing)
+
+
 def _mask_summary(
     scan_id: str, conf: pd.DataFrame, masks: np.ndarray, layout: DatasetLayout, n_classes: int
 ) -> dict:
     per_slice = conf.groupby("slice").agg(confidence=("confidence", "mean"), present=("present", "all"))
     expert_dice = float("nan")
     if layout.scan_expert(scan_id).exists():
-        truth = to_class_space(read_array(layout.scan_expert(scan_id)), n_classes, 2)
-        expert_dice = mean_dice(to_class_space(masks, n_classes, 2), truth, 2)
+        expert = read_array(layout.scan_expert(scan_id))
+        skip = unannotated_classes(expert, n_classes)[2]  # a side the expert left out is unknown, not absent
+        expert_dice = mean_dice(
+            to_class_space(masks, n_classes, 2), to_class_space(expert, n_classes, 2), 2, skip
+        )
     return {
         "scan": scan_id,
         "mean_confidence": float(per_slice.confidence.mean()),
@@ -161,7 +173,7 @@ def propagate_masks(
             annotation_digest,
             clicks_digest,
             backend_id,
-            band_key(read_header(layout.scan_image(scan_id)).GetSpacing()),
+            _band_key(layout.scan_image(scan_id)),
         )
         return key, [layout.masks(scan_id), layout.confidence(scan_id)]
 

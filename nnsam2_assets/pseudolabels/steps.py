@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from nnsam2_assets.core.cache import ScanCache, cache_key
 from nnsam2_assets.core.imaging import read_array, read_image
-from nnsam2_assets.core.labels import mean_dice
+from nnsam2_assets.core.labels import mean_dice, unannotated_classes
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.storage import atomic_write_dataframe, atomic_write_image, sha256_file
 from nnsam2_assets.ingest.convention import DatasetSpec
@@ -82,8 +82,11 @@ def _slice_tables(
         table["expert_dice"] = np.nan
         if layout.scan_expert(scan_id).exists():
             truth = read_array(layout.scan_expert(scan_id))
+            skip = unannotated_classes(truth, spec.n_classes)[
+                spec.n_classes
+            ]  # not drawn: unknown, not absent
             table["expert_dice"] = [
-                mean_dice(masks[z], truth[z], spec.n_classes) for z in range(masks.shape[0])
+                mean_dice(masks[z], truth[z], spec.n_classes, skip) for z in range(masks.shape[0])
             ]
         # recorded only after the selection file is written: a run dying in between must not leave the
         # new key beside the old rows, which a later run would take as this table

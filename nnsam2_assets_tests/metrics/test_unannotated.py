@@ -9,9 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import SimpleITK as sitk
 
+from nnsam2_assets.core.labels import unannotated_classes
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.storage import atomic_write_image
-from nnsam2_assets.metrics.steps import _scan_rows, unannotated_classes
+from nnsam2_assets.metrics.steps import _scan_rows
 
 
 def _image(arr: np.ndarray) -> sitk.Image:
@@ -50,3 +51,31 @@ def test_a_class_the_expert_left_out_has_no_expert_numbers_but_keeps_its_own(tmp
         np.isnan(two.loc[2, "expert_volume_ml"]) and two.loc[1, "dice"] == 1.0
     )  # the left side's sum is partial
     assert slices[slices.label == 3].dice.isna().all() and (slices[slices.label == 1].dice == 1.0).all()
+
+
+def test_the_propagation_and_pseudo_label_diagnostics_leave_an_unannotated_side_out(tmp_path: Path):
+    """The propagated masks' and the pseudo-label slices' expert Dice counted a side the expert did not draw
+    as Dice 0: masks equal to the expert's right side scored 0.5, where the metrics say 1.0."""
+    import pandas as pd
+
+    from nnsam2_assets.propagation.steps import _mask_summary
+    from nnsam2_assets.pseudolabels.selection import SelectionConfig
+    from nnsam2_assets.pseudolabels.steps import _slice_tables
+
+    masks = np.zeros((3, 12, 12), np.uint8)
+    masks[:, 2:8, 1:5], masks[:, 2:8, 7:11] = 1, 2
+    expert = np.where(masks == 1, 1, 0).astype(np.uint8)  # the right side only
+    layout = DatasetLayout(tmp_path, "ds")
+    atomic_write_image(_image(masks), layout.masks("s1"))
+    atomic_write_image(_image(expert), layout.scan_expert("s1"))
+    conf = pd.DataFrame(
+        [{"slice": z, "class_id": c, "confidence": 0.9, "present": True} for z in range(3) for c in (1, 2)]
+    ).assign(scan="s1", backend="registration", model_id="m")
+    conf.to_parquet(layout.confidence("s1"))
+
+    assert _mask_summary("s1", conf, masks, layout, 2)["expert_dice"] == 1.0
+    spec = SimpleNamespace(name="ds", n_classes=2)
+    (table,), _ = _slice_tables(spec, layout, SelectionConfig(), {"s1": "digest"})
+    assert (table.expert_dice == 1.0).all()
+    atomic_write_image(_image(np.zeros_like(masks)), layout.scan_expert("s1"))  # nothing drawn: unknown
+    assert np.isnan(_mask_summary("s1", conf, masks, layout, 2)["expert_dice"])

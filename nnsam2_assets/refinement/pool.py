@@ -42,6 +42,11 @@ class Pool:
         ]
         return 4 if bringing and all(k == 4 for k in bringing) else 2
 
+    def holds(self, dataset: str) -> bool:
+        """Whether the dataset's labels can be put in the pool's classes: a 2-class dataset that brought no
+        labels to choose them (never propagated) cannot be in a 4-class pool, and trains nothing there."""
+        return self.n_classes[dataset] >= self.classes
+
     def items(self) -> Iterator[tuple[str, str, DatasetLayout]]:
         for dataset, scans in self.scans.items():
             for scan in scans:

@@ -39,6 +39,8 @@ def exact_and_held_out(
     ignore_value = ignore_label(pool.classes)
     out = dict(labels)
     for dataset, layout in pool.layouts.items():
+        if not pool.holds(dataset):
+            continue
         for scan, slices, path in exact_labels(layout):
             if scan not in pool.scans[dataset]:
                 continue
@@ -56,6 +58,8 @@ def exact_lineage(pool: Pool) -> dict[str, list[int]]:
     held-out slab is listed."""
     out: dict[str, list[int]] = {}
     for dataset, layout in pool.layouts.items():
+        if not pool.holds(dataset):
+            continue
         slab = held_out_slab(layout)
         for scan, slices, _ in exact_labels(layout):
             hidden = range(slab.first, slab.last + 1) if slab is not None and scan == slab.scan else ()
@@ -106,7 +110,7 @@ def stage_labels(stage: str, pool: Pool, root: Path, rule: StageRule | None) -> 
     rows, preds = [], {}
     for dataset, scan, layout in pool.items():
         pred_path = stage_prediction(Path(prev["model_dir"]), dataset, scan)
-        if not pred_path.exists():
+        if not pred_path.exists() or not pool.holds(dataset):
             continue
         if other is None and not layout.masks(scan).exists():
             # a dataset whose scans were ingested but that failed before propagation (e.g. an unreadable

@@ -50,3 +50,34 @@ def test_a_dataset_bringing_no_labels_or_no_reference_leaves_the_pool_as_it_was(
     pool = build_pool(tmp_path, list(specs), specs.__getitem__, log=said.append)
     assert pool.classes == 4 and pool.scans == {"four": ["r4", "s4"], "unlabelled": ["r2", "s2"]}
     assert said == ["dataset refless left out of the pool: its reference scan r3 did not pass ingest"]
+
+
+def test_a_two_class_dataset_left_out_of_a_four_class_pool_trains_nothing_and_stops_no_one(
+    tmp_path, monkeypatch
+):
+    """A 2-class dataset annotated on further slices but not yet propagated brings exact labels, not
+    pseudo-labels: the pool is 4-class without it, and converting its labels to 4 classes had failed every
+    dataset's stage training."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from nnsam2_assets.core.layout import DatasetLayout
+    from nnsam2_assets.refinement import stage_labels
+
+    labels2 = np.zeros((6, 8, 8), np.uint8)
+    labels2[2, 2:6, 1:3], labels2[2, 2:6, 5:7] = 1, 2
+    path = tmp_path / "two_exact.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(labels2), str(path))
+    pool = Pool(
+        layouts={"four": DatasetLayout(tmp_path, "four"), "two": DatasetLayout(tmp_path, "two")},
+        n_classes={"four": 4, "two": 2},
+        scans={"four": ["s4"], "two": ["s2"]},
+        labelled=frozenset({"four"}),
+    )
+    exact = {"four": [], "two": [("s2", [2], path)]}
+    monkeypatch.setattr(stage_labels, "exact_labels", lambda layout: exact[layout.dataset])
+    four_label = np.full((6, 8, 8), 3, np.uint8)
+    assert pool.classes == 4 and pool.holds("four") and not pool.holds("two")
+    out = stage_labels.exact_and_held_out({("four", "s4"): four_label}, pool)
+    assert list(out) == [("four", "s4")]
+    assert stage_labels.exact_lineage(pool) == {}

@@ -29,7 +29,7 @@ import SimpleITK as sitk
 from nnsam2_assets.core import Log
 from nnsam2_assets.core.cache import ScanCache, cache_key
 from nnsam2_assets.core.imaging import ScanError, read_array, read_image, to_original_grid
-from nnsam2_assets.core.labels import class_names, mean_dice, to_class_space
+from nnsam2_assets.core.labels import class_names, mean_dice, to_class_space, unannotated_classes
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.masks import clean_labels, fragment_fraction, split_sides
 from nnsam2_assets.core.overlays import montage_png
@@ -242,8 +242,11 @@ def _agreement_row(
     }
     if layout.scan_expert(scan).exists():
         truth = read_array(layout.scan_expert(scan))
-        row["expert_dice"] = mean_dice(final, truth, k_out)
-        row["propagation_expert_dice"] = mean_dice(propagated, truth, k_out)
+        skip = unannotated_classes(truth, k_out)[
+            k_out
+        ]  # a class the expert did not draw: unknown, not absent
+        row["expert_dice"] = mean_dice(final, truth, k_out, skip)
+        row["propagation_expert_dice"] = mean_dice(propagated, truth, k_out, skip)
     return row
 
 

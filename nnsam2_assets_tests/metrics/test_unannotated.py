@@ -79,3 +79,16 @@ def test_the_propagation_and_pseudo_label_diagnostics_leave_an_unannotated_side_
     assert (table.expert_dice == 1.0).all()
     atomic_write_image(_image(np.zeros_like(masks)), layout.scan_expert("s1"))  # nothing drawn: unknown
     assert np.isnan(_mask_summary("s1", conf, masks, layout, 2)["expert_dice"])
+
+
+def test_the_final_masks_expert_dice_leaves_an_unannotated_side_out(tmp_path: Path):
+    """The final masks' table (and the asset's mean_expert_dice) scored a side the expert did not draw as 0."""
+    from nnsam2_assets.refinement.final_masks import _agreement_row
+
+    final = np.zeros((3, 12, 12), np.uint8)
+    final[:, 2:8, 1:5], final[:, 2:8, 7:11] = 1, 2
+    layout = DatasetLayout(tmp_path, "ds")
+    atomic_write_image(_image(final), layout.final_mask_canonical("s1"))
+    atomic_write_image(_image(np.where(final == 1, 1, 0).astype(np.uint8)), layout.scan_expert("s1"))
+    row = _agreement_row(layout, "s1", (final, final, final), 2, final, 2, final, "refined", {})
+    assert row["expert_dice"] == 1.0 and row["propagation_expert_dice"] == 1.0

@@ -447,7 +447,10 @@ def to_canonical(img: sitk.Image) -> sitk.Image:
     return sitk.DICOMOrient(img, CANONICAL)
 
 
-def same_grid(a: sitk.Image, b: sitk.Image, tol: float = GRID_TOLERANCE) -> bool:
+def same_grid(
+    a: sitk.Image | sitk.ImageFileReader, b: sitk.Image | sitk.ImageFileReader, tol: float = GRID_TOLERANCE
+) -> bool:
+    """Whether two images, or their headers (``read_header``), lie on one voxel grid."""
     return (
         a.GetSize() == b.GetSize()
         and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)

@@ -25,7 +25,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnsam2_assets.core.cache import cache_key
-from nnsam2_assets.core.imaging import ScanError, read_array, read_image, read_source_image, same_grid
+from nnsam2_assets.core.imaging import (
+    ScanError,
+    read_array,
+    read_header,
+    read_image,
+    read_source_image,
+    same_grid,
+)
 from nnsam2_assets.core.labels import class_names, mean_dice
 from nnsam2_assets.core.layout import DatasetLayout
 from nnsam2_assets.core.storage import atomic_write_image, atomic_write_json, sha256_file
@@ -91,7 +98,14 @@ def current_record(
     keys = ingest_keys(layout) if keys is None else keys
     if record is None or record.removed or record.ingest_key not in ("", keys.get(scan)):
         return None
+    if record.ingest_key == "" and not _labels_fit_crop(layout, scan):
+        return None  # from before records named their crop, and the crop has changed since: not usable
     return record
+
+
+def _labels_fit_crop(layout: DatasetLayout, scan: str) -> bool:
+    labels, crop = layout.correction_labels(scan), layout.scan_image(scan)
+    return labels.exists() and crop.exists() and same_grid(read_header(labels), read_header(crop))
 
 
 def source_stat(path: Path) -> str:

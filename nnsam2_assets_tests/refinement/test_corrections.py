@@ -380,3 +380,29 @@ def test_a_correction_labelled_only_outside_the_scans_region_is_refused(ingested
     sitk.WriteImage(image, str(folder / "corrections" / f"{scan}.nii.gz"))
     recorded = record_corrections(load_dataset(run.data_root, "ds"), layout)
     assert not recorded.changed and "no labelled voxel in the scan's region" in recorded.refused[scan]
+
+
+def test_a_record_from_before_ingest_keys_on_another_crop_is_not_used(ingested):
+    """A record written before records named their crop (ingest key "") was taken as current whatever the
+    crop: after a new region its labels, of the old crop's size, were pasted into the new crop's training
+    label and every dataset's stage training failed."""
+    import json
+
+    from nnsam2_assets.refinement.corrections import corrected_exact_labels
+
+    run, folder = ingested
+    layout, scan, z = _one_slice_erased(run, folder, middle=True)
+    record = json.loads(layout.correction_record(scan).read_text())
+    layout.correction_record(scan).write_text(json.dumps({**record, "ingest_key": "", "slice_points": []}))
+    assert current_record(layout, scan) is not None  # same crop: the old record serves as it did
+    assert list(corrected_exact_labels(layout)) == [scan]
+
+    regions = folder / "regions.csv"
+    rows = regions.read_text().splitlines()
+    row = next(r for r in rows if r.startswith(f"{scan},"))
+    _, first, last, *rest = row.split(",")
+    lo, hi = sorted((int(first), int(last)))
+    rows[rows.index(row)] = ",".join([scan, str(lo - 2), str(hi), *rest])
+    regions.write_text("\n".join(rows) + "\n")
+    _ingest_again(run)
+    assert current_record(layout, scan) is None and corrected_exact_labels(layout) == {}

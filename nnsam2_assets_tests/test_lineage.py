@@ -20,6 +20,7 @@ from nnsam2_assets.core.layout import DUCKDB_FILE
 from nnsam2_assets.definitions import defs
 from nnsam2_assets.metrics.store import SCHEMA, TABLES
 from nnsam2_assets.pipeline import PHASES
+from nnsam2_assets.refinement import stage_labels
 from nnsam2_assets.refinement.corrections import record_corrections
 from nnsam2_assets.refinement.settings import RefinementConfig
 from nnsam2_assets.testing import direct
@@ -106,7 +107,7 @@ def recorder(tmp_path, monkeypatch) -> Recorder:
     return rec
 
 
-def test_every_edge_is_a_real_read_and_every_read_is_an_edge(tmp_path, recorder):
+def test_every_edge_is_a_real_read_and_every_read_is_an_edge(tmp_path, recorder, monkeypatch):
     data, storage = tmp_path / "data", tmp_path / "storage"
     folder = write_tiny_dataset(data, "ds", 2, seed=1)
     # a user's correction of the second scan (its expert labels, in our class ids): recorded between the
@@ -126,6 +127,20 @@ def test_every_edge_is_a_real_read_and_every_read_is_an_edge(tmp_path, recorder)
             seen[asset] = recorder.owners() - {asset}
         if phase is PHASES[0]:
             assert record_corrections(run.spec("ds"), run.layout("ds")).changed
+    # where a later stage's selection leaves it nothing to learn (no previous prediction agrees with its
+    # reference, no exact label), it learns the pseudo-labels as stage 1 does: that read is an edge too
+    select = stage_labels.stage_labels
+
+    def nothing_agrees(stage, pool, root, rule):
+        selection, labels = select(stage, pool, root, rule)
+        return selection, labels if stage == "stage1" else {}
+
+    monkeypatch.setattr(stage_labels, "stage_labels", nothing_agrees)
+    for stage in ("stage2", "stage3"):
+        recorder.paths.clear()
+        recorder.tables.clear()
+        direct.STEPS[f"nnunet_{stage}"](run, None)
+        seen[f"nnunet_{stage}"] |= recorder.owners() - {f"nnunet_{stage}"}
     declared = {
         asset: {p.to_user_string() for p in graph.get(dg.AssetKey(asset)).parent_keys} for asset in seen
     }

@@ -145,7 +145,7 @@ def region_previews(layout, good, limit: int = 8) -> str:
     partitions_def=datasets_partitions,
     group_name="ingest",
     kinds={"nifti"},
-    code_version=ingest.VERSION,
+    code_version=annotation.VERSION,
     automation_condition=EAGER,
     deps=[scans],
 )
@@ -226,7 +226,9 @@ corrections = dg.AssetSpec(
     description=(
         "Final masks a user corrected (corrections/<scan>.nii.gz or .seg.nrrd in the dataset folder), each "
         "recorded with the digest of the final mask it was made from and its corrected slices. Recorded by "
-        "the new-data sensor and by nnsam2 run, outside the asset runs: the models it trains are upstream of "
+        "the new-data sensor before the run it requests, and by every scans step (nnsam2 run's too), which "
+        "places them on the crops it has just made. The record compares a correction with the published "
+        "final mask: the one read outside the graph's edges, because the models it trains are upstream of "
         "the final masks it corrects."
     ),
 )

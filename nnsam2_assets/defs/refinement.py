@@ -10,7 +10,6 @@ stage-3 model without retraining.
 
 import dagster as dg
 
-from nnsam2_assets.core.cache import cache_key
 from nnsam2_assets.core.overlays import markdown_image
 from nnsam2_assets.defs.automation import EAGER_BESIDE_CORRECTIONS, GPU_TAGS
 from nnsam2_assets.defs.ingest import corrections, reference_annotation, scans
@@ -23,7 +22,11 @@ from nnsam2_assets.ingest.annotation import describe_split_source
 from nnsam2_assets.propagation.steps import propagated_scans
 from nnsam2_assets.refinement import stages as refine
 from nnsam2_assets.refinement.final_masks import CODE_VERSION as FINAL_MASKS_CODE_VERSION
-from nnsam2_assets.refinement.final_masks import make_final_masks
+from nnsam2_assets.refinement.final_masks import (
+    final_masks_version,
+    make_final_masks,
+    scans_without_final_mask,
+)
 from nnsam2_assets.refinement.holdout import MIN_HELDOUT_DICE
 from nnsam2_assets.refinement.pool import Pool, build_pool
 from nnsam2_assets.refinement.rules import STAGE_RULES, StageRule
@@ -145,14 +148,16 @@ def _next_stage_asset(stage: str, deps: list, description: str) -> dg.AssetsDefi
     return _stage
 
 
+# pseudo_labels: where the previous models agree with their reference nowhere, a stage learns from the
+# pseudo-labels as stage 1 does (``stage_labels.next_stage_labels``)
 nnunet_stage2 = _next_stage_asset(
     "stage2",
-    [scans, reference_annotation, corrections, propagated_masks, nnunet_stage1],
+    [scans, reference_annotation, corrections, propagated_masks, pseudo_labels, nnunet_stage1],
     "Stage 2: trained on stage-1 predictions that agree with the propagated masks and change area smoothly.",
 )
 nnunet_stage3 = _next_stage_asset(
     "stage3",
-    [scans, reference_annotation, corrections, propagated_masks, nnunet_stage1, nnunet_stage2],
+    [scans, reference_annotation, corrections, propagated_masks, pseudo_labels, nnunet_stage1, nnunet_stage2],
     "Stage 3: trained on stage-2 predictions that agree with stage 1 (top 20 % per dataset, at least 2).",
 )
 
@@ -186,7 +191,12 @@ class FinalMasksConfig(dg.Config):
     pool="gpu",
     op_tags=GPU_TAGS,
     check_specs=[
-        dg.AssetCheckSpec("final_masks_complete", asset="final_masks"),
+        dg.AssetCheckSpec(
+            "final_masks_complete",
+            asset="final_masks",
+            description="every scan that passed ingest has a non-empty final mask (one whose propagation "
+            "failed is named)",
+        ),
         dg.AssetCheckSpec(
             "refined_masks_used",
             asset="final_masks",
@@ -246,7 +256,7 @@ def final_masks(
     if out.overlay_png:
         metadata["overlay"] = dg.MetadataValue.md(markdown_image(out.overlay_png, "final mask"))
     empty = stage_dice.scan[stage_dice.n_voxels == 0].tolist()
-    missing = sorted(set(scan_ids) - set(stage_dice.scan))
+    missing = scans_without_final_mask(layout, stage_dice)
     checks = [
         dg.AssetCheckResult(
             check_name="final_masks_complete",
@@ -268,5 +278,6 @@ def final_masks(
             description=f"{int((stage_dice.n_voxels > 0).sum())} of {len(scan_ids)} scans have a final mask",
         ),
     ]
-    version = cache_key(*sorted(stage_dice.mask_sha256)) if len(stage_dice) else "empty"
-    return dg.MaterializeResult(metadata=metadata, check_results=checks, data_version=dg.DataVersion(version))
+    return dg.MaterializeResult(
+        metadata=metadata, check_results=checks, data_version=dg.DataVersion(final_masks_version(layout))
+    )

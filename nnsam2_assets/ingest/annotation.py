@@ -194,6 +194,10 @@ def read_annotation_clicks(layout: DatasetLayout) -> SliceClicks | None:
     return SliceClicks.from_json(json.loads(layout.annotation_clicks.read_text()))
 
 
+# the annotation asset's code: validation, click-made masks (``click_masks``) and placement on the crop
+VERSION = "annotation-v1"
+
+
 @dataclass
 class AnnotationReport:
     meta: dict
@@ -239,5 +243,13 @@ def write_reference_annotation(spec: DatasetSpec, layout: DatasetLayout) -> Anno
         ref[z],
         sitk.GetArrayFromImage(annotation.labels)[z],
         int(ref.shape[0]),
-        cache_key(ann_hash, spec.reference, spec.regions.get(spec.reference)),
+        # what was written, not the user's file: a new label map, a click-made mask of new voxels or a moved
+        # crop change the slice the pipeline reads while the file stays as it was
+        cache_key(
+            sha256_file(layout.annotation),
+            spec.reference,
+            annotation.seed_slice,
+            *annotation.annotated_slices,
+            sha256_file(layout.annotation_clicks) if clicks else "",
+        ),
     )

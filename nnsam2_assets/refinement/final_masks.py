@@ -42,6 +42,7 @@ from nnsam2_assets.core.storage import (
 )
 from nnsam2_assets.ingest.annotation import annotated_slices, read_annotation_clicks, read_annotation_meta
 from nnsam2_assets.ingest.convention import DatasetSpec
+from nnsam2_assets.ingest.scans import ok_scans
 from nnsam2_assets.propagation.base import target_seed_slice
 from nnsam2_assets.propagation.boundary import band_key
 from nnsam2_assets.propagation.steps import mask_digest
@@ -248,6 +249,26 @@ def _agreement_row(
         row["expert_dice"] = mean_dice(final, truth, k_out, skip)
         row["propagation_expert_dice"] = mean_dice(propagated, truth, k_out, skip)
     return row
+
+
+def final_masks_version(layout: DatasetLayout) -> str:
+    """The data version of what ``make_final_masks`` wrote: the masks, and the stage table and summary that the
+    metrics read too (model versions, stage Dice, fragments, the refined-or-propagated decision). The masks
+    alone missed a retrain whose masks came out the same (the propagated ones kept), and the metrics went on
+    naming the old models."""
+    if not layout.stage_agreement.exists():
+        return "empty"
+    table = pd.read_parquet(layout.stage_agreement)
+    if not len(table):
+        return "empty"
+    summary = sha256_file(layout.final_summary) if layout.final_summary.exists() else ""
+    return cache_key(*sorted(table.mask_sha256), sha256_file(layout.stage_agreement), summary)
+
+
+def scans_without_final_mask(layout: DatasetLayout, table: pd.DataFrame) -> list[str]:
+    """The scans that passed ingest and have no row in the final masks' table: a scan whose propagation failed
+    has no mask to compose, and is named rather than left out of every count."""
+    return sorted(set(ok_scans(layout)) - set(table.scan if len(table) else ()))
 
 
 def make_final_masks(

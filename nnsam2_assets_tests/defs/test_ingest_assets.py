@@ -252,3 +252,27 @@ def test_one_bad_scan_does_not_block_but_no_readable_scan_does(tiny):
     assert started == {"scans"}  # reference_annotation was never attempted
     assert [e.step_key for e in failed] == ["scans"]
     assert "blocking asset check failed" in str(failed[0].step_failure_data.error.message)
+
+
+def test_the_annotations_data_version_follows_the_slice_written_not_the_users_file(tmp_path):
+    """Swapping the label map's erector spinae and multifidus ids rewrote the annotated slice with the same
+    user file: the version, the file's digest, stayed, so nothing downstream saw the change."""
+    from nnsam2_assets.ingest.annotation import write_reference_annotation
+    from nnsam2_assets.ingest.convention import load_dataset
+    from nnsam2_assets.testing.cohorts import write_tiny_dataset
+    from nnsam2_assets.testing.direct import STEPS, DirectRun
+
+    folder = write_tiny_dataset(tmp_path / "data", "ds", 2)
+    run = DirectRun(tmp_path / "data", tmp_path / "storage", ["ds"])
+    STEPS["scans"](run, "ds")
+    layout = run.layout("ds")
+    before = write_reference_annotation(load_dataset(tmp_path / "data", "ds"), layout).data_version
+    again = write_reference_annotation(load_dataset(tmp_path / "data", "ds"), layout).data_version
+    assert again == before  # the same slice written again
+    config = folder / "dataset.yaml"
+    swapped = "  1: right_mf\n  2: right_es\n  3: left_es\n  4: left_mf\n"
+    config.write_text(
+        config.read_text().replace("  1: right_es\n  2: right_mf\n  3: left_mf\n  4: left_es\n", swapped)
+    )
+    STEPS["scans"](DirectRun(tmp_path / "data", tmp_path / "storage", ["ds"]), "ds")
+    assert write_reference_annotation(load_dataset(tmp_path / "data", "ds"), layout).data_version != before

@@ -169,6 +169,19 @@ def _one_slice_erased(run: DirectRun, folder, middle: bool):
     return layout, scan, z
 
 
+def _grow_region_down_by_two(folder, scan: str) -> None:
+    """The scan's regions.csv row given two more slices at the inferior end: every slice of the old crop moves
+    up by two."""
+    regions = folder / "regions.csv"
+    rows = regions.read_text().splitlines()
+    row = next(r for r in rows if r.startswith(f"{scan},"))
+    _, first, last, *rest = row.split(",")
+    lo, hi = sorted((int(first), int(last)))
+    assert lo >= 2
+    rows[rows.index(row)] = ",".join([scan, str(lo - 2), str(hi), *rest])
+    regions.write_text("\n".join(rows) + "\n")
+
+
 def test_a_new_region_places_the_recorded_edit_on_the_new_crop(ingested):
     """The record numbers slices on the scan's crop; when a regions.csv row moves the crop, the same edit
     (the same file slice) is placed on the new crop before it is used again, never at its old number."""
@@ -176,14 +189,7 @@ def test_a_new_region_places_the_recorded_edit_on_the_new_crop(ingested):
     layout, scan, z = _one_slice_erased(run, folder, middle=True)
     point = read_image(layout.scan_image(scan)).TransformIndexToPhysicalPoint((0, 0, z))
 
-    regions = folder / "regions.csv"
-    rows = regions.read_text().splitlines()
-    row = next(r for r in rows if r.startswith(f"{scan},"))
-    _, first, last, *rest = row.split(",")
-    lo, hi = sorted((int(first), int(last)))
-    assert lo >= 2  # two more slices at the inferior end: every slice of the old crop moves up by two
-    rows[rows.index(row)] = ",".join([scan, str(lo - 2), str(hi), *rest])
-    regions.write_text("\n".join(rows) + "\n")
+    _grow_region_down_by_two(folder, scan)
     _ingest_again(run)
     assert scan in ok_scans(layout)
     assert current_record(layout, scan) is None  # numbered on the old crop: not used as it is
@@ -212,13 +218,7 @@ def test_the_scans_asset_places_a_correction_recorded_before_its_run_moved_the_c
 
     run, folder = ingested
     layout, scan, z = _one_slice_erased(run, folder, middle=True)  # recorded, as the sensor does
-    regions = folder / "regions.csv"
-    rows = regions.read_text().splitlines()
-    row = next(r for r in rows if r.startswith(f"{scan},"))
-    _, first, last, *rest = row.split(",")
-    lo, hi = sorted((int(first), int(last)))
-    rows[rows.index(row)] = ",".join([scan, str(lo - 2), str(hi), *rest])
-    regions.write_text("\n".join(rows) + "\n")
+    _grow_region_down_by_two(folder, scan)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("datasets", ["ds"])
         dg.materialize(
@@ -397,12 +397,6 @@ def test_a_record_from_before_ingest_keys_on_another_crop_is_not_used(ingested):
     assert current_record(layout, scan) is not None  # same crop: the old record serves as it did
     assert list(corrected_exact_labels(layout)) == [scan]
 
-    regions = folder / "regions.csv"
-    rows = regions.read_text().splitlines()
-    row = next(r for r in rows if r.startswith(f"{scan},"))
-    _, first, last, *rest = row.split(",")
-    lo, hi = sorted((int(first), int(last)))
-    rows[rows.index(row)] = ",".join([scan, str(lo - 2), str(hi), *rest])
-    regions.write_text("\n".join(rows) + "\n")
+    _grow_region_down_by_two(folder, scan)
     _ingest_again(run)
     assert current_record(layout, scan) is None and corrected_exact_labels(layout) == {}

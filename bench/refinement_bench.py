@@ -299,7 +299,14 @@ def main() -> int:
     overrides = {"epochs": args.epochs, "iterations": args.iterations, "base_features": args.base_features}
     rows = []
     if args.rescore:
-        rows = score_direction(Path(args.rescore), references[0], args.seed, {}, float("nan"))
+        if args.cohorts == "demo":
+            parser.error("--rescore scores a finished TUM run's storage root, not the demo cohort")
+        # the run says which scan it annotated and where: the target is the other one
+        meta = json.loads(DatasetLayout(Path(args.rescore), "tum").annotation_meta.read_text())
+        if args.direction not in ("both", meta["reference"]):
+            parser.error(f"{args.rescore} annotated {meta['reference']}, not {args.direction}")
+        seed = f"slice {meta['seed_slice']}"
+        rows = score_direction(Path(args.rescore), meta["reference"], seed, {}, float("nan"))
         references = ()
     for reference in references:
         workdir = keep / reference if keep else None

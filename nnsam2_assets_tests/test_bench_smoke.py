@@ -49,3 +49,22 @@ def test_bench_quick_runs_and_reports(tmp_path):
     ):
         assert row in names, f"row {row} missing from the table"
         assert row in proc.stdout
+
+
+def test_rescoring_takes_the_annotated_scan_from_the_run(tmp_path):
+    """``--rescore`` scored TUM02 as the target whatever the run had annotated (``--direction`` defaults to
+    both, whose first is TUM01), so a TUM02 run was scored on its own reference under the other direction's
+    name; with ``--cohorts demo`` it failed on an empty tuple."""
+    storage = tmp_path / "storage"
+    meta = storage / "datasets" / "tum" / "reference_annotation" / "annotation.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"reference": "TUM02", "seed_slice": 14}))
+
+    def bench(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "bench.refinement_bench", "--rescore", str(storage), *args]
+        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+
+    demo = bench("--cohorts", "demo")
+    assert demo.returncode == 2 and "not the demo cohort" in demo.stderr
+    other = bench("--direction", "TUM01")
+    assert other.returncode == 2 and f"{storage} annotated TUM02, not TUM01" in other.stderr

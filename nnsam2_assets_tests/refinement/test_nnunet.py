@@ -337,3 +337,31 @@ def test_the_quick_profile_never_compiles_and_the_paper_profile_keeps_nnunets_de
     assert (
         nn.get_profile("quick").compile_network is False and nn.get_profile("paper").compile_network is None
     )
+
+
+def test_a_warm_start_from_a_gpu_checkpoint_loads_on_a_machine_without_one(tmp_path):
+    """nnU-Net saves weights on the device they trained on and loads a warm start without ``map_location``:
+    stage 1 trained on a GPU failed stage 2's warm start on a CPU machine. The checkpoint here is a CPU one
+    whose tensors are labelled ``cuda:0`` in its pickle, as a GPU-trained file's are."""
+    import zipfile
+
+    import torch
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    from nnsam2_assets.refinement.nnunet.train import loadable_here
+
+    trained, fresh = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    cpu_file, gpu_file = tmp_path / "cpu.pth", tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": trained.state_dict()}, cpu_file)
+    with zipfile.ZipFile(cpu_file) as source, zipfile.ZipFile(gpu_file, "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            if name.endswith("data.pkl"):
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            target.writestr(name, data)
+    if not torch.cuda.is_available():  # the failure this guards against, on this machine
+        with pytest.raises(RuntimeError, match="CUDA"):
+            load_pretrained_weights(fresh, str(gpu_file))
+    with loadable_here(gpu_file) as checkpoint:
+        load_pretrained_weights(fresh, str(checkpoint))
+    assert torch.equal(fresh.weight, trained.weight) and torch.equal(fresh.bias, trained.bias)

@@ -3,6 +3,7 @@ weights, and publish it atomically with its record (``ModelInfo``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -10,7 +11,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,14 +112,31 @@ def _load_warm_start(trainer: Any, warm_start: WarmStart | None) -> str | None:
     trainer.num_epochs = warm_start.num_epochs
     trainer.initialize()
     try:
-        with _quiet():
-            load_pretrained_weights(trainer.network, str(warm_start.checkpoint))
+        with _quiet(), loadable_here(Path(warm_start.checkpoint)) as checkpoint:
+            load_pretrained_weights(trainer.network, str(checkpoint))
     except AssertionError as exc:  # nnU-Net checks every layer before it copies any
         log.warning("warm start from %s skipped, training fresh: %s", warm_start.checkpoint, exc)
         trainer.num_epochs = fresh_epochs
         trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
         return None
     return str(warm_start.checkpoint)
+
+
+@contextlib.contextmanager
+def loadable_here(checkpoint: Path) -> Iterator[Path]:
+    """``checkpoint``, or a copy of it with its tensors on the CPU where this machine has no GPU: nnU-Net saves a
+    model's weights on the device they trained on, and its ``load_pretrained_weights`` gives ``torch.load`` no
+    ``map_location``, so a stage 1 trained on a GPU failed the next stage's warm start on a CPU machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        yield checkpoint
+        return
+    with tempfile.TemporaryDirectory(prefix="nnsam2-warm-start-") as folder:
+        copy = Path(folder) / checkpoint.name
+        # our own published model, so a full unpickle (nnU-Net's checkpoints hold more than tensors)
+        torch.save(torch.load(checkpoint, map_location="cpu", weights_only=False), copy)
+        yield copy
 
 
 def _seed_everything(seed: int) -> None:

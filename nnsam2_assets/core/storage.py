@@ -66,6 +66,18 @@ def _atomic_write(path: Path, write: Callable[[Path], None], keep_suffix: bool =
     return path
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` (itself included) to disk: a folder renamed into place as a
+    whole (a published model) must not reach the disk before its contents, or a crash leaves it complete in
+    name and empty in its files."""
+    for entry in sorted(Path(folder).rglob("*"), reverse=True) + [Path(folder)]:  # contents before folders
+        fd = os.open(entry, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def atomic_write_bytes(data: bytes, path: Path) -> Path:
     return _atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
 

@@ -365,3 +365,34 @@ def test_a_warm_start_from_a_gpu_checkpoint_loads_on_a_machine_without_one(tmp_p
     with loadable_here(gpu_file) as checkpoint:
         load_pretrained_weights(fresh, str(checkpoint))
     assert torch.equal(fresh.weight, trained.weight) and torch.equal(fresh.bias, trained.bias)
+
+
+def test_a_published_model_is_on_disk_before_its_folder_takes_the_models_name(tmp_path, monkeypatch):
+    """The model's files were copied and its record written, then the folder renamed into place without a
+    flush: after a crash the folder could stand complete in name with empty files, and a model is reused by
+    its name alone, so every later run failed to load it."""
+    import time
+    from types import SimpleNamespace
+
+    from nnsam2_assets.refinement.nnunet import train
+
+    out_base = tmp_path / "results"
+    (out_base / "fold_all").mkdir(parents=True)
+    (out_base / "plans.json").write_text("{}")
+    (out_base / "fold_all" / "checkpoint_final.pth").write_bytes(b"weights")
+    model_dir = tmp_path / "models" / "v1"
+    flushed: list[Path] = []
+    fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        assert not model_dir.exists()  # every flush comes before the folder is published
+        flushed.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(train, "ModelInfo", lambda **_: SimpleNamespace(to_json=lambda: "{}"))
+    train._publish_model(out_base, "all", model_dir, {}, time.perf_counter())
+    published = {p.name for p in model_dir.rglob("*")}
+    assert published == {"plans.json", "fold_all", "checkpoint_final.pth", nn.MODEL_INFO_FILE}
+    assert published <= {p.name for p in flushed}
+    assert any(p.name.startswith(".tmp-v1-") for p in flushed)  # the folder itself, before its rename

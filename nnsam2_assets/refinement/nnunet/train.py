@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nnsam2_assets.core.storage import fsync_tree
+
 from ._common import (
     MODEL_INFO_FILE,
     PLANS_NAME,
@@ -333,6 +335,7 @@ def _publish_model(
         info = ModelInfo(model_dir=model_dir, total_seconds=round(time.perf_counter() - t_start, 3),
                          **record)  # fmt: skip
         (staged / MODEL_INFO_FILE).write_text(info.to_json())  # written last: marks a complete model
+        fsync_tree(staged)  # a reused model is never read back to check it: it must be whole on disk
         _publish(staged, model_dir)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

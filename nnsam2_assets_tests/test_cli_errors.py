@@ -242,6 +242,11 @@ def test_a_demo_cohort_partly_there_is_kept_and_run_as_it_is(tmp_path):
     # a first write interrupted (Ctrl-C) before the second dataset's dataset.yaml: written again, both
     (tmp_path / gone / "dataset.yaml").unlink()
     assert demo_datasets(tmp_path, False, None, 2) == sorted(DEMO_DATASETS)
+    # killed (not Ctrl-C) while writing its regions.csv: the atomic write's temp file stays beside the others
+    (tmp_path / gone / "dataset.yaml").unlink()
+    (tmp_path / gone / ".tmp-k2j3h4.part").write_text("scan,first")
+    assert demo_datasets(tmp_path, False, None, 2) == sorted(DEMO_DATASETS)
+    assert not (tmp_path / gone / ".tmp-k2j3h4.part").exists()
 
 
 def test_every_command_takes_the_roots_that_run_was_given(tmp_path):

@@ -22,7 +22,9 @@ STORAGE_ROOT_ENV = "NNSAM2_STORAGE_ROOT"
 DUCKDB_ENV = "NNSAM2_DUCKDB"
 # folders outside the data root that dataset files may point into (symlinks), os.pathsep-separated
 ALLOWED_ROOTS_ENV = "NNSAM2_ALLOWED_ROOTS"
-# never name the file like its schema ("metrics"): DuckDB then reports an ambiguous catalog
+METRICS_SCHEMA = "metrics"  # the metrics tables' schema in the DuckDB file
+# never name the file like its schema: DuckDB names a database after its file, and "metrics.<table>" is then
+# an ambiguous catalog (``check_duckdb_name``)
 DUCKDB_FILE = "nnsam2.duckdb"
 
 
@@ -37,16 +39,22 @@ def env_whole_number(name: str, default: int, what: str = "a whole number") -> i
     return int(raw)
 
 
+def _env_path(name: str, default: Path) -> Path:
+    """A path setting, ``default`` when unset or empty: an empty value (a compose file passing on an unset host
+    variable) had meant the current directory, and the storage landed wherever the process started."""
+    return Path(os.environ.get(name, "").strip() or default).resolve()
+
+
 def home() -> Path:
-    return Path(os.environ.get(HOME_ENV, Path.cwd() / ".nnsam2")).resolve()
+    return _env_path(HOME_ENV, Path.cwd() / ".nnsam2")
 
 
 def data_root() -> Path:
-    return Path(os.environ.get(DATA_ROOT_ENV, home() / "data")).resolve()
+    return _env_path(DATA_ROOT_ENV, home() / "data")
 
 
 def storage_root() -> Path:
-    return Path(os.environ.get(STORAGE_ROOT_ENV, home() / "storage")).resolve()
+    return _env_path(STORAGE_ROOT_ENV, home() / "storage")
 
 
 def allowed_roots() -> tuple[Path, ...]:
@@ -59,11 +67,23 @@ def duckdb_path(storage: Path | None = None) -> Path:
     """The metrics database: ``NNSAM2_DUCKDB``, else ``nnsam2.duckdb`` in the (given) storage root."""
     if storage is not None:
         return Path(storage) / DUCKDB_FILE
-    return Path(os.environ.get(DUCKDB_ENV, storage_root() / DUCKDB_FILE)).resolve()
+    path = _env_path(DUCKDB_ENV, storage_root() / DUCKDB_FILE)
+    check_duckdb_name(path, DUCKDB_ENV)
+    return path
+
+
+def check_duckdb_name(path: Path, setting: str = "the metrics database") -> None:
+    """Refuse a database file named like the metrics schema (``metrics.duckdb``, any case): every statement on
+    ``metrics.<table>`` would fail as an ambiguous catalog, after the whole pipeline had run."""
+    if Path(path).name.split(".")[0].casefold() == METRICS_SCHEMA:
+        raise ValueError(
+            f"{setting}={path}: a database file named {METRICS_SCHEMA!r} clashes with the {METRICS_SCHEMA} "
+            f"schema of its tables; name it otherwise (the default is {DUCKDB_FILE})"
+        )
 
 
 def dagster_home() -> Path:
-    return Path(os.environ.get("DAGSTER_HOME", home() / "dagster_home")).resolve()
+    return _env_path("DAGSTER_HOME", home() / "dagster_home")
 
 
 SCAN_METRIC_TABLES = ("labels", "slices", "levels")

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import yaml
 
 from nnsam2_assets.core.labels import TOTALSEG_LPM_IDS, class_map
-from nnsam2_assets.core.storage import atomic_write_image, atomic_write_text
+from nnsam2_assets.core.storage import TMP_PREFIX, atomic_write_image, atomic_write_text
 from nnsam2_assets.demo.phantom import DEFAULT_SHAPE_YX, DEFAULT_SPACING, Phantom, generate_cohort
 
 KINDS = ("dixon", "ct", "t2")
@@ -146,7 +146,8 @@ def _clear_demo_folder(folder: Path) -> None:
     description = ""
     if config.is_file():
         description = str((yaml.safe_load(config.read_text()) or {}).get("description", ""))
-    elif {p.name for p in folder.iterdir()} <= _WRITTEN_BEFORE_CONFIG:  # a write interrupted before its end
+    # a write interrupted before its end; a killed atomic write leaves its temp file beside the others
+    elif {p.name for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)} <= _WRITTEN_BEFORE_CONFIG:
         description = _GENERATED
     if _GENERATED not in description:
         raise DemoFolderError(

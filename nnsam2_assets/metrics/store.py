@@ -34,11 +34,12 @@ from typing import Any, TypeVar
 import duckdb
 import pandas as pd
 
+from nnsam2_assets.core.layout import METRICS_SCHEMA, check_duckdb_name
 from nnsam2_assets.core.storage import atomic_write_dataframe
 
 T = TypeVar("T")
 
-SCHEMA = "metrics"
+SCHEMA = METRICS_SCHEMA
 TABLES = (
     "scan_metrics",
     "slice_confidence",
@@ -122,6 +123,10 @@ def connect(
 ):
     """Open the file, retrying while another process holds its lock; clear error after ``wait_s``."""
     path = Path(path)
+    try:
+        check_duckdb_name(path)
+    except ValueError as exc:
+        raise MetricsDBError(str(exc)) from exc
     if read_only and not path.exists():
         raise MetricsDBError(f"{path}: no metrics database yet (materialize scan_metrics first)")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,35 @@ def test_explicit_roots_win_over_the_environment(bare_env, monkeypatch):
     assert seen["root"] == (bare_env / "s").resolve() and seen["duckdb"] == bare_env / "s" / "nnsam2.duckdb"
 
 
+def test_an_empty_root_setting_is_the_default_not_the_current_folder(bare_env, monkeypatch):
+    """``NNSAM2_STORAGE_ROOT=`` (a compose file passing on an unset host variable) resolved to the folder the
+    process started in, and every model and database landed there."""
+    for name in (layout.HOME_ENV, layout.DATA_ROOT_ENV, layout.STORAGE_ROOT_ENV, layout.DUCKDB_ENV):
+        monkeypatch.setenv(name, "")
+    home = (bare_env / ".nnsam2").resolve()
+    assert (layout.home(), layout.data_root(), layout.storage_root()) == (
+        home,
+        home / "data",
+        home / "storage",
+    )
+    assert layout.duckdb_path() == home / "storage" / "nnsam2.duckdb"
+
+
+def test_a_metrics_database_named_like_its_schema_is_refused_before_anything_runs(bare_env, monkeypatch):
+    """DuckDB names a database after its file: with ``metrics.duckdb`` every statement on ``metrics.<table>``
+    failed as an ambiguous catalog, after the whole pipeline had run."""
+    from nnsam2_assets.defs.resources import settings_problem
+    from nnsam2_assets.metrics.store import MetricsDBError, connect
+
+    monkeypatch.setenv(layout.DUCKDB_ENV, str(bare_env / "Metrics.duckdb"))
+    problem = settings_problem()
+    assert problem is not None and problem.startswith(f"{layout.DUCKDB_ENV}={bare_env / 'Metrics.duckdb'}: ")
+    with pytest.raises(MetricsDBError, match="clashes with the metrics schema"):
+        connect(bare_env / "metrics.db")  # nnsam2 sql --db
+    monkeypatch.setenv(layout.DUCKDB_ENV, str(bare_env / "cohort-metrics.duckdb"))
+    assert settings_problem() is None
+
+
 @pytest.mark.parametrize(
     ("schema", "domain"),
     [

@@ -81,8 +81,10 @@ def models_state(root: Path, datasets: list[str], recipe: str | None = None) -> 
         if not pointer_path.exists():
             return ModelsState(False, f"no {stage} model yet", versions)
         pointer = json.loads(pointer_path.read_text())
-        if not (Path(pointer["model_dir"]) / nnunet.MODEL_INFO_FILE).exists():
-            return ModelsState(False, f"the current {stage} model {pointer['version']} is missing", versions)
+        if not nnunet.is_complete_model(Path(pointer["model_dir"])):
+            return ModelsState(
+                False, f"the current {stage} model {pointer['version']} is missing or damaged", versions
+            )
         if recipe is not None and pointer.get("recipe", recipe) != recipe:
             return ModelsState(
                 False,

@@ -94,7 +94,7 @@ def _train_and_predict(
     version = cache_key(*parts)[:16]
     model_dir = model_version_dir(root, stage, version)
     trained_now, t_train, per_iter = False, 0.0, float("nan")
-    if not (model_dir / nnunet.MODEL_INFO_FILE).exists():
+    if not nnunet.is_complete_model(model_dir):  # one damaged on disk is trained again, not reused
         log(f"{stage}: training on {len(cases)} cases ({profile.name} profile) into {model_dir}")
         t0 = time.perf_counter()
         info = nnunet.train_model(

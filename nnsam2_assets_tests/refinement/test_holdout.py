@@ -145,10 +145,10 @@ def test_models_that_trained_on_the_slice_now_held_out_are_neither_current_nor_t
     from nnsam2_assets.core.layout import model_pointer
     from nnsam2_assets.refinement.holdout import slab_changed
     from nnsam2_assets.refinement.models import STAGES, models_state
+    from nnsam2_assets.testing.models import write_model_stub
 
     layout = _annotated_dataset(tmp_path, seed=5, more=(9,))
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "nnsam2_model.json").write_text("{}")
+    write_model_stub(tmp_path / "model")
     pointer = {
         "version": "v1",
         "model_dir": str(tmp_path / "model"),

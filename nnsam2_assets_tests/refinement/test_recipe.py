@@ -11,14 +11,13 @@ import pytest
 from nnsam2_assets.core.layout import model_pointer, model_version_dir
 from nnsam2_assets.refinement import nnunet
 from nnsam2_assets.refinement.models import STAGES, models_state, recipe_key
+from nnsam2_assets.testing.models import write_model_stub
 
 
 def test_models_trained_with_another_recipe_are_not_current(tmp_path):
     plain = nnunet.get_profile("quick")
     for stage in STAGES:
-        model_dir = model_version_dir(tmp_path, stage, "v1")
-        model_dir.mkdir(parents=True)
-        (model_dir / nnunet.MODEL_INFO_FILE).write_text("{}")
+        model_dir = write_model_stub(model_version_dir(tmp_path, stage, "v1"))
         pointer = {"version": "v1", "model_dir": str(model_dir), "training_datasets": ["a"],
                    "recipe": recipe_key(plain)}  # fmt: skip
         model_pointer(tmp_path, stage).parent.mkdir(parents=True, exist_ok=True)
@@ -115,9 +114,7 @@ def test_models_that_sampled_without_supervoxels_are_stale_once_the_supervoxels_
 
     recipe = recipe_key(nnunet.get_profile("quick").replace(foreground_sampling="supervoxels"))
     for stage in STAGES:
-        model_dir = model_version_dir(tmp_path, stage, "v1")
-        model_dir.mkdir(parents=True)
-        (model_dir / nnunet.MODEL_INFO_FILE).write_text("{}")
+        model_dir = write_model_stub(model_version_dir(tmp_path, stage, "v1"))
         pointer = {"version": "v1", "model_dir": str(model_dir), "training_datasets": ["a", "b"],
                    "recipe": recipe, "supervoxel_points": {"a__s1": 12, "b__s1": None}}  # fmt: skip
         model_pointer(tmp_path, stage).parent.mkdir(parents=True, exist_ok=True)
@@ -131,3 +128,24 @@ def test_models_that_sampled_without_supervoxels_are_stale_once_the_supervoxels_
     assert not state.current and state.reason == (
         "the stage1 model drew its patches without supervoxels in b, which has them now"
     )
+
+
+def test_a_model_damaged_on_disk_is_not_current_and_is_trained_again(tmp_path):
+    """A model is reused by its name, a hash of its inputs: one whose record or checkpoint came out empty (a
+    crash, a full disk) counted as complete and failed every later run at its load."""
+    recipe = recipe_key(nnunet.get_profile("quick"))
+    for stage in STAGES:
+        model_dir = write_model_stub(model_version_dir(tmp_path, stage, "v1"))
+        pointer = {"version": "v1", "model_dir": str(model_dir), "training_datasets": ["a"], "recipe": recipe}
+        model_pointer(tmp_path, stage).parent.mkdir(parents=True, exist_ok=True)
+        model_pointer(tmp_path, stage).write_text(json.dumps(pointer))
+    assert models_state(tmp_path, ["a"], recipe).current
+    stage1 = model_version_dir(tmp_path, "stage1", "v1")
+    checkpoint = nnunet.ModelInfo.from_dir(stage1).checkpoint
+    checkpoint.write_bytes(b"")
+    assert not nnunet.is_complete_model(stage1)
+    state = models_state(tmp_path, ["a"], recipe)
+    assert not state.current and state.reason == "the current stage1 model v1 is missing or damaged"
+    checkpoint.write_bytes(b"weights")
+    (stage1 / nnunet.MODEL_INFO_FILE).write_text("")
+    assert not nnunet.is_complete_model(stage1) and not models_state(tmp_path, ["a"], recipe).current

@@ -53,7 +53,7 @@ from ._common import (
 from .planning import plan_and_preprocess
 from .predict import Predictor
 from .raw import RawDataset, TrainingCase, _unique_ids, dataset_name, sanitize_case_id, write_raw_dataset
-from .train import ModelInfo, WarmStart, train_model
+from .train import ModelInfo, WarmStart, is_complete_model, train_model
 from .trainers import (
     TrainingProgress,
     nnsam_trainer_class,
@@ -87,6 +87,7 @@ __all__ = [
     "trainer_identity",
     "training_progress",
     "write_raw_dataset",
+    "is_complete_model",
 ]
 _ = (_common, _unique_ids)
 

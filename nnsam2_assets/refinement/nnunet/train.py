@@ -101,6 +101,17 @@ class ModelInfo:
         return cls(**d)
 
 
+def is_complete_model(model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds a published model that can be loaded: its record reads and its checkpoint
+    has content. A model is reused by its name (a hash of its inputs), so one damaged on disk would otherwise
+    fail every later run instead of being trained again."""
+    try:
+        checkpoint = ModelInfo.from_dir(model_dir).checkpoint
+        return checkpoint.is_file() and checkpoint.stat().st_size > 0
+    except (OSError, ValueError, TypeError):  # missing or unreadable record, or one of another shape
+        return False
+
+
 def _load_warm_start(trainer: Any, warm_start: WarmStart | None) -> str | None:
     """Load ``warm_start``'s weights into the trainer's network; the checkpoint loaded, or None where there is
     none or its network is another one (nnU-Net checks every layer's name and shape)."""

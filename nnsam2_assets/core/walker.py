@@ -16,6 +16,7 @@ def walk(
     beta: float,
     within: np.ndarray,
     allowed: Mapping[int, np.ndarray] | None = None,
+    spacing: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """scikit-image's random walker on the box around ``within`` (plus one pixel; 0 outside it), answering
     in the seeds' own values: it numbers the seed values it was given 1..n, so a slice where one side has no
@@ -23,7 +24,8 @@ def walk(
 
     ``allowed`` maps a seed value to the pixels it may be given; elsewhere the pixel takes the likeliest of
     the other values. A value it does not name may be given anywhere. An ``image`` of shape (y, x, channels)
-    is walked on all its channels together."""
+    is walked on all its channels together. ``spacing`` (rows, columns; None: square) scales each axis's
+    intensity steps, so that rectangular pixels weigh an edge per mm alike along both."""
     ys, xs = np.nonzero(within)
     box = (
         slice(max(0, ys.min() - 1), min(image.shape[0], ys.max() + 2)),
@@ -37,7 +39,7 @@ def walk(
         warnings.filterwarnings("ignore", "The probability range is outside", UserWarning)
         probabilities = random_walker(
             image[box], seeds[box], beta=beta, mode="cg_j", return_full_prob=True,
-            channel_axis=-1 if image.ndim == 3 else None,
+            channel_axis=-1 if image.ndim == 3 else None, spacing=spacing,
         )  # fmt: skip
     for i, value in enumerate(values):
         if allowed is not None and value in allowed:

@@ -94,7 +94,7 @@ def _walk(
     # a side reaches no further than the band from its own edge: where the sides abut, a pixel in the band of
     # one side but beyond the band of the other is never given to the other side
     reach = {side + 1: distance(sides != side) <= band_px for side in (1, 2)}
-    walked = walk(image, seeds, beta, within=~outside, allowed=reach)
+    walked = walk(image, seeds, beta, within=~outside, allowed=reach, spacing=sampling)
     return np.where(walked > 1, walked - 1, 0).astype(sides.dtype)
 
 

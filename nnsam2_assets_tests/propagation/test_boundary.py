@@ -74,6 +74,30 @@ def test_on_rectangular_pixels_the_band_is_measured_in_mm_along_both_axes():
     assert band_key((1.019, 1.019, 4.0)) == "" and band_key((0.5, 1.0, 4.0)) != ""
 
 
+def test_the_walker_weighs_intensity_steps_per_mm_on_rectangular_pixels(monkeypatch):
+    """scikit-image's walker took every pixel step as one unit: on rows twice as long as columns an edge
+    along the rows weighed twice what it does per mm. Square pixels walk exactly as before."""
+    from nnsam2_assets.core import walker
+
+    image, truth = _two_muscles()
+    sides = _grow(np.array([0, 1, 1, 2, 2], np.uint8)[truth], 3)
+    seen = []
+    real = walker.random_walker
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("spacing"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(walker, "random_walker", recording)
+    refine_side_boundaries(sides[None], image[None], 2, BAND, aspect=2.0)
+    assert seen == [(2.0, 1.0)]
+    seeds = np.zeros(image.shape, np.int32)
+    seeds[truth > 0], seeds[:, :3] = 2, 1
+    within = np.ones(image.shape, bool)
+    square = walk(image, seeds, BETA, within, spacing=(1.0, 1.0))
+    np.testing.assert_array_equal(square, walk(image, seeds, BETA, within))
+
+
 def test_kept_slices_band_zero_and_empty_slices_are_untouched():
     image, truth = _two_muscles()
     lagging = np.stack([_grow(truth, 3), _grow(truth, 3), np.zeros_like(truth)])

@@ -42,6 +42,6 @@ def mask_from_clicks(
     for r, c, k, p in zip(clicks.rows, clicks.cols, clicks.class_ids, clicks.positive, strict=True):
         disc = ((yy - r) * sy) ** 2 + ((xx - c) * sx) ** 2 <= SEED_RADIUS_MM**2
         seeds[disc] = k + 1 if p else 1
-    walked = walk(image, seeds, BETA, within=~far)
+    walked = walk(image, seeds, BETA, within=~far, spacing=(sy / sx, 1.0))  # steps per mm; square as before
     labels = np.where(walked > 1, walked - 1, 0).astype(np.uint8)
     return clean_labels(labels[None], n_classes)[0]

@@ -192,6 +192,36 @@ def test_clicks_from_the_expert_make_a_slice_mask_close_to_the_expert(case):
     assert dice2 >= 0.85 and dice4 >= 0.75, (dice2, dice4)
 
 
+def test_the_click_walker_weighs_intensity_steps_per_mm_on_rectangular_pixels(monkeypatch):
+    """The seeds and the ring were placed in mm, the walker took every pixel step as one unit. Square pixels
+    (TUM's) walk exactly as before."""
+    from nnsam2_assets.core import walker
+
+    image = sitk.ReadImage(str(TUM / "TUM02_water.nii.gz"))
+    labels = sitk.ReadImage(str(TUM / "TUM02_label_watergrid.nii.gz"))
+    z = labels.GetSize()[2] // 2
+    placed = place_clicks(clicks_from_labels(labels, z), labels, TUM / "unused.csv", "TUM02")
+    volume = sitk.GetArrayFromImage(image)
+    before = mask_from_clicks(volume, placed, 4, "mri", image.GetSpacing()[:2])
+    seen = []
+    real = walker.random_walker
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("spacing"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(walker, "random_walker", recording)
+    mask_from_clicks(volume, placed, 4, "mri", (0.5, 1.0))  # columns 0.5 mm, rows 1 mm
+    assert seen == [(2.0, 1.0)]
+
+    def as_square(*args, **kwargs):  # the walk as it was, with no spacing
+        kwargs.pop("spacing")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(walker, "random_walker", as_square)
+    assert np.array_equal(before, mask_from_clicks(volume, placed, 4, "mri", image.GetSpacing()[:2]))
+
+
 def test_a_click_dataset_is_annotated_and_propagated(tmp_path):
     data, storage = tmp_path / "data", tmp_path / "storage"
     tum_click_dataset(data, "clicks", "TUM02", "mrk")

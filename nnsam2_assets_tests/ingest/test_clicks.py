@@ -196,6 +196,7 @@ def test_the_click_walker_weighs_intensity_steps_per_mm_on_rectangular_pixels(mo
     """The seeds and the ring were placed in mm, the walker took every pixel step as one unit. Square pixels
     (TUM's) walk exactly as before."""
     from nnsam2_assets.core import walker
+    from nnsam2_assets.testing.spies import record_walker_spacing
 
     image = sitk.ReadImage(str(TUM / "TUM02_water.nii.gz"))
     labels = sitk.ReadImage(str(TUM / "TUM02_label_watergrid.nii.gz"))
@@ -203,14 +204,8 @@ def test_the_click_walker_weighs_intensity_steps_per_mm_on_rectangular_pixels(mo
     placed = place_clicks(clicks_from_labels(labels, z), labels, TUM / "unused.csv", "TUM02")
     volume = sitk.GetArrayFromImage(image)
     before = mask_from_clicks(volume, placed, 4, "mri", image.GetSpacing()[:2])
-    seen = []
     real = walker.random_walker
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs.get("spacing"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(walker, "random_walker", recording)
+    seen = record_walker_spacing(monkeypatch)
     mask_from_clicks(volume, placed, 4, "mri", (0.5, 1.0))  # columns 0.5 mm, rows 1 mm
     assert seen == [(2.0, 1.0)]
 

@@ -77,18 +77,11 @@ def test_on_rectangular_pixels_the_band_is_measured_in_mm_along_both_axes():
 def test_the_walker_weighs_intensity_steps_per_mm_on_rectangular_pixels(monkeypatch):
     """scikit-image's walker took every pixel step as one unit: on rows twice as long as columns an edge
     along the rows weighed twice what it does per mm. Square pixels walk exactly as before."""
-    from nnsam2_assets.core import walker
+    from nnsam2_assets.testing.spies import record_walker_spacing
 
     image, truth = _two_muscles()
     sides = _grow(np.array([0, 1, 1, 2, 2], np.uint8)[truth], 3)
-    seen = []
-    real = walker.random_walker
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs.get("spacing"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(walker, "random_walker", recording)
+    seen = record_walker_spacing(monkeypatch)
     refine_side_boundaries(sides[None], image[None], 2, BAND, aspect=2.0)
     assert seen == [(2.0, 1.0)]
     seeds = np.zeros(image.shape, np.int32)

@@ -243,9 +243,8 @@ def _agreement_row(
     }
     if layout.scan_expert(scan).exists():
         truth = read_array(layout.scan_expert(scan))
-        skip = unannotated_classes(truth, k_out)[
-            k_out
-        ]  # a class the expert did not draw: unknown, not absent
+        # a class the expert did not draw is unknown, not absent
+        skip = unannotated_classes(truth, k_out)[k_out]
         row["expert_dice"] = mean_dice(final, truth, k_out, skip)
         row["propagation_expert_dice"] = mean_dice(propagated, truth, k_out, skip)
     return row
@@ -256,13 +255,12 @@ def final_masks_version(layout: DatasetLayout) -> str:
     metrics read too (model versions, stage Dice, fragments, the refined-or-propagated decision). The masks
     alone missed a retrain whose masks came out the same (the propagated ones kept), and the metrics went on
     naming the old models."""
-    if not layout.stage_agreement.exists():
-        return "empty"
-    table = pd.read_parquet(layout.stage_agreement)
-    if not len(table):
+    table = layout.stage_agreement
+    if not table.exists() or pd.read_parquet(table, columns=["scan"]).empty:
         return "empty"
     summary = sha256_file(layout.final_summary) if layout.final_summary.exists() else ""
-    return cache_key(*sorted(table.mask_sha256), sha256_file(layout.stage_agreement), summary)
+    # the table holds each published mask's digest, so its own digest covers the masks
+    return cache_key(sha256_file(table), summary)
 
 
 def scans_without_final_mask(layout: DatasetLayout, table: pd.DataFrame) -> list[str]:
